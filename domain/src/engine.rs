@@ -1,0 +1,596 @@
+//! The provisioner: executes queued runs in the background.
+//!
+//! # Guarantees
+//! - A run is executed by one worker at a time: claims are exclusive and
+//!   every write a worker makes is fenced on its lease token.
+//! - A worker that dies loses nothing: its lease lapses, the reaper requeues
+//!   the run, and the next attempt runs the provider again, which adopts
+//!   what the earlier attempt made.
+//! - A worker that stalls past its lease (a pause, a partition) cannot finish
+//!   the run late: its terminal write is rejected and it gives up.
+//! - Runs are tokio tasks bounded by a semaphore, not threads.
+//!
+//! # Assumptions
+//! - Providers are idempotent per run id (see [`Provider`]).
+//! - Clocks of replicas sharing a database agree to well within a lease.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::FutureExt;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify, Semaphore};
+use tracing::{info, warn, Instrument};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::kinds::Kind;
+use crate::model::*;
+use crate::ports::{Job, Provider, ProviderError, RunContext, Store};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub worker_id: String,
+    /// How many runs this worker executes at once.
+    pub concurrency: usize,
+    /// How long a claim holds without a heartbeat.
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    /// Longest wait between looks at the queue when no wake-up arrives.
+    pub poll: Duration,
+    pub reap_every: Duration,
+    pub observe_every: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            worker_id: format!("worker-{}", &Uuid::new_v4().simple().to_string()[..8]),
+            concurrency: 64,
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            poll: Duration::from_secs(1),
+            reap_every: Duration::from_secs(5),
+            observe_every: Duration::from_secs(15),
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Providers by `(provider name, kind)`.
+#[derive(Default, Clone)]
+pub struct Providers {
+    map: HashMap<(String, Kind), Arc<dyn Provider>>,
+}
+
+impl Providers {
+    pub fn register(&mut self, provider: &str, kind: Kind, p: Arc<dyn Provider>) {
+        self.map.insert((provider.to_string(), kind), p);
+    }
+
+    pub fn get(&self, provider: &str, kind: Kind) -> Option<&Arc<dyn Provider>> {
+        self.map.get(&(provider.to_string(), kind))
+    }
+}
+
+pub struct Engine {
+    store: Arc<dyn Store>,
+    providers: Providers,
+    cfg: EngineConfig,
+    slots: Arc<Semaphore>,
+}
+
+/// How one attempt ended, before it is written down.
+enum Outcome {
+    Done(Result<Value, ProviderError>),
+    TimedOut,
+    Panicked(String),
+    LeaseLost,
+}
+
+impl Engine {
+    pub fn new(store: Arc<dyn Store>, providers: Providers, cfg: EngineConfig) -> Arc<Engine> {
+        let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+        Arc::new(Engine {
+            store,
+            providers,
+            cfg,
+            slots,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Starts the claim loop, the reaper and the observer; they stop when
+    /// `shutdown` turns true. Runs in flight are left to their leases.
+    pub fn spawn(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let claimer = {
+            let (engine, mut stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move { engine.claim_loop(&mut stop).await })
+        };
+        let reaper = {
+            let (engine, mut stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = engine.reap().await {
+                        warn!(error = %e, cause = ?std::error::Error::source(&e), "reaper pass failed");
+                    }
+                    if sleep_or_stop(engine.cfg.reap_every, &mut stop).await {
+                        break;
+                    }
+                }
+            })
+        };
+        let observer = {
+            let (engine, mut stop) = (self.clone(), shutdown);
+            tokio::spawn(async move {
+                loop {
+                    engine.observe_all().await;
+                    if sleep_or_stop(engine.cfg.observe_every, &mut stop).await {
+                        break;
+                    }
+                }
+            })
+        };
+        vec![claimer, reaper, observer]
+    }
+
+    async fn claim_loop(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            // Wait for a free slot before claiming: a claimed run starts its
+            // lease at once, so never claim more than can start.
+            let first = tokio::select! {
+                p = self.slots.clone().acquire_owned() => p.expect("semaphore never closes"),
+                _ = stop.changed() => return,
+            };
+            let want = 1 + self.slots.available_permits().min(31) as u32;
+            let claimed = match self
+                .store
+                .claim_runs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now())
+                .await
+            {
+                Ok(runs) => runs,
+                Err(e) => {
+                    warn!(error = %e, cause = ?std::error::Error::source(&e), "claim failed; backing off");
+                    drop(first);
+                    if sleep_or_stop(self.cfg.poll, stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                drop(first);
+                tokio::select! {
+                    _ = self.store.wait_for_work(self.cfg.poll) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            let mut permit = Some(first);
+            for run in claimed {
+                let p = match permit.take() {
+                    Some(p) => p,
+                    None => self
+                        .slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore never closes"),
+                };
+                let engine = self.clone();
+                tokio::spawn(async move {
+                    engine.execute(run).await;
+                    drop(p);
+                });
+            }
+        }
+    }
+
+    /// Claims one due run and executes it to the end; `None` when the queue
+    /// had nothing due. Lets tests drive the engine step by step.
+    pub async fn run_one(&self) -> Result<Option<Uuid>> {
+        let mut runs = self
+            .store
+            .claim_runs(&self.cfg.worker_id, self.cfg.lease, 1, Utc::now())
+            .await?;
+        match runs.pop() {
+            Some(run) => {
+                let id = run.id;
+                self.execute(run).await;
+                Ok(Some(id))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// One reaper pass: requeues runs whose lease lapsed.
+    pub async fn reap(&self) -> Result<Vec<Uuid>> {
+        let ids = self.store.reap_expired(Utc::now()).await?;
+        for id in &ids {
+            warn!(run = %id, "lease lapsed; run reclaimed");
+        }
+        Ok(ids)
+    }
+
+    /// Asks each provider what it sees of settled resources and records it.
+    pub async fn observe_all(&self) {
+        for kind in Kind::ALL {
+            let mut after = None;
+            loop {
+                let page = match self
+                    .store
+                    .list_resources(kind, PageRequest { after, limit: 200 })
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!(error = %e, "observer could not list resources");
+                        return;
+                    }
+                };
+                for r in &page {
+                    self.observe(r).await;
+                }
+                match page.last() {
+                    Some(last) if page.len() == 200 => after = Some(last.id),
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    async fn observe(&self, r: &Resource) {
+        let Some(provider) = self.providers.get(&r.kind.provider_of(&r.spec), r.kind) else {
+            return;
+        };
+        if let Some(seen) = provider.observe(r).await {
+            if r.observed.as_ref() != Some(&seen) {
+                if seen.get("healthy") == Some(&Value::Bool(false)) {
+                    warn!(resource = %r.id, kind = %r.kind, name = %r.name, summary = %seen["summary"], "resource is not healthy");
+                }
+                if let Err(e) = self.store.set_observed(r.id, &seen).await {
+                    warn!(error = %e, resource = %r.id, "could not record observation");
+                }
+            }
+        }
+    }
+
+    async fn execute(&self, run: Run) {
+        let span = tracing::info_span!("run", run = %run.id, kind = %run.kind, action = %run.action, attempt = run.attempt);
+        self.execute_inner(run).instrument(span).await
+    }
+
+    async fn execute_inner(&self, run: Run) {
+        let Some(lease) = run.lease() else {
+            warn!("claimed run without a lease token; skipping");
+            return;
+        };
+        let ctx = Arc::new(Ctx {
+            store: self.store.clone(),
+            lease,
+            attempt: run.attempt,
+            cancel: AtomicBool::new(run.cancel_requested_at.is_some()),
+        });
+        ctx.event(NewEvent::info(
+            "attempt",
+            format!(
+                "attempt {} of {} started on {}",
+                run.attempt, run.max_attempts, self.cfg.worker_id
+            ),
+        ))
+        .await;
+
+        let lost = Arc::new(Notify::new());
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            self.store.clone(),
+            ctx.clone(),
+            lost.clone(),
+            self.cfg.heartbeat,
+            self.cfg.lease,
+        ));
+        let outcome = match self.prepare(&run).await {
+            Ok((provider, job)) => {
+                let limit = Duration::from_secs(run.timeout_secs.max(1) as u64);
+                let work = AssertUnwindSafe(provider.apply(ctx.as_ref(), &job)).catch_unwind();
+                tokio::select! {
+                    r = tokio::time::timeout(limit, work) => match r {
+                        Ok(Ok(result)) => Outcome::Done(result),
+                        Ok(Err(panic)) => Outcome::Panicked(panic_message(panic)),
+                        Err(_) => Outcome::TimedOut,
+                    },
+                    _ = lost.notified() => Outcome::LeaseLost,
+                }
+            }
+            Err(e) => Outcome::Done(Err(e)),
+        };
+        heartbeat.abort();
+        self.record(&run, lease, &ctx, outcome).await;
+    }
+
+    /// Finds the provider and what the job needs, as they are now.
+    async fn prepare(&self, run: &Run) -> Result<(Arc<dyn Provider>, Job), ProviderError> {
+        let store_err = |e: Error| ProviderError::retryable("store_unavailable", e.to_string());
+        let resource = self
+            .store
+            .get_resource_by_id(run.resource_id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                ProviderError::fatal("resource_missing", "the resource no longer exists")
+            })?;
+        let provider = self
+            .providers
+            .get(&run.provider, run.kind)
+            .cloned()
+            .ok_or_else(|| {
+                ProviderError::fatal(
+                    "unknown_provider",
+                    format!("no provider {:?} for {} resources", run.provider, run.kind),
+                )
+            })?;
+        let mut dependencies = Vec::new();
+        for dep in run.kind.dependencies(&resource.spec, &run.action) {
+            let found = self
+                .store
+                .get_resource(dep.kind, &ResourceKey::parse(&dep.key))
+                .await
+                .map_err(store_err)?
+                .ok_or_else(|| {
+                    ProviderError::fatal(
+                        "dependency_missing",
+                        format!("{} {:?} does not exist", dep.kind, dep.key),
+                    )
+                })?;
+            if found.state != dep.required_state {
+                return Err(ProviderError::fatal(
+                    "dependency_not_ready",
+                    format!(
+                        "{} {:?} is {}, needs {}",
+                        dep.kind, found.name, found.state, dep.required_state
+                    ),
+                ));
+            }
+            dependencies.push(found);
+        }
+        let job = Job {
+            run_id: run.id,
+            attempt: run.attempt,
+            kind: run.kind,
+            action: run.action.clone(),
+            params: run.params.clone(),
+            resource,
+            dependencies,
+        };
+        Ok((provider, job))
+    }
+
+    /// Writes the outcome of one attempt, fenced on the lease.
+    async fn record(&self, run: &Run, lease: Lease, ctx: &Ctx, outcome: Outcome) {
+        let now = Utc::now();
+        let finish = |status: RunStatus, error: Option<RunError>, outputs: Option<Value>| {
+            let (state, spec, event) = match status {
+                RunStatus::Succeeded => (
+                    run.ok_state.clone(),
+                    None,
+                    NewEvent::info(
+                        "finish",
+                        format!("succeeded; {} is {}", run.kind, run.ok_state),
+                    ),
+                ),
+                _ => (
+                    run.err_state.clone(),
+                    None,
+                    NewEvent::info(
+                        "finish",
+                        format!(
+                            "{}: {}",
+                            status.as_str(),
+                            error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
+                        ),
+                    )
+                    .with_level(Level::Error),
+                ),
+            };
+            Completion {
+                status,
+                resource_state: state,
+                outputs,
+                error,
+                spec,
+                event,
+                now,
+            }
+        };
+        let completion = match outcome {
+            Outcome::LeaseLost => {
+                warn!("lease lost while working; abandoning this attempt to the reclaiming worker");
+                return;
+            }
+            Outcome::Done(Ok(outputs)) => finish(RunStatus::Succeeded, None, Some(outputs)),
+            Outcome::Done(Err(ProviderError::Cancelled)) => {
+                let error = RunError {
+                    code: "cancelled".into(),
+                    message: "cancelled on request".into(),
+                    retryable: false,
+                    detail: None,
+                };
+                finish(RunStatus::Cancelled, Some(error), None)
+            }
+            Outcome::Done(Err(ProviderError::Failed {
+                code,
+                message,
+                retryable,
+                detail,
+            })) => {
+                let error = RunError {
+                    code,
+                    message,
+                    retryable,
+                    detail,
+                };
+                if error.retryable && run.attempt < run.max_attempts && !ctx.cancel_requested() {
+                    let delay = self.backoff(run.attempt);
+                    let after = now + chrono::Duration::from_std(delay).unwrap_or_default();
+                    let event = NewEvent::info(
+                        "retry",
+                        format!(
+                            "{} (retryable); attempt {} will start after {:.1}s",
+                            error.message,
+                            run.attempt + 1,
+                            delay.as_secs_f64()
+                        ),
+                    )
+                    .with_level(Level::Warn)
+                    .with_data(json!({ "error": error }));
+                    match self.store.retry_later(lease, after, &error, &event).await {
+                        Ok(()) => info!(delay = ?delay, "attempt failed; will retry"),
+                        Err(e) => warn!(error = %e, "could not requeue for retry"),
+                    }
+                    return;
+                }
+                finish(RunStatus::Failed, Some(error), None)
+            }
+            Outcome::TimedOut => finish(
+                RunStatus::Failed,
+                Some(RunError {
+                    code: "timeout".into(),
+                    message: format!(
+                        "{} did not finish within its timeout of {}s",
+                        run.action, run.timeout_secs
+                    ),
+                    retryable: false,
+                    detail: None,
+                }),
+                None,
+            ),
+            Outcome::Panicked(msg) => finish(
+                RunStatus::Failed,
+                Some(RunError {
+                    code: "internal".into(),
+                    message: "the provider crashed; see the server log".into(),
+                    retryable: false,
+                    detail: None,
+                }),
+                {
+                    tracing::error!(panic = %msg, "provider panicked");
+                    None
+                },
+            ),
+        };
+        let mut completion = completion;
+        if completion.status == RunStatus::Succeeded {
+            // The spec change of a success (a scale's count) applies to the
+            // spec as it is now.
+            completion.spec = match self.store.get_resource_by_id(run.resource_id).await {
+                Ok(Some(r)) => run
+                    .kind
+                    .spec_after_success(&run.action, &run.params, &r.spec),
+                _ => None,
+            };
+        }
+        match self.store.complete_run(lease, &completion).await {
+            Ok(()) => info!(status = completion.status.as_str(), "run finished"),
+            Err(Error::StaleLease { .. }) => {
+                warn!("late write fenced out: another worker owns this run now")
+            }
+            Err(e) => {
+                warn!(error = %e, cause = ?std::error::Error::source(&e), "could not record the end of the run; its lease will lapse and it will be retried")
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: i32) -> Duration {
+        let exp = self
+            .cfg
+            .backoff_base
+            .saturating_mul(1u32 << (attempt.clamp(1, 16) - 1));
+        let capped = exp.min(self.cfg.backoff_max);
+        // Up to 20% jitter so that runs failing together do not retry together.
+        let jitter = (Uuid::new_v4().as_u128() % 1000) as f64 / 5000.0;
+        capped.mul_f64(1.0 + jitter)
+    }
+}
+
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}
+
+async fn heartbeat_loop(
+    store: Arc<dyn Store>,
+    ctx: Arc<Ctx>,
+    lost: Arc<Notify>,
+    every: Duration,
+    lease: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        match store.heartbeat(ctx.lease, lease, Utc::now()).await {
+            Ok(Some(cancel)) => {
+                if cancel {
+                    ctx.cancel.store(true, Ordering::Relaxed);
+                }
+            }
+            Ok(None) => {
+                lost.notify_one();
+                return;
+            }
+            // Keep trying: the lease may still be ours when the store is back.
+            Err(e) => warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+struct Ctx {
+    store: Arc<dyn Store>,
+    lease: Lease,
+    attempt: i32,
+    cancel: AtomicBool,
+}
+
+#[async_trait]
+impl RunContext for Ctx {
+    fn run_id(&self) -> Uuid {
+        self.lease.run
+    }
+
+    fn attempt(&self) -> i32 {
+        self.attempt
+    }
+
+    async fn event(&self, event: NewEvent) {
+        if let Err(e) = self.store.append_event(self.lease, &event).await {
+            warn!(error = %e, step = %event.step, "could not append run event");
+        }
+    }
+
+    fn cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}

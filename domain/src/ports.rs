@@ -1,0 +1,203 @@
+//! Ports: what the domain needs from storage and from providers.
+//!
+//! `persistence` implements [`Store`] for Postgres and SQLite; `ops`
+//! implements [`Provider`]. The domain depends on these traits only.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::kinds::Kind;
+use crate::model::*;
+
+/// Durable storage of resources, runs, events and idempotency records.
+///
+/// Guarantees every implementation gives (checked by the conformance suite):
+/// - at most one queued or running run per resource ([`crate::Error::Busy`]);
+/// - a claim hands a queued run to exactly one worker, with a fresh lease;
+/// - every write fenced on a [`Lease`] fails once the lease was lost;
+/// - completed runs are never changed again;
+/// - a resource's state changes only in `claim_runs`, `complete_run`,
+///   `reap_expired` and `request_cancel`: the provisioner's transitions.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> &'static str;
+    async fn ping(&self) -> Result<()>;
+
+    // Resources.
+    async fn insert_resource(&self, r: &NewResource) -> Result<Resource>;
+    async fn get_resource(&self, kind: Kind, key: &ResourceKey) -> Result<Option<Resource>>;
+    async fn get_resource_by_id(&self, id: Uuid) -> Result<Option<Resource>>;
+    async fn list_resources(&self, kind: Kind, page: PageRequest) -> Result<Vec<Resource>>;
+    /// Replaces the spec if the version matches and no run is active.
+    async fn update_spec(
+        &self,
+        id: Uuid,
+        expected_version: i64,
+        spec: &Value,
+        now: Time,
+    ) -> Result<Resource>;
+    /// Soft-deletes a resource in its final state; its runs stay.
+    async fn delete_resource(&self, id: Uuid, final_state: &str, now: Time) -> Result<()>;
+    async fn set_observed(&self, id: Uuid, observed: &Value) -> Result<()>;
+
+    // Runs.
+    /// Enqueues a run if the resource is still in `from_state`.
+    async fn insert_run(&self, run: &NewRun) -> Result<Run>;
+    async fn get_run(&self, id: Uuid) -> Result<Option<Run>>;
+    async fn list_runs(&self, filter: &RunFilter, page: PageRequest) -> Result<Vec<Run>>;
+    async fn active_run(&self, resource: Uuid) -> Result<Option<Run>>;
+    /// The newest run of a resource that ended `failed` or `cancelled`.
+    async fn last_unsuccessful_run(&self, resource: Uuid) -> Result<Option<Run>>;
+    /// Claims up to `limit` due runs for `worker`, moving each resource to
+    /// its working state.
+    async fn claim_runs(
+        &self,
+        worker: &str,
+        lease: Duration,
+        limit: u32,
+        now: Time,
+    ) -> Result<Vec<Run>>;
+    /// Extends a lease; `None` when it is lost, else whether a cancel was asked.
+    async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time)
+        -> Result<Option<bool>>;
+    async fn append_event(&self, lease: Lease, event: &NewEvent) -> Result<()>;
+    async fn complete_run(&self, lease: Lease, completion: &Completion) -> Result<()>;
+    /// Puts a running run back in the queue to try again after `run_after`.
+    async fn retry_later(
+        &self,
+        lease: Lease,
+        run_after: Time,
+        error: &RunError,
+        event: &NewEvent,
+    ) -> Result<()>;
+    /// Requeues (or, out of attempts, fails) runs whose lease lapsed.
+    async fn reap_expired(&self, now: Time) -> Result<Vec<Uuid>>;
+    /// Cancels a queued run at once; marks a running one for its worker.
+    async fn request_cancel(
+        &self,
+        run: Uuid,
+        actor: &str,
+        reason: Option<&str>,
+        now: Time,
+    ) -> Result<Run>;
+    async fn list_events(&self, run: Uuid, after: i64, limit: u32) -> Result<Vec<RunEvent>>;
+
+    // Idempotency.
+    async fn idempotency_begin(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        now: Time,
+    ) -> Result<IdempotencyBegin>;
+    async fn idempotency_save(&self, key: &str, response: &SavedResponse, now: Time) -> Result<()>;
+    async fn idempotency_abandon(&self, key: &str) -> Result<()>;
+
+    /// Returns when new work may be due, or after `max` at the latest. A hint
+    /// only: callers poll anyway.
+    async fn wait_for_work(&self, max: Duration);
+}
+
+/// What a provider is asked to do.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub run_id: Uuid,
+    pub attempt: i32,
+    pub kind: Kind,
+    pub action: String,
+    pub params: Value,
+    pub resource: Resource,
+    /// Resources the action depends on (a cluster's image), as they are now.
+    pub dependencies: Vec<Resource>,
+}
+
+/// A provider's failure, classified.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{message}")]
+    Failed {
+        code: String,
+        message: String,
+        retryable: bool,
+        detail: Option<Value>,
+    },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl ProviderError {
+    pub fn fatal(code: &str, message: impl Into<String>) -> ProviderError {
+        ProviderError::Failed {
+            code: code.to_string(),
+            message: message.into(),
+            retryable: false,
+            detail: None,
+        }
+    }
+
+    pub fn retryable(code: &str, message: impl Into<String>) -> ProviderError {
+        ProviderError::Failed {
+            code: code.to_string(),
+            message: message.into(),
+            retryable: true,
+            detail: None,
+        }
+    }
+
+    pub fn with_detail(self, d: Value) -> ProviderError {
+        match self {
+            ProviderError::Failed {
+                code,
+                message,
+                retryable,
+                ..
+            } => ProviderError::Failed {
+                code,
+                message,
+                retryable,
+                detail: Some(d),
+            },
+            other => other,
+        }
+    }
+}
+
+/// The run, as a provider sees it while working.
+#[async_trait]
+pub trait RunContext: Send + Sync {
+    fn run_id(&self) -> Uuid;
+    fn attempt(&self) -> i32;
+    /// Appends to the run's event log. Best effort: a lost lease is noticed
+    /// by the heartbeat, not here.
+    async fn event(&self, event: NewEvent);
+    /// Whether someone asked to cancel. Providers check between steps and
+    /// return [`ProviderError::Cancelled`] after undoing what they must.
+    fn cancel_requested(&self) -> bool;
+
+    fn check_cancel(&self) -> Result<(), ProviderError> {
+        if self.cancel_requested() {
+            Err(ProviderError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Carries out actions of one kind for one provider name.
+///
+/// Assumptions: `apply` may run twice for the same run (a retry, or a lease
+/// reclaimed after a crash) and must adopt what an earlier attempt made
+/// rather than fail or make it twice.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError>;
+
+    /// Looks at the real thing (are the instances alive?). `None` when the
+    /// provider has nothing to say about this resource.
+    async fn observe(&self, _resource: &Resource) -> Option<Value> {
+        None
+    }
+}

@@ -1,0 +1,583 @@
+//! The application layer the API calls: every use case in one place, so
+//! that handlers stay thin and never touch storage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::{Error, FieldError, Result};
+use crate::kinds::{Kind, Step};
+use crate::model::*;
+use crate::ports::Store;
+
+/// A request for a transition.
+#[derive(Debug, Clone)]
+pub struct TransitionRequest {
+    pub action: String,
+    pub params: Value,
+    pub reason: Option<String>,
+    pub actor: String,
+    pub idempotency_key: Option<String>,
+}
+
+/// Everything `GET /v1/{kind}s/{id}` shows: the 3 a.m. view.
+#[derive(Debug, Clone)]
+pub struct Overview {
+    pub resource: Resource,
+    pub active_run: Option<Run>,
+    /// The newest events of the active run.
+    pub active_events: Vec<RunEvent>,
+    pub recent_runs: Vec<Run>,
+    pub allowed_actions: Vec<String>,
+    /// Why the resource is failed or stuck, when it is.
+    pub problem: Option<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub summary: String,
+    pub run: Option<Uuid>,
+    pub error: Option<RunError>,
+}
+
+pub struct Service {
+    store: Arc<dyn Store>,
+    max_attempts: i32,
+    /// How long a queued, due run may wait before it is reported as stuck.
+    stuck_after: chrono::Duration,
+}
+
+impl Service {
+    pub fn new(store: Arc<dyn Store>) -> Service {
+        Service {
+            store,
+            max_attempts: 3,
+            stuck_after: chrono::Duration::seconds(30),
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.store.backend()
+    }
+
+    pub async fn ready(&self) -> Result<()> {
+        self.store.ping().await
+    }
+
+    pub async fn create(&self, kind: Kind, name: &str, spec: &Value) -> Result<Resource> {
+        let mut errors = validate_name(name).err().into_iter().collect::<Vec<_>>();
+        let spec = match kind.validate_spec(spec) {
+            Ok(s) => Some(s),
+            Err(Error::Invalid(mut f)) => {
+                errors.append(&mut f);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        match spec {
+            Some(spec) if errors.is_empty() => {
+                let new = NewResource {
+                    id: Uuid::now_v7(),
+                    kind,
+                    name: name.to_string(),
+                    state: kind.initial_state().to_string(),
+                    spec,
+                    now: Utc::now(),
+                };
+                self.store.insert_resource(&new).await
+            }
+            _ => Err(Error::Invalid(errors)),
+        }
+    }
+
+    pub async fn get(&self, kind: Kind, key: &str) -> Result<Resource> {
+        self.store
+            .get_resource(kind, &ResourceKey::parse(key))
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                kind: kind.as_str(),
+                key: key.to_string(),
+            })
+    }
+
+    pub async fn overview(&self, kind: Kind, key: &str) -> Result<Overview> {
+        let resource = self.get(kind, key).await?;
+        let active_run = self.store.active_run(resource.id).await?;
+        let active_events = match &active_run {
+            Some(run) => last_n(self.store.list_events(run.id, 0, 10_000).await?, 5),
+            None => Vec::new(),
+        };
+        let recent_runs = self
+            .store
+            .list_runs(
+                &RunFilter {
+                    resource: Some(resource.id),
+                    ..Default::default()
+                },
+                PageRequest {
+                    after: None,
+                    limit: 5,
+                },
+            )
+            .await?;
+        let problem = diagnose(
+            &resource,
+            active_run.as_ref(),
+            active_events.last(),
+            &recent_runs,
+            self.stuck_after,
+            Utc::now(),
+        );
+        Ok(Overview {
+            allowed_actions: kind.allowed_actions(&resource.state),
+            resource,
+            active_run,
+            active_events,
+            recent_runs,
+            problem,
+        })
+    }
+
+    pub async fn list(&self, kind: Kind, page: PageRequest) -> Result<Page<Resource>> {
+        let items = self.store.list_resources(kind, page).await?;
+        let next = next_cursor(&items, page.limit, |r| r.id);
+        Ok(Page { items, next })
+    }
+
+    /// Applies a JSON merge patch (RFC 7396) to the spec.
+    pub async fn patch_spec(
+        &self,
+        kind: Kind,
+        key: &str,
+        patch: &Value,
+        if_match: Option<i64>,
+    ) -> Result<Resource> {
+        let current = self.get(kind, key).await?;
+        if let Some(expected) = if_match {
+            if expected != current.version {
+                return Err(Error::VersionMismatch {
+                    expected,
+                    current: current.version,
+                });
+            }
+        }
+        if let Some(run) = self.store.active_run(current.id).await? {
+            return Err(Error::Busy {
+                kind,
+                resource: current.id,
+                run: run.id,
+            });
+        }
+        let mut spec = current.spec.clone();
+        merge_patch(&mut spec, patch);
+        let spec = kind.validate_spec(&spec)?;
+        self.store
+            .update_spec(current.id, current.version, &spec, Utc::now())
+            .await
+    }
+
+    pub async fn delete(&self, kind: Kind, key: &str) -> Result<()> {
+        let r = self.get(kind, key).await?;
+        if r.state != kind.final_state() {
+            return Err(Error::NotAllowed {
+                kind,
+                state: r.state.clone(),
+                action: "delete".into(),
+                allowed: kind.allowed_actions(&r.state),
+            });
+        }
+        self.store
+            .delete_resource(r.id, kind.final_state(), Utc::now())
+            .await
+    }
+
+    pub async fn request(&self, kind: Kind, key: &str, req: TransitionRequest) -> Result<Run> {
+        let resource = self.get(kind, key).await?;
+        if let Some(run) = self.store.active_run(resource.id).await? {
+            return Err(Error::Busy {
+                kind,
+                resource: resource.id,
+                run: run.id,
+            });
+        }
+        if req.reason.as_ref().is_some_and(|r| r.len() > 2000) {
+            return Err(Error::invalid("reason", "at most 2000 characters"));
+        }
+        let (action, params, working, ok, err, parent) =
+            match kind.next(&resource.state, &req.action)? {
+                Step::Go { working, ok, err } => {
+                    let params = kind.validate_params(&req.action, &req.params)?;
+                    (
+                        req.action.clone(),
+                        params,
+                        working.to_string(),
+                        ok.to_string(),
+                        err.to_string(),
+                        None,
+                    )
+                }
+                Step::Retry => {
+                    let failed = self
+                        .store
+                        .last_unsuccessful_run(resource.id)
+                        .await?
+                        .ok_or_else(|| {
+                            Error::Conflict(format!(
+                                "{kind} {} has no failed run to retry",
+                                resource.name
+                            ))
+                        })?;
+                    // A retry repeats the failed run's action through that run's
+                    // own states; new params, when given, replace the old ones.
+                    let params = match &req.params {
+                        Value::Null => failed.params.clone(),
+                        Value::Object(m) if m.is_empty() => failed.params.clone(),
+                        p => kind.validate_params(&failed.action, p)?,
+                    };
+                    (
+                        failed.action,
+                        params,
+                        failed.working_state,
+                        failed.ok_state,
+                        failed.err_state,
+                        Some(failed.id),
+                    )
+                }
+            };
+        for dep in kind.dependencies(&resource.spec, &action) {
+            let found = self
+                .store
+                .get_resource(dep.kind, &ResourceKey::parse(&dep.key))
+                .await?;
+            match found {
+                None => {
+                    return Err(Error::invalid(
+                        dep.field,
+                        format!("no {} named {:?}", dep.kind, dep.key),
+                    ))
+                }
+                Some(d) if d.state != dep.required_state => {
+                    return Err(Error::Conflict(format!(
+                        "{} {:?} is {}; {action} needs it {}",
+                        dep.kind, d.name, d.state, dep.required_state
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let timeout = resource
+            .spec
+            .get("build_timeout_secs")
+            .and_then(Value::as_u64)
+            .filter(|_| action == "build")
+            .unwrap_or_else(|| kind.default_timeout_secs(&action));
+        let run = NewRun {
+            id: Uuid::now_v7(),
+            resource_id: resource.id,
+            kind,
+            resource_name: resource.name.clone(),
+            action,
+            params,
+            from_state: resource.state.clone(),
+            working_state: working,
+            ok_state: ok,
+            err_state: err,
+            max_attempts: self.max_attempts,
+            actor: req.actor,
+            reason: req.reason,
+            idempotency_key: req.idempotency_key,
+            parent_run: parent,
+            provider: kind.provider_of(&resource.spec),
+            timeout_secs: timeout as i64,
+            now: Utc::now(),
+        };
+        self.store.insert_run(&run).await
+    }
+
+    pub async fn cancel(&self, run: Uuid, actor: &str, reason: Option<&str>) -> Result<Run> {
+        let current = self.run(run).await?;
+        if current.status.is_terminal() {
+            return Err(Error::Conflict(format!(
+                "transition {run} already ended {}",
+                current.status.as_str()
+            )));
+        }
+        self.store
+            .request_cancel(run, actor, reason, Utc::now())
+            .await
+    }
+
+    pub async fn run(&self, id: Uuid) -> Result<Run> {
+        self.store
+            .get_run(id)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                kind: "transition",
+                key: id.to_string(),
+            })
+    }
+
+    /// Waits up to `wait` for the run to end, then returns it as it is.
+    pub async fn wait_run(&self, id: Uuid, wait: Duration) -> Result<Run> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let run = self.run(id).await?;
+            if run.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+                return Ok(run);
+            }
+            tokio::time::sleep(
+                Duration::from_millis(100).min(deadline - tokio::time::Instant::now()),
+            )
+            .await;
+        }
+    }
+
+    pub async fn runs(&self, filter: &RunFilter, page: PageRequest) -> Result<Page<Run>> {
+        let items = self.store.list_runs(filter, page).await?;
+        let next = next_cursor(&items, page.limit, |r| r.id);
+        Ok(Page { items, next })
+    }
+
+    /// Events after `after`; waits up to `wait` for one if there are none
+    /// yet and the run is still going.
+    pub async fn events(
+        &self,
+        id: Uuid,
+        after: i64,
+        limit: u32,
+        wait: Duration,
+    ) -> Result<(Run, Vec<RunEvent>)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let run = self.run(id).await?;
+            let events = self.store.list_events(id, after, limit).await?;
+            if !events.is_empty()
+                || run.status.is_terminal()
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok((run, events));
+            }
+            tokio::time::sleep(
+                Duration::from_millis(100).min(deadline - tokio::time::Instant::now()),
+            )
+            .await;
+        }
+    }
+
+    pub async fn idempotency_begin(
+        &self,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<IdempotencyBegin> {
+        if key.is_empty() || key.len() > 255 || key.chars().any(|c| c.is_control()) {
+            return Err(Error::invalid(
+                "Idempotency-Key",
+                "must be 1 to 255 printable characters",
+            ));
+        }
+        self.store
+            .idempotency_begin(key, fingerprint, Utc::now())
+            .await
+    }
+
+    pub async fn idempotency_save(&self, key: &str, response: &SavedResponse) -> Result<()> {
+        self.store.idempotency_save(key, response, Utc::now()).await
+    }
+
+    pub async fn idempotency_abandon(&self, key: &str) -> Result<()> {
+        self.store.idempotency_abandon(key).await
+    }
+}
+
+/// Names are DNS labels, so they fit hostnames, tags and stack names, and
+/// never look like an id.
+pub fn validate_name(name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && Uuid::parse_str(name).is_err();
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            "name",
+            "must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'",
+        ))
+    }
+}
+
+fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> Uuid) -> Option<Uuid> {
+    if items.len() as u32 >= limit {
+        items.last().map(id)
+    } else {
+        None
+    }
+}
+
+fn last_n<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
+    let skip = v.len().saturating_sub(n);
+    v.drain(..skip);
+    v
+}
+
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+/// Explains, in one sentence, why a resource is failed or stuck.
+pub fn diagnose(
+    resource: &Resource,
+    active: Option<&Run>,
+    last_event: Option<&RunEvent>,
+    recent: &[Run],
+    stuck_after: chrono::Duration,
+    now: Time,
+) -> Option<Problem> {
+    if let Some(run) = active {
+        let problem = |summary: String| {
+            Some(Problem {
+                summary,
+                run: Some(run.id),
+                error: run.error.clone(),
+            })
+        };
+        if let Some(at) = run.cancel_requested_at {
+            let by = run.cancel_requested_by.as_deref().unwrap_or("someone");
+            if now - at > stuck_after {
+                return problem(format!("cancel requested by {by} at {at} has not taken effect yet; the provider is between steps"));
+            }
+        }
+        match run.status {
+            RunStatus::Queued if run.run_after > now => {
+                let why = run
+                    .error
+                    .as_ref()
+                    .map(|e| e.message.as_str())
+                    .unwrap_or("an earlier attempt failed");
+                return problem(format!(
+                    "waiting to retry at {} (attempt {} of {}): {why}",
+                    run.run_after,
+                    run.attempt + 1,
+                    run.max_attempts
+                ));
+            }
+            RunStatus::Queued if now - run.run_after > stuck_after => {
+                return problem(format!(
+                    "queued since {} and not picked up: is any drover worker running?",
+                    run.run_after
+                ));
+            }
+            RunStatus::Running if run.lease_expires_at.is_some_and(|t| t < now) => {
+                return problem(format!(
+                    "worker {} stopped renewing its lease at {}; the run will be reclaimed and resumed",
+                    run.worker.as_deref().unwrap_or("?"),
+                    run.lease_expires_at.map(|t| t.to_string()).unwrap_or_default()
+                ));
+            }
+            RunStatus::Running
+                if run
+                    .started_at
+                    .is_some_and(|t| now - t > chrono::Duration::seconds(run.timeout_secs / 2)) =>
+            {
+                let doing = last_event
+                    .map(|e| format!("; last step: {}", e.message))
+                    .unwrap_or_default();
+                return problem(format!(
+                    "{} has run for over half of its {}s timeout{doing}",
+                    run.action, run.timeout_secs
+                ));
+            }
+            _ => return None,
+        }
+    }
+    let observed_problem = resource
+        .observed
+        .as_ref()
+        .filter(|o| o.get("healthy") == Some(&Value::Bool(false)))
+        .and_then(|o| o.get("summary").and_then(Value::as_str))
+        .map(|s| Problem {
+            summary: s.to_string(),
+            run: None,
+            error: None,
+        });
+    if resource.state == "failed" {
+        let failed = recent
+            .iter()
+            .find(|r| matches!(r.status, RunStatus::Failed | RunStatus::Cancelled));
+        return Some(match failed {
+            Some(run) => Problem {
+                summary: format!(
+                    "{} failed: {}",
+                    run.action,
+                    run.error
+                        .as_ref()
+                        .map(|e| e.message.as_str())
+                        .unwrap_or("no error recorded")
+                ),
+                run: Some(run.id),
+                error: run.error.clone(),
+            },
+            None => Problem {
+                summary: "failed; its failing run is older than the last five".into(),
+                run: None,
+                error: None,
+            },
+        });
+    }
+    observed_problem
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("web-qa").is_ok());
+        assert!(validate_name("a").is_ok());
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Web",
+            "a_b",
+            "a b",
+            &"x".repeat(64),
+            "0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc7396() {
+        let mut v = json!({"a": 1, "b": {"c": 2, "d": 3}});
+        merge_patch(&mut v, &json!({"a": null, "b": {"c": 5}, "e": [1]}));
+        assert_eq!(v, json!({"b": {"c": 5, "d": 3}, "e": [1]}));
+    }
+
+    #[test]
+    fn last_n_keeps_the_tail() {
+        assert_eq!(last_n(vec![1, 2, 3, 4], 2), vec![3, 4]);
+        assert_eq!(last_n(vec![1], 5), vec![1]);
+    }
+}

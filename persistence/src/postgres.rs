@@ -1,0 +1,82 @@
+//! The Postgres store: production, shared by several `drover serve`
+//! replicas. Claims use `FOR UPDATE SKIP LOCKED`; `LISTEN/NOTIFY` on
+//! `drover_runs` wakes idle workers early (a hint only: they poll anyway).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_domain::kinds::Kind;
+use drover_domain::model::*;
+use drover_domain::{Error, Result};
+use serde_json::Value;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, Postgres};
+use sqlx::types::Json;
+use sqlx::QueryBuilder;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::rows::*;
+use crate::store::{db, impl_store, is_unique, lease_len};
+use crate::time::Ts;
+
+pub struct PgStore {
+    pool: PgPool,
+    wakeup: Arc<Notify>,
+}
+
+const CLAIM: &str = "
+    WITH due AS (
+        SELECT id FROM runs
+        WHERE status = 'queued' AND run_after <= $1
+        ORDER BY run_after, id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker = $3, lease_token = $4,
+        lease_expires_at = $5, heartbeat_at = $1, started_at = COALESCE(r.started_at, $1)
+    FROM due WHERE r.id = due.id
+    RETURNING r.*";
+
+impl PgStore {
+    const NOTIFY_SQL: Option<&'static str> = Some("SELECT pg_notify('drover_runs', '')");
+
+    pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(db("connect to Postgres"))?;
+        sqlx::migrate!("../migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| Error::store("run migrations", e))?;
+        let wakeup = Arc::new(Notify::new());
+        // The listener reconnects by itself; if it cannot start at all,
+        // workers still poll.
+        match PgListener::connect_with(&pool).await {
+            Ok(mut listener) => {
+                let wake = wakeup.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = listener.listen("drover_runs").await {
+                        tracing::warn!(error = %e, "LISTEN failed; relying on polling");
+                        return;
+                    }
+                    loop {
+                        match listener.recv().await {
+                            Ok(_) => wake.notify_one(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "notification listener lost; reconnecting");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "could not start LISTEN; relying on polling"),
+        }
+        Ok(PgStore { pool, wakeup })
+    }
+}
+
+impl_store!(PgStore, Postgres, backend = "postgres", claim = CLAIM);

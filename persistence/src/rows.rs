@@ -1,0 +1,164 @@
+//! Database rows and their mapping to domain records. Rows are private to
+//! this crate: nothing outside sees a column.
+
+use drover_domain::kinds::Kind;
+use drover_domain::model::*;
+use drover_domain::{Error, Result};
+use serde_json::Value;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use crate::time::Ts;
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ResourceRow {
+    id: Uuid,
+    kind: String,
+    name: String,
+    state: String,
+    spec: Json<Value>,
+    version: i64,
+    outputs: Json<Value>,
+    observed: Option<Json<Value>>,
+    created_at: Ts,
+    updated_at: Ts,
+}
+
+fn kind(s: &str) -> Result<Kind> {
+    Kind::parse(s).ok_or_else(|| Error::Internal(format!("unknown kind {s:?} in store")))
+}
+
+impl TryFrom<ResourceRow> for Resource {
+    type Error = Error;
+    fn try_from(r: ResourceRow) -> Result<Resource> {
+        Ok(Resource {
+            id: r.id,
+            kind: kind(&r.kind)?,
+            name: r.name,
+            state: r.state,
+            spec: r.spec.0,
+            version: r.version,
+            outputs: r.outputs.0,
+            observed: r.observed.map(|j| j.0),
+            created_at: r.created_at.0,
+            updated_at: r.updated_at.0,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct RunRow {
+    pub(crate) id: Uuid,
+    pub(crate) resource_id: Uuid,
+    kind: String,
+    resource_name: String,
+    action: String,
+    params: Json<Value>,
+    from_state: String,
+    pub(crate) working_state: String,
+    ok_state: String,
+    pub(crate) err_state: String,
+    pub(crate) status: String,
+    pub(crate) attempt: i32,
+    pub(crate) max_attempts: i32,
+    actor: String,
+    reason: Option<String>,
+    idempotency_key: Option<String>,
+    parent_run: Option<Uuid>,
+    provider: String,
+    timeout_secs: i64,
+    created_at: Ts,
+    run_after: Ts,
+    started_at: Option<Ts>,
+    finished_at: Option<Ts>,
+    worker: Option<String>,
+    pub(crate) lease_token: Option<Uuid>,
+    lease_expires_at: Option<Ts>,
+    heartbeat_at: Option<Ts>,
+    outputs: Option<Json<Value>>,
+    error: Option<Json<RunError>>,
+    cancel_requested_at: Option<Ts>,
+    cancel_requested_by: Option<String>,
+}
+
+impl TryFrom<RunRow> for Run {
+    type Error = Error;
+    fn try_from(r: RunRow) -> Result<Run> {
+        Ok(Run {
+            id: r.id,
+            resource_id: r.resource_id,
+            kind: kind(&r.kind)?,
+            resource_name: r.resource_name,
+            action: r.action,
+            params: r.params.0,
+            from_state: r.from_state,
+            working_state: r.working_state,
+            ok_state: r.ok_state,
+            err_state: r.err_state,
+            status: RunStatus::parse(&r.status).ok_or_else(|| {
+                Error::Internal(format!("unknown run status {:?} in store", r.status))
+            })?,
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            actor: r.actor,
+            reason: r.reason,
+            idempotency_key: r.idempotency_key,
+            parent_run: r.parent_run,
+            provider: r.provider,
+            timeout_secs: r.timeout_secs,
+            created_at: r.created_at.0,
+            run_after: r.run_after.0,
+            started_at: r.started_at.map(|t| t.0),
+            finished_at: r.finished_at.map(|t| t.0),
+            worker: r.worker,
+            lease_token: r.lease_token,
+            lease_expires_at: r.lease_expires_at.map(|t| t.0),
+            heartbeat_at: r.heartbeat_at.map(|t| t.0),
+            outputs: r.outputs.map(|j| j.0),
+            error: r.error.map(|j| j.0),
+            cancel_requested_at: r.cancel_requested_at.map(|t| t.0),
+            cancel_requested_by: r.cancel_requested_by,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct EventRow {
+    seq: i64,
+    run_id: Uuid,
+    at: Ts,
+    attempt: i32,
+    level: String,
+    step: String,
+    message: String,
+    data: Option<Json<Value>>,
+}
+
+impl From<EventRow> for RunEvent {
+    fn from(e: EventRow) -> RunEvent {
+        RunEvent {
+            seq: e.seq,
+            run_id: e.run_id,
+            at: e.at.0,
+            attempt: e.attempt,
+            level: Level::parse(&e.level),
+            step: e.step,
+            message: e.message,
+            data: e.data.map(|j| j.0),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct IdempotencyRow {
+    pub(crate) fingerprint: String,
+    pub(crate) state: String,
+    pub(crate) response_status: Option<i32>,
+    pub(crate) location: Option<String>,
+    pub(crate) body: Option<Vec<u8>>,
+    pub(crate) updated_at: Ts,
+}
+
+pub(crate) fn runs(rows: Vec<RunRow>) -> Result<Vec<Run>> {
+    rows.into_iter().map(Run::try_from).collect()
+}

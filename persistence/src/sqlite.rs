@@ -1,0 +1,70 @@
+//! The SQLite store: the embedded default, for one `drover serve` process.
+//!
+//! One connection serialises every statement, which gives the engine the
+//! same exclusivity Postgres gets from row locks; WAL keeps the file safe
+//! across crashes.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_domain::kinds::Kind;
+use drover_domain::model::*;
+use drover_domain::{Error, Result};
+use serde_json::Value;
+use sqlx::sqlite::{
+    Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::types::Json;
+use sqlx::QueryBuilder;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::rows::*;
+use crate::store::{db, impl_store, is_unique, lease_len};
+use crate::time::Ts;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    wakeup: Arc<Notify>,
+}
+
+const CLAIM: &str = "
+    UPDATE runs SET status = 'running', attempt = attempt + 1, worker = $3, lease_token = $4,
+        lease_expires_at = $5, heartbeat_at = $1, started_at = COALESCE(started_at, $1)
+    WHERE id IN (
+        SELECT id FROM runs WHERE status = 'queued' AND run_after <= $1
+        ORDER BY run_after, id LIMIT $2
+    )
+    RETURNING *";
+
+impl SqliteStore {
+    const NOTIFY_SQL: Option<&'static str> = None;
+
+    pub async fn connect(url: &str) -> Result<SqliteStore> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(db("parse the SQLite URL"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await
+            .map_err(db("open SQLite"))?;
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|e| Error::store("run migrations", e))?;
+        Ok(SqliteStore {
+            pool,
+            wakeup: Arc::new(Notify::new()),
+        })
+    }
+}
+
+impl_store!(SqliteStore, Sqlite, backend = "sqlite", claim = CLAIM);

@@ -1,0 +1,689 @@
+//! The [`Store`] implementation, written once and expanded for each backend.
+//!
+//! Queries use `$n` placeholders, which both Postgres and SQLite (through
+//! sqlx) understand, and bind every time from Rust, never `now()`, so that
+//! the two backends behave alike and tests control the clock. The few
+//! statements that must differ (the claim) come from the backend module.
+//!
+//! Every write that belongs to a worker is fenced on `(status = 'running',
+//! lease_token)` and checks rows affected; losing the fence is
+//! [`Error::StaleLease`], and the whole transaction is rolled back.
+
+/// Expands `impl Store for $store` against `$db`. `$claim` is the backend's
+/// claim statement with parameters `$1` now, `$2` limit, `$3` worker,
+/// `$4` lease token, `$5` lease expiry.
+macro_rules! impl_store {
+    ($store:ident, $db:ty, backend = $backend:literal, claim = $claim:expr) => {
+        #[async_trait::async_trait]
+        impl drover_domain::ports::Store for $store {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn ping(&self) -> Result<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db("ping"))?;
+                Ok(())
+            }
+
+            async fn insert_resource(&self, r: &NewResource) -> Result<Resource> {
+                let row = sqlx::query_as::<_, ResourceRow>(
+                    "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $7) RETURNING *",
+                )
+                .bind(r.id)
+                .bind(r.kind.as_str())
+                .bind(&r.name)
+                .bind(&r.state)
+                .bind(Json(&r.spec))
+                .bind(Json(serde_json::json!({})))
+                .bind(Ts(r.now))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| match is_unique(&e) {
+                    true => Error::AlreadyExists { kind: r.kind, name: r.name.clone() },
+                    false => db("insert resource")(e),
+                })?;
+                row.try_into()
+            }
+
+            async fn get_resource(&self, kind: Kind, key: &ResourceKey) -> Result<Option<Resource>> {
+                let q = match key {
+                    ResourceKey::Id(id) => sqlx::query_as::<_, ResourceRow>(
+                        "SELECT * FROM resources WHERE kind = $1 AND id = $2 AND deleted_at IS NULL",
+                    )
+                    .bind(kind.as_str())
+                    .bind(*id),
+                    ResourceKey::Name(name) => sqlx::query_as::<_, ResourceRow>(
+                        "SELECT * FROM resources WHERE kind = $1 AND name = $2 AND deleted_at IS NULL",
+                    )
+                    .bind(kind.as_str())
+                    .bind(name.clone()),
+                };
+                q.fetch_optional(&self.pool).await.map_err(db("get resource"))?.map(TryInto::try_into).transpose()
+            }
+
+            async fn get_resource_by_id(&self, id: Uuid) -> Result<Option<Resource>> {
+                sqlx::query_as::<_, ResourceRow>("SELECT * FROM resources WHERE id = $1 AND deleted_at IS NULL")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db("get resource"))?
+                    .map(TryInto::try_into)
+                    .transpose()
+            }
+
+            async fn list_resources(&self, kind: Kind, page: PageRequest) -> Result<Vec<Resource>> {
+                let mut q = QueryBuilder::<$db>::new("SELECT * FROM resources WHERE deleted_at IS NULL AND kind = ");
+                q.push_bind(kind.as_str());
+                if let Some(after) = page.after {
+                    q.push(" AND id > ").push_bind(after);
+                }
+                q.push(" ORDER BY id LIMIT ").push_bind(i64::from(page.limit));
+                let rows = q.build_query_as::<ResourceRow>().fetch_all(&self.pool).await.map_err(db("list resources"))?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn update_spec(&self, id: Uuid, expected_version: i64, spec: &Value, now: Time) -> Result<Resource> {
+                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+                let active = sqlx::query_scalar::<_, Uuid>(
+                    "SELECT id FROM runs WHERE resource_id = $1 AND status IN ('queued', 'running')",
+                )
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db("find active run"))?;
+                let row = sqlx::query_as::<_, ResourceRow>(
+                    "UPDATE resources SET spec = $3, version = version + 1, updated_at = $4
+                     WHERE id = $1 AND version = $2 AND deleted_at IS NULL RETURNING *",
+                )
+                .bind(id)
+                .bind(expected_version)
+                .bind(Json(spec))
+                .bind(Ts(now))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db("update spec"))?;
+                match (active, row) {
+                    (Some(run), _) => {
+                        drop(tx);
+                        let kind = self.kind_of(id).await?;
+                        Err(Error::Busy { kind, resource: id, run })
+                    }
+                    (None, Some(row)) => {
+                        tx.commit().await.map_err(db("commit"))?;
+                        row.try_into()
+                    }
+                    (None, None) => {
+                        drop(tx);
+                        let current = self.get_resource_by_id(id).await?;
+                        match current {
+                            Some(r) => Err(Error::VersionMismatch { expected: expected_version, current: r.version }),
+                            None => Err(Error::NotFound { kind: "resource", key: id.to_string() }),
+                        }
+                    }
+                }
+            }
+
+            async fn delete_resource(&self, id: Uuid, final_state: &str, now: Time) -> Result<()> {
+                let done = sqlx::query(
+                    "UPDATE resources SET deleted_at = $3 WHERE id = $1 AND state = $2 AND deleted_at IS NULL",
+                )
+                .bind(id)
+                .bind(final_state)
+                .bind(Ts(now))
+                .execute(&self.pool)
+                .await
+                .map_err(db("delete resource"))?;
+                match done.rows_affected() {
+                    1 => Ok(()),
+                    _ => Err(Error::Conflict(format!("resource {id} changed while being deleted"))),
+                }
+            }
+
+            async fn set_observed(&self, id: Uuid, observed: &Value) -> Result<()> {
+                sqlx::query("UPDATE resources SET observed = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(Json(observed))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db("record observation"))?;
+                Ok(())
+            }
+
+            async fn insert_run(&self, run: &NewRun) -> Result<Run> {
+                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+                let inserted = sqlx::query_as::<_, RunRow>(
+                    "INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state,
+                        working_state, ok_state, err_state, status, attempt, max_attempts, actor, reason,
+                        idempotency_key, parent_run, provider, timeout_secs, created_at, run_after)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', 0, $11, $12, $13, $14, $15, $16, $17, $18, $18
+                     WHERE EXISTS (SELECT 1 FROM resources WHERE id = $2 AND state = $7 AND deleted_at IS NULL)
+                     RETURNING *",
+                )
+                .bind(run.id)
+                .bind(run.resource_id)
+                .bind(run.kind.as_str())
+                .bind(&run.resource_name)
+                .bind(&run.action)
+                .bind(Json(&run.params))
+                .bind(&run.from_state)
+                .bind(&run.working_state)
+                .bind(&run.ok_state)
+                .bind(&run.err_state)
+                .bind(run.max_attempts)
+                .bind(&run.actor)
+                .bind(&run.reason)
+                .bind(&run.idempotency_key)
+                .bind(run.parent_run)
+                .bind(&run.provider)
+                .bind(run.timeout_secs)
+                .bind(Ts(run.now))
+                .fetch_optional(&mut *tx)
+                .await;
+                let row = match inserted {
+                    Ok(Some(row)) => row,
+                    Ok(None) => {
+                        return Err(Error::Conflict(format!(
+                            "{} {} is no longer {}; look again before asking",
+                            run.kind, run.resource_name, run.from_state
+                        )))
+                    }
+                    Err(e) if is_unique(&e) => {
+                        drop(tx);
+                        let active = self.active_run(run.resource_id).await?;
+                        return Err(match active {
+                            Some(a) => Error::Busy { kind: run.kind, resource: run.resource_id, run: a.id },
+                            None => Error::Conflict("another transition was requested at the same time".into()),
+                        });
+                    }
+                    Err(e) => return Err(db("insert run")(e)),
+                };
+                let by = match &run.reason {
+                    Some(r) => format!("{} requested by {}: {r}", run.action, run.actor),
+                    None => format!("{} requested by {}", run.action, run.actor),
+                };
+                insert_event_unfenced(&mut tx, run.id, &NewEvent::info("request", by)).await?;
+                if let Some(notify) = $store::NOTIFY_SQL {
+                    sqlx::query(notify).execute(&mut *tx).await.map_err(db("notify"))?;
+                }
+                tx.commit().await.map_err(db("commit"))?;
+                self.wake();
+                row.try_into()
+            }
+
+            async fn get_run(&self, id: Uuid) -> Result<Option<Run>> {
+                sqlx::query_as::<_, RunRow>("SELECT * FROM runs WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db("get run"))?
+                    .map(TryInto::try_into)
+                    .transpose()
+            }
+
+            async fn list_runs(&self, f: &RunFilter, page: PageRequest) -> Result<Vec<Run>> {
+                let mut q = QueryBuilder::<$db>::new("SELECT * FROM runs WHERE 1 = 1");
+                if let Some(v) = f.resource {
+                    q.push(" AND resource_id = ").push_bind(v);
+                }
+                if let Some(v) = f.kind {
+                    q.push(" AND kind = ").push_bind(v.as_str());
+                }
+                if let Some(v) = &f.action {
+                    q.push(" AND action = ").push_bind(v.clone());
+                }
+                if let Some(v) = f.status {
+                    q.push(" AND status = ").push_bind(v.as_str());
+                }
+                if let Some(v) = f.since {
+                    q.push(" AND created_at >= ").push_bind(Ts(v));
+                }
+                if let Some(v) = f.until {
+                    q.push(" AND created_at < ").push_bind(Ts(v));
+                }
+                if let Some(v) = f.parent {
+                    q.push(" AND parent_run = ").push_bind(v);
+                }
+                if let Some(v) = page.after {
+                    q.push(" AND id < ").push_bind(v);
+                }
+                q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(page.limit));
+                runs(q.build_query_as::<RunRow>().fetch_all(&self.pool).await.map_err(db("list runs"))?)
+            }
+
+            async fn active_run(&self, resource: Uuid) -> Result<Option<Run>> {
+                sqlx::query_as::<_, RunRow>(
+                    "SELECT * FROM runs WHERE resource_id = $1 AND status IN ('queued', 'running')",
+                )
+                .bind(resource)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("get active run"))?
+                .map(TryInto::try_into)
+                .transpose()
+            }
+
+            async fn last_unsuccessful_run(&self, resource: Uuid) -> Result<Option<Run>> {
+                sqlx::query_as::<_, RunRow>(
+                    "SELECT * FROM runs WHERE resource_id = $1 AND status IN ('failed', 'cancelled')
+                     ORDER BY id DESC LIMIT 1",
+                )
+                .bind(resource)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("get failed run"))?
+                .map(TryInto::try_into)
+                .transpose()
+            }
+
+            async fn claim_runs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<Run>> {
+                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+                let claimed = sqlx::query_as::<_, RunRow>($claim)
+                    .bind(Ts(now))
+                    .bind(i64::from(limit))
+                    .bind(worker)
+                    .bind(Uuid::new_v4())
+                    .bind(Ts(now + lease_len(lease)))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db("claim runs"))?;
+                let mut out = Vec::with_capacity(claimed.len());
+                for row in claimed {
+                    let run: Run = row.try_into()?;
+                    // The resource enters its working state when work starts;
+                    // a requeued run finds it there already.
+                    let moved = sqlx::query(
+                        "UPDATE resources SET state = $2, version = version + 1, updated_at = $4
+                         WHERE id = $1 AND (state = $3 OR state = $2) AND deleted_at IS NULL",
+                    )
+                    .bind(run.resource_id)
+                    .bind(&run.working_state)
+                    .bind(&run.from_state)
+                    .bind(Ts(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("enter working state"))?;
+                    if moved.rows_affected() == 1 {
+                        out.push(run);
+                        continue;
+                    }
+                    let error = RunError {
+                        code: "state_conflict".into(),
+                        message: format!("the resource left {} before work started", run.from_state),
+                        retryable: false,
+                        detail: None,
+                    };
+                    insert_event_unfenced(&mut tx, run.id, &NewEvent::info("claim", error.message.clone()).with_level(Level::Error)).await?;
+                    sqlx::query("UPDATE runs SET status = 'failed', finished_at = $2, error = $3, lease_expires_at = NULL WHERE id = $1")
+                        .bind(run.id)
+                        .bind(Ts(now))
+                        .bind(Json(&error))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db("fail unclaimable run"))?;
+                }
+                tx.commit().await.map_err(db("commit claim"))?;
+                Ok(out)
+            }
+
+            async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>> {
+                let row = sqlx::query_scalar::<_, Option<Ts>>(
+                    "UPDATE runs SET lease_expires_at = $3, heartbeat_at = $4
+                     WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING cancel_requested_at",
+                )
+                .bind(lease.run)
+                .bind(lease.token)
+                .bind(Ts(now + lease_len(lease_for)))
+                .bind(Ts(now))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("heartbeat"))?;
+                Ok(row.map(|cancel| cancel.is_some()))
+            }
+
+            async fn append_event(&self, lease: Lease, event: &NewEvent) -> Result<()> {
+                let mut conn = self.pool.acquire().await.map_err(db("acquire"))?;
+                insert_event_fenced(&mut conn, lease, event).await
+            }
+
+            async fn complete_run(&self, lease: Lease, c: &Completion) -> Result<()> {
+                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+                insert_event_fenced(&mut tx, lease, &c.event).await?;
+                let done = sqlx::query_as::<_, (Uuid, String)>(
+                    "UPDATE runs SET status = $3, finished_at = $4, outputs = $5, error = $6, lease_expires_at = NULL
+                     WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING resource_id, working_state",
+                )
+                .bind(lease.run)
+                .bind(lease.token)
+                .bind(c.status.as_str())
+                .bind(Ts(c.now))
+                .bind(c.outputs.as_ref().map(Json))
+                .bind(c.error.as_ref().map(Json))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db("complete run"))?;
+                let Some((resource, working)) = done else {
+                    return Err(Error::StaleLease { run: lease.run });
+                };
+                let moved = sqlx::query(
+                    "UPDATE resources SET state = $3, spec = COALESCE($4, spec), outputs = COALESCE($5, outputs),
+                        version = version + 1, updated_at = $6
+                     WHERE id = $1 AND state = $2",
+                )
+                .bind(resource)
+                .bind(&working)
+                .bind(&c.resource_state)
+                .bind(c.spec.as_ref().map(Json))
+                .bind(c.outputs.as_ref().map(Json))
+                .bind(Ts(c.now))
+                .execute(&mut *tx)
+                .await
+                .map_err(db("leave working state"))?;
+                if moved.rows_affected() != 1 {
+                    return Err(Error::Internal(format!("resource {resource} was not in {working} when run {} ended", lease.run)));
+                }
+                tx.commit().await.map_err(db("commit completion"))?;
+                Ok(())
+            }
+
+            async fn retry_later(&self, lease: Lease, run_after: Time, error: &RunError, event: &NewEvent) -> Result<()> {
+                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+                insert_event_fenced(&mut tx, lease, event).await?;
+                let done = sqlx::query(
+                    "UPDATE runs SET status = 'queued', run_after = $3, error = $4, lease_token = NULL,
+                        lease_expires_at = NULL, worker = NULL
+                     WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+                )
+                .bind(lease.run)
+                .bind(lease.token)
+                .bind(Ts(run_after))
+                .bind(Json(error))
+                .execute(&mut *tx)
+                .await
+                .map_err(db("requeue run"))?;
+                if done.rows_affected() != 1 {
+                    return Err(Error::StaleLease { run: lease.run });
+                }
+                tx.commit().await.map_err(db("commit requeue"))?;
+                self.wake();
+                Ok(())
+            }
+
+            async fn reap_expired(&self, now: Time) -> Result<Vec<Uuid>> {
+                let expired = sqlx::query_as::<_, RunRow>(
+                    "SELECT * FROM runs WHERE status = 'running' AND lease_expires_at < $1 ORDER BY lease_expires_at LIMIT 100",
+                )
+                .bind(Ts(now))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("find expired leases"))?;
+                let mut reaped = Vec::new();
+                for run in expired {
+                    let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+                    let out_of_attempts = run.attempt >= run.max_attempts;
+                    let (status, message) = if out_of_attempts {
+                        ("failed", format!("lease of attempt {} lapsed and no attempts are left", run.attempt))
+                    } else {
+                        ("queued", format!("lease of attempt {} lapsed (worker gone?); run requeued", run.attempt))
+                    };
+                    let error = RunError { code: "lease_expired".into(), message: message.clone(), retryable: !out_of_attempts, detail: None };
+                    // Fenced on the lease we saw: a heartbeat or another
+                    // reaper that got there first wins.
+                    let done = sqlx::query(
+                        "UPDATE runs SET status = $3, error = $4, lease_token = NULL, lease_expires_at = NULL,
+                            worker = NULL, run_after = $5, finished_at = CASE WHEN $3 = 'failed' THEN $5 ELSE NULL END
+                         WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at < $5",
+                    )
+                    .bind(run.id)
+                    .bind(run.lease_token)
+                    .bind(status)
+                    .bind(Json(&error))
+                    .bind(Ts(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("reap run"))?;
+                    if done.rows_affected() != 1 {
+                        continue;
+                    }
+                    if out_of_attempts {
+                        sqlx::query("UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2")
+                            .bind(run.resource_id)
+                            .bind(&run.working_state)
+                            .bind(&run.err_state)
+                            .bind(Ts(now))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db("fail reaped resource"))?;
+                    }
+                    insert_event_unfenced(&mut tx, run.id, &NewEvent::info("reaper", message).with_level(Level::Warn)).await?;
+                    tx.commit().await.map_err(db("commit reap"))?;
+                    reaped.push(run.id);
+                }
+                if !reaped.is_empty() {
+                    self.wake();
+                }
+                Ok(reaped)
+            }
+
+            async fn request_cancel(&self, id: Uuid, actor: &str, reason: Option<&str>, now: Time) -> Result<Run> {
+                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+                let error = RunError { code: "cancelled".into(), message: format!("cancelled by {actor} before it started"), retryable: false, detail: None };
+                // A queued run ends at once. If an earlier attempt had already
+                // moved the resource to its working state, it leaves it for
+                // the failure state, whose exits are retry and destroy.
+                let queued = sqlx::query_as::<_, (Uuid, String, String)>(
+                    "UPDATE runs SET status = 'cancelled', finished_at = $2, error = $5,
+                        cancel_requested_at = $2, cancel_requested_by = $3, cancel_reason = $4
+                     WHERE id = $1 AND status = 'queued' RETURNING resource_id, working_state, err_state",
+                )
+                .bind(id)
+                .bind(Ts(now))
+                .bind(actor)
+                .bind(reason)
+                .bind(Json(&error))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db("cancel queued run"))?;
+                let message = match &queued {
+                    Some((resource, working, err)) => {
+                        sqlx::query("UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2")
+                            .bind(resource)
+                            .bind(working)
+                            .bind(err)
+                            .bind(Ts(now))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db("cancel resource"))?;
+                        format!("cancelled by {actor} while queued")
+                    }
+                    None => {
+                        sqlx::query(
+                            "UPDATE runs SET cancel_requested_at = COALESCE(cancel_requested_at, $2),
+                                cancel_requested_by = COALESCE(cancel_requested_by, $3),
+                                cancel_reason = COALESCE(cancel_reason, $4)
+                             WHERE id = $1 AND status = 'running'",
+                        )
+                        .bind(id)
+                        .bind(Ts(now))
+                        .bind(actor)
+                        .bind(reason)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db("request cancel"))?;
+                        format!("cancel requested by {actor}; the worker stops at its next step")
+                    }
+                };
+                let message = match reason {
+                    Some(r) => format!("{message}: {r}"),
+                    None => message,
+                };
+                insert_event_unfenced(&mut tx, id, &NewEvent::info("cancel", message).with_level(Level::Warn)).await?;
+                tx.commit().await.map_err(db("commit cancel"))?;
+                self.get_run(id).await?.ok_or_else(|| Error::NotFound { kind: "transition", key: id.to_string() })
+            }
+
+            async fn list_events(&self, run: Uuid, after: i64, limit: u32) -> Result<Vec<RunEvent>> {
+                let rows = sqlx::query_as::<_, EventRow>(
+                    "SELECT * FROM run_events WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                )
+                .bind(run)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("list events"))?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn idempotency_begin(&self, key: &str, fingerprint: &str, now: Time) -> Result<IdempotencyBegin> {
+                let inserted = sqlx::query(
+                    "INSERT INTO idempotency_keys (key, fingerprint, state, created_at, updated_at)
+                     VALUES ($1, $2, 'pending', $3, $3) ON CONFLICT (key) DO NOTHING",
+                )
+                .bind(key)
+                .bind(fingerprint)
+                .bind(Ts(now))
+                .execute(&self.pool)
+                .await
+                .map_err(db("record idempotency key"))?;
+                if inserted.rows_affected() == 1 {
+                    return Ok(IdempotencyBegin::Proceed);
+                }
+                let row = sqlx::query_as::<_, IdempotencyRow>("SELECT * FROM idempotency_keys WHERE key = $1")
+                    .bind(key)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db("read idempotency key"))?;
+                if row.fingerprint != fingerprint {
+                    return Ok(IdempotencyBegin::Mismatch);
+                }
+                if row.state == "done" {
+                    return Ok(IdempotencyBegin::Replay(SavedResponse {
+                        status: row.response_status.unwrap_or(200) as u16,
+                        location: row.location,
+                        body: row.body.unwrap_or_default(),
+                    }));
+                }
+                // A pending key whose request died with its server is taken
+                // over after a while, so that the key is not stuck forever.
+                if now - row.updated_at.0 > chrono::Duration::minutes(5) {
+                    let taken = sqlx::query(
+                        "UPDATE idempotency_keys SET updated_at = $2 WHERE key = $1 AND state = 'pending' AND updated_at = $3",
+                    )
+                    .bind(key)
+                    .bind(Ts(now))
+                    .bind(row.updated_at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db("take over idempotency key"))?;
+                    if taken.rows_affected() == 1 {
+                        return Ok(IdempotencyBegin::Proceed);
+                    }
+                }
+                Ok(IdempotencyBegin::InProgress)
+            }
+
+            async fn idempotency_save(&self, key: &str, r: &SavedResponse, now: Time) -> Result<()> {
+                sqlx::query(
+                    "UPDATE idempotency_keys SET state = 'done', response_status = $2, location = $3, body = $4, updated_at = $5
+                     WHERE key = $1",
+                )
+                .bind(key)
+                .bind(i32::from(r.status))
+                .bind(&r.location)
+                .bind(&r.body)
+                .bind(Ts(now))
+                .execute(&self.pool)
+                .await
+                .map_err(db("save idempotent response"))?;
+                Ok(())
+            }
+
+            async fn idempotency_abandon(&self, key: &str) -> Result<()> {
+                sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND state = 'pending'")
+                    .bind(key)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db("abandon idempotency key"))?;
+                Ok(())
+            }
+
+            async fn wait_for_work(&self, max: Duration) {
+                let _ = tokio::time::timeout(max, self.wakeup.notified()).await;
+            }
+        }
+
+        impl $store {
+            fn wake(&self) {
+                self.wakeup.notify_one();
+            }
+
+            async fn kind_of(&self, id: Uuid) -> Result<Kind> {
+                let kind: String = sqlx::query_scalar("SELECT kind FROM resources WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db("get kind"))?;
+                Kind::parse(&kind).ok_or_else(|| Error::Internal(format!("unknown kind {kind:?}")))
+            }
+        }
+
+        async fn insert_event_fenced(conn: &mut <$db as sqlx::Database>::Connection, lease: Lease, e: &NewEvent) -> Result<()> {
+            let done = sqlx::query(
+                "INSERT INTO run_events (run_id, at, attempt, level, step, message, data)
+                 SELECT id, $3, attempt, $4, $5, $6, $7 FROM runs WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+            )
+            .bind(lease.run)
+            .bind(lease.token)
+            .bind(Ts(e.at))
+            .bind(e.level.as_str())
+            .bind(&e.step)
+            .bind(&e.message)
+            .bind(e.data.as_ref().map(Json))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("append event"))?;
+            match done.rows_affected() {
+                1 => Ok(()),
+                _ => Err(Error::StaleLease { run: lease.run }),
+            }
+        }
+
+        /// Events written by the store itself (request, cancel, reaper), not
+        /// by the worker holding the lease.
+        async fn insert_event_unfenced(conn: &mut <$db as sqlx::Database>::Connection, run: Uuid, e: &NewEvent) -> Result<()> {
+            sqlx::query(
+                "INSERT INTO run_events (run_id, at, attempt, level, step, message, data)
+                 SELECT id, $2, attempt, $3, $4, $5, $6 FROM runs WHERE id = $1",
+            )
+            .bind(run)
+            .bind(Ts(e.at))
+            .bind(e.level.as_str())
+            .bind(&e.step)
+            .bind(&e.message)
+            .bind(e.data.as_ref().map(Json))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("append event"))?;
+            Ok(())
+        }
+    };
+}
+
+pub(crate) use impl_store;
+
+use drover_domain::Error;
+
+/// Wraps a database error with what the store was trying to do.
+pub(crate) fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |e| Error::store(op, e)
+}
+
+pub(crate) fn is_unique(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+pub(crate) fn lease_len(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::seconds(30))
+}

@@ -1,0 +1,194 @@
+//! A throwaway Postgres for tests.
+//!
+//! With `DATABASE_URL` set, tests use that server. Otherwise the first test
+//! to ask starts one from the local PostgreSQL binaries (`initdb`,
+//! `postgres`) in a temporary directory, as `nobody` when run as root; a
+//! watchdog shell stops it and removes the directory when the test process
+//! exits. Each caller gets a fresh database on it. If Postgres cannot be had,
+//! this panics: a test that needs it fails, it never skips.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
+
+static SERVER: OnceLock<Result<String, String>> = OnceLock::new();
+
+/// A URL to a new, empty database.
+pub async fn fresh_postgres_database() -> String {
+    let admin = SERVER
+        .get_or_init(start_or_env)
+        .clone()
+        .unwrap_or_else(|e| panic!("no Postgres for tests: {e}"));
+    let name = format!("drover_test_{}", uuid::Uuid::new_v4().simple());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match sqlx::PgConnection::connect(&admin).await {
+            Ok(mut conn) => {
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("CREATE DATABASE on {admin}: {e}"));
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "Postgres not ready yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("could not connect to test Postgres at {admin}: {e}"),
+        }
+    }
+    with_database(&admin, &name)
+}
+
+/// Replaces the database name of a `postgres://user@host:port/db?opts` URL.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, ""), |(b, q)| (b, q));
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[after_scheme..]
+        .find('/')
+        .map_or(base.len(), |i| after_scheme + i);
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{}/{db}{query}", &base[..host_end])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replaces_the_database() {
+        assert_eq!(
+            super::with_database("postgres://u@h:1/postgres", "x"),
+            "postgres://u@h:1/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://u@h:1", "x"),
+            "postgres://u@h:1/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://u:p@h/db?sslmode=disable", "x"),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+    }
+}
+
+fn start_or_env() -> Result<String, String> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        if url.starts_with("postgres") {
+            return Ok(url);
+        }
+    }
+    start_server()
+}
+
+fn bindir() -> Result<PathBuf, String> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    for entry in std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|e| format!("no PostgreSQL binaries: {e}"))?
+    {
+        let dir = entry.map_err(|e| e.to_string())?.path().join("bin");
+        if dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    Err("no initdb found (install PostgreSQL or set DATABASE_URL)".into())
+}
+
+fn start_server() -> Result<String, String> {
+    let bin = bindir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("drover-pg-")
+        .tempdir()
+        .map_err(|e| e.to_string())?
+        .keep();
+    let data = dir.join("data");
+    let root = nix_is_root();
+    if root {
+        chown_nobody(&dir)?;
+    }
+    let as_user = |cmd: &Path| -> Command {
+        if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                .arg(cmd);
+            c
+        } else {
+            Command::new(cmd)
+        }
+    };
+    let out = as_user(&bin.join("initdb"))
+        .args(["-D"])
+        .arg(&data)
+        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+        .output()
+        .map_err(|e| format!("initdb: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let port = free_port()?;
+    let postgres = bin.join("postgres");
+    let prefix = if root {
+        "setpriv --reuid=nobody --regid=nogroup --clear-groups "
+    } else {
+        ""
+    };
+    // The watchdog outlives nothing: when the test process is gone, it stops
+    // Postgres and removes the directory.
+    let script = format!(
+        "{prefix}'{pg}' -D '{data}' -p {port} -k '{dir}' -c listen_addresses=127.0.0.1 -c fsync=off \
+         -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 >'{dir}/postgres.log' 2>&1 &
+         pg=$!
+         while kill -0 {parent} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 1; done
+         kill -INT $pg 2>/dev/null; wait $pg; rm -rf '{dir}'",
+        pg = postgres.display(),
+        data = data.display(),
+        dir = dir.display(),
+        parent = std::process::id(),
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start postgres: {e}"))?;
+    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+fn chown_nobody(dir: &Path) -> Result<(), String> {
+    let ok = Command::new("chown")
+        .args(["-R", "nobody:nogroup"])
+        .arg(dir)
+        .status()
+        .map_err(|e| e.to_string())?;
+    ok.success()
+        .then_some(())
+        .ok_or_else(|| format!("chown {} failed", dir.display()))
+}

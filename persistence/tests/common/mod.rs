@@ -1,0 +1,97 @@
+//! Shared helpers: a fresh store of each backend, and fixtures.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use drover_domain::kinds::Kind;
+use drover_domain::model::*;
+use drover_domain::ports::Store;
+use serde_json::json;
+use uuid::Uuid;
+
+pub async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("drover.db").display());
+    (drover_persistence::connect(&url).await.unwrap(), dir)
+}
+
+pub async fn postgres() -> Arc<dyn Store> {
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    drover_persistence::connect(&url).await.unwrap()
+}
+
+/// Instantiates an async test body `fn(Arc<dyn Store>)` once per backend.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, _dir) = $crate::common::sqlite().await;
+                    super::$name(store).await;
+                }
+            )+
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let store = $crate::common::postgres().await;
+                    super::$name(store).await;
+                }
+            )+
+        }
+    };
+}
+
+pub async fn cluster(store: &Arc<dyn Store>, name: &str) -> Resource {
+    store
+        .insert_resource(&NewResource {
+            id: Uuid::now_v7(),
+            kind: Kind::Cluster,
+            name: name.into(),
+            state: "pending".into(),
+            spec: json!({"image": "img", "count": 1}),
+            now: Utc::now(),
+        })
+        .await
+        .unwrap()
+}
+
+pub fn new_run(r: &Resource, action: &str, from: &str, working: &str, ok: &str) -> NewRun {
+    NewRun {
+        id: Uuid::now_v7(),
+        resource_id: r.id,
+        kind: r.kind,
+        resource_name: r.name.clone(),
+        action: action.into(),
+        params: json!({}),
+        from_state: from.into(),
+        working_state: working.into(),
+        ok_state: ok.into(),
+        err_state: "failed".into(),
+        max_attempts: 3,
+        actor: "tester".into(),
+        reason: Some("because".into()),
+        idempotency_key: None,
+        parent_run: None,
+        provider: "test".into(),
+        timeout_secs: 60,
+        now: Utc::now(),
+    }
+}
+
+pub fn done(status: RunStatus, state: &str) -> Completion {
+    Completion {
+        status,
+        resource_state: state.into(),
+        outputs: Some(json!({"ok": true})),
+        error: None,
+        spec: None,
+        event: NewEvent::info("finish", "done"),
+        now: Utc::now(),
+    }
+}
