@@ -1,1 +1,15 @@
+//! Drover's HTTP API: axum routers, problem+json, OpenAPI, and the server
+//! the `drover` binary runs.
+//!
+//! **Architecture invariant:** handlers call [`drover_domain::service::Service`]
+//! and never touch storage; the JSON shapes live in [`dto`] only, and errors
+//! become responses in [`problem`] only.
 
+pub mod app;
+pub mod dto;
+pub mod extract;
+pub mod idempotency;
+pub mod problem;
+pub mod routes;
+
+pub use app::{openapi, start, Config, Server};

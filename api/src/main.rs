@@ -1,1 +1,135 @@
-fn main() {}
+//! The `drover` binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use drover_api::app::{redact_url, Config};
+use drover_domain::engine::EngineConfig;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "drover",
+    version,
+    about = "Drover: an operations service that records every change"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: the API and the provisioner's workers.
+    Serve(Serve),
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Parser)]
+struct Serve {
+    /// Address to listen on.
+    #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Where drover keeps its SQLite database and local-provider files.
+    #[arg(long, env = "DROVER_DATA_DIR", default_value = "./drover-data")]
+    data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://…`. Default: SQLite in the data directory.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// How many transitions this process runs at once.
+    #[arg(long, env = "DROVER_WORKER_CONCURRENCY", default_value_t = 64)]
+    worker_concurrency: usize,
+    /// Seconds a worker's claim on a run lasts without a heartbeat.
+    #[arg(long, env = "DROVER_LEASE_SECS", default_value_t = 30)]
+    lease_secs: u64,
+    /// Serve the API only; leave runs to other replicas.
+    #[arg(long, env = "DROVER_NO_WORKERS")]
+    no_workers: bool,
+    /// Log format.
+    #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Openapi => {
+            println!("{}", drover_api::openapi().to_pretty_json()?);
+            Ok(())
+        }
+        Command::Serve(s) => serve(s).await,
+    }
+}
+
+async fn serve(s: Serve) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_env("DROVER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    match s.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
+    let lease = Duration::from_secs(s.lease_secs.max(3));
+    let engine = EngineConfig {
+        worker_id: format!("{}-{}", hostname(), std::process::id()),
+        concurrency: s.worker_concurrency.max(1),
+        lease,
+        heartbeat: lease / 3,
+        ..EngineConfig::default()
+    };
+    let cfg = Config {
+        listen: s.listen,
+        data_dir: s.data_dir.clone(),
+        database_url: s.database_url.clone(),
+        engine,
+        workers: !s.no_workers,
+    };
+    let server = drover_api::start(cfg).await?;
+    let store = s
+        .database_url
+        .as_deref()
+        .map(redact_url)
+        .unwrap_or_else(|| format!("sqlite in {}", s.data_dir.display()));
+    tracing::info!(addr = %server.addr, backend = server.backend, store = %store, "drover serving");
+    println!(
+        "drover listening on http://{} (store: {store}; docs: http://{}/docs)",
+        server.addr, server.addr
+    );
+    let stop = server.shutdown_signal();
+    tokio::spawn(async move {
+        shutdown_requested().await;
+        tracing::info!(
+            "shutting down: no new requests or runs; runs in flight resume on the next start"
+        );
+        let _ = stop.send(true);
+    });
+    server.wait().await?;
+    Ok(())
+}
+
+async fn shutdown_requested() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "drover".into())
+}

@@ -1,0 +1,205 @@
+//! Assembling and running the server: store, engine, router.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderName;
+use axum::{middleware, Router};
+use drover_domain::engine::{Engine, EngineConfig, Providers};
+use drover_domain::service::Service;
+use tokio::sync::watch;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::routes::{self, AppState};
+
+/// Request bodies are small JSON documents.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://…`; default: SQLite in the data dir.
+    pub database_url: Option<String>,
+    pub engine: EngineConfig,
+    /// Run the engine's workers in this process.
+    pub workers: bool,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Drover",
+        description = "Drover owns the lifecycle of operations resources. Every change of a resource's state is a \
+            transition, executed in the background by a provisioner and recorded: who, why, from/to, timings, \
+            outcome, error and a step log. Errors are RFC 9457 problem+json."
+    ),
+    tags(
+        (name = "images", description = "Machine images"),
+        (name = "clusters", description = "Clusters of instances"),
+        (name = "transitions", description = "The ledger of changes"),
+        (name = "kinds", description = "Resource kinds and their state machines"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+struct ApiDoc;
+
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(routes::images::router())
+        .merge(routes::clusters::router())
+        .merge(routes::transitions::router())
+        .merge(routes::kinds::router())
+        .merge(routes::health::router())
+}
+
+/// The OpenAPI document the server serves at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().split_for_parts().1
+}
+
+pub fn router(state: AppState) -> Router {
+    let (api, doc) = api().split_for_parts();
+    let request_id = HeaderName::from_static("x-request-id");
+    api.with_state(state.clone())
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
+        .layer(middleware::from_fn_with_state(state, crate::idempotency::layer))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub backend: &'static str,
+    pub engine: Arc<Engine>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Stops taking requests and claiming runs. Runs in flight are left to
+    /// their leases: the next start (or another replica) takes them over.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.abort();
+        }
+        let _ = self.http.await;
+    }
+
+    /// Serves until the process is told to stop.
+    pub async fn wait(self) -> std::io::Result<()> {
+        let mut stop = self.stop.subscribe();
+        let (http, stop_tx) = (self.http, self.stop);
+        tokio::select! {
+            r = http => r.unwrap_or(Ok(())),
+            _ = stop.changed() => { let _ = stop_tx; Ok(()) }
+        }
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}
+
+/// Opens the store, starts the engine and serves HTTP.
+pub async fn start(cfg: Config) -> anyhow::Result<Server> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create data directory {}: {e}",
+            cfg.data_dir.display()
+        )
+    })?;
+    let data_dir = cfg.data_dir.canonicalize()?;
+    let url = cfg
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("drover.db").display()));
+    let store = drover_persistence::connect(&url)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", chain(&e)))?;
+    let backend = store.backend();
+    let mut providers = Providers::default();
+    drover_ops::local::register(&mut providers, &data_dir);
+    let engine = Engine::new(store.clone(), providers, cfg.engine.clone());
+    let service = Arc::new(Service::new(store));
+    let (stop, stop_rx) = watch::channel(false);
+    let tasks = if cfg.workers {
+        engine.spawn(stop_rx.clone())
+    } else {
+        Vec::new()
+    };
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let app = router(AppState { service });
+    let mut stop_http = stop_rx;
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_http.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    Ok(Server {
+        addr,
+        backend,
+        engine,
+        stop,
+        tasks,
+        http,
+    })
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The URL without its password, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***@{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_never_reach_logs() {
+        assert_eq!(
+            super::redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            super::redact_url("sqlite:///tmp/x.db"),
+            "sqlite:///tmp/x.db"
+        );
+    }
+}

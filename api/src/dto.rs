@@ -1,0 +1,445 @@
+//! The JSON shapes of the HTTP API. Only this crate knows them: they are
+//! mapped from domain records here and nowhere else.
+
+use chrono::{DateTime, Utc};
+use drover_domain::kinds::{Kind, Step};
+use drover_domain::model::{Run, RunError, RunEvent};
+use drover_domain::service::{Overview, Problem as Diagnosis};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// What an image is built from.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    /// Provider that builds it. Default `local`.
+    #[serde(default = "local")]
+    pub provider: String,
+    /// Shell command run in a fresh directory; the directory becomes the image.
+    #[schema(example = "echo hello > index.html")]
+    pub build_command: String,
+    /// Shell command that starts one instance from the image directory; `PORT` is set.
+    #[schema(example = "exec python3 -m http.server $PORT --bind 127.0.0.1")]
+    pub start_command: String,
+    /// Build timeout in seconds (default 1800).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_timeout_secs: Option<u64>,
+}
+
+/// How an instance shows it is ready.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum HealthCheck {
+    /// `GET path` answers 2xx or 3xx.
+    Http { path: String },
+    /// A TCP connection succeeds.
+    Tcp,
+}
+
+/// What a cluster runs.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// Provider that runs it. Default `local`.
+    #[serde(default = "local")]
+    pub provider: String,
+    /// Name or id of the image its instances start from.
+    pub image: String,
+    /// Number of instances (1-64).
+    pub count: u32,
+    /// Default: `{"type": "http", "path": "/"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Seconds an instance may take to become healthy (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timeout_secs: Option<u64>,
+}
+
+fn local() -> String {
+    "local".to_string()
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateImage {
+    /// DNS-label name, unique among images.
+    #[schema(example = "web")]
+    pub name: String,
+    pub spec: ImageSpec,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCluster {
+    /// DNS-label name, unique among clusters.
+    #[schema(example = "web-qa")]
+    pub name: String,
+    pub spec: ClusterSpec,
+}
+
+/// A JSON merge patch (RFC 7396) of the spec: present fields replace, `null` removes.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchResource {
+    #[schema(value_type = Object)]
+    pub spec: Value,
+}
+
+/// Ask for a transition.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransitionRequest {
+    /// One of the kind's actions (`GET /v1/kinds/{kind}`).
+    #[schema(example = "scale")]
+    pub action: String,
+    /// Action parameters, e.g. `{"count": 3}` for `scale`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub params: Value,
+    /// Why: kept with the transition for whoever reads it later.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A typed failure.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TransitionError {
+    /// Stable code, e.g. `build_failed`, `timeout`, `cancelled`, `lease_expired`.
+    pub code: String,
+    pub message: String,
+    /// Whether trying again may help.
+    pub retryable: bool,
+    /// Provider detail, e.g. the tail of a failing command's output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub detail: Option<Value>,
+}
+
+impl From<RunError> for TransitionError {
+    fn from(e: RunError) -> Self {
+        TransitionError {
+            code: e.code,
+            message: e.message,
+            retryable: e.retryable,
+            detail: e.detail,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ResourceRef {
+    pub kind: String,
+    pub id: Uuid,
+    pub name: String,
+}
+
+/// A transition: one requested change of one resource, and how it went.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Transition {
+    pub id: Uuid,
+    pub resource: ResourceRef,
+    pub action: String,
+    #[schema(value_type = Object)]
+    pub params: Value,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: String,
+    pub from_state: String,
+    /// The state the resource shows while the transition runs.
+    pub working_state: String,
+    /// Where success leads.
+    pub target_state: String,
+    /// Where failure leads.
+    pub failure_state: String,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub actor: String,
+    pub reason: Option<String>,
+    pub idempotency_key: Option<String>,
+    /// The transition this one retries or follows.
+    pub parent: Option<Uuid>,
+    pub provider: String,
+    pub timeout_secs: i64,
+    pub created_at: DateTime<Utc>,
+    /// Not before: set when waiting to retry.
+    pub run_after: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// From first start to finish.
+    pub duration_ms: Option<i64>,
+    /// From request to first start.
+    pub queued_ms: Option<i64>,
+    pub worker: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    #[schema(value_type = Option<Object>)]
+    pub outputs: Option<Value>,
+    pub error: Option<TransitionError>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub cancel_requested_by: Option<String>,
+}
+
+impl From<Run> for Transition {
+    fn from(r: Run) -> Self {
+        Transition {
+            duration_ms: r.duration_ms(),
+            queued_ms: r.started_at.map(|s| (s - r.created_at).num_milliseconds()),
+            resource: ResourceRef {
+                kind: r.kind.as_str().into(),
+                id: r.resource_id,
+                name: r.resource_name,
+            },
+            id: r.id,
+            action: r.action,
+            params: r.params,
+            status: r.status.as_str().into(),
+            from_state: r.from_state,
+            working_state: r.working_state,
+            target_state: r.ok_state,
+            failure_state: r.err_state,
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            actor: r.actor,
+            reason: r.reason,
+            idempotency_key: r.idempotency_key,
+            parent: r.parent_run,
+            provider: r.provider,
+            timeout_secs: r.timeout_secs,
+            created_at: r.created_at,
+            run_after: r.run_after,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            worker: r.worker,
+            lease_expires_at: r.lease_expires_at,
+            outputs: r.outputs,
+            error: r.error.map(Into::into),
+            cancel_requested_at: r.cancel_requested_at,
+            cancel_requested_by: r.cancel_requested_by,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransitionPage {
+    pub items: Vec<Transition>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// One entry of a transition's event log.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Event {
+    /// Position in the log; pass as `after` to read on.
+    pub seq: i64,
+    pub at: DateTime<Utc>,
+    pub attempt: i32,
+    /// `info`, `warn` or `error`.
+    pub level: String,
+    pub step: String,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
+}
+
+impl From<RunEvent> for Event {
+    fn from(e: RunEvent) -> Self {
+        Event {
+            seq: e.seq,
+            at: e.at,
+            attempt: e.attempt,
+            level: e.level.as_str().into(),
+            step: e.step,
+            message: e.message,
+            data: e.data,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventPage {
+    pub transition: Uuid,
+    /// The transition's status when this page was read.
+    pub status: String,
+    pub events: Vec<Event>,
+    /// Pass as `after` to read on.
+    pub next_after: i64,
+}
+
+/// Why a resource is failed or stuck.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Why {
+    pub summary: String,
+    pub transition: Option<Uuid>,
+    pub error: Option<TransitionError>,
+}
+
+impl From<Diagnosis> for Why {
+    fn from(p: Diagnosis) -> Self {
+        Why {
+            summary: p.summary,
+            transition: p.run,
+            error: p.error.map(Into::into),
+        }
+    }
+}
+
+/// The active transition and its latest events.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActiveTransition {
+    pub transition: Transition,
+    /// Its newest events (up to five): what it is doing now.
+    pub recent_events: Vec<Event>,
+}
+
+/// A resource with everything needed to understand it at a glance.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResourceView<S> {
+    pub id: Uuid,
+    pub kind: String,
+    pub name: String,
+    pub state: String,
+    pub spec: S,
+    /// Generation; also the `ETag`.
+    pub version: i64,
+    /// What the last successful transition produced.
+    #[schema(value_type = Object)]
+    pub outputs: Value,
+    /// What drover last saw of the real thing (e.g. instance health).
+    #[schema(value_type = Option<Object>)]
+    pub observed: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Actions allowed in the current state.
+    pub allowed_actions: Vec<String>,
+    pub active_transition: Option<ActiveTransition>,
+    /// The last five transitions, newest first.
+    pub recent_transitions: Vec<Transition>,
+    /// Present when the resource is failed or stuck: why.
+    pub problem: Option<Why>,
+}
+
+impl<S> ResourceView<S> {
+    pub fn from_overview(o: Overview, spec: S) -> Self {
+        let r = o.resource;
+        ResourceView {
+            id: r.id,
+            kind: r.kind.as_str().into(),
+            name: r.name,
+            state: r.state,
+            spec,
+            version: r.version,
+            outputs: r.outputs,
+            observed: r.observed,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            allowed_actions: o.allowed_actions,
+            active_transition: o.active_run.map(|run| ActiveTransition {
+                transition: run.into(),
+                recent_events: o.active_events.into_iter().map(Into::into).collect(),
+            }),
+            recent_transitions: o.recent_runs.into_iter().map(Into::into).collect(),
+            problem: o.problem.map(Into::into),
+        }
+    }
+}
+
+/// A resource in a list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResourceSummary<S> {
+    pub id: Uuid,
+    pub name: String,
+    pub state: String,
+    pub spec: S,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResourcePage<S> {
+    pub items: Vec<ResourceSummary<S>>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// One entry of a kind's transition table.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TableEntry {
+    pub from: String,
+    pub action: String,
+    /// State while the transition runs; absent for `retry`, which goes
+    /// through the working state of the action that failed.
+    pub working: Option<String>,
+    pub on_success: Option<String>,
+    pub on_failure: Option<String>,
+    /// True when the action repeats the failed transition.
+    pub repeats_failed_action: bool,
+}
+
+/// A resource kind and its state machine.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KindView {
+    pub name: String,
+    pub description: String,
+    pub states: Vec<String>,
+    pub actions: Vec<String>,
+    pub initial_state: String,
+    /// The state in which a resource may be deleted.
+    pub final_state: String,
+    pub transitions: Vec<TableEntry>,
+}
+
+impl From<Kind> for KindView {
+    fn from(k: Kind) -> Self {
+        KindView {
+            name: k.as_str().into(),
+            description: k.description().into(),
+            states: k.states().into_iter().map(String::from).collect(),
+            actions: k.actions().into_iter().map(String::from).collect(),
+            initial_state: k.initial_state().into(),
+            final_state: k.final_state().into(),
+            transitions: k
+                .table()
+                .into_iter()
+                .map(|e| match e.step {
+                    Step::Go { working, ok, err } => TableEntry {
+                        from: e.from.into(),
+                        action: e.action.into(),
+                        working: Some(working.into()),
+                        on_success: Some(ok.into()),
+                        on_failure: Some(err.into()),
+                        repeats_failed_action: false,
+                    },
+                    Step::Retry => TableEntry {
+                        from: e.from.into(),
+                        action: e.action.into(),
+                        working: None,
+                        on_success: None,
+                        on_failure: None,
+                        repeats_failed_action: true,
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KindList {
+    pub items: Vec<KindView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+}

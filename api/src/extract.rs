@@ -1,0 +1,106 @@
+//! Extractors whose rejections are problem+json naming what is wrong.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use crate::problem::Problem;
+
+/// `Json<T>` with problem+json rejections: 400 for malformed JSON, 415 for
+/// a missing content type, 413 for an oversized body, 422 naming the field.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_problem(rejection)),
+        }
+    }
+}
+
+fn json_problem(r: JsonRejection) -> Problem {
+    match r {
+        JsonRejection::JsonDataError(e) => {
+            // "Failed to deserialize the JSON body into the target type: spec.count: invalid type…"
+            let text = e.body_text();
+            let detail = text
+                .split_once("target type: ")
+                .map(|(_, d)| d.to_string())
+                .unwrap_or(text);
+            let (field, message) = match detail.split_once(": ") {
+                Some((f, m)) if !f.contains(' ') && f != "." => (f, m),
+                _ => ("body", detail.as_str()),
+            };
+            let mut p = Problem::invalid(field, message);
+            if let Some(missing) = detail
+                .split('`')
+                .nth(1)
+                .filter(|_| detail.contains("missing field"))
+            {
+                let prefix = if field == "body" {
+                    String::new()
+                } else {
+                    format!("{field}.")
+                };
+                p.errors[0].field = format!("{prefix}{missing}")
+                    .trim_start_matches("body.")
+                    .to_string();
+            }
+            p
+        }
+        JsonRejection::JsonSyntaxError(e) => Problem::bad_request("malformed-json", e.body_text()),
+        JsonRejection::MissingJsonContentType(_) => Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            "send the body as JSON with Content-Type: application/json".to_string(),
+        ),
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "Request body too large",
+                format!(
+                    "request bodies are limited to {} bytes",
+                    crate::app::BODY_LIMIT
+                ),
+            )
+        }
+        other => Problem::bad_request("unreadable-body", other.body_text()),
+    }
+}
+
+/// `Query<T>` with a 400 problem naming the parameter.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
+                let text = e.body_text();
+                // "Failed to deserialize query string: limit: invalid digit found in string"
+                let detail = text
+                    .split_once("query string: ")
+                    .map(|(_, d)| d.to_string())
+                    .unwrap_or(text);
+                let (field, message) = match detail.split_once(": ") {
+                    Some((f, m)) if !f.contains(' ') => (f.to_string(), m.to_string()),
+                    _ => ("query".to_string(), detail.clone()),
+                };
+                let mut p = Problem::bad_request("invalid-query", detail);
+                p.errors
+                    .push(crate::problem::FieldProblem { field, message });
+                Err(p)
+            }
+            Err(other) => Err(Problem::bad_request("invalid-query", other.body_text())),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! RFC 9457 problem details: the one place where errors become responses.
+//!
+//! Internal detail (database errors, panics) is logged here with its whole
+//! cause chain and never sent: the client gets a stable `type` and a
+//! sentence it can act on.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use drover_domain::Error;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// An error response (`application/problem+json`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    /// Stable identifier of the problem kind, e.g. `/problems/resource-busy`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The fields that are wrong, for `invalid-request`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldProblem>,
+    /// The run that holds the resource, for `resource-busy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_transition: Option<Uuid>,
+    /// For `action-not-allowed`: the state and what it allows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_actions: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FieldProblem {
+    /// Path of the offending field, e.g. `spec.count`.
+    pub field: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(
+        status: StatusCode,
+        slug: &str,
+        title: &str,
+        detail: impl Into<Option<String>>,
+    ) -> Problem {
+        Problem {
+            kind: format!("/problems/{slug}"),
+            title: title.to_string(),
+            status: status.as_u16(),
+            detail: detail.into(),
+            errors: Vec::new(),
+            active_transition: None,
+            current_state: None,
+            allowed_actions: None,
+        }
+    }
+
+    pub fn invalid(field: &str, message: impl Into<String>) -> Problem {
+        let mut p = Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+            "The request is invalid",
+            None,
+        );
+        p.errors.push(FieldProblem {
+            field: field.into(),
+            message: message.into(),
+        });
+        p.detail = Some(format!("{field}: {}", p.errors[0].message));
+        p
+    }
+
+    pub fn bad_request(slug: &str, detail: String) -> Problem {
+        Problem::new(StatusCode::BAD_REQUEST, slug, "Bad request", detail)
+    }
+
+    pub fn internal() -> Problem {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "Something went wrong on our side; the server log has the detail.".to_string(),
+        )
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+/// Logs an error with its whole cause chain, once.
+pub fn log_internal(e: &(dyn std::error::Error + 'static)) {
+    let mut chain = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        chain.push(s.to_string());
+        cur = s.source();
+    }
+    tracing::error!(error = %e, causes = ?chain, "request failed");
+}
+
+impl From<Error> for Problem {
+    fn from(e: Error) -> Problem {
+        use StatusCode as S;
+        match e {
+            Error::NotFound { kind, key } => Problem::new(S::NOT_FOUND, "not-found", "Not found", format!("{kind} {key} not found")),
+            Error::AlreadyExists { kind, name } => {
+                Problem::new(S::CONFLICT, "already-exists", "Already exists", format!("a {kind} named {name:?} already exists"))
+            }
+            Error::Invalid(fields) => {
+                let mut p = Problem::new(S::UNPROCESSABLE_ENTITY, "invalid-request", "The request is invalid", None);
+                p.detail = Some(fields.iter().map(|f| format!("{}: {}", f.field, f.message)).collect::<Vec<_>>().join("; "));
+                p.errors = fields.into_iter().map(|f| FieldProblem { field: f.field, message: f.message }).collect();
+                p
+            }
+            Error::Busy { kind, resource, run } => {
+                let mut p = Problem::new(
+                    S::CONFLICT,
+                    "resource-busy",
+                    "Another transition is active",
+                    format!("{kind} {resource} is busy with transition {run}; wait for it or cancel it (POST /v1/transitions/{run}/cancel)"),
+                );
+                p.active_transition = Some(run);
+                p
+            }
+            Error::NotAllowed { kind, state, action, allowed } => {
+                let mut p = Problem::new(
+                    S::CONFLICT,
+                    "action-not-allowed",
+                    "Action not allowed in this state",
+                    format!("a {kind} in state {state:?} cannot {action:?}; allowed: {}", if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }),
+                );
+                p.current_state = Some(state);
+                p.allowed_actions = Some(allowed);
+                p
+            }
+            Error::Conflict(msg) => Problem::new(S::CONFLICT, "conflict", "Conflict", msg),
+            Error::VersionMismatch { expected, current } => Problem::new(
+                S::PRECONDITION_FAILED,
+                "precondition-failed",
+                "The resource has changed",
+                format!("If-Match named version {expected} but the resource is at version {current}; GET it again"),
+            ),
+            Error::IdempotencyMismatch => Problem::new(
+                S::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+                "this Idempotency-Key was used with a different request; use a new key for a new request".to_string(),
+            ),
+            Error::IdempotencyInProgress => Problem::new(
+                S::CONFLICT,
+                "idempotency-key-in-progress",
+                "Request in progress",
+                "a request with this Idempotency-Key is still being processed; retry shortly".to_string(),
+            ),
+            e @ (Error::StaleLease { .. } | Error::Internal(_)) => {
+                log_internal(&e);
+                Problem::internal()
+            }
+            e @ Error::Store { .. } => {
+                log_internal(&e);
+                Problem::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "store-unavailable",
+                    "Storage unavailable",
+                    "the database did not answer; retry shortly".to_string(),
+                )
+            }
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, Problem>;

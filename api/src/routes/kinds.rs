@@ -1,0 +1,39 @@
+//! `/v1/kinds`: the resource kinds and their state machines.
+
+use axum::extract::Path;
+use axum::Json;
+use drover_domain::kinds::Kind;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use crate::dto::{KindList, KindView};
+use crate::problem::{ApiResult, Problem};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_kinds))
+        .routes(routes!(get_kind))
+}
+
+/// Every resource kind with its states, actions and transition table.
+#[utoipa::path(get, path = "/v1/kinds", tag = "kinds", responses((status = 200, body = KindList)))]
+async fn list_kinds() -> Json<KindList> {
+    Json(KindList {
+        items: Kind::ALL.into_iter().map(Into::into).collect(),
+    })
+}
+
+/// One kind's state machine.
+#[utoipa::path(get, path = "/v1/kinds/{kind}", tag = "kinds",
+    params(("kind" = String, Path, description = "`image` or `cluster`")),
+    responses((status = 200, body = KindView), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_kind(Path(kind): Path<String>) -> ApiResult<Json<KindView>> {
+    Kind::parse(&kind).map(|k| Json(k.into())).ok_or_else(|| {
+        drover_domain::Error::NotFound {
+            kind: "kind",
+            key: kind,
+        }
+        .into()
+    })
+}

@@ -1,0 +1,286 @@
+//! `/v1/transitions`: the ledger of every requested change.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use drover_domain::kinds::Kind;
+use drover_domain::model::{RunFilter, RunStatus};
+use futures::stream::{self, StreamExt};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::resources::{actor, page, parse_wait};
+use super::AppState;
+use crate::dto::*;
+use crate::extract::ApiQuery;
+use crate::problem::{ApiResult, Problem};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_transitions))
+        .routes(routes!(get_transition))
+        .routes(routes!(cancel_transition))
+        .routes(routes!(transition_events))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TransitionQuery {
+    /// Resource id, or name together with `kind`.
+    resource: Option<String>,
+    /// `image` or `cluster`.
+    kind: Option<String>,
+    action: Option<String>,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    status: Option<String>,
+    /// Requested at or after (RFC 3339).
+    since: Option<DateTime<Utc>>,
+    /// Requested before (RFC 3339).
+    until: Option<DateTime<Utc>>,
+    /// Only transitions that retry or follow this one.
+    parent: Option<Uuid>,
+    /// Page size, 1-500 (default 50).
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<Uuid>,
+}
+
+/// Transitions, newest first, with keyset pagination.
+#[utoipa::path(get, path = "/v1/transitions", tag = "transitions", params(TransitionQuery),
+    responses((status = 200, body = TransitionPage), (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json")))]
+async fn list_transitions(
+    State(s): State<AppState>,
+    ApiQuery(q): ApiQuery<TransitionQuery>,
+) -> ApiResult<Json<TransitionPage>> {
+    let kind = match &q.kind {
+        Some(k) => Some(
+            Kind::parse(k).ok_or_else(|| Problem::invalid("kind", "must be image or cluster"))?,
+        ),
+        None => None,
+    };
+    let resource = match (&q.resource, kind) {
+        (None, _) => None,
+        (Some(r), _) if Uuid::parse_str(r).is_ok() => Some(Uuid::parse_str(r).expect("checked")),
+        (Some(name), Some(kind)) => Some(s.service.get(kind, name).await?.id),
+        (Some(_), None) => {
+            return Err(Problem::invalid(
+                "resource",
+                "a name needs kind= too; or pass the id",
+            ))
+        }
+    };
+    let status = match &q.status {
+        Some(st) => Some(RunStatus::parse(st).ok_or_else(|| {
+            Problem::invalid(
+                "status",
+                "must be queued, running, succeeded, failed or cancelled",
+            )
+        })?),
+        None => None,
+    };
+    let filter = RunFilter {
+        resource,
+        kind,
+        action: q.action,
+        status,
+        since: q.since,
+        until: q.until,
+        parent: q.parent,
+    };
+    let p = s.service.runs(&filter, page(q.limit, q.cursor)?).await?;
+    Ok(Json(TransitionPage {
+        items: p.items.into_iter().map(Into::into).collect(),
+        next_cursor: p.next,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Long-poll: wait up to this long (e.g. `30s`, at most `60s`) for the transition to end.
+    wait: Option<String>,
+}
+
+/// One transition: status, timings, outputs, error.
+#[utoipa::path(get, path = "/v1/transitions/{id}", tag = "transitions",
+    params(("id" = Uuid, Path), WaitQuery),
+    responses((status = 200, body = Transition), (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn get_transition(
+    State(s): State<AppState>,
+    Path(id): Path<Uuid>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
+) -> ApiResult<Json<Transition>> {
+    let wait = parse_wait(q.wait.as_deref())?;
+    Ok(Json(s.service.wait_run(id, wait).await?.into()))
+}
+
+/// Cancels a transition: at once if queued; a running one stops at its
+/// provider's next step. The request and who made it are recorded.
+#[utoipa::path(post, path = "/v1/transitions/{id}/cancel", tag = "transitions",
+    params(("id" = Uuid, Path),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request safe.")),
+    request_body(content = Option<CancelRequest>),
+    responses((status = 202, description = "Cancelled, or cancel requested", body = Transition),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already ended", body = Problem, content_type = "application/problem+json")))]
+async fn cancel_transition(
+    State(s): State<AppState>,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Transition>)> {
+    // The body is optional: an empty one means no reason.
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        serde_json::from_slice::<CancelRequest>(&body)
+            .map_err(|e| Problem::invalid("body", format!("expected {{\"reason\": \"…\"}}: {e}")))?
+            .reason
+    };
+    let run = s
+        .service
+        .cancel(id, &actor(&headers), reason.as_deref())
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(run.into())))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    /// Only events after this `seq`.
+    after: Option<i64>,
+    /// Page size, 1-1000 (default 200).
+    limit: Option<u32>,
+    /// Long-poll: wait up to this long (e.g. `30s`) for a new event.
+    wait: Option<String>,
+}
+
+/// The transition's event log, as JSON or, with `Accept: text/event-stream`,
+/// as a live stream that ends when the transition does.
+#[utoipa::path(get, path = "/v1/transitions/{id}/events", tag = "transitions",
+    params(("id" = Uuid, Path), EventQuery),
+    responses(
+        (status = 200, description = "Events", content(
+            (EventPage = "application/json"),
+            (String = "text/event-stream"))),
+        (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn transition_events(
+    State(s): State<AppState>,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<EventQuery>,
+) -> ApiResult<Response> {
+    let limit = match q.limit.unwrap_or(200) {
+        l @ 1..=1000 => l,
+        _ => return Err(Problem::invalid("limit", "must be between 1 and 1000")),
+    };
+    let wait = parse_wait(q.wait.as_deref())?;
+    let wants_stream = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    if wants_stream {
+        let resume = headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        s.service.run(id).await?; // 404 before the stream starts
+        return Ok(stream_events(s, id, resume.or(q.after).unwrap_or(0)).into_response());
+    }
+    let after = q.after.unwrap_or(0);
+    let (run, events) = s.service.events(id, after, limit, wait).await?;
+    let next_after = events.last().map_or(after, |e| e.seq);
+    Ok(Json(EventPage {
+        transition: id,
+        status: run.status.as_str().into(),
+        events: events.into_iter().map(Into::into).collect(),
+        next_after,
+    })
+    .into_response())
+}
+
+/// Polls the log and pushes what is new; ends with an `end` event carrying
+/// the final transition.
+fn stream_events(
+    s: AppState,
+    id: Uuid,
+    after: i64,
+) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+    struct Cursor {
+        s: AppState,
+        after: i64,
+        done: bool,
+    }
+    let events = stream::unfold(
+        Cursor {
+            s,
+            after,
+            done: false,
+        },
+        move |mut c| async move {
+            if c.done {
+                return None;
+            }
+            loop {
+                let (run, events) = match c
+                    .s
+                    .service
+                    .events(id, c.after, 500, Duration::from_secs(15))
+                    .await
+                {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event stream read failed");
+                        c.done = true;
+                        return Some((
+                            vec![SseEvent::default()
+                                .event("error")
+                                .data("the event log could not be read")],
+                            c,
+                        ));
+                    }
+                };
+                let mut out: Vec<SseEvent> = events
+                    .into_iter()
+                    .map(|e| {
+                        c.after = e.seq;
+                        let seq = e.seq.to_string();
+                        SseEvent::default()
+                            .id(seq)
+                            .event("event")
+                            .json_data(Event::from(e))
+                            .expect("event serialises")
+                    })
+                    .collect();
+                if run.status.is_terminal() {
+                    // Read once more so nothing written with the completion is missed.
+                    if out.is_empty() {
+                        c.done = true;
+                        out.push(
+                            SseEvent::default()
+                                .event("end")
+                                .json_data(Transition::from(run))
+                                .expect("serialises"),
+                        );
+                    }
+                    return Some((out, c));
+                }
+                if !out.is_empty() {
+                    return Some((out, c));
+                }
+            }
+        },
+    )
+    .flat_map(|batch| stream::iter(batch.into_iter().map(Ok)));
+    Sse::new(events).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,391 @@
+//! Clusters on the local provider: instance processes started from an image.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use drover_domain::kinds::cluster::{HealthCheck, Spec};
+use drover_domain::kinds::Kind;
+use drover_domain::model::{Level, NewEvent, Resource};
+use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::image::io;
+use super::process::{alive, check, free_port, start_ticks, stop_group, tail};
+
+const STATE: &str = "instances.json";
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Instance {
+    index: u32,
+    pid: u32,
+    start_ticks: u64,
+    port: u16,
+    started_at: DateTime<Utc>,
+    log: PathBuf,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    instances: Vec<Instance>,
+}
+
+pub struct LocalClusters {
+    root: PathBuf,
+}
+
+impl LocalClusters {
+    pub fn new(root: PathBuf) -> LocalClusters {
+        LocalClusters { root }
+    }
+
+    fn dir(&self, r: &Resource) -> PathBuf {
+        self.root.join(r.id.to_string())
+    }
+
+    fn load(&self, r: &Resource) -> Result<State, ProviderError> {
+        match std::fs::read(self.dir(r).join(STATE)) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                ProviderError::fatal(
+                    "corrupt_state",
+                    format!("instance state file is unreadable: {e}"),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(io("read the instance state")(e)),
+        }
+    }
+
+    /// Written before an instance is health-checked, atomically, so that a
+    /// crash at any point leaves every started process on record.
+    fn save(&self, r: &Resource, s: &State) -> Result<(), ProviderError> {
+        let dir = self.dir(r);
+        std::fs::create_dir_all(&dir).map_err(io("create the cluster directory"))?;
+        let tmp = dir.join(format!("{STATE}.tmp"));
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(s).expect("state serialises"),
+        )
+        .map_err(io("write the instance state"))?;
+        std::fs::rename(&tmp, dir.join(STATE)).map_err(io("write the instance state"))
+    }
+
+    /// Brings the cluster to `count` healthy instances, adopting those that
+    /// run already.
+    async fn ensure(
+        &self,
+        ctx: &dyn RunContext,
+        job: &Job,
+        spec: &Spec,
+        count: u32,
+    ) -> Result<Value, ProviderError> {
+        let image = job
+            .dependencies
+            .iter()
+            .find(|d| d.kind == Kind::Image)
+            .ok_or_else(|| {
+                ProviderError::fatal("dependency_missing", "the cluster's image was not resolved")
+            })?;
+        let image_dir = image
+            .outputs
+            .get("path")
+            .and_then(Value::as_str)
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                ProviderError::fatal(
+                    "image_not_built",
+                    format!("image {} has no build output", image.name),
+                )
+            })?;
+        let start = image
+            .spec
+            .get("start_command")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let r = &job.resource;
+        let mut state = self.load(r)?;
+
+        let (live, gone): (Vec<_>, Vec<_>) = state
+            .instances
+            .drain(..)
+            .partition(|i| alive(i.pid, i.start_ticks));
+        for i in &gone {
+            let msg = format!(
+                "instance {} (pid {}, port {}) is gone; it will be replaced",
+                i.index, i.pid, i.port
+            );
+            ctx.event(NewEvent::info("instances", msg).with_level(Level::Warn))
+                .await;
+        }
+        for i in &live {
+            if i.index < count {
+                ctx.event(NewEvent::info(
+                    "instances",
+                    format!(
+                        "adopting instance {} (pid {}, port {})",
+                        i.index, i.pid, i.port
+                    ),
+                ))
+                .await;
+            }
+        }
+        let (keep, extra): (Vec<_>, Vec<_>) = live.into_iter().partition(|i| i.index < count);
+        state.instances = keep;
+        self.save(r, &state)?;
+        for i in extra {
+            ctx.check_cancel()?;
+            stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
+            ctx.event(NewEvent::info(
+                "instances",
+                format!("stopped instance {} (pid {})", i.index, i.pid),
+            ))
+            .await;
+        }
+        let logs = self.dir(r).join("logs");
+        std::fs::create_dir_all(&logs).map_err(io("create the log directory"))?;
+        for index in 0..count {
+            if state.instances.iter().any(|i| i.index == index) {
+                continue;
+            }
+            ctx.check_cancel()?;
+            let inst = spawn(
+                &image_dir,
+                &start,
+                r,
+                index,
+                &logs.join(format!("instance-{index}.log")),
+            )?;
+            ctx.event(NewEvent::info(
+                "instances",
+                format!(
+                    "started instance {index}: pid {}, port {}",
+                    inst.pid, inst.port
+                ),
+            ))
+            .await;
+            state.instances.push(inst);
+            state.instances.sort_by_key(|i| i.index);
+            self.save(r, &state)?;
+        }
+        let path = match &spec.health_check {
+            HealthCheck::Http { path } => Some(path.as_str()),
+            HealthCheck::Tcp => None,
+        };
+        for inst in &state.instances {
+            wait_healthy(
+                ctx,
+                inst,
+                path,
+                Duration::from_secs(spec.start_timeout_secs),
+            )
+            .await?;
+        }
+        ctx.event(NewEvent::info(
+            "instances",
+            format!("{count} instance(s) healthy"),
+        ))
+        .await;
+        Ok(outputs(&state))
+    }
+
+    async fn stop_all(&self, ctx: &dyn RunContext, r: &Resource) -> Result<(), ProviderError> {
+        let mut state = self.load(r)?;
+        while let Some(i) = state.instances.pop() {
+            ctx.check_cancel()?;
+            stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
+            ctx.event(NewEvent::info(
+                "instances",
+                format!("stopped instance {} (pid {})", i.index, i.pid),
+            ))
+            .await;
+            self.save(r, &state)?;
+        }
+        Ok(())
+    }
+}
+
+fn spawn(
+    image_dir: &Path,
+    start: &str,
+    r: &Resource,
+    index: u32,
+    log: &Path,
+) -> Result<Instance, ProviderError> {
+    let port = free_port().map_err(io("find a free port"))?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io("open the instance log"))?;
+    let err = out.try_clone().map_err(io("open the instance log"))?;
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(start)
+        .current_dir(image_dir)
+        .env("PORT", port.to_string())
+        .env("DROVER_INSTANCE", index.to_string())
+        .env("DROVER_CLUSTER", &r.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0)
+        .spawn()
+        .map_err(io("start an instance"))?;
+    // The child is not waited on here: it outlives this run, and tokio
+    // reaps it if it exits while drover runs.
+    let pid = child
+        .id()
+        .ok_or_else(|| ProviderError::fatal("instance_exited", "instance exited at once"))?;
+    let start_ticks = start_ticks(pid)
+        .ok_or_else(|| ProviderError::fatal("instance_exited", "instance exited at once"))?;
+    Ok(Instance {
+        index,
+        pid,
+        start_ticks,
+        port,
+        started_at: Utc::now(),
+        log: log.to_path_buf(),
+    })
+}
+
+async fn wait_healthy(
+    ctx: &dyn RunContext,
+    inst: &Instance,
+    path: Option<&str>,
+    limit: Duration,
+) -> Result<(), ProviderError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        ctx.check_cancel()?;
+        if !alive(inst.pid, inst.start_ticks) {
+            let output = tail(&inst.log, 20);
+            let last = output.last().cloned().unwrap_or_default();
+            return Err(ProviderError::fatal(
+                "instance_exited",
+                format!(
+                    "instance {} (pid {}) exited before it was healthy: {last}",
+                    inst.index, inst.pid
+                ),
+            )
+            .with_detail(json!({ "output_tail": output, "log": inst.log })));
+        }
+        let why = match check(inst.port, path).await {
+            None => return Ok(()),
+            Some(why) => why,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ProviderError::fatal(
+                "unhealthy",
+                format!(
+                    "instance {} on port {} not healthy after {}s: {why}",
+                    inst.index,
+                    inst.port,
+                    limit.as_secs()
+                ),
+            )
+            .with_detail(json!({ "output_tail": tail(&inst.log, 20), "log": inst.log })));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn outputs(state: &State) -> Value {
+    let instances: Vec<Value> = state
+        .instances
+        .iter()
+        .map(|i| json!({ "index": i.index, "pid": i.pid, "port": i.port, "url": format!("http://127.0.0.1:{}", i.port), "started_at": i.started_at }))
+        .collect();
+    json!({ "count": instances.len(), "instances": instances })
+}
+
+#[async_trait]
+impl Provider for LocalClusters {
+    async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+        let spec = Spec::from_value(&job.resource.spec).map_err(|e| {
+            ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}"))
+        })?;
+        match job.action.as_str() {
+            "create" | "start" => self.ensure(ctx, job, &spec, spec.count).await,
+            "scale" => {
+                let count = job
+                    .params
+                    .get("count")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(spec.count as u64) as u32;
+                self.ensure(ctx, job, &spec, count).await
+            }
+            "stop" => {
+                self.stop_all(ctx, &job.resource).await?;
+                Ok(json!({ "count": 0, "instances": [] }))
+            }
+            "destroy" => {
+                self.stop_all(ctx, &job.resource).await?;
+                match std::fs::remove_dir_all(self.dir(&job.resource)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io("remove the cluster directory")(e)),
+                }
+                ctx.event(NewEvent::info(
+                    "destroy",
+                    "all instances stopped and files removed",
+                ))
+                .await;
+                Ok(json!({ "count": 0, "instances": [] }))
+            }
+            other => Err(ProviderError::fatal(
+                "unsupported_action",
+                format!("local clusters cannot {other}"),
+            )),
+        }
+    }
+
+    /// Reports on the instances of an `up` cluster: alive and answering?
+    async fn observe(&self, r: &Resource) -> Option<Value> {
+        if r.state != "up" {
+            return None;
+        }
+        let spec = Spec::from_value(&r.spec).ok()?;
+        let path = match &spec.health_check {
+            HealthCheck::Http { path } => Some(path.clone()),
+            HealthCheck::Tcp => None,
+        };
+        let state = self.load(r).ok()?;
+        let mut instances = Vec::new();
+        let mut problems = Vec::new();
+        for i in &state.instances {
+            let running = alive(i.pid, i.start_ticks);
+            let failing = if running {
+                check(i.port, path.as_deref()).await
+            } else {
+                Some("process is gone".into())
+            };
+            if let Some(why) = &failing {
+                problems.push(format!(
+                    "instance {} (pid {}, port {}): {why}",
+                    i.index, i.pid, i.port
+                ));
+            }
+            instances.push(json!({ "index": i.index, "pid": i.pid, "port": i.port, "running": running, "healthy": failing.is_none() }));
+        }
+        let missing = (spec.count as usize).saturating_sub(state.instances.len());
+        if missing > 0 {
+            problems.push(format!("{missing} instance(s) not on record"));
+        }
+        let summary = if problems.is_empty() {
+            format!("{} of {} instance(s) healthy", instances.len(), spec.count)
+        } else {
+            format!(
+                "{} of {} instance(s) unhealthy: {}",
+                problems.len(),
+                spec.count,
+                problems.join("; ")
+            )
+        };
+        Some(json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances }))
+    }
+}

@@ -1,0 +1,193 @@
+//! Images on the local provider: a directory made by the build command.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use drover_domain::kinds::image::Spec;
+use drover_domain::model::{Level, NewEvent};
+use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
+use serde_json::{json, Value};
+
+use super::process::{tail, GroupGuard};
+
+/// Written last into a finished build: its presence means "adopt me".
+const MARKER: &str = ".drover-build.json";
+
+pub struct LocalImages {
+    root: PathBuf,
+}
+
+impl LocalImages {
+    pub fn new(root: PathBuf) -> LocalImages {
+        LocalImages { root }
+    }
+
+    fn dir_of(&self, job: &Job) -> PathBuf {
+        self.root.join(job.resource.id.to_string())
+    }
+
+    async fn build(
+        &self,
+        ctx: &dyn RunContext,
+        job: &Job,
+        spec: &Spec,
+    ) -> Result<Value, ProviderError> {
+        let base = self.dir_of(job);
+        let dir = base.join(job.run_id.to_string());
+        let log = base.join(format!("{}.log", job.run_id));
+        if let Ok(done) = std::fs::read(dir.join(MARKER)) {
+            if let Ok(outputs) = serde_json::from_slice::<Value>(&done) {
+                ctx.event(NewEvent::info(
+                    "build",
+                    format!("adopting the finished build in {}", dir.display()),
+                ))
+                .await;
+                return Ok(outputs);
+            }
+        }
+        // A directory without the marker is a build that died half-way.
+        if dir.exists() {
+            ctx.event(NewEvent::info(
+                "build",
+                "removing an unfinished build of an earlier attempt",
+            ))
+            .await;
+            std::fs::remove_dir_all(&dir).map_err(io("remove unfinished build"))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io("create build directory"))?;
+        let log_file = std::fs::File::create(&log).map_err(io("create build log"))?;
+        let err_file = log_file.try_clone().map_err(io("open build log"))?;
+        ctx.event(
+            NewEvent::info(
+                "build",
+                format!("running the build command in {}", dir.display()),
+            )
+            .with_data(json!({ "command": spec.build_command, "log": log })),
+        )
+        .await;
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&spec.build_command)
+            .current_dir(&dir)
+            .env("DROVER_IMAGE_DIR", &dir)
+            .env("DROVER_RUN_ID", job.run_id.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log_file))
+            .stderr(Stdio::from(err_file))
+            .process_group(0)
+            .spawn()
+            .map_err(io("start the build command"))?;
+        let mut guard = GroupGuard(child.id());
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break s.map_err(io("wait for the build command"))?,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if ctx.cancel_requested() {
+                        drop(guard);
+                        let _ = child.wait().await;
+                        ctx.event(NewEvent::info("build", "build command stopped on cancel").with_level(Level::Warn)).await;
+                        return Err(ProviderError::Cancelled);
+                    }
+                }
+            }
+        };
+        guard.0 = None;
+        let output_tail = tail(&log, 20);
+        if !status.success() {
+            let code = status.code();
+            let last = output_tail.last().cloned().unwrap_or_default();
+            let message = match code {
+                Some(c) => format!("build command exited with status {c}: {last}"),
+                None => format!("build command was killed by a signal: {last}"),
+            };
+            let detail = json!({ "exit_code": code, "output_tail": output_tail, "log": log });
+            ctx.event(
+                NewEvent::info("build", message.clone())
+                    .with_level(Level::Error)
+                    .with_data(detail.clone()),
+            )
+            .await;
+            return Err(ProviderError::fatal("build_failed", message).with_detail(detail));
+        }
+        let outputs = json!({
+            "path": dir,
+            "log": log,
+            "start_command": spec.start_command,
+            "built_at": Utc::now(),
+            "run_id": job.run_id,
+        });
+        std::fs::write(dir.join(MARKER), outputs.to_string())
+            .map_err(io("mark the build finished"))?;
+        ctx.event(
+            NewEvent::info("build", "build finished")
+                .with_data(json!({ "output_tail": output_tail })),
+        )
+        .await;
+        remove_other_builds(&base, &job.run_id.to_string());
+        Ok(outputs)
+    }
+}
+
+/// Keeps only the current build (and the logs) of an image.
+fn remove_other_builds(base: &Path, keep: &str) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.path().is_dir() && e.file_name() != keep {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+pub(super) fn io(what: &'static str) -> impl Fn(std::io::Error) -> ProviderError {
+    move |e| {
+        let retryable = matches!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+        );
+        ProviderError::Failed {
+            code: "io".into(),
+            message: format!("could not {what}: {e}"),
+            retryable,
+            detail: None,
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for LocalImages {
+    async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+        let spec = Spec::from_value(&job.resource.spec).map_err(|e| {
+            ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}"))
+        })?;
+        match job.action.as_str() {
+            "build" => self.build(ctx, job, &spec).await,
+            "destroy" => {
+                let dir = self.dir_of(job);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {
+                        ctx.event(NewEvent::info(
+                            "destroy",
+                            format!("removed {}", dir.display()),
+                        ))
+                        .await
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        ctx.event(NewEvent::info("destroy", "nothing to remove"))
+                            .await
+                    }
+                    Err(e) => return Err(io("remove the image")(e)),
+                }
+                Ok(json!({}))
+            }
+            other => Err(ProviderError::fatal(
+                "unsupported_action",
+                format!("local images cannot {other}"),
+            )),
+        }
+    }
+}

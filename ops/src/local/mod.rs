@@ -1,0 +1,46 @@
+//! The `local` provider: the embedded default. An image is a directory made
+//! by running its build command; a cluster's instances are real processes
+//! started from the image, each with its own `PORT` and health check.
+//!
+//! # Guarantees
+//! - A build that ran to completion for a run id is adopted, not rebuilt,
+//!   when the run is tried again (a reclaimed lease).
+//! - Instance processes outlive drover. Their pids, ports and kernel start
+//!   times are kept in a state file, so that after a restart they are
+//!   adopted again, and those that vanished are reported, never forgotten.
+//! - Every process drover starts runs in its own process group; stopping an
+//!   instance or cancelling a build stops the whole group.
+//!
+//! # Assumptions
+//! - Linux `/proc` (to tell a live instance from a reused pid), `sh`.
+//! - One drover host owns a data directory.
+
+mod cluster;
+mod image;
+mod process;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use drover_domain::engine::Providers;
+use drover_domain::kinds::Kind;
+
+pub use cluster::LocalClusters;
+pub use image::LocalImages;
+
+pub const NAME: &str = "local";
+
+/// Registers the local provider for every kind, keeping its files under
+/// `data_dir`.
+pub fn register(providers: &mut Providers, data_dir: &Path) {
+    providers.register(
+        NAME,
+        Kind::Image,
+        Arc::new(LocalImages::new(data_dir.join("images"))),
+    );
+    providers.register(
+        NAME,
+        Kind::Cluster,
+        Arc::new(LocalClusters::new(data_dir.join("clusters"))),
+    );
+}

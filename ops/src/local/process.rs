@@ -1,0 +1,124 @@
+//! Processes: start in their own group, tell alive from gone, stop a group,
+//! health-check a port, and keep the tail of an output.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The kernel's start time of a process (clock ticks since boot), which
+/// together with the pid names one process, even after pid reuse.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None; // exited, not yet reaped
+    }
+    fields.get(19)?.parse().ok()
+}
+
+pub fn alive(pid: u32, ticks: u64) -> bool {
+    start_ticks(pid) == Some(ticks)
+}
+
+/// Stops a process group: SIGTERM, then SIGKILL after `grace`.
+pub async fn stop_group(pid: u32, ticks: u64, grace: Duration) {
+    if !alive(pid, ticks) {
+        return;
+    }
+    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < deadline {
+        if !alive(pid, ticks) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    while alive(pid, ticks) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Kills a process group when dropped, unless disarmed: a build abandoned
+/// by a timeout or a lost lease must not go on running.
+pub struct GroupGuard(pub Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `None` when healthy, else why not.
+pub async fn check(port: u16, http_path: Option<&str>) -> Option<String> {
+    let attempt = async {
+        let mut s = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let Some(path) = http_path else { return Ok(()) };
+        let req = format!(
+            "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: drover-health\r\n\r\n"
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            match s
+                .read(&mut buf[n..])
+                .await
+                .map_err(|e| format!("read: {e}"))?
+            {
+                0 => break,
+                m => n += m,
+            }
+        }
+        let head = String::from_utf8_lossy(&buf[..n]);
+        let code: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or(format!("not HTTP: {head:?}"))?;
+        if (200..400).contains(&code) {
+            Ok(())
+        } else {
+            Err(format!("GET {path} answered {code}"))
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some("no answer within 2s".into()),
+    }
+}
+
+/// The last `n` lines of a file, for error reports.
+pub fn tail(path: &Path, n: usize) -> Vec<String> {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let mut lines: VecDeque<String> = VecDeque::with_capacity(n);
+    for line in text.lines() {
+        if lines.len() == n {
+            lines.pop_front();
+        }
+        lines.push_back(line.chars().take(500).collect());
+    }
+    lines.into()
+}
