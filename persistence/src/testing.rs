@@ -58,25 +58,6 @@ fn with_database(url: &str, db: &str) -> String {
     format!("{}/{db}{query}", &base[..host_end])
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn replaces_the_database() {
-        assert_eq!(
-            super::with_database("postgres://u@h:1/postgres", "x"),
-            "postgres://u@h:1/x"
-        );
-        assert_eq!(
-            super::with_database("postgres://u@h:1", "x"),
-            "postgres://u@h:1/x"
-        );
-        assert_eq!(
-            super::with_database("postgres://u:p@h/db?sslmode=disable", "x"),
-            "postgres://u:p@h/x?sslmode=disable"
-        );
-    }
-}
-
 fn start_or_env() -> Result<String, String> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         if url.starts_with("postgres") {
@@ -191,4 +172,23 @@ fn chown_nobody(dir: &Path) -> Result<(), String> {
     ok.success()
         .then_some(())
         .ok_or_else(|| format!("chown {} failed", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replaces_the_database() {
+        assert_eq!(
+            super::with_database("postgres://u@h:1/postgres", "x"),
+            "postgres://u@h:1/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://u@h:1", "x"),
+            "postgres://u@h:1/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://u:p@h/db?sslmode=disable", "x"),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+    }
 }

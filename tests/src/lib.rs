@@ -1,1 +1,231 @@
+//! The acceptance harness: the real server on port 0 with a fresh database
+//! and data directory, driven over real HTTP.
 
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use drover_api::app::{Config, Server};
+use drover_domain::engine::EngineConfig;
+use reqwest::header::HeaderMap;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub data_dir: tempfile::TempDir,
+    database_url: String,
+    server: Option<Server>,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+fn engine_config() -> EngineConfig {
+    EngineConfig {
+        worker_id: "acceptance".into(),
+        concurrency: 16,
+        lease: Duration::from_secs(5),
+        heartbeat: Duration::from_millis(200),
+        poll: Duration::from_millis(50),
+        reap_every: Duration::from_millis(500),
+        observe_every: Duration::from_millis(300),
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(1),
+    }
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let database_url = match backend {
+        Backend::Sqlite => format!("sqlite://{}", data_dir.path().join("drover.db").display()),
+        Backend::Postgres => drover_persistence::testing::fresh_postgres_database().await,
+    };
+    let server = start(data_dir.path(), &database_url).await;
+    TestApp {
+        addr: server.addr,
+        client: reqwest::Client::new(),
+        data_dir,
+        database_url,
+        server: Some(server),
+    }
+}
+
+async fn start(data_dir: &Path, database_url: &str) -> Server {
+    drover_api::start(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_path_buf(),
+        database_url: Some(database_url.to_string()),
+        engine: engine_config(),
+        workers: true,
+    })
+    .await
+    .expect("server starts")
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops the server (runs in flight are left to their leases) and starts
+    /// a new one on the same database and data directory.
+    pub async fn restart(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+        let server = start(self.data_dir.path(), &self.database_url).await;
+        self.addr = server.addr;
+        self.server = Some(server);
+    }
+
+    async fn reply(r: reqwest::Response) -> Reply {
+        let status = r.status();
+        let headers = r.headers().clone();
+        let text = r.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        Self::reply(self.client.get(self.url(path)).send().await.expect("GET")).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        Self::reply(
+            self.client
+                .post(self.url(path))
+                .json(&body)
+                .send()
+                .await
+                .expect("POST"),
+        )
+        .await
+    }
+
+    pub async fn post_with_key(&self, path: &str, body: Value, key: &str) -> Reply {
+        let r = self
+            .client
+            .post(self.url(path))
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        Self::reply(r).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value, if_match: Option<&str>) -> Reply {
+        let mut req = self.client.patch(self.url(path)).json(&body);
+        if let Some(m) = if_match {
+            req = req.header("If-Match", m);
+        }
+        Self::reply(req.send().await.expect("PATCH")).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        Self::reply(
+            self.client
+                .delete(self.url(path))
+                .send()
+                .await
+                .expect("DELETE"),
+        )
+        .await
+    }
+
+    /// Asks for a transition and returns its id (asserting 202 + Location).
+    pub async fn transition(&self, kind: &str, name: &str, body: Value) -> String {
+        let r = self
+            .post(&format!("/v1/{kind}s/{name}/transitions"), body)
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+        let id = r.body["id"].as_str().expect("id").to_string();
+        assert_eq!(
+            r.headers["location"],
+            format!("/v1/transitions/{id}").as_str()
+        );
+        id
+    }
+
+    /// Long-polls a transition until it ends.
+    pub async fn wait(&self, id: &str) -> Value {
+        for _ in 0..12 {
+            let r = self.get(&format!("/v1/transitions/{id}?wait=10s")).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            if matches!(
+                r.body["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return r.body;
+            }
+        }
+        panic!("transition {id} did not end in two minutes");
+    }
+
+    /// Runs a transition to its end and returns it.
+    pub async fn run(&self, kind: &str, name: &str, body: Value) -> Value {
+        let id = self.transition(kind, name, body).await;
+        self.wait(&id).await
+    }
+}
+
+impl Drop for TestApp {
+    /// Whatever a failing test left running is stopped: every instance
+    /// process group on record under the data directory.
+    fn drop(&mut self) {
+        for pid in recorded_pids(self.data_dir.path()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .output();
+        }
+    }
+}
+
+/// Pids of the instances on record under a data directory.
+pub fn recorded_pids(data_dir: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(data_dir.join("clusters")) else {
+        return pids;
+    };
+    for d in dirs.flatten() {
+        if let Ok(b) = std::fs::read(d.path().join("instances.json")) {
+            if let Ok(v) = serde_json::from_slice::<Value>(&b) {
+                for i in v["instances"].as_array().into_iter().flatten() {
+                    pids.extend(i["pid"].as_u64().map(|p| p as u32));
+                }
+            }
+        }
+    }
+    pids
+}
+
+/// Whether a process is alive (and not a zombie).
+pub fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,345 @@
+//! The provisioner against real stores, with a scripted provider.
+//!
+//! The provider here is a hand-written fake on purpose: it injects what real
+//! providers only do by accident (hang past a timeout, fail retryably, panic,
+//! stall while another worker takes over) so that each engine rule is
+//! exercised on purpose. Its behaviour is chosen by the resource's name.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use drover_domain::engine::{Engine, EngineConfig, Providers};
+use drover_domain::kinds::Kind;
+use drover_domain::model::*;
+use drover_domain::ports::{Job, Provider, ProviderError, RunContext, Store};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// Counts how often each run's work was done to the end: the oracle for
+/// "exactly once".
+#[derive(Default)]
+struct Scripted {
+    done: Mutex<HashMap<Uuid, u32>>,
+    attempts: Mutex<HashMap<Uuid, u32>>,
+    /// Releases a stalled first attempt.
+    release: tokio::sync::Notify,
+}
+
+impl Scripted {
+    fn done(&self, run: Uuid) -> u32 {
+        self.done.lock().unwrap().get(&run).copied().unwrap_or(0)
+    }
+}
+
+#[async_trait]
+impl Provider for Scripted {
+    async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+        let attempt = {
+            let mut a = self.attempts.lock().unwrap();
+            let n = a.entry(job.run_id).or_default();
+            *n += 1;
+            *n
+        };
+        ctx.event(NewEvent::info("script", format!("attempt {attempt}")))
+            .await;
+        let name = job.resource.name.as_str();
+        if name.starts_with("stall") && attempt == 1 {
+            self.release.notified().await;
+        } else if name.starts_with("slow") {
+            // Works for up to 10 s, checking for cancel between steps.
+            for _ in 0..200 {
+                ctx.check_cancel()?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        } else if name.starts_with("hang") {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        } else if name.starts_with("flaky") && attempt < 3 {
+            return Err(ProviderError::retryable(
+                "throttled",
+                format!("throttled on attempt {attempt}"),
+            ));
+        } else if name.starts_with("broken") {
+            return Err(ProviderError::retryable("unavailable", "always down"));
+        } else if name.starts_with("fatal") {
+            return Err(ProviderError::fatal("bad_spec", "the spec cannot work")
+                .with_detail(json!({"why": "test"})));
+        } else if name.starts_with("panic") {
+            panic!("provider bug");
+        }
+        *self.done.lock().unwrap().entry(job.run_id).or_default() += 1;
+        Ok(json!({ "attempt": attempt }))
+    }
+}
+
+fn config(worker: &str) -> EngineConfig {
+    EngineConfig {
+        worker_id: worker.into(),
+        concurrency: 8,
+        lease: Duration::from_secs(5),
+        heartbeat: Duration::from_millis(100),
+        poll: Duration::from_millis(50),
+        reap_every: Duration::from_millis(200),
+        observe_every: Duration::from_secs(3600),
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+    }
+}
+
+fn engine(store: &Arc<dyn Store>, p: &Arc<Scripted>, cfg: EngineConfig) -> Arc<Engine> {
+    let mut providers = Providers::default();
+    providers.register("test", Kind::Cluster, p.clone());
+    Engine::new(store.clone(), providers, cfg)
+}
+
+/// Queues a `destroy` (no dependencies) of a new cluster named `name`.
+async fn queue(store: &Arc<dyn Store>, name: &str, timeout_secs: i64) -> Run {
+    let r = cluster(store, name).await;
+    let mut nr = new_run(&r, "destroy", "pending", "destroying", "destroyed");
+    nr.timeout_secs = timeout_secs;
+    store.insert_run(&nr).await.unwrap()
+}
+
+async fn wait_terminal(store: &Arc<dyn Store>, id: Uuid) -> Run {
+    for _ in 0..300 {
+        let run = store.get_run(id).await.unwrap().unwrap();
+        if run.status.is_terminal() {
+            return run;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("run {id} did not finish in 15 s");
+}
+
+async fn state_of(store: &Arc<dyn Store>, run: &Run) -> String {
+    store
+        .get_resource_by_id(run.resource_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+}
+
+both_backends!(
+    racing_workers_run_each_transition_once,
+    a_stalled_worker_is_fenced_out_and_the_run_finishes_once,
+    cancel_stops_a_running_transition,
+    timeouts_fail_the_run,
+    retryable_errors_are_retried_with_backoff,
+    retries_end_when_attempts_run_out,
+    fatal_errors_fail_at_once_with_their_detail,
+    a_panicking_provider_fails_the_run,
+);
+
+async fn racing_workers_run_each_transition_once(store: Arc<dyn Store>) {
+    let p = Arc::new(Scripted::default());
+    let mut runs = Vec::new();
+    for i in 0..30 {
+        runs.push(queue(&store, &format!("ok-{i}"), 60).await);
+    }
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let a = engine(&store, &p, config("a")).spawn(rx.clone());
+    let b = engine(&store, &p, config("b")).spawn(rx);
+    let mut workers = std::collections::HashSet::new();
+    for run in &runs {
+        let fin = wait_terminal(&store, run.id).await;
+        assert_eq!(fin.status, RunStatus::Succeeded);
+        assert_eq!(
+            p.done(run.id),
+            1,
+            "run {} did its work {} times",
+            run.id,
+            p.done(run.id)
+        );
+        assert_eq!(state_of(&store, run).await, "destroyed");
+        workers.insert(fin.worker.clone().unwrap());
+    }
+    stop.send(true).unwrap();
+    for t in a.into_iter().chain(b) {
+        t.abort();
+    }
+    assert!(!workers.is_empty());
+}
+
+async fn a_stalled_worker_is_fenced_out_and_the_run_finishes_once(store: Arc<dyn Store>) {
+    let p = Arc::new(Scripted::default());
+    let run = queue(&store, "stall", 60).await;
+    // Worker A holds a one-second lease it does not renew (a long pause, a
+    // partition) while its provider is stuck.
+    let stalled = engine(
+        &store,
+        &p,
+        EngineConfig {
+            lease: Duration::from_secs(1),
+            heartbeat: Duration::from_secs(600),
+            ..config("a")
+        },
+    );
+    let a = tokio::spawn({
+        let stalled = stalled.clone();
+        async move { stalled.run_one().await.unwrap() }
+    });
+    // The reaper requeues the run once the lease lapsed; worker B finishes it.
+    let healthy = engine(&store, &p, config("b"));
+    let mut reaped = Vec::new();
+    for _ in 0..100 {
+        reaped = healthy.reap().await.unwrap();
+        if !reaped.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reaped, vec![run.id]);
+    assert_eq!(healthy.run_one().await.unwrap(), Some(run.id));
+    // A wakes up, finishes its work and tries to record it: fenced out.
+    p.release.notify_one();
+    assert_eq!(a.await.unwrap(), Some(run.id));
+    let fin = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(
+        (fin.status, fin.worker.as_deref(), fin.attempt),
+        (RunStatus::Succeeded, Some("b"), 2)
+    );
+    assert_eq!(
+        fin.outputs,
+        Some(json!({"attempt": 2})),
+        "B's result is the one on record"
+    );
+    let events = store.list_events(run.id, 0, 1000).await.unwrap();
+    assert_eq!(
+        events.iter().filter(|e| e.step == "finish").count(),
+        1,
+        "one terminal record: {events:#?}"
+    );
+    assert!(events.iter().any(|e| e.step == "reaper"));
+    assert_eq!(state_of(&store, &run).await, "destroyed");
+}
+
+async fn cancel_stops_a_running_transition(store: Arc<dyn Store>) {
+    let p = Arc::new(Scripted::default());
+    let run = queue(&store, "slow-cancel", 60).await;
+    let e = engine(&store, &p, config("a"));
+    let worker = tokio::spawn({
+        let e = e.clone();
+        async move { e.run_one().await.unwrap() }
+    });
+    while store.get_run(run.id).await.unwrap().unwrap().status != RunStatus::Running {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store
+        .request_cancel(run.id, "carol", Some("wrong one"), chrono::Utc::now())
+        .await
+        .unwrap();
+    worker.await.unwrap();
+    let fin = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(fin.status, RunStatus::Cancelled);
+    assert_eq!(fin.cancel_requested_by.as_deref(), Some("carol"));
+    assert_eq!(fin.error.unwrap().code, "cancelled");
+    assert_eq!(p.done(run.id), 0);
+    // Partial work may exist: the resource goes to its failure state, whose
+    // exits are retry and destroy.
+    assert_eq!(state_of(&store, &run).await, "failed");
+}
+
+async fn timeouts_fail_the_run(store: Arc<dyn Store>) {
+    let p = Arc::new(Scripted::default());
+    let run = queue(&store, "hang", 1).await;
+    engine(&store, &p, config("a")).run_one().await.unwrap();
+    let fin = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(fin.status, RunStatus::Failed);
+    let err = fin.error.clone().unwrap();
+    assert_eq!((err.code.as_str(), err.retryable), ("timeout", false));
+    assert!(fin.duration_ms().unwrap() >= 1000);
+    assert_eq!(state_of(&store, &run).await, "failed");
+}
+
+async fn retryable_errors_are_retried_with_backoff(store: Arc<dyn Store>) {
+    let p = Arc::new(Scripted::default());
+    let run = queue(&store, "flaky", 60).await;
+    let e = engine(&store, &p, config("a"));
+    let mut claimed = 0;
+    for _ in 0..200 {
+        if e.run_one().await.unwrap().is_some() {
+            claimed += 1;
+        }
+        if store
+            .get_run(run.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .is_terminal()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(claimed, 3);
+    let fin = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!((fin.status, fin.attempt), (RunStatus::Succeeded, 3));
+    assert_eq!(p.done(run.id), 1);
+    let retries: Vec<_> = store
+        .list_events(run.id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.step == "retry")
+        .collect();
+    assert_eq!(retries.len(), 2);
+    assert!(
+        retries[0].message.contains("throttled on attempt 1"),
+        "{}",
+        retries[0].message
+    );
+}
+
+async fn retries_end_when_attempts_run_out(store: Arc<dyn Store>) {
+    let p = Arc::new(Scripted::default());
+    let run = queue(&store, "broken", 60).await;
+    let e = engine(&store, &p, config("a"));
+    for _ in 0..200 {
+        e.run_one().await.unwrap();
+        if store
+            .get_run(run.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .is_terminal()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fin = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!((fin.status, fin.attempt), (RunStatus::Failed, 3));
+    let err = fin.error.unwrap();
+    assert_eq!((err.code.as_str(), err.retryable), ("unavailable", true));
+    assert_eq!(state_of(&store, &run).await, "failed");
+}
+
+async fn fatal_errors_fail_at_once_with_their_detail(store: Arc<dyn Store>) {
+    let p = Arc::new(Scripted::default());
+    let run = queue(&store, "fatal", 60).await;
+    engine(&store, &p, config("a")).run_one().await.unwrap();
+    let fin = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!((fin.status, fin.attempt), (RunStatus::Failed, 1));
+    let err = fin.error.unwrap();
+    assert_eq!(
+        (err.code.as_str(), err.detail),
+        ("bad_spec", Some(json!({"why": "test"})))
+    );
+}
+
+async fn a_panicking_provider_fails_the_run(store: Arc<dyn Store>) {
+    let p = Arc::new(Scripted::default());
+    let run = queue(&store, "panic", 60).await;
+    engine(&store, &p, config("a")).run_one().await.unwrap();
+    let fin = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(fin.status, RunStatus::Failed);
+    assert_eq!(fin.error.unwrap().code, "internal");
+    assert_eq!(state_of(&store, &run).await, "failed");
+}
