@@ -367,7 +367,7 @@ macro_rules! impl_store {
                 };
                 let moved = sqlx::query(
                     "UPDATE resources SET state = $3, spec = COALESCE($4, spec), outputs = COALESCE($5, outputs),
-                        version = version + 1, updated_at = $6
+                        observed = NULL, version = version + 1, updated_at = $6
                      WHERE id = $1 AND state = $2",
                 )
                 .bind(resource)

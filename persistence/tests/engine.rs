@@ -135,6 +135,41 @@ both_backends!(
     a_panicking_provider_fails_the_run,
 );
 
+/// A run queued through one connection wakes an idle worker on another at
+/// once (Postgres `LISTEN/NOTIFY`), long before its next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_workers_of_other_replicas() {
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    let api_side = drover_persistence::connect(&url).await.unwrap();
+    let worker_side = drover_persistence::connect(&url).await.unwrap();
+    let p = Arc::new(Scripted::default());
+    let poll = Duration::from_secs(120);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let tasks = engine(
+        &worker_side,
+        &p,
+        EngineConfig {
+            poll,
+            ..config("idle")
+        },
+    )
+    .spawn(rx);
+    // Let the worker go idle on an empty queue first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let run = queue(&api_side, "ok-notify", 60).await;
+    let started = std::time::Instant::now();
+    let fin = wait_terminal(&api_side, run.id).await;
+    assert_eq!(fin.status, RunStatus::Succeeded);
+    assert!(
+        started.elapsed() < poll / 4,
+        "woken by NOTIFY, not by the {poll:?} poll"
+    );
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.abort();
+    }
+}
+
 async fn racing_workers_run_each_transition_once(store: Arc<dyn Store>) {
     let p = Arc::new(Scripted::default());
     let mut runs = Vec::new();

@@ -605,6 +605,13 @@ async fn instances_survive_a_restart_and_losses_are_reported() {
         .await;
     assert_eq!(destroy["status"], "succeeded");
     assert!(pids_before.iter().all(|&p| !alive(p)));
+    let gone = app.get("/v1/clusters/web-qa").await.body;
+    assert_eq!(
+        gone["observed"],
+        Value::Null,
+        "no stale observation: {gone}"
+    );
+    assert_eq!(gone["problem"], Value::Null, "{gone}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
