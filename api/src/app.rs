@@ -7,8 +7,10 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderName;
 use axum::{middleware, Router};
+use drover_domain::auth::Auth;
 use drover_domain::engine::{Engine, EngineConfig, Providers};
 use drover_domain::service::Service;
+use drover_domain::settings::{SecretKey, Settings};
 use tokio::sync::watch;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -30,10 +32,31 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Run the engine's workers in this process.
     pub workers: bool,
+    /// The first admin's token on an empty database (else one is made up).
+    pub bootstrap_token: Option<String>,
+    /// 64 hex digits sealing secret settings; else a key file in the data dir.
+    pub secret_key: Option<String>,
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        let mut scheme = Http::new(HttpAuthScheme::Bearer);
+        scheme.description = Some(
+            "An API token (`drv_…`). Each operation's scopes name the permission it needs; \
+             `{action}` and `{kind}` stand for the transition's action and the resource's kind."
+                .into(),
+        );
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
 }
 
 #[derive(OpenApi)]
 #[openapi(
+    modifiers(&BearerAuth),
     info(
         title = "Drover",
         description = "Drover owns the lifecycle of operations resources. Every change of a resource's state is a \
@@ -45,6 +68,8 @@ pub struct Config {
         (name = "clusters", description = "Clusters of instances"),
         (name = "transitions", description = "The ledger of changes"),
         (name = "kinds", description = "Resource kinds and their state machines"),
+        (name = "users", description = "Users, roles and API tokens"),
+        (name = "settings", description = "Versioned settings and secrets"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]
@@ -56,6 +81,10 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(routes::clusters::router())
         .merge(routes::transitions::router())
         .merge(routes::kinds::router())
+        .merge(routes::users::router())
+        .merge(routes::roles::router())
+        .merge(routes::identity::router())
+        .merge(routes::settings::router())
         .merge(routes::health::router())
 }
 
@@ -69,14 +98,14 @@ pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     api.with_state(state.clone())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
-        .layer(middleware::from_fn_with_state(state, crate::idempotency::layer))
+        .layer(middleware::from_fn_with_state(state.clone(), crate::idempotency::layer))
+        .layer(middleware::from_fn_with_state(state, crate::auth::layer))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-                let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
-            }),
-        )
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+            let (method, path) = (req.method(), req.uri().path());
+            tracing::info_span!("http", %method, %path, request_id = %id, user = tracing::field::Empty)
+        }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
@@ -86,6 +115,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub backend: &'static str,
     pub engine: Arc<Engine>,
+    /// The first admin's token, when this start created it: to show once.
+    pub bootstrap_token: Option<String>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -119,35 +150,36 @@ impl Server {
 
 /// Opens the store, starts the engine and serves HTTP.
 pub async fn start(cfg: Config) -> anyhow::Result<Server> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot create data directory {}: {e}",
-            cfg.data_dir.display()
-        )
-    })?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", cfg.data_dir.display()))?;
     let data_dir = cfg.data_dir.canonicalize()?;
-    let url = cfg
-        .database_url
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("drover.db").display()));
-    let store = drover_persistence::connect(&url)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", chain(&e)))?;
+    let url = cfg.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("drover.db").display()));
+    let stores = drover_persistence::open(&url).await.map_err(|e| anyhow::anyhow!("{}", chain(&e)))?;
+    let store = stores.store.clone();
     let backend = store.backend();
+    let key = match &cfg.secret_key {
+        Some(hex) => SecretKey::from_hex(hex),
+        None => SecretKey::load_or_create(&data_dir.join("secret.key")),
+    }
+    .map_err(|e| anyhow::anyhow!("{}", chain(&e)))?;
+    let settings = Arc::new(Settings::new(store.clone(), stores.settings.clone(), key));
+    let auth = Arc::new(Auth::new(store.clone(), stores.tokens.clone()));
+    let bootstrap_token = auth
+        .bootstrap(cfg.bootstrap_token.as_deref())
+        .await
+        .map_err(|e| anyhow::anyhow!("bootstrap: {}", chain(&e)))?;
     let mut providers = Providers::default();
     drover_ops::local::register(&mut providers, &data_dir);
+    drover_ops::builtin::register(&mut providers);
     let engine = Engine::new(store.clone(), providers, cfg.engine.clone());
-    let service = Arc::new(Service::new(store));
+    engine.set_settings(settings.clone());
+    let service = Arc::new(Service::new(store, settings.clone()));
     let (stop, stop_rx) = watch::channel(false);
-    let tasks = if cfg.workers {
-        engine.spawn(stop_rx.clone())
-    } else {
-        Vec::new()
-    };
+    let tasks = if cfg.workers { engine.spawn(stop_rx.clone()) } else { Vec::new() };
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(AppState { service });
+    let app = router(AppState { service, auth, settings });
     let mut stop_http = stop_rx;
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -156,14 +188,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             })
             .await
     });
-    Ok(Server {
-        addr,
-        backend,
-        engine,
-        stop,
-        tasks,
-        http,
-    })
+    Ok(Server { addr, backend, engine, bootstrap_token, stop, tasks, http })
 }
 
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -193,13 +218,7 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     #[test]
     fn passwords_never_reach_logs() {
-        assert_eq!(
-            super::redact_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(
-            super::redact_url("sqlite:///tmp/x.db"),
-            "sqlite:///tmp/x.db"
-        );
+        assert_eq!(super::redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(super::redact_url("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
     }
 }

@@ -49,6 +49,9 @@ pub struct ClusterSpec {
     pub image: String,
     /// Number of instances (1-64).
     pub count: u32,
+    /// Environment whose settings apply, between global and the cluster's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
     /// Default: `{"type": "http", "path": "/"}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
@@ -68,6 +71,202 @@ pub struct CreateImage {
     #[schema(example = "web")]
     pub name: String,
     pub spec: ImageSpec,
+}
+
+/// A user's roles.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    /// Role names; the user may do what any of them permits.
+    #[serde(default)]
+    #[schema(example = json!(["operator"]))]
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    #[schema(example = "alice")]
+    pub name: String,
+    pub spec: UserSpec,
+}
+
+/// A role's permissions.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSpec {
+    /// `kind:action` (e.g. `cluster:scale`), `kind:*`, or `*`. Besides the
+    /// kinds' actions: `KIND:read|create|update|delete|cancel`,
+    /// `transitions:read`, `kinds:read`, `settings:read|write|reveal`, `users:admin`.
+    #[schema(example = json!(["cluster:read", "cluster:scale"]))]
+    pub permissions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRole {
+    #[schema(example = "deployer")]
+    pub name: String,
+    pub spec: RoleSpec,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// What the token is for.
+    #[schema(example = "ci deploys")]
+    pub name: String,
+    /// When it stops working (RFC 3339); absent: never.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// An API token, without its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenView {
+    pub id: Uuid,
+    pub name: String,
+    /// The first characters of the secret, to recognise it by.
+    pub prefix: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoked_by: Option<String>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+impl From<drover_domain::model::Token> for TokenView {
+    fn from(t: drover_domain::model::Token) -> Self {
+        TokenView {
+            id: t.id,
+            name: t.name,
+            prefix: t.prefix,
+            expires_at: t.expires_at,
+            created_at: t.created_at,
+            created_by: t.created_by,
+            revoked_at: t.revoked_at,
+            revoked_by: t.revoked_by,
+            last_used_at: t.last_used_at,
+        }
+    }
+}
+
+/// A new token. The secret is shown here once and never again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NewTokenView {
+    #[serde(flatten)]
+    pub token: TokenView,
+    /// Send as `Authorization: Bearer <secret>`.
+    pub secret: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenList {
+    pub items: Vec<TokenView>,
+}
+
+/// The caller.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    pub user_id: Uuid,
+    pub user: String,
+    pub token_id: Uuid,
+    pub permissions: Vec<String>,
+}
+
+/// Write a setting.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutSetting {
+    pub value: String,
+    /// Encrypted at rest and redacted in responses unless revealed with `settings:reveal`.
+    #[serde(default)]
+    pub secret: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackSetting {
+    /// The version whose value becomes current again (as a new version).
+    pub version: i64,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// One version of a setting.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SettingView {
+    /// `global`, `environment:NAME` or `cluster:ID`.
+    pub scope: String,
+    pub key: String,
+    pub version: i64,
+    /// Absent when secret and not revealed, or deleted.
+    pub value: Option<String>,
+    pub secret: bool,
+    /// True when the value is hidden from this response.
+    pub redacted: bool,
+    /// This version removed the key.
+    pub deleted: bool,
+    pub actor: String,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<drover_domain::settings::Setting> for SettingView {
+    fn from(s: drover_domain::settings::Setting) -> Self {
+        let v = s.version;
+        SettingView {
+            redacted: v.secret && s.value.is_none(),
+            scope: v.scope,
+            key: v.key,
+            version: v.version,
+            value: s.value,
+            secret: v.secret,
+            deleted: v.deleted,
+            actor: v.actor,
+            reason: v.reason,
+            created_at: v.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SettingList {
+    pub items: Vec<SettingView>,
+}
+
+/// Two versions of a setting side by side.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SettingDiff {
+    pub from: SettingView,
+    pub to: SettingView,
+    /// Whether the value differs; absent when that would reveal a secret.
+    pub changed: Option<bool>,
+}
+
+/// One of a cluster's effective settings, and where it came from.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EffectiveSetting {
+    pub key: String,
+    /// The scope that won: `cluster:ID` over `environment:NAME` over `global`.
+    pub scope: String,
+    pub version: i64,
+    pub secret: bool,
+    pub value: Option<String>,
+    pub redacted: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EffectiveSettings {
+    pub cluster: String,
+    pub items: Vec<EffectiveSetting>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -126,12 +325,7 @@ pub struct TransitionError {
 
 impl From<RunError> for TransitionError {
     fn from(e: RunError) -> Self {
-        TransitionError {
-            code: e.code,
-            message: e.message,
-            retryable: e.retryable,
-            detail: e.detail,
-        }
+        TransitionError { code: e.code, message: e.message, retryable: e.retryable, detail: e.detail }
     }
 }
 
@@ -184,6 +378,9 @@ pub struct Transition {
     pub error: Option<TransitionError>,
     pub cancel_requested_at: Option<DateTime<Utc>>,
     pub cancel_requested_by: Option<String>,
+    /// The settings versions the transition was asked with: `[{scope, key, version}]`.
+    #[schema(value_type = Vec<Object>)]
+    pub settings: Value,
 }
 
 impl From<Run> for Transition {
@@ -191,11 +388,7 @@ impl From<Run> for Transition {
         Transition {
             duration_ms: r.duration_ms(),
             queued_ms: r.started_at.map(|s| (s - r.created_at).num_milliseconds()),
-            resource: ResourceRef {
-                kind: r.kind.as_str().into(),
-                id: r.resource_id,
-                name: r.resource_name,
-            },
+            resource: ResourceRef { kind: r.kind.as_str().into(), id: r.resource_id, name: r.resource_name },
             id: r.id,
             action: r.action,
             params: r.params,
@@ -222,6 +415,7 @@ impl From<Run> for Transition {
             error: r.error.map(Into::into),
             cancel_requested_at: r.cancel_requested_at,
             cancel_requested_by: r.cancel_requested_by,
+            settings: r.settings,
         }
     }
 }
@@ -283,11 +477,7 @@ pub struct Why {
 
 impl From<Diagnosis> for Why {
     fn from(p: Diagnosis) -> Self {
-        Why {
-            summary: p.summary,
-            transition: p.run,
-            error: p.error.map(Into::into),
-        }
+        Why { summary: p.summary, transition: p.run, error: p.error.map(Into::into) }
     }
 }
 
@@ -315,6 +505,8 @@ pub struct ResourceView<S> {
     /// What drover last saw of the real thing (e.g. instance health).
     #[schema(value_type = Option<Object>)]
     pub observed: Option<Value>,
+    pub created_by: String,
+    pub updated_by: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// Actions allowed in the current state.
@@ -338,6 +530,8 @@ impl<S> ResourceView<S> {
             version: r.version,
             outputs: r.outputs,
             observed: r.observed,
+            created_by: r.created_by,
+            updated_by: r.updated_by,
             created_at: r.created_at,
             updated_at: r.updated_at,
             allowed_actions: o.allowed_actions,

@@ -28,28 +28,15 @@ fn json_problem(r: JsonRejection) -> Problem {
         JsonRejection::JsonDataError(e) => {
             // "Failed to deserialize the JSON body into the target type: spec.count: invalid type…"
             let text = e.body_text();
-            let detail = text
-                .split_once("target type: ")
-                .map(|(_, d)| d.to_string())
-                .unwrap_or(text);
+            let detail = text.split_once("target type: ").map(|(_, d)| d.to_string()).unwrap_or(text);
             let (field, message) = match detail.split_once(": ") {
                 Some((f, m)) if !f.contains(' ') && f != "." => (f, m),
                 _ => ("body", detail.as_str()),
             };
             let mut p = Problem::invalid(field, message);
-            if let Some(missing) = detail
-                .split('`')
-                .nth(1)
-                .filter(|_| detail.contains("missing field"))
-            {
-                let prefix = if field == "body" {
-                    String::new()
-                } else {
-                    format!("{field}.")
-                };
-                p.errors[0].field = format!("{prefix}{missing}")
-                    .trim_start_matches("body.")
-                    .to_string();
+            if let Some(missing) = detail.split('`').nth(1).filter(|_| detail.contains("missing field")) {
+                let prefix = if field == "body" { String::new() } else { format!("{field}.") };
+                p.errors[0].field = format!("{prefix}{missing}").trim_start_matches("body.").to_string();
             }
             p
         }
@@ -60,17 +47,12 @@ fn json_problem(r: JsonRejection) -> Problem {
             "Unsupported media type",
             "send the body as JSON with Content-Type: application/json".to_string(),
         ),
-        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body-too-large",
-                "Request body too large",
-                format!(
-                    "request bodies are limited to {} bytes",
-                    crate::app::BODY_LIMIT
-                ),
-            )
-        }
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Request body too large",
+            format!("request bodies are limited to {} bytes", crate::app::BODY_LIMIT),
+        ),
         other => Problem::bad_request("unreadable-body", other.body_text()),
     }
 }
@@ -87,17 +69,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
             Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
                 let text = e.body_text();
                 // "Failed to deserialize query string: limit: invalid digit found in string"
-                let detail = text
-                    .split_once("query string: ")
-                    .map(|(_, d)| d.to_string())
-                    .unwrap_or(text);
+                let detail = text.split_once("query string: ").map(|(_, d)| d.to_string()).unwrap_or(text);
                 let (field, message) = match detail.split_once(": ") {
                     Some((f, m)) if !f.contains(' ') => (f.to_string(), m.to_string()),
                     _ => ("query".to_string(), detail.clone()),
                 };
                 let mut p = Problem::bad_request("invalid-query", detail);
-                p.errors
-                    .push(crate::problem::FieldProblem { field, message });
+                p.errors.push(crate::problem::FieldProblem { field, message });
                 Err(p)
             }
             Err(other) => Err(Problem::bad_request("invalid-query", other.body_text())),

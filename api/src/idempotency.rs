@@ -5,7 +5,8 @@
 //! gets that response again (`Idempotent-Replayed: true`) without new work.
 //! The same key with another request is a 422; while the first is still
 //! running, a 409. A request that failed is not saved: it did no work, so
-//! retrying it for real is both safe and what the caller wants.
+//! retrying it for real is both safe and what the caller wants. Neither is
+//! a response marked `Cache-Control: no-store` (a new token's secret).
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
@@ -24,15 +25,16 @@ pub async fn layer(State(s): State<AppState>, req: Request, next: Next) -> Respo
     if req.method() != Method::POST {
         return next.run(req).await;
     }
-    let Some(key) = req
-        .headers()
-        .get("idempotency-key")
-        .map(|v| v.to_str().map(str::to_string))
-    else {
+    let Some(key) = req.headers().get("idempotency-key").map(|v| v.to_str().map(str::to_string)) else {
         return next.run(req).await;
     };
     let Ok(key) = key else {
         return Problem::invalid("Idempotency-Key", "must be printable ASCII").into_response();
+    };
+    // Keys are per caller: two users may pick the same key.
+    let key = match req.extensions().get::<drover_domain::auth::Principal>() {
+        Some(p) => format!("{}:{key}", p.user_id),
+        None => key,
     };
     let (parts, body) = req.into_parts();
     let bytes = match to_bytes(body, BODY_LIMIT).await {
@@ -50,14 +52,7 @@ pub async fn layer(State(s): State<AppState>, req: Request, next: Next) -> Respo
     let mut h = Sha256::new();
     h.update(parts.method.as_str());
     h.update(b" ");
-    h.update(
-        parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("")
-            .as_bytes(),
-    );
+    h.update(parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("").as_bytes());
     h.update(b"\n");
     h.update(&bytes);
     let fingerprint = format!("{:x}", h.finalize());
@@ -65,19 +60,16 @@ pub async fn layer(State(s): State<AppState>, req: Request, next: Next) -> Respo
     match s.service.idempotency_begin(&key, &fingerprint).await {
         Ok(IdempotencyBegin::Proceed) => {}
         Ok(IdempotencyBegin::Replay(saved)) => return replay(saved),
-        Ok(IdempotencyBegin::Mismatch) => {
-            return Problem::from(Error::IdempotencyMismatch).into_response()
-        }
-        Ok(IdempotencyBegin::InProgress) => {
-            return Problem::from(Error::IdempotencyInProgress).into_response()
-        }
+        Ok(IdempotencyBegin::Mismatch) => return Problem::from(Error::IdempotencyMismatch).into_response(),
+        Ok(IdempotencyBegin::InProgress) => return Problem::from(Error::IdempotencyInProgress).into_response(),
         Err(e) => return Problem::from(e).into_response(),
     }
 
-    let response = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
-    if !response.status().is_success() {
+    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    let no_store = response.headers().get(header::CACHE_CONTROL).is_some_and(|v| v.as_bytes() == b"no-store");
+    if !response.status().is_success() || no_store {
+        // Failed requests did no work; `no-store` responses hold a secret
+        // that must not be kept for replay.
         if let Err(e) = s.service.idempotency_abandon(&key).await {
             tracing::warn!(error = %e, "could not release idempotency key");
         }
@@ -93,11 +85,7 @@ pub async fn layer(State(s): State<AppState>, req: Request, next: Next) -> Respo
     };
     let saved = SavedResponse {
         status: parts.status.as_u16(),
-        location: parts
-            .headers
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+        location: parts.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string),
         body: body.to_vec(),
     };
     if let Err(e) = s.service.idempotency_save(&key, &saved).await {
@@ -111,10 +99,7 @@ fn replay(saved: SavedResponse) -> Response {
     let status = StatusCode::from_u16(saved.status).unwrap_or(StatusCode::OK);
     let mut resp = (status, saved.body).into_response();
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert("idempotent-replayed", HeaderValue::from_static("true"));
     if let Some(loc) = saved.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
         h.insert(header::LOCATION, loc);

@@ -11,6 +11,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod app;
+pub mod auth;
 pub mod dto;
 pub mod extract;
 pub mod idempotency;

@@ -10,11 +10,7 @@ use drover_domain::engine::EngineConfig;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(
-    name = "drover",
-    version,
-    about = "Drover: an operations service that records every change"
-)]
+#[command(name = "drover", version, about = "Drover: an operations service that records every change")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,6 +44,14 @@ struct Serve {
     /// Serve the API only; leave runs to other replicas.
     #[arg(long, env = "DROVER_NO_WORKERS")]
     no_workers: bool,
+    /// The first admin's token, used on an empty database instead of a new
+    /// one (at least 32 characters).
+    #[arg(long, env = "DROVER_BOOTSTRAP_TOKEN", hide_env_values = true)]
+    bootstrap_token: Option<String>,
+    /// 64 hex digits sealing secret settings. Default: a key file created in
+    /// the data directory on first start.
+    #[arg(long, env = "DROVER_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
     /// Log format.
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -72,14 +76,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(s: Serve) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_env("DROVER_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let filter =
+        EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
     match s.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
     }
     let lease = Duration::from_secs(s.lease_secs.max(3));
     let engine = EngineConfig {
@@ -95,24 +96,25 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         database_url: s.database_url.clone(),
         engine,
         workers: !s.no_workers,
+        bootstrap_token: s.bootstrap_token.clone(),
+        secret_key: s.secret_key.clone(),
     };
     let server = drover_api::start(cfg).await?;
-    let store = s
-        .database_url
-        .as_deref()
-        .map(redact_url)
-        .unwrap_or_else(|| format!("sqlite in {}", s.data_dir.display()));
+    let store =
+        s.database_url.as_deref().map(redact_url).unwrap_or_else(|| format!("sqlite in {}", s.data_dir.display()));
     tracing::info!(addr = %server.addr, backend = server.backend, store = %store, "drover serving");
-    println!(
-        "drover listening on http://{} (store: {store}; docs: http://{}/docs)",
-        server.addr, server.addr
-    );
+    println!("drover listening on http://{} (store: {store}; docs: http://{}/docs)", server.addr, server.addr);
+    if let Some(token) = &server.bootstrap_token {
+        // Shown once, on the terminal only: never logged.
+        println!(
+            "\nThis is a new installation. Its first user is `admin`, with this API token (shown only now):\n\n    {token}\n\n\
+             Use it as `Authorization: Bearer <token>`; create users and their own tokens with it.\n"
+        );
+    }
     let stop = server.shutdown_signal();
     tokio::spawn(async move {
         shutdown_requested().await;
-        tracing::info!(
-            "shutting down: no new requests or runs; runs in flight resume on the next start"
-        );
+        tracing::info!("shutting down: no new requests or runs; runs in flight resume on the next start");
         let _ = stop.send(true);
     });
     server.wait().await?;
@@ -120,8 +122,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
 }
 
 async fn shutdown_requested() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

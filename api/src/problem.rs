@@ -42,12 +42,7 @@ pub struct FieldProblem {
 }
 
 impl Problem {
-    pub fn new(
-        status: StatusCode,
-        slug: &str,
-        title: &str,
-        detail: impl Into<Option<String>>,
-    ) -> Problem {
+    pub fn new(status: StatusCode, slug: &str, title: &str, detail: impl Into<Option<String>>) -> Problem {
         Problem {
             kind: format!("/problems/{slug}"),
             title: title.to_string(),
@@ -61,16 +56,8 @@ impl Problem {
     }
 
     pub fn invalid(field: &str, message: impl Into<String>) -> Problem {
-        let mut p = Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid-request",
-            "The request is invalid",
-            None,
-        );
-        p.errors.push(FieldProblem {
-            field: field.into(),
-            message: message.into(),
-        });
+        let mut p = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "The request is invalid", None);
+        p.errors.push(FieldProblem { field: field.into(), message: message.into() });
         p.detail = Some(format!("{field}: {}", p.errors[0].message));
         p
     }
@@ -93,12 +80,7 @@ impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/problem+json")],
-            body,
-        )
-            .into_response()
+        (status, [(header::CONTENT_TYPE, "application/problem+json")], body).into_response()
     }
 }
 
@@ -117,13 +99,19 @@ impl From<Error> for Problem {
     fn from(e: Error) -> Problem {
         use StatusCode as S;
         match e {
-            Error::NotFound { kind, key } => Problem::new(S::NOT_FOUND, "not-found", "Not found", format!("{kind} {key} not found")),
-            Error::AlreadyExists { kind, name } => {
-                Problem::new(S::CONFLICT, "already-exists", "Already exists", format!("a {kind} named {name:?} already exists"))
+            Error::NotFound { kind, key } => {
+                Problem::new(S::NOT_FOUND, "not-found", "Not found", format!("{kind} {key} not found"))
             }
+            Error::AlreadyExists { kind, name } => Problem::new(
+                S::CONFLICT,
+                "already-exists",
+                "Already exists",
+                format!("a {kind} named {name:?} already exists"),
+            ),
             Error::Invalid(fields) => {
                 let mut p = Problem::new(S::UNPROCESSABLE_ENTITY, "invalid-request", "The request is invalid", None);
-                p.detail = Some(fields.iter().map(|f| format!("{}: {}", f.field, f.message)).collect::<Vec<_>>().join("; "));
+                p.detail =
+                    Some(fields.iter().map(|f| format!("{}: {}", f.field, f.message)).collect::<Vec<_>>().join("; "));
                 p.errors = fields.into_iter().map(|f| FieldProblem { field: f.field, message: f.message }).collect();
                 p
             }
@@ -142,13 +130,25 @@ impl From<Error> for Problem {
                     S::CONFLICT,
                     "action-not-allowed",
                     "Action not allowed in this state",
-                    format!("a {kind} in state {state:?} cannot {action:?}; allowed: {}", if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }),
+                    format!(
+                        "a {kind} in state {state:?} cannot {action:?}; allowed: {}",
+                        if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }
+                    ),
                 );
                 p.current_state = Some(state);
                 p.allowed_actions = Some(allowed);
                 p
             }
             Error::Conflict(msg) => Problem::new(S::CONFLICT, "conflict", "Conflict", msg),
+            Error::Unauthenticated(why) => {
+                Problem::new(S::UNAUTHORIZED, "unauthenticated", "Authentication required", why)
+            }
+            Error::Forbidden { permission } => Problem::new(
+                S::FORBIDDEN,
+                "forbidden",
+                "Permission denied",
+                format!("this needs the permission {permission}, which none of your roles grants"),
+            ),
             Error::VersionMismatch { expected, current } => Problem::new(
                 S::PRECONDITION_FAILED,
                 "precondition-failed",

@@ -32,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::kinds::Kind;
 use crate::model::*;
 use crate::ports::{Job, Provider, ProviderError, RunContext, Store};
+use crate::settings::Settings;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -83,6 +84,7 @@ impl Providers {
 
 pub struct Engine {
     store: Arc<dyn Store>,
+    settings: std::sync::OnceLock<Arc<Settings>>,
     providers: Providers,
     cfg: EngineConfig,
     slots: Arc<Semaphore>,
@@ -99,12 +101,12 @@ enum Outcome {
 impl Engine {
     pub fn new(store: Arc<dyn Store>, providers: Providers, cfg: EngineConfig) -> Arc<Engine> {
         let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
-        Arc::new(Engine {
-            store,
-            providers,
-            cfg,
-            slots,
-        })
+        Arc::new(Engine { store, settings: Default::default(), providers, cfg, slots })
+    }
+
+    /// Lets runs hand their recorded settings to providers.
+    pub fn set_settings(&self, settings: Arc<Settings>) {
+        let _ = self.settings.set(settings);
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -113,10 +115,7 @@ impl Engine {
 
     /// Starts the claim loop, the reaper and the observer; they stop when
     /// `shutdown` turns true. Runs in flight are left to their leases.
-    pub fn spawn(
-        self: &Arc<Self>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
         let claimer = {
             let (engine, mut stop) = (self.clone(), shutdown.clone());
             tokio::spawn(async move { engine.claim_loop(&mut stop).await })
@@ -160,11 +159,7 @@ impl Engine {
                 _ = stop.changed() => return,
             };
             let want = 1 + self.slots.available_permits().min(31) as u32;
-            let claimed = match self
-                .store
-                .claim_runs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now())
-                .await
-            {
+            let claimed = match self.store.claim_runs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now()).await {
                 Ok(runs) => runs,
                 Err(e) => {
                     warn!(error = %e, cause = ?std::error::Error::source(&e), "claim failed; backing off");
@@ -187,12 +182,7 @@ impl Engine {
             for run in claimed {
                 let p = match permit.take() {
                     Some(p) => p,
-                    None => self
-                        .slots
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore never closes"),
+                    None => self.slots.clone().acquire_owned().await.expect("semaphore never closes"),
                 };
                 let engine = self.clone();
                 tokio::spawn(async move {
@@ -206,10 +196,7 @@ impl Engine {
     /// Claims one due run and executes it to the end; `None` when the queue
     /// had nothing due. Lets tests drive the engine step by step.
     pub async fn run_one(&self) -> Result<Option<Uuid>> {
-        let mut runs = self
-            .store
-            .claim_runs(&self.cfg.worker_id, self.cfg.lease, 1, Utc::now())
-            .await?;
+        let mut runs = self.store.claim_runs(&self.cfg.worker_id, self.cfg.lease, 1, Utc::now()).await?;
         match runs.pop() {
             Some(run) => {
                 let id = run.id;
@@ -234,11 +221,7 @@ impl Engine {
         for kind in Kind::ALL {
             let mut after = None;
             loop {
-                let page = match self
-                    .store
-                    .list_resources(kind, PageRequest { after, limit: 200 })
-                    .await
-                {
+                let page = match self.store.list_resources(kind, PageRequest { after, limit: 200 }).await {
                     Ok(p) => p,
                     Err(e) => {
                         warn!(error = %e, "observer could not list resources");
@@ -273,7 +256,8 @@ impl Engine {
     }
 
     async fn execute(&self, run: Run) {
-        let span = tracing::info_span!("run", run = %run.id, kind = %run.kind, action = %run.action, attempt = run.attempt);
+        let span =
+            tracing::info_span!("run", run = %run.id, kind = %run.kind, action = %run.action, attempt = run.attempt);
         self.execute_inner(run).instrument(span).await
     }
 
@@ -290,10 +274,7 @@ impl Engine {
         });
         ctx.event(NewEvent::info(
             "attempt",
-            format!(
-                "attempt {} of {} started on {}",
-                run.attempt, run.max_attempts, self.cfg.worker_id
-            ),
+            format!("attempt {} of {} started on {}", run.attempt, run.max_attempts, self.cfg.worker_id),
         ))
         .await;
 
@@ -332,43 +313,34 @@ impl Engine {
             .get_resource_by_id(run.resource_id)
             .await
             .map_err(store_err)?
-            .ok_or_else(|| {
-                ProviderError::fatal("resource_missing", "the resource no longer exists")
-            })?;
-        let provider = self
-            .providers
-            .get(&run.provider, run.kind)
-            .cloned()
-            .ok_or_else(|| {
-                ProviderError::fatal(
-                    "unknown_provider",
-                    format!("no provider {:?} for {} resources", run.provider, run.kind),
-                )
-            })?;
+            .ok_or_else(|| ProviderError::fatal("resource_missing", "the resource no longer exists"))?;
+        let provider = self.providers.get(&run.provider, run.kind).cloned().ok_or_else(|| {
+            ProviderError::fatal(
+                "unknown_provider",
+                format!("no provider {:?} for {} resources", run.provider, run.kind),
+            )
+        })?;
         let mut dependencies = Vec::new();
         for dep in run.kind.dependencies(&resource.spec, &run.action) {
-            let found = self
-                .store
-                .get_resource(dep.kind, &ResourceKey::parse(&dep.key))
-                .await
-                .map_err(store_err)?
-                .ok_or_else(|| {
-                    ProviderError::fatal(
-                        "dependency_missing",
-                        format!("{} {:?} does not exist", dep.kind, dep.key),
-                    )
-                })?;
+            let found =
+                self.store.get_resource(dep.kind, &ResourceKey::parse(&dep.key)).await.map_err(store_err)?.ok_or_else(
+                    || ProviderError::fatal("dependency_missing", format!("{} {:?} does not exist", dep.kind, dep.key)),
+                )?;
             if found.state != dep.required_state {
                 return Err(ProviderError::fatal(
                     "dependency_not_ready",
-                    format!(
-                        "{} {:?} is {}, needs {}",
-                        dep.kind, found.name, found.state, dep.required_state
-                    ),
+                    format!("{} {:?} is {}, needs {}", dep.kind, found.name, found.state, dep.required_state),
                 ));
             }
             dependencies.push(found);
         }
+        let settings = match (self.settings.get(), run.settings.as_array().is_some_and(|a| !a.is_empty())) {
+            (Some(s), true) => s.resolve(&run.settings).await.map_err(|e| match e {
+                Error::Store { .. } => ProviderError::retryable("store_unavailable", e.to_string()),
+                other => ProviderError::fatal("settings_unavailable", other.to_string()),
+            })?,
+            _ => Default::default(),
+        };
         let job = Job {
             run_id: run.id,
             attempt: run.attempt,
@@ -377,6 +349,7 @@ impl Engine {
             params: run.params.clone(),
             resource,
             dependencies,
+            settings,
         };
         Ok((provider, job))
     }
@@ -389,34 +362,19 @@ impl Engine {
                 RunStatus::Succeeded => (
                     run.ok_state.clone(),
                     None,
-                    NewEvent::info(
-                        "finish",
-                        format!("succeeded; {} is {}", run.kind, run.ok_state),
-                    ),
+                    NewEvent::info("finish", format!("succeeded; {} is {}", run.kind, run.ok_state)),
                 ),
                 _ => (
                     run.err_state.clone(),
                     None,
                     NewEvent::info(
                         "finish",
-                        format!(
-                            "{}: {}",
-                            status.as_str(),
-                            error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
-                        ),
+                        format!("{}: {}", status.as_str(), error.as_ref().map(|e| e.message.as_str()).unwrap_or("")),
                     )
                     .with_level(Level::Error),
                 ),
             };
-            Completion {
-                status,
-                resource_state: state,
-                outputs,
-                error,
-                spec,
-                event,
-                now,
-            }
+            Completion { status, resource_state: state, outputs, error, spec, event, now }
         };
         let completion = match outcome {
             Outcome::LeaseLost => {
@@ -433,18 +391,8 @@ impl Engine {
                 };
                 finish(RunStatus::Cancelled, Some(error), None)
             }
-            Outcome::Done(Err(ProviderError::Failed {
-                code,
-                message,
-                retryable,
-                detail,
-            })) => {
-                let error = RunError {
-                    code,
-                    message,
-                    retryable,
-                    detail,
-                };
+            Outcome::Done(Err(ProviderError::Failed { code, message, retryable, detail })) => {
+                let error = RunError { code, message, retryable, detail };
                 if error.retryable && run.attempt < run.max_attempts && !ctx.cancel_requested() {
                     let delay = self.backoff(run.attempt);
                     let after = now + chrono::Duration::from_std(delay).unwrap_or_default();
@@ -471,10 +419,7 @@ impl Engine {
                 RunStatus::Failed,
                 Some(RunError {
                     code: "timeout".into(),
-                    message: format!(
-                        "{} did not finish within its timeout of {}s",
-                        run.action, run.timeout_secs
-                    ),
+                    message: format!("{} did not finish within its timeout of {}s", run.action, run.timeout_secs),
                     retryable: false,
                     detail: None,
                 }),
@@ -499,9 +444,7 @@ impl Engine {
             // The spec change of a success (a scale's count) applies to the
             // spec as it is now.
             completion.spec = match self.store.get_resource_by_id(run.resource_id).await {
-                Ok(Some(r)) => run
-                    .kind
-                    .spec_after_success(&run.action, &run.params, &r.spec),
+                Ok(Some(r)) => run.kind.spec_after_success(&run.action, &run.params, &r.spec),
                 _ => None,
             };
         }
@@ -517,10 +460,7 @@ impl Engine {
     }
 
     fn backoff(&self, attempt: i32) -> Duration {
-        let exp = self
-            .cfg
-            .backoff_base
-            .saturating_mul(1u32 << (attempt.clamp(1, 16) - 1));
+        let exp = self.cfg.backoff_base.saturating_mul(1u32 << (attempt.clamp(1, 16) - 1));
         let capped = exp.min(self.cfg.backoff_max);
         // Up to 20% jitter so that runs failing together do not retry together.
         let jitter = (Uuid::new_v4().as_u128() % 1000) as f64 / 5000.0;
@@ -535,13 +475,7 @@ async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-async fn heartbeat_loop(
-    store: Arc<dyn Store>,
-    ctx: Arc<Ctx>,
-    lost: Arc<Notify>,
-    every: Duration,
-    lease: Duration,
-) {
+async fn heartbeat_loop(store: Arc<dyn Store>, ctx: Arc<Ctx>, lost: Arc<Notify>, every: Duration, lease: Duration) {
     loop {
         tokio::time::sleep(every).await;
         match store.heartbeat(ctx.lease, lease, Utc::now()).await {

@@ -19,10 +19,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -38,22 +35,20 @@ pub enum Error {
     Invalid(Vec<FieldError>),
 
     #[error("{kind} {resource} has an active transition {run}")]
-    Busy {
-        kind: Kind,
-        resource: Uuid,
-        run: Uuid,
-    },
+    Busy { kind: Kind, resource: Uuid, run: Uuid },
 
     #[error("action {action:?} is not allowed in state {state:?}")]
-    NotAllowed {
-        kind: Kind,
-        state: String,
-        action: String,
-        allowed: Vec<String>,
-    },
+    NotAllowed { kind: Kind, state: String, action: String, allowed: Vec<String> },
 
     #[error("{0}")]
     Conflict(String),
+
+    /// No usable credentials; the message says which check failed.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+
+    #[error("permission {permission} is required")]
+    Forbidden { permission: String },
 
     #[error("version mismatch: expected {expected}, current {current}")]
     VersionMismatch { expected: i64, current: i64 },
@@ -85,9 +80,6 @@ impl Error {
     }
 
     pub fn store(op: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Error::Store {
-            op,
-            source: Box::new(source),
-        }
+        Error::Store { op, source: Box::new(source) }
     }
 }

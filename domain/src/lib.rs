@@ -6,12 +6,14 @@
 //! `aws_sdk_*` or HTTP type. It is the one place that decides which state
 //! change is allowed; storage only carries out fenced writes.
 
+pub mod auth;
 pub mod engine;
 pub mod error;
 pub mod kinds;
 pub mod model;
 pub mod ports;
 pub mod service;
+pub mod settings;
 
 pub use error::{Error, FieldError, Result};
 pub use kinds::{Kind, Step};

@@ -25,6 +25,8 @@ pub struct Resource {
     pub outputs: Value,
     /// What the observer last saw of the real thing, if anything.
     pub observed: Option<Value>,
+    pub created_by: String,
+    pub updated_by: String,
     pub created_at: Time,
     pub updated_at: Time,
 }
@@ -36,6 +38,7 @@ pub struct NewResource {
     pub name: String,
     pub state: String,
     pub spec: Value,
+    pub actor: String,
     pub now: Time,
 }
 
@@ -75,13 +78,8 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
-    pub const ALL: [RunStatus; 5] = [
-        RunStatus::Queued,
-        RunStatus::Running,
-        RunStatus::Succeeded,
-        RunStatus::Failed,
-        RunStatus::Cancelled,
-    ];
+    pub const ALL: [RunStatus; 5] =
+        [RunStatus::Queued, RunStatus::Running, RunStatus::Succeeded, RunStatus::Failed, RunStatus::Cancelled];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -149,6 +147,8 @@ pub struct Run {
     pub error: Option<RunError>,
     pub cancel_requested_at: Option<Time>,
     pub cancel_requested_by: Option<String>,
+    /// The settings versions the run was asked with: `[{scope, key, version}]`.
+    pub settings: Value,
 }
 
 impl Run {
@@ -157,10 +157,7 @@ impl Run {
     }
 
     pub fn lease(&self) -> Option<Lease> {
-        Some(Lease {
-            run: self.id,
-            token: self.lease_token?,
-        })
+        Some(Lease { run: self.id, token: self.lease_token? })
     }
 }
 
@@ -183,6 +180,7 @@ pub struct NewRun {
     pub parent_run: Option<Uuid>,
     pub provider: String,
     pub timeout_secs: i64,
+    pub settings: Value,
     pub now: Time,
 }
 
@@ -244,13 +242,7 @@ pub struct NewEvent {
 
 impl NewEvent {
     pub fn info(step: impl Into<String>, message: impl Into<String>) -> NewEvent {
-        NewEvent {
-            at: Utc::now(),
-            level: Level::Info,
-            step: step.into(),
-            message: message.into(),
-            data: None,
-        }
+        NewEvent { at: Utc::now(), level: Level::Info, step: step.into(), message: message.into(), data: None }
     }
 
     pub fn with_level(mut self, level: Level) -> NewEvent {
@@ -318,4 +310,68 @@ pub enum IdempotencyBegin {
     Replay(SavedResponse),
     Mismatch,
     InProgress,
+}
+
+/// An API token. The secret itself is never stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub name: String,
+    /// The first characters of the secret, to recognise it by.
+    pub prefix: String,
+    pub expires_at: Option<Time>,
+    pub created_at: Time,
+    pub created_by: String,
+    pub revoked_at: Option<Time>,
+    pub revoked_by: Option<String>,
+    pub last_used_at: Option<Time>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    /// SHA-256 of the secret, hex.
+    pub hash: String,
+    pub expires_at: Option<Time>,
+    pub created_by: String,
+    pub now: Time,
+}
+
+/// One immutable version of a setting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettingVersion {
+    pub id: Uuid,
+    /// `global`, `environment:NAME` or `cluster:ID`.
+    pub scope: String,
+    pub key: String,
+    pub version: i64,
+    /// The value, when it is not secret.
+    pub value: Option<String>,
+    /// Nonce and ciphertext of a secret value.
+    pub sealed: Option<Vec<u8>>,
+    pub secret: bool,
+    /// A deletion: the key has no value from this version on.
+    pub deleted: bool,
+    pub actor: String,
+    pub reason: Option<String>,
+    pub created_at: Time,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSettingVersion {
+    pub id: Uuid,
+    pub scope: String,
+    pub key: String,
+    pub version: i64,
+    pub value: Option<String>,
+    pub sealed: Option<Vec<u8>>,
+    pub secret: bool,
+    pub deleted: bool,
+    pub actor: String,
+    pub reason: Option<String>,
+    pub now: Time,
 }

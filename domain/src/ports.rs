@@ -38,6 +38,7 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
         expected_version: i64,
         spec: &Value,
+        actor: &str,
         now: Time,
     ) -> Result<Resource>;
     /// Soft-deletes a resource in its final state; its runs stay.
@@ -54,51 +55,52 @@ pub trait Store: Send + Sync + 'static {
     async fn last_unsuccessful_run(&self, resource: Uuid) -> Result<Option<Run>>;
     /// Claims up to `limit` due runs for `worker`, moving each resource to
     /// its working state.
-    async fn claim_runs(
-        &self,
-        worker: &str,
-        lease: Duration,
-        limit: u32,
-        now: Time,
-    ) -> Result<Vec<Run>>;
+    async fn claim_runs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<Run>>;
     /// Extends a lease; `None` when it is lost, else whether a cancel was asked.
-    async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time)
-        -> Result<Option<bool>>;
+    async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>>;
     async fn append_event(&self, lease: Lease, event: &NewEvent) -> Result<()>;
     async fn complete_run(&self, lease: Lease, completion: &Completion) -> Result<()>;
     /// Puts a running run back in the queue to try again after `run_after`.
-    async fn retry_later(
-        &self,
-        lease: Lease,
-        run_after: Time,
-        error: &RunError,
-        event: &NewEvent,
-    ) -> Result<()>;
+    async fn retry_later(&self, lease: Lease, run_after: Time, error: &RunError, event: &NewEvent) -> Result<()>;
     /// Requeues (or, out of attempts, fails) runs whose lease lapsed.
     async fn reap_expired(&self, now: Time) -> Result<Vec<Uuid>>;
     /// Cancels a queued run at once; marks a running one for its worker.
-    async fn request_cancel(
-        &self,
-        run: Uuid,
-        actor: &str,
-        reason: Option<&str>,
-        now: Time,
-    ) -> Result<Run>;
+    async fn request_cancel(&self, run: Uuid, actor: &str, reason: Option<&str>, now: Time) -> Result<Run>;
     async fn list_events(&self, run: Uuid, after: i64, limit: u32) -> Result<Vec<RunEvent>>;
 
     // Idempotency.
-    async fn idempotency_begin(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        now: Time,
-    ) -> Result<IdempotencyBegin>;
+    async fn idempotency_begin(&self, key: &str, fingerprint: &str, now: Time) -> Result<IdempotencyBegin>;
     async fn idempotency_save(&self, key: &str, response: &SavedResponse, now: Time) -> Result<()>;
     async fn idempotency_abandon(&self, key: &str) -> Result<()>;
 
     /// Returns when new work may be due, or after `max` at the latest. A hint
     /// only: callers poll anyway.
     async fn wait_for_work(&self, max: Duration);
+}
+
+/// API tokens.
+#[async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    async fn insert_token(&self, t: &NewToken) -> Result<Token>;
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<Token>>;
+    async fn list_tokens(&self, user: Uuid) -> Result<Vec<Token>>;
+    /// Revokes a token of `user`; `None` if it has no such token.
+    async fn revoke_token(&self, user: Uuid, id: Uuid, actor: &str, now: Time) -> Result<Option<Token>>;
+    async fn touch_token(&self, id: Uuid, now: Time) -> Result<()>;
+}
+
+/// Setting versions: append-only.
+#[async_trait]
+pub trait SettingsStore: Send + Sync + 'static {
+    /// Adds a version; [`crate::Error::VersionMismatch`] if that version
+    /// number was taken meanwhile.
+    async fn insert_setting(&self, v: &NewSettingVersion) -> Result<SettingVersion>;
+    /// A given version, or the newest.
+    async fn setting(&self, scope: &str, key: &str, version: Option<i64>) -> Result<Option<SettingVersion>>;
+    /// Every version, oldest first.
+    async fn setting_history(&self, scope: &str, key: &str) -> Result<Vec<SettingVersion>>;
+    /// The newest version of every key of the given scopes (deletions included).
+    async fn current_settings(&self, scopes: &[String]) -> Result<Vec<SettingVersion>>;
 }
 
 /// What a provider is asked to do.
@@ -112,54 +114,33 @@ pub struct Job {
     pub resource: Resource,
     /// Resources the action depends on (a cluster's image), as they are now.
     pub dependencies: Vec<Resource>,
+    /// The settings the run was asked with, opened: key → value.
+    pub settings: std::collections::BTreeMap<String, String>,
 }
 
 /// A provider's failure, classified.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
     #[error("{message}")]
-    Failed {
-        code: String,
-        message: String,
-        retryable: bool,
-        detail: Option<Value>,
-    },
+    Failed { code: String, message: String, retryable: bool, detail: Option<Value> },
     #[error("cancelled")]
     Cancelled,
 }
 
 impl ProviderError {
     pub fn fatal(code: &str, message: impl Into<String>) -> ProviderError {
-        ProviderError::Failed {
-            code: code.to_string(),
-            message: message.into(),
-            retryable: false,
-            detail: None,
-        }
+        ProviderError::Failed { code: code.to_string(), message: message.into(), retryable: false, detail: None }
     }
 
     pub fn retryable(code: &str, message: impl Into<String>) -> ProviderError {
-        ProviderError::Failed {
-            code: code.to_string(),
-            message: message.into(),
-            retryable: true,
-            detail: None,
-        }
+        ProviderError::Failed { code: code.to_string(), message: message.into(), retryable: true, detail: None }
     }
 
     pub fn with_detail(self, d: Value) -> ProviderError {
         match self {
-            ProviderError::Failed {
-                code,
-                message,
-                retryable,
-                ..
-            } => ProviderError::Failed {
-                code,
-                message,
-                retryable,
-                detail: Some(d),
-            },
+            ProviderError::Failed { code, message, retryable, .. } => {
+                ProviderError::Failed { code, message, retryable, detail: Some(d) }
+            }
             other => other,
         }
     }

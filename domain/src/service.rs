@@ -12,6 +12,7 @@ use crate::error::{Error, FieldError, Result};
 use crate::kinds::{Kind, Step};
 use crate::model::*;
 use crate::ports::Store;
+use crate::settings::Settings;
 
 /// A request for a transition.
 #[derive(Debug, Clone)]
@@ -45,18 +46,15 @@ pub struct Problem {
 
 pub struct Service {
     store: Arc<dyn Store>,
+    settings: Arc<Settings>,
     max_attempts: i32,
     /// How long a queued, due run may wait before it is reported as stuck.
     stuck_after: chrono::Duration,
 }
 
 impl Service {
-    pub fn new(store: Arc<dyn Store>) -> Service {
-        Service {
-            store,
-            max_attempts: 3,
-            stuck_after: chrono::Duration::seconds(30),
-        }
+    pub fn new(store: Arc<dyn Store>, settings: Arc<Settings>) -> Service {
+        Service { store, settings, max_attempts: 3, stuck_after: chrono::Duration::seconds(30) }
     }
 
     pub fn backend(&self) -> &'static str {
@@ -67,9 +65,9 @@ impl Service {
         self.store.ping().await
     }
 
-    pub async fn create(&self, kind: Kind, name: &str, spec: &Value) -> Result<Resource> {
+    pub async fn create(&self, kind: Kind, name: &str, spec: &Value, actor: &str) -> Result<Resource> {
         let mut errors = validate_name(name).err().into_iter().collect::<Vec<_>>();
-        let spec = match kind.validate_spec(spec) {
+        let spec = match self.validate_spec(kind, spec).await {
             Ok(s) => Some(s),
             Err(Error::Invalid(mut f)) => {
                 errors.append(&mut f);
@@ -85,6 +83,7 @@ impl Service {
                     name: name.to_string(),
                     state: kind.initial_state().to_string(),
                     spec,
+                    actor: actor.to_string(),
                     now: Utc::now(),
                 };
                 self.store.insert_resource(&new).await
@@ -97,10 +96,7 @@ impl Service {
         self.store
             .get_resource(kind, &ResourceKey::parse(key))
             .await?
-            .ok_or_else(|| Error::NotFound {
-                kind: kind.as_str(),
-                key: key.to_string(),
-            })
+            .ok_or_else(|| Error::NotFound { kind: kind.as_str(), key: key.to_string() })
     }
 
     pub async fn overview(&self, kind: Kind, key: &str) -> Result<Overview> {
@@ -113,24 +109,12 @@ impl Service {
         let recent_runs = self
             .store
             .list_runs(
-                &RunFilter {
-                    resource: Some(resource.id),
-                    ..Default::default()
-                },
-                PageRequest {
-                    after: None,
-                    limit: 5,
-                },
+                &RunFilter { resource: Some(resource.id), ..Default::default() },
+                PageRequest { after: None, limit: 5 },
             )
             .await?;
-        let problem = diagnose(
-            &resource,
-            active_run.as_ref(),
-            active_events.last(),
-            &recent_runs,
-            self.stuck_after,
-            Utc::now(),
-        );
+        let problem =
+            diagnose(&resource, active_run.as_ref(), active_events.last(), &recent_runs, self.stuck_after, Utc::now());
         Ok(Overview {
             allowed_actions: kind.allowed_actions(&resource.state),
             resource,
@@ -147,6 +131,26 @@ impl Service {
         Ok(Page { items, next })
     }
 
+    /// The kind's own checks, and those that need the store: a user's
+    /// roles must exist.
+    async fn validate_spec(&self, kind: Kind, spec: &Value) -> Result<Value> {
+        let spec = kind.validate_spec(spec)?;
+        if kind == Kind::User {
+            let mut errors = Vec::new();
+            for (i, role) in spec["roles"].as_array().into_iter().flatten().enumerate() {
+                let name = role.as_str().unwrap_or_default();
+                let found = self.store.get_resource(Kind::Role, &ResourceKey::Name(name.into())).await?;
+                if found.is_none_or(|r| r.state != crate::kinds::role::State::Active.as_str()) {
+                    errors.push(FieldError::new(format!("spec.roles[{i}]"), format!("no role named {name:?}")));
+                }
+            }
+            if !errors.is_empty() {
+                return Err(Error::Invalid(errors));
+            }
+        }
+        Ok(spec)
+    }
+
     /// Applies a JSON merge patch (RFC 7396) to the spec.
     pub async fn patch_spec(
         &self,
@@ -154,29 +158,24 @@ impl Service {
         key: &str,
         patch: &Value,
         if_match: Option<i64>,
+        actor: &str,
     ) -> Result<Resource> {
         let current = self.get(kind, key).await?;
+        if kind == Kind::Role && crate::auth::is_builtin_role(&current.name) {
+            return Err(Error::Conflict(format!("role {} is built in and cannot be changed", current.name)));
+        }
         if let Some(expected) = if_match {
             if expected != current.version {
-                return Err(Error::VersionMismatch {
-                    expected,
-                    current: current.version,
-                });
+                return Err(Error::VersionMismatch { expected, current: current.version });
             }
         }
         if let Some(run) = self.store.active_run(current.id).await? {
-            return Err(Error::Busy {
-                kind,
-                resource: current.id,
-                run: run.id,
-            });
+            return Err(Error::Busy { kind, resource: current.id, run: run.id });
         }
         let mut spec = current.spec.clone();
         merge_patch(&mut spec, patch);
-        let spec = kind.validate_spec(&spec)?;
-        self.store
-            .update_spec(current.id, current.version, &spec, Utc::now())
-            .await
+        let spec = self.validate_spec(kind, &spec).await?;
+        self.store.update_spec(current.id, current.version, &spec, actor, Utc::now()).await
     }
 
     pub async fn delete(&self, kind: Kind, key: &str) -> Result<()> {
@@ -189,76 +188,44 @@ impl Service {
                 allowed: kind.allowed_actions(&r.state),
             });
         }
-        self.store
-            .delete_resource(r.id, kind.final_state(), Utc::now())
-            .await
+        self.store.delete_resource(r.id, kind.final_state(), Utc::now()).await
     }
 
     pub async fn request(&self, kind: Kind, key: &str, req: TransitionRequest) -> Result<Run> {
         let resource = self.get(kind, key).await?;
+        if kind == Kind::Role && crate::auth::is_builtin_role(&resource.name) {
+            return Err(Error::Conflict(format!("role {} is built in and cannot be deleted", resource.name)));
+        }
         if let Some(run) = self.store.active_run(resource.id).await? {
-            return Err(Error::Busy {
-                kind,
-                resource: resource.id,
-                run: run.id,
-            });
+            return Err(Error::Busy { kind, resource: resource.id, run: run.id });
         }
         if req.reason.as_ref().is_some_and(|r| r.len() > 2000) {
             return Err(Error::invalid("reason", "at most 2000 characters"));
         }
-        let (action, params, working, ok, err, parent) =
-            match kind.next(&resource.state, &req.action)? {
-                Step::Go { working, ok, err } => {
-                    let params = kind.validate_params(&req.action, &req.params)?;
-                    (
-                        req.action.clone(),
-                        params,
-                        working.to_string(),
-                        ok.to_string(),
-                        err.to_string(),
-                        None,
-                    )
-                }
-                Step::Retry => {
-                    let failed = self
-                        .store
-                        .last_unsuccessful_run(resource.id)
-                        .await?
-                        .ok_or_else(|| {
-                            Error::Conflict(format!(
-                                "{kind} {} has no failed run to retry",
-                                resource.name
-                            ))
-                        })?;
-                    // A retry repeats the failed run's action through that run's
-                    // own states; new params, when given, replace the old ones.
-                    let params = match &req.params {
-                        Value::Null => failed.params.clone(),
-                        Value::Object(m) if m.is_empty() => failed.params.clone(),
-                        p => kind.validate_params(&failed.action, p)?,
-                    };
-                    (
-                        failed.action,
-                        params,
-                        failed.working_state,
-                        failed.ok_state,
-                        failed.err_state,
-                        Some(failed.id),
-                    )
-                }
-            };
+        let (action, params, working, ok, err, parent) = match kind.next(&resource.state, &req.action)? {
+            Step::Go { working, ok, err } => {
+                let params = kind.validate_params(&req.action, &req.params)?;
+                (req.action.clone(), params, working.to_string(), ok.to_string(), err.to_string(), None)
+            }
+            Step::Retry => {
+                let failed =
+                    self.store.last_unsuccessful_run(resource.id).await?.ok_or_else(|| {
+                        Error::Conflict(format!("{kind} {} has no failed run to retry", resource.name))
+                    })?;
+                // A retry repeats the failed run's action through that run's
+                // own states; new params, when given, replace the old ones.
+                let params = match &req.params {
+                    Value::Null => failed.params.clone(),
+                    Value::Object(m) if m.is_empty() => failed.params.clone(),
+                    p => kind.validate_params(&failed.action, p)?,
+                };
+                (failed.action, params, failed.working_state, failed.ok_state, failed.err_state, Some(failed.id))
+            }
+        };
         for dep in kind.dependencies(&resource.spec, &action) {
-            let found = self
-                .store
-                .get_resource(dep.kind, &ResourceKey::parse(&dep.key))
-                .await?;
+            let found = self.store.get_resource(dep.kind, &ResourceKey::parse(&dep.key)).await?;
             match found {
-                None => {
-                    return Err(Error::invalid(
-                        dep.field,
-                        format!("no {} named {:?}", dep.kind, dep.key),
-                    ))
-                }
+                None => return Err(Error::invalid(dep.field, format!("no {} named {:?}", dep.kind, dep.key))),
                 Some(d) if d.state != dep.required_state => {
                     return Err(Error::Conflict(format!(
                         "{} {:?} is {}; {action} needs it {}",
@@ -274,6 +241,10 @@ impl Service {
             .and_then(Value::as_u64)
             .filter(|_| action == "build")
             .unwrap_or_else(|| kind.default_timeout_secs(&action));
+        let settings = match kind.takes_settings(&action) {
+            true => self.settings.refs_for(&resource).await?,
+            false => Value::Array(Vec::new()),
+        };
         let run = NewRun {
             id: Uuid::now_v7(),
             resource_id: resource.id,
@@ -292,32 +263,28 @@ impl Service {
             parent_run: parent,
             provider: kind.provider_of(&resource.spec),
             timeout_secs: timeout as i64,
+            settings,
             now: Utc::now(),
         };
         self.store.insert_run(&run).await
     }
 
+    /// The action a `retry` of this resource would repeat, if any.
+    pub async fn retry_action(&self, kind: Kind, key: &str) -> Result<Option<String>> {
+        let resource = self.get(kind, key).await?;
+        Ok(self.store.last_unsuccessful_run(resource.id).await?.map(|r| r.action))
+    }
+
     pub async fn cancel(&self, run: Uuid, actor: &str, reason: Option<&str>) -> Result<Run> {
         let current = self.run(run).await?;
         if current.status.is_terminal() {
-            return Err(Error::Conflict(format!(
-                "transition {run} already ended {}",
-                current.status.as_str()
-            )));
+            return Err(Error::Conflict(format!("transition {run} already ended {}", current.status.as_str())));
         }
-        self.store
-            .request_cancel(run, actor, reason, Utc::now())
-            .await
+        self.store.request_cancel(run, actor, reason, Utc::now()).await
     }
 
     pub async fn run(&self, id: Uuid) -> Result<Run> {
-        self.store
-            .get_run(id)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                kind: "transition",
-                key: id.to_string(),
-            })
+        self.store.get_run(id).await?.ok_or_else(|| Error::NotFound { kind: "transition", key: id.to_string() })
     }
 
     /// Waits up to `wait` for the run to end, then returns it as it is.
@@ -328,10 +295,7 @@ impl Service {
             if run.status.is_terminal() || tokio::time::Instant::now() >= deadline {
                 return Ok(run);
             }
-            tokio::time::sleep(
-                Duration::from_millis(100).min(deadline - tokio::time::Instant::now()),
-            )
-            .await;
+            tokio::time::sleep(Duration::from_millis(100).min(deadline - tokio::time::Instant::now())).await;
         }
     }
 
@@ -343,44 +307,23 @@ impl Service {
 
     /// Events after `after`; waits up to `wait` for one if there are none
     /// yet and the run is still going.
-    pub async fn events(
-        &self,
-        id: Uuid,
-        after: i64,
-        limit: u32,
-        wait: Duration,
-    ) -> Result<(Run, Vec<RunEvent>)> {
+    pub async fn events(&self, id: Uuid, after: i64, limit: u32, wait: Duration) -> Result<(Run, Vec<RunEvent>)> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let run = self.run(id).await?;
             let events = self.store.list_events(id, after, limit).await?;
-            if !events.is_empty()
-                || run.status.is_terminal()
-                || tokio::time::Instant::now() >= deadline
-            {
+            if !events.is_empty() || run.status.is_terminal() || tokio::time::Instant::now() >= deadline {
                 return Ok((run, events));
             }
-            tokio::time::sleep(
-                Duration::from_millis(100).min(deadline - tokio::time::Instant::now()),
-            )
-            .await;
+            tokio::time::sleep(Duration::from_millis(100).min(deadline - tokio::time::Instant::now())).await;
         }
     }
 
-    pub async fn idempotency_begin(
-        &self,
-        key: &str,
-        fingerprint: &str,
-    ) -> Result<IdempotencyBegin> {
+    pub async fn idempotency_begin(&self, key: &str, fingerprint: &str) -> Result<IdempotencyBegin> {
         if key.is_empty() || key.len() > 255 || key.chars().any(|c| c.is_control()) {
-            return Err(Error::invalid(
-                "Idempotency-Key",
-                "must be 1 to 255 printable characters",
-            ));
+            return Err(Error::invalid("Idempotency-Key", "must be 1 to 255 printable characters"));
         }
-        self.store
-            .idempotency_begin(key, fingerprint, Utc::now())
-            .await
+        self.store.idempotency_begin(key, fingerprint, Utc::now()).await
     }
 
     pub async fn idempotency_save(&self, key: &str, response: &SavedResponse) -> Result<()> {
@@ -397,19 +340,14 @@ impl Service {
 pub fn validate_name(name: &str) -> Result<(), FieldError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
         && Uuid::parse_str(name).is_err();
     if ok {
         Ok(())
     } else {
-        Err(FieldError::new(
-            "name",
-            "must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'",
-        ))
+        Err(FieldError::new("name", "must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"))
     }
 }
 
@@ -452,26 +390,18 @@ pub fn diagnose(
     now: Time,
 ) -> Option<Problem> {
     if let Some(run) = active {
-        let problem = |summary: String| {
-            Some(Problem {
-                summary,
-                run: Some(run.id),
-                error: run.error.clone(),
-            })
-        };
+        let problem = |summary: String| Some(Problem { summary, run: Some(run.id), error: run.error.clone() });
         if let Some(at) = run.cancel_requested_at {
             let by = run.cancel_requested_by.as_deref().unwrap_or("someone");
             if now - at > stuck_after {
-                return problem(format!("cancel requested by {by} at {at} has not taken effect yet; the provider is between steps"));
+                return problem(format!(
+                    "cancel requested by {by} at {at} has not taken effect yet; the provider is between steps"
+                ));
             }
         }
         match run.status {
             RunStatus::Queued if run.run_after > now => {
-                let why = run
-                    .error
-                    .as_ref()
-                    .map(|e| e.message.as_str())
-                    .unwrap_or("an earlier attempt failed");
+                let why = run.error.as_ref().map(|e| e.message.as_str()).unwrap_or("an earlier attempt failed");
                 return problem(format!(
                     "waiting to retry at {} (attempt {} of {}): {why}",
                     run.run_after,
@@ -493,13 +423,9 @@ pub fn diagnose(
                 ));
             }
             RunStatus::Running
-                if run
-                    .started_at
-                    .is_some_and(|t| now - t > chrono::Duration::seconds(run.timeout_secs / 2)) =>
+                if run.started_at.is_some_and(|t| now - t > chrono::Duration::seconds(run.timeout_secs / 2)) =>
             {
-                let doing = last_event
-                    .map(|e| format!("; last step: {}", e.message))
-                    .unwrap_or_default();
+                let doing = last_event.map(|e| format!("; last step: {}", e.message)).unwrap_or_default();
                 return problem(format!(
                     "{} has run for over half of its {}s timeout{doing}",
                     run.action, run.timeout_secs
@@ -513,24 +439,15 @@ pub fn diagnose(
         .as_ref()
         .filter(|o| o.get("healthy") == Some(&Value::Bool(false)))
         .and_then(|o| o.get("summary").and_then(Value::as_str))
-        .map(|s| Problem {
-            summary: s.to_string(),
-            run: None,
-            error: None,
-        });
+        .map(|s| Problem { summary: s.to_string(), run: None, error: None });
     if resource.state == "failed" {
-        let failed = recent
-            .iter()
-            .find(|r| matches!(r.status, RunStatus::Failed | RunStatus::Cancelled));
+        let failed = recent.iter().find(|r| matches!(r.status, RunStatus::Failed | RunStatus::Cancelled));
         return Some(match failed {
             Some(run) => Problem {
                 summary: format!(
                     "{} failed: {}",
                     run.action,
-                    run.error
-                        .as_ref()
-                        .map(|e| e.message.as_str())
-                        .unwrap_or("no error recorded")
+                    run.error.as_ref().map(|e| e.message.as_str()).unwrap_or("no error recorded")
                 ),
                 run: Some(run.id),
                 error: run.error.clone(),
@@ -554,16 +471,7 @@ mod tests {
     fn names() {
         assert!(validate_name("web-qa").is_ok());
         assert!(validate_name("a").is_ok());
-        for bad in [
-            "",
-            "-a",
-            "a-",
-            "Web",
-            "a_b",
-            "a b",
-            &"x".repeat(64),
-            "0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b",
-        ] {
+        for bad in ["", "-a", "a-", "Web", "a_b", "a b", &"x".repeat(64), "0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }

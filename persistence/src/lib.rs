@@ -5,6 +5,7 @@
 //! column or a `sqlx::Error`; constraint violations come out as typed domain
 //! errors (`AlreadyExists`, `Busy`, `StaleLease`).
 
+mod identity;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -16,7 +17,7 @@ pub mod testing;
 
 use std::sync::Arc;
 
-use drover_domain::ports::Store;
+use drover_domain::ports::{SettingsStore, Store, TokenStore};
 use drover_domain::{Error, Result};
 
 pub use postgres::PgStore;
@@ -25,14 +26,30 @@ pub use sqlite::SqliteStore;
 /// Opens the store a URL names (`postgres://…` or `sqlite://…`) and runs
 /// its migrations.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    Ok(open(url).await?.store)
+}
+
+/// Every port of one database.
+#[derive(Clone)]
+pub struct Stores {
+    pub store: Arc<dyn Store>,
+    pub tokens: Arc<dyn TokenStore>,
+    pub settings: Arc<dyn SettingsStore>,
+}
+
+fn stores<T: Store + TokenStore + SettingsStore>(s: T) -> Stores {
+    let s = Arc::new(s);
+    Stores { store: s.clone(), tokens: s.clone(), settings: s }
+}
+
+/// Opens the database a URL names (`postgres://…` or `sqlite://…`) and runs
+/// its migrations.
+pub async fn open(url: &str) -> Result<Stores> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PgStore::connect(url, 16).await?))
+        Ok(stores(PgStore::connect(url, 16).await?))
     } else if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::connect(url).await?))
+        Ok(stores(SqliteStore::connect(url).await?))
     } else {
-        Err(Error::invalid(
-            "database_url",
-            "must start with postgres:// or sqlite:",
-        ))
+        Err(Error::invalid("database_url", "must start with postgres:// or sqlite:"))
     }
 }

@@ -15,6 +15,7 @@ use sqlx::QueryBuilder;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::identity::impl_identity_stores;
 use crate::rows::*;
 use crate::store::{db, impl_store, is_unique, lease_len};
 use crate::time::Ts;
@@ -47,10 +48,7 @@ impl PgStore {
             .connect(url)
             .await
             .map_err(db("connect to Postgres"))?;
-        sqlx::migrate!("../migrations/postgres")
-            .run(&pool)
-            .await
-            .map_err(|e| Error::store("run migrations", e))?;
+        sqlx::migrate!("../migrations/postgres").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
         let wakeup = Arc::new(Notify::new());
         // The listener reconnects by itself; if it cannot start at all,
         // workers still poll.
@@ -80,3 +78,4 @@ impl PgStore {
 }
 
 impl_store!(PgStore, Postgres, backend = "postgres", claim = CLAIM);
+impl_identity_stores!(PgStore, Postgres);

@@ -20,6 +20,8 @@ pub(crate) struct ResourceRow {
     version: i64,
     outputs: Json<Value>,
     observed: Option<Json<Value>>,
+    created_by: String,
+    updated_by: String,
     created_at: Ts,
     updated_at: Ts,
 }
@@ -40,6 +42,8 @@ impl TryFrom<ResourceRow> for Resource {
             version: r.version,
             outputs: r.outputs.0,
             observed: r.observed.map(|j| j.0),
+            created_by: r.created_by,
+            updated_by: r.updated_by,
             created_at: r.created_at.0,
             updated_at: r.updated_at.0,
         })
@@ -79,6 +83,7 @@ pub(crate) struct RunRow {
     error: Option<Json<RunError>>,
     cancel_requested_at: Option<Ts>,
     cancel_requested_by: Option<String>,
+    settings: Json<Value>,
 }
 
 impl TryFrom<RunRow> for Run {
@@ -95,9 +100,8 @@ impl TryFrom<RunRow> for Run {
             working_state: r.working_state,
             ok_state: r.ok_state,
             err_state: r.err_state,
-            status: RunStatus::parse(&r.status).ok_or_else(|| {
-                Error::Internal(format!("unknown run status {:?} in store", r.status))
-            })?,
+            status: RunStatus::parse(&r.status)
+                .ok_or_else(|| Error::Internal(format!("unknown run status {:?} in store", r.status)))?,
             attempt: r.attempt,
             max_attempts: r.max_attempts,
             actor: r.actor,
@@ -118,6 +122,7 @@ impl TryFrom<RunRow> for Run {
             error: r.error.map(|j| j.0),
             cancel_requested_at: r.cancel_requested_at.map(|t| t.0),
             cancel_requested_by: r.cancel_requested_by,
+            settings: r.settings.0,
         })
     }
 }
@@ -161,4 +166,68 @@ pub(crate) struct IdempotencyRow {
 
 pub(crate) fn runs(rows: Vec<RunRow>) -> Result<Vec<Run>> {
     rows.into_iter().map(Run::try_from).collect()
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct TokenRow {
+    id: Uuid,
+    user_id: Uuid,
+    name: String,
+    prefix: String,
+    expires_at: Option<Ts>,
+    created_at: Ts,
+    created_by: String,
+    revoked_at: Option<Ts>,
+    revoked_by: Option<String>,
+    last_used_at: Option<Ts>,
+}
+
+impl From<TokenRow> for Token {
+    fn from(t: TokenRow) -> Token {
+        Token {
+            id: t.id,
+            user_id: t.user_id,
+            name: t.name,
+            prefix: t.prefix,
+            expires_at: t.expires_at.map(|x| x.0),
+            created_at: t.created_at.0,
+            created_by: t.created_by,
+            revoked_at: t.revoked_at.map(|x| x.0),
+            revoked_by: t.revoked_by,
+            last_used_at: t.last_used_at.map(|x| x.0),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct SettingRow {
+    id: Uuid,
+    scope: String,
+    key: String,
+    version: i64,
+    value: Option<String>,
+    sealed: Option<Vec<u8>>,
+    secret: bool,
+    deleted: bool,
+    actor: String,
+    reason: Option<String>,
+    created_at: Ts,
+}
+
+impl From<SettingRow> for SettingVersion {
+    fn from(s: SettingRow) -> SettingVersion {
+        SettingVersion {
+            id: s.id,
+            scope: s.scope,
+            key: s.key,
+            version: s.version,
+            value: s.value,
+            sealed: s.sealed,
+            secret: s.secret,
+            deleted: s.deleted,
+            actor: s.actor,
+            reason: s.reason,
+            created_at: s.created_at.0,
+        }
+    }
 }

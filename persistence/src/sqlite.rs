@@ -12,15 +12,13 @@ use drover_domain::kinds::Kind;
 use drover_domain::model::*;
 use drover_domain::{Error, Result};
 use serde_json::Value;
-use sqlx::sqlite::{
-    Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
+use sqlx::sqlite::{Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::types::Json;
 use sqlx::QueryBuilder;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::identity::impl_identity_stores;
 use crate::rows::*;
 use crate::store::{db, impl_store, is_unique, lease_len};
 use crate::time::Ts;
@@ -56,15 +54,10 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(db("open SQLite"))?;
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&pool)
-            .await
-            .map_err(|e| Error::store("run migrations", e))?;
-        Ok(SqliteStore {
-            pool,
-            wakeup: Arc::new(Notify::new()),
-        })
+        sqlx::migrate!("../migrations/sqlite").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
+        Ok(SqliteStore { pool, wakeup: Arc::new(Notify::new()) })
     }
 }
 
 impl_store!(SqliteStore, Sqlite, backend = "sqlite", claim = CLAIM);
+impl_identity_stores!(SqliteStore, Sqlite);

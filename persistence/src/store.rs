@@ -27,8 +27,9 @@ macro_rules! impl_store {
 
             async fn insert_resource(&self, r: &NewResource) -> Result<Resource> {
                 let row = sqlx::query_as::<_, ResourceRow>(
-                    "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $7) RETURNING *",
+                    "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at,
+                        created_by, updated_by)
+                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $7, $8, $8) RETURNING *",
                 )
                 .bind(r.id)
                 .bind(r.kind.as_str())
@@ -37,6 +38,7 @@ macro_rules! impl_store {
                 .bind(Json(&r.spec))
                 .bind(Json(serde_json::json!({})))
                 .bind(Ts(r.now))
+                .bind(&r.actor)
                 .fetch_one(&self.pool)
                 .await
                 .map_err(|e| match is_unique(&e) {
@@ -83,7 +85,14 @@ macro_rules! impl_store {
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
-            async fn update_spec(&self, id: Uuid, expected_version: i64, spec: &Value, now: Time) -> Result<Resource> {
+            async fn update_spec(
+                &self,
+                id: Uuid,
+                expected_version: i64,
+                spec: &Value,
+                actor: &str,
+                now: Time,
+            ) -> Result<Resource> {
                 let mut tx = self.pool.begin().await.map_err(db("begin"))?;
                 let active = sqlx::query_scalar::<_, Uuid>(
                     "SELECT id FROM runs WHERE resource_id = $1 AND status IN ('queued', 'running')",
@@ -93,13 +102,14 @@ macro_rules! impl_store {
                 .await
                 .map_err(db("find active run"))?;
                 let row = sqlx::query_as::<_, ResourceRow>(
-                    "UPDATE resources SET spec = $3, version = version + 1, updated_at = $4
+                    "UPDATE resources SET spec = $3, version = version + 1, updated_at = $4, updated_by = $5
                      WHERE id = $1 AND version = $2 AND deleted_at IS NULL RETURNING *",
                 )
                 .bind(id)
                 .bind(expected_version)
                 .bind(Json(spec))
                 .bind(Ts(now))
+                .bind(actor)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db("update spec"))?;
@@ -155,8 +165,8 @@ macro_rules! impl_store {
                 let inserted = sqlx::query_as::<_, RunRow>(
                     "INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state,
                         working_state, ok_state, err_state, status, attempt, max_attempts, actor, reason,
-                        idempotency_key, parent_run, provider, timeout_secs, created_at, run_after)
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', 0, $11, $12, $13, $14, $15, $16, $17, $18, $18
+                        idempotency_key, parent_run, provider, timeout_secs, created_at, run_after, settings)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', 0, $11, $12, $13, $14, $15, $16, $17, $18, $18, $19
                      WHERE EXISTS (SELECT 1 FROM resources WHERE id = $2 AND state = $7 AND deleted_at IS NULL)
                      RETURNING *",
                 )
@@ -178,6 +188,7 @@ macro_rules! impl_store {
                 .bind(&run.provider)
                 .bind(run.timeout_secs)
                 .bind(Ts(run.now))
+                .bind(Json(&run.settings))
                 .fetch_optional(&mut *tx)
                 .await;
                 let row = match inserted {
@@ -680,8 +691,7 @@ pub(crate) fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
 }
 
 pub(crate) fn is_unique(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .is_some_and(|d| d.is_unique_violation())
+    e.as_database_error().is_some_and(|d| d.is_unique_violation())
 }
 
 pub(crate) fn lease_len(d: std::time::Duration) -> chrono::Duration {

@@ -18,10 +18,7 @@ static SERVER: OnceLock<Result<String, String>> = OnceLock::new();
 
 /// A URL to a new, empty database.
 pub async fn fresh_postgres_database() -> String {
-    let admin = SERVER
-        .get_or_init(start_or_env)
-        .clone()
-        .unwrap_or_else(|e| panic!("no Postgres for tests: {e}"));
+    let admin = SERVER.get_or_init(start_or_env).clone().unwrap_or_else(|e| panic!("no Postgres for tests: {e}"));
     let name = format!("drover_test_{}", uuid::Uuid::new_v4().simple());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -47,14 +44,8 @@ pub async fn fresh_postgres_database() -> String {
 fn with_database(url: &str, db: &str) -> String {
     let (base, query) = url.split_once('?').map_or((url, ""), |(b, q)| (b, q));
     let after_scheme = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[after_scheme..]
-        .find('/')
-        .map_or(base.len(), |i| after_scheme + i);
-    let query = if query.is_empty() {
-        String::new()
-    } else {
-        format!("?{query}")
-    };
+    let host_end = base[after_scheme..].find('/').map_or(base.len(), |i| after_scheme + i);
+    let query = if query.is_empty() { String::new() } else { format!("?{query}") };
     format!("{}/{db}{query}", &base[..host_end])
 }
 
@@ -74,9 +65,7 @@ fn bindir() -> Result<PathBuf, String> {
             return Ok(dir);
         }
     }
-    for entry in std::fs::read_dir("/usr/lib/postgresql")
-        .map_err(|e| format!("no PostgreSQL binaries: {e}"))?
-    {
+    for entry in std::fs::read_dir("/usr/lib/postgresql").map_err(|e| format!("no PostgreSQL binaries: {e}"))? {
         let dir = entry.map_err(|e| e.to_string())?.path().join("bin");
         if dir.join("initdb").exists() {
             return Ok(dir);
@@ -87,11 +76,7 @@ fn bindir() -> Result<PathBuf, String> {
 
 fn start_server() -> Result<String, String> {
     let bin = bindir()?;
-    let dir = tempfile::Builder::new()
-        .prefix("drover-pg-")
-        .tempdir()
-        .map_err(|e| e.to_string())?
-        .keep();
+    let dir = tempfile::Builder::new().prefix("drover-pg-").tempdir().map_err(|e| e.to_string())?.keep();
     let data = dir.join("data");
     let root = nix_is_root();
     if root {
@@ -100,8 +85,7 @@ fn start_server() -> Result<String, String> {
     let as_user = |cmd: &Path| -> Command {
         if root {
             let mut c = Command::new("setpriv");
-            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-                .arg(cmd);
+            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"]).arg(cmd);
             c
         } else {
             Command::new(cmd)
@@ -114,18 +98,11 @@ fn start_server() -> Result<String, String> {
         .output()
         .map_err(|e| format!("initdb: {e}"))?;
     if !out.status.success() {
-        return Err(format!(
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
     }
     let port = free_port()?;
     let postgres = bin.join("postgres");
-    let prefix = if root {
-        "setpriv --reuid=nobody --regid=nogroup --clear-groups "
-    } else {
-        ""
-    };
+    let prefix = if root { "setpriv --reuid=nobody --regid=nogroup --clear-groups " } else { "" };
     // The watchdog outlives nothing: when the test process is gone, it stops
     // Postgres and removes the directory.
     let script = format!(
@@ -156,36 +133,20 @@ fn free_port() -> Result<u16, String> {
 }
 
 fn nix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
 fn chown_nobody(dir: &Path) -> Result<(), String> {
-    let ok = Command::new("chown")
-        .args(["-R", "nobody:nogroup"])
-        .arg(dir)
-        .status()
-        .map_err(|e| e.to_string())?;
-    ok.success()
-        .then_some(())
-        .ok_or_else(|| format!("chown {} failed", dir.display()))
+    let ok = Command::new("chown").args(["-R", "nobody:nogroup"]).arg(dir).status().map_err(|e| e.to_string())?;
+    ok.success().then_some(()).ok_or_else(|| format!("chown {} failed", dir.display()))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn replaces_the_database() {
-        assert_eq!(
-            super::with_database("postgres://u@h:1/postgres", "x"),
-            "postgres://u@h:1/x"
-        );
-        assert_eq!(
-            super::with_database("postgres://u@h:1", "x"),
-            "postgres://u@h:1/x"
-        );
+        assert_eq!(super::with_database("postgres://u@h:1/postgres", "x"), "postgres://u@h:1/x");
+        assert_eq!(super::with_database("postgres://u@h:1", "x"), "postgres://u@h:1/x");
         assert_eq!(
             super::with_database("postgres://u:p@h/db?sslmode=disable", "x"),
             "postgres://u:p@h/x?sslmode=disable"

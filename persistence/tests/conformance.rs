@@ -47,6 +47,7 @@ async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
             name: "web".into(),
             state: "pending".into(),
             spec: json!({}),
+            actor: "tester".into(),
             now: Utc::now(),
         })
         .await;
@@ -59,129 +60,51 @@ async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
             name: "web".into(),
             state: "pending".into(),
             spec: json!({}),
+            actor: "tester".into(),
             now: Utc::now(),
         })
         .await
         .unwrap();
-    let by_name = store
-        .get_resource(Kind::Cluster, &ResourceKey::Name("web".into()))
-        .await
-        .unwrap()
-        .unwrap();
-    let by_id = store
-        .get_resource(Kind::Cluster, &ResourceKey::Id(a.id))
-        .await
-        .unwrap()
-        .unwrap();
+    let by_name = store.get_resource(Kind::Cluster, &ResourceKey::Name("web".into())).await.unwrap().unwrap();
+    let by_id = store.get_resource(Kind::Cluster, &ResourceKey::Id(a.id)).await.unwrap().unwrap();
     assert_eq!(by_name, by_id);
     assert_eq!(by_name.spec, json!({"image": "img", "count": 1}));
-    assert!(store
-        .get_resource(Kind::Image, &ResourceKey::Id(a.id))
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.get_resource(Kind::Image, &ResourceKey::Id(a.id)).await.unwrap().is_none());
 }
 
 async fn resources_page_by_keyset(store: Arc<dyn Store>) {
     for i in 0..5 {
         cluster(&store, &format!("c{i}")).await;
     }
-    let first = store
-        .list_resources(
-            Kind::Cluster,
-            PageRequest {
-                after: None,
-                limit: 2,
-            },
-        )
-        .await
-        .unwrap();
-    let second = store
-        .list_resources(
-            Kind::Cluster,
-            PageRequest {
-                after: Some(first[1].id),
-                limit: 2,
-            },
-        )
-        .await
-        .unwrap();
-    let third = store
-        .list_resources(
-            Kind::Cluster,
-            PageRequest {
-                after: Some(second[1].id),
-                limit: 2,
-            },
-        )
-        .await
-        .unwrap();
-    let names: Vec<_> = first
-        .iter()
-        .chain(&second)
-        .chain(&third)
-        .map(|r| r.name.as_str())
-        .collect();
+    let first = store.list_resources(Kind::Cluster, PageRequest { after: None, limit: 2 }).await.unwrap();
+    let second = store.list_resources(Kind::Cluster, PageRequest { after: Some(first[1].id), limit: 2 }).await.unwrap();
+    let third = store.list_resources(Kind::Cluster, PageRequest { after: Some(second[1].id), limit: 2 }).await.unwrap();
+    let names: Vec<_> = first.iter().chain(&second).chain(&third).map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["c0", "c1", "c2", "c3", "c4"]);
 }
 
 async fn spec_updates_are_fenced_on_version_and_active_runs(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
-    let updated = store
-        .update_spec(r.id, 1, &json!({"image": "img", "count": 4}), Utc::now())
-        .await
-        .unwrap();
+    let updated = store.update_spec(r.id, 1, &json!({"image": "img", "count": 4}), "alice", Utc::now()).await.unwrap();
     assert_eq!(updated.version, 2);
+    assert_eq!((updated.created_by.as_str(), updated.updated_by.as_str()), ("tester", "alice"));
     assert_eq!(updated.spec["count"], 4);
-    let stale = store
-        .update_spec(r.id, 1, &json!({"count": 9}), Utc::now())
-        .await;
-    assert!(
-        matches!(
-            stale,
-            Err(Error::VersionMismatch {
-                expected: 1,
-                current: 2
-            })
-        ),
-        "{stale:?}"
-    );
-    let run = store
-        .insert_run(&new_run(&r, "create", "pending", "creating", "up"))
-        .await
-        .unwrap();
-    let busy = store
-        .update_spec(r.id, 2, &json!({"count": 9}), Utc::now())
-        .await;
-    assert!(
-        matches!(busy, Err(Error::Busy { run: id, .. }) if id == run.id),
-        "{busy:?}"
-    );
+    let stale = store.update_spec(r.id, 1, &json!({"count": 9}), "bob", Utc::now()).await;
+    assert!(matches!(stale, Err(Error::VersionMismatch { expected: 1, current: 2 })), "{stale:?}");
+    let run = store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
+    let busy = store.update_spec(r.id, 2, &json!({"count": 9}), "bob", Utc::now()).await;
+    assert!(matches!(busy, Err(Error::Busy { run: id, .. }) if id == run.id), "{busy:?}");
     let now = store.get_resource_by_id(r.id).await.unwrap().unwrap();
     assert_eq!(now.spec["count"], 4, "nothing half-written");
 }
 
 async fn one_active_run_per_resource(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
-    let first = store
-        .insert_run(&new_run(&r, "create", "pending", "creating", "up"))
-        .await
-        .unwrap();
+    let first = store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
     assert_eq!(first.status, RunStatus::Queued);
     assert_eq!(first.attempt, 0);
-    let second = store
-        .insert_run(&new_run(
-            &r,
-            "destroy",
-            "pending",
-            "destroying",
-            "destroyed",
-        ))
-        .await;
-    assert!(
-        matches!(second, Err(Error::Busy { run, .. }) if run == first.id),
-        "{second:?}"
-    );
+    let second = store.insert_run(&new_run(&r, "destroy", "pending", "destroying", "destroyed")).await;
+    assert!(matches!(second, Err(Error::Busy { run, .. }) if run == first.id), "{second:?}");
     assert_eq!(store.active_run(r.id).await.unwrap().unwrap().id, first.id);
     let events = store.list_events(first.id, 0, 100).await.unwrap();
     assert_eq!(events.len(), 1);
@@ -190,19 +113,14 @@ async fn one_active_run_per_resource(store: Arc<dyn Store>) {
 
 async fn a_run_needs_the_resource_in_its_from_state(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
-    let wrong = store
-        .insert_run(&new_run(&r, "scale", "up", "scaling", "up"))
-        .await;
+    let wrong = store.insert_run(&new_run(&r, "scale", "up", "scaling", "up")).await;
     assert!(matches!(wrong, Err(Error::Conflict(_))), "{wrong:?}");
     assert!(store.active_run(r.id).await.unwrap().is_none());
 }
 
 async fn claim_moves_the_resource_and_hands_out_a_lease(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
-    let run = store
-        .insert_run(&new_run(&r, "create", "pending", "creating", "up"))
-        .await
-        .unwrap();
+    let run = store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
     let claimed = store.claim_runs("w1", LEASE, 10, Utc::now()).await.unwrap();
     assert_eq!(claimed.len(), 1);
     let c = &claimed[0];
@@ -211,21 +129,11 @@ async fn claim_moves_the_resource_and_hands_out_a_lease(store: Arc<dyn Store>) {
     assert!(c.lease_token.is_some() && c.lease_expires_at.unwrap() > Utc::now());
     let res = store.get_resource_by_id(r.id).await.unwrap().unwrap();
     assert_eq!(res.state, "creating");
-    assert!(store
-        .claim_runs("w2", LEASE, 10, Utc::now())
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(store.claim_runs("w2", LEASE, 10, Utc::now()).await.unwrap().is_empty());
 
-    store
-        .complete_run(c.lease().unwrap(), &done(RunStatus::Succeeded, "up"))
-        .await
-        .unwrap();
+    store.complete_run(c.lease().unwrap(), &done(RunStatus::Succeeded, "up")).await.unwrap();
     let res = store.get_resource_by_id(r.id).await.unwrap().unwrap();
-    assert_eq!(
-        (res.state.as_str(), &res.outputs),
-        ("up", &json!({"ok": true}))
-    );
+    assert_eq!((res.state.as_str(), &res.outputs), ("up", &json!({"ok": true})));
     let fin = store.get_run(run.id).await.unwrap().unwrap();
     assert_eq!(fin.status, RunStatus::Succeeded);
     assert!(fin.finished_at.unwrap() >= fin.started_at.unwrap());
@@ -236,13 +144,7 @@ async fn racing_claims_never_share_a_run(store: Arc<dyn Store>) {
     let mut ids = HashSet::new();
     for i in 0..40 {
         let r = cluster(&store, &format!("c{i}")).await;
-        ids.insert(
-            store
-                .insert_run(&new_run(&r, "create", "pending", "creating", "up"))
-                .await
-                .unwrap()
-                .id,
-        );
+        ids.insert(store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap().id);
     }
     let mut tasks = Vec::new();
     for w in 0..4 {
@@ -250,10 +152,7 @@ async fn racing_claims_never_share_a_run(store: Arc<dyn Store>) {
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let got = store
-                    .claim_runs(&format!("w{w}"), LEASE, 3, Utc::now())
-                    .await
-                    .unwrap();
+                let got = store.claim_runs(&format!("w{w}"), LEASE, 3, Utc::now()).await.unwrap();
                 if got.is_empty() {
                     return mine;
                 }
@@ -272,129 +171,53 @@ async fn racing_claims_never_share_a_run(store: Arc<dyn Store>) {
 
 async fn writes_are_fenced_on_the_lease(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
-    store
-        .insert_run(&new_run(&r, "create", "pending", "creating", "up"))
-        .await
-        .unwrap();
-    let run = store
-        .claim_runs("w1", LEASE, 1, Utc::now())
-        .await
-        .unwrap()
-        .remove(0);
+    store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
+    let run = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
     let real = run.lease().unwrap();
-    let forged = Lease {
-        run: run.id,
-        token: uuid::Uuid::new_v4(),
-    };
-    assert!(store
-        .heartbeat(forged, LEASE, Utc::now())
-        .await
-        .unwrap()
-        .is_none());
+    let forged = Lease { run: run.id, token: uuid::Uuid::new_v4() };
+    assert!(store.heartbeat(forged, LEASE, Utc::now()).await.unwrap().is_none());
+    assert!(matches!(store.append_event(forged, &NewEvent::info("x", "y")).await, Err(Error::StaleLease { .. })));
     assert!(matches!(
-        store.append_event(forged, &NewEvent::info("x", "y")).await,
+        store.complete_run(forged, &done(RunStatus::Succeeded, "up")).await,
         Err(Error::StaleLease { .. })
     ));
-    assert!(matches!(
-        store
-            .complete_run(forged, &done(RunStatus::Succeeded, "up"))
-            .await,
-        Err(Error::StaleLease { .. })
-    ));
-    assert_eq!(
-        store.heartbeat(real, LEASE, Utc::now()).await.unwrap(),
-        Some(false)
-    );
-    store
-        .append_event(real, &NewEvent::info("step", "working"))
-        .await
-        .unwrap();
-    store
-        .complete_run(real, &done(RunStatus::Failed, "failed"))
-        .await
-        .unwrap();
+    assert_eq!(store.heartbeat(real, LEASE, Utc::now()).await.unwrap(), Some(false));
+    store.append_event(real, &NewEvent::info("step", "working")).await.unwrap();
+    store.complete_run(real, &done(RunStatus::Failed, "failed")).await.unwrap();
     // Completed runs are never written again, not even by their own worker.
-    assert!(matches!(
-        store
-            .complete_run(real, &done(RunStatus::Succeeded, "up"))
-            .await,
-        Err(Error::StaleLease { .. })
-    ));
-    assert!(store
-        .heartbeat(real, LEASE, Utc::now())
-        .await
-        .unwrap()
-        .is_none());
+    assert!(matches!(store.complete_run(real, &done(RunStatus::Succeeded, "up")).await, Err(Error::StaleLease { .. })));
+    assert!(store.heartbeat(real, LEASE, Utc::now()).await.unwrap().is_none());
     let fin = store.get_run(run.id).await.unwrap().unwrap();
     assert_eq!(fin.status, RunStatus::Failed);
-    assert_eq!(
-        store.get_resource_by_id(r.id).await.unwrap().unwrap().state,
-        "failed"
-    );
-    let steps: Vec<_> = store
-        .list_events(run.id, 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.step)
-        .collect();
+    assert_eq!(store.get_resource_by_id(r.id).await.unwrap().unwrap().state, "failed");
+    let steps: Vec<_> = store.list_events(run.id, 0, 100).await.unwrap().into_iter().map(|e| e.step).collect();
     assert_eq!(steps, ["request", "step", "finish"]);
 }
 
 async fn lapsed_leases_are_reaped_and_finished_once(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
-    store
-        .insert_run(&new_run(&r, "create", "pending", "creating", "up"))
-        .await
-        .unwrap();
+    store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
     let t0 = Utc::now();
-    let stale = store
-        .claim_runs("w1", Duration::from_secs(1), 1, t0)
-        .await
-        .unwrap()
-        .remove(0);
+    let stale = store.claim_runs("w1", Duration::from_secs(1), 1, t0).await.unwrap().remove(0);
     // Nothing is reaped while the lease holds.
     assert!(store.reap_expired(t0).await.unwrap().is_empty());
     let later = t0 + chrono::Duration::seconds(5);
     assert_eq!(store.reap_expired(later).await.unwrap(), vec![stale.id]);
-    assert!(
-        store.reap_expired(later).await.unwrap().is_empty(),
-        "reaped once"
-    );
+    assert!(store.reap_expired(later).await.unwrap().is_empty(), "reaped once");
     let requeued = store.get_run(stale.id).await.unwrap().unwrap();
     assert_eq!((requeued.status, requeued.attempt), (RunStatus::Queued, 1));
-    assert_eq!(
-        store.get_resource_by_id(r.id).await.unwrap().unwrap().state,
-        "creating"
-    );
+    assert_eq!(store.get_resource_by_id(r.id).await.unwrap().unwrap().state, "creating");
 
-    let fresh = store
-        .claim_runs("w2", LEASE, 1, later)
-        .await
-        .unwrap()
-        .remove(0);
+    let fresh = store.claim_runs("w2", LEASE, 1, later).await.unwrap().remove(0);
     assert_eq!((fresh.id, fresh.attempt), (stale.id, 2));
     // The stalled worker wakes up and tries to finish: fenced out.
-    let late = store
-        .complete_run(stale.lease().unwrap(), &done(RunStatus::Succeeded, "up"))
-        .await;
+    let late = store.complete_run(stale.lease().unwrap(), &done(RunStatus::Succeeded, "up")).await;
     assert!(matches!(late, Err(Error::StaleLease { .. })), "{late:?}");
-    store
-        .complete_run(fresh.lease().unwrap(), &done(RunStatus::Succeeded, "up"))
-        .await
-        .unwrap();
+    store.complete_run(fresh.lease().unwrap(), &done(RunStatus::Succeeded, "up")).await.unwrap();
     let fin = store.get_run(stale.id).await.unwrap().unwrap();
-    assert_eq!(
-        (fin.status, fin.worker.as_deref()),
-        (RunStatus::Succeeded, Some("w2"))
-    );
-    let finishes = store
-        .list_events(stale.id, 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.step == "finish")
-        .count();
+    assert_eq!((fin.status, fin.worker.as_deref()), (RunStatus::Succeeded, Some("w2")));
+    let finishes =
+        store.list_events(stale.id, 0, 100).await.unwrap().into_iter().filter(|e| e.step == "finish").count();
     assert_eq!(finishes, 1);
 }
 
@@ -404,322 +227,99 @@ async fn reaping_out_of_attempts_fails_the_run(store: Arc<dyn Store>) {
     nr.max_attempts = 1;
     store.insert_run(&nr).await.unwrap();
     let t0 = Utc::now();
-    store
-        .claim_runs("w1", Duration::from_secs(1), 1, t0)
-        .await
-        .unwrap();
-    store
-        .reap_expired(t0 + chrono::Duration::seconds(5))
-        .await
-        .unwrap();
+    store.claim_runs("w1", Duration::from_secs(1), 1, t0).await.unwrap();
+    store.reap_expired(t0 + chrono::Duration::seconds(5)).await.unwrap();
     let fin = store.get_run(nr.id).await.unwrap().unwrap();
     assert_eq!(fin.status, RunStatus::Failed);
     assert_eq!(fin.error.unwrap().code, "lease_expired");
-    assert_eq!(
-        store.get_resource_by_id(r.id).await.unwrap().unwrap().state,
-        "failed"
-    );
+    assert_eq!(store.get_resource_by_id(r.id).await.unwrap().unwrap().state, "failed");
 }
 
 async fn retry_later_requeues_with_a_delay(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
-    store
-        .insert_run(&new_run(&r, "create", "pending", "creating", "up"))
-        .await
-        .unwrap();
+    store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
     let t0 = Utc::now();
-    let run = store
-        .claim_runs("w1", LEASE, 1, t0)
-        .await
-        .unwrap()
-        .remove(0);
-    let err = RunError {
-        code: "throttled".into(),
-        message: "slow down".into(),
-        retryable: true,
-        detail: None,
-    };
+    let run = store.claim_runs("w1", LEASE, 1, t0).await.unwrap().remove(0);
+    let err = RunError { code: "throttled".into(), message: "slow down".into(), retryable: true, detail: None };
     let after = t0 + chrono::Duration::seconds(10);
-    store
-        .retry_later(
-            run.lease().unwrap(),
-            after,
-            &err,
-            &NewEvent::info("retry", "later"),
-        )
-        .await
-        .unwrap();
-    assert!(
-        store
-            .claim_runs("w1", LEASE, 1, t0)
-            .await
-            .unwrap()
-            .is_empty(),
-        "not due yet"
-    );
+    store.retry_later(run.lease().unwrap(), after, &err, &NewEvent::info("retry", "later")).await.unwrap();
+    assert!(store.claim_runs("w1", LEASE, 1, t0).await.unwrap().is_empty(), "not due yet");
     let q = store.get_run(run.id).await.unwrap().unwrap();
-    assert_eq!(
-        (q.status, q.error.as_ref().map(|e| e.code.as_str())),
-        (RunStatus::Queued, Some("throttled"))
-    );
-    let again = store
-        .claim_runs("w1", LEASE, 1, after)
-        .await
-        .unwrap()
-        .remove(0);
+    assert_eq!((q.status, q.error.as_ref().map(|e| e.code.as_str())), (RunStatus::Queued, Some("throttled")));
+    let again = store.claim_runs("w1", LEASE, 1, after).await.unwrap().remove(0);
     assert_eq!(again.attempt, 2);
     assert_ne!(again.lease_token, run.lease_token);
 }
 
 async fn cancel_of_a_queued_run_ends_it(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
-    let run = store
-        .insert_run(&new_run(&r, "create", "pending", "creating", "up"))
-        .await
-        .unwrap();
-    let c = store
-        .request_cancel(run.id, "alice", Some("wrong cluster"), Utc::now())
-        .await
-        .unwrap();
+    let run = store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
+    let c = store.request_cancel(run.id, "alice", Some("wrong cluster"), Utc::now()).await.unwrap();
     assert_eq!(c.status, RunStatus::Cancelled);
     assert_eq!(c.cancel_requested_by.as_deref(), Some("alice"));
     // Never started, so the resource never left its state.
-    assert_eq!(
-        store.get_resource_by_id(r.id).await.unwrap().unwrap().state,
-        "pending"
-    );
-    assert!(store
-        .claim_runs("w1", LEASE, 1, Utc::now())
-        .await
-        .unwrap()
-        .is_empty());
-    let last = store
-        .list_events(run.id, 0, 100)
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
-    assert_eq!(
-        last.message,
-        "cancelled by alice while queued: wrong cluster"
-    );
+    assert_eq!(store.get_resource_by_id(r.id).await.unwrap().unwrap().state, "pending");
+    assert!(store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().is_empty());
+    let last = store.list_events(run.id, 0, 100).await.unwrap().pop().unwrap();
+    assert_eq!(last.message, "cancelled by alice while queued: wrong cluster");
 }
 
 async fn cancel_of_a_running_run_is_seen_by_the_heartbeat(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
-    store
-        .insert_run(&new_run(&r, "create", "pending", "creating", "up"))
-        .await
-        .unwrap();
-    let run = store
-        .claim_runs("w1", LEASE, 1, Utc::now())
-        .await
-        .unwrap()
-        .remove(0);
-    let c = store
-        .request_cancel(run.id, "bob", None, Utc::now())
-        .await
-        .unwrap();
-    assert_eq!(
-        c.status,
-        RunStatus::Running,
-        "a running run stops cooperatively"
-    );
+    store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
+    let run = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+    let c = store.request_cancel(run.id, "bob", None, Utc::now()).await.unwrap();
+    assert_eq!(c.status, RunStatus::Running, "a running run stops cooperatively");
     assert!(c.cancel_requested_at.is_some());
-    assert_eq!(
-        store
-            .heartbeat(run.lease().unwrap(), LEASE, Utc::now())
-            .await
-            .unwrap(),
-        Some(true)
-    );
+    assert_eq!(store.heartbeat(run.lease().unwrap(), LEASE, Utc::now()).await.unwrap(), Some(true));
 }
 
 async fn idempotency_keys_replay_and_refuse_mismatches(store: Arc<dyn Store>) {
     let now = Utc::now();
-    assert_eq!(
-        store.idempotency_begin("k1", "f1", now).await.unwrap(),
-        IdempotencyBegin::Proceed
-    );
-    assert_eq!(
-        store.idempotency_begin("k1", "f1", now).await.unwrap(),
-        IdempotencyBegin::InProgress
-    );
-    assert_eq!(
-        store.idempotency_begin("k1", "f2", now).await.unwrap(),
-        IdempotencyBegin::Mismatch
-    );
-    let saved = SavedResponse {
-        status: 202,
-        location: Some("/v1/transitions/x".into()),
-        body: b"{\"a\":1}".to_vec(),
-    };
+    assert_eq!(store.idempotency_begin("k1", "f1", now).await.unwrap(), IdempotencyBegin::Proceed);
+    assert_eq!(store.idempotency_begin("k1", "f1", now).await.unwrap(), IdempotencyBegin::InProgress);
+    assert_eq!(store.idempotency_begin("k1", "f2", now).await.unwrap(), IdempotencyBegin::Mismatch);
+    let saved = SavedResponse { status: 202, location: Some("/v1/transitions/x".into()), body: b"{\"a\":1}".to_vec() };
     store.idempotency_save("k1", &saved, now).await.unwrap();
-    assert_eq!(
-        store.idempotency_begin("k1", "f1", now).await.unwrap(),
-        IdempotencyBegin::Replay(saved)
-    );
+    assert_eq!(store.idempotency_begin("k1", "f1", now).await.unwrap(), IdempotencyBegin::Replay(saved));
     // An abandoned key (the request failed) can be used again.
-    assert_eq!(
-        store.idempotency_begin("k2", "f", now).await.unwrap(),
-        IdempotencyBegin::Proceed
-    );
+    assert_eq!(store.idempotency_begin("k2", "f", now).await.unwrap(), IdempotencyBegin::Proceed);
     store.idempotency_abandon("k2").await.unwrap();
-    assert_eq!(
-        store.idempotency_begin("k2", "f", now).await.unwrap(),
-        IdempotencyBegin::Proceed
-    );
+    assert_eq!(store.idempotency_begin("k2", "f", now).await.unwrap(), IdempotencyBegin::Proceed);
     // A pending key whose server died is taken over after a while.
     let later = now + chrono::Duration::minutes(10);
-    assert_eq!(
-        store.idempotency_begin("k2", "f", later).await.unwrap(),
-        IdempotencyBegin::Proceed
-    );
+    assert_eq!(store.idempotency_begin("k2", "f", later).await.unwrap(), IdempotencyBegin::Proceed);
 }
 
 async fn runs_list_by_filters_newest_first(store: Arc<dyn Store>) {
     let a = cluster(&store, "a").await;
     let b = cluster(&store, "b").await;
-    let ra = store
-        .insert_run(&new_run(&a, "create", "pending", "creating", "up"))
-        .await
-        .unwrap();
-    let rb = store
-        .insert_run(&new_run(
-            &b,
-            "destroy",
-            "pending",
-            "destroying",
-            "destroyed",
-        ))
-        .await
-        .unwrap();
-    let all = store
-        .list_runs(
-            &RunFilter::default(),
-            PageRequest {
-                after: None,
-                limit: 10,
-            },
-        )
-        .await
-        .unwrap();
+    let ra = store.insert_run(&new_run(&a, "create", "pending", "creating", "up")).await.unwrap();
+    let rb = store.insert_run(&new_run(&b, "destroy", "pending", "destroying", "destroyed")).await.unwrap();
+    let all = store.list_runs(&RunFilter::default(), PageRequest { after: None, limit: 10 }).await.unwrap();
     assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), [rb.id, ra.id]);
-    let f = RunFilter {
-        action: Some("create".into()),
-        ..Default::default()
-    };
-    assert_eq!(
-        store
-            .list_runs(
-                &f,
-                PageRequest {
-                    after: None,
-                    limit: 10
-                }
-            )
-            .await
-            .unwrap()[0]
-            .id,
-        ra.id
-    );
-    let f = RunFilter {
-        resource: Some(b.id),
-        status: Some(RunStatus::Queued),
-        ..Default::default()
-    };
-    assert_eq!(
-        store
-            .list_runs(
-                &f,
-                PageRequest {
-                    after: None,
-                    limit: 10
-                }
-            )
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
-    let f = RunFilter {
-        status: Some(RunStatus::Running),
-        ..Default::default()
-    };
-    assert!(store
-        .list_runs(
-            &f,
-            PageRequest {
-                after: None,
-                limit: 10
-            }
-        )
-        .await
-        .unwrap()
-        .is_empty());
-    let f = RunFilter {
-        until: Some(ra.created_at - chrono::Duration::seconds(1)),
-        ..Default::default()
-    };
-    assert!(store
-        .list_runs(
-            &f,
-            PageRequest {
-                after: None,
-                limit: 10
-            }
-        )
-        .await
-        .unwrap()
-        .is_empty());
-    let page2 = store
-        .list_runs(
-            &RunFilter::default(),
-            PageRequest {
-                after: Some(rb.id),
-                limit: 10,
-            },
-        )
-        .await
-        .unwrap();
+    let f = RunFilter { action: Some("create".into()), ..Default::default() };
+    assert_eq!(store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap()[0].id, ra.id);
+    let f = RunFilter { resource: Some(b.id), status: Some(RunStatus::Queued), ..Default::default() };
+    assert_eq!(store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().len(), 1);
+    let f = RunFilter { status: Some(RunStatus::Running), ..Default::default() };
+    assert!(store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().is_empty());
+    let f = RunFilter { until: Some(ra.created_at - chrono::Duration::seconds(1)), ..Default::default() };
+    assert!(store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().is_empty());
+    let page2 = store.list_runs(&RunFilter::default(), PageRequest { after: Some(rb.id), limit: 10 }).await.unwrap();
     assert_eq!(page2.iter().map(|r| r.id).collect::<Vec<_>>(), [ra.id]);
 }
 
 async fn deleted_resources_keep_their_history(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
     let wrong = store.delete_resource(r.id, "destroyed", Utc::now()).await;
-    assert!(
-        matches!(wrong, Err(Error::Conflict(_))),
-        "only in the final state"
-    );
-    let run = store
-        .insert_run(&new_run(
-            &r,
-            "destroy",
-            "pending",
-            "destroying",
-            "destroyed",
-        ))
-        .await
-        .unwrap();
-    let c = store
-        .claim_runs("w", LEASE, 1, Utc::now())
-        .await
-        .unwrap()
-        .remove(0);
-    store
-        .complete_run(c.lease().unwrap(), &done(RunStatus::Succeeded, "destroyed"))
-        .await
-        .unwrap();
-    store
-        .delete_resource(r.id, "destroyed", Utc::now())
-        .await
-        .unwrap();
+    assert!(matches!(wrong, Err(Error::Conflict(_))), "only in the final state");
+    let run = store.insert_run(&new_run(&r, "destroy", "pending", "destroying", "destroyed")).await.unwrap();
+    let c = store.claim_runs("w", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+    store.complete_run(c.lease().unwrap(), &done(RunStatus::Succeeded, "destroyed")).await.unwrap();
+    store.delete_resource(r.id, "destroyed", Utc::now()).await.unwrap();
     assert!(store.get_resource_by_id(r.id).await.unwrap().is_none());
-    assert_eq!(
-        store.get_run(run.id).await.unwrap().unwrap().status,
-        RunStatus::Succeeded
-    );
+    assert_eq!(store.get_run(run.id).await.unwrap().unwrap().status, RunStatus::Succeeded);
     // The name is free again.
     cluster(&store, "web").await;
 }

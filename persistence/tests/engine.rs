@@ -45,8 +45,7 @@ impl Provider for Scripted {
             *n += 1;
             *n
         };
-        ctx.event(NewEvent::info("script", format!("attempt {attempt}")))
-            .await;
+        ctx.event(NewEvent::info("script", format!("attempt {attempt}"))).await;
         let name = job.resource.name.as_str();
         if name.starts_with("stall") && attempt == 1 {
             self.release.notified().await;
@@ -59,15 +58,11 @@ impl Provider for Scripted {
         } else if name.starts_with("hang") {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         } else if name.starts_with("flaky") && attempt < 3 {
-            return Err(ProviderError::retryable(
-                "throttled",
-                format!("throttled on attempt {attempt}"),
-            ));
+            return Err(ProviderError::retryable("throttled", format!("throttled on attempt {attempt}")));
         } else if name.starts_with("broken") {
             return Err(ProviderError::retryable("unavailable", "always down"));
         } else if name.starts_with("fatal") {
-            return Err(ProviderError::fatal("bad_spec", "the spec cannot work")
-                .with_detail(json!({"why": "test"})));
+            return Err(ProviderError::fatal("bad_spec", "the spec cannot work").with_detail(json!({"why": "test"})));
         } else if name.starts_with("panic") {
             panic!("provider bug");
         }
@@ -116,12 +111,7 @@ async fn wait_terminal(store: &Arc<dyn Store>, id: Uuid) -> Run {
 }
 
 async fn state_of(store: &Arc<dyn Store>, run: &Run) -> String {
-    store
-        .get_resource_by_id(run.resource_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .state
+    store.get_resource_by_id(run.resource_id).await.unwrap().unwrap().state
 }
 
 both_backends!(
@@ -145,25 +135,14 @@ async fn notify_wakes_workers_of_other_replicas() {
     let p = Arc::new(Scripted::default());
     let poll = Duration::from_secs(120);
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let tasks = engine(
-        &worker_side,
-        &p,
-        EngineConfig {
-            poll,
-            ..config("idle")
-        },
-    )
-    .spawn(rx);
+    let tasks = engine(&worker_side, &p, EngineConfig { poll, ..config("idle") }).spawn(rx);
     // Let the worker go idle on an empty queue first.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let run = queue(&api_side, "ok-notify", 60).await;
     let started = std::time::Instant::now();
     let fin = wait_terminal(&api_side, run.id).await;
     assert_eq!(fin.status, RunStatus::Succeeded);
-    assert!(
-        started.elapsed() < poll / 4,
-        "woken by NOTIFY, not by the {poll:?} poll"
-    );
+    assert!(started.elapsed() < poll / 4, "woken by NOTIFY, not by the {poll:?} poll");
     stop.send(true).unwrap();
     for t in tasks {
         t.abort();
@@ -183,13 +162,7 @@ async fn racing_workers_run_each_transition_once(store: Arc<dyn Store>) {
     for run in &runs {
         let fin = wait_terminal(&store, run.id).await;
         assert_eq!(fin.status, RunStatus::Succeeded);
-        assert_eq!(
-            p.done(run.id),
-            1,
-            "run {} did its work {} times",
-            run.id,
-            p.done(run.id)
-        );
+        assert_eq!(p.done(run.id), 1, "run {} did its work {} times", run.id, p.done(run.id));
         assert_eq!(state_of(&store, run).await, "destroyed");
         workers.insert(fin.worker.clone().unwrap());
     }
@@ -208,11 +181,7 @@ async fn a_stalled_worker_is_fenced_out_and_the_run_finishes_once(store: Arc<dyn
     let stalled = engine(
         &store,
         &p,
-        EngineConfig {
-            lease: Duration::from_secs(1),
-            heartbeat: Duration::from_secs(600),
-            ..config("a")
-        },
+        EngineConfig { lease: Duration::from_secs(1), heartbeat: Duration::from_secs(600), ..config("a") },
     );
     let a = tokio::spawn({
         let stalled = stalled.clone();
@@ -234,21 +203,10 @@ async fn a_stalled_worker_is_fenced_out_and_the_run_finishes_once(store: Arc<dyn
     p.release.notify_one();
     assert_eq!(a.await.unwrap(), Some(run.id));
     let fin = store.get_run(run.id).await.unwrap().unwrap();
-    assert_eq!(
-        (fin.status, fin.worker.as_deref(), fin.attempt),
-        (RunStatus::Succeeded, Some("b"), 2)
-    );
-    assert_eq!(
-        fin.outputs,
-        Some(json!({"attempt": 2})),
-        "B's result is the one on record"
-    );
+    assert_eq!((fin.status, fin.worker.as_deref(), fin.attempt), (RunStatus::Succeeded, Some("b"), 2));
+    assert_eq!(fin.outputs, Some(json!({"attempt": 2})), "B's result is the one on record");
     let events = store.list_events(run.id, 0, 1000).await.unwrap();
-    assert_eq!(
-        events.iter().filter(|e| e.step == "finish").count(),
-        1,
-        "one terminal record: {events:#?}"
-    );
+    assert_eq!(events.iter().filter(|e| e.step == "finish").count(), 1, "one terminal record: {events:#?}");
     assert!(events.iter().any(|e| e.step == "reaper"));
     assert_eq!(state_of(&store, &run).await, "destroyed");
 }
@@ -264,10 +222,7 @@ async fn cancel_stops_a_running_transition(store: Arc<dyn Store>) {
     while store.get_run(run.id).await.unwrap().unwrap().status != RunStatus::Running {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    store
-        .request_cancel(run.id, "carol", Some("wrong one"), chrono::Utc::now())
-        .await
-        .unwrap();
+    store.request_cancel(run.id, "carol", Some("wrong one"), chrono::Utc::now()).await.unwrap();
     worker.await.unwrap();
     let fin = store.get_run(run.id).await.unwrap().unwrap();
     assert_eq!(fin.status, RunStatus::Cancelled);
@@ -300,14 +255,7 @@ async fn retryable_errors_are_retried_with_backoff(store: Arc<dyn Store>) {
         if e.run_one().await.unwrap().is_some() {
             claimed += 1;
         }
-        if store
-            .get_run(run.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .status
-            .is_terminal()
-        {
+        if store.get_run(run.id).await.unwrap().unwrap().status.is_terminal() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -316,19 +264,10 @@ async fn retryable_errors_are_retried_with_backoff(store: Arc<dyn Store>) {
     let fin = store.get_run(run.id).await.unwrap().unwrap();
     assert_eq!((fin.status, fin.attempt), (RunStatus::Succeeded, 3));
     assert_eq!(p.done(run.id), 1);
-    let retries: Vec<_> = store
-        .list_events(run.id, 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.step == "retry")
-        .collect();
+    let retries: Vec<_> =
+        store.list_events(run.id, 0, 100).await.unwrap().into_iter().filter(|e| e.step == "retry").collect();
     assert_eq!(retries.len(), 2);
-    assert!(
-        retries[0].message.contains("throttled on attempt 1"),
-        "{}",
-        retries[0].message
-    );
+    assert!(retries[0].message.contains("throttled on attempt 1"), "{}", retries[0].message);
 }
 
 async fn retries_end_when_attempts_run_out(store: Arc<dyn Store>) {
@@ -337,14 +276,7 @@ async fn retries_end_when_attempts_run_out(store: Arc<dyn Store>) {
     let e = engine(&store, &p, config("a"));
     for _ in 0..200 {
         e.run_one().await.unwrap();
-        if store
-            .get_run(run.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .status
-            .is_terminal()
-        {
+        if store.get_run(run.id).await.unwrap().unwrap().status.is_terminal() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -363,10 +295,7 @@ async fn fatal_errors_fail_at_once_with_their_detail(store: Arc<dyn Store>) {
     let fin = store.get_run(run.id).await.unwrap().unwrap();
     assert_eq!((fin.status, fin.attempt), (RunStatus::Failed, 1));
     let err = fin.error.unwrap();
-    assert_eq!(
-        (err.code.as_str(), err.detail),
-        ("bad_spec", Some(json!({"why": "test"})))
-    );
+    assert_eq!((err.code.as_str(), err.detail), ("bad_spec", Some(json!({"why": "test"}))));
 }
 
 async fn a_panicking_provider_fails_the_run(store: Arc<dyn Store>) {

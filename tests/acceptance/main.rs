@@ -10,12 +10,8 @@ use serde_json::{json, Value};
 const SERVE: &str = "exec python3 -m http.server $PORT --bind 127.0.0.1";
 
 async fn create_image(app: &TestApp, name: &str, build: &str) -> Value {
-    let r = app
-        .post(
-            "/v1/images",
-            json!({"name": name, "spec": {"build_command": build, "start_command": SERVE}}),
-        )
-        .await;
+    let r =
+        app.post("/v1/images", json!({"name": name, "spec": {"build_command": build, "start_command": SERVE}})).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     assert_eq!(r.body["state"], "pending");
     r.body
@@ -23,32 +19,16 @@ async fn create_image(app: &TestApp, name: &str, build: &str) -> Value {
 
 async fn instance_pages(app: &TestApp, cluster: &Value) -> Vec<String> {
     let mut pages = Vec::new();
-    for i in cluster["outputs"]["instances"]
-        .as_array()
-        .expect("instances")
-    {
+    for i in cluster["outputs"]["instances"].as_array().expect("instances") {
         let url = format!("{}/index.html", i["url"].as_str().unwrap());
-        let body = app
-            .client
-            .get(&url)
-            .send()
-            .await
-            .expect("instance answers")
-            .text()
-            .await
-            .unwrap();
+        let body = app.client.get(&url).send().await.expect("instance answers").text().await.unwrap();
         pages.push(body.trim().to_string());
     }
     pages
 }
 
 fn pids(cluster: &Value) -> Vec<u64> {
-    cluster["outputs"]["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["pid"].as_u64().unwrap())
-        .collect()
+    cluster["outputs"]["instances"].as_array().unwrap().iter().map(|i| i["pid"].as_u64().unwrap()).collect()
 }
 
 /// The journey of the README: build an image, run a cluster of it, scale,
@@ -56,98 +36,46 @@ fn pids(cluster: &Value) -> Vec<u64> {
 async fn journey(backend: Backend) {
     let app = spawn_app(backend).await;
     create_image(&app, "web", "echo drover-ok > index.html").await;
-    let build = app
-        .run(
-            "image",
-            "web",
-            json!({"action": "build", "reason": "first build"}),
-        )
-        .await;
+    let build = app.run("image", "web", json!({"action": "build", "reason": "first build"})).await;
     assert_eq!(build["status"], "succeeded", "{build}");
     assert_eq!(build["reason"], "first build");
     let image = app.get("/v1/images/web").await.body;
     assert_eq!(image["state"], "built");
     let path = image["outputs"]["path"].as_str().unwrap();
-    assert_eq!(
-        std::fs::read_to_string(format!("{path}/index.html"))
-            .unwrap()
-            .trim(),
-        "drover-ok"
-    );
+    assert_eq!(std::fs::read_to_string(format!("{path}/index.html")).unwrap().trim(), "drover-ok");
 
-    let r = app
-        .post(
-            "/v1/clusters",
-            json!({"name": "web-qa", "spec": {"image": "web", "count": 2}}),
-        )
-        .await;
+    let r = app.post("/v1/clusters", json!({"name": "web-qa", "spec": {"image": "web", "count": 2}})).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
-    assert_eq!(
-        r.headers["location"],
-        format!("/v1/clusters/{}", r.body["id"].as_str().unwrap()).as_str()
-    );
-    let create = app
-        .run("cluster", "web-qa", json!({"action": "create"}))
-        .await;
+    assert_eq!(r.headers["location"], format!("/v1/clusters/{}", r.body["id"].as_str().unwrap()).as_str());
+    let create = app.run("cluster", "web-qa", json!({"action": "create"})).await;
     assert_eq!(create["status"], "succeeded", "{create}");
     let cluster = app.get("/v1/clusters/web-qa").await.body;
     assert_eq!(cluster["state"], "up");
-    assert_eq!(
-        instance_pages(&app, &cluster).await,
-        ["drover-ok", "drover-ok"]
-    );
+    assert_eq!(instance_pages(&app, &cluster).await, ["drover-ok", "drover-ok"]);
 
-    let scale = app
-        .run(
-            "cluster",
-            "web-qa",
-            json!({"action": "scale", "params": {"count": 3}}),
-        )
-        .await;
+    let scale = app.run("cluster", "web-qa", json!({"action": "scale", "params": {"count": 3}})).await;
     assert_eq!(scale["status"], "succeeded", "{scale}");
     let cluster = app.get("/v1/clusters/web-qa").await.body;
-    assert_eq!(
-        (cluster["state"].as_str(), cluster["spec"]["count"].as_u64()),
-        (Some("up"), Some(3))
-    );
+    assert_eq!((cluster["state"].as_str(), cluster["spec"]["count"].as_u64()), (Some("up"), Some(3)));
     assert_eq!(instance_pages(&app, &cluster).await.len(), 3);
     let running = pids(&cluster);
     assert!(running.iter().all(|&p| alive(p)));
 
-    let stop = app
-        .run("cluster", "web-qa", json!({"action": "stop"}))
-        .await;
+    let stop = app.run("cluster", "web-qa", json!({"action": "stop"})).await;
     assert_eq!(stop["status"], "succeeded", "{stop}");
     assert_eq!(app.get("/v1/clusters/web-qa").await.body["state"], "down");
-    assert!(
-        running.iter().all(|&p| !alive(p)),
-        "stop leaves no process behind"
-    );
+    assert!(running.iter().all(|&p| !alive(p)), "stop leaves no process behind");
 
-    let start = app
-        .run("cluster", "web-qa", json!({"action": "start"}))
-        .await;
+    let start = app.run("cluster", "web-qa", json!({"action": "start"})).await;
     assert_eq!(start["status"], "succeeded", "{start}");
     let cluster = app.get("/v1/clusters/web-qa").await.body;
     assert_eq!(instance_pages(&app, &cluster).await.len(), 3);
     let running = pids(&cluster);
 
-    let destroy = app
-        .run(
-            "cluster",
-            "web-qa",
-            json!({"action": "destroy", "reason": "done"}),
-        )
-        .await;
+    let destroy = app.run("cluster", "web-qa", json!({"action": "destroy", "reason": "done"})).await;
     assert_eq!(destroy["status"], "succeeded", "{destroy}");
-    assert_eq!(
-        app.get("/v1/clusters/web-qa").await.body["state"],
-        "destroyed"
-    );
-    assert!(
-        running.iter().all(|&p| !alive(p)),
-        "destroy leaves no process behind"
-    );
+    assert_eq!(app.get("/v1/clusters/web-qa").await.body["state"], "destroyed");
+    assert!(running.iter().all(|&p| !alive(p)), "destroy leaves no process behind");
 
     // Every step is in the ledger, newest first, with its timings.
     let ledger = app.get("/v1/transitions?limit=100").await.body;
@@ -155,12 +83,7 @@ async fn journey(backend: Backend) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| {
-            (
-                t["resource"]["name"].as_str().unwrap().to_string(),
-                t["action"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|t| (t["resource"]["name"].as_str().unwrap().to_string(), t["action"].as_str().unwrap().to_string()))
         .collect();
     let expected = [
         ("web-qa", "destroy"),
@@ -173,35 +96,18 @@ async fn journey(backend: Backend) {
     assert_eq!(steps, expected.map(|(a, b)| (a.to_string(), b.to_string())));
     for t in ledger["items"].as_array().unwrap() {
         assert_eq!(t["status"], "succeeded");
-        assert!(
-            t["started_at"].is_string() && t["finished_at"].is_string(),
-            "{t}"
-        );
+        assert!(t["started_at"].is_string() && t["finished_at"].is_string(), "{t}");
         assert!(t["duration_ms"].as_i64().unwrap() >= 0);
-        assert_eq!(t["actor"], "anonymous");
+        assert_eq!(t["actor"], "admin");
     }
-    let by_cluster = app
-        .get("/v1/transitions?resource=web-qa&kind=cluster&action=scale")
-        .await
-        .body;
+    let by_cluster = app.get("/v1/transitions?resource=web-qa&kind=cluster&action=scale").await.body;
     assert_eq!(by_cluster["items"].as_array().unwrap().len(), 1);
     assert_eq!(by_cluster["items"][0]["params"], json!({"count": 3}));
 
     // Deleting the destroyed cluster keeps its history.
-    assert_eq!(
-        app.delete("/v1/clusters/web-qa").await.status,
-        StatusCode::NO_CONTENT
-    );
-    assert_eq!(
-        app.get("/v1/clusters/web-qa").await.status,
-        StatusCode::NOT_FOUND
-    );
-    let kept = app
-        .get(&format!(
-            "/v1/transitions/{}",
-            destroy["id"].as_str().unwrap()
-        ))
-        .await;
+    assert_eq!(app.delete("/v1/clusters/web-qa").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(app.get("/v1/clusters/web-qa").await.status, StatusCode::NOT_FOUND);
+    let kept = app.get(&format!("/v1/transitions/{}", destroy["id"].as_str().unwrap())).await;
     assert_eq!(kept.body["reason"], "done");
 }
 
@@ -218,47 +124,23 @@ async fn journey_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_build_says_why_and_retry_after_a_fix_recovers() {
     let app = spawn_app(Backend::Sqlite).await;
-    create_image(
-        &app,
-        "broken",
-        "echo compiling; echo 'fatal: missing libfoo' >&2; exit 3",
-    )
-    .await;
+    create_image(&app, "broken", "echo compiling; echo 'fatal: missing libfoo' >&2; exit 3").await;
     let failed = app.run("image", "broken", json!({"action": "build"})).await;
     assert_eq!(failed["status"], "failed");
     assert_eq!(failed["error"]["code"], "build_failed");
     assert_eq!(failed["error"]["retryable"], false);
     let message = failed["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("status 3") && message.contains("missing libfoo"),
-        "{message}"
-    );
+    assert!(message.contains("status 3") && message.contains("missing libfoo"), "{message}");
     let tail = failed["error"]["detail"]["output_tail"].to_string();
-    assert!(
-        tail.contains("compiling") && tail.contains("missing libfoo"),
-        "{tail}"
-    );
+    assert!(tail.contains("compiling") && tail.contains("missing libfoo"), "{tail}");
 
     // The 3 a.m. view says why, and what can be done.
     let image = app.get("/v1/images/broken").await;
     assert_eq!(image.body["state"], "failed");
-    assert!(
-        image.body["problem"]["summary"]
-            .as_str()
-            .unwrap()
-            .contains("missing libfoo"),
-        "{}",
-        image.body
-    );
+    assert!(image.body["problem"]["summary"].as_str().unwrap().contains("missing libfoo"), "{}", image.body);
     assert_eq!(image.body["problem"]["transition"], failed["id"]);
     assert_eq!(image.body["allowed_actions"], json!(["destroy", "retry"]));
-    let events = app
-        .get(&format!(
-            "/v1/transitions/{}/events",
-            failed["id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let events = app.get(&format!("/v1/transitions/{}/events", failed["id"].as_str().unwrap())).await.body;
     assert!(events["events"]
         .as_array()
         .unwrap()
@@ -267,56 +149,23 @@ async fn a_failed_build_says_why_and_retry_after_a_fix_recovers() {
 
     // Fix the spec under optimistic concurrency, then retry.
     let etag = image.headers["etag"].to_str().unwrap().to_string();
-    let stale = app
-        .patch(
-            "/v1/images/broken",
-            json!({"spec": {"build_command": "true"}}),
-            Some("\"v1\""),
-        )
-        .await;
-    assert_eq!(
-        stale.status,
-        StatusCode::PRECONDITION_FAILED,
-        "{}",
-        stale.body
-    );
+    let stale = app.patch("/v1/images/broken", json!({"spec": {"build_command": "true"}}), Some("\"v1\"")).await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED, "{}", stale.body);
     let fixed = app
-        .patch(
-            "/v1/images/broken",
-            json!({"spec": {"build_command": "echo fixed > index.html"}}),
-            Some(&etag),
-        )
+        .patch("/v1/images/broken", json!({"spec": {"build_command": "echo fixed > index.html"}}), Some(&etag))
         .await;
     assert_eq!(fixed.status, StatusCode::OK, "{}", fixed.body);
-    assert_eq!(
-        fixed.body["spec"]["build_command"],
-        "echo fixed > index.html"
-    );
-    assert_eq!(
-        fixed.body["spec"]["start_command"], SERVE,
-        "a merge patch keeps the other fields"
-    );
+    assert_eq!(fixed.body["spec"]["build_command"], "echo fixed > index.html");
+    assert_eq!(fixed.body["spec"]["start_command"], SERVE, "a merge patch keeps the other fields");
     assert_ne!(fixed.headers["etag"].to_str().unwrap(), etag);
 
-    let retry = app
-        .run(
-            "image",
-            "broken",
-            json!({"action": "retry", "reason": "fixed the build"}),
-        )
-        .await;
+    let retry = app.run("image", "broken", json!({"action": "retry", "reason": "fixed the build"})).await;
     assert_eq!(retry["status"], "succeeded", "{retry}");
     assert_eq!(retry["action"], "build");
     assert_eq!(retry["parent"], failed["id"]);
     assert_eq!(retry["from_state"], "failed");
     assert_eq!(app.get("/v1/images/broken").await.body["state"], "built");
-    let lineage = app
-        .get(&format!(
-            "/v1/transitions?parent={}",
-            failed["id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let lineage = app.get(&format!("/v1/transitions?parent={}", failed["id"].as_str().unwrap())).await.body;
     assert_eq!(lineage["items"][0]["id"], retry["id"]);
 }
 
@@ -324,24 +173,14 @@ async fn a_failed_build_says_why_and_retry_after_a_fix_recovers() {
 async fn one_transition_at_a_time_and_cancel() {
     let app = spawn_app(Backend::Sqlite).await;
     create_image(&app, "slow", "sleep 30").await;
-    let build = app
-        .transition("image", "slow", json!({"action": "build"}))
-        .await;
-    let busy = app
-        .post("/v1/images/slow/transitions", json!({"action": "destroy"}))
-        .await;
+    let build = app.transition("image", "slow", json!({"action": "build"})).await;
+    let busy = app.post("/v1/images/slow/transitions", json!({"action": "destroy"})).await;
     assert_eq!(busy.status, StatusCode::CONFLICT);
     assert_eq!(busy.headers["content-type"], "application/problem+json");
     assert_eq!(busy.body["type"], "/problems/resource-busy");
     assert_eq!(busy.body["active_transition"], build.as_str());
     // While busy, the spec cannot change either.
-    let patch = app
-        .patch(
-            "/v1/images/slow",
-            json!({"spec": {"build_command": "true"}}),
-            None,
-        )
-        .await;
+    let patch = app.patch("/v1/images/slow", json!({"spec": {"build_command": "true"}}), None).await;
     assert_eq!(patch.status, StatusCode::CONFLICT);
 
     // Wait for it to be running, then cancel.
@@ -351,24 +190,14 @@ async fn one_transition_at_a_time_and_cancel() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cancel = app
-        .post(
-            &format!("/v1/transitions/{build}/cancel"),
-            json!({"reason": "too slow"}),
-        )
-        .await;
+    let cancel = app.post(&format!("/v1/transitions/{build}/cancel"), json!({"reason": "too slow"})).await;
     assert_eq!(cancel.status, StatusCode::ACCEPTED, "{}", cancel.body);
     let fin = app.wait(&build).await;
     assert_eq!(fin["status"], "cancelled");
-    assert_eq!(fin["cancel_requested_by"], "anonymous");
-    assert!(
-        fin["duration_ms"].as_i64().unwrap() < 25_000,
-        "the build command was stopped, not waited for"
-    );
+    assert_eq!(fin["cancel_requested_by"], "admin");
+    assert!(fin["duration_ms"].as_i64().unwrap() < 25_000, "the build command was stopped, not waited for");
     assert_eq!(app.get("/v1/images/slow").await.body["state"], "failed");
-    let again = app
-        .post(&format!("/v1/transitions/{build}/cancel"), json!({}))
-        .await;
+    let again = app.post(&format!("/v1/transitions/{build}/cancel"), json!({})).await;
     assert_eq!(again.status, StatusCode::CONFLICT);
 }
 
@@ -377,24 +206,14 @@ async fn idempotency_keys_make_retries_safe() {
     let app = spawn_app(Backend::Sqlite).await;
     create_image(&app, "web", "true").await;
     let body = json!({"action": "build"});
-    let first = app
-        .post_with_key("/v1/images/web/transitions", body.clone(), "key-1")
-        .await;
+    let first = app.post_with_key("/v1/images/web/transitions", body.clone(), "key-1").await;
     assert_eq!(first.status, StatusCode::ACCEPTED);
-    let second = app
-        .post_with_key("/v1/images/web/transitions", body.clone(), "key-1")
-        .await;
+    let second = app.post_with_key("/v1/images/web/transitions", body.clone(), "key-1").await;
     assert_eq!(second.status, StatusCode::ACCEPTED);
     assert_eq!(second.headers["idempotent-replayed"], "true");
     assert_eq!(second.body["id"], first.body["id"]);
     assert_eq!(second.headers["location"], first.headers["location"]);
-    let other = app
-        .post_with_key(
-            "/v1/images/web/transitions",
-            json!({"action": "destroy"}),
-            "key-1",
-        )
-        .await;
+    let other = app.post_with_key("/v1/images/web/transitions", json!({"action": "destroy"}), "key-1").await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(other.body["type"], "/problems/idempotency-key-reused");
     app.wait(first.body["id"].as_str().unwrap()).await;
@@ -404,14 +223,9 @@ async fn idempotency_keys_make_retries_safe() {
 
     // Creation is idempotent too.
     let spec = json!({"name": "c", "spec": {"image": "web", "count": 1}});
-    let a = app
-        .post_with_key("/v1/clusters", spec.clone(), "key-2")
-        .await;
+    let a = app.post_with_key("/v1/clusters", spec.clone(), "key-2").await;
     let b = app.post_with_key("/v1/clusters", spec, "key-2").await;
-    assert_eq!(
-        (a.status, b.status),
-        (StatusCode::CREATED, StatusCode::CREATED)
-    );
+    assert_eq!((a.status, b.status), (StatusCode::CREATED, StatusCode::CREATED));
     assert_eq!(a.body["id"], b.body["id"]);
 }
 
@@ -419,23 +233,11 @@ async fn idempotency_keys_make_retries_safe() {
 async fn bad_input_is_a_clear_problem_and_writes_nothing() {
     let app = spawn_app(Backend::Sqlite).await;
     let cases = [
-        (
-            json!({"name": "Bad Name", "spec": {"image": "x", "count": 1}}),
-            "name",
-        ),
-        (
-            json!({"name": "ok", "spec": {"image": "x", "count": 0}}),
-            "spec.count",
-        ),
+        (json!({"name": "Bad Name", "spec": {"image": "x", "count": 1}}), "name"),
+        (json!({"name": "ok", "spec": {"image": "x", "count": 0}}), "spec.count"),
         (json!({"name": "ok", "spec": {"image": "x"}}), "spec.count"),
-        (
-            json!({"name": "ok", "spec": {"image": "x", "count": "two"}}),
-            "spec.count",
-        ),
-        (
-            json!({"name": "ok", "spec": {"image": "x", "count": 1, "colour": "red"}}),
-            "spec.colour",
-        ),
+        (json!({"name": "ok", "spec": {"image": "x", "count": "two"}}), "spec.count"),
+        (json!({"name": "ok", "spec": {"image": "x", "count": 1, "colour": "red"}}), "spec.colour"),
         (
             json!({"name": "ok", "spec": {"image": "x", "count": 1, "health_check": {"type": "http", "path": "no-slash"}}}),
             "spec.health_check.path",
@@ -443,12 +245,7 @@ async fn bad_input_is_a_clear_problem_and_writes_nothing() {
     ];
     for (body, field) in cases {
         let r = app.post("/v1/clusters", body.clone()).await;
-        assert_eq!(
-            r.status,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "{body}: {}",
-            r.body
-        );
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {}", r.body);
         assert_eq!(r.headers["content-type"], "application/problem+json");
         assert_eq!(r.body["type"], "/problems/invalid-request");
         assert_eq!(r.body["errors"][0]["field"], field, "{body}: {}", r.body);
@@ -465,90 +262,35 @@ async fn bad_input_is_a_clear_problem_and_writes_nothing() {
     let huge = json!({"name": "big", "spec": {"build_command": "x".repeat(100_000), "start_command": "y"}});
     let r = app.post("/v1/images", huge).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
-    assert_eq!(
-        app.get("/v1/clusters").await.body["items"],
-        json!([]),
-        "nothing half-written"
-    );
+    assert_eq!(app.get("/v1/clusters").await.body["items"], json!([]), "nothing half-written");
     assert_eq!(app.get("/v1/images").await.body["items"], json!([]));
 
     create_image(&app, "web", "true").await;
-    let dup = app
-        .post(
-            "/v1/images",
-            json!({"name": "web", "spec": {"build_command": "true", "start_command": "x"}}),
-        )
-        .await;
-    assert_eq!(
-        (dup.status, dup.body["type"].as_str()),
-        (StatusCode::CONFLICT, Some("/problems/already-exists"))
-    );
-    let r = app
-        .post("/v1/images/web/transitions", json!({"action": "retry"}))
-        .await;
+    let dup =
+        app.post("/v1/images", json!({"name": "web", "spec": {"build_command": "true", "start_command": "x"}})).await;
+    assert_eq!((dup.status, dup.body["type"].as_str()), (StatusCode::CONFLICT, Some("/problems/already-exists")));
+    let r = app.post("/v1/images/web/transitions", json!({"action": "retry"})).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(r.body["type"], "/problems/action-not-allowed");
     assert_eq!(r.body["allowed_actions"], json!(["build", "destroy"]));
     assert_eq!(r.body["current_state"], "pending");
-    let r = app
-        .post("/v1/images/web/transitions", json!({"action": "launch"}))
-        .await;
+    let r = app.post("/v1/images/web/transitions", json!({"action": "launch"})).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     // A cluster cannot start from an image that is not built.
-    app.post(
-        "/v1/clusters",
-        json!({"name": "c", "spec": {"image": "web", "count": 1}}),
-    )
-    .await;
-    let r = app
-        .post("/v1/clusters/c/transitions", json!({"action": "create"}))
-        .await;
+    app.post("/v1/clusters", json!({"name": "c", "spec": {"image": "web", "count": 1}})).await;
+    let r = app.post("/v1/clusters/c/transitions", json!({"action": "create"})).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
-    assert!(
-        r.body["detail"]
-            .as_str()
-            .unwrap()
-            .contains("needs it built"),
-        "{}",
-        r.body
-    );
-    let r = app
-        .post(
-            "/v1/clusters",
-            json!({"name": "d", "spec": {"image": "nope", "count": 1}}),
-        )
-        .await;
-    let r2 = app
-        .post("/v1/clusters/d/transitions", json!({"action": "create"}))
-        .await;
-    assert_eq!(
-        (r.status, r2.status),
-        (StatusCode::CREATED, StatusCode::UNPROCESSABLE_ENTITY)
-    );
+    assert!(r.body["detail"].as_str().unwrap().contains("needs it built"), "{}", r.body);
+    let r = app.post("/v1/clusters", json!({"name": "d", "spec": {"image": "nope", "count": 1}})).await;
+    let r2 = app.post("/v1/clusters/d/transitions", json!({"action": "create"})).await;
+    assert_eq!((r.status, r2.status), (StatusCode::CREATED, StatusCode::UNPROCESSABLE_ENTITY));
     assert_eq!(r2.body["errors"][0]["field"], "spec.image");
-    assert_eq!(
-        app.get("/v1/transitions").await.body["items"],
-        json!([]),
-        "no run was queued by any of this"
-    );
+    assert_eq!(app.get("/v1/transitions").await.body["items"], json!([]), "no run was queued by any of this");
     let r = app.delete("/v1/images/web").await;
-    assert_eq!(
-        r.status,
-        StatusCode::CONFLICT,
-        "only destroyed resources are deleted"
-    );
-    assert_eq!(
-        app.get("/v1/transitions?limit=0").await.status,
-        StatusCode::UNPROCESSABLE_ENTITY
-    );
-    assert_eq!(
-        app.get("/v1/transitions?since=yesterday").await.status,
-        StatusCode::BAD_REQUEST
-    );
-    assert_eq!(
-        app.get("/v1/transitions/not-a-uuid").await.status,
-        StatusCode::BAD_REQUEST
-    );
+    assert_eq!(r.status, StatusCode::CONFLICT, "only destroyed resources are deleted");
+    assert_eq!(app.get("/v1/transitions?limit=0").await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(app.get("/v1/transitions?since=yesterday").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(app.get("/v1/transitions/not-a-uuid").await.status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -556,13 +298,8 @@ async fn instances_survive_a_restart_and_losses_are_reported() {
     let mut app = spawn_app(Backend::Sqlite).await;
     create_image(&app, "web", "echo up > index.html").await;
     app.run("image", "web", json!({"action": "build"})).await;
-    app.post(
-        "/v1/clusters",
-        json!({"name": "web-qa", "spec": {"image": "web", "count": 2}}),
-    )
-    .await;
-    app.run("cluster", "web-qa", json!({"action": "create"}))
-        .await;
+    app.post("/v1/clusters", json!({"name": "web-qa", "spec": {"image": "web", "count": 2}})).await;
+    app.run("cluster", "web-qa", json!({"action": "create"})).await;
     let before = app.get("/v1/clusters/web-qa").await.body;
     let pids_before = pids(&before);
 
@@ -582,10 +319,7 @@ async fn instances_survive_a_restart_and_losses_are_reported() {
 
     // One instance dies behind drover's back: the cluster says so.
     let victim = pids_before[1];
-    std::process::Command::new("kill")
-        .args(["-KILL", "--", &format!("-{victim}")])
-        .status()
-        .unwrap();
+    std::process::Command::new("kill").args(["-KILL", "--", &format!("-{victim}")]).status().unwrap();
     for _ in 0..100 {
         seen = app.get("/v1/clusters/web-qa").await.body;
         if seen["observed"]["healthy"] == false {
@@ -595,22 +329,13 @@ async fn instances_survive_a_restart_and_losses_are_reported() {
     }
     assert_eq!(seen["observed"]["healthy"], false, "{seen}");
     let summary = seen["problem"]["summary"].as_str().unwrap();
-    assert!(
-        summary.contains(&format!("pid {victim}")) && summary.contains("gone"),
-        "{summary}"
-    );
+    assert!(summary.contains(&format!("pid {victim}")) && summary.contains("gone"), "{summary}");
 
-    let destroy = app
-        .run("cluster", "web-qa", json!({"action": "destroy"}))
-        .await;
+    let destroy = app.run("cluster", "web-qa", json!({"action": "destroy"})).await;
     assert_eq!(destroy["status"], "succeeded");
     assert!(pids_before.iter().all(|&p| !alive(p)));
     let gone = app.get("/v1/clusters/web-qa").await.body;
-    assert_eq!(
-        gone["observed"],
-        Value::Null,
-        "no stale observation: {gone}"
-    );
+    assert_eq!(gone["observed"], Value::Null, "no stale observation: {gone}");
     assert_eq!(gone["problem"], Value::Null, "{gone}");
 }
 
@@ -618,9 +343,7 @@ async fn instances_survive_a_restart_and_losses_are_reported() {
 async fn events_stream_live_and_long_poll() {
     let app = spawn_app(Backend::Sqlite).await;
     create_image(&app, "web", "sleep 1; echo done > index.html").await;
-    let id = app
-        .transition("image", "web", json!({"action": "build"}))
-        .await;
+    let id = app.transition("image", "web", json!({"action": "build"})).await;
     // The stream follows the run as it happens and ends with the transition.
     let text = app
         .client
@@ -632,29 +355,14 @@ async fn events_stream_live_and_long_poll() {
         .text()
         .await
         .unwrap();
-    let kinds: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("event: "))
-        .collect();
+    let kinds: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
     assert_eq!(kinds.last(), Some(&"end"), "{text}");
-    assert!(
-        kinds.iter().filter(|k| **k == "event").count() >= 4,
-        "{text}"
-    );
+    assert!(kinds.iter().filter(|k| **k == "event").count() >= 4, "{text}");
     assert!(text.contains("\"status\":\"succeeded\""));
     // Reading on from a cursor.
-    let page = app
-        .get(&format!("/v1/transitions/{id}/events?limit=2"))
-        .await
-        .body;
+    let page = app.get(&format!("/v1/transitions/{id}/events?limit=2")).await.body;
     assert_eq!(page["events"].as_array().unwrap().len(), 2);
-    let rest = app
-        .get(&format!(
-            "/v1/transitions/{id}/events?after={}",
-            page["next_after"]
-        ))
-        .await
-        .body;
+    let rest = app.get(&format!("/v1/transitions/{id}/events?after={}", page["next_after"])).await.body;
     let first_rest = rest["events"][0]["seq"].as_i64().unwrap();
     assert!(first_rest > page["next_after"].as_i64().unwrap());
     assert_eq!(rest["status"], "succeeded");
@@ -665,57 +373,31 @@ async fn the_api_describes_itself() {
     let app = spawn_app(Backend::Sqlite).await;
     let served = app.get("/openapi.json").await.body;
     let checked_in: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../openapi/openapi.json"
-        ))
-        .unwrap(),
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi/openapi.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(served, checked_in, "openapi/openapi.json is stale: run `cargo run -p drover-api -- openapi > openapi/openapi.json`");
+    assert_eq!(
+        served, checked_in,
+        "openapi/openapi.json is stale: run `cargo run -p drover-api -- openapi > openapi/openapi.json`"
+    );
     assert!(served["openapi"].as_str().unwrap().starts_with("3.1"));
     let docs = app.client.get(app.url("/docs/")).send().await.unwrap();
     assert_eq!(docs.status(), StatusCode::OK);
-    assert!(
-        docs.text().await.unwrap().contains("swagger"),
-        "the docs page is served from bundled assets"
-    );
+    assert!(docs.text().await.unwrap().contains("swagger"), "the docs page is served from bundled assets");
 
     let kinds = app.get("/v1/kinds").await.body;
-    let names: Vec<_> = kinds["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["image", "cluster"]);
+    let names: Vec<_> = kinds["items"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["image", "cluster", "user", "role"]);
     let cluster = app.get("/v1/kinds/cluster").await.body;
-    let scale = cluster["transitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["action"] == "scale")
-        .unwrap();
+    let scale = cluster["transitions"].as_array().unwrap().iter().find(|t| t["action"] == "scale").unwrap();
     assert_eq!(
         scale,
         &json!({"from": "up", "action": "scale", "working": "scaling", "on_success": "up", "on_failure": "failed", "repeats_failed_action": false})
     );
-    assert_eq!(
-        app.get("/v1/kinds/widget").await.status,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(app.get("/v1/kinds/widget").await.status, StatusCode::NOT_FOUND);
     assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
     let ready = app.get("/readyz").await;
-    assert_eq!(
-        (ready.status, ready.body["store"].as_str()),
-        (StatusCode::OK, Some("sqlite"))
-    );
-    let r = app
-        .client
-        .get(app.url("/healthz"))
-        .header("x-request-id", "abc-123")
-        .send()
-        .await
-        .unwrap();
+    assert_eq!((ready.status, ready.body["store"].as_str()), (StatusCode::OK, Some("sqlite")));
+    let r = app.client.get(app.url("/healthz")).header("x-request-id", "abc-123").send().await.unwrap();
     assert_eq!(r.headers()["x-request-id"], "abc-123");
 }

@@ -17,9 +17,15 @@ pub enum Backend {
     Postgres,
 }
 
+/// The first admin's token in every test server.
+pub const ADMIN_TOKEN: &str = "drv_acceptance_admin_token_0123456789abcdef";
+
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// Sends the admin token with every request.
     pub client: reqwest::Client,
+    /// Sends no token.
+    pub anonymous: reqwest::Client,
     pub data_dir: tempfile::TempDir,
     database_url: String,
     server: Option<Server>,
@@ -54,11 +60,21 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
     let server = start(data_dir.path(), &database_url).await;
     TestApp {
         addr: server.addr,
-        client: reqwest::Client::new(),
+        client: client_with(Some(ADMIN_TOKEN)),
+        anonymous: client_with(None),
         data_dir,
         database_url,
         server: Some(server),
     }
+}
+
+/// An HTTP client that sends `token` as its bearer.
+pub fn client_with(token: Option<&str>) -> reqwest::Client {
+    let mut headers = HeaderMap::new();
+    if let Some(t) = token {
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+    }
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
 }
 
 async fn start(data_dir: &Path, database_url: &str) -> Server {
@@ -68,6 +84,8 @@ async fn start(data_dir: &Path, database_url: &str) -> Server {
         database_url: Some(database_url.to_string()),
         engine: engine_config(),
         workers: true,
+        bootstrap_token: Some(ADMIN_TOKEN.to_string()),
+        secret_key: None,
     })
     .await
     .expect("server starts")
@@ -93,16 +111,9 @@ impl TestApp {
         let status = r.status();
         let headers = r.headers().clone();
         let text = r.text().await.expect("body");
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        let body =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Reply { status, headers, body }
     }
 
     pub async fn get(&self, path: &str) -> Reply {
@@ -110,26 +121,11 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Reply {
-        Self::reply(
-            self.client
-                .post(self.url(path))
-                .json(&body)
-                .send()
-                .await
-                .expect("POST"),
-        )
-        .await
+        Self::reply(self.client.post(self.url(path)).json(&body).send().await.expect("POST")).await
     }
 
     pub async fn post_with_key(&self, path: &str, body: Value, key: &str) -> Reply {
-        let r = self
-            .client
-            .post(self.url(path))
-            .header("Idempotency-Key", key)
-            .json(&body)
-            .send()
-            .await
-            .expect("POST");
+        let r = self.client.post(self.url(path)).header("Idempotency-Key", key).json(&body).send().await.expect("POST");
         Self::reply(r).await
     }
 
@@ -142,27 +138,15 @@ impl TestApp {
     }
 
     pub async fn delete(&self, path: &str) -> Reply {
-        Self::reply(
-            self.client
-                .delete(self.url(path))
-                .send()
-                .await
-                .expect("DELETE"),
-        )
-        .await
+        Self::reply(self.client.delete(self.url(path)).send().await.expect("DELETE")).await
     }
 
     /// Asks for a transition and returns its id (asserting 202 + Location).
     pub async fn transition(&self, kind: &str, name: &str, body: Value) -> String {
-        let r = self
-            .post(&format!("/v1/{kind}s/{name}/transitions"), body)
-            .await;
+        let r = self.post(&format!("/v1/{kind}s/{name}/transitions"), body).await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
         let id = r.body["id"].as_str().expect("id").to_string();
-        assert_eq!(
-            r.headers["location"],
-            format!("/v1/transitions/{id}").as_str()
-        );
+        assert_eq!(r.headers["location"], format!("/v1/transitions/{id}").as_str());
         id
     }
 
@@ -171,10 +155,7 @@ impl TestApp {
         for _ in 0..12 {
             let r = self.get(&format!("/v1/transitions/{id}?wait=10s")).await;
             assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-            if matches!(
-                r.body["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            ) {
+            if matches!(r.body["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
                 return r.body;
             }
         }
@@ -193,9 +174,7 @@ impl Drop for TestApp {
     /// process group on record under the data directory.
     fn drop(&mut self) {
         for pid in recorded_pids(self.data_dir.path()) {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pid}")])
-                .output();
+            let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).output();
         }
     }
 }
@@ -221,11 +200,6 @@ pub fn recorded_pids(data_dir: &Path) -> Vec<u32> {
 /// Whether a process is alive (and not a zombie).
 pub fn alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                != Some("Z")
-        })
+        .map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
         .unwrap_or(false)
 }

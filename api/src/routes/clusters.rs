@@ -17,5 +17,6 @@ super::kind_routes::kind_routes!(
         "patch_cluster",
         "delete_cluster",
         "request_cluster_transition"
-    ]
+    ],
+    permissions = ["cluster:create", "cluster:read", "cluster:update", "cluster:delete", "cluster:{action}"]
 );

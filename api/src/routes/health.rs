@@ -11,18 +11,13 @@ use crate::dto::Health;
 use crate::problem::{ApiResult, Problem};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(healthz))
-        .routes(routes!(readyz))
+    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz))
 }
 
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
 async fn healthz() -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-        store: None,
-    })
+    Json(Health { status: "ok".into(), store: None })
 }
 
 /// The process can serve: its database answers.
@@ -30,10 +25,7 @@ async fn healthz() -> Json<Health> {
     responses((status = 200, body = Health), (status = 503, body = Problem, content_type = "application/problem+json")))]
 async fn readyz(State(s): State<AppState>) -> ApiResult<Json<Health>> {
     match s.service.ready().await {
-        Ok(()) => Ok(Json(Health {
-            status: "ready".into(),
-            store: Some(s.service.backend().into()),
-        })),
+        Ok(()) => Ok(Json(Health { status: "ready".into(), store: Some(s.service.backend().into()) })),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
             Err(Problem::new(

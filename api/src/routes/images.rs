@@ -10,12 +10,6 @@ super::kind_routes::kind_routes!(
     collection = "/v1/images",
     item = "/v1/images/{id}",
     transitions = "/v1/images/{id}/transitions",
-    ids = [
-        "create_image",
-        "list_images",
-        "get_image",
-        "patch_image",
-        "delete_image",
-        "request_image_transition"
-    ]
+    ids = ["create_image", "list_images", "get_image", "patch_image", "delete_image", "request_image_transition"],
+    permissions = ["image:create", "image:read", "image:update", "image:delete", "image:{action}"]
 );

@@ -5,7 +5,11 @@
 //! [`super::resources`].
 
 /// `kind_routes!(Kind::Image, ImageSpec, CreateImage, tag = "images",
-/// collection = "/v1/images", item = "/v1/images/{id}", transitions = …, ids = [...])`
+/// collection = "/v1/images", item = "/v1/images/{id}", transitions = …,
+/// ids = [...], permissions = [create, read, update, delete, transition])`.
+/// Each permission literal is both checked and documented (as the
+/// operation's security scope), so the two cannot drift; the transition
+/// permission names the action as `{action}`.
 macro_rules! kind_routes {
     (
         $kind:expr, $spec:ty, $create:ty,
@@ -13,7 +17,8 @@ macro_rules! kind_routes {
         collection = $collection:literal,
         item = $item:literal,
         transitions = $transitions:literal,
-        ids = [$create_id:literal, $list_id:literal, $get_id:literal, $patch_id:literal, $delete_id:literal, $transition_id:literal]
+        ids = [$create_id:literal, $list_id:literal, $get_id:literal, $patch_id:literal, $delete_id:literal, $transition_id:literal],
+        permissions = [$create_perm:literal, $read_perm:literal, $update_perm:literal, $delete_perm:literal, $transition_perm:literal]
     ) => {
         use axum::extract::{Path, State};
         use axum::http::{HeaderMap, StatusCode};
@@ -21,6 +26,7 @@ macro_rules! kind_routes {
         use utoipa_axum::router::OpenApiRouter;
         use utoipa_axum::routes;
 
+        use crate::auth::Caller;
         use crate::dto::*;
         use crate::extract::{ApiJson, ApiQuery};
         use crate::problem::{ApiResult, Problem};
@@ -38,20 +44,24 @@ macro_rules! kind_routes {
         #[utoipa::path(post, path = $collection, tag = $tag, operation_id = $create_id,
             request_body = $create,
             params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request safe: the same key and body return the first response.")),
+            security(("bearer" = [$create_perm])),
             responses(
                 (status = 201, description = "Created", body = ResourceView<$spec>,
                     headers(("Location" = String, description = "The new resource"), ("ETag" = String))),
                 (status = 409, description = "Name taken", body = Problem, content_type = "application/problem+json"),
                 (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
             ))]
-        async fn create(State(s): State<AppState>, ApiJson(body): ApiJson<$create>) -> ApiResult<(StatusCode, HeaderMap, Json<ResourceView<$spec>>)> {
-            resources::create(&s, $kind, &body.name, &body.spec).await
+        async fn create(State(s): State<AppState>, caller: Caller, ApiJson(body): ApiJson<$create>) -> ApiResult<(StatusCode, HeaderMap, Json<ResourceView<$spec>>)> {
+            caller.require($create_perm)?;
+            resources::create(&s, &caller, $kind, &body.name, &body.spec).await
         }
 
         /// Lists resources, oldest first, with keyset pagination.
         #[utoipa::path(get, path = $collection, tag = $tag, operation_id = $list_id, params(ListQuery),
+            security(("bearer" = [$read_perm])),
             responses((status = 200, body = ResourcePage<$spec>), (status = 400, body = Problem, content_type = "application/problem+json")))]
-        async fn list(State(s): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<ResourcePage<$spec>>> {
+        async fn list(State(s): State<AppState>, caller: Caller, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<ResourcePage<$spec>>> {
+            caller.require($read_perm)?;
             resources::list(&s, $kind, q).await
         }
 
@@ -59,9 +69,11 @@ macro_rules! kind_routes {
         /// five transitions, and why it is failed or stuck.
         #[utoipa::path(get, path = $item, tag = $tag, operation_id = $get_id,
             params(("id" = String, Path, description = "Id or name")),
+            security(("bearer" = [$read_perm])),
             responses((status = 200, body = ResourceView<$spec>, headers(("ETag" = String))),
                 (status = 404, body = Problem, content_type = "application/problem+json")))]
-        async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<(HeaderMap, Json<ResourceView<$spec>>)> {
+        async fn get(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<(HeaderMap, Json<ResourceView<$spec>>)> {
+            caller.require($read_perm)?;
             resources::get(&s, $kind, &id).await
         }
 
@@ -69,22 +81,26 @@ macro_rules! kind_routes {
         #[utoipa::path(patch, path = $item, tag = $tag, operation_id = $patch_id, request_body = PatchResource,
             params(("id" = String, Path, description = "Id or name"),
                 ("If-Match" = Option<String>, Header, description = "The ETag read before: refuses the change if the resource changed since")),
+            security(("bearer" = [$update_perm])),
             responses((status = 200, body = ResourceView<$spec>, headers(("ETag" = String))),
                 (status = 404, body = Problem, content_type = "application/problem+json"),
                 (status = 409, description = "A transition is active", body = Problem, content_type = "application/problem+json"),
                 (status = 412, description = "The resource changed", body = Problem, content_type = "application/problem+json"),
                 (status = 422, body = Problem, content_type = "application/problem+json")))]
-        async fn patch(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap, ApiJson(body): ApiJson<PatchResource>) -> ApiResult<(HeaderMap, Json<ResourceView<$spec>>)> {
-            resources::patch(&s, $kind, &id, &headers, body).await
+        async fn patch(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, headers: HeaderMap, ApiJson(body): ApiJson<PatchResource>) -> ApiResult<(HeaderMap, Json<ResourceView<$spec>>)> {
+            caller.require($update_perm)?;
+            resources::patch(&s, &caller, $kind, &id, &headers, body).await
         }
 
         /// Deletes a destroyed resource. Its transitions stay in the history.
         #[utoipa::path(delete, path = $item, tag = $tag, operation_id = $delete_id,
             params(("id" = String, Path, description = "Id or name")),
+            security(("bearer" = [$delete_perm])),
             responses((status = 204, description = "Deleted"),
                 (status = 404, body = Problem, content_type = "application/problem+json"),
                 (status = 409, description = "Not destroyed yet", body = Problem, content_type = "application/problem+json")))]
-        async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+        async fn delete(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+            caller.require($delete_perm)?;
             resources::delete(&s, $kind, &id).await
         }
 
@@ -92,12 +108,13 @@ macro_rules! kind_routes {
         #[utoipa::path(post, path = $transitions, tag = $tag, operation_id = $transition_id, request_body = TransitionRequest,
             params(("id" = String, Path, description = "Id or name"),
                 ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request safe: the same key and body return the first response.")),
+            security(("bearer" = [$transition_perm])),
             responses((status = 202, description = "Queued", body = Transition, headers(("Location" = String, description = "The transition"))),
                 (status = 404, body = Problem, content_type = "application/problem+json"),
                 (status = 409, description = "Busy, or not allowed in this state (lists the allowed actions)", body = Problem, content_type = "application/problem+json"),
                 (status = 422, body = Problem, content_type = "application/problem+json")))]
-        async fn transition(State(s): State<AppState>, Path(id): Path<String>, headers: HeaderMap, ApiJson(body): ApiJson<TransitionRequest>) -> ApiResult<(StatusCode, HeaderMap, Json<Transition>)> {
-            resources::transition(&s, $kind, &id, &headers, body).await
+        async fn transition(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, headers: HeaderMap, ApiJson(body): ApiJson<TransitionRequest>) -> ApiResult<(StatusCode, HeaderMap, Json<Transition>)> {
+            resources::transition(&s, &caller, $transition_perm, $kind, &id, &headers, body).await
         }
     };
 }

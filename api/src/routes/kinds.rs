@@ -7,33 +7,30 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
+use crate::auth::Caller;
 use crate::dto::{KindList, KindView};
 use crate::problem::{ApiResult, Problem};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(list_kinds))
-        .routes(routes!(get_kind))
+    OpenApiRouter::new().routes(routes!(list_kinds)).routes(routes!(get_kind))
 }
 
 /// Every resource kind with its states, actions and transition table.
-#[utoipa::path(get, path = "/v1/kinds", tag = "kinds", responses((status = 200, body = KindList)))]
-async fn list_kinds() -> Json<KindList> {
-    Json(KindList {
-        items: Kind::ALL.into_iter().map(Into::into).collect(),
-    })
+#[utoipa::path(get, path = "/v1/kinds", tag = "kinds", security(("bearer" = ["kinds:read"])),
+    responses((status = 200, body = KindList)))]
+async fn list_kinds(caller: Caller) -> ApiResult<Json<KindList>> {
+    caller.require("kinds:read")?;
+    Ok(Json(KindList { items: Kind::ALL.into_iter().map(Into::into).collect() }))
 }
 
 /// One kind's state machine.
 #[utoipa::path(get, path = "/v1/kinds/{kind}", tag = "kinds",
-    params(("kind" = String, Path, description = "`image` or `cluster`")),
+    params(("kind" = String, Path, description = "`image`, `cluster`, `user` or `role`")),
+    security(("bearer" = ["kinds:read"])),
     responses((status = 200, body = KindView), (status = 404, body = Problem, content_type = "application/problem+json")))]
-async fn get_kind(Path(kind): Path<String>) -> ApiResult<Json<KindView>> {
-    Kind::parse(&kind).map(|k| Json(k.into())).ok_or_else(|| {
-        drover_domain::Error::NotFound {
-            kind: "kind",
-            key: kind,
-        }
-        .into()
-    })
+async fn get_kind(caller: Caller, Path(kind): Path<String>) -> ApiResult<Json<KindView>> {
+    caller.require("kinds:read")?;
+    Kind::parse(&kind)
+        .map(|k| Json(k.into()))
+        .ok_or_else(|| drover_domain::Error::NotFound { kind: "kind", key: kind }.into())
 }

@@ -3,17 +3,25 @@
 
 pub mod clusters;
 pub mod health;
+pub mod identity;
 pub mod images;
 mod kind_routes;
 pub mod kinds;
 pub mod resources;
+pub mod roles;
+pub mod settings;
 pub mod transitions;
+pub mod users;
 
 use std::sync::Arc;
 
+use drover_domain::auth::Auth;
 use drover_domain::service::Service;
+use drover_domain::settings::Settings;
 
 #[derive(Clone)]
 pub struct AppState {
     pub service: Arc<Service>,
+    pub auth: Arc<Auth>,
+    pub settings: Arc<Settings>,
 }

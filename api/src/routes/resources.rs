@@ -15,20 +15,20 @@ use utoipa::IntoParams;
 use uuid::Uuid;
 
 use super::AppState;
+use crate::auth::Caller;
 use crate::dto::*;
 use crate::problem::{ApiResult, Problem};
 
-/// Until authentication lands every caller is the same anonymous actor;
-/// the field exists so that every run records one.
-pub fn actor(_headers: &HeaderMap) -> String {
-    "anonymous".to_string()
+/// The permission an action on a kind needs. Identity is all `users:admin`.
+pub fn action_permission(kind: Kind, action: &str) -> String {
+    match kind {
+        Kind::User | Kind::Role => "users:admin".to_string(),
+        Kind::Image | Kind::Cluster => format!("{kind}:{action}"),
+    }
 }
 
 pub fn idempotency_key(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+    headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -42,10 +42,7 @@ pub struct ListQuery {
 
 pub fn page(limit: Option<u32>, cursor: Option<Uuid>) -> ApiResult<PageRequest> {
     match limit.unwrap_or(50) {
-        l @ 1..=500 => Ok(PageRequest {
-            after: cursor,
-            limit: l,
-        }),
+        l @ 1..=500 => Ok(PageRequest { after: cursor, limit: l }),
         _ => Err(Problem::invalid("limit", "must be between 1 and 500")),
     }
 }
@@ -57,12 +54,12 @@ fn spec_of<S: DeserializeOwned>(v: &serde_json::Value) -> ApiResult<S> {
     })
 }
 
-fn etag(version: i64) -> HeaderValue {
+pub fn etag(version: i64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"v{version}\"")).expect("etag is ascii")
 }
 
 /// `If-Match: "v3"` → 3; `*` or absent → no precondition.
-fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
+pub fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
     let Some(v) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
@@ -70,34 +67,27 @@ fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
     if s == "*" {
         return Ok(None);
     }
-    s.trim_start_matches("W/")
-        .trim_matches('"')
-        .trim_start_matches('v')
-        .parse()
-        .map(Some)
-        .map_err(|_| {
-            Problem::bad_request(
-                "invalid-if-match",
-                format!("If-Match must be an ETag this API gave out, like \"v3\"; got {s:?}"),
-            )
-        })
+    s.trim_start_matches("W/").trim_matches('"').trim_start_matches('v').parse().map(Some).map_err(|_| {
+        Problem::bad_request(
+            "invalid-if-match",
+            format!("If-Match must be an ETag this API gave out, like \"v3\"; got {s:?}"),
+        )
+    })
 }
 
 pub async fn create<S: Serialize + DeserializeOwned>(
     state: &AppState,
+    caller: &Caller,
     kind: Kind,
     name: &str,
     spec: &S,
 ) -> ApiResult<(StatusCode, HeaderMap, Json<ResourceView<S>>)> {
     let value = serde_json::to_value(spec).map_err(|_| Problem::internal())?;
-    let created = state.service.create(kind, name, &value).await?;
+    let created = state.service.create(kind, name, &value, &caller.actor()).await?;
     let (headers, view) = get(state, kind, &created.id.to_string()).await?;
     let mut headers = headers;
     let location = format!("/v1/{kind}s/{}", created.id);
-    headers.insert(
-        header::LOCATION,
-        HeaderValue::from_str(&location).expect("ascii"),
-    );
+    headers.insert(header::LOCATION, HeaderValue::from_str(&location).expect("ascii"));
     Ok((StatusCode::CREATED, headers, view))
 }
 
@@ -113,11 +103,7 @@ pub async fn get<S: DeserializeOwned>(
     Ok((headers, Json(ResourceView::from_overview(o, spec))))
 }
 
-pub async fn list<S: DeserializeOwned>(
-    state: &AppState,
-    kind: Kind,
-    q: ListQuery,
-) -> ApiResult<Json<ResourcePage<S>>> {
+pub async fn list<S: DeserializeOwned>(state: &AppState, kind: Kind, q: ListQuery) -> ApiResult<Json<ResourcePage<S>>> {
     let p = state.service.list(kind, page(q.limit, q.cursor)?).await?;
     let items = p
         .items
@@ -134,29 +120,21 @@ pub async fn list<S: DeserializeOwned>(
             })
         })
         .collect::<ApiResult<Vec<_>>>()?;
-    Ok(Json(ResourcePage {
-        items,
-        next_cursor: p.next,
-    }))
+    Ok(Json(ResourcePage { items, next_cursor: p.next }))
 }
 
 pub async fn patch<S: DeserializeOwned>(
     state: &AppState,
+    caller: &Caller,
     kind: Kind,
     key: &str,
     headers: &HeaderMap,
     body: PatchResource,
 ) -> ApiResult<(HeaderMap, Json<ResourceView<S>>)> {
     if !body.spec.is_object() {
-        return Err(Problem::invalid(
-            "spec",
-            "must be an object (a JSON merge patch of the spec)",
-        ));
+        return Err(Problem::invalid("spec", "must be an object (a JSON merge patch of the spec)"));
     }
-    state
-        .service
-        .patch_spec(kind, key, &body.spec, if_match(headers)?)
-        .await?;
+    state.service.patch_spec(kind, key, &body.spec, if_match(headers)?, &caller.actor()).await?;
     get(state, kind, key).await
 }
 
@@ -165,13 +143,24 @@ pub async fn delete(state: &AppState, kind: Kind, key: &str) -> ApiResult<Status
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `permission` names the action as `{action}` (e.g. `cluster:{action}`):
+/// asking for `scale` needs `cluster:scale`, and a `retry` needs both
+/// `cluster:retry` and the permission of the action it repeats.
 pub async fn transition(
     state: &AppState,
+    caller: &Caller,
+    permission: &str,
     kind: Kind,
     key: &str,
     headers: &HeaderMap,
     body: TransitionRequest,
 ) -> ApiResult<(StatusCode, HeaderMap, Json<Transition>)> {
+    caller.require(&permission.replace("{action}", &body.action))?;
+    if body.action == "retry" {
+        if let Some(repeated) = state.service.retry_action(kind, key).await? {
+            caller.require(&permission.replace("{action}", &repeated))?;
+        }
+    }
     let run = state
         .service
         .request(
@@ -181,17 +170,14 @@ pub async fn transition(
                 action: body.action,
                 params: body.params,
                 reason: body.reason,
-                actor: actor(headers),
+                actor: caller.actor(),
                 idempotency_key: idempotency_key(headers),
             },
         )
         .await?;
     let mut out = HeaderMap::new();
     let location = format!("/v1/transitions/{}", run.id);
-    out.insert(
-        header::LOCATION,
-        HeaderValue::from_str(&location).expect("ascii"),
-    );
+    out.insert(header::LOCATION, HeaderValue::from_str(&location).expect("ascii"));
     Ok((StatusCode::ACCEPTED, out, Json(run.into())))
 }
 
@@ -200,12 +186,8 @@ pub fn parse_wait(s: Option<&str>) -> ApiResult<Duration> {
     let Some(s) = s else {
         return Ok(Duration::ZERO);
     };
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| Problem::invalid("wait", "a duration like 30s, 500ms or 2m"))?;
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| Problem::invalid("wait", "a duration like 30s, 500ms or 2m"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -225,10 +207,7 @@ mod tests {
     #[test]
     fn waits() {
         assert_eq!(parse_wait(Some("30s")).unwrap(), Duration::from_secs(30));
-        assert_eq!(
-            parse_wait(Some("250ms")).unwrap(),
-            Duration::from_millis(250)
-        );
+        assert_eq!(parse_wait(Some("250ms")).unwrap(), Duration::from_millis(250));
         assert_eq!(parse_wait(Some("1m")).unwrap(), Duration::from_secs(60));
         assert_eq!(parse_wait(Some("5")).unwrap(), Duration::from_secs(5));
         assert_eq!(parse_wait(None).unwrap(), Duration::ZERO);

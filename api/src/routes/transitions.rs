@@ -18,8 +18,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::resources::{actor, page, parse_wait};
+use super::resources::{page, parse_wait};
 use super::AppState;
+use crate::auth::Caller;
 use crate::dto::*;
 use crate::extract::ApiQuery;
 use crate::problem::{ApiResult, Problem};
@@ -56,6 +57,7 @@ pub struct TransitionQuery {
 
 /// Transitions, newest first, with keyset pagination.
 #[utoipa::path(get, path = "/v1/transitions", tag = "transitions", params(TransitionQuery),
+    security(("bearer" = ["transitions:read"])),
     responses((status = 200, body = TransitionPage), (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn list_transitions(
@@ -63,45 +65,26 @@ async fn list_transitions(
     ApiQuery(q): ApiQuery<TransitionQuery>,
 ) -> ApiResult<Json<TransitionPage>> {
     let kind = match &q.kind {
-        Some(k) => Some(
-            Kind::parse(k).ok_or_else(|| Problem::invalid("kind", "must be image or cluster"))?,
-        ),
+        Some(k) => Some(Kind::parse(k).ok_or_else(|| Problem::invalid("kind", "must be image or cluster"))?),
         None => None,
     };
     let resource = match (&q.resource, kind) {
         (None, _) => None,
         (Some(r), _) if Uuid::parse_str(r).is_ok() => Some(Uuid::parse_str(r).expect("checked")),
         (Some(name), Some(kind)) => Some(s.service.get(kind, name).await?.id),
-        (Some(_), None) => {
-            return Err(Problem::invalid(
-                "resource",
-                "a name needs kind= too; or pass the id",
-            ))
-        }
+        (Some(_), None) => return Err(Problem::invalid("resource", "a name needs kind= too; or pass the id")),
     };
     let status = match &q.status {
-        Some(st) => Some(RunStatus::parse(st).ok_or_else(|| {
-            Problem::invalid(
-                "status",
-                "must be queued, running, succeeded, failed or cancelled",
-            )
-        })?),
+        Some(st) => Some(
+            RunStatus::parse(st)
+                .ok_or_else(|| Problem::invalid("status", "must be queued, running, succeeded, failed or cancelled"))?,
+        ),
         None => None,
     };
-    let filter = RunFilter {
-        resource,
-        kind,
-        action: q.action,
-        status,
-        since: q.since,
-        until: q.until,
-        parent: q.parent,
-    };
+    let filter =
+        RunFilter { resource, kind, action: q.action, status, since: q.since, until: q.until, parent: q.parent };
     let p = s.service.runs(&filter, page(q.limit, q.cursor)?).await?;
-    Ok(Json(TransitionPage {
-        items: p.items.into_iter().map(Into::into).collect(),
-        next_cursor: p.next,
-    }))
+    Ok(Json(TransitionPage { items: p.items.into_iter().map(Into::into).collect(), next_cursor: p.next }))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -114,12 +97,15 @@ pub struct WaitQuery {
 /// One transition: status, timings, outputs, error.
 #[utoipa::path(get, path = "/v1/transitions/{id}", tag = "transitions",
     params(("id" = Uuid, Path), WaitQuery),
+    security(("bearer" = ["transitions:read"])),
     responses((status = 200, body = Transition), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_transition(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<Uuid>,
     ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> ApiResult<Json<Transition>> {
+    caller.require("transitions:read")?;
     let wait = parse_wait(q.wait.as_deref())?;
     Ok(Json(s.service.wait_run(id, wait).await?.into()))
 }
@@ -130,15 +116,18 @@ async fn get_transition(
     params(("id" = Uuid, Path),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request safe.")),
     request_body(content = Option<CancelRequest>),
+    security(("bearer" = ["{kind}:cancel"])),
     responses((status = 202, description = "Cancelled, or cancel requested", body = Transition),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already ended", body = Problem, content_type = "application/problem+json")))]
 async fn cancel_transition(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<Uuid>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Transition>)> {
+    let run = s.service.run(id).await?;
+    caller.require(&super::resources::action_permission(run.kind, "cancel"))?;
     // The body is optional: an empty one means no reason.
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         None
@@ -147,10 +136,7 @@ async fn cancel_transition(
             .map_err(|e| Problem::invalid("body", format!("expected {{\"reason\": \"…\"}}: {e}")))?
             .reason
     };
-    let run = s
-        .service
-        .cancel(id, &actor(&headers), reason.as_deref())
-        .await?;
+    let run = s.service.cancel(id, &caller.actor(), reason.as_deref()).await?;
     Ok((StatusCode::ACCEPTED, Json(run.into())))
 }
 
@@ -169,6 +155,7 @@ pub struct EventQuery {
 /// as a live stream that ends when the transition does.
 #[utoipa::path(get, path = "/v1/transitions/{id}/events", tag = "transitions",
     params(("id" = Uuid, Path), EventQuery),
+    security(("bearer" = ["transitions:read"])),
     responses(
         (status = 200, description = "Events", content(
             (EventPage = "application/json"),
@@ -176,24 +163,21 @@ pub struct EventQuery {
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn transition_events(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<Uuid>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventQuery>,
 ) -> ApiResult<Response> {
+    caller.require("transitions:read")?;
     let limit = match q.limit.unwrap_or(200) {
         l @ 1..=1000 => l,
         _ => return Err(Problem::invalid("limit", "must be between 1 and 1000")),
     };
     let wait = parse_wait(q.wait.as_deref())?;
-    let wants_stream = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/event-stream"));
+    let wants_stream =
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/event-stream"));
     if wants_stream {
-        let resume = headers
-            .get("last-event-id")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
+        let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
         s.service.run(id).await?; // 404 before the stream starts
         return Ok(stream_events(s, id, resume.or(q.after).unwrap_or(0)).into_response());
     }
@@ -211,76 +195,46 @@ async fn transition_events(
 
 /// Polls the log and pushes what is new; ends with an `end` event carrying
 /// the final transition.
-fn stream_events(
-    s: AppState,
-    id: Uuid,
-    after: i64,
-) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+fn stream_events(s: AppState, id: Uuid, after: i64) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
     struct Cursor {
         s: AppState,
         after: i64,
         done: bool,
     }
-    let events = stream::unfold(
-        Cursor {
-            s,
-            after,
-            done: false,
-        },
-        move |mut c| async move {
-            if c.done {
-                return None;
-            }
-            loop {
-                let (run, events) = match c
-                    .s
-                    .service
-                    .events(id, c.after, 500, Duration::from_secs(15))
-                    .await
-                {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "event stream read failed");
-                        c.done = true;
-                        return Some((
-                            vec![SseEvent::default()
-                                .event("error")
-                                .data("the event log could not be read")],
-                            c,
-                        ));
-                    }
-                };
-                let mut out: Vec<SseEvent> = events
-                    .into_iter()
-                    .map(|e| {
-                        c.after = e.seq;
-                        let seq = e.seq.to_string();
-                        SseEvent::default()
-                            .id(seq)
-                            .event("event")
-                            .json_data(Event::from(e))
-                            .expect("event serialises")
-                    })
-                    .collect();
-                if run.status.is_terminal() {
-                    // Read once more so nothing written with the completion is missed.
-                    if out.is_empty() {
-                        c.done = true;
-                        out.push(
-                            SseEvent::default()
-                                .event("end")
-                                .json_data(Transition::from(run))
-                                .expect("serialises"),
-                        );
-                    }
-                    return Some((out, c));
+    let events = stream::unfold(Cursor { s, after, done: false }, move |mut c| async move {
+        if c.done {
+            return None;
+        }
+        loop {
+            let (run, events) = match c.s.service.events(id, c.after, 500, Duration::from_secs(15)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event stream read failed");
+                    c.done = true;
+                    return Some((vec![SseEvent::default().event("error").data("the event log could not be read")], c));
                 }
-                if !out.is_empty() {
-                    return Some((out, c));
+            };
+            let mut out: Vec<SseEvent> = events
+                .into_iter()
+                .map(|e| {
+                    c.after = e.seq;
+                    let seq = e.seq.to_string();
+                    SseEvent::default().id(seq).event("event").json_data(Event::from(e)).expect("event serialises")
+                })
+                .collect();
+            if run.status.is_terminal() {
+                // Read once more so nothing written with the completion is missed.
+                if out.is_empty() {
+                    c.done = true;
+                    out.push(SseEvent::default().event("end").json_data(Transition::from(run)).expect("serialises"));
                 }
+                return Some((out, c));
             }
-        },
-    )
+            if !out.is_empty() {
+                return Some((out, c));
+            }
+        }
+    })
     .flat_map(|batch| stream::iter(batch.into_iter().map(Ok)));
     Sse::new(events).keep_alive(KeepAlive::default())
 }

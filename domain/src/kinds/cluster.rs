@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{from_json, named_enum, Dependency, Kind, NotAllowed, TypedStep};
+use super::{from_json, machine, named_enum, Dependency, Kind, NotAllowed, TypedStep};
 use crate::error::{Error, FieldError, Result};
 
 pub const MAX_COUNT: u32 = 64;
@@ -39,17 +39,13 @@ named_enum!(Action {
     Retry => "retry",
 });
 
+machine!();
+
 /// The cluster transition table.
 pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
     use Action as A;
     use State as S;
-    let go = |working, ok| {
-        Ok(TypedStep::Go {
-            working,
-            ok,
-            err: S::Failed,
-        })
-    };
+    let go = |working, ok| Ok(TypedStep::Go { working, ok, err: S::Failed });
     match (state, action) {
         (S::Pending, A::Create) => go(S::Creating, S::Up),
         (S::Up, A::Scale) => go(S::Scaling, S::Up),
@@ -80,9 +76,7 @@ pub enum HealthCheck {
 
 impl Default for HealthCheck {
     fn default() -> Self {
-        HealthCheck::Http {
-            path: "/".to_string(),
-        }
+        HealthCheck::Http { path: "/".to_string() }
     }
 }
 
@@ -95,6 +89,9 @@ pub struct Spec {
     pub image: String,
     /// Number of instances.
     pub count: u32,
+    /// The environment whose settings apply (between global and the cluster's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
     #[serde(default)]
     pub health_check: HealthCheck,
     /// How long one instance may take to pass its health check (seconds).
@@ -115,33 +112,24 @@ impl Spec {
         let spec: Spec = from_json("spec", v)?;
         let mut errors = Vec::new();
         if spec.provider != "local" {
-            errors.push(FieldError::new(
-                "spec.provider",
-                "unknown provider; known: local",
-            ));
+            errors.push(FieldError::new("spec.provider", "unknown provider; known: local"));
         }
         if spec.image.trim().is_empty() {
             errors.push(FieldError::new("spec.image", "must name an image"));
         }
+        if spec.environment.as_deref().is_some_and(|e| crate::service::validate_name(e).is_err()) {
+            errors.push(FieldError::new("spec.environment", "not an environment name"));
+        }
         if spec.count == 0 || spec.count > MAX_COUNT {
-            errors.push(FieldError::new(
-                "spec.count",
-                format!("must be between 1 and {MAX_COUNT}"),
-            ));
+            errors.push(FieldError::new("spec.count", format!("must be between 1 and {MAX_COUNT}")));
         }
         if let HealthCheck::Http { path } = &spec.health_check {
             if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                errors.push(FieldError::new(
-                    "spec.health_check.path",
-                    "must be an absolute path without spaces",
-                ));
+                errors.push(FieldError::new("spec.health_check.path", "must be an absolute path without spaces"));
             }
         }
         if spec.start_timeout_secs == 0 || spec.start_timeout_secs > 3600 {
-            errors.push(FieldError::new(
-                "spec.start_timeout_secs",
-                "must be between 1 and 3600",
-            ));
+            errors.push(FieldError::new("spec.start_timeout_secs", "must be between 1 and 3600"));
         }
         if errors.is_empty() {
             Ok(spec)
@@ -162,15 +150,13 @@ pub fn validate_params(action: &str, params: &Value) -> Result<Value> {
         Some(Action::Scale) => {
             let p: ScaleParams = from_json("params", params)?;
             if p.count == 0 || p.count > MAX_COUNT {
-                return Err(Error::invalid(
-                    "params.count",
-                    format!("must be between 1 and {MAX_COUNT}"),
-                ));
+                return Err(Error::invalid("params.count", format!("must be between 1 and {MAX_COUNT}")));
             }
             Ok(serde_json::json!({ "count": p.count }))
         }
-        Some(Action::Create | Action::Stop | Action::Start | Action::Destroy | Action::Retry)
-        | None => no_params(params),
+        Some(Action::Create | Action::Stop | Action::Start | Action::Destroy | Action::Retry) | None => {
+            no_params(params)
+        }
     }
 }
 
@@ -184,10 +170,7 @@ pub(crate) fn no_params(params: &Value) -> Result<Value> {
 }
 
 pub fn dependencies(spec: &Value, action: &str) -> Vec<Dependency> {
-    let starts_instances = matches!(
-        Action::parse(action),
-        Some(Action::Create | Action::Start | Action::Scale)
-    );
+    let starts_instances = takes_settings(action);
     match (starts_instances, spec.get("image").and_then(Value::as_str)) {
         (true, Some(image)) => vec![Dependency {
             kind: Kind::Image,
@@ -197,6 +180,11 @@ pub fn dependencies(spec: &Value, action: &str) -> Vec<Dependency> {
         }],
         _ => Vec::new(),
     }
+}
+
+/// Actions that start instances hand them the cluster's settings.
+pub fn takes_settings(action: &str) -> bool {
+    matches!(Action::parse(action), Some(Action::Create | Action::Start | Action::Scale))
 }
 
 pub fn spec_after_success(action: &str, params: &Value, spec: &Value) -> Option<Value> {
@@ -224,11 +212,7 @@ mod tests {
     use State as S;
 
     fn go(w: S, ok: S) -> Result<TypedStep<S>, NotAllowed> {
-        Ok(TypedStep::Go {
-            working: w,
-            ok,
-            err: S::Failed,
-        })
+        Ok(TypedStep::Go { working: w, ok, err: S::Failed })
     }
 
     #[test]
@@ -237,22 +221,9 @@ mod tests {
         let destroy = go(S::Destroying, S::Destroyed);
         // columns: create, scale, stop, start, destroy, retry
         let expected = [
-            (
-                S::Pending,
-                [go(S::Creating, S::Up), no, no, no, destroy, no],
-            ),
+            (S::Pending, [go(S::Creating, S::Up), no, no, no, destroy, no]),
             (S::Creating, [no; 6]),
-            (
-                S::Up,
-                [
-                    no,
-                    go(S::Scaling, S::Up),
-                    go(S::Stopping, S::Down),
-                    no,
-                    destroy,
-                    no,
-                ],
-            ),
+            (S::Up, [no, go(S::Scaling, S::Up), go(S::Stopping, S::Down), no, destroy, no]),
             (S::Scaling, [no; 6]),
             (S::Stopping, [no; 6]),
             (S::Down, [no, no, no, go(S::Starting, S::Up), destroy, no]),
@@ -263,10 +234,7 @@ mod tests {
         ];
         assert_eq!(expected.len(), State::ALL.len());
         for (state, row) in expected {
-            for (action, want) in [A::Create, A::Scale, A::Stop, A::Start, A::Destroy, A::Retry]
-                .into_iter()
-                .zip(row)
-            {
+            for (action, want) in [A::Create, A::Scale, A::Stop, A::Start, A::Destroy, A::Retry].into_iter().zip(row) {
                 assert_eq!(next(state, action), want, "{state:?} --{action:?}-->");
             }
         }
@@ -276,19 +244,9 @@ mod tests {
     fn no_dead_ends() {
         // Every state but `destroyed` has a way out that ends in `destroyed`.
         for &s in State::ALL {
-            let exits: Vec<_> = Action::ALL
-                .iter()
-                .filter(|&&a| next(s, a).is_ok())
-                .collect();
-            let working = matches!(
-                s,
-                S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying
-            );
-            assert_eq!(
-                exits.is_empty(),
-                working || s == S::Destroyed,
-                "{s:?}: {exits:?}"
-            );
+            let exits: Vec<_> = Action::ALL.iter().filter(|&&a| next(s, a).is_ok()).collect();
+            let working = matches!(s, S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying);
+            assert_eq!(exits.is_empty(), working || s == S::Destroyed, "{s:?}: {exits:?}");
         }
     }
 
@@ -316,8 +274,10 @@ mod tests {
         let s = Spec::from_value(&serde_json::json!({"image": "web", "count": 2})).unwrap();
         assert_eq!(s.health_check, HealthCheck::Http { path: "/".into() });
         assert_eq!(s.provider, "local");
-        let e = Spec::from_value(&serde_json::json!({"image": "web", "count": 2, "health_check": {"type": "http", "path": "x y"}}))
-            .unwrap_err();
+        let e = Spec::from_value(
+            &serde_json::json!({"image": "web", "count": 2, "health_check": {"type": "http", "path": "x y"}}),
+        )
+        .unwrap_err();
         assert!(matches!(e, Error::Invalid(f) if f[0].field == "spec.health_check.path"));
     }
 }

@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{from_json, named_enum, NotAllowed, TypedStep};
+use super::{from_json, machine, named_enum, NotAllowed, TypedStep};
 use crate::error::{Error, Result};
 
 named_enum!(State {
@@ -28,29 +28,21 @@ named_enum!(Action {
     Retry => "retry",
 });
 
+machine!();
+
 /// The image transition table.
 pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
     use Action as A;
     use State as S;
-    let build = TypedStep::Go {
-        working: S::Building,
-        ok: S::Built,
-        err: S::Failed,
-    };
-    let destroy = TypedStep::Go {
-        working: S::Destroying,
-        ok: S::Destroyed,
-        err: S::Failed,
-    };
+    let build = TypedStep::Go { working: S::Building, ok: S::Built, err: S::Failed };
+    let destroy = TypedStep::Go { working: S::Destroying, ok: S::Destroyed, err: S::Failed };
     match (state, action) {
         (S::Pending, A::Build) | (S::Built, A::Build) => Ok(build),
         (S::Pending | S::Built | S::Failed, A::Destroy) => Ok(destroy),
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
         (S::Failed, A::Build) => Err(NotAllowed), // a failed build is retried, so its lineage is kept
         (S::Pending | S::Built, A::Retry) => Err(NotAllowed),
-        (S::Building | S::Destroying | S::Destroyed, A::Build | A::Destroy | A::Retry) => {
-            Err(NotAllowed)
-        }
+        (S::Building | S::Destroying | S::Destroyed, A::Build | A::Destroy | A::Retry) => Err(NotAllowed),
     }
 }
 
@@ -78,29 +70,17 @@ impl Spec {
         let spec: Spec = from_json("spec", v)?;
         let mut errors = Vec::new();
         if spec.provider != "local" {
-            errors.push(crate::FieldError::new(
-                "spec.provider",
-                "unknown provider; known: local",
-            ));
+            errors.push(crate::FieldError::new("spec.provider", "unknown provider; known: local"));
         }
         if spec.build_command.trim().is_empty() {
-            errors.push(crate::FieldError::new(
-                "spec.build_command",
-                "must not be empty",
-            ));
+            errors.push(crate::FieldError::new("spec.build_command", "must not be empty"));
         }
         if spec.start_command.trim().is_empty() {
-            errors.push(crate::FieldError::new(
-                "spec.start_command",
-                "must not be empty",
-            ));
+            errors.push(crate::FieldError::new("spec.start_command", "must not be empty"));
         }
         if let Some(t) = spec.build_timeout_secs {
             if t == 0 || t > 24 * 3600 {
-                errors.push(crate::FieldError::new(
-                    "spec.build_timeout_secs",
-                    "must be between 1 and 86400",
-                ));
+                errors.push(crate::FieldError::new("spec.build_timeout_secs", "must be between 1 and 86400"));
             }
         }
         if errors.is_empty() {
@@ -113,9 +93,7 @@ impl Spec {
 
 pub fn validate_params(action: &str, params: &Value) -> Result<Value> {
     match Action::parse(action) {
-        Some(Action::Build | Action::Destroy | Action::Retry) | None => {
-            super::cluster::no_params(params)
-        }
+        Some(Action::Build | Action::Destroy | Action::Retry) | None => super::cluster::no_params(params),
     }
 }
 
@@ -132,11 +110,7 @@ mod tests {
     use State as S;
 
     fn go(w: S, ok: S, err: S) -> Result<TypedStep<S>, NotAllowed> {
-        Ok(TypedStep::Go {
-            working: w,
-            ok,
-            err,
-        })
+        Ok(TypedStep::Go { working: w, ok, err })
     }
 
     #[test]
@@ -154,10 +128,7 @@ mod tests {
         ];
         assert_eq!(expected.len(), State::ALL.len());
         for (state, row) in expected {
-            for (action, want) in [Action::Build, Action::Destroy, Action::Retry]
-                .into_iter()
-                .zip(row)
-            {
+            for (action, want) in [Action::Build, Action::Destroy, Action::Retry].into_iter().zip(row) {
                 assert_eq!(next(state, action), want, "{state:?} --{action:?}-->");
             }
         }
@@ -176,10 +147,8 @@ mod tests {
             Error::Invalid(f) => assert_eq!(f[0].field, "spec.start_command"),
             other => panic!("{other:?}"),
         }
-        let err = Spec::from_value(
-            &serde_json::json!({"build_command": " ", "start_command": "x", "provider": "gce"}),
-        )
-        .unwrap_err();
+        let err = Spec::from_value(&serde_json::json!({"build_command": " ", "start_command": "x", "provider": "gce"}))
+            .unwrap_err();
         match err {
             Error::Invalid(f) => {
                 let fields: Vec<_> = f.iter().map(|e| e.field.as_str()).collect();
@@ -187,10 +156,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let ok = Spec::from_value(
-            &serde_json::json!({"build_command": "true", "start_command": "sleep 1"}),
-        )
-        .unwrap();
+        let ok = Spec::from_value(&serde_json::json!({"build_command": "true", "start_command": "sleep 1"})).unwrap();
         assert_eq!(ok.provider, "local");
     }
 }

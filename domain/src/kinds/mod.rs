@@ -11,6 +11,8 @@
 
 pub mod cluster;
 pub mod image;
+pub mod role;
+pub mod user;
 
 use std::fmt;
 
@@ -22,15 +24,43 @@ use crate::error::{Error, FieldError, Result};
 pub enum Kind {
     Image,
     Cluster,
+    User,
+    Role,
+}
+
+/// The provider of kinds whose transitions only touch drover's own records.
+pub const BUILTIN_PROVIDER: &str = "builtin";
+
+/// A kind's state machine, as its module declares it.
+pub trait Machine {
+    type State: KindState + StateName + 'static;
+    type Action: Copy + 'static;
+    const STATES: &'static [Self::State];
+    const ACTIONS: &'static [Self::Action];
+    fn action_name(a: Self::Action) -> &'static str;
+    fn parse_action(s: &str) -> Option<Self::Action>;
+    fn next(s: Self::State, a: Self::Action) -> Result<TypedStep<Self::State>, NotAllowed>;
+}
+
+/// `None`: the state is unknown to the kind; `Some(None)`: not allowed.
+fn lookup<M: Machine>(state: &str, action: &str) -> Option<Option<Step>> {
+    let s = M::State::parse(state)?;
+    Some(M::parse_action(action).and_then(|a| M::next(s, a).ok()).map(Step::from))
+}
+
+fn names<M: Machine>() -> (Vec<&'static str>, Vec<&'static str>) {
+    (M::STATES.iter().map(|s| s.name()).collect(), M::ACTIONS.iter().map(|&a| M::action_name(a)).collect())
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::Image, Kind::Cluster];
+    pub const ALL: [Kind; 4] = [Kind::Image, Kind::Cluster, Kind::User, Kind::Role];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Image => "image",
             Kind::Cluster => "cluster",
+            Kind::User => "user",
+            Kind::Role => "role",
         }
     }
 
@@ -41,30 +71,35 @@ impl Kind {
     pub fn description(self) -> &'static str {
         match self {
             Kind::Image => "A machine image: built once by a provider, then used by clusters.",
-            Kind::Cluster => {
-                "A group of instances started from an image, scaled, stopped and destroyed."
-            }
+            Kind::Cluster => "A group of instances started from an image, scaled, stopped and destroyed.",
+            Kind::User => "Someone who calls the API with bearer tokens; roles grant permissions.",
+            Kind::Role => "A named set of permissions (kind:action).",
+        }
+    }
+
+    fn names(self) -> (Vec<&'static str>, Vec<&'static str>) {
+        match self {
+            Kind::Image => names::<image::Table>(),
+            Kind::Cluster => names::<cluster::Table>(),
+            Kind::User => names::<user::Table>(),
+            Kind::Role => names::<role::Table>(),
         }
     }
 
     pub fn states(self) -> Vec<&'static str> {
-        match self {
-            Kind::Image => image::State::ALL.iter().map(|s| s.as_str()).collect(),
-            Kind::Cluster => cluster::State::ALL.iter().map(|s| s.as_str()).collect(),
-        }
+        self.names().0
     }
 
     pub fn actions(self) -> Vec<&'static str> {
-        match self {
-            Kind::Image => image::Action::ALL.iter().map(|a| a.as_str()).collect(),
-            Kind::Cluster => cluster::Action::ALL.iter().map(|a| a.as_str()).collect(),
-        }
+        self.names().1
     }
 
     pub fn initial_state(self) -> &'static str {
         match self {
             Kind::Image => image::State::Pending.as_str(),
             Kind::Cluster => cluster::State::Pending.as_str(),
+            Kind::User => user::State::Active.as_str(),
+            Kind::Role => role::State::Active.as_str(),
         }
     }
 
@@ -73,59 +108,41 @@ impl Kind {
         match self {
             Kind::Image => image::State::Destroyed.as_str(),
             Kind::Cluster => cluster::State::Destroyed.as_str(),
+            Kind::User => user::State::Deleted.as_str(),
+            Kind::Role => role::State::Deleted.as_str(),
+        }
+    }
+
+    fn lookup(self, state: &str, action: &str) -> Option<Option<Step>> {
+        match self {
+            Kind::Image => lookup::<image::Table>(state, action),
+            Kind::Cluster => lookup::<cluster::Table>(state, action),
+            Kind::User => lookup::<user::Table>(state, action),
+            Kind::Role => lookup::<role::Table>(state, action),
         }
     }
 
     /// The step `action` takes from `state`, or why it may not.
     pub fn next(self, state: &str, action: &str) -> Result<Step> {
-        let step = match self {
-            Kind::Image => {
-                let (s, a) = (
-                    parse_state::<image::State>(self, state)?,
-                    image::Action::parse(action),
-                );
-                a.ok_or(())
-                    .and_then(|a| image::next(s, a).map_err(|_| ()))
-                    .map(Step::from)
-            }
-            Kind::Cluster => {
-                let (s, a) = (
-                    parse_state::<cluster::State>(self, state)?,
-                    cluster::Action::parse(action),
-                );
-                a.ok_or(())
-                    .and_then(|a| cluster::next(s, a).map_err(|_| ()))
-                    .map(Step::from)
-            }
-        };
-        step.map_err(|()| Error::NotAllowed {
-            kind: self,
-            state: state.to_string(),
-            action: action.to_string(),
-            allowed: self.allowed_actions(state),
-        })
+        match self.lookup(state, action) {
+            None => Err(Error::Internal(format!("unknown {self} state {state:?} in store"))),
+            Some(Some(step)) => Ok(step),
+            Some(None) => Err(Error::NotAllowed {
+                kind: self,
+                state: state.to_string(),
+                action: action.to_string(),
+                allowed: self.allowed_actions(state),
+            }),
+        }
     }
 
     /// Actions allowed from `state`, in table order.
     pub fn allowed_actions(self, state: &str) -> Vec<String> {
         self.actions()
             .into_iter()
-            .filter(|a| self.next_no_list(state, a))
+            .filter(|a| matches!(self.lookup(state, a), Some(Some(_))))
             .map(str::to_string)
             .collect()
-    }
-
-    fn next_no_list(self, state: &str, action: &str) -> bool {
-        match self {
-            Kind::Image => match (image::State::parse(state), image::Action::parse(action)) {
-                (Some(s), Some(a)) => image::next(s, a).is_ok(),
-                _ => false,
-            },
-            Kind::Cluster => match (cluster::State::parse(state), cluster::Action::parse(action)) {
-                (Some(s), Some(a)) => cluster::next(s, a).is_ok(),
-                _ => false,
-            },
-        }
     }
 
     /// Every entry of the table, for `GET /v1/kinds/{kind}`.
@@ -133,12 +150,8 @@ impl Kind {
         let mut out = Vec::new();
         for state in self.states() {
             for action in self.actions() {
-                if let Ok(step) = self.next(state, action) {
-                    out.push(TableEntry {
-                        from: state,
-                        action,
-                        step,
-                    });
+                if let Some(Some(step)) = self.lookup(state, action) {
+                    out.push(TableEntry { from: state, action, step });
                 }
             }
         }
@@ -150,6 +163,8 @@ impl Kind {
         match self {
             Kind::Image => image::Spec::from_value(spec).and_then(|s| to_value(&s)),
             Kind::Cluster => cluster::Spec::from_value(spec).and_then(|s| to_value(&s)),
+            Kind::User => user::Spec::from_value(spec).and_then(|s| to_value(&s)),
+            Kind::Role => role::Spec::from_value(spec).and_then(|s| to_value(&s)),
         }
     }
 
@@ -158,22 +173,23 @@ impl Kind {
         match self {
             Kind::Image => image::validate_params(action, params),
             Kind::Cluster => cluster::validate_params(action, params),
+            Kind::User | Kind::Role => cluster::no_params(params),
         }
     }
 
     /// The provider named by a (validated) spec.
     pub fn provider_of(self, spec: &Value) -> String {
-        spec.get("provider")
-            .and_then(Value::as_str)
-            .unwrap_or("local")
-            .to_string()
+        match self {
+            Kind::Image | Kind::Cluster => spec.get("provider").and_then(Value::as_str).unwrap_or("local").to_string(),
+            Kind::User | Kind::Role => BUILTIN_PROVIDER.to_string(),
+        }
     }
 
     /// Other resources this one needs to be in a given state before an
     /// action may run: `(kind, name or id, required state)`.
     pub fn dependencies(self, spec: &Value, action: &str) -> Vec<Dependency> {
         match self {
-            Kind::Image => Vec::new(),
+            Kind::Image | Kind::User | Kind::Role => Vec::new(),
             Kind::Cluster => cluster::dependencies(spec, action),
         }
     }
@@ -181,8 +197,17 @@ impl Kind {
     /// The spec after a successful run of `action` (a scale changes `count`).
     pub fn spec_after_success(self, action: &str, params: &Value, spec: &Value) -> Option<Value> {
         match self {
-            Kind::Image => None,
+            Kind::Image | Kind::User | Kind::Role => None,
             Kind::Cluster => cluster::spec_after_success(action, params, spec),
+        }
+    }
+
+    /// Whether a run of `action` hands the resource's settings to its
+    /// provider (and records which versions).
+    pub fn takes_settings(self, action: &str) -> bool {
+        match self {
+            Kind::Cluster => cluster::takes_settings(action),
+            Kind::Image | Kind::User | Kind::Role => false,
         }
     }
 
@@ -191,6 +216,7 @@ impl Kind {
         match self {
             Kind::Image => image::default_timeout_secs(action),
             Kind::Cluster => cluster::default_timeout_secs(action),
+            Kind::User | Kind::Role => 60,
         }
     }
 }
@@ -206,11 +232,6 @@ pub trait KindState: Sized + Copy {
     fn parse(s: &str) -> Option<Self>;
 }
 
-fn parse_state<S: KindState>(kind: Kind, state: &str) -> Result<S> {
-    S::parse(state)
-        .ok_or_else(|| Error::Internal(format!("unknown {kind} state {state:?} in store")))
-}
-
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value> {
     serde_json::to_value(v).map_err(|e| Error::Internal(format!("spec does not serialise: {e}")))
 }
@@ -220,11 +241,7 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(root: &str, v: &Value) -
     serde_json::from_value(v.clone()).map_err(|e| {
         let msg = e.to_string();
         // serde's messages name the field in backticks: "missing field `count`".
-        let field = msg
-            .split('`')
-            .nth(1)
-            .map(|f| format!("{root}.{f}"))
-            .unwrap_or_else(|| root.to_string());
+        let field = msg.split('`').nth(1).map(|f| format!("{root}.{f}")).unwrap_or_else(|| root.to_string());
         Error::Invalid(vec![FieldError::new(field, msg)])
     })
 }
@@ -234,22 +251,14 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(root: &str, v: &Value) -
 /// action that failed, through that action's own step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    Go {
-        working: &'static str,
-        ok: &'static str,
-        err: &'static str,
-    },
+    Go { working: &'static str, ok: &'static str, err: &'static str },
     Retry,
 }
 
 impl<S: StateName> From<TypedStep<S>> for Step {
     fn from(t: TypedStep<S>) -> Self {
         match t {
-            TypedStep::Go { working, ok, err } => Step::Go {
-                working: working.name(),
-                ok: ok.name(),
-                err: err.name(),
-            },
+            TypedStep::Go { working, ok, err } => Step::Go { working: working.name(), ok: ok.name(), err: err.name() },
             TypedStep::Retry => Step::Retry,
         }
     }
@@ -314,3 +323,29 @@ macro_rules! named_enum {
     };
 }
 pub(crate) use named_enum;
+
+/// Declares `Table`, the kind's [`Machine`], from its `State`, `Action`
+/// and `next` (all in the invoking module).
+macro_rules! machine {
+    () => {
+        /// This kind's state machine.
+        pub struct Table;
+
+        impl $crate::kinds::Machine for Table {
+            type State = State;
+            type Action = Action;
+            const STATES: &'static [State] = State::ALL;
+            const ACTIONS: &'static [Action] = Action::ALL;
+            fn action_name(a: Action) -> &'static str {
+                a.as_str()
+            }
+            fn parse_action(s: &str) -> Option<Action> {
+                Action::parse(s)
+            }
+            fn next(s: State, a: Action) -> Result<$crate::kinds::TypedStep<State>, $crate::kinds::NotAllowed> {
+                next(s, a)
+            }
+        }
+    };
+}
+pub(crate) use machine;

@@ -49,12 +49,8 @@ impl LocalClusters {
 
     fn load(&self, r: &Resource) -> Result<State, ProviderError> {
         match std::fs::read(self.dir(r).join(STATE)) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                ProviderError::fatal(
-                    "corrupt_state",
-                    format!("instance state file is unreadable: {e}"),
-                )
-            }),
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| ProviderError::fatal("corrupt_state", format!("instance state file is unreadable: {e}"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
             Err(e) => Err(io("read the instance state")(e)),
         }
@@ -66,70 +62,36 @@ impl LocalClusters {
         let dir = self.dir(r);
         std::fs::create_dir_all(&dir).map_err(io("create the cluster directory"))?;
         let tmp = dir.join(format!("{STATE}.tmp"));
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(s).expect("state serialises"),
-        )
-        .map_err(io("write the instance state"))?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(s).expect("state serialises"))
+            .map_err(io("write the instance state"))?;
         std::fs::rename(&tmp, dir.join(STATE)).map_err(io("write the instance state"))
     }
 
     /// Brings the cluster to `count` healthy instances, adopting those that
     /// run already.
-    async fn ensure(
-        &self,
-        ctx: &dyn RunContext,
-        job: &Job,
-        spec: &Spec,
-        count: u32,
-    ) -> Result<Value, ProviderError> {
+    async fn ensure(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec, count: u32) -> Result<Value, ProviderError> {
         let image = job
             .dependencies
             .iter()
             .find(|d| d.kind == Kind::Image)
-            .ok_or_else(|| {
-                ProviderError::fatal("dependency_missing", "the cluster's image was not resolved")
-            })?;
-        let image_dir = image
-            .outputs
-            .get("path")
-            .and_then(Value::as_str)
-            .map(PathBuf::from)
-            .ok_or_else(|| {
-                ProviderError::fatal(
-                    "image_not_built",
-                    format!("image {} has no build output", image.name),
-                )
-            })?;
-        let start = image
-            .spec
-            .get("start_command")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+            .ok_or_else(|| ProviderError::fatal("dependency_missing", "the cluster's image was not resolved"))?;
+        let image_dir = image.outputs.get("path").and_then(Value::as_str).map(PathBuf::from).ok_or_else(|| {
+            ProviderError::fatal("image_not_built", format!("image {} has no build output", image.name))
+        })?;
+        let start = image.spec.get("start_command").and_then(Value::as_str).unwrap_or_default().to_string();
         let r = &job.resource;
         let mut state = self.load(r)?;
 
-        let (live, gone): (Vec<_>, Vec<_>) = state
-            .instances
-            .drain(..)
-            .partition(|i| alive(i.pid, i.start_ticks));
+        let (live, gone): (Vec<_>, Vec<_>) = state.instances.drain(..).partition(|i| alive(i.pid, i.start_ticks));
         for i in &gone {
-            let msg = format!(
-                "instance {} (pid {}, port {}) is gone; it will be replaced",
-                i.index, i.pid, i.port
-            );
-            ctx.event(NewEvent::info("instances", msg).with_level(Level::Warn))
-                .await;
+            let msg = format!("instance {} (pid {}, port {}) is gone; it will be replaced", i.index, i.pid, i.port);
+            ctx.event(NewEvent::info("instances", msg).with_level(Level::Warn)).await;
         }
         for i in &live {
             if i.index < count {
                 ctx.event(NewEvent::info(
                     "instances",
-                    format!(
-                        "adopting instance {} (pid {}, port {})",
-                        i.index, i.pid, i.port
-                    ),
+                    format!("adopting instance {} (pid {}, port {})", i.index, i.pid, i.port),
                 ))
                 .await;
             }
@@ -140,11 +102,7 @@ impl LocalClusters {
         for i in extra {
             ctx.check_cancel()?;
             stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
-            ctx.event(NewEvent::info(
-                "instances",
-                format!("stopped instance {} (pid {})", i.index, i.pid),
-            ))
-            .await;
+            ctx.event(NewEvent::info("instances", format!("stopped instance {} (pid {})", i.index, i.pid))).await;
         }
         let logs = self.dir(r).join("logs");
         std::fs::create_dir_all(&logs).map_err(io("create the log directory"))?;
@@ -153,19 +111,10 @@ impl LocalClusters {
                 continue;
             }
             ctx.check_cancel()?;
-            let inst = spawn(
-                &image_dir,
-                &start,
-                r,
-                index,
-                &logs.join(format!("instance-{index}.log")),
-            )?;
+            let inst = spawn(&image_dir, &start, r, index, &logs.join(format!("instance-{index}.log")))?;
             ctx.event(NewEvent::info(
                 "instances",
-                format!(
-                    "started instance {index}: pid {}, port {}",
-                    inst.pid, inst.port
-                ),
+                format!("started instance {index}: pid {}, port {}", inst.pid, inst.port),
             ))
             .await;
             state.instances.push(inst);
@@ -177,19 +126,9 @@ impl LocalClusters {
             HealthCheck::Tcp => None,
         };
         for inst in &state.instances {
-            wait_healthy(
-                ctx,
-                inst,
-                path,
-                Duration::from_secs(spec.start_timeout_secs),
-            )
-            .await?;
+            wait_healthy(ctx, inst, path, Duration::from_secs(spec.start_timeout_secs)).await?;
         }
-        ctx.event(NewEvent::info(
-            "instances",
-            format!("{count} instance(s) healthy"),
-        ))
-        .await;
+        ctx.event(NewEvent::info("instances", format!("{count} instance(s) healthy"))).await;
         Ok(outputs(&state))
     }
 
@@ -198,30 +137,16 @@ impl LocalClusters {
         while let Some(i) = state.instances.pop() {
             ctx.check_cancel()?;
             stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
-            ctx.event(NewEvent::info(
-                "instances",
-                format!("stopped instance {} (pid {})", i.index, i.pid),
-            ))
-            .await;
+            ctx.event(NewEvent::info("instances", format!("stopped instance {} (pid {})", i.index, i.pid))).await;
             self.save(r, &state)?;
         }
         Ok(())
     }
 }
 
-fn spawn(
-    image_dir: &Path,
-    start: &str,
-    r: &Resource,
-    index: u32,
-    log: &Path,
-) -> Result<Instance, ProviderError> {
+fn spawn(image_dir: &Path, start: &str, r: &Resource, index: u32, log: &Path) -> Result<Instance, ProviderError> {
     let port = free_port().map_err(io("find a free port"))?;
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(io("open the instance log"))?;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io("open the instance log"))?;
     let err = out.try_clone().map_err(io("open the instance log"))?;
     let child = tokio::process::Command::new("sh")
         .arg("-c")
@@ -238,19 +163,10 @@ fn spawn(
         .map_err(io("start an instance"))?;
     // The child is not waited on here: it outlives this run, and tokio
     // reaps it if it exits while drover runs.
-    let pid = child
-        .id()
-        .ok_or_else(|| ProviderError::fatal("instance_exited", "instance exited at once"))?;
-    let start_ticks = start_ticks(pid)
-        .ok_or_else(|| ProviderError::fatal("instance_exited", "instance exited at once"))?;
-    Ok(Instance {
-        index,
-        pid,
-        start_ticks,
-        port,
-        started_at: Utc::now(),
-        log: log.to_path_buf(),
-    })
+    let pid = child.id().ok_or_else(|| ProviderError::fatal("instance_exited", "instance exited at once"))?;
+    let start_ticks =
+        start_ticks(pid).ok_or_else(|| ProviderError::fatal("instance_exited", "instance exited at once"))?;
+    Ok(Instance { index, pid, start_ticks, port, started_at: Utc::now(), log: log.to_path_buf() })
 }
 
 async fn wait_healthy(
@@ -267,10 +183,7 @@ async fn wait_healthy(
             let last = output.last().cloned().unwrap_or_default();
             return Err(ProviderError::fatal(
                 "instance_exited",
-                format!(
-                    "instance {} (pid {}) exited before it was healthy: {last}",
-                    inst.index, inst.pid
-                ),
+                format!("instance {} (pid {}) exited before it was healthy: {last}", inst.index, inst.pid),
             )
             .with_detail(json!({ "output_tail": output, "log": inst.log })));
         }
@@ -281,12 +194,7 @@ async fn wait_healthy(
         if tokio::time::Instant::now() >= deadline {
             return Err(ProviderError::fatal(
                 "unhealthy",
-                format!(
-                    "instance {} on port {} not healthy after {}s: {why}",
-                    inst.index,
-                    inst.port,
-                    limit.as_secs()
-                ),
+                format!("instance {} on port {} not healthy after {}s: {why}", inst.index, inst.port, limit.as_secs()),
             )
             .with_detail(json!({ "output_tail": tail(&inst.log, 20), "log": inst.log })));
         }
@@ -306,17 +214,12 @@ fn outputs(state: &State) -> Value {
 #[async_trait]
 impl Provider for LocalClusters {
     async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
-        let spec = Spec::from_value(&job.resource.spec).map_err(|e| {
-            ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}"))
-        })?;
+        let spec = Spec::from_value(&job.resource.spec)
+            .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}")))?;
         match job.action.as_str() {
             "create" | "start" => self.ensure(ctx, job, &spec, spec.count).await,
             "scale" => {
-                let count = job
-                    .params
-                    .get("count")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(spec.count as u64) as u32;
+                let count = job.params.get("count").and_then(Value::as_u64).unwrap_or(spec.count as u64) as u32;
                 self.ensure(ctx, job, &spec, count).await
             }
             "stop" => {
@@ -330,17 +233,10 @@ impl Provider for LocalClusters {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(io("remove the cluster directory")(e)),
                 }
-                ctx.event(NewEvent::info(
-                    "destroy",
-                    "all instances stopped and files removed",
-                ))
-                .await;
+                ctx.event(NewEvent::info("destroy", "all instances stopped and files removed")).await;
                 Ok(json!({ "count": 0, "instances": [] }))
             }
-            other => Err(ProviderError::fatal(
-                "unsupported_action",
-                format!("local clusters cannot {other}"),
-            )),
+            other => Err(ProviderError::fatal("unsupported_action", format!("local clusters cannot {other}"))),
         }
     }
 
@@ -359,16 +255,9 @@ impl Provider for LocalClusters {
         let mut problems = Vec::new();
         for i in &state.instances {
             let running = alive(i.pid, i.start_ticks);
-            let failing = if running {
-                check(i.port, path.as_deref()).await
-            } else {
-                Some("process is gone".into())
-            };
+            let failing = if running { check(i.port, path.as_deref()).await } else { Some("process is gone".into()) };
             if let Some(why) = &failing {
-                problems.push(format!(
-                    "instance {} (pid {}, port {}): {why}",
-                    i.index, i.pid, i.port
-                ));
+                problems.push(format!("instance {} (pid {}, port {}): {why}", i.index, i.pid, i.port));
             }
             instances.push(json!({ "index": i.index, "pid": i.pid, "port": i.port, "running": running, "healthy": failing.is_none() }));
         }
@@ -379,12 +268,7 @@ impl Provider for LocalClusters {
         let summary = if problems.is_empty() {
             format!("{} of {} instance(s) healthy", instances.len(), spec.count)
         } else {
-            format!(
-                "{} of {} instance(s) unhealthy: {}",
-                problems.len(),
-                spec.count,
-                problems.join("; ")
-            )
+            format!("{} of {} instance(s) unhealthy: {}", problems.len(), spec.count, problems.join("; "))
         };
         Some(json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances }))
     }

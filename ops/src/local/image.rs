@@ -29,43 +29,27 @@ impl LocalImages {
         self.root.join(job.resource.id.to_string())
     }
 
-    async fn build(
-        &self,
-        ctx: &dyn RunContext,
-        job: &Job,
-        spec: &Spec,
-    ) -> Result<Value, ProviderError> {
+    async fn build(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
         let base = self.dir_of(job);
         let dir = base.join(job.run_id.to_string());
         let log = base.join(format!("{}.log", job.run_id));
         if let Ok(done) = std::fs::read(dir.join(MARKER)) {
             if let Ok(outputs) = serde_json::from_slice::<Value>(&done) {
-                ctx.event(NewEvent::info(
-                    "build",
-                    format!("adopting the finished build in {}", dir.display()),
-                ))
-                .await;
+                ctx.event(NewEvent::info("build", format!("adopting the finished build in {}", dir.display()))).await;
                 return Ok(outputs);
             }
         }
         // A directory without the marker is a build that died half-way.
         if dir.exists() {
-            ctx.event(NewEvent::info(
-                "build",
-                "removing an unfinished build of an earlier attempt",
-            ))
-            .await;
+            ctx.event(NewEvent::info("build", "removing an unfinished build of an earlier attempt")).await;
             std::fs::remove_dir_all(&dir).map_err(io("remove unfinished build"))?;
         }
         std::fs::create_dir_all(&dir).map_err(io("create build directory"))?;
         let log_file = std::fs::File::create(&log).map_err(io("create build log"))?;
         let err_file = log_file.try_clone().map_err(io("open build log"))?;
         ctx.event(
-            NewEvent::info(
-                "build",
-                format!("running the build command in {}", dir.display()),
-            )
-            .with_data(json!({ "command": spec.build_command, "log": log })),
+            NewEvent::info("build", format!("running the build command in {}", dir.display()))
+                .with_data(json!({ "command": spec.build_command, "log": log })),
         )
         .await;
         let mut child = tokio::process::Command::new("sh")
@@ -104,12 +88,8 @@ impl LocalImages {
                 None => format!("build command was killed by a signal: {last}"),
             };
             let detail = json!({ "exit_code": code, "output_tail": output_tail, "log": log });
-            ctx.event(
-                NewEvent::info("build", message.clone())
-                    .with_level(Level::Error)
-                    .with_data(detail.clone()),
-            )
-            .await;
+            ctx.event(NewEvent::info("build", message.clone()).with_level(Level::Error).with_data(detail.clone()))
+                .await;
             return Err(ProviderError::fatal("build_failed", message).with_detail(detail));
         }
         let outputs = json!({
@@ -119,13 +99,8 @@ impl LocalImages {
             "built_at": Utc::now(),
             "run_id": job.run_id,
         });
-        std::fs::write(dir.join(MARKER), outputs.to_string())
-            .map_err(io("mark the build finished"))?;
-        ctx.event(
-            NewEvent::info("build", "build finished")
-                .with_data(json!({ "output_tail": output_tail })),
-        )
-        .await;
+        std::fs::write(dir.join(MARKER), outputs.to_string()).map_err(io("mark the build finished"))?;
+        ctx.event(NewEvent::info("build", "build finished").with_data(json!({ "output_tail": output_tail }))).await;
         remove_other_builds(&base, &job.run_id.to_string());
         Ok(outputs)
     }
@@ -145,49 +120,30 @@ fn remove_other_builds(base: &Path, keep: &str) {
 
 pub(super) fn io(what: &'static str) -> impl Fn(std::io::Error) -> ProviderError {
     move |e| {
-        let retryable = matches!(
-            e.kind(),
-            std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
-        );
-        ProviderError::Failed {
-            code: "io".into(),
-            message: format!("could not {what}: {e}"),
-            retryable,
-            detail: None,
-        }
+        let retryable = matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock);
+        ProviderError::Failed { code: "io".into(), message: format!("could not {what}: {e}"), retryable, detail: None }
     }
 }
 
 #[async_trait]
 impl Provider for LocalImages {
     async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
-        let spec = Spec::from_value(&job.resource.spec).map_err(|e| {
-            ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}"))
-        })?;
+        let spec = Spec::from_value(&job.resource.spec)
+            .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}")))?;
         match job.action.as_str() {
             "build" => self.build(ctx, job, &spec).await,
             "destroy" => {
                 let dir = self.dir_of(job);
                 match std::fs::remove_dir_all(&dir) {
-                    Ok(()) => {
-                        ctx.event(NewEvent::info(
-                            "destroy",
-                            format!("removed {}", dir.display()),
-                        ))
-                        .await
-                    }
+                    Ok(()) => ctx.event(NewEvent::info("destroy", format!("removed {}", dir.display()))).await,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        ctx.event(NewEvent::info("destroy", "nothing to remove"))
-                            .await
+                        ctx.event(NewEvent::info("destroy", "nothing to remove")).await
                     }
                     Err(e) => return Err(io("remove the image")(e)),
                 }
                 Ok(json!({}))
             }
-            other => Err(ProviderError::fatal(
-                "unsupported_action",
-                format!("local images cannot {other}"),
-            )),
+            other => Err(ProviderError::fatal("unsupported_action", format!("local images cannot {other}"))),
         }
     }
 }

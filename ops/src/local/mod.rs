@@ -33,14 +33,6 @@ pub const NAME: &str = "local";
 /// Registers the local provider for every kind, keeping its files under
 /// `data_dir`.
 pub fn register(providers: &mut Providers, data_dir: &Path) {
-    providers.register(
-        NAME,
-        Kind::Image,
-        Arc::new(LocalImages::new(data_dir.join("images"))),
-    );
-    providers.register(
-        NAME,
-        Kind::Cluster,
-        Arc::new(LocalClusters::new(data_dir.join("clusters"))),
-    );
+    providers.register(NAME, Kind::Image, Arc::new(LocalImages::new(data_dir.join("images"))));
+    providers.register(NAME, Kind::Cluster, Arc::new(LocalClusters::new(data_dir.join("clusters"))));
 }

@@ -59,42 +59,27 @@ impl Drop for GroupGuard {
 }
 
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// `None` when healthy, else why not.
 pub async fn check(port: u16, http_path: Option<&str>) -> Option<String> {
     let attempt = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
         let Some(path) = http_path else { return Ok(()) };
-        let req = format!(
-            "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: drover-health\r\n\r\n"
-        );
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
+        let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: drover-health\r\n\r\n");
+        s.write_all(req.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
         let mut buf = [0u8; 64];
         let mut n = 0;
         while n < 12 {
-            match s
-                .read(&mut buf[n..])
-                .await
-                .map_err(|e| format!("read: {e}"))?
-            {
+            match s.read(&mut buf[n..]).await.map_err(|e| format!("read: {e}"))? {
                 0 => break,
                 m => n += m,
             }
         }
         let head = String::from_utf8_lossy(&buf[..n]);
-        let code: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or(format!("not HTTP: {head:?}"))?;
+        let code: u16 =
+            head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(format!("not HTTP: {head:?}"))?;
         if (200..400).contains(&code) {
             Ok(())
         } else {
@@ -110,9 +95,7 @@ pub async fn check(port: u16, http_path: Option<&str>) -> Option<String> {
 
 /// The last `n` lines of a file, for error reports.
 pub fn tail(path: &Path, n: usize) -> Vec<String> {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let mut lines: VecDeque<String> = VecDeque::with_capacity(n);
     for line in text.lines() {
         if lines.len() == n {

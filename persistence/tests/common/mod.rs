@@ -8,18 +8,36 @@ use chrono::Utc;
 use drover_domain::kinds::Kind;
 use drover_domain::model::*;
 use drover_domain::ports::Store;
+pub use drover_persistence::Stores;
 use serde_json::json;
 use uuid::Uuid;
 
-pub async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
+pub async fn sqlite() -> (Stores, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("drover.db").display());
-    (drover_persistence::connect(&url).await.unwrap(), dir)
+    (drover_persistence::open(&url).await.unwrap(), dir)
 }
 
-pub async fn postgres() -> Arc<dyn Store> {
+pub async fn postgres() -> Stores {
     let url = drover_persistence::testing::fresh_postgres_database().await;
-    drover_persistence::connect(&url).await.unwrap()
+    drover_persistence::open(&url).await.unwrap()
+}
+
+/// What a test body takes: the main store, or every port.
+pub trait FromStores {
+    fn from_stores(s: Stores) -> Self;
+}
+
+impl FromStores for Arc<dyn Store> {
+    fn from_stores(s: Stores) -> Self {
+        s.store
+    }
+}
+
+impl FromStores for Stores {
+    fn from_stores(s: Stores) -> Self {
+        s
+    }
 }
 
 /// Instantiates an async test body `fn(Arc<dyn Store>)` once per backend.
@@ -30,8 +48,8 @@ macro_rules! both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let (store, _dir) = $crate::common::sqlite().await;
-                    super::$name(store).await;
+                    let (stores, _dir) = $crate::common::sqlite().await;
+                    super::$name($crate::common::FromStores::from_stores(stores)).await;
                 }
             )+
         }
@@ -39,8 +57,8 @@ macro_rules! both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let store = $crate::common::postgres().await;
-                    super::$name(store).await;
+                    let stores = $crate::common::postgres().await;
+                    super::$name($crate::common::FromStores::from_stores(stores)).await;
                 }
             )+
         }
@@ -55,6 +73,7 @@ pub async fn cluster(store: &Arc<dyn Store>, name: &str) -> Resource {
             name: name.into(),
             state: "pending".into(),
             spec: json!({"image": "img", "count": 1}),
+            actor: "tester".into(),
             now: Utc::now(),
         })
         .await
@@ -80,6 +99,7 @@ pub fn new_run(r: &Resource, action: &str, from: &str, working: &str, ok: &str) 
         parent_run: None,
         provider: "test".into(),
         timeout_secs: 60,
+        settings: json!([]),
         now: Utc::now(),
     }
 }

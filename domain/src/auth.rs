@@ -1,0 +1,285 @@
+//! Identity and access: bearer tokens, principals, permissions, and the
+//! bootstrap of the first admin.
+//!
+//! # Guarantees
+//! - Token secrets are never stored: only their SHA-256 (tokens carry 244
+//!   random bits, so a fast hash is enough) and a short visible prefix.
+//! - A token works only while it is unexpired, unrevoked, and its user is
+//!   `active`; permissions are read from the user's roles on every request,
+//!   so disabling a user or changing a role takes effect at once.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::kinds::{role, user, Kind};
+use crate::model::*;
+use crate::ports::{Store, TokenStore};
+
+/// Who is calling, and what they may do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    pub user_id: Uuid,
+    pub user: String,
+    pub token_id: Uuid,
+    pub permissions: Vec<String>,
+}
+
+impl Principal {
+    pub fn can(&self, wanted: &str) -> bool {
+        self.permissions.iter().any(|g| permits(g, wanted))
+    }
+
+    pub fn require(&self, wanted: &str) -> Result<()> {
+        if self.can(wanted) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden { permission: wanted.to_string() })
+        }
+    }
+}
+
+/// `*` grants everything, `kind:*` every action of a kind.
+pub fn permits(granted: &str, wanted: &str) -> bool {
+    granted == "*"
+        || granted == wanted
+        || granted.strip_suffix(":*").is_some_and(|k| wanted.split_once(':').is_some_and(|(wk, _)| wk == k))
+}
+
+pub fn valid_permission(p: &str) -> bool {
+    let part = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'-' || b == b'_');
+    p == "*" || p.split_once(':').is_some_and(|(k, a)| part(k) && (a == "*" || part(a)))
+}
+
+/// The roles every installation has. They cannot be changed or deleted.
+pub const BUILTIN_ROLES: [(&str, &str, &[&str]); 3] = [
+    ("admin", "Everything, including users, roles and revealing secrets.", &["*"]),
+    (
+        "operator",
+        "Runs images and clusters and writes settings; cannot manage users or reveal secrets.",
+        &["image:*", "cluster:*", "transitions:read", "kinds:read", "settings:read", "settings:write"],
+    ),
+    (
+        "viewer",
+        "Reads everything but secrets.",
+        &["image:read", "cluster:read", "transitions:read", "kinds:read", "settings:read"],
+    ),
+];
+
+pub fn is_builtin_role(name: &str) -> bool {
+    BUILTIN_ROLES.iter().any(|(n, _, _)| *n == name)
+}
+
+/// A new token: `drv_` and 64 hex digits (244 random bits).
+pub fn new_token() -> String {
+    format!("drv_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
+}
+
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// What may be shown of a token: enough to recognise it, not to use it.
+pub fn token_prefix(token: &str) -> String {
+    token.chars().take(12).collect()
+}
+
+pub struct Auth {
+    store: Arc<dyn Store>,
+    tokens: Arc<dyn TokenStore>,
+}
+
+/// The actor recorded for what drover does on its own.
+pub const SYSTEM_ACTOR: &str = "drover";
+
+impl Auth {
+    pub fn new(store: Arc<dyn Store>, tokens: Arc<dyn TokenStore>) -> Auth {
+        Auth { store, tokens }
+    }
+
+    pub async fn authenticate(&self, bearer: &str) -> Result<Principal> {
+        let token = self
+            .tokens
+            .token_by_hash(&hash_token(bearer))
+            .await?
+            .ok_or_else(|| Error::Unauthenticated("unknown token".into()))?;
+        let now = Utc::now();
+        if token.revoked_at.is_some() {
+            return Err(Error::Unauthenticated("token revoked".into()));
+        }
+        if token.expires_at.is_some_and(|t| t <= now) {
+            return Err(Error::Unauthenticated("token expired".into()));
+        }
+        let user = self
+            .store
+            .get_resource_by_id(token.user_id)
+            .await?
+            .filter(|u| u.kind == Kind::User)
+            .ok_or_else(|| Error::Unauthenticated("the token's user no longer exists".into()))?;
+        if user.state != user::State::Active.as_str() {
+            return Err(Error::Unauthenticated(format!("user {} is {}", user.name, user.state)));
+        }
+        let spec = user::Spec::from_value(&user.spec)?;
+        let mut permissions = Vec::new();
+        for name in &spec.roles {
+            let role = self.store.get_resource(Kind::Role, &ResourceKey::Name(name.clone())).await?;
+            if let Some(r) = role.filter(|r| r.state == role::State::Active.as_str()) {
+                permissions.extend(role::Spec::from_value(&r.spec)?.permissions);
+            }
+        }
+        if token.last_used_at.is_none_or(|t| now - t > chrono::Duration::seconds(60)) {
+            // Recorded at most once a minute, so reads do not all write.
+            self.tokens.touch_token(token.id, now).await?;
+        }
+        Ok(Principal { user_id: user.id, user: user.name, token_id: token.id, permissions })
+    }
+
+    /// Creates the built-in roles, and on an empty installation the first
+    /// admin with a token: `preset` if given, else a new one, returned so
+    /// that it can be shown once.
+    pub async fn bootstrap(&self, preset: Option<&str>) -> Result<Option<String>> {
+        for (name, description, perms) in BUILTIN_ROLES {
+            let spec = serde_json::json!({ "permissions": perms, "description": description });
+            self.insert_if_missing(Kind::Role, name, spec).await?;
+        }
+        let any_user = self.store.list_resources(Kind::User, PageRequest { after: None, limit: 1 }).await?;
+        if !any_user.is_empty() {
+            return Ok(None);
+        }
+        if let Some(t) = preset {
+            if t.len() < 32 {
+                return Err(Error::invalid("DROVER_BOOTSTRAP_TOKEN", "must be at least 32 characters"));
+            }
+        }
+        let Some(admin) =
+            self.insert_if_missing(Kind::User, "admin", serde_json::json!({ "roles": ["admin"] })).await?
+        else {
+            return Ok(None); // another replica bootstrapped at the same moment
+        };
+        let secret = preset.map(str::to_string).unwrap_or_else(new_token);
+        self.tokens.insert_token(&new_token_record(admin.id, "bootstrap", &secret, None, SYSTEM_ACTOR)).await?;
+        Ok(if preset.is_some() { None } else { Some(secret) })
+    }
+
+    async fn insert_if_missing(&self, kind: Kind, name: &str, spec: serde_json::Value) -> Result<Option<Resource>> {
+        if self.store.get_resource(kind, &ResourceKey::Name(name.into())).await?.is_some() {
+            return Ok(None);
+        }
+        let new = NewResource {
+            id: Uuid::now_v7(),
+            kind,
+            name: name.into(),
+            state: kind.initial_state().into(),
+            spec: kind.validate_spec(&spec)?,
+            actor: SYSTEM_ACTOR.into(),
+            now: Utc::now(),
+        };
+        match self.store.insert_resource(&new).await {
+            Ok(r) => Ok(Some(r)),
+            Err(Error::AlreadyExists { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn user(&self, key: &str) -> Result<Resource> {
+        self.store
+            .get_resource(Kind::User, &ResourceKey::parse(key))
+            .await?
+            .ok_or_else(|| Error::NotFound { kind: "user", key: key.to_string() })
+    }
+
+    /// A new token for a user; the secret is returned once and never again.
+    pub async fn create_token(
+        &self,
+        user: &str,
+        name: &str,
+        expires_at: Option<Time>,
+        actor: &str,
+    ) -> Result<(Token, String)> {
+        let user = self.user(user).await?;
+        if name.is_empty() || name.len() > 100 {
+            return Err(Error::invalid("name", "1 to 100 characters"));
+        }
+        if expires_at.is_some_and(|t| t <= Utc::now()) {
+            return Err(Error::invalid("expires_at", "must be in the future"));
+        }
+        if user.state != user::State::Active.as_str() {
+            return Err(Error::Conflict(format!("user {} is {}; enable it first", user.name, user.state)));
+        }
+        let secret = new_token();
+        let token = self.tokens.insert_token(&new_token_record(user.id, name, &secret, expires_at, actor)).await?;
+        Ok((token, secret))
+    }
+
+    pub async fn list_tokens(&self, user: &str) -> Result<Vec<Token>> {
+        let user = self.user(user).await?;
+        self.tokens.list_tokens(user.id).await
+    }
+
+    pub async fn revoke_token(&self, user: &str, id: Uuid, actor: &str) -> Result<Token> {
+        let user = self.user(user).await?;
+        self.tokens
+            .revoke_token(user.id, id, actor, Utc::now())
+            .await?
+            .ok_or_else(|| Error::NotFound { kind: "token", key: id.to_string() })
+    }
+}
+
+fn new_token_record(user: Uuid, name: &str, secret: &str, expires_at: Option<Time>, actor: &str) -> NewToken {
+    NewToken {
+        id: Uuid::now_v7(),
+        user_id: user,
+        name: name.to_string(),
+        prefix: token_prefix(secret),
+        hash: hash_token(secret),
+        expires_at,
+        created_by: actor.to_string(),
+        now: Utc::now(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_matching() {
+        assert!(permits("*", "cluster:scale"));
+        assert!(permits("cluster:*", "cluster:scale"));
+        assert!(permits("cluster:scale", "cluster:scale"));
+        assert!(!permits("cluster:*", "image:build"));
+        assert!(!permits("cluster:stop", "cluster:scale"));
+        assert!(!permits("cluster", "cluster:scale"));
+    }
+
+    #[test]
+    fn permission_syntax() {
+        for ok in ["*", "cluster:*", "settings:reveal", "users:admin"] {
+            assert!(valid_permission(ok), "{ok}");
+        }
+        for bad in ["", "cluster", ":scale", "cluster:", "Cluster:scale", "a:b:c", "*:*"] {
+            assert!(!valid_permission(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_random_and_hashed() {
+        let (a, b) = (new_token(), new_token());
+        assert_ne!(a, b);
+        assert!(a.starts_with("drv_") && a.len() == 68);
+        assert_eq!(hash_token(&a).len(), 64);
+        assert_ne!(hash_token(&a), hash_token(&b));
+        assert_eq!(token_prefix(&a).len(), 12);
+    }
+
+    #[test]
+    fn builtin_roles_are_valid() {
+        for (name, _, perms) in BUILTIN_ROLES {
+            assert!(is_builtin_role(name));
+            assert!(perms.iter().all(|p| valid_permission(p)), "{name}");
+        }
+    }
+}

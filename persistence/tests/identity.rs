@@ -1,0 +1,75 @@
+//! Conformance of the token and settings stores on both backends.
+
+mod common;
+
+use chrono::Utc;
+use common::*;
+use drover_domain::model::*;
+use drover_domain::Error;
+use uuid::Uuid;
+
+both_backends!(tokens_are_found_by_hash_and_revoked_once, setting_versions_are_append_only_and_fenced);
+
+fn token(user: Uuid, hash: &str) -> NewToken {
+    NewToken {
+        id: Uuid::now_v7(),
+        user_id: user,
+        name: "ci".into(),
+        prefix: "drv_1234abcd".into(),
+        hash: hash.into(),
+        expires_at: None,
+        created_by: "admin".into(),
+        now: Utc::now(),
+    }
+}
+
+async fn tokens_are_found_by_hash_and_revoked_once(s: Stores) {
+    let user = cluster(&s.store, "someone").await; // any resource row will do as the owner
+    let t = s.tokens.insert_token(&token(user.id, "h1")).await.unwrap();
+    assert_eq!(s.tokens.token_by_hash("h1").await.unwrap().unwrap().id, t.id);
+    assert!(s.tokens.token_by_hash("h2").await.unwrap().is_none());
+    let dup = s.tokens.insert_token(&token(user.id, "h1")).await;
+    assert!(dup.is_err(), "hashes are unique");
+    s.tokens.touch_token(t.id, Utc::now()).await.unwrap();
+    assert!(s.tokens.list_tokens(user.id).await.unwrap()[0].last_used_at.is_some());
+    let first = s.tokens.revoke_token(user.id, t.id, "alice", Utc::now()).await.unwrap().unwrap();
+    let again = s.tokens.revoke_token(user.id, t.id, "bob", Utc::now()).await.unwrap().unwrap();
+    assert_eq!((first.revoked_by.as_deref(), again.revoked_by.as_deref()), (Some("alice"), Some("alice")));
+    assert_eq!(first.revoked_at, again.revoked_at);
+    assert!(s.tokens.revoke_token(Uuid::now_v7(), t.id, "x", Utc::now()).await.unwrap().is_none(), "only the owner's");
+}
+
+fn version(scope: &str, key: &str, version: i64, value: Option<&str>) -> NewSettingVersion {
+    NewSettingVersion {
+        id: Uuid::now_v7(),
+        scope: scope.into(),
+        key: key.into(),
+        version,
+        value: value.map(str::to_string),
+        sealed: None,
+        secret: false,
+        deleted: value.is_none(),
+        actor: "alice".into(),
+        reason: Some("test".into()),
+        now: Utc::now(),
+    }
+}
+
+async fn setting_versions_are_append_only_and_fenced(s: Stores) {
+    let st = &s.settings;
+    st.insert_setting(&version("global", "A", 1, Some("1"))).await.unwrap();
+    st.insert_setting(&version("global", "A", 2, Some("2"))).await.unwrap();
+    st.insert_setting(&version("global", "B", 1, Some("b"))).await.unwrap();
+    st.insert_setting(&version("environment:qa", "A", 1, Some("qa"))).await.unwrap();
+    st.insert_setting(&version("global", "B", 2, None)).await.unwrap();
+    // A writer that read version 1 loses to the one that wrote 2.
+    let late = st.insert_setting(&version("global", "A", 2, Some("late"))).await;
+    assert!(matches!(late, Err(Error::VersionMismatch { expected: 1, current: 2 })), "{late:?}");
+    assert_eq!(st.setting("global", "A", None).await.unwrap().unwrap().value.as_deref(), Some("2"));
+    assert_eq!(st.setting("global", "A", Some(1)).await.unwrap().unwrap().value.as_deref(), Some("1"));
+    let history: Vec<_> = st.setting_history("global", "A").await.unwrap().into_iter().map(|v| v.version).collect();
+    assert_eq!(history, [1, 2]);
+    let current = st.current_settings(&["global".into(), "environment:qa".into()]).await.unwrap();
+    let got: Vec<_> = current.iter().map(|v| (v.scope.as_str(), v.key.as_str(), v.version, v.deleted)).collect();
+    assert_eq!(got, [("environment:qa", "A", 1, false), ("global", "A", 2, false), ("global", "B", 2, true)]);
+}
