@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+mod identity;
+mod settings;
+
 use drover_tests::{alive, spawn_app, Backend, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};

@@ -51,7 +51,36 @@ fn engine_config() -> EngineConfig {
     }
 }
 
+/// Everything every test server logged, at debug level, for tests that
+/// check what must never be logged.
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt().with_env_filter("debug").with_ansi(false).with_writer(|| Capture).try_init();
+    });
+}
+
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+}
+
 pub async fn spawn_app(backend: Backend) -> TestApp {
+    capture_logs();
     let data_dir = tempfile::tempdir().expect("temp dir");
     let database_url = match backend {
         Backend::Sqlite => format!("sqlite://{}", data_dir.path().join("drover.db").display()),
@@ -122,6 +151,29 @@ impl TestApp {
 
     pub async fn post(&self, path: &str, body: Value) -> Reply {
         Self::reply(self.client.post(self.url(path)).json(&body).send().await.expect("POST")).await
+    }
+
+    /// A user with `roles` and a token of theirs; returns a client using it.
+    pub async fn user_with_roles(&self, name: &str, roles: &[&str]) -> reqwest::Client {
+        let r = self.post("/v1/users", serde_json::json!({"name": name, "spec": {"roles": roles}})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        let t = self.post(&format!("/v1/users/{name}/tokens"), serde_json::json!({"name": "test"})).await;
+        assert_eq!(t.status, StatusCode::CREATED, "{}", t.body);
+        client_with(Some(t.body["secret"].as_str().unwrap()))
+    }
+
+    /// A role granting exactly `permissions`.
+    pub async fn role(&self, name: &str, permissions: &[&str]) {
+        let r = self.post("/v1/roles", serde_json::json!({"name": name, "spec": {"permissions": permissions}})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+
+    pub async fn send(&self, client: &reqwest::Client, method: &str, path: &str, body: Option<Value>) -> Reply {
+        let mut req = client.request(method.parse().unwrap(), self.url(path));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        Self::reply(req.send().await.expect("request")).await
     }
 
     pub async fn post_with_key(&self, path: &str, body: Value, key: &str) -> Reply {

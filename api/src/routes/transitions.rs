@@ -62,10 +62,14 @@ pub struct TransitionQuery {
         (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn list_transitions(
     State(s): State<AppState>,
+    caller: Caller,
     ApiQuery(q): ApiQuery<TransitionQuery>,
 ) -> ApiResult<Json<TransitionPage>> {
+    caller.require("transitions:read")?;
     let kind = match &q.kind {
-        Some(k) => Some(Kind::parse(k).ok_or_else(|| Problem::invalid("kind", "must be image or cluster"))?),
+        Some(k) => {
+            Some(Kind::parse(k).ok_or_else(|| Problem::invalid("kind", "must be image, cluster, user or role"))?)
+        }
         None => None,
     };
     let resource = match (&q.resource, kind) {

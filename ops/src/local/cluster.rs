@@ -1,5 +1,6 @@
 //! Clusters on the local provider: instance processes started from an image.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -111,7 +112,8 @@ impl LocalClusters {
                 continue;
             }
             ctx.check_cancel()?;
-            let inst = spawn(&image_dir, &start, r, index, &logs.join(format!("instance-{index}.log")))?;
+            let log = logs.join(format!("instance-{index}.log"));
+            let inst = spawn(&image_dir, &start, r, index, &job.settings, &log)?;
             ctx.event(NewEvent::info(
                 "instances",
                 format!("started instance {index}: pid {}, port {}", inst.pid, inst.port),
@@ -144,7 +146,16 @@ impl LocalClusters {
     }
 }
 
-fn spawn(image_dir: &Path, start: &str, r: &Resource, index: u32, log: &Path) -> Result<Instance, ProviderError> {
+/// Starts one instance. The cluster's settings become its environment
+/// (before drover's own variables, which they cannot override).
+fn spawn(
+    image_dir: &Path,
+    start: &str,
+    r: &Resource,
+    index: u32,
+    settings: &BTreeMap<String, String>,
+    log: &Path,
+) -> Result<Instance, ProviderError> {
     let port = free_port().map_err(io("find a free port"))?;
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io("open the instance log"))?;
     let err = out.try_clone().map_err(io("open the instance log"))?;
@@ -152,6 +163,7 @@ fn spawn(image_dir: &Path, start: &str, r: &Resource, index: u32, log: &Path) ->
         .arg("-c")
         .arg(start)
         .current_dir(image_dir)
+        .envs(settings)
         .env("PORT", port.to_string())
         .env("DROVER_INSTANCE", index.to_string())
         .env("DROVER_CLUSTER", &r.name)
