@@ -85,6 +85,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(routes::roles::router())
         .merge(routes::identity::router())
         .merge(routes::settings::router())
+        .merge(routes::stats::router())
         .merge(routes::health::router())
 }
 
@@ -96,7 +97,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let (api, doc) = api().split_for_parts();
     let request_id = HeaderName::from_static("x-request-id");
-    api.with_state(state.clone())
+    api.route_layer(middleware::from_fn_with_state(state.clone(), crate::metrics::layer))
+        .with_state(state.clone())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
         .layer(middleware::from_fn_with_state(state.clone(), crate::idempotency::layer))
         .layer(middleware::from_fn_with_state(state, crate::auth::layer))
@@ -173,13 +175,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     drover_ops::builtin::register(&mut providers);
     let engine = Engine::new(store.clone(), providers, cfg.engine.clone());
     engine.set_settings(settings.clone());
+    let metrics = Arc::new(crate::metrics::Registry::default());
+    engine.set_metrics(metrics.clone());
     let service = Arc::new(Service::new(store, settings.clone()));
     let (stop, stop_rx) = watch::channel(false);
     let tasks = if cfg.workers { engine.spawn(stop_rx.clone()) } else { Vec::new() };
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(AppState { service, auth, settings });
+    let app = router(AppState { service, auth, settings, metrics });
     let mut stop_http = stop_rx;
     let http = tokio::spawn(async move {
         axum::serve(listener, app)

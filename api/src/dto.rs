@@ -1,6 +1,8 @@
 //! The JSON shapes of the HTTP API. Only this crate knows them: they are
 //! mapped from domain records here and nowhere else.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use drover_domain::kinds::{Kind, Step};
 use drover_domain::model::{Run, RunError, RunEvent};
@@ -378,6 +380,8 @@ pub struct Transition {
     pub error: Option<TransitionError>,
     pub cancel_requested_at: Option<DateTime<Utc>>,
     pub cancel_requested_by: Option<String>,
+    /// The resource's environment when the transition was asked for.
+    pub environment: Option<String>,
     /// The settings versions the transition was asked with: `[{scope, key, version}]`.
     #[schema(value_type = Vec<Object>)]
     pub settings: Value,
@@ -416,6 +420,7 @@ impl From<Run> for Transition {
             cancel_requested_at: r.cancel_requested_at,
             cancel_requested_by: r.cancel_requested_by,
             settings: r.settings,
+            environment: r.environment,
         }
     }
 }
@@ -636,4 +641,57 @@ pub struct Health {
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+}
+
+/// Statistics of one group of transitions.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatsGroup {
+    /// The group's values of the `group_by` dimensions.
+    #[schema(value_type = Object)]
+    pub key: BTreeMap<String, String>,
+    /// Start of the hour or day, when bucketed.
+    pub bucket: Option<DateTime<Utc>>,
+    pub total: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    /// failed / (succeeded + failed).
+    pub failure_rate: Option<f64>,
+    /// Over every transition that started.
+    pub avg_ms: Option<f64>,
+    pub avg_success_ms: Option<f64>,
+    pub avg_failure_ms: Option<f64>,
+    /// Within 2% (from a log-scale histogram).
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub max_ms: Option<i64>,
+}
+
+impl From<drover_domain::stats::Group> for StatsGroup {
+    fn from(g: drover_domain::stats::Group) -> Self {
+        StatsGroup {
+            key: g.key.into_iter().map(|(d, v)| (d.as_str().to_string(), v)).collect(),
+            bucket: g.bucket,
+            total: g.total,
+            succeeded: g.succeeded,
+            failed: g.failed,
+            cancelled: g.cancelled,
+            failure_rate: g.failure_rate,
+            avg_ms: g.avg_ms,
+            avg_success_ms: g.avg_success_ms,
+            avg_failure_ms: g.avg_failure_ms,
+            p50_ms: g.p50_ms,
+            p95_ms: g.p95_ms,
+            max_ms: g.max_ms,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransitionStats {
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    pub group_by: Vec<String>,
+    pub bucket: Option<String>,
+    pub groups: Vec<StatsGroup>,
 }

@@ -15,7 +15,9 @@ pub mod auth;
 pub mod dto;
 pub mod extract;
 pub mod idempotency;
+pub mod metrics;
 pub mod problem;
 pub mod routes;
+pub mod text;
 
 pub use app::{openapi, start, Config, Server};

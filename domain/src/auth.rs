@@ -60,12 +60,12 @@ pub const BUILTIN_ROLES: [(&str, &str, &[&str]); 3] = [
     (
         "operator",
         "Runs images and clusters and writes settings; cannot manage users or reveal secrets.",
-        &["image:*", "cluster:*", "transitions:read", "kinds:read", "settings:read", "settings:write"],
+        &["image:*", "cluster:*", "transitions:read", "kinds:read", "settings:read", "settings:write", "metrics:read"],
     ),
     (
         "viewer",
         "Reads everything but secrets.",
-        &["image:read", "cluster:read", "transitions:read", "kinds:read", "settings:read"],
+        &["image:read", "cluster:read", "transitions:read", "kinds:read", "settings:read", "metrics:read"],
     ),
 ];
 

@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::kinds::Kind;
 use crate::model::*;
-use crate::ports::{Job, Provider, ProviderError, RunContext, Store};
+use crate::ports::{Job, Metrics, Provider, ProviderError, RunContext, Store};
 use crate::settings::Settings;
 
 #[derive(Debug, Clone)]
@@ -85,6 +85,7 @@ impl Providers {
 pub struct Engine {
     store: Arc<dyn Store>,
     settings: std::sync::OnceLock<Arc<Settings>>,
+    metrics: std::sync::OnceLock<Arc<dyn Metrics>>,
     providers: Providers,
     cfg: EngineConfig,
     slots: Arc<Semaphore>,
@@ -101,12 +102,16 @@ enum Outcome {
 impl Engine {
     pub fn new(store: Arc<dyn Store>, providers: Providers, cfg: EngineConfig) -> Arc<Engine> {
         let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
-        Arc::new(Engine { store, settings: Default::default(), providers, cfg, slots })
+        Arc::new(Engine { store, settings: Default::default(), metrics: Default::default(), providers, cfg, slots })
     }
 
     /// Lets runs hand their recorded settings to providers.
     pub fn set_settings(&self, settings: Arc<Settings>) {
         let _ = self.settings.set(settings);
+    }
+
+    pub fn set_metrics(&self, metrics: Arc<dyn Metrics>) {
+        let _ = self.metrics.set(metrics);
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -210,6 +215,9 @@ impl Engine {
     /// One reaper pass: requeues runs whose lease lapsed.
     pub async fn reap(&self) -> Result<Vec<Uuid>> {
         let ids = self.store.reap_expired(Utc::now()).await?;
+        if let (Some(m), false) = (self.metrics.get(), ids.is_empty()) {
+            m.leases_reclaimed(ids.len());
+        }
         for id in &ids {
             warn!(run = %id, "lease lapsed; run reclaimed");
         }
@@ -278,6 +286,9 @@ impl Engine {
         ))
         .await;
 
+        if let (Some(m), Some(started)) = (self.metrics.get(), run.heartbeat_at) {
+            m.run_started(run.kind, &run.action, (started - run.run_after).to_std().unwrap_or_default());
+        }
         let lost = Arc::new(Notify::new());
         let heartbeat = tokio::spawn(heartbeat_loop(
             self.store.clone(),
@@ -408,7 +419,12 @@ impl Engine {
                     .with_level(Level::Warn)
                     .with_data(json!({ "error": error }));
                     match self.store.retry_later(lease, after, &error, &event).await {
-                        Ok(()) => info!(delay = ?delay, "attempt failed; will retry"),
+                        Ok(()) => {
+                            info!(delay = ?delay, "attempt failed; will retry");
+                            if let Some(m) = self.metrics.get() {
+                                m.run_retried(run.kind, &run.action);
+                            }
+                        }
                         Err(e) => warn!(error = %e, "could not requeue for retry"),
                     }
                     return;
@@ -449,7 +465,13 @@ impl Engine {
             };
         }
         match self.store.complete_run(lease, &completion).await {
-            Ok(()) => info!(status = completion.status.as_str(), "run finished"),
+            Ok(()) => {
+                info!(status = completion.status.as_str(), "run finished");
+                if let Some(m) = self.metrics.get() {
+                    let took = run.started_at.and_then(|s| (completion.now - s).to_std().ok());
+                    m.run_finished(run.kind, &run.action, completion.status, took);
+                }
+            }
             Err(Error::StaleLease { .. }) => {
                 warn!("late write fenced out: another worker owns this run now")
             }

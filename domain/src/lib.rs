@@ -14,6 +14,7 @@ pub mod model;
 pub mod ports;
 pub mod service;
 pub mod settings;
+pub mod stats;
 
 pub use error::{Error, FieldError, Result};
 pub use kinds::{Kind, Step};

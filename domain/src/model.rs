@@ -149,6 +149,8 @@ pub struct Run {
     pub cancel_requested_by: Option<String>,
     /// The settings versions the run was asked with: `[{scope, key, version}]`.
     pub settings: Value,
+    /// The environment of the resource when the run was asked for.
+    pub environment: Option<String>,
 }
 
 impl Run {
@@ -181,6 +183,7 @@ pub struct NewRun {
     pub provider: String,
     pub timeout_secs: i64,
     pub settings: Value,
+    pub environment: Option<String>,
     pub now: Time,
 }
 
@@ -279,6 +282,8 @@ pub struct RunFilter {
     pub since: Option<Time>,
     pub until: Option<Time>,
     pub parent: Option<Uuid>,
+    pub environment: Option<String>,
+    pub actor: Option<String>,
 }
 
 /// Keyset pagination: items strictly after the cursor, newest first for runs
@@ -374,4 +379,14 @@ pub struct NewSettingVersion {
     pub actor: String,
     pub reason: Option<String>,
     pub now: Time,
+}
+
+/// How much work is waiting, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Queued and due now.
+    pub due: i64,
+    /// Queued for later (waiting to retry).
+    pub waiting: i64,
+    pub running: i64,
 }

@@ -67,6 +67,17 @@ pub trait Store: Send + Sync + 'static {
     /// Cancels a queued run at once; marks a running one for its worker.
     async fn request_cancel(&self, run: Uuid, actor: &str, reason: Option<&str>, now: Time) -> Result<Run>;
     async fn list_events(&self, run: Uuid, after: i64, limit: u32) -> Result<Vec<RunEvent>>;
+    async fn queue_depth(&self, now: Time) -> Result<QueueDepth>;
+
+    // History.
+    /// Rollup rows of one grain with buckets in `[since, until)`.
+    async fn rollups(
+        &self,
+        grain: crate::stats::Grain,
+        since: Time,
+        until: Time,
+        filter: &crate::stats::RollupFilter,
+    ) -> Result<Vec<crate::stats::Rollup>>;
 
     // Idempotency.
     async fn idempotency_begin(&self, key: &str, fingerprint: &str, now: Time) -> Result<IdempotencyBegin>;
@@ -101,6 +112,18 @@ pub trait SettingsStore: Send + Sync + 'static {
     async fn setting_history(&self, scope: &str, key: &str) -> Result<Vec<SettingVersion>>;
     /// The newest version of every key of the given scopes (deletions included).
     async fn current_settings(&self, scopes: &[String]) -> Result<Vec<SettingVersion>>;
+}
+
+/// Counters and histograms the engine reports to (Prometheus, in `api`).
+pub trait Metrics: Send + Sync + 'static {
+    /// An attempt started, `pickup` after it became due.
+    fn run_started(&self, kind: Kind, action: &str, pickup: std::time::Duration);
+    /// A run ended; `duration` from its first start, if it started.
+    fn run_finished(&self, kind: Kind, action: &str, status: RunStatus, duration: Option<std::time::Duration>);
+    /// An attempt failed and was put back in the queue.
+    fn run_retried(&self, kind: Kind, action: &str);
+    /// Runs whose lease lapsed were taken back by the reaper.
+    fn leases_reclaimed(&self, n: usize);
 }
 
 /// What a provider is asked to do.

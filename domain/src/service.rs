@@ -264,6 +264,7 @@ impl Service {
             provider: kind.provider_of(&resource.spec),
             timeout_secs: timeout as i64,
             settings,
+            environment: resource.spec.get("environment").and_then(Value::as_str).map(str::to_string),
             now: Utc::now(),
         };
         self.store.insert_run(&run).await
@@ -273,6 +274,20 @@ impl Service {
     pub async fn retry_action(&self, kind: Kind, key: &str) -> Result<Option<String>> {
         let resource = self.get(kind, key).await?;
         Ok(self.store.last_unsuccessful_run(resource.id).await?.map(|r| r.action))
+    }
+
+    /// Transition statistics over a time range, from the rollups.
+    pub async fn stats(&self, q: &crate::stats::StatsQuery) -> Result<Vec<crate::stats::Group>> {
+        crate::stats::validate(q)?;
+        let mut rows = Vec::new();
+        for (grain, since, until) in crate::stats::plan(q.since, q.until, q.bucket) {
+            rows.extend(self.store.rollups(grain, since, until, &q.filter).await?);
+        }
+        Ok(crate::stats::aggregate(&rows, &q.group_by, q.bucket))
+    }
+
+    pub async fn queue_depth(&self) -> Result<QueueDepth> {
+        self.store.queue_depth(Utc::now()).await
     }
 
     pub async fn cancel(&self, run: Uuid, actor: &str, reason: Option<&str>) -> Result<Run> {

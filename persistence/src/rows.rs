@@ -84,6 +84,7 @@ pub(crate) struct RunRow {
     cancel_requested_at: Option<Ts>,
     cancel_requested_by: Option<String>,
     settings: Json<Value>,
+    environment: Option<String>,
 }
 
 impl TryFrom<RunRow> for Run {
@@ -123,6 +124,7 @@ impl TryFrom<RunRow> for Run {
             cancel_requested_at: r.cancel_requested_at.map(|t| t.0),
             cancel_requested_by: r.cancel_requested_by,
             settings: r.settings.0,
+            environment: r.environment,
         })
     }
 }
@@ -228,6 +230,39 @@ impl From<SettingRow> for SettingVersion {
             actor: s.actor,
             reason: s.reason,
             created_at: s.created_at.0,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct RollupRow {
+    bucket: Ts,
+    kind: String,
+    action: String,
+    environment: String,
+    actor: String,
+    outcome: String,
+    count: i64,
+    timed: i64,
+    sum_ms: i64,
+    max_ms: i64,
+    hist: Json<Value>,
+}
+
+impl From<RollupRow> for drover_domain::stats::Rollup {
+    fn from(r: RollupRow) -> Self {
+        drover_domain::stats::Rollup {
+            bucket: r.bucket.0,
+            kind: r.kind,
+            action: r.action,
+            environment: r.environment,
+            actor: r.actor,
+            outcome: r.outcome,
+            count: r.count,
+            timed: r.timed,
+            sum_ms: r.sum_ms,
+            max_ms: r.max_ms,
+            hist: r.hist.0,
         }
     }
 }

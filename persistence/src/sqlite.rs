@@ -59,5 +59,17 @@ impl SqliteStore {
     }
 }
 
-impl_store!(SqliteStore, Sqlite, backend = "sqlite", claim = CLAIM);
+const ROLLUP: &str = "
+    INSERT INTO run_rollups (grain, bucket, kind, action, environment, actor, outcome, count, timed, sum_ms, max_ms, hist)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $9,
+        CASE WHEN $10 IS NULL THEN '{}' ELSE json_object(CAST($10 AS TEXT), 1) END)
+    ON CONFLICT (grain, bucket, kind, action, environment, actor, outcome) DO UPDATE SET
+        count = count + 1,
+        timed = timed + $8,
+        sum_ms = sum_ms + $9,
+        max_ms = MAX(max_ms, $9),
+        hist = CASE WHEN $10 IS NULL THEN hist
+            ELSE json_set(hist, '$.\"' || $10 || '\"', COALESCE(json_extract(hist, '$.\"' || $10 || '\"'), 0) + 1) END";
+
+impl_store!(SqliteStore, Sqlite, backend = "sqlite", claim = CLAIM, rollup = ROLLUP);
 impl_identity_stores!(SqliteStore, Sqlite);

@@ -11,9 +11,12 @@
 
 /// Expands `impl Store for $store` against `$db`. `$claim` is the backend's
 /// claim statement with parameters `$1` now, `$2` limit, `$3` worker,
-/// `$4` lease token, `$5` lease expiry.
+/// `$4` lease token, `$5` lease expiry. `$rollup` adds one run to a rollup
+/// row: `$1` grain, `$2` bucket, `$3` kind, `$4` action, `$5` environment,
+/// `$6` actor, `$7` outcome, `$8` timed (0 or 1), `$9` duration ms, `$10`
+/// histogram index or NULL.
 macro_rules! impl_store {
-    ($store:ident, $db:ty, backend = $backend:literal, claim = $claim:expr) => {
+    ($store:ident, $db:ty, backend = $backend:literal, claim = $claim:expr, rollup = $rollup:expr) => {
         #[async_trait::async_trait]
         impl drover_domain::ports::Store for $store {
             fn backend(&self) -> &'static str {
@@ -165,8 +168,8 @@ macro_rules! impl_store {
                 let inserted = sqlx::query_as::<_, RunRow>(
                     "INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state,
                         working_state, ok_state, err_state, status, attempt, max_attempts, actor, reason,
-                        idempotency_key, parent_run, provider, timeout_secs, created_at, run_after, settings)
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', 0, $11, $12, $13, $14, $15, $16, $17, $18, $18, $19
+                        idempotency_key, parent_run, provider, timeout_secs, created_at, run_after, settings, environment)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', 0, $11, $12, $13, $14, $15, $16, $17, $18, $18, $19, $20
                      WHERE EXISTS (SELECT 1 FROM resources WHERE id = $2 AND state = $7 AND deleted_at IS NULL)
                      RETURNING *",
                 )
@@ -189,6 +192,7 @@ macro_rules! impl_store {
                 .bind(run.timeout_secs)
                 .bind(Ts(run.now))
                 .bind(Json(&run.settings))
+                .bind(&run.environment)
                 .fetch_optional(&mut *tx)
                 .await;
                 let row = match inserted {
@@ -251,6 +255,12 @@ macro_rules! impl_store {
                 }
                 if let Some(v) = f.until {
                     q.push(" AND created_at < ").push_bind(Ts(v));
+                }
+                if let Some(v) = &f.environment {
+                    q.push(" AND environment = ").push_bind(v.clone());
+                }
+                if let Some(v) = &f.actor {
+                    q.push(" AND actor = ").push_bind(v.clone());
                 }
                 if let Some(v) = f.parent {
                     q.push(" AND parent_run = ").push_bind(v);
@@ -325,13 +335,18 @@ macro_rules! impl_store {
                         detail: None,
                     };
                     insert_event_unfenced(&mut tx, run.id, &NewEvent::info("claim", error.message.clone()).with_level(Level::Error)).await?;
-                    sqlx::query("UPDATE runs SET status = 'failed', finished_at = $2, error = $3, lease_expires_at = NULL WHERE id = $1")
-                        .bind(run.id)
-                        .bind(Ts(now))
-                        .bind(Json(&error))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db("fail unclaimable run"))?;
+                    let failed: Run = sqlx::query_as::<_, RunRow>(
+                        "UPDATE runs SET status = 'failed', finished_at = $2, error = $3, lease_expires_at = NULL
+                         WHERE id = $1 RETURNING *",
+                    )
+                    .bind(run.id)
+                    .bind(Ts(now))
+                    .bind(Json(&error))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db("fail unclaimable run"))?
+                    .try_into()?;
+                    roll_up(&mut tx, &failed, RunStatus::Failed, now).await?;
                 }
                 tx.commit().await.map_err(db("commit claim"))?;
                 Ok(out)
@@ -360,9 +375,9 @@ macro_rules! impl_store {
             async fn complete_run(&self, lease: Lease, c: &Completion) -> Result<()> {
                 let mut tx = self.pool.begin().await.map_err(db("begin"))?;
                 insert_event_fenced(&mut tx, lease, &c.event).await?;
-                let done = sqlx::query_as::<_, (Uuid, String)>(
+                let done = sqlx::query_as::<_, RunRow>(
                     "UPDATE runs SET status = $3, finished_at = $4, outputs = $5, error = $6, lease_expires_at = NULL
-                     WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING resource_id, working_state",
+                     WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING *",
                 )
                 .bind(lease.run)
                 .bind(lease.token)
@@ -373,9 +388,12 @@ macro_rules! impl_store {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db("complete run"))?;
-                let Some((resource, working)) = done else {
+                let Some(done) = done else {
                     return Err(Error::StaleLease { run: lease.run });
                 };
+                let done: Run = done.try_into()?;
+                roll_up(&mut tx, &done, c.status, c.now).await?;
+                let (resource, working) = (done.resource_id, done.working_state);
                 let moved = sqlx::query(
                     "UPDATE resources SET state = $3, spec = COALESCE($4, spec), outputs = COALESCE($5, outputs),
                         observed = NULL, version = version + 1, updated_at = $6
@@ -429,7 +447,8 @@ macro_rules! impl_store {
                 .await
                 .map_err(db("find expired leases"))?;
                 let mut reaped = Vec::new();
-                for run in expired {
+                for row in expired {
+                    let run: Run = row.try_into()?;
                     let mut tx = self.pool.begin().await.map_err(db("begin"))?;
                     let out_of_attempts = run.attempt >= run.max_attempts;
                     let (status, message) = if out_of_attempts {
@@ -457,6 +476,7 @@ macro_rules! impl_store {
                         continue;
                     }
                     if out_of_attempts {
+                        roll_up(&mut tx, &run, RunStatus::Failed, now).await?;
                         sqlx::query("UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2")
                             .bind(run.resource_id)
                             .bind(&run.working_state)
@@ -482,10 +502,10 @@ macro_rules! impl_store {
                 // A queued run ends at once. If an earlier attempt had already
                 // moved the resource to its working state, it leaves it for
                 // the failure state, whose exits are retry and destroy.
-                let queued = sqlx::query_as::<_, (Uuid, String, String)>(
+                let queued = sqlx::query_as::<_, RunRow>(
                     "UPDATE runs SET status = 'cancelled', finished_at = $2, error = $5,
                         cancel_requested_at = $2, cancel_requested_by = $3, cancel_reason = $4
-                     WHERE id = $1 AND status = 'queued' RETURNING resource_id, working_state, err_state",
+                     WHERE id = $1 AND status = 'queued' RETURNING *",
                 )
                 .bind(id)
                 .bind(Ts(now))
@@ -495,6 +515,14 @@ macro_rules! impl_store {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db("cancel queued run"))?;
+                let queued = match queued {
+                    Some(row) => {
+                        let run: Run = row.try_into()?;
+                        roll_up(&mut tx, &run, RunStatus::Cancelled, now).await?;
+                        Some((run.resource_id, run.working_state, run.err_state))
+                    }
+                    None => None,
+                };
                 let message = match &queued {
                     Some((resource, working, err)) => {
                         sqlx::query("UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2")
@@ -543,6 +571,43 @@ macro_rules! impl_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db("list events"))?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn queue_depth(&self, now: Time) -> Result<QueueDepth> {
+                let (due, waiting, running) = sqlx::query_as::<_, (i64, i64, i64)>(
+                    "SELECT
+                        (SELECT COUNT(*) FROM runs WHERE status = 'queued' AND run_after <= $1),
+                        (SELECT COUNT(*) FROM runs WHERE status = 'queued' AND run_after > $1),
+                        (SELECT COUNT(*) FROM runs WHERE status = 'running')",
+                )
+                .bind(Ts(now))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db("measure the queue"))?;
+                Ok(QueueDepth { due, waiting, running })
+            }
+
+            async fn rollups(
+                &self,
+                grain: drover_domain::stats::Grain,
+                since: Time,
+                until: Time,
+                f: &drover_domain::stats::RollupFilter,
+            ) -> Result<Vec<drover_domain::stats::Rollup>> {
+                let mut q = QueryBuilder::<$db>::new(
+                    "SELECT bucket, kind, action, environment, actor, outcome, count, timed, sum_ms, max_ms, hist
+                     FROM run_rollups WHERE grain = ",
+                );
+                q.push_bind(grain.as_str());
+                q.push(" AND bucket >= ").push_bind(Ts(since));
+                q.push(" AND bucket < ").push_bind(Ts(until));
+                for (column, value) in [("kind", &f.kind), ("action", &f.action), ("environment", &f.environment), ("actor", &f.actor)] {
+                    if let Some(v) = value {
+                        q.push(format!(" AND {column} = ")).push_bind(v.clone());
+                    }
+                }
+                let rows = q.build_query_as::<RollupRow>().fetch_all(&self.pool).await.map_err(db("read rollups"))?;
                 Ok(rows.into_iter().map(Into::into).collect())
             }
 
@@ -658,6 +723,28 @@ macro_rules! impl_store {
                 1 => Ok(()),
                 _ => Err(Error::StaleLease { run: lease.run }),
             }
+        }
+
+        /// Adds a finished run to its hourly and daily rollup rows.
+        async fn roll_up(conn: &mut <$db as sqlx::Database>::Connection, run: &Run, outcome: RunStatus, finished: Time) -> Result<()> {
+            let ms = run.started_at.map(|s| (finished - s).num_milliseconds().max(0));
+            for (grain, bucket) in drover_domain::stats::rollup_buckets(run.created_at) {
+                sqlx::query($rollup)
+                    .bind(grain.as_str())
+                    .bind(Ts(bucket))
+                    .bind(run.kind.as_str())
+                    .bind(&run.action)
+                    .bind(run.environment.as_deref().unwrap_or(""))
+                    .bind(&run.actor)
+                    .bind(outcome.as_str())
+                    .bind(i64::from(ms.is_some()))
+                    .bind(ms.unwrap_or(0))
+                    .bind(ms.map(drover_domain::stats::hist_index))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db("roll up run"))?;
+            }
+            Ok(())
         }
 
         /// Events written by the store itself (request, cancel, reaper), not

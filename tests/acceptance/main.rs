@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+mod history;
 mod identity;
 mod settings;
 

@@ -70,11 +70,13 @@ macro_rules! kind_routes {
         #[utoipa::path(get, path = $item, tag = $tag, operation_id = $get_id,
             params(("id" = String, Path, description = "Id or name")),
             security(("bearer" = [$read_perm])),
-            responses((status = 200, body = ResourceView<$spec>, headers(("ETag" = String))),
+            responses((status = 200, description = "As JSON or (`Accept: text/plain`) a compact table",
+                    content((ResourceView<$spec> = "application/json"), (String = "text/plain")), headers(("ETag" = String))),
                 (status = 404, body = Problem, content_type = "application/problem+json")))]
-        async fn get(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<(HeaderMap, Json<ResourceView<$spec>>)> {
+        async fn get(State(s): State<AppState>, caller: Caller, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<axum::response::Response> {
             caller.require($read_perm)?;
-            resources::get(&s, $kind, &id).await
+            let (extra, Json(view)) = resources::get::<$spec>(&s, $kind, &id).await?;
+            Ok(crate::text::respond(&headers, extra, view, crate::text::resource))
         }
 
         /// Changes the spec (JSON merge patch) while no transition is active.

@@ -10,6 +10,7 @@ pub mod kinds;
 pub mod resources;
 pub mod roles;
 pub mod settings;
+pub mod stats;
 pub mod transitions;
 pub mod users;
 
@@ -24,4 +25,5 @@ pub struct AppState {
     pub service: Arc<Service>,
     pub auth: Arc<Auth>,
     pub settings: Arc<Settings>,
+    pub metrics: Arc<crate::metrics::Registry>,
 }

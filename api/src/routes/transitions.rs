@@ -24,6 +24,7 @@ use crate::auth::Caller;
 use crate::dto::*;
 use crate::extract::ApiQuery;
 use crate::problem::{ApiResult, Problem};
+use crate::text;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -49,6 +50,10 @@ pub struct TransitionQuery {
     until: Option<DateTime<Utc>>,
     /// Only transitions that retry or follow this one.
     parent: Option<Uuid>,
+    /// The resource's environment when the transition was asked for.
+    environment: Option<String>,
+    /// Who asked.
+    actor: Option<String>,
     /// Page size, 1-500 (default 50).
     limit: Option<u32>,
     /// `next_cursor` of the previous page.
@@ -58,13 +63,16 @@ pub struct TransitionQuery {
 /// Transitions, newest first, with keyset pagination.
 #[utoipa::path(get, path = "/v1/transitions", tag = "transitions", params(TransitionQuery),
     security(("bearer" = ["transitions:read"])),
-    responses((status = 200, body = TransitionPage), (status = 400, body = Problem, content_type = "application/problem+json"),
+    responses((status = 200, description = "A page, as JSON or (`Accept: text/plain`) a table",
+            content((TransitionPage = "application/json"), (String = "text/plain"))),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn list_transitions(
     State(s): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     ApiQuery(q): ApiQuery<TransitionQuery>,
-) -> ApiResult<Json<TransitionPage>> {
+) -> ApiResult<Response> {
     caller.require("transitions:read")?;
     let kind = match &q.kind {
         Some(k) => {
@@ -85,10 +93,20 @@ async fn list_transitions(
         ),
         None => None,
     };
-    let filter =
-        RunFilter { resource, kind, action: q.action, status, since: q.since, until: q.until, parent: q.parent };
+    let filter = RunFilter {
+        resource,
+        kind,
+        action: q.action,
+        status,
+        since: q.since,
+        until: q.until,
+        parent: q.parent,
+        environment: q.environment,
+        actor: q.actor,
+    };
     let p = s.service.runs(&filter, page(q.limit, q.cursor)?).await?;
-    Ok(Json(TransitionPage { items: p.items.into_iter().map(Into::into).collect(), next_cursor: p.next }))
+    let page = TransitionPage { items: p.items.into_iter().map(Into::into).collect(), next_cursor: p.next };
+    Ok(text::respond(&headers, HeaderMap::new(), page, |v| text::transitions(v["items"].as_array().map_or(&[], |a| a))))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -102,16 +120,20 @@ pub struct WaitQuery {
 #[utoipa::path(get, path = "/v1/transitions/{id}", tag = "transitions",
     params(("id" = Uuid, Path), WaitQuery),
     security(("bearer" = ["transitions:read"])),
-    responses((status = 200, body = Transition), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The transition, as JSON or (`Accept: text/plain`) a table",
+            content((Transition = "application/json"), (String = "text/plain"))),
+        (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_transition(
     State(s): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(id): Path<Uuid>,
     ApiQuery(q): ApiQuery<WaitQuery>,
-) -> ApiResult<Json<Transition>> {
+) -> ApiResult<Response> {
     caller.require("transitions:read")?;
     let wait = parse_wait(q.wait.as_deref())?;
-    Ok(Json(s.service.wait_run(id, wait).await?.into()))
+    let t: Transition = s.service.wait_run(id, wait).await?.into();
+    Ok(text::respond(&headers, HeaderMap::new(), t, text::transition))
 }
 
 /// Cancels a transition: at once if queued; a running one stops at its

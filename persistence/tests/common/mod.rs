@@ -100,6 +100,7 @@ pub fn new_run(r: &Resource, action: &str, from: &str, working: &str, ok: &str) 
         provider: "test".into(),
         timeout_secs: 60,
         settings: json!([]),
+        environment: None,
         now: Utc::now(),
     }
 }

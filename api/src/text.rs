@@ -1,0 +1,192 @@
+//! `Accept: text/plain`: compact tables for people at a terminal.
+//!
+//! Rendered from the same JSON the API returns, so the two never disagree.
+
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::Value;
+
+pub fn wants_text(headers: &HeaderMap) -> bool {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| {
+        let text = a.find("text/plain");
+        let json = a.find("application/json");
+        text.is_some() && json.is_none_or(|j| text.is_some_and(|t| t < j))
+    })
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `2026-11-22T03:18:14.174501Z` → `2026-11-22 03:18:14`.
+fn time(v: &Value) -> String {
+    v.as_str().map(|t| t.replace('T', " ").chars().take(19).collect()).unwrap_or_else(|| "-".into())
+}
+
+fn ms(v: &Value) -> String {
+    match v.as_i64() {
+        None => "-".into(),
+        Some(m) if m < 1000 => format!("{m}ms"),
+        Some(m) if m < 60_000 => format!("{:.1}s", m as f64 / 1000.0),
+        Some(m) => format!("{}m{:02}s", m / 60_000, m % 60_000 / 1000),
+    }
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
+}
+
+fn transition_rows(items: &[Value]) -> String {
+    let rows = items
+        .iter()
+        .map(|t| {
+            vec![
+                s(&t["id"]),
+                format!("{} {}", s(&t["resource"]["kind"]), s(&t["resource"]["name"])),
+                s(&t["action"]),
+                s(&t["status"]),
+                format!("{}>{}", s(&t["from_state"]), s(&t["target_state"])),
+                time(&t["started_at"]),
+                ms(&t["duration_ms"]),
+                s(&t["actor"]),
+                t["error"]["message"].as_str().unwrap_or("").chars().take(60).collect(),
+            ]
+        })
+        .collect();
+    table(&["ID", "RESOURCE", "ACTION", "STATUS", "FROM>TO", "STARTED", "TOOK", "ACTOR", "ERROR"], rows)
+}
+
+/// A resource view as a few aligned lines and its recent transitions.
+pub fn resource(v: &Value) -> String {
+    let mut out = format!("{} {}  ({})\n", s(&v["kind"]), s(&v["name"]), s(&v["id"]));
+    out.push_str(&format!(
+        "state      {}   version {}   updated {} by {}\n",
+        s(&v["state"]),
+        s(&v["version"]),
+        time(&v["updated_at"]),
+        s(&v["updated_by"])
+    ));
+    out.push_str(&format!(
+        "actions    {}\n",
+        v["allowed_actions"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+    ));
+    if let Some(instances) = v["outputs"]["instances"].as_array() {
+        let list: Vec<String> = instances.iter().map(|i| format!("{}:{}", s(&i["pid"]), s(&i["port"]))).collect();
+        out.push_str(&format!("instances  {} ({})\n", instances.len(), list.join(" ")));
+    }
+    if let Some(summary) = v["observed"]["summary"].as_str() {
+        out.push_str(&format!("observed   {summary}\n"));
+    }
+    match &v["active_transition"] {
+        Value::Null => out.push_str("active     -\n"),
+        a => {
+            let t = &a["transition"];
+            out.push_str(&format!(
+                "active     {} {} ({}, attempt {}) {}\n",
+                s(&t["action"]),
+                s(&t["status"]),
+                s(&t["id"]),
+                s(&t["attempt"]),
+                s(&t["worker"])
+            ));
+            for e in a["recent_events"].as_array().into_iter().flatten() {
+                out.push_str(&format!("           {} {:<5} {}\n", time(&e["at"]), s(&e["level"]), s(&e["message"])));
+            }
+        }
+    }
+    if let Some(p) = v["problem"]["summary"].as_str() {
+        out.push_str(&format!("PROBLEM    {p}\n"));
+    }
+    if let Some(items) = v["recent_transitions"].as_array().filter(|i| !i.is_empty()) {
+        out.push('\n');
+        out.push_str(&transition_rows(items));
+    }
+    out
+}
+
+/// One transition and its timings.
+pub fn transition(t: &Value) -> String {
+    let mut out = transition_rows(std::slice::from_ref(t));
+    if let Some(reason) = t["reason"].as_str() {
+        out.push_str(&format!("\nreason: {reason}\n"));
+    }
+    out
+}
+
+pub fn transitions(items: &[Value]) -> String {
+    transition_rows(items)
+}
+
+/// Renders a DTO with `render` when the caller asked for text, as JSON otherwise.
+pub fn respond<T: Serialize>(headers: &HeaderMap, extra: HeaderMap, body: T, render: fn(&Value) -> String) -> Response {
+    if wants_text(headers) {
+        let v = serde_json::to_value(&body).unwrap_or(Value::Null);
+        let mut r = ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], render(&v)).into_response();
+        r.headers_mut().extend(extra);
+        r
+    } else {
+        (extra, axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use serde_json::json;
+
+    #[test]
+    fn negotiation() {
+        let mut h = HeaderMap::new();
+        assert!(!wants_text(&h));
+        h.insert(header::ACCEPT, HeaderValue::from_static("text/plain"));
+        assert!(wants_text(&h));
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/plain"));
+        assert!(!wants_text(&h));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        assert!(!wants_text(&h), "curl's default stays JSON");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = json!({"id": "01", "resource": {"kind": "cluster", "name": "web-qa"}, "action": "scale", "status": "failed",
+            "from_state": "up", "target_state": "up", "started_at": "2026-11-22T03:18:14.174Z", "duration_ms": 61500,
+            "actor": "alice", "error": {"message": "instance 2 exited"}});
+        let out = transition(&t);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("ID  RESOURCE        ACTION  STATUS"), "{out}");
+        assert!(
+            lines[1].contains("cluster web-qa")
+                && lines[1].contains("1m01s")
+                && lines[1].contains("2026-11-22 03:18:14"),
+            "{out}"
+        );
+        assert_eq!(lines[0].find("ACTION"), lines[1].find("scale"));
+    }
+}

@@ -1,0 +1,28 @@
+-- Transition history for dashboards.
+--
+-- Stats never scan `runs`, the engine's hot queue table: every terminal
+-- write adds its run to a rollup row (per hour and per day, kind, action,
+-- environment, actor and outcome) in the same transaction, with a sparse
+-- log-scale histogram of durations for percentiles.
+
+ALTER TABLE runs ADD COLUMN environment TEXT;
+CREATE INDEX runs_environment ON runs (environment, id DESC) WHERE environment IS NOT NULL;
+CREATE INDEX runs_actor ON runs (actor, id DESC);
+
+CREATE TABLE run_rollups (
+    grain        TEXT NOT NULL CHECK (grain IN ('hour', 'day')),
+    bucket       TIMESTAMPTZ NOT NULL,
+    kind         TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    environment  TEXT NOT NULL,
+    actor        TEXT NOT NULL,
+    outcome      TEXT NOT NULL,
+    count        BIGINT NOT NULL,
+    -- Runs that started, and so have a duration.
+    timed        BIGINT NOT NULL,
+    sum_ms       BIGINT NOT NULL,
+    max_ms       BIGINT NOT NULL,
+    -- {"<bucket index>": count}, index = floor(ln(ms) / ln(1.04)).
+    hist         JSONB NOT NULL,
+    PRIMARY KEY (grain, bucket, kind, action, environment, actor, outcome)
+);

@@ -1,0 +1,149 @@
+//! Transition statistics on a small hand-made history, on both backends.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::*;
+use drover_domain::model::*;
+use drover_domain::service::Service;
+use drover_domain::settings::{SecretKey, Settings};
+use drover_domain::stats::{Dim, Grain, Group, RollupFilter, StatsQuery};
+
+both_backends!(stats_match_a_hand_computed_history);
+
+fn t(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+/// Runs one transition with exact timestamps: requested at `at`, started at
+/// once, ended `ms` later with `outcome` (`None`: cancelled while queued).
+async fn history(
+    s: &Stores,
+    name: &str,
+    action: &str,
+    actor: &str,
+    env: Option<&str>,
+    at: &str,
+    run: Option<(i64, RunStatus)>,
+) {
+    let r = cluster(&s.store, name).await;
+    let mut nr = new_run(&r, action, "pending", "creating", "up");
+    nr.actor = actor.into();
+    nr.environment = env.map(str::to_string);
+    nr.now = t(at);
+    let queued = s.store.insert_run(&nr).await.unwrap();
+    match run {
+        None => {
+            s.store.request_cancel(queued.id, actor, None, t(at)).await.unwrap();
+        }
+        Some((ms, status)) => {
+            let claimed = s.store.claim_runs("w", Duration::from_secs(3600), 1, t(at)).await.unwrap().remove(0);
+            let mut c = done(status, if status == RunStatus::Succeeded { "up" } else { "failed" });
+            c.now = t(at) + chrono::Duration::milliseconds(ms);
+            s.store.complete_run(claimed.lease().unwrap(), &c).await.unwrap();
+        }
+    }
+}
+
+fn within(got: Option<f64>, want: f64) -> bool {
+    got.is_some_and(|g| (g - want).abs() / want <= 0.02)
+}
+
+async fn stats_match_a_hand_computed_history(s: Stores) {
+    use RunStatus::*;
+    history(&s, "a", "create", "alice", Some("qa"), "2026-03-01T10:05:00Z", Some((100, Succeeded))).await;
+    history(&s, "b", "create", "alice", Some("qa"), "2026-03-01T10:20:00Z", Some((300, Succeeded))).await;
+    history(&s, "c", "create", "bob", Some("prod"), "2026-03-01T11:10:00Z", Some((1000, Failed))).await;
+    history(&s, "d", "destroy", "bob", None, "2026-03-01T11:30:00Z", None).await;
+    history(&s, "e", "create", "alice", Some("qa"), "2026-03-02T09:00:00Z", Some((200, Succeeded))).await;
+
+    let settings =
+        Arc::new(Settings::new(s.store.clone(), s.settings.clone(), SecretKey::from_hex(&"00".repeat(32)).unwrap()));
+    let service = Service::new(s.store.clone(), settings);
+    let query = |since: &str, until: &str, group_by: Vec<Dim>, bucket: Option<Grain>, filter: RollupFilter| {
+        StatsQuery { since: t(since), until: t(until), group_by, bucket, filter }
+    };
+
+    // Whole days: from the daily rollups.
+    let all = service
+        .stats(&query("2026-03-01T00:00:00Z", "2026-03-03T00:00:00Z", vec![Dim::Kind], None, Default::default()))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    let g: &Group = &all[0];
+    assert_eq!(g.key, vec![(Dim::Kind, "cluster".to_string())]);
+    assert_eq!((g.total, g.succeeded, g.failed, g.cancelled), (5, 3, 1, 1));
+    assert_eq!(g.failure_rate, Some(0.25));
+    assert_eq!(g.avg_ms, Some(400.0));
+    assert_eq!(g.avg_success_ms, Some(200.0));
+    assert_eq!(g.avg_failure_ms, Some(1000.0));
+    assert_eq!(g.max_ms, Some(1000));
+    assert!(within(g.p50_ms, 200.0), "{:?}", g.p50_ms);
+    assert!(within(g.p95_ms, 1000.0), "{:?}", g.p95_ms);
+
+    // A range with ragged ends: hours, a whole day, hours.
+    let mixed = service
+        .stats(&query("2026-02-28T23:00:00Z", "2026-03-02T10:00:00Z", vec![], None, Default::default()))
+        .await
+        .unwrap();
+    assert_eq!(mixed[0].total, 5);
+    let edge = service
+        .stats(&query("2026-03-01T11:00:00Z", "2026-03-02T09:30:00Z", vec![], None, Default::default()))
+        .await
+        .unwrap();
+    assert_eq!(edge[0].total, 3, "runs c, d and e");
+
+    // By actor and hour.
+    let hourly = service
+        .stats(&query(
+            "2026-03-01T10:30:00Z",
+            "2026-03-02T10:00:00Z",
+            vec![Dim::Actor],
+            Some(Grain::Hour),
+            Default::default(),
+        ))
+        .await
+        .unwrap();
+    let got: Vec<(DateTime<Utc>, &str, i64)> =
+        hourly.iter().map(|g| (g.bucket.unwrap(), g.key[0].1.as_str(), g.total)).collect();
+    assert_eq!(
+        got,
+        [
+            (t("2026-03-01T10:00:00Z"), "alice", 2),
+            (t("2026-03-01T11:00:00Z"), "bob", 2),
+            (t("2026-03-02T09:00:00Z"), "alice", 1)
+        ]
+    );
+
+    // Filtered by environment, grouped by environment and action, by day.
+    let qa = RollupFilter { environment: Some("qa".into()), ..Default::default() };
+    let daily = service
+        .stats(&query(
+            "2026-03-01T00:00:00Z",
+            "2026-03-03T00:00:00Z",
+            vec![Dim::Environment, Dim::Action],
+            Some(Grain::Day),
+            qa,
+        ))
+        .await
+        .unwrap();
+    let got: Vec<(DateTime<Utc>, i64, Option<f64>)> =
+        daily.iter().map(|g| (g.bucket.unwrap(), g.succeeded, g.failure_rate)).collect();
+    assert_eq!(got, [(t("2026-03-01T00:00:00Z"), 2, Some(0.0)), (t("2026-03-02T00:00:00Z"), 1, Some(0.0))]);
+    assert_eq!(daily[0].key, vec![(Dim::Environment, "qa".to_string()), (Dim::Action, "create".to_string())]);
+
+    // Nothing in range: no groups.
+    assert!(service
+        .stats(&query("2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z", vec![], None, Default::default()))
+        .await
+        .unwrap()
+        .is_empty());
+    // Listing filters by environment and actor too.
+    let f = RunFilter { environment: Some("prod".into()), ..Default::default() };
+    assert_eq!(s.store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().len(), 1);
+    let f = RunFilter { actor: Some("alice".into()), ..Default::default() };
+    assert_eq!(s.store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().len(), 3);
+}
