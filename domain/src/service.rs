@@ -280,8 +280,9 @@ impl Service {
     pub async fn stats(&self, q: &crate::stats::StatsQuery) -> Result<Vec<crate::stats::Group>> {
         crate::stats::validate(q)?;
         let mut rows = Vec::new();
+        let filter = q.filter.for_query(&q.group_by);
         for (grain, since, until) in crate::stats::plan(q.since, q.until, q.bucket) {
-            rows.extend(self.store.rollups(grain, since, until, &q.filter).await?);
+            rows.extend(self.store.rollups(grain, since, until, &filter).await?);
         }
         Ok(crate::stats::aggregate(&rows, &q.group_by, q.bucket))
     }

@@ -5,7 +5,9 @@
 //! outcome): counts, duration sum and max, and a sparse log-scale histogram.
 //! A query reads whole days from the daily rows and the ragged ends of its
 //! range from the hourly rows, so its cost depends on the range and the
-//! number of distinct groups, not on the number of runs.
+//! number of distinct groups, not on the number of runs. Each run is also
+//! added to rows whose actor is [`ALL_ACTORS`]: queries that neither group
+//! nor filter by actor read only those, a fraction of the rows.
 //!
 //! # Guarantees
 //! - Counts, failure rate, averages and max are exact.
@@ -20,6 +22,10 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::model::Time;
+
+/// The actor of the rollup rows that sum over every actor. Real actors are
+/// user names (DNS labels), so it cannot clash.
+pub const ALL_ACTORS: &str = "*";
 
 /// Histogram growth factor: bucket `i` holds durations in [γ^i, γ^(i+1)) ms.
 pub const GAMMA: f64 = 1.04;
@@ -79,7 +85,19 @@ pub struct RollupFilter {
     pub kind: Option<String>,
     pub action: Option<String>,
     pub environment: Option<String>,
+    /// One actor; or, when `None`, every real actor's rows.
     pub actor: Option<String>,
+}
+
+impl RollupFilter {
+    /// The rows a query needs: the all-actors rows unless it is about actors.
+    pub fn for_query(&self, group_by: &[Dim]) -> RollupFilter {
+        let mut f = self.clone();
+        if f.actor.is_none() && !group_by.contains(&Dim::Actor) {
+            f.actor = Some(ALL_ACTORS.to_string());
+        }
+        f
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -26,3 +26,7 @@ CREATE TABLE run_rollups (
     hist         JSONB NOT NULL,
     PRIMARY KEY (grain, bucket, kind, action, environment, actor, outcome)
 );
+
+-- Filtering by action alone (a common dashboard question) without scanning
+-- every kind's history.
+CREATE INDEX runs_action_status ON runs (action, status, id DESC);

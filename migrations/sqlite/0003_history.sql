@@ -19,3 +19,5 @@ CREATE TABLE run_rollups (
     hist         TEXT NOT NULL,
     PRIMARY KEY (grain, bucket, kind, action, environment, actor, outcome)
 );
+
+CREATE INDEX runs_action_status ON runs (action, status, id DESC);

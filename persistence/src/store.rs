@@ -607,6 +607,9 @@ macro_rules! impl_store {
                         q.push(format!(" AND {column} = ")).push_bind(v.clone());
                     }
                 }
+                if f.actor.is_none() {
+                    q.push(" AND actor <> ").push_bind(drover_domain::stats::ALL_ACTORS);
+                }
                 let rows = q.build_query_as::<RollupRow>().fetch_all(&self.pool).await.map_err(db("read rollups"))?;
                 Ok(rows.into_iter().map(Into::into).collect())
             }
@@ -728,14 +731,15 @@ macro_rules! impl_store {
         /// Adds a finished run to its hourly and daily rollup rows.
         async fn roll_up(conn: &mut <$db as sqlx::Database>::Connection, run: &Run, outcome: RunStatus, finished: Time) -> Result<()> {
             let ms = run.started_at.map(|s| (finished - s).num_milliseconds().max(0));
-            for (grain, bucket) in drover_domain::stats::rollup_buckets(run.created_at) {
+            let buckets = drover_domain::stats::rollup_buckets(run.created_at);
+            for ((grain, bucket), actor) in buckets.iter().flat_map(|b| [(*b, run.actor.as_str()), (*b, drover_domain::stats::ALL_ACTORS)]) {
                 sqlx::query($rollup)
                     .bind(grain.as_str())
                     .bind(Ts(bucket))
                     .bind(run.kind.as_str())
                     .bind(&run.action)
                     .bind(run.environment.as_deref().unwrap_or(""))
-                    .bind(&run.actor)
+                    .bind(actor)
                     .bind(outcome.as_str())
                     .bind(i64::from(ms.is_some()))
                     .bind(ms.unwrap_or(0))

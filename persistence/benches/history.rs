@@ -1,0 +1,320 @@
+//! History at scale: loads synthetic runs into a throwaway Postgres and
+//! reports the latency of stats and list queries, and the engine's
+//! throughput with and without those queries running beside it.
+//!
+//! `cargo bench -p drover-persistence --bench history -- 1000000 10000000`
+//! (sizes to load, cumulatively; default 1000000). Not a test: it prints
+//! figures, it asserts nothing. Uses `DATABASE_URL` if set.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{Duration as ChronoDuration, Utc};
+use drover_domain::engine::{Engine, EngineConfig, Providers};
+use drover_domain::kinds::Kind;
+use drover_domain::model::*;
+use drover_domain::ports::{Job, Provider, ProviderError, RunContext, Store};
+use drover_domain::service::Service;
+use drover_domain::settings::{SecretKey, Settings};
+use drover_domain::stats::{Dim, Grain, RollupFilter, StatsQuery};
+use serde_json::{json, Value};
+use sqlx::Connection;
+use uuid::Uuid;
+
+/// Runs spread over this many days.
+const DAYS: i64 = 90;
+const RESOURCES: i64 = 1000;
+
+/// Inserts `n` finished runs, `from` being the first index, and their rollups.
+const LOAD: &str = "
+WITH src AS (
+    SELECT g,
+        now() - (((g * 7919) % ($3 * 86400))::text || ' seconds')::interval AS created,
+        (ARRAY['create','scale','stop','start','destroy'])[1 + (g % 5)] AS action,
+        (ARRAY['qa','staging','prod','dev'])[1 + (g / 7 % 4)] AS env,
+        'user-' || (g % 20) AS actor,
+        CASE WHEN g % 10 = 0 THEN 'failed' WHEN g % 37 = 0 THEN 'cancelled' ELSE 'succeeded' END AS status,
+        (50 + (g * 104729 % 5000) * (1 + g % 3))::bigint AS ms
+    FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) g
+)
+INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state, working_state, ok_state,
+    err_state, status, attempt, max_attempts, actor, provider, timeout_secs, created_at, run_after, started_at,
+    finished_at, environment, settings)
+SELECT (lpad(to_hex((extract(epoch FROM created) * 1000)::bigint), 12, '0') || substr(md5(g::text), 1, 20))::uuid,
+    md5('bench-' || (g % $4))::uuid, 'cluster', 'bench-' || (g % $4), action, '{}', 'up', 'working', 'up', 'failed',
+    status, 1, 3, actor, 'bench', 600, created, created,
+    CASE WHEN status = 'cancelled' THEN NULL ELSE created + interval '10 milliseconds' END,
+    created + interval '10 milliseconds' + ms * interval '1 millisecond', env, '[]'
+FROM src";
+
+/// Rebuilds the rollups from the runs, as the engine would have written them.
+const ROLLUP: &str = "
+WITH timed AS (
+    SELECT gr.grain, date_trunc(gr.grain, created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS bucket, kind, action,
+        coalesce(environment, '') AS env, actor, status,
+        CASE WHEN started_at IS NULL THEN NULL
+             ELSE (extract(epoch FROM finished_at - started_at) * 1000)::bigint END AS ms
+    FROM runs CROSS JOIN (VALUES ('hour'), ('day')) AS gr(grain)
+    WHERE provider = 'bench'
+), both_actors AS (
+    SELECT grain, bucket, kind, action, env, actor, status, ms FROM timed
+    UNION ALL
+    SELECT grain, bucket, kind, action, env, '*', status, ms FROM timed
+), by_index AS (
+    SELECT grain, bucket, kind, action, env, actor, status,
+        CASE WHEN ms IS NULL THEN NULL ELSE floor(ln(greatest(ms, 1)) / ln(1.04))::int END AS idx,
+        count(*) AS n, count(ms) AS n_timed, coalesce(sum(ms), 0) AS s, coalesce(max(ms), 0) AS mx
+    FROM both_actors GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+)
+INSERT INTO run_rollups (grain, bucket, kind, action, environment, actor, outcome, count, timed, sum_ms, max_ms, hist)
+SELECT grain, bucket, kind, action, env, actor, status, sum(n), sum(n_timed), sum(s), max(mx),
+    coalesce(jsonb_object_agg(idx::text, n) FILTER (WHERE idx IS NOT NULL), '{}')
+FROM by_index GROUP BY 1, 2, 3, 4, 5, 6, 7";
+
+struct Noop;
+
+#[async_trait]
+impl Provider for Noop {
+    async fn apply(&self, _: &dyn RunContext, _: &Job) -> Result<Value, ProviderError> {
+        Ok(json!({}))
+    }
+}
+
+fn pct(mut xs: Vec<Duration>, q: f64) -> f64 {
+    xs.sort();
+    let i = ((q * xs.len() as f64).ceil() as usize).clamp(1, xs.len()) - 1;
+    xs[i].as_secs_f64() * 1000.0
+}
+
+async fn timed<F, Fut, T>(n: usize, mut f: F) -> (f64, f64)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut xs = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        f(i).await;
+        xs.push(t.elapsed());
+    }
+    (pct(xs.clone(), 0.5), pct(xs, 0.95))
+}
+
+/// Queues `n` no-op transitions and returns the rate at which one engine
+/// (64 slots) finishes them.
+async fn engine_throughput(store: &Arc<dyn Store>, n: usize, tag: &str) -> f64 {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = store
+            .insert_resource(&NewResource {
+                id: Uuid::now_v7(),
+                kind: Kind::Cluster,
+                name: format!("tp-{tag}-{i}"),
+                state: "up".into(),
+                spec: json!({"image": "x", "count": 1}),
+                actor: "bench".into(),
+                now: Utc::now(),
+            })
+            .await
+            .unwrap();
+        let run = store
+            .insert_run(&NewRun {
+                id: Uuid::now_v7(),
+                resource_id: r.id,
+                kind: Kind::Cluster,
+                resource_name: r.name.clone(),
+                action: "stop".into(),
+                params: json!({}),
+                from_state: "up".into(),
+                working_state: "stopping".into(),
+                ok_state: "down".into(),
+                err_state: "failed".into(),
+                max_attempts: 3,
+                actor: "bench".into(),
+                reason: None,
+                idempotency_key: None,
+                parent_run: None,
+                provider: "noop".into(),
+                timeout_secs: 60,
+                settings: json!([]),
+                environment: Some("qa".into()),
+                now: Utc::now(),
+            })
+            .await
+            .unwrap();
+        ids.push(run.id);
+    }
+    let mut providers = Providers::default();
+    providers.register("noop", Kind::Cluster, Arc::new(Noop));
+    let cfg =
+        EngineConfig { worker_id: format!("bench-{tag}"), poll: Duration::from_millis(20), ..EngineConfig::default() };
+    let engine = Engine::new(store.clone(), providers, cfg);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let tasks = engine.spawn(rx);
+    loop {
+        let d = store.queue_depth(Utc::now()).await.unwrap();
+        if d.due == 0 && d.running == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.abort();
+    }
+    rate
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let sizes: Vec<i64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let sizes = if sizes.is_empty() { vec![1_000_000] } else { sizes };
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    let stores = drover_persistence::open(&url).await.unwrap();
+    let store = stores.store.clone();
+    let settings =
+        Arc::new(Settings::new(store.clone(), stores.settings.clone(), SecretKey::from_hex(&"00".repeat(32)).unwrap()));
+    let service = Arc::new(Service::new(store.clone(), settings));
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by, updated_by)
+         SELECT md5('bench-' || g)::uuid, 'cluster', 'bench-' || g, 'up', '{}', 1, '{}', now(), now(), 'bench', 'bench'
+         FROM generate_series(0, $1 - 1) g",
+    )
+    .bind(RESOURCES)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let base_rate = engine_throughput(&store, 2000, "idle").await;
+    println!("engine alone, empty history: {base_rate:.0} transitions/s (2000 no-op, 64 slots)");
+
+    let mut loaded = 0i64;
+    for target in sizes {
+        let t = Instant::now();
+        let chunk = 1_000_000;
+        while loaded < target {
+            let n = chunk.min(target - loaded);
+            sqlx::query(LOAD).bind(loaded).bind(n).bind(DAYS).bind(RESOURCES).execute(&mut conn).await.unwrap();
+            loaded += n;
+        }
+        let load_secs = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        sqlx::query("DELETE FROM run_rollups").execute(&mut conn).await.unwrap();
+        sqlx::query(ROLLUP).execute(&mut conn).await.unwrap();
+        sqlx::query("ANALYZE").execute(&mut conn).await.unwrap();
+        let rollup_secs = t.elapsed().as_secs_f64();
+        let rollup_rows: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM run_rollups").fetch_one(&mut conn).await.unwrap();
+        println!("\n== {loaded} runs over {DAYS} days (load {load_secs:.0}s, rollups {rollup_secs:.0}s, {rollup_rows} rollup rows)");
+
+        let until = Utc::now() + ChronoDuration::hours(1);
+        let queries: Vec<(&str, StatsQuery)> = vec![
+            (
+                "stats 90d by kind,action",
+                StatsQuery {
+                    since: until - ChronoDuration::days(DAYS),
+                    until,
+                    group_by: vec![Dim::Kind, Dim::Action],
+                    bucket: None,
+                    filter: Default::default(),
+                },
+            ),
+            (
+                "stats 90d by environment,actor",
+                StatsQuery {
+                    since: until - ChronoDuration::days(DAYS),
+                    until,
+                    group_by: vec![Dim::Environment, Dim::Actor],
+                    bucket: None,
+                    filter: Default::default(),
+                },
+            ),
+            (
+                "stats 90d by day, action=scale",
+                StatsQuery {
+                    since: until - ChronoDuration::days(DAYS),
+                    until,
+                    group_by: vec![],
+                    bucket: Some(Grain::Day),
+                    filter: RollupFilter { action: Some("scale".into()), ..Default::default() },
+                },
+            ),
+            (
+                "stats 7d by hour,environment",
+                StatsQuery {
+                    since: until - ChronoDuration::days(7),
+                    until,
+                    group_by: vec![Dim::Environment],
+                    bucket: Some(Grain::Hour),
+                    filter: Default::default(),
+                },
+            ),
+            (
+                "stats 24h by actor",
+                StatsQuery {
+                    since: until - ChronoDuration::days(1),
+                    until,
+                    group_by: vec![Dim::Actor],
+                    bucket: None,
+                    filter: Default::default(),
+                },
+            ),
+        ];
+        for (name, q) in &queries {
+            let (p50, p95) = timed(50, |_| service.stats(q)).await;
+            println!("{name:<40} p50 {p50:>8.1} ms   p95 {p95:>8.1} ms");
+        }
+        let one_resource: Uuid =
+            sqlx::query_scalar("SELECT id FROM resources WHERE name = 'bench-42'").fetch_one(&mut conn).await.unwrap();
+        let first = store.list_runs(&RunFilter::default(), PageRequest { after: None, limit: 50 }).await.unwrap();
+        let deep_cursor = first.last().map(|r| r.id);
+        let lists: Vec<(&str, RunFilter, Option<Uuid>)> = vec![
+            ("list newest 50", RunFilter::default(), None),
+            ("list page 2 (keyset)", RunFilter::default(), deep_cursor),
+            (
+                "list action=scale status=failed",
+                RunFilter { action: Some("scale".into()), status: Some(RunStatus::Failed), ..Default::default() },
+                None,
+            ),
+            (
+                "list environment=prod actor=user-7",
+                RunFilter { environment: Some("prod".into()), actor: Some("user-7".into()), ..Default::default() },
+                None,
+            ),
+            ("list one resource", RunFilter { resource: Some(one_resource), ..Default::default() }, None),
+        ];
+        for (name, f, after) in &lists {
+            let (p50, p95) = timed(50, |_| store.list_runs(f, PageRequest { after: *after, limit: 50 })).await;
+            println!("{name:<40} p50 {p50:>8.1} ms   p95 {p95:>8.1} ms");
+        }
+
+        // The engine while dashboards query: a reader loops over the stats
+        // and list queries until the engine has drained its work.
+        let busy = Arc::new(AtomicBool::new(true));
+        let reader = {
+            let (service, store, busy) = (service.clone(), store.clone(), busy.clone());
+            let q = queries[0].1.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while busy.load(Ordering::Relaxed) {
+                    service.stats(&q).await.unwrap();
+                    store.list_runs(&RunFilter::default(), PageRequest { after: None, limit: 50 }).await.unwrap();
+                    n += 2;
+                }
+                n
+            })
+        };
+        let rate = engine_throughput(&store, 2000, &format!("busy-{loaded}")).await;
+        busy.store(false, Ordering::Relaxed);
+        let reads = reader.await.unwrap();
+        println!(
+            "engine with queries beside it: {rate:.0} transitions/s ({:.2}x of alone; {reads} queries meanwhile)",
+            rate / base_rate
+        );
+    }
+}
