@@ -30,3 +30,7 @@ CREATE TABLE run_rollups (
 -- Filtering by action alone (a common dashboard question) without scanning
 -- every kind's history.
 CREATE INDEX runs_action_status ON runs (action, status, id DESC);
+
+-- Most stats read only the all-actors rows ('*'): find them without
+-- stepping over every actor's.
+CREATE INDEX run_rollups_actor ON run_rollups (grain, actor, bucket);

@@ -21,3 +21,5 @@ CREATE TABLE run_rollups (
 );
 
 CREATE INDEX runs_action_status ON runs (action, status, id DESC);
+
+CREATE INDEX run_rollups_actor ON run_rollups (grain, actor, bucket);
