@@ -30,6 +30,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Run the engine's workers in this process.
     pub workers: bool,
+    /// How the `aws` provider reaches AWS (loaded lazily, at its first run).
+    pub aws: drover_ops::aws::Settings,
 }
 
 #[derive(OpenApi)]
@@ -54,6 +56,7 @@ fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::images::router())
         .merge(routes::clusters::router())
+        .merge(routes::templates::router())
         .merge(routes::transitions::router())
         .merge(routes::kinds::router())
         .merge(routes::health::router())
@@ -136,8 +139,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let backend = store.backend();
     let mut providers = Providers::default();
     drover_ops::local::register(&mut providers, &data_dir);
-    let engine = Engine::new(store.clone(), providers, cfg.engine.clone());
-    let service = Arc::new(Service::new(store));
+    drover_ops::aws::register(&mut providers, cfg.aws.clone());
+    let engine = Engine::new(store.clone(), providers.clone(), cfg.engine.clone());
+    let service = Arc::new(Service::new(store).with_providers(providers));
     let (stop, stop_rx) = watch::channel(false);
     let tasks = if cfg.workers {
         engine.spawn(stop_rx.clone())

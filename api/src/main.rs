@@ -48,6 +48,13 @@ struct Serve {
     /// Serve the API only; leave runs to other replicas.
     #[arg(long, env = "DROVER_NO_WORKERS")]
     no_workers: bool,
+    /// Overrides the AWS endpoint of the `aws` provider (e.g. a moto server);
+    /// the SDK also honours `AWS_ENDPOINT_URL`.
+    #[arg(long, env = "DROVER_AWS_ENDPOINT_URL")]
+    aws_endpoint_url: Option<String>,
+    /// AWS region; default: the standard chain (`AWS_REGION`, profile, …).
+    #[arg(long, env = "DROVER_AWS_REGION")]
+    aws_region: Option<String>,
     /// Log format.
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -95,6 +102,11 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         database_url: s.database_url.clone(),
         engine,
         workers: !s.no_workers,
+        aws: drover_ops::aws::Settings {
+            endpoint_url: s.aws_endpoint_url.clone(),
+            region: s.aws_region.clone(),
+            ..drover_ops::aws::Settings::from_env()
+        },
     };
     let server = drover_api::start(cfg).await?;
     let store = s

@@ -5,4 +5,5 @@
 //! report through the run context (events) and their return value (outputs
 //! or a classified error). Each provider step tolerates running twice.
 
+pub mod aws;
 pub mod local;

@@ -22,6 +22,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub data_dir: tempfile::TempDir,
     database_url: String,
+    aws: drover_ops::aws::Settings,
     server: Option<Server>,
 }
 
@@ -46,28 +47,40 @@ fn engine_config() -> EngineConfig {
 }
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, drover_ops::aws::Settings::default()).await
+}
+
+/// A server whose `aws` provider talks to the tests' moto server (started
+/// on demand; see `drover_ops::aws::testing`).
+pub async fn spawn_app_on_moto(backend: Backend) -> TestApp {
+    spawn_app_with(backend, drover_ops::aws::testing::moto_settings()).await
+}
+
+async fn spawn_app_with(backend: Backend, aws: drover_ops::aws::Settings) -> TestApp {
     let data_dir = tempfile::tempdir().expect("temp dir");
     let database_url = match backend {
         Backend::Sqlite => format!("sqlite://{}", data_dir.path().join("drover.db").display()),
         Backend::Postgres => drover_persistence::testing::fresh_postgres_database().await,
     };
-    let server = start(data_dir.path(), &database_url).await;
+    let server = start(data_dir.path(), &database_url, &aws).await;
     TestApp {
         addr: server.addr,
         client: reqwest::Client::new(),
         data_dir,
         database_url,
+        aws,
         server: Some(server),
     }
 }
 
-async fn start(data_dir: &Path, database_url: &str) -> Server {
+async fn start(data_dir: &Path, database_url: &str, aws: &drover_ops::aws::Settings) -> Server {
     drover_api::start(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_path_buf(),
         database_url: Some(database_url.to_string()),
         engine: engine_config(),
         workers: true,
+        aws: aws.clone(),
     })
     .await
     .expect("server starts")
@@ -84,7 +97,7 @@ impl TestApp {
         if let Some(s) = self.server.take() {
             s.stop().await;
         }
-        let server = start(self.data_dir.path(), &self.database_url).await;
+        let server = start(self.data_dir.path(), &self.database_url, &self.aws).await;
         self.addr = server.addr;
         self.server = Some(server);
     }

@@ -7,6 +7,7 @@ pub mod images;
 mod kind_routes;
 pub mod kinds;
 pub mod resources;
+pub mod templates;
 pub mod transitions;
 
 use std::sync::Arc;
