@@ -401,6 +401,41 @@ async fn a_failing_stack_says_why_and_retry_recovers() {
     assert!(stack.is_some());
 }
 
+/// A `local` cluster has no template to preview; bad previews name the field.
+#[tokio::test]
+async fn template_preview_needs_an_aws_cluster() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let local_image = json!({"build_command": "true", "start_command": "sleep 60"});
+    create(&app, "image", "web", local_image).await;
+    let r = app
+        .post(
+            "/v1/clusters",
+            json!({"name": "plain", "spec": {"image": "web", "count": 1}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = app.get("/v1/clusters/plain/template").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("local"),
+        "{}",
+        r.body
+    );
+    let r = app.get("/v1/clusters/plain/template?action=explode").await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    let r = app.get("/v1/clusters/nope/template").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    // aws fields on a local cluster are refused by name.
+    let r = app
+        .post(
+            "/v1/clusters",
+            json!({"name": "mixed", "spec": {"image": "web", "count": 1, "join": "plain"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert!(r.body.to_string().contains("spec.join"), "{}", r.body);
+}
+
 /// Termination protection is honoured by destroy with a clear error.
 #[tokio::test]
 async fn destroy_refuses_a_protected_cluster() {

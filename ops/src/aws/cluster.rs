@@ -1209,6 +1209,26 @@ mod moto_tests {
         assert_eq!(info.parameters["Count"], "3");
         assert_eq!(s.running(&job.resource).await, 3);
 
+        // add-instances twice in one run adds n once: the target is the
+        // spec's count (updated only when the run succeeds) plus n.
+        job.resource.spec["count"] = 3.into();
+        job.action = "add-instances".into();
+        job.params = json!({"n": 1});
+        s.p.apply(&ctx, &job).await.expect("add-instances");
+        s.p.apply(&ctx, &job).await.expect("add-instances again");
+        let info = stacks.describe(&name).await.unwrap().expect("stack");
+        assert_eq!(info.parameters["Count"], "4");
+        assert_eq!(s.running(&job.resource).await, 4);
+
+        job.resource.spec["count"] = 4.into();
+        for (action, running) in [("stop", 0), ("start", 4)] {
+            job.action = action.into();
+            job.params = json!({});
+            s.p.apply(&ctx, &job).await.expect(action);
+            s.p.apply(&ctx, &job).await.expect(action);
+            assert_eq!(s.running(&job.resource).await, running, "{action}");
+        }
+
         job.action = "destroy".into();
         job.params = json!({});
         s.p.apply(&ctx, &job).await.expect("destroy");
