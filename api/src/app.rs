@@ -36,6 +36,8 @@ pub struct Config {
     pub bootstrap_token: Option<String>,
     /// 64 hex digits sealing secret settings; else a key file in the data dir.
     pub secret_key: Option<String>,
+    /// How the `aws` provider reaches AWS (loaded lazily, at its first run).
+    pub aws: drover_ops::aws::Settings,
 }
 
 struct BearerAuth;
@@ -79,6 +81,7 @@ fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes::images::router())
         .merge(routes::clusters::router())
+        .merge(routes::templates::router())
         .merge(routes::transitions::router())
         .merge(routes::kinds::router())
         .merge(routes::users::router())
@@ -173,11 +176,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let mut providers = Providers::default();
     drover_ops::local::register(&mut providers, &data_dir);
     drover_ops::builtin::register(&mut providers);
-    let engine = Engine::new(store.clone(), providers, cfg.engine.clone());
+    drover_ops::aws::register(&mut providers, cfg.aws.clone());
+    let engine = Engine::new(store.clone(), providers.clone(), cfg.engine.clone());
     engine.set_settings(settings.clone());
     let metrics = Arc::new(crate::metrics::Registry::default());
     engine.set_metrics(metrics.clone());
-    let service = Arc::new(Service::new(store, settings.clone()));
+    let service = Arc::new(Service::new(store, settings.clone()).with_providers(providers));
     let (stop, stop_rx) = watch::channel(false);
     let tasks = if cfg.workers { engine.spawn(stop_rx.clone()) } else { Vec::new() };
 

@@ -12,19 +12,37 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-/// What an image is built from.
+/// What an image is built from. `local` needs `build_command` and
+/// `start_command`; `aws` needs `base_ami`, `instance_type` and `build_script`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSpec {
-    /// Provider that builds it. Default `local`.
+    /// Provider that builds it: `local` (default) or `aws`.
     #[serde(default = "local")]
     pub provider: String,
-    /// Shell command run in a fresh directory; the directory becomes the image.
+    /// local: shell command run in a fresh directory; the directory becomes the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "echo hello > index.html")]
-    pub build_command: String,
-    /// Shell command that starts one instance from the image directory; `PORT` is set.
+    pub build_command: Option<String>,
+    /// local: shell command that starts one instance from the image directory; `PORT` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "exec python3 -m http.server $PORT --bind 127.0.0.1")]
-    pub start_command: String,
+    pub start_command: Option<String>,
+    /// aws: the AMI the builder instance starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "ami-0abcdef1234567890")]
+    pub base_ami: Option<String>,
+    /// aws: the builder's instance type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "t3.micro")]
+    pub instance_type: Option<String>,
+    /// aws: the builder's user-data (shell script or cloud-config), at most 12 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_script: Option<String>,
+    /// aws: whether the build script powers the builder off when done (default
+    /// true: drover waits for `stopped`, then takes the image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_shutdown: Option<bool>,
     /// Build timeout in seconds (default 1800).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_timeout_secs: Option<u64>,
@@ -40,11 +58,11 @@ pub enum HealthCheck {
     Tcp,
 }
 
-/// What a cluster runs.
+/// What a cluster runs. The `aws` fields are refused on `local` clusters.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
-    /// Provider that runs it. Default `local`.
+    /// Provider that runs it: `local` (default) or `aws` (a CloudFormation stack).
     #[serde(default = "local")]
     pub provider: String,
     /// Name or id of the image its instances start from.
@@ -60,6 +78,71 @@ pub struct ClusterSpec {
     /// Seconds an instance may take to become healthy (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_timeout_secs: Option<u64>,
+    /// aws: instance type (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "r3.large")]
+    pub instance_type: Option<String>,
+    /// aws: EC2 key pair name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// aws: subnet ids of the auto-scaling group (at least one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<String>,
+    /// aws: security group ids of the instances.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
+    /// aws: tags for the stack and every instance (keys may not start with `drover:` or `aws:`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// aws: role metadata for each instance's cloud-config, `key=value` pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "role=worker,instancetype=r3")]
+    pub role_metadata: Option<String>,
+    /// aws: name of the leader cluster this worker group joins; it must be `up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
+    /// aws: refuse `destroy` while true (also sets the stack's termination protection).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub termination_protection: bool,
+}
+
+/// What drover would send to CloudFormation for an action.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TemplatePreview {
+    pub cluster: String,
+    pub provider: String,
+    /// The action previewed (`create`, `scale`, `add-instances`, `stop`, `start`).
+    pub action: String,
+    /// `CreateStack` or `UpdateStack`.
+    pub operation: String,
+    pub stack_name: String,
+    /// The exact template body, as JSON.
+    #[schema(value_type = Object)]
+    pub template: Value,
+    /// Every parameter, passed explicitly.
+    pub parameters: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub termination_protection: bool,
+}
+
+impl TemplatePreview {
+    /// From the provider's preview (see `drover_ops::aws::template`).
+    pub fn from_value(cluster: &str, provider: &str, v: Value) -> Option<TemplatePreview> {
+        let map = |v: &Value| -> Option<BTreeMap<String, String>> {
+            v.as_object()?.iter().map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()
+        };
+        Some(TemplatePreview {
+            cluster: cluster.to_string(),
+            provider: provider.to_string(),
+            action: v.get("action")?.as_str()?.to_string(),
+            operation: v.get("operation")?.as_str()?.to_string(),
+            stack_name: v.get("stack_name")?.as_str()?.to_string(),
+            parameters: map(v.get("parameters")?)?,
+            tags: map(v.get("tags")?)?,
+            termination_protection: v.get("termination_protection")?.as_bool()?,
+            template: v.get("template")?.clone(),
+        })
+    }
 }
 
 fn local() -> String {

@@ -52,6 +52,13 @@ struct Serve {
     /// the data directory on first start.
     #[arg(long, env = "DROVER_SECRET_KEY", hide_env_values = true)]
     secret_key: Option<String>,
+    /// Overrides the AWS endpoint of the `aws` provider (e.g. a moto server);
+    /// the SDK also honours `AWS_ENDPOINT_URL`.
+    #[arg(long, env = "DROVER_AWS_ENDPOINT_URL")]
+    aws_endpoint_url: Option<String>,
+    /// AWS region; default: the standard chain (`AWS_REGION`, profile, …).
+    #[arg(long, env = "DROVER_AWS_REGION")]
+    aws_region: Option<String>,
     /// Log format.
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -98,6 +105,11 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         workers: !s.no_workers,
         bootstrap_token: s.bootstrap_token.clone(),
         secret_key: s.secret_key.clone(),
+        aws: drover_ops::aws::Settings {
+            endpoint_url: s.aws_endpoint_url.clone(),
+            region: s.aws_region.clone(),
+            ..drover_ops::aws::Settings::from_env()
+        },
     };
     let server = drover_api::start(cfg).await?;
     let store =

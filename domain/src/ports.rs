@@ -204,4 +204,12 @@ pub trait Provider: Send + Sync + 'static {
     async fn observe(&self, _resource: &Resource) -> Option<Value> {
         None
     }
+
+    /// What `apply` would send for this job, without sending it (for `aws`
+    /// clusters: the CloudFormation template, parameters and tags). Reads
+    /// only; never changes anything. `None` when the provider renders
+    /// nothing to preview. `job.run_id` is nil: no run exists yet.
+    async fn preview(&self, _job: &Job) -> Option<Result<Value, ProviderError>> {
+        None
+    }
 }

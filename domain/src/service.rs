@@ -8,10 +8,11 @@ use chrono::Utc;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::engine::Providers;
 use crate::error::{Error, FieldError, Result};
 use crate::kinds::{Kind, Step};
 use crate::model::*;
-use crate::ports::Store;
+use crate::ports::{Job, ProviderError, Store};
 use crate::settings::Settings;
 
 /// A request for a transition.
@@ -47,6 +48,8 @@ pub struct Problem {
 pub struct Service {
     store: Arc<dyn Store>,
     settings: Arc<Settings>,
+    /// Only for previews: the service never applies anything itself.
+    providers: Providers,
     max_attempts: i32,
     /// How long a queued, due run may wait before it is reported as stuck.
     stuck_after: chrono::Duration,
@@ -54,7 +57,65 @@ pub struct Service {
 
 impl Service {
     pub fn new(store: Arc<dyn Store>, settings: Arc<Settings>) -> Service {
-        Service { store, settings, max_attempts: 3, stuck_after: chrono::Duration::seconds(30) }
+        Service {
+            store,
+            settings,
+            providers: Providers::default(),
+            max_attempts: 3,
+            stuck_after: chrono::Duration::seconds(30),
+        }
+    }
+
+    /// Lets the service ask providers for previews (`preview`).
+    pub fn with_providers(mut self, providers: Providers) -> Service {
+        self.providers = providers;
+        self
+    }
+
+    /// What the resource's provider would send for `action` (for an `aws`
+    /// cluster: the exact CloudFormation template and parameters), without
+    /// running anything. Dependencies are looked up as they are now, in
+    /// whatever state.
+    pub async fn preview(&self, kind: Kind, key: &str, action: &str, params: &Value) -> Result<Value> {
+        let resource = self.get(kind, key).await?;
+        if !kind.actions().contains(&action) {
+            return Err(Error::invalid("action", format!("one of: {}", kind.actions().join(", "))));
+        }
+        let params = kind.validate_params(action, params)?;
+        let mut dependencies = Vec::new();
+        for dep in kind.dependencies(&resource.spec, action) {
+            let found = self
+                .store
+                .get_resource(dep.kind, &ResourceKey::parse(&dep.key))
+                .await?
+                .ok_or_else(|| Error::invalid(dep.field, format!("no {} named {:?}", dep.kind, dep.key)))?;
+            dependencies.push(found);
+        }
+        let provider_name = kind.provider_of(&resource.spec);
+        let Some(provider) = self.providers.get(&provider_name, kind) else {
+            return Err(Error::Conflict(format!("no provider {provider_name:?} is registered for {kind} resources")));
+        };
+        let job = Job {
+            run_id: Uuid::nil(),
+            attempt: 0,
+            kind,
+            action: action.to_string(),
+            params,
+            resource,
+            dependencies,
+            settings: Default::default(),
+        };
+        match provider.preview(&job).await {
+            None => Err(Error::Conflict(format!(
+                "{kind} {} uses provider {provider_name}, which has nothing to preview",
+                job.resource.name
+            ))),
+            Some(Ok(v)) => Ok(v),
+            Some(Err(ProviderError::Failed { message, .. })) => {
+                Err(Error::Conflict(format!("cannot render {action} for {kind} {}: {message}", job.resource.name)))
+            }
+            Some(Err(ProviderError::Cancelled)) => Err(Error::Conflict("preview cancelled".into())),
+        }
     }
 
     pub fn backend(&self) -> &'static str {

@@ -5,5 +5,6 @@
 //! report through the run context (events) and their return value (outputs
 //! or a classified error). Each provider step tolerates running twice.
 
+pub mod aws;
 pub mod builtin;
 pub mod local;

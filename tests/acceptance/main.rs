@@ -1,6 +1,8 @@
 //! Black-box acceptance tests: the real server over real HTTP, a real
 //! database, and real processes started by the local provider.
 
+mod aws;
+
 use std::time::Duration;
 
 mod history;

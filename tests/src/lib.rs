@@ -28,6 +28,8 @@ pub struct TestApp {
     pub anonymous: reqwest::Client,
     pub data_dir: tempfile::TempDir,
     database_url: String,
+    aws: drover_ops::aws::Settings,
+    workers: bool,
     server: Option<Server>,
 }
 
@@ -80,19 +82,40 @@ pub fn captured_logs() -> String {
 }
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, drover_ops::aws::Settings::default()).await
+}
+
+/// A server whose `aws` provider talks to the tests' moto server (started
+/// on demand; see `drover_ops::aws::testing`).
+pub async fn spawn_app_on_moto(backend: Backend) -> TestApp {
+    spawn_app_with(backend, drover_ops::aws::testing::moto_settings()).await
+}
+
+/// A server on moto that runs no workers: the test drives the engine
+/// itself (see [`TestApp::database_url`]).
+pub async fn spawn_app_on_moto_without_workers(backend: Backend) -> TestApp {
+    let mut app = spawn_app_with(backend, drover_ops::aws::testing::moto_settings()).await;
+    app.workers = false;
+    app.restart().await;
+    app
+}
+
+async fn spawn_app_with(backend: Backend, aws: drover_ops::aws::Settings) -> TestApp {
     capture_logs();
     let data_dir = tempfile::tempdir().expect("temp dir");
     let database_url = match backend {
         Backend::Sqlite => format!("sqlite://{}", data_dir.path().join("drover.db").display()),
         Backend::Postgres => drover_persistence::testing::fresh_postgres_database().await,
     };
-    let server = start(data_dir.path(), &database_url).await;
+    let server = start(data_dir.path(), &database_url, &aws, true).await;
     TestApp {
         addr: server.addr,
         client: client_with(Some(ADMIN_TOKEN)),
         anonymous: client_with(None),
         data_dir,
         database_url,
+        aws,
+        workers: true,
         server: Some(server),
     }
 }
@@ -106,21 +129,27 @@ pub fn client_with(token: Option<&str>) -> reqwest::Client {
     reqwest::Client::builder().default_headers(headers).build().unwrap()
 }
 
-async fn start(data_dir: &Path, database_url: &str) -> Server {
+async fn start(data_dir: &Path, database_url: &str, aws: &drover_ops::aws::Settings, workers: bool) -> Server {
     drover_api::start(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_path_buf(),
         database_url: Some(database_url.to_string()),
         engine: engine_config(),
-        workers: true,
+        workers,
         bootstrap_token: Some(ADMIN_TOKEN.to_string()),
         secret_key: None,
+        aws: aws.clone(),
     })
     .await
     .expect("server starts")
 }
 
 impl TestApp {
+    /// The server's database, for tests that drive an engine of their own.
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -131,7 +160,7 @@ impl TestApp {
         if let Some(s) = self.server.take() {
             s.stop().await;
         }
-        let server = start(self.data_dir.path(), &self.database_url).await;
+        let server = start(self.data_dir.path(), &self.database_url, &self.aws, self.workers).await;
         self.addr = server.addr;
         self.server = Some(server);
     }

@@ -11,6 +11,7 @@ pub mod resources;
 pub mod roles;
 pub mod settings;
 pub mod stats;
+pub mod templates;
 pub mod transitions;
 pub mod users;
 

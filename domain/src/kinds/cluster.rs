@@ -3,11 +3,19 @@
 //! ```text
 //! pending --create--> creating --ok--> up   --err--> failed
 //! up --scale{count}--> scaling --ok--> up   --err--> failed
+//! up --add-instances{n}--> scaling --ok--> up (count + n) --err--> failed
 //! up --stop--> stopping --ok--> down        --err--> failed
 //! down --start--> starting --ok--> up       --err--> failed
 //! pending|up|down|failed --destroy--> destroying --ok--> destroyed --err--> failed
 //! failed --retry--> the working state of the action that failed
 //! ```
+//!
+//! A cluster names its provider in its spec (`local`, the default, or
+//! `aws`); the fields a provider needs are checked here. A cluster on `aws`
+//! may `join` a leader cluster: it is a worker group, and its create, scale
+//! and start need the leader `up` (a dependency, like the image).
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -33,6 +41,7 @@ named_enum!(State {
 named_enum!(Action {
     Create => "create",
     Scale => "scale",
+    AddInstances => "add-instances",
     Stop => "stop",
     Start => "start",
     Destroy => "destroy",
@@ -48,18 +57,18 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
     let go = |working, ok| Ok(TypedStep::Go { working, ok, err: S::Failed });
     match (state, action) {
         (S::Pending, A::Create) => go(S::Creating, S::Up),
-        (S::Up, A::Scale) => go(S::Scaling, S::Up),
+        (S::Up, A::Scale | A::AddInstances) => go(S::Scaling, S::Up),
         (S::Up, A::Stop) => go(S::Stopping, S::Down),
         (S::Down, A::Start) => go(S::Starting, S::Up),
         (S::Pending | S::Up | S::Down | S::Failed, A::Destroy) => go(S::Destroying, S::Destroyed),
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
-        (S::Pending, A::Scale | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
+        (S::Pending, A::Scale | A::AddInstances | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
         (S::Up, A::Create | A::Start | A::Retry) => Err(NotAllowed),
-        (S::Down, A::Create | A::Scale | A::Stop | A::Retry) => Err(NotAllowed),
-        (S::Failed, A::Create | A::Scale | A::Stop | A::Start) => Err(NotAllowed),
+        (S::Down, A::Create | A::Scale | A::AddInstances | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Failed, A::Create | A::Scale | A::AddInstances | A::Stop | A::Start) => Err(NotAllowed),
         (
             S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying | S::Destroyed,
-            A::Create | A::Scale | A::Stop | A::Start | A::Destroy | A::Retry,
+            A::Create | A::Scale | A::AddInstances | A::Stop | A::Start | A::Destroy | A::Retry,
         ) => Err(NotAllowed),
     }
 }
@@ -97,6 +106,55 @@ pub struct Spec {
     /// How long one instance may take to pass its health check (seconds).
     #[serde(default = "default_start_timeout")]
     pub start_timeout_secs: u64,
+    /// aws: the instances' type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// aws: the EC2 key pair to log in with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// aws: subnets of the auto-scaling group (at least one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<String>,
+    /// aws: security groups of the instances.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
+    /// aws: tags for the stack and every instance.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// aws: role metadata handed to each instance in its cloud-config,
+    /// `key=value` pairs separated by commas: `role=worker,instancetype=r3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_metadata: Option<String>,
+    /// aws: the leader cluster (name) this worker group joins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
+    /// aws: refuse `destroy` while true (and turn on the stack's termination
+    /// protection).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub termination_protection: bool,
+}
+
+/// Providers clusters can run on.
+pub const PROVIDERS: &[&str] = &["local", "aws"];
+
+/// Tag keys drover sets itself (and users may not).
+pub const RESERVED_TAG_PREFIXES: &[&str] = &["drover:", "aws:"];
+
+/// Whether `s` looks like an AWS id with this prefix (`ami-`, `subnet-`, `sg-`).
+pub(crate) fn aws_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix)
+        .is_some_and(|rest| (8..=32).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `role=worker,instancetype=r3`: pairs whose keys and values are plain
+/// words, so that they survive YAML, shell and CloudFormation unquoted.
+fn valid_metadata(s: &str) -> bool {
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.len() <= 64
+            && w.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b':'))
+    };
+    s.len() <= 1024 && s.split(',').all(|pair| pair.split_once('=').is_some_and(|(k, v)| word(k) && word(v)))
 }
 
 fn default_provider() -> String {
@@ -111,8 +169,27 @@ impl Spec {
     pub fn from_value(v: &Value) -> Result<Spec> {
         let spec: Spec = from_json("spec", v)?;
         let mut errors = Vec::new();
-        if spec.provider != "local" {
-            errors.push(FieldError::new("spec.provider", "unknown provider; known: local"));
+        match spec.provider.as_str() {
+            "local" => {
+                let aws_only = [
+                    ("instance_type", spec.instance_type.is_some()),
+                    ("key_name", spec.key_name.is_some()),
+                    ("subnets", !spec.subnets.is_empty()),
+                    ("security_groups", !spec.security_groups.is_empty()),
+                    ("tags", !spec.tags.is_empty()),
+                    ("role_metadata", spec.role_metadata.is_some()),
+                    ("join", spec.join.is_some()),
+                    ("termination_protection", spec.termination_protection),
+                ];
+                for (field, set) in aws_only {
+                    if set {
+                        errors.push(FieldError::new(format!("spec.{field}"), "not used by provider local"));
+                    }
+                }
+            }
+            "aws" => spec.check_aws(&mut errors),
+            _ => errors
+                .push(FieldError::new("spec.provider", format!("unknown provider; known: {}", PROVIDERS.join(", ")))),
         }
         if spec.image.trim().is_empty() {
             errors.push(FieldError::new("spec.image", "must name an image"));
@@ -145,6 +222,79 @@ struct ScaleParams {
     count: u32,
 }
 
+impl Spec {
+    fn check_aws(&self, errors: &mut Vec<FieldError>) {
+        let word = |s: &str| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic() && b != b',');
+        if !self.instance_type.as_deref().is_some_and(word) {
+            errors.push(FieldError::new(
+                "spec.instance_type",
+                "must name an instance type, like t3.micro (required by provider aws)",
+            ));
+        }
+        if self.key_name.as_deref().is_some_and(|k| !word(k)) {
+            errors.push(FieldError::new("spec.key_name", "must be a key pair name without spaces or commas"));
+        }
+        if self.subnets.is_empty() {
+            errors.push(FieldError::new("spec.subnets", "at least one subnet id (required by provider aws)"));
+        }
+        for (i, s) in self.subnets.iter().enumerate() {
+            if !aws_id(s, "subnet-") {
+                errors.push(FieldError::new(format!("spec.subnets[{i}]"), "must be a subnet id like subnet-0abc1234"));
+            }
+        }
+        for (i, s) in self.security_groups.iter().enumerate() {
+            if !aws_id(s, "sg-") {
+                errors.push(FieldError::new(
+                    format!("spec.security_groups[{i}]"),
+                    "must be a security group id like sg-0abc1234",
+                ));
+            }
+        }
+        if self.tags.len() > 40 {
+            errors.push(FieldError::new("spec.tags", "at most 40 tags"));
+        }
+        for (k, v) in &self.tags {
+            let reserved = RESERVED_TAG_PREFIXES.iter().any(|p| k.to_ascii_lowercase().starts_with(p));
+            if k.is_empty() || k.len() > 127 || v.len() > 255 || reserved {
+                errors.push(FieldError::new(
+                    format!("spec.tags.{k}"),
+                    "keys are 1-127 characters and may not start with drover: or aws:; values at most 255",
+                ));
+            }
+        }
+        if self.role_metadata.as_deref().is_some_and(|m| !valid_metadata(m)) {
+            errors.push(FieldError::new(
+                "spec.role_metadata",
+                "must be key=value pairs separated by commas, like role=worker,instancetype=r3",
+            ));
+        }
+        if let Some(leader) = &self.join {
+            if crate::service::validate_name(leader).is_err() {
+                errors.push(FieldError::new("spec.join", "must name the leader cluster"));
+            }
+        }
+    }
+
+    /// The count an action brings the cluster to, or `None` when it does not
+    /// change it.
+    pub fn target_count(&self, action: &str, params: &Value) -> Option<u32> {
+        let n = |k: &str| params.get(k).and_then(Value::as_u64).map(|c| c as u32);
+        match Action::parse(action)? {
+            Action::Create | Action::Start => Some(self.count),
+            Action::Scale => Some(n("count").unwrap_or(self.count)),
+            Action::AddInstances => Some(self.count.saturating_add(n("n").unwrap_or(0))),
+            Action::Stop => Some(0),
+            Action::Destroy | Action::Retry => None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddParams {
+    n: u32,
+}
+
 pub fn validate_params(action: &str, params: &Value) -> Result<Value> {
     match Action::parse(action) {
         Some(Action::Scale) => {
@@ -153,6 +303,13 @@ pub fn validate_params(action: &str, params: &Value) -> Result<Value> {
                 return Err(Error::invalid("params.count", format!("must be between 1 and {MAX_COUNT}")));
             }
             Ok(serde_json::json!({ "count": p.count }))
+        }
+        Some(Action::AddInstances) => {
+            let p: AddParams = from_json("params", params)?;
+            if p.n == 0 || p.n >= MAX_COUNT {
+                return Err(Error::invalid("params.n", format!("must be between 1 and {}", MAX_COUNT - 1)));
+            }
+            Ok(serde_json::json!({ "n": p.n }))
         }
         Some(Action::Create | Action::Stop | Action::Start | Action::Destroy | Action::Retry) | None => {
             no_params(params)
@@ -169,22 +326,36 @@ pub(crate) fn no_params(params: &Value) -> Result<Value> {
     }
 }
 
+/// A cluster's image must be built, and a worker group's leader `up`, for
+/// any action that starts instances.
 pub fn dependencies(spec: &Value, action: &str) -> Vec<Dependency> {
     let starts_instances = takes_settings(action);
-    match (starts_instances, spec.get("image").and_then(Value::as_str)) {
-        (true, Some(image)) => vec![Dependency {
+    if !starts_instances {
+        return Vec::new();
+    }
+    let mut deps = Vec::new();
+    if let Some(image) = spec.get("image").and_then(Value::as_str) {
+        deps.push(Dependency {
             kind: Kind::Image,
             key: image.to_string(),
             field: "spec.image",
             required_state: super::image::State::Built.as_str(),
-        }],
-        _ => Vec::new(),
+        });
     }
+    if let Some(leader) = spec.get("join").and_then(Value::as_str) {
+        deps.push(Dependency {
+            kind: Kind::Cluster,
+            key: leader.to_string(),
+            field: "spec.join",
+            required_state: State::Up.as_str(),
+        });
+    }
+    deps
 }
 
 /// Actions that start instances hand them the cluster's settings.
 pub fn takes_settings(action: &str) -> bool {
-    matches!(Action::parse(action), Some(Action::Create | Action::Start | Action::Scale))
+    matches!(Action::parse(action), Some(Action::Create | Action::Start | Action::Scale | Action::AddInstances))
 }
 
 pub fn spec_after_success(action: &str, params: &Value, spec: &Value) -> Option<Value> {
@@ -194,13 +365,19 @@ pub fn spec_after_success(action: &str, params: &Value, spec: &Value) -> Option<
             spec["count"] = params.get("count")?.clone();
             Some(spec)
         }
+        Some(Action::AddInstances) => {
+            let mut spec = spec.clone();
+            let now = spec.get("count")?.as_u64()?;
+            spec["count"] = (now + params.get("n")?.as_u64()?).into();
+            Some(spec)
+        }
         _ => None,
     }
 }
 
 pub fn default_timeout_secs(action: &str) -> u64 {
     match Action::parse(action) {
-        Some(Action::Create | Action::Scale | Action::Start) => 600,
+        Some(Action::Create | Action::Scale | Action::AddInstances | Action::Start) => 600,
         Some(Action::Stop | Action::Destroy | Action::Retry) | None => 300,
     }
 }
@@ -219,22 +396,25 @@ mod tests {
     fn every_entry_of_the_table() {
         let no = Err(NotAllowed);
         let destroy = go(S::Destroying, S::Destroyed);
-        // columns: create, scale, stop, start, destroy, retry
+        // columns: create, scale, add-instances, stop, start, destroy, retry
         let expected = [
-            (S::Pending, [go(S::Creating, S::Up), no, no, no, destroy, no]),
-            (S::Creating, [no; 6]),
-            (S::Up, [no, go(S::Scaling, S::Up), go(S::Stopping, S::Down), no, destroy, no]),
-            (S::Scaling, [no; 6]),
-            (S::Stopping, [no; 6]),
-            (S::Down, [no, no, no, go(S::Starting, S::Up), destroy, no]),
-            (S::Starting, [no; 6]),
-            (S::Failed, [no, no, no, no, destroy, Ok(TypedStep::Retry)]),
-            (S::Destroying, [no; 6]),
-            (S::Destroyed, [no; 6]),
+            (S::Pending, [go(S::Creating, S::Up), no, no, no, no, destroy, no]),
+            (S::Creating, [no; 7]),
+            (S::Up, [no, go(S::Scaling, S::Up), go(S::Scaling, S::Up), go(S::Stopping, S::Down), no, destroy, no]),
+            (S::Scaling, [no; 7]),
+            (S::Stopping, [no; 7]),
+            (S::Down, [no, no, no, no, go(S::Starting, S::Up), destroy, no]),
+            (S::Starting, [no; 7]),
+            (S::Failed, [no, no, no, no, no, destroy, Ok(TypedStep::Retry)]),
+            (S::Destroying, [no; 7]),
+            (S::Destroyed, [no; 7]),
         ];
         assert_eq!(expected.len(), State::ALL.len());
+        assert_eq!(Action::ALL.len(), 7);
         for (state, row) in expected {
-            for (action, want) in [A::Create, A::Scale, A::Stop, A::Start, A::Destroy, A::Retry].into_iter().zip(row) {
+            for (action, want) in
+                [A::Create, A::Scale, A::AddInstances, A::Stop, A::Start, A::Destroy, A::Retry].into_iter().zip(row)
+            {
                 assert_eq!(next(state, action), want, "{state:?} --{action:?}-->");
             }
         }
@@ -267,6 +447,76 @@ mod tests {
         let after = spec_after_success("scale", &serde_json::json!({"count": 5}), &spec).unwrap();
         assert_eq!(after["count"], 5);
         assert_eq!(spec_after_success("stop", &Value::Null, &spec), None);
+        let after = spec_after_success("add-instances", &serde_json::json!({"n": 2}), &spec).unwrap();
+        assert_eq!(after["count"], 4);
+    }
+
+    #[test]
+    fn add_instances_params_are_checked() {
+        assert_eq!(
+            validate_params("add-instances", &serde_json::json!({"n": 2})).unwrap(),
+            serde_json::json!({"n": 2})
+        );
+        for bad in [serde_json::json!({"n": 0}), serde_json::json!({}), serde_json::json!({"count": 2})] {
+            let e = validate_params("add-instances", &bad).unwrap_err();
+            assert!(matches!(e, Error::Invalid(f) if f[0].field.starts_with("params")), "{bad}");
+        }
+    }
+
+    fn aws_spec() -> Value {
+        serde_json::json!({
+            "provider": "aws", "image": "base", "count": 2, "instance_type": "t3.micro",
+            "subnets": ["subnet-0123abcd"], "security_groups": ["sg-0123abcd"],
+            "key_name": "ops", "tags": {"team": "web"}, "role_metadata": "role=worker,instancetype=r3",
+            "join": "leader"
+        })
+    }
+
+    #[test]
+    fn aws_spec_fields_are_checked_by_name() {
+        let ok = Spec::from_value(&aws_spec()).unwrap();
+        assert_eq!(ok.join.as_deref(), Some("leader"));
+        let mut bad = aws_spec();
+        bad["subnets"] = serde_json::json!(["nope"]);
+        bad["role_metadata"] = "role worker".into();
+        bad["tags"] = serde_json::json!({"drover:run": "x"});
+        bad.as_object_mut().unwrap().remove("instance_type");
+        let e = Spec::from_value(&bad).unwrap_err();
+        let Error::Invalid(f) = e else { panic!() };
+        let fields: Vec<_> = f.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.instance_type", "spec.subnets[0]", "spec.tags.drover:run", "spec.role_metadata"]);
+        // aws fields on a local cluster are refused, so local specs stay as they were.
+        let e = Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "join": "x"})).unwrap_err();
+        assert!(matches!(e, Error::Invalid(f) if f[0].field == "spec.join"));
+        let local = Spec::from_value(&serde_json::json!({"image": "web", "count": 1})).unwrap();
+        assert_eq!(
+            serde_json::to_value(&local).unwrap(),
+            serde_json::json!({"provider": "local", "image": "web", "count": 1,
+                "health_check": {"type": "http", "path": "/"}, "start_timeout_secs": 30})
+        );
+    }
+
+    #[test]
+    fn a_worker_group_depends_on_its_leader_being_up() {
+        let deps = dependencies(&aws_spec(), "create");
+        assert_eq!(deps.len(), 2);
+        assert_eq!(deps[1].kind, Kind::Cluster);
+        assert_eq!(deps[1].key, "leader");
+        assert_eq!(deps[1].field, "spec.join");
+        assert_eq!(deps[1].required_state, "up");
+        assert_eq!(dependencies(&aws_spec(), "add-instances").len(), 2);
+        assert!(dependencies(&aws_spec(), "destroy").is_empty());
+        assert!(dependencies(&aws_spec(), "stop").is_empty());
+    }
+
+    #[test]
+    fn target_counts() {
+        let s = Spec::from_value(&aws_spec()).unwrap();
+        assert_eq!(s.target_count("create", &Value::Null), Some(2));
+        assert_eq!(s.target_count("scale", &serde_json::json!({"count": 5})), Some(5));
+        assert_eq!(s.target_count("add-instances", &serde_json::json!({"n": 3})), Some(5));
+        assert_eq!(s.target_count("stop", &Value::Null), Some(0));
+        assert_eq!(s.target_count("destroy", &Value::Null), None);
     }
 
     #[test]

@@ -46,20 +46,41 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
     }
 }
 
-/// What an image is built from.
+/// What an image is built from. Which fields are required depends on the
+/// provider: `local` needs `build_command` and `start_command`; `aws` needs
+/// `base_ami`, `instance_type` and `build_script`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Spec {
     #[serde(default = "default_provider")]
     pub provider: String,
-    /// Shell command run in a fresh directory; the directory is the image.
+    /// local: shell command run in a fresh directory; the directory is the image.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub build_command: String,
-    /// Shell command that starts one instance of the image; `PORT` is set.
+    /// local: shell command that starts one instance of the image; `PORT` is set.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub start_command: String,
+    /// aws: the AMI the builder instance starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ami: Option<String>,
+    /// aws: the builder's instance type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// aws: the builder's user-data (a shell script or cloud-config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_script: Option<String>,
+    /// aws: whether the build script powers the builder off when it is done
+    /// (drover then waits for `stopped` before `CreateImage`). When false,
+    /// the image is taken as soon as the builder runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_shutdown: Option<bool>,
     /// Overrides the build timeout (seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_timeout_secs: Option<u64>,
 }
+
+/// Providers images can be built with.
+pub const PROVIDERS: &[&str] = &["local", "aws"];
 
 fn default_provider() -> String {
     "local".to_string()
@@ -69,14 +90,54 @@ impl Spec {
     pub fn from_value(v: &Value) -> Result<Spec> {
         let spec: Spec = from_json("spec", v)?;
         let mut errors = Vec::new();
-        if spec.provider != "local" {
-            errors.push(crate::FieldError::new("spec.provider", "unknown provider; known: local"));
-        }
-        if spec.build_command.trim().is_empty() {
-            errors.push(crate::FieldError::new("spec.build_command", "must not be empty"));
-        }
-        if spec.start_command.trim().is_empty() {
-            errors.push(crate::FieldError::new("spec.start_command", "must not be empty"));
+        let required = |errors: &mut Vec<crate::FieldError>, field: &str, value: &str| {
+            if value.trim().is_empty() {
+                errors.push(crate::FieldError::new(
+                    format!("spec.{field}"),
+                    format!("must not be empty (required by provider {})", spec.provider),
+                ));
+            }
+        };
+        let forbidden = |errors: &mut Vec<crate::FieldError>, field: &str, set: bool| {
+            if set {
+                errors.push(crate::FieldError::new(
+                    format!("spec.{field}"),
+                    format!("not used by provider {}", spec.provider),
+                ));
+            }
+        };
+        match spec.provider.as_str() {
+            "local" => {
+                required(&mut errors, "build_command", &spec.build_command);
+                required(&mut errors, "start_command", &spec.start_command);
+                forbidden(&mut errors, "base_ami", spec.base_ami.is_some());
+                forbidden(&mut errors, "instance_type", spec.instance_type.is_some());
+                forbidden(&mut errors, "build_script", spec.build_script.is_some());
+                forbidden(&mut errors, "builder_shutdown", spec.builder_shutdown.is_some());
+            }
+            "aws" => {
+                let ami = spec.base_ami.as_deref().unwrap_or("");
+                if !super::cluster::aws_id(ami, "ami-") {
+                    errors.push(crate::FieldError::new(
+                        "spec.base_ami",
+                        "must be an AMI id like ami-0abc1234 (required by provider aws)",
+                    ));
+                }
+                required(&mut errors, "instance_type", spec.instance_type.as_deref().unwrap_or(""));
+                required(&mut errors, "build_script", spec.build_script.as_deref().unwrap_or(""));
+                if spec.build_script.as_ref().is_some_and(|s| s.len() > 16 * 1024 * 3 / 4) {
+                    errors.push(crate::FieldError::new(
+                        "spec.build_script",
+                        "at most 12 KiB (EC2 user-data is limited to 16 KiB once base64-encoded)",
+                    ));
+                }
+                forbidden(&mut errors, "build_command", !spec.build_command.is_empty());
+                forbidden(&mut errors, "start_command", !spec.start_command.is_empty());
+            }
+            _ => errors.push(crate::FieldError::new(
+                "spec.provider",
+                format!("unknown provider; known: {}", PROVIDERS.join(", ")),
+            )),
         }
         if let Some(t) = spec.build_timeout_secs {
             if t == 0 || t > 24 * 3600 {
@@ -152,11 +213,38 @@ mod tests {
         match err {
             Error::Invalid(f) => {
                 let fields: Vec<_> = f.iter().map(|e| e.field.as_str()).collect();
-                assert_eq!(fields, ["spec.provider", "spec.build_command"]);
+                assert_eq!(fields, ["spec.provider"]);
             }
             other => panic!("{other:?}"),
         }
         let ok = Spec::from_value(&serde_json::json!({"build_command": "true", "start_command": "sleep 1"})).unwrap();
         assert_eq!(ok.provider, "local");
+        // A local spec serialises as it always did: no aws fields appear.
+        assert_eq!(
+            serde_json::to_value(&ok).unwrap(),
+            serde_json::json!({"provider": "local", "build_command": "true", "start_command": "sleep 1"})
+        );
+    }
+
+    #[test]
+    fn aws_specs_name_their_missing_fields() {
+        let err = Spec::from_value(&serde_json::json!({"provider": "aws", "base_ami": "web"})).unwrap_err();
+        match err {
+            Error::Invalid(f) => {
+                let fields: Vec<_> = f.iter().map(|e| e.field.as_str()).collect();
+                assert_eq!(fields, ["spec.base_ami", "spec.instance_type", "spec.build_script"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = Spec::from_value(
+            &serde_json::json!({"build_command": "true", "start_command": "x", "base_ami": "ami-1234abcd"}),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Invalid(f) if f[0].field == "spec.base_ami"));
+        let ok = Spec::from_value(&serde_json::json!({
+            "provider": "aws", "base_ami": "ami-1234abcd", "instance_type": "t3.micro",
+            "build_script": "#!/bin/sh\necho hi"}))
+        .unwrap();
+        assert_eq!(ok.instance_type.as_deref(), Some("t3.micro"));
     }
 }

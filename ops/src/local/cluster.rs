@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use drover_domain::kinds::cluster::{HealthCheck, Spec};
+use drover_domain::kinds::cluster::{HealthCheck, Spec, MAX_COUNT};
 use drover_domain::kinds::Kind;
 use drover_domain::model::{Level, NewEvent, Resource};
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
@@ -230,8 +230,14 @@ impl Provider for LocalClusters {
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}")))?;
         match job.action.as_str() {
             "create" | "start" => self.ensure(ctx, job, &spec, spec.count).await,
-            "scale" => {
-                let count = job.params.get("count").and_then(Value::as_u64).unwrap_or(spec.count as u64) as u32;
+            "scale" | "add-instances" => {
+                let count = spec.target_count(&job.action, &job.params).unwrap_or(spec.count);
+                if count > MAX_COUNT {
+                    return Err(ProviderError::fatal(
+                        "too_many_instances",
+                        format!("{count} instances is more than the limit of {MAX_COUNT}"),
+                    ));
+                }
                 self.ensure(ctx, job, &spec, count).await
             }
             "stop" => {

@@ -1,0 +1,547 @@
+//! Images baked on EC2: a builder instance from the base AMI runs the build
+//! script as user-data, `CreateImage` makes the AMI, the builder goes.
+//!
+//! # Guarantees
+//! - The builder is launched with a `ClientToken` derived from the run id
+//!   and tagged with the resource and run ids; before launching, drover
+//!   looks for that run's builder by its tags and adopts it (moto ignores
+//!   client tokens, and the tags are what a reclaimed lease finds anyway).
+//! - The AMI's name contains the run id; before `CreateImage` drover looks
+//!   for an image of that name and adopts it. A retried or reclaimed run
+//!   never makes a second builder or image.
+//! - Builder, image and snapshots carry `drover:resource` and `drover:run`.
+//! - `destroy` deregisters every image tagged with the resource and deletes
+//!   their snapshots; what is already gone counts as done.
+//!
+//! # Assumptions
+//! - With `builder_shutdown` (the default), the build script powers the
+//!   builder off when it is done; otherwise the image is taken as soon as
+//!   the builder runs.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::{
+    Filter, Image, Instance, InstanceType, ResourceType, ShutdownBehavior, Tag, TagSpecification,
+};
+use drover_domain::kinds::image::Spec;
+use drover_domain::model::{Level, NewEvent};
+use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
+use serde_json::{json, Value};
+
+use super::{b64, AwsError, Clients, TAG_IMAGE, TAG_RESOURCE, TAG_ROLE, TAG_RUN};
+
+pub struct AwsImages {
+    clients: Arc<Clients>,
+}
+
+/// The AMI name for a run: unique per run, found again by a retry.
+pub fn image_name(job: &Job) -> String {
+    format!("drover-{}-{}", job.resource.name, job.run_id)
+}
+
+fn tags(job: &Job, role: &str) -> Vec<Tag> {
+    [
+        (TAG_RESOURCE, job.resource.id.to_string()),
+        (TAG_RUN, job.run_id.to_string()),
+        (TAG_IMAGE, job.resource.name.clone()),
+        (TAG_ROLE, role.to_string()),
+        ("Name", format!("drover-{role}-{}", job.resource.name)),
+    ]
+    .into_iter()
+    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+    .collect()
+}
+
+fn filter(name: &str, values: &[&str]) -> Filter {
+    let mut f = Filter::builder().name(name);
+    for v in values {
+        f = f.values(*v);
+    }
+    f.build()
+}
+
+fn instance_state(i: &Instance) -> &str {
+    i.state().and_then(|s| s.name()).map(|n| n.as_str()).unwrap_or("unknown")
+}
+
+fn snapshots(image: &Image) -> Vec<String> {
+    image.block_device_mappings().iter().filter_map(|b| b.ebs()?.snapshot_id().map(str::to_string)).collect()
+}
+
+impl AwsImages {
+    pub fn new(clients: Arc<Clients>) -> AwsImages {
+        AwsImages { clients }
+    }
+
+    async fn instances(&self, filters: Vec<Filter>) -> Result<Vec<Instance>, AwsError> {
+        let ec2 = self.clients.ec2().await;
+        let out = ec2
+            .describe_instances()
+            .set_filters(Some(filters))
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("DescribeInstances", &e))?;
+        Ok(out.reservations().iter().flat_map(|r| r.instances().iter().cloned()).collect())
+    }
+
+    async fn images(&self, filters: Vec<Filter>) -> Result<Vec<Image>, AwsError> {
+        let ec2 = self.clients.ec2().await;
+        let out = ec2
+            .describe_images()
+            .owners("self")
+            .set_filters(Some(filters))
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("DescribeImages", &e))?;
+        Ok(out.images().to_vec())
+    }
+
+    async fn image(&self, id: &str) -> Result<Option<Image>, AwsError> {
+        let ec2 = self.clients.ec2().await;
+        match ec2.describe_images().image_ids(id).send().await {
+            Ok(out) => Ok(out.images().first().cloned()),
+            Err(e) => {
+                let e = AwsError::from_sdk("DescribeImages", &e);
+                if e.code.starts_with("InvalidAMIID") {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// This run's builder, if an earlier attempt launched it.
+    async fn builder_of_run(&self, job: &Job) -> Result<Option<Instance>, AwsError> {
+        let run = job.run_id.to_string();
+        let found = self
+            .instances(vec![
+                filter(&format!("tag:{TAG_RUN}"), &[&run]),
+                filter(&format!("tag:{TAG_ROLE}"), &["builder"]),
+                filter("instance-state-name", &["pending", "running", "stopping", "stopped"]),
+            ])
+            .await?;
+        Ok(found.into_iter().next())
+    }
+
+    /// Builders of this image left by other runs (a timed-out build): they
+    /// only cost money.
+    async fn stale_builders(&self, job: &Job) -> Result<Vec<String>, AwsError> {
+        let found = self
+            .instances(vec![
+                filter(&format!("tag:{TAG_RESOURCE}"), &[&job.resource.id.to_string()]),
+                filter(&format!("tag:{TAG_ROLE}"), &["builder"]),
+                filter("instance-state-name", &["pending", "running", "stopping", "stopped"]),
+            ])
+            .await?;
+        let run = job.run_id.to_string();
+        Ok(found
+            .into_iter()
+            .filter(|i| !i.tags().iter().any(|t| t.key() == Some(TAG_RUN) && t.value() == Some(run.as_str())))
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect())
+    }
+
+    async fn terminate(&self, ids: &[String]) -> Result<(), AwsError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ec2 = self.clients.ec2().await;
+        match ec2.terminate_instances().set_instance_ids(Some(ids.to_vec())).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = AwsError::from_sdk("TerminateInstances", &e);
+                if e.code.starts_with("InvalidInstanceID") {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn launch_builder(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<String, ProviderError> {
+        if let Some(i) = self.builder_of_run(job).await? {
+            let id = i.instance_id().unwrap_or_default().to_string();
+            ctx.event(NewEvent::info(
+                "builder",
+                format!("adopting builder {id} ({}) launched by an earlier attempt", instance_state(&i)),
+            ))
+            .await;
+            return Ok(id);
+        }
+        let ec2 = self.clients.ec2().await;
+        let base = spec.base_ami.clone().unwrap_or_default();
+        let itype = spec.instance_type.clone().unwrap_or_default();
+        let out = ec2
+            .run_instances()
+            .image_id(&base)
+            .instance_type(InstanceType::from(itype.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .user_data(b64::encode(spec.build_script.as_deref().unwrap_or("").as_bytes()))
+            .client_token(format!("drover-{}", job.run_id))
+            .instance_initiated_shutdown_behavior(ShutdownBehavior::Stop)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(tags(job, "builder")))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("RunInstances", &e))?;
+        let id = out
+            .instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .ok_or_else(|| ProviderError::retryable("aws_error", "RunInstances returned no instance"))?
+            .to_string();
+        ctx.event(
+            NewEvent::info("builder", format!("launched builder {id} from {base} ({itype})"))
+                .with_data(json!({"instance": id, "base_ami": base, "instance_type": itype})),
+        )
+        .await;
+        Ok(id)
+    }
+
+    /// Waits for the builder to be done: `stopped` when the build script
+    /// powers it off, else `running`.
+    async fn wait_builder(&self, ctx: &dyn RunContext, id: &str, shutdown: bool) -> Result<(), ProviderError> {
+        let want = if shutdown { "stopped" } else { "running" };
+        let mut delays = self.clients.settings().poll.delays();
+        let mut last = String::new();
+        loop {
+            ctx.check_cancel()?;
+            let found = self.instances(vec![filter("instance-id", &[id])]).await?;
+            let state = found.first().map(instance_state).unwrap_or("missing").to_string();
+            if state != last {
+                ctx.event(NewEvent::info("builder", format!("builder {id} is {state}"))).await;
+                last = state.clone();
+            }
+            match state.as_str() {
+                s if s == want => return Ok(()),
+                "stopped" if !shutdown => return Ok(()),
+                "terminated" | "shutting-down" | "missing" => {
+                    return Err(ProviderError::fatal(
+                        "builder_lost",
+                        format!("builder {id} is {state} before its image was taken"),
+                    ))
+                }
+                _ => tokio::time::sleep(delays.next().expect("endless")).await,
+            }
+        }
+    }
+
+    async fn create_image(&self, ctx: &dyn RunContext, job: &Job, builder: &str) -> Result<String, ProviderError> {
+        let name = image_name(job);
+        if let Some(found) = self.images(vec![filter("name", &[&name])]).await?.first() {
+            let id = found.image_id().unwrap_or_default().to_string();
+            ctx.event(NewEvent::info("image", format!("adopting image {id} ({name}) made by an earlier attempt")))
+                .await;
+            return Ok(id);
+        }
+        let ec2 = self.clients.ec2().await;
+        let out = ec2
+            .create_image()
+            .instance_id(builder)
+            .name(&name)
+            .description(format!("drover image {} (run {})", job.resource.name, job.run_id))
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Image)
+                    .set_tags(Some(tags(job, "image")))
+                    .build(),
+            )
+            .send()
+            .await;
+        let id = match out {
+            Ok(o) => o.image_id().unwrap_or_default().to_string(),
+            Err(e) => {
+                let e = AwsError::from_sdk("CreateImage", &e);
+                if e.is("InvalidAMIName.Duplicate") {
+                    let found = self.images(vec![filter("name", &[&name])]).await?;
+                    found.first().and_then(|i| i.image_id()).map(str::to_string).ok_or_else(|| e.into_provider())?
+                } else {
+                    return Err(e.into());
+                }
+            }
+        };
+        ctx.event(NewEvent::info("image", format!("CreateImage {name}: {id}"))).await;
+        Ok(id)
+    }
+
+    async fn wait_image(&self, ctx: &dyn RunContext, id: &str) -> Result<Image, ProviderError> {
+        let mut delays = self.clients.settings().poll.delays();
+        loop {
+            ctx.check_cancel()?;
+            let img = self
+                .image(id)
+                .await?
+                .ok_or_else(|| ProviderError::fatal("image_lost", format!("image {id} disappeared")))?;
+            let state = img.state().map(|s| s.as_str().to_string()).unwrap_or_default();
+            match state.as_str() {
+                "available" => return Ok(img),
+                "pending" => tokio::time::sleep(delays.next().expect("endless")).await,
+                other => {
+                    let reason = img.state_reason().and_then(|r| r.message()).unwrap_or("no reason given");
+                    return Err(ProviderError::fatal("image_failed", format!("image {id} is {other}: {reason}")));
+                }
+            }
+        }
+    }
+
+    async fn build(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
+        let stale = self.stale_builders(job).await?;
+        if !stale.is_empty() {
+            ctx.event(
+                NewEvent::info("builder", format!("terminating builders left by earlier runs: {}", stale.join(", ")))
+                    .with_level(Level::Warn),
+            )
+            .await;
+            self.terminate(&stale).await?;
+        }
+        let name = image_name(job);
+        // A finished image of this run needs no builder: adopt it first.
+        let existing = self.images(vec![filter("name", &[&name])]).await?;
+        let image_id = match existing.first().and_then(|i| i.image_id()) {
+            Some(id) => {
+                ctx.event(NewEvent::info("image", format!("adopting image {id} ({name}) made by an earlier attempt")))
+                    .await;
+                id.to_string()
+            }
+            None => {
+                let builder = self.launch_builder(ctx, job, spec).await?;
+                self.wait_builder(ctx, &builder, spec.builder_shutdown.unwrap_or(true)).await?;
+                ctx.check_cancel()?;
+                self.create_image(ctx, job, &builder).await?
+            }
+        };
+        let image = self.wait_image(ctx, &image_id).await?;
+        let snaps = snapshots(&image);
+        if !snaps.is_empty() {
+            let ec2 = self.clients.ec2().await;
+            ec2.create_tags()
+                .set_resources(Some(snaps.clone()))
+                .set_tags(Some(tags(job, "snapshot")))
+                .send()
+                .await
+                .map_err(|e| AwsError::from_sdk("CreateTags", &e))?;
+        }
+        let builder = self.builder_of_run(job).await?;
+        if let Some(b) = builder.as_ref().and_then(|b| b.instance_id()) {
+            self.terminate(&[b.to_string()]).await?;
+            ctx.event(NewEvent::info("builder", format!("terminated builder {b}"))).await;
+        }
+        ctx.event(NewEvent::info("image", format!("image {image_id} is available"))).await;
+        Ok(json!({
+            "ami_id": image_id,
+            "image_name": name,
+            "snapshots": snaps,
+            "region": self.clients.ec2().await.config().region().map(|r| r.to_string()),
+        }))
+    }
+
+    async fn destroy(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+        let mut ids: Vec<String> =
+            job.resource.outputs.get("ami_id").and_then(Value::as_str).map(|s| vec![s.to_string()]).unwrap_or_default();
+        for img in self.images(vec![filter(&format!("tag:{TAG_RESOURCE}"), &[&job.resource.id.to_string()])]).await? {
+            if let Some(id) = img.image_id() {
+                if !ids.iter().any(|i| i == id) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        let ec2 = self.clients.ec2().await;
+        let mut deregistered = Vec::new();
+        let mut deleted = Vec::new();
+        for id in &ids {
+            ctx.check_cancel()?;
+            let Some(img) = self.image(id).await? else {
+                continue;
+            };
+            let snaps = snapshots(&img);
+            match ec2.deregister_image().image_id(id).send().await {
+                Ok(_) => {}
+                Err(e) => {
+                    let e = AwsError::from_sdk("DeregisterImage", &e);
+                    if !e.code.starts_with("InvalidAMIID") {
+                        return Err(e.into());
+                    }
+                }
+            }
+            ctx.event(NewEvent::info("destroy", format!("deregistered {id}"))).await;
+            deregistered.push(id.clone());
+            for s in snaps {
+                match ec2.delete_snapshot().snapshot_id(&s).send().await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        let e = AwsError::from_sdk("DeleteSnapshot", &e);
+                        if !e.code.starts_with("InvalidSnapshot") {
+                            return Err(e.into());
+                        }
+                    }
+                }
+                ctx.event(NewEvent::info("destroy", format!("deleted snapshot {s}"))).await;
+                deleted.push(s);
+            }
+        }
+        let builders = self
+            .instances(vec![
+                filter(&format!("tag:{TAG_RESOURCE}"), &[&job.resource.id.to_string()]),
+                filter(&format!("tag:{TAG_ROLE}"), &["builder"]),
+                filter("instance-state-name", &["pending", "running", "stopping", "stopped"]),
+            ])
+            .await?
+            .into_iter()
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect::<Vec<_>>();
+        self.terminate(&builders).await?;
+        Ok(json!({"deregistered": deregistered, "deleted_snapshots": deleted, "terminated_builders": builders}))
+    }
+}
+
+#[async_trait]
+impl Provider for AwsImages {
+    async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+        let spec = Spec::from_value(&job.resource.spec)
+            .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}")))?;
+        match job.action.as_str() {
+            "build" => self.build(ctx, job, &spec).await,
+            "destroy" => self.destroy(ctx, job).await,
+            other => Err(ProviderError::fatal("unsupported_action", format!("aws images cannot {other}"))),
+        }
+    }
+}
+
+/// Each step against a real moto server over loopback HTTP: real SDK calls.
+#[cfg(test)]
+mod moto_tests {
+    use super::*;
+    use crate::aws::testing::*;
+    use drover_domain::kinds::Kind;
+
+    async fn setup() -> (AwsImages, Arc<Clients>, Job) {
+        let clients = moto_clients();
+        let ami = base_ami(&clients).await;
+        let job = job(
+            Kind::Image,
+            &unique("img"),
+            json!({"provider": "aws", "base_ami": ami, "instance_type": "t2.micro",
+                   "build_script": "#!/bin/sh\necho baked > /etc/motd", "builder_shutdown": false}),
+            "build",
+            json!({}),
+            vec![],
+        );
+        (AwsImages::new(clients.clone()), clients, job)
+    }
+
+    async fn images_named(clients: &Clients, name: &str) -> Vec<Image> {
+        clients
+            .ec2()
+            .await
+            .describe_images()
+            .owners("self")
+            .filters(filter("name", &[name]))
+            .send()
+            .await
+            .unwrap()
+            .images()
+            .to_vec()
+    }
+
+    async fn builders(clients: &Clients, job: &Job) -> Vec<Instance> {
+        let out = clients
+            .ec2()
+            .await
+            .describe_instances()
+            .filters(filter(&format!("tag:{TAG_RUN}"), &[&job.run_id.to_string()]))
+            .send()
+            .await
+            .unwrap();
+        out.reservations().iter().flat_map(|r| r.instances().iter().cloned()).collect()
+    }
+
+    #[tokio::test]
+    async fn build_runs_twice_and_makes_one_builder_and_one_image() {
+        let (p, clients, job) = setup().await;
+        let ctx = RecordingCtx::new(job.run_id);
+        let first = p.apply(&ctx, &job).await.expect("first build");
+        let second = p.apply(&ctx, &job).await.expect("second build adopts");
+        assert_eq!(first["ami_id"], second["ami_id"]);
+        let imgs = images_named(&clients, &image_name(&job)).await;
+        assert_eq!(imgs.len(), 1);
+        let img = &imgs[0];
+        assert_eq!(img.state().unwrap().as_str(), "available");
+        let tag = |k: &str| img.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value()).map(str::to_string);
+        assert_eq!(tag(TAG_RUN), Some(job.run_id.to_string()));
+        assert_eq!(tag(TAG_RESOURCE), Some(job.resource.id.to_string()));
+        let b = builders(&clients, &job).await;
+        assert_eq!(b.len(), 1, "one builder, adopted on the second run");
+        assert!(matches!(instance_state(&b[0]), "terminated" | "shutting-down"));
+        // Snapshots are tagged too.
+        let snaps = snapshots(img);
+        assert!(!snaps.is_empty());
+        let s = clients.ec2().await.describe_snapshots().set_snapshot_ids(Some(snaps)).send().await.unwrap();
+        for snap in s.snapshots() {
+            assert!(snap
+                .tags()
+                .iter()
+                .any(|t| t.key() == Some(TAG_RUN) && t.value() == Some(&*job.run_id.to_string())));
+        }
+        assert!(ctx.messages().iter().any(|m| m.contains("adopting image")), "{:?}", ctx.messages());
+    }
+
+    /// A lease that lapsed after the builder was launched: the next attempt
+    /// of the same run adopts that builder instead of launching another.
+    #[tokio::test]
+    async fn a_reclaimed_build_adopts_the_builder_of_the_lost_attempt() {
+        let (p, clients, job) = setup().await;
+        let ctx = RecordingCtx::new(job.run_id);
+        let spec = Spec::from_value(&job.resource.spec).unwrap();
+        let lost = p.launch_builder(&ctx, &job, &spec).await.unwrap();
+        let out = p.apply(&ctx, &job).await.expect("build");
+        let b = builders(&clients, &job).await;
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].instance_id(), Some(lost.as_str()));
+        assert_eq!(images_named(&clients, &image_name(&job)).await.len(), 1);
+        assert!(out["ami_id"].as_str().unwrap().starts_with("ami-"));
+    }
+
+    #[tokio::test]
+    async fn destroy_runs_twice_and_removes_image_and_snapshots() {
+        let (p, clients, job) = setup().await;
+        let ctx = RecordingCtx::new(job.run_id);
+        let built = p.apply(&ctx, &job).await.unwrap();
+        let ami = built["ami_id"].as_str().unwrap().to_string();
+        let snaps: Vec<String> =
+            built["snapshots"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        let mut destroy = job.clone();
+        destroy.action = "destroy".into();
+        destroy.resource.outputs = built.clone();
+        let first = p.apply(&ctx, &destroy).await.expect("destroy");
+        assert_eq!(first["deregistered"], json!([ami]));
+        let second = p.apply(&ctx, &destroy).await.expect("destroy again");
+        assert_eq!(second["deregistered"], json!([]));
+        assert!(p.image(&ami).await.unwrap().is_none_or(|i| i.state().map(|s| s.as_str()) != Some("available")));
+        for s in snaps {
+            let r = clients.ec2().await.describe_snapshots().snapshot_ids(&s).send().await;
+            assert!(r.is_err() || r.unwrap().snapshots().is_empty(), "snapshot {s} is gone");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_base_ami_is_a_fatal_error_with_aws_reason() {
+        let (p, _clients, mut job) = setup().await;
+        job.resource.spec["base_ami"] = "ami-00000000deadbeef".into();
+        let ctx = RecordingCtx::new(job.run_id);
+        match p.apply(&ctx, &job).await {
+            Err(ProviderError::Failed { message, retryable, .. }) => {
+                assert!(!retryable);
+                assert!(message.contains("InvalidAMIID"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The CloudFormation (and EC2 instance) calls the cluster provider makes,
+//! behind a small trait.
+//!
+//! The real implementation, [`SdkStacks`], is the SDK. The trait exists so
+//! that what moto cannot show — stacks that stay `*_IN_PROGRESS`, rollbacks,
+//! `CancelUpdateStack` — can be tested with a scripted fake (see the tests
+//! in `cluster.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_sdk_cloudformation::types::{Parameter, Tag};
+use aws_sdk_ec2::types::Filter;
+
+use super::{AwsError, Clients};
+
+/// A stack as `DescribeStacks` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StackInfo {
+    pub id: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub outputs: BTreeMap<String, String>,
+    pub parameters: BTreeMap<String, String>,
+    pub termination_protection: bool,
+}
+
+impl StackInfo {
+    pub fn in_progress(&self) -> bool {
+        self.status.ends_with("_IN_PROGRESS")
+    }
+}
+
+/// One entry of `DescribeStackEvents`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackEvent {
+    pub id: String,
+    pub at: String,
+    pub logical_id: String,
+    pub resource_type: String,
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+/// What `CreateStack` or `UpdateStack` sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackRequest {
+    pub name: String,
+    pub template: String,
+    pub parameters: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub token: String,
+    pub termination_protection: bool,
+}
+
+/// A running instance of a cluster, as EC2 shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub private_ip: Option<String>,
+    pub state: String,
+    pub instance_type: Option<String>,
+}
+
+#[async_trait]
+pub trait StackApi: Send + Sync + 'static {
+    /// `None` when no stack of that name exists (or it was deleted).
+    async fn describe(&self, name: &str) -> Result<Option<StackInfo>, AwsError>;
+    async fn create(&self, req: &StackRequest) -> Result<String, AwsError>;
+    /// `false` when CloudFormation had nothing to change.
+    async fn update(&self, req: &StackRequest) -> Result<bool, AwsError>;
+    async fn delete(&self, name: &str, token: &str) -> Result<(), AwsError>;
+    async fn cancel_update(&self, name: &str) -> Result<(), AwsError>;
+    async fn set_termination_protection(&self, name: &str, on: bool) -> Result<(), AwsError>;
+    /// The newest events first (one page).
+    async fn events(&self, name: &str) -> Result<Vec<StackEvent>, AwsError>;
+    /// Instances carrying tag `key=value`, except terminated ones.
+    async fn instances(&self, key: &str, value: &str) -> Result<Vec<InstanceInfo>, AwsError>;
+}
+
+/// [`StackApi`] on the AWS SDK.
+pub struct SdkStacks {
+    clients: Arc<Clients>,
+}
+
+impl SdkStacks {
+    pub fn new(clients: Arc<Clients>) -> SdkStacks {
+        SdkStacks { clients }
+    }
+}
+
+fn does_not_exist(e: &AwsError) -> bool {
+    e.is("ValidationError") && e.message.contains("does not exist")
+}
+
+fn params(p: &BTreeMap<String, String>) -> Vec<Parameter> {
+    p.iter().map(|(k, v)| Parameter::builder().parameter_key(k).parameter_value(v).build()).collect()
+}
+
+fn tags(t: &BTreeMap<String, String>) -> Vec<Tag> {
+    t.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()
+}
+
+#[async_trait]
+impl StackApi for SdkStacks {
+    async fn describe(&self, name: &str) -> Result<Option<StackInfo>, AwsError> {
+        let cfn = self.clients.cloudformation().await;
+        let out = match cfn.describe_stacks().stack_name(name).send().await {
+            Ok(o) => o,
+            Err(e) => {
+                let e = AwsError::from_sdk("DescribeStacks", &e);
+                return if does_not_exist(&e) { Ok(None) } else { Err(e) };
+            }
+        };
+        let Some(s) = out.stacks().first() else {
+            return Ok(None);
+        };
+        let status = s.stack_status().map(|s| s.as_str().to_string()).unwrap_or_default();
+        if status == "DELETE_COMPLETE" {
+            return Ok(None);
+        }
+        Ok(Some(StackInfo {
+            id: s.stack_id().unwrap_or_default().to_string(),
+            status,
+            reason: s.stack_status_reason().map(str::to_string),
+            outputs: s
+                .outputs()
+                .iter()
+                .filter_map(|o| Some((o.output_key()?.to_string(), o.output_value()?.to_string())))
+                .collect(),
+            parameters: s
+                .parameters()
+                .iter()
+                .filter_map(|p| {
+                    Some((p.parameter_key()?.to_string(), p.parameter_value().unwrap_or_default().to_string()))
+                })
+                .collect(),
+            termination_protection: s.enable_termination_protection().unwrap_or(false),
+        }))
+    }
+
+    async fn create(&self, req: &StackRequest) -> Result<String, AwsError> {
+        let cfn = self.clients.cloudformation().await;
+        let out = cfn
+            .create_stack()
+            .stack_name(&req.name)
+            .template_body(&req.template)
+            .set_parameters(Some(params(&req.parameters)))
+            .set_tags(Some(tags(&req.tags)))
+            .client_request_token(&req.token)
+            .enable_termination_protection(req.termination_protection)
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("CreateStack", &e))?;
+        Ok(out.stack_id().unwrap_or_default().to_string())
+    }
+
+    async fn update(&self, req: &StackRequest) -> Result<bool, AwsError> {
+        let cfn = self.clients.cloudformation().await;
+        match cfn
+            .update_stack()
+            .stack_name(&req.name)
+            .template_body(&req.template)
+            .set_parameters(Some(params(&req.parameters)))
+            .set_tags(Some(tags(&req.tags)))
+            .client_request_token(&req.token)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let e = AwsError::from_sdk("UpdateStack", &e);
+                if e.is("ValidationError") && e.message.contains("No updates are to be performed") {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn delete(&self, name: &str, token: &str) -> Result<(), AwsError> {
+        let cfn = self.clients.cloudformation().await;
+        cfn.delete_stack()
+            .stack_name(name)
+            .client_request_token(token)
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("DeleteStack", &e))?;
+        Ok(())
+    }
+
+    async fn cancel_update(&self, name: &str) -> Result<(), AwsError> {
+        let cfn = self.clients.cloudformation().await;
+        cfn.cancel_update_stack()
+            .stack_name(name)
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("CancelUpdateStack", &e))?;
+        Ok(())
+    }
+
+    async fn set_termination_protection(&self, name: &str, on: bool) -> Result<(), AwsError> {
+        let cfn = self.clients.cloudformation().await;
+        cfn.update_termination_protection()
+            .stack_name(name)
+            .enable_termination_protection(on)
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("UpdateTerminationProtection", &e))?;
+        Ok(())
+    }
+
+    async fn events(&self, name: &str) -> Result<Vec<StackEvent>, AwsError> {
+        let cfn = self.clients.cloudformation().await;
+        let out = match cfn.describe_stack_events().stack_name(name).send().await {
+            Ok(o) => o,
+            Err(e) => {
+                let e = AwsError::from_sdk("DescribeStackEvents", &e);
+                return if does_not_exist(&e) { Ok(Vec::new()) } else { Err(e) };
+            }
+        };
+        Ok(out
+            .stack_events()
+            .iter()
+            .map(|e| StackEvent {
+                id: e.event_id().unwrap_or_default().to_string(),
+                at: e.timestamp().map(|t| t.to_string()).unwrap_or_default(),
+                logical_id: e.logical_resource_id().unwrap_or_default().to_string(),
+                resource_type: e.resource_type().unwrap_or_default().to_string(),
+                status: e.resource_status().map(|s| s.as_str().to_string()).unwrap_or_default(),
+                reason: e.resource_status_reason().map(str::to_string),
+            })
+            .collect())
+    }
+
+    async fn instances(&self, key: &str, value: &str) -> Result<Vec<InstanceInfo>, AwsError> {
+        let ec2 = self.clients.ec2().await;
+        let mut out = Vec::new();
+        let mut pages = ec2
+            .describe_instances()
+            .filters(Filter::builder().name(format!("tag:{key}")).values(value).build())
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .values("stopping")
+                    .values("stopped")
+                    .values("shutting-down")
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| AwsError::from_sdk("DescribeInstances", &e))?;
+            for r in page.reservations() {
+                for i in r.instances() {
+                    out.push(InstanceInfo {
+                        id: i.instance_id().unwrap_or_default().to_string(),
+                        private_ip: i.private_ip_address().map(str::to_string),
+                        state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
+                        instance_type: i.instance_type().map(|t| t.as_str().to_string()),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}

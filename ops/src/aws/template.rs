@@ -1,0 +1,309 @@
+//! Renders a cluster's CloudFormation stack from its spec: pure functions,
+//! so the exact template and parameters can be unit-tested and previewed
+//! (`GET /v1/clusters/{id}/template`) before anything is sent.
+//!
+//! The template has a launch template (image, instance type, key pair,
+//! security groups, cloud-config user-data) and an auto-scaling group whose
+//! min, max and desired capacity are all `Count`, in the spec's subnets,
+//! tagged (and propagating its tags to instances) with the drover resource.
+//! Every parameter is passed explicitly on create and update: nothing relies
+//! on defaults or `UsePreviousValue`. A scale changes `Count` only.
+
+use std::collections::BTreeMap;
+
+use drover_domain::kinds::cluster::Spec;
+use drover_domain::model::Resource;
+use serde_json::{json, Map, Value};
+
+use super::{TAG_CLUSTER, TAG_RESOURCE};
+
+/// What a worker group learns from its leader's stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    pub name: String,
+    pub stack_name: String,
+    /// The leader's auto-scaling group (its stack output).
+    pub auto_scaling_group: String,
+    /// Private IPs of the leader's instances.
+    pub endpoints: Vec<String>,
+}
+
+/// A stack as drover would send it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub stack_name: String,
+    pub template: Value,
+    pub parameters: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub termination_protection: bool,
+}
+
+impl Rendered {
+    pub fn template_body(&self) -> String {
+        serde_json::to_string_pretty(&self.template).expect("template serialises")
+    }
+
+    /// The preview `GET /v1/clusters/{id}/template` shows.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "stack_name": self.stack_name,
+            "template": self.template,
+            "parameters": self.parameters,
+            "tags": self.tags,
+            "termination_protection": self.termination_protection,
+        })
+    }
+}
+
+/// The stack's name: the cluster's name and a piece of its id, so that two
+/// drover installations (or a deleted and re-made cluster) never share one.
+pub fn stack_name(cluster: &Resource) -> String {
+    let id = cluster.id.simple().to_string();
+    format!("drover-{}-{}", cluster.name, &id[id.len() - 12..])
+}
+
+/// `key=value,…` as given, or `cluster=<name>` when the spec has none.
+pub fn role_metadata(cluster: &Resource, spec: &Spec) -> String {
+    spec.role_metadata.clone().unwrap_or_else(|| format!("cluster={}", cluster.name))
+}
+
+fn param(kind: &str, description: &str) -> Value {
+    json!({"Type": kind, "Description": description})
+}
+
+/// The cloud-config each instance boots with. `${…}` are the stack's
+/// parameters, substituted by CloudFormation (`Fn::Sub`).
+fn cloud_config(worker: bool) -> String {
+    let mut s = String::from(
+        "#cloud-config\n\
+         # Rendered by drover for cluster ${ClusterName} (${ResourceId}).\n\
+         coreos:\n  fleet:\n    metadata: \"${RoleMetadata}\"\n\
+         write_files:\n  - path: /etc/drover/cluster.env\n    permissions: \"0644\"\n    content: |\n\
+         \x20     DROVER_CLUSTER=${ClusterName}\n\
+         \x20     DROVER_RESOURCE=${ResourceId}\n\
+         \x20     DROVER_ROLE_METADATA=${RoleMetadata}\n",
+    );
+    if worker {
+        s.push_str(
+            "      DROVER_LEADER=${LeaderName}\n\
+             \x20     DROVER_LEADER_ENDPOINTS=${LeaderEndpoints}\n",
+        );
+    }
+    s
+}
+
+/// Renders the stack for `count` instances of `ami`.
+pub fn render(cluster: &Resource, spec: &Spec, ami: &str, count: u32, leader: Option<&Leader>) -> Rendered {
+    let mut parameters = BTreeMap::new();
+    let mut declared = Map::new();
+    let mut add = |key: &str, kind: &str, desc: &str, value: String| {
+        declared.insert(key.to_string(), param(kind, desc));
+        parameters.insert(key.to_string(), value);
+    };
+    add("ClusterName", "String", "The drover cluster", cluster.name.clone());
+    add("ResourceId", "String", "The drover resource id", cluster.id.to_string());
+    add("ImageId", "String", "The AMI the instances start from", ami.to_string());
+    add("InstanceType", "String", "EC2 instance type", spec.instance_type.clone().unwrap_or_default());
+    add("Count", "Number", "Instances: min, max and desired capacity", count.to_string());
+    add("Subnets", "CommaDelimitedList", "Subnets of the auto-scaling group", spec.subnets.join(","));
+    add("RoleMetadata", "String", "Role metadata for the instances (key=value,…)", role_metadata(cluster, spec));
+    if let Some(key) = &spec.key_name {
+        add("KeyName", "String", "EC2 key pair", key.clone());
+    }
+    if !spec.security_groups.is_empty() {
+        add("SecurityGroups", "CommaDelimitedList", "Security groups of the instances", spec.security_groups.join(","));
+    }
+    if let Some(l) = leader {
+        add("LeaderName", "String", "The leader cluster joined", l.name.clone());
+        add("LeaderEndpoints", "String", "Private IPs of the leader's instances", l.endpoints.join(","));
+    }
+
+    let mut lt_data = Map::new();
+    lt_data.insert("ImageId".into(), json!({"Ref": "ImageId"}));
+    lt_data.insert("InstanceType".into(), json!({"Ref": "InstanceType"}));
+    if spec.key_name.is_some() {
+        lt_data.insert("KeyName".into(), json!({"Ref": "KeyName"}));
+    }
+    if !spec.security_groups.is_empty() {
+        lt_data.insert("SecurityGroupIds".into(), json!({"Ref": "SecurityGroups"}));
+    }
+    // `Fn::Base64` of `Fn::Sub`: the other nesting upsets some
+    // implementations (moto answers 500).
+    lt_data.insert("UserData".into(), json!({"Fn::Base64": {"Fn::Sub": cloud_config(leader.is_some())}}));
+
+    let tags = stack_tags(cluster, spec);
+    let asg_tags: Vec<Value> = tags
+        .iter()
+        .map(|(k, v)| json!({"Key": k, "Value": v, "PropagateAtLaunch": true}))
+        .chain(std::iter::once(json!({"Key": "Name", "Value": {"Ref": "ClusterName"}, "PropagateAtLaunch": true})))
+        .collect();
+
+    let mut outputs = json!({
+        "ClusterName": {"Value": {"Ref": "ClusterName"}},
+        "AutoScalingGroupName": {"Value": {"Ref": "AutoScalingGroup"}},
+        "LaunchTemplateId": {"Value": {"Ref": "LaunchTemplate"}},
+        "RoleMetadata": {"Value": {"Ref": "RoleMetadata"}},
+    });
+    if leader.is_some() {
+        outputs["LeaderName"] = json!({"Value": {"Ref": "LeaderName"}});
+    }
+
+    let template = json!({
+        "AWSTemplateFormatVersion": "2010-09-09",
+        "Description": format!("drover cluster {} (rendered by drover; do not edit by hand)", cluster.name),
+        "Parameters": declared,
+        "Resources": {
+            "LaunchTemplate": {
+                "Type": "AWS::EC2::LaunchTemplate",
+                "Properties": {"LaunchTemplateData": lt_data},
+            },
+            "AutoScalingGroup": {
+                "Type": "AWS::AutoScaling::AutoScalingGroup",
+                "Properties": {
+                    "LaunchTemplate": {
+                        "LaunchTemplateId": {"Ref": "LaunchTemplate"},
+                        "Version": {"Fn::GetAtt": ["LaunchTemplate", "LatestVersionNumber"]},
+                    },
+                    "MinSize": {"Ref": "Count"},
+                    "MaxSize": {"Ref": "Count"},
+                    "DesiredCapacity": {"Ref": "Count"},
+                    "VPCZoneIdentifier": {"Ref": "Subnets"},
+                    "Tags": asg_tags,
+                },
+            },
+        },
+        "Outputs": outputs,
+    });
+    Rendered {
+        stack_name: stack_name(cluster),
+        template,
+        parameters,
+        tags,
+        termination_protection: spec.termination_protection,
+    }
+}
+
+/// Tags of the stack (CloudFormation passes them to what it makes) and of
+/// every instance: the spec's, plus drover's own.
+pub fn stack_tags(cluster: &Resource, spec: &Spec) -> BTreeMap<String, String> {
+    let mut tags = spec.tags.clone();
+    tags.insert(TAG_RESOURCE.into(), cluster.id.to_string());
+    tags.insert(TAG_CLUSTER.into(), cluster.name.clone());
+    tags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_domain::kinds::Kind;
+
+    fn cluster(name: &str, spec: Value) -> (Resource, Spec) {
+        let s = Spec::from_value(&spec).unwrap();
+        let r = Resource {
+            id: uuid::Uuid::parse_str("0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b").unwrap(),
+            kind: Kind::Cluster,
+            name: name.into(),
+            state: "pending".into(),
+            spec,
+            version: 1,
+            outputs: json!({}),
+            observed: None,
+            created_by: "test".into(),
+            updated_by: "test".into(),
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        };
+        (r, s)
+    }
+
+    fn spec() -> Value {
+        json!({"provider": "aws", "image": "base", "count": 3, "instance_type": "r3.large",
+            "subnets": ["subnet-0123abcd", "subnet-4567ef01"], "security_groups": ["sg-0123abcd"],
+            "key_name": "ops", "tags": {"team": "web"}, "role_metadata": "role=worker,instancetype=r3"})
+    }
+
+    #[test]
+    fn parameters_carry_the_spec() {
+        let (r, s) = cluster("workers", spec());
+        let out = render(&r, &s, "ami-0123abcd", 3, None);
+        assert_eq!(out.stack_name, "drover-workers-2f4a5e6d7c8b");
+        let p = &out.parameters;
+        assert_eq!(p["ImageId"], "ami-0123abcd");
+        assert_eq!(p["InstanceType"], "r3.large");
+        assert_eq!(p["Count"], "3");
+        assert_eq!(p["Subnets"], "subnet-0123abcd,subnet-4567ef01");
+        assert_eq!(p["SecurityGroups"], "sg-0123abcd");
+        assert_eq!(p["KeyName"], "ops");
+        assert_eq!(p["RoleMetadata"], "role=worker,instancetype=r3");
+        assert!(!p.contains_key("LeaderEndpoints"));
+        // Every parameter the template declares is passed, and no other.
+        let declared: Vec<_> = out.template["Parameters"].as_object().unwrap().keys().cloned().collect();
+        let passed: Vec<_> = p.keys().cloned().collect();
+        assert_eq!(declared, passed);
+        let asg = &out.template["Resources"]["AutoScalingGroup"]["Properties"];
+        for k in ["MinSize", "MaxSize", "DesiredCapacity"] {
+            assert_eq!(asg[k], json!({"Ref": "Count"}), "{k}");
+        }
+        let lt = &out.template["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"];
+        assert_eq!(lt["KeyName"], json!({"Ref": "KeyName"}));
+        assert_eq!(lt["SecurityGroupIds"], json!({"Ref": "SecurityGroups"}));
+    }
+
+    #[test]
+    fn tags_hold_the_resource_and_the_specs_tags() {
+        let (r, s) = cluster("workers", spec());
+        let out = render(&r, &s, "ami-0123abcd", 3, None);
+        assert_eq!(out.tags["team"], "web");
+        assert_eq!(out.tags[TAG_RESOURCE], r.id.to_string());
+        assert_eq!(out.tags[TAG_CLUSTER], "workers");
+        let asg_tags = out.template["Resources"]["AutoScalingGroup"]["Properties"]["Tags"].as_array().unwrap();
+        assert!(asg_tags.contains(&json!({"Key": TAG_RESOURCE, "Value": r.id.to_string(), "PropagateAtLaunch": true})));
+        assert!(asg_tags.contains(&json!({"Key": "team", "Value": "web", "PropagateAtLaunch": true})));
+    }
+
+    #[test]
+    fn user_data_carries_role_metadata_and_leader_endpoints() {
+        let (r, s) = cluster("workers", spec());
+        let leader = Leader {
+            name: "core".into(),
+            stack_name: "drover-core-x".into(),
+            auto_scaling_group: "asg-1".into(),
+            endpoints: vec!["10.0.0.4".into(), "10.0.0.5".into()],
+        };
+        let out = render(&r, &s, "ami-0123abcd", 2, Some(&leader));
+        assert_eq!(out.parameters["LeaderEndpoints"], "10.0.0.4,10.0.0.5");
+        assert_eq!(out.parameters["LeaderName"], "core");
+        let ud = &out.template["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"];
+        let text = ud["Fn::Base64"]["Fn::Sub"].as_str().unwrap();
+        assert!(text.starts_with("#cloud-config\n"), "{text}");
+        assert!(text.contains("metadata: \"${RoleMetadata}\""), "{text}");
+        assert!(text.contains("DROVER_LEADER_ENDPOINTS=${LeaderEndpoints}"), "{text}");
+        // Without a leader, no leader parameters are referenced.
+        let alone = render(&r, &s, "ami-0123abcd", 2, None);
+        let text = alone.template["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
+            ["Fn::Base64"]["Fn::Sub"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(!text.contains("Leader"), "{text}");
+    }
+
+    #[test]
+    fn a_scale_changes_only_count() {
+        let (r, s) = cluster("workers", spec());
+        let a = render(&r, &s, "ami-0123abcd", 3, None);
+        let b = render(&r, &s, "ami-0123abcd", 5, None);
+        assert_eq!(a.template, b.template);
+        let diff: Vec<_> =
+            a.parameters.iter().filter(|(k, v)| b.parameters[*k] != **v).map(|(k, _)| k.as_str()).collect();
+        assert_eq!(diff, ["Count"]);
+    }
+
+    #[test]
+    fn role_metadata_defaults_to_the_cluster() {
+        let mut v = spec();
+        v.as_object_mut().unwrap().remove("role_metadata");
+        let (r, s) = cluster("core", v);
+        assert_eq!(render(&r, &s, "ami-0123abcd", 1, None).parameters["RoleMetadata"], "cluster=core");
+    }
+}

@@ -1,0 +1,417 @@
+//! The `aws` provider through drover's HTTP API, against a moto server on
+//! loopback, cross-checked with the AWS SDK directly. Every test uses names
+//! of its own: the tests share one moto and never reset it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use drover_domain::engine::{Engine, EngineConfig, Providers};
+use drover_domain::kinds::Kind;
+use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
+use drover_ops::aws::testing::{base_ami, default_network, ec2, moto_clients, moto_settings, unique};
+use drover_ops::aws::Clients;
+use drover_tests::{spawn_app_on_moto, spawn_app_on_moto_without_workers, Backend, TestApp};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+struct Aws {
+    clients: Arc<Clients>,
+    ami: String,
+    subnet: String,
+    sg: String,
+}
+
+async fn aws() -> Aws {
+    let clients = moto_clients();
+    let ami = base_ami(&clients).await;
+    let (subnet, sg) = default_network(&clients).await;
+    Aws { clients, ami, subnet, sg }
+}
+
+impl Aws {
+    fn image_spec(&self) -> Value {
+        json!({"provider": "aws", "base_ami": self.ami, "instance_type": "t2.micro",
+               "build_script": "#!/bin/sh\necho baked > /etc/motd", "builder_shutdown": false})
+    }
+
+    fn cluster_spec(&self, image: &str, count: u32) -> Value {
+        json!({"provider": "aws", "image": image, "count": count, "instance_type": "t2.micro",
+               "subnets": [self.subnet], "security_groups": [self.sg], "key_name": "ops",
+               "role_metadata": "role=worker,instancetype=r3", "tags": {"team": "acceptance"}})
+    }
+
+    /// `None` when the stack does not exist.
+    async fn stack(&self, name: &str) -> Option<drover_ops::aws::testing::cloudformation::types::Stack> {
+        let cfn = self.clients.cloudformation().await;
+        match cfn.describe_stacks().stack_name(name).send().await {
+            Ok(out) => out
+                .stacks()
+                .first()
+                .cloned()
+                .filter(|s| s.stack_status().map(|s| s.as_str()) != Some("DELETE_COMPLETE")),
+            Err(e) => {
+                let text = format!("{e:?}");
+                assert!(text.contains("does not exist"), "{text}");
+                None
+            }
+        }
+    }
+
+    async fn running_instances(&self, resource_id: &str) -> Vec<ec2::types::Instance> {
+        let out = self
+            .clients
+            .ec2()
+            .await
+            .describe_instances()
+            .filters(ec2::types::Filter::builder().name("tag:drover:resource").values(resource_id).build())
+            .filters(ec2::types::Filter::builder().name("instance-state-name").values("running").build())
+            .send()
+            .await
+            .unwrap();
+        out.reservations().iter().flat_map(|r| r.instances().iter().cloned()).collect()
+    }
+
+    async fn images_of(&self, resource_id: &str) -> Vec<ec2::types::Image> {
+        self.clients
+            .ec2()
+            .await
+            .describe_images()
+            .owners("self")
+            .filters(ec2::types::Filter::builder().name("tag:drover:resource").values(resource_id).build())
+            .send()
+            .await
+            .unwrap()
+            .images()
+            .to_vec()
+    }
+}
+
+/// The stack's parameters. moto shows a `CommaDelimitedList` as a Python
+/// list (`['a', 'b']`); AWS shows it as sent (`a,b`): normalised to AWS's.
+fn params(stack: &drover_ops::aws::testing::cloudformation::types::Stack) -> Value {
+    let aws_form = |v: &str| -> String {
+        match v.strip_prefix('[').and_then(|v| v.strip_suffix(']')) {
+            Some(list) => list.split(',').map(|i| i.trim().trim_matches('\'')).collect::<Vec<_>>().join(","),
+            None => v.to_string(),
+        }
+    };
+    stack
+        .parameters()
+        .iter()
+        .map(|p| {
+            (p.parameter_key().unwrap().to_string(), Value::from(aws_form(p.parameter_value().unwrap_or_default())))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn tag<'a>(tags: impl IntoIterator<Item = (&'a str, &'a str)>, key: &str) -> Option<String> {
+    tags.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v.to_string())
+}
+
+async fn create(app: &TestApp, kind: &str, name: &str, spec: Value) -> Value {
+    let r = app.post(&format!("/v1/{kind}s"), json!({"name": name, "spec": spec})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    r.body
+}
+
+async fn built_image(app: &TestApp, aws: &Aws) -> (String, Value) {
+    let name = unique("img");
+    create(app, "image", &name, aws.image_spec()).await;
+    let run = app.run("image", &name, json!({"action": "build"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    (name.clone(), app.get(&format!("/v1/images/{name}")).await.body)
+}
+
+/// Image bake, cluster create with a template preview, add-instances,
+/// observed instances, destroy — each cross-checked in moto.
+#[tokio::test]
+async fn aws_image_and_cluster_through_the_api() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let aws = aws().await;
+
+    let (image_name, image) = built_image(&app, &aws).await;
+    assert_eq!(image["state"], "built");
+    let ami = image["outputs"]["ami_id"].as_str().expect("ami id").to_string();
+    let image_id = image["id"].as_str().unwrap().to_string();
+    let found = aws.images_of(&image_id).await;
+    assert_eq!(found.len(), 1, "one AMI, tagged with the resource");
+    assert_eq!(found[0].image_id(), Some(ami.as_str()));
+    assert_eq!(found[0].state().unwrap().as_str(), "available");
+    let tags = found[0].tags().iter().map(|t| (t.key().unwrap(), t.value().unwrap()));
+    assert!(tag(tags, "drover:run").is_some());
+
+    let name = unique("web");
+    let cluster = create(&app, "cluster", &name, aws.cluster_spec(&image_name, 2)).await;
+    let id = cluster["id"].as_str().unwrap().to_string();
+    assert_eq!(cluster["spec"]["role_metadata"], "role=worker,instancetype=r3");
+
+    // The preview is exactly what is then sent.
+    let preview = app.get(&format!("/v1/clusters/{name}/template")).await;
+    assert_eq!(preview.status, StatusCode::OK, "{}", preview.body);
+    assert_eq!(preview.body["operation"], "CreateStack");
+    assert_eq!(preview.body["parameters"]["Count"], "2");
+    assert_eq!(preview.body["parameters"]["ImageId"], ami);
+    assert_eq!(preview.body["tags"]["drover:resource"], id);
+    let stack_name = preview.body["stack_name"].as_str().unwrap().to_string();
+    assert!(aws.stack(&stack_name).await.is_none(), "a preview sends nothing");
+
+    let run = app.run("cluster", &name, json!({"action": "create"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let stack = aws.stack(&stack_name).await.expect("the stack exists");
+    assert_eq!(params(&stack), preview.body["parameters"]);
+    let stack_tags = stack.tags().iter().map(|t| (t.key().unwrap(), t.value().unwrap()));
+    assert_eq!(tag(stack_tags, "drover:resource"), Some(id.clone()));
+    let running = aws.running_instances(&id).await;
+    assert_eq!(running.len(), 2, "the auto-scaling group has count instances");
+    let itags = running[0].tags().iter().map(|t| (t.key().unwrap(), t.value().unwrap()));
+    assert_eq!(tag(itags, "team"), Some("acceptance".into()));
+    assert_eq!(running[0].image_id(), Some(ami.as_str()));
+
+    // The 3 a.m. view lists the instances EC2 shows.
+    let mut seen = Value::Null;
+    for _ in 0..100 {
+        seen = app.get(&format!("/v1/clusters/{name}")).await.body;
+        if seen["observed"]["instances"].as_array().is_some_and(|i| i.len() == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let instances = seen["observed"]["instances"].as_array().expect("observed instances");
+    assert_eq!(instances.len(), 2, "{seen}");
+    for i in instances {
+        assert!(i["id"].as_str().unwrap().starts_with("i-"));
+        assert!(i["private_ip"].as_str().is_some());
+        assert_eq!(i["state"], "running");
+    }
+    assert_eq!(seen["observed"]["healthy"], true);
+    assert!(seen["allowed_actions"].as_array().unwrap().contains(&json!("add-instances")));
+
+    let run = app.run("cluster", &name, json!({"action": "add-instances", "params": {"n": 1}})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(app.get(&format!("/v1/clusters/{name}")).await.body["spec"]["count"], 3);
+    let stack = aws.stack(&stack_name).await.unwrap();
+    assert_eq!(params(&stack)["Count"], "3");
+    assert_eq!(aws.running_instances(&id).await.len(), 3);
+
+    let run = app.run("cluster", &name, json!({"action": "destroy"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(aws.stack(&stack_name).await.is_none(), "destroy deletes the stack");
+    assert!(aws.running_instances(&id).await.is_empty());
+
+    let run = app.run("image", &image_name, json!({"action": "destroy"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(aws.images_of(&image_id).await.is_empty(), "the AMI is deregistered");
+}
+
+/// A worker group refuses to be created before its leader is up, then joins
+/// it and gets its endpoints.
+#[tokio::test]
+async fn a_worker_group_joins_its_leader() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let aws = aws().await;
+    let (image, _) = built_image(&app, &aws).await;
+    let leader = unique("core");
+    let mut spec = aws.cluster_spec(&image, 2);
+    spec["role_metadata"] = "role=core".into();
+    create(&app, "cluster", &leader, spec).await;
+    let worker = unique("workers");
+    let mut spec = aws.cluster_spec(&image, 1);
+    spec["join"] = leader.clone().into();
+    create(&app, "cluster", &worker, spec).await;
+
+    let r = app.post(&format!("/v1/clusters/{worker}/transitions"), json!({"action": "create"})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("is pending"), "{}", r.body);
+
+    let run = app.run("cluster", &leader, json!({"action": "create"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let run = app.run("cluster", &worker, json!({"action": "create"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    let leader_id = app.get(&format!("/v1/clusters/{leader}")).await.body["id"].as_str().unwrap().to_string();
+    let mut leader_ips: Vec<String> = aws
+        .running_instances(&leader_id)
+        .await
+        .iter()
+        .filter_map(|i| i.private_ip_address().map(str::to_string))
+        .collect();
+    leader_ips.sort();
+    assert_eq!(leader_ips.len(), 2);
+    let stack_name = run["outputs"]["stack_name"].as_str().unwrap();
+    let stack = aws.stack(stack_name).await.expect("worker stack");
+    let p = params(&stack);
+    assert_eq!(p["LeaderEndpoints"], leader_ips.join(","));
+    assert_eq!(p["LeaderName"], leader.as_str());
+    assert_eq!(p["RoleMetadata"], "role=worker,instancetype=r3");
+}
+
+/// moto refuses a bad instance type in CreateStack itself (AWS would roll
+/// the stack back; the scripted provider tests cover that path). The run
+/// ends failed with AWS's reason; fixing the spec and `retry` recovers.
+#[tokio::test]
+async fn a_failing_stack_says_why_and_retry_recovers() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let aws = aws().await;
+    let (image, _) = built_image(&app, &aws).await;
+    let name = unique("bad");
+    let mut spec = aws.cluster_spec(&image, 1);
+    spec["instance_type"] = "zz.bogus".into();
+    let created = create(&app, "cluster", &name, spec).await;
+    let run = app.run("cluster", &name, json!({"action": "create"})).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let message = run["error"]["message"].as_str().unwrap();
+    assert!(message.contains("zz.bogus"), "{message}");
+    assert_eq!(run["error"]["retryable"], false);
+    let view = app.get(&format!("/v1/clusters/{name}")).await.body;
+    assert_eq!(view["state"], "failed");
+    assert!(view["problem"]["summary"].as_str().unwrap().contains("zz.bogus"), "{view}");
+
+    let r = app.patch(&format!("/v1/clusters/{name}"), json!({"spec": {"instance_type": "t2.micro"}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let retry = app.run("cluster", &name, json!({"action": "retry"})).await;
+    assert_eq!(retry["status"], "succeeded", "{retry}");
+    assert_eq!(retry["parent"], run["id"]);
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(aws.running_instances(id).await.len(), 1);
+    let stack = aws.stack(retry["outputs"]["stack_name"].as_str().unwrap()).await;
+    assert!(stack.is_some());
+}
+
+/// A `local` cluster has no template to preview; bad previews name the field.
+#[tokio::test]
+async fn template_preview_needs_an_aws_cluster() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let local_image = json!({"build_command": "true", "start_command": "sleep 60"});
+    create(&app, "image", "web", local_image).await;
+    let r = app.post("/v1/clusters", json!({"name": "plain", "spec": {"image": "web", "count": 1}})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = app.get("/v1/clusters/plain/template").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("local"), "{}", r.body);
+    let r = app.get("/v1/clusters/plain/template?action=explode").await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    let r = app.get("/v1/clusters/nope/template").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    // aws fields on a local cluster are refused by name.
+    let r =
+        app.post("/v1/clusters", json!({"name": "mixed", "spec": {"image": "web", "count": 1, "join": "plain"}})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert!(r.body.to_string().contains("spec.join"), "{}", r.body);
+}
+
+/// Termination protection is honoured by destroy with a clear error.
+#[tokio::test]
+async fn destroy_refuses_a_protected_cluster() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let aws = aws().await;
+    let (image, _) = built_image(&app, &aws).await;
+    let name = unique("prot");
+    let mut spec = aws.cluster_spec(&image, 1);
+    spec["termination_protection"] = true.into();
+    create(&app, "cluster", &name, spec).await;
+    let run = app.run("cluster", &name, json!({"action": "create"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let stack_name = run["outputs"]["stack_name"].as_str().unwrap().to_string();
+    assert_eq!(aws.stack(&stack_name).await.unwrap().enable_termination_protection(), Some(true));
+    let run = app.run("cluster", &name, json!({"action": "destroy"})).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["error"]["code"], "termination_protected");
+    assert!(aws.stack(&stack_name).await.is_some(), "the stack is still there");
+    // Clean up behind drover's back: moto does not implement
+    // UpdateTerminationProtection, which drover would call next.
+    let cfn = aws.clients.cloudformation().await;
+    cfn.delete_stack().stack_name(&stack_name).send().await.unwrap();
+}
+
+/// Does the real work, then never returns: a worker that died after AWS
+/// accepted its request, before drover recorded anything.
+struct DiesAfterWork {
+    inner: Arc<dyn Provider>,
+    done: Arc<Notify>,
+}
+
+#[async_trait]
+impl Provider for DiesAfterWork {
+    async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+        let _ = self.inner.apply(ctx, job).await;
+        self.done.notify_one();
+        std::future::pending().await
+    }
+}
+
+/// A run whose lease lapsed mid-create (or mid-bake) is reclaimed by the
+/// reaper and finished by another worker, which adopts the stack (image)
+/// the lost attempt made: there is exactly one of each.
+#[tokio::test]
+async fn a_lapsed_lease_mid_create_makes_no_second_stack_or_image() {
+    let app = spawn_app_on_moto_without_workers(Backend::Postgres).await;
+    let aws = aws().await;
+    let store = drover_persistence::connect(app.database_url()).await.unwrap();
+    let mut real = Providers::default();
+    drover_ops::aws::register(&mut real, moto_settings());
+    let done = Arc::new(Notify::new());
+    let mut dying = Providers::default();
+    for kind in [Kind::Image, Kind::Cluster] {
+        dying.register(
+            "aws",
+            kind,
+            Arc::new(DiesAfterWork { inner: real.get("aws", kind).unwrap().clone(), done: done.clone() }),
+        );
+    }
+    let short = EngineConfig {
+        worker_id: "doomed".into(),
+        lease: Duration::from_secs(1),
+        heartbeat: Duration::from_secs(3600),
+        ..EngineConfig::default()
+    };
+    let doomed = Engine::new(store.clone(), dying, short);
+    let healthy =
+        Engine::new(store.clone(), real, EngineConfig { worker_id: "healthy".into(), ..EngineConfig::default() });
+
+    // Runs the queued transition on the doomed worker until its work is
+    // done, kills it, lets the lease lapse, and finishes on the healthy one.
+    let lapse_and_finish = |run: String| {
+        let (doomed, healthy, done, app) = (doomed.clone(), healthy.clone(), done.clone(), &app);
+        async move {
+            let task = tokio::spawn(async move { doomed.run_one().await });
+            done.notified().await;
+            task.abort();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let reaped = healthy.reap().await.unwrap();
+            assert_eq!(reaped.len(), 1);
+            assert!(healthy.run_one().await.unwrap().is_some());
+            let t = app.get(&format!("/v1/transitions/{run}")).await.body;
+            assert_eq!(t["status"], "succeeded", "{t}");
+            assert_eq!(t["attempt"], 2, "{t}");
+            let events = app.get(&format!("/v1/transitions/{run}/events")).await.body;
+            let adopted = events["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["attempt"] == 2 && e["message"].as_str().unwrap().contains("adopting"));
+            assert!(adopted, "{events}");
+            t
+        }
+    };
+
+    let image = unique("img");
+    let created = create(&app, "image", &image, aws.image_spec()).await;
+    let run = app.transition("image", &image, json!({"action": "build"})).await;
+    let t = lapse_and_finish(run).await;
+    let image_id = created["id"].as_str().unwrap();
+    let images = aws.images_of(image_id).await;
+    assert_eq!(images.len(), 1, "one AMI");
+    assert_eq!(images[0].image_id(), t["outputs"]["ami_id"].as_str());
+
+    let name = unique("web");
+    let created = create(&app, "cluster", &name, aws.cluster_spec(&image, 2)).await;
+    let run = app.transition("cluster", &name, json!({"action": "create"})).await;
+    let t = lapse_and_finish(run).await;
+    let stack = aws.stack(t["outputs"]["stack_name"].as_str().unwrap()).await.expect("stack");
+    assert_eq!(stack.stack_id(), t["outputs"]["stack_id"].as_str());
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(aws.running_instances(id).await.len(), 2, "one stack's worth of instances");
+}
