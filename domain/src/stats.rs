@@ -18,7 +18,6 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
-use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::model::Time;
@@ -37,6 +36,48 @@ pub fn hist_index(ms: i64) -> i32 {
 /// The value a bucket stands for: the middle of its range.
 fn hist_value(index: i32) -> f64 {
     GAMMA.powi(index) * (1.0 + GAMMA) / 2.0
+}
+
+/// A sparse duration histogram: `(bucket index, count)` pairs, stored as
+/// the JSON object `{"<index>": count}`. Parsed straight into pairs: a
+/// stats query reads thousands of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hist(pub Vec<(i32, i64)>);
+
+impl<'de> serde::Deserialize<'de> for Hist {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Hist, D::Error> {
+        struct Index(i32);
+        impl<'de> serde::Deserialize<'de> for Index {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Index, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = Index;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a bucket index")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Index, E> {
+                        s.parse().map(Index).map_err(E::custom)
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Hist;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a histogram object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut m: M) -> Result<Hist, M::Error> {
+                let mut pairs = Vec::with_capacity(m.size_hint().unwrap_or(16));
+                while let Some((Index(i), n)) = m.next_entry::<Index, i64>()? {
+                    pairs.push((i, n));
+                }
+                Ok(Hist(pairs))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +116,7 @@ pub struct Rollup {
     pub timed: i64,
     pub sum_ms: i64,
     pub max_ms: i64,
-    /// Histogram: index → count.
-    pub hist: Value,
+    pub hist: Hist,
 }
 
 /// Rows to read: one grain over `[since, until)`, with exact-match filters.
@@ -189,10 +229,8 @@ impl Acc {
         if r.timed > 0 {
             self.max_ms = Some(self.max_ms.map_or(r.max_ms, |m| m.max(r.max_ms)));
         }
-        for (k, v) in r.hist.as_object().into_iter().flatten() {
-            if let (Ok(i), Some(n)) = (k.parse::<i32>(), v.as_i64()) {
-                *self.hist.entry(i).or_default() += n;
-            }
+        for &(i, n) in &r.hist.0 {
+            *self.hist.entry(i).or_default() += n;
         }
     }
 
@@ -307,18 +345,16 @@ pub fn rollup_buckets(created_at: DateTime<Utc>) -> [(Grain, Time); 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn t(s: &str) -> Time {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
     fn row(bucket: &str, kind: &str, outcome: &str, durations: &[i64], unstarted: i64) -> Rollup {
-        let mut hist = serde_json::Map::new();
+        let mut hist: BTreeMap<i32, i64> = BTreeMap::new();
         for &d in durations {
-            let k = hist_index(d).to_string();
-            let n = hist.get(&k).and_then(Value::as_i64).unwrap_or(0);
-            hist.insert(k, json!(n + 1));
+            *hist.entry(hist_index(d)).or_default() += 1;
         }
         Rollup {
             bucket: t(bucket),
@@ -331,7 +367,7 @@ mod tests {
             timed: durations.len() as i64,
             sum_ms: durations.iter().sum(),
             max_ms: durations.iter().copied().max().unwrap_or(0),
-            hist: Value::Object(hist),
+            hist: Hist(hist.into_iter().collect()),
         }
     }
 
@@ -365,6 +401,13 @@ mod tests {
         );
         let d = aggregate(&rows, &[], Some(Grain::Day));
         assert_eq!((d.len(), d[0].total, d[0].bucket), (1, 8, Some(t("2026-01-01T00:00:00Z"))));
+    }
+
+    #[test]
+    fn histograms_parse_from_their_stored_form() {
+        let h: Hist = serde_json::from_value(json!({"12": 3, "140": 1})).unwrap();
+        assert_eq!(h, Hist(vec![(12, 3), (140, 1)]));
+        assert!(serde_json::from_value::<Hist>(json!({"x": 1})).is_err());
     }
 
     #[test]

@@ -246,7 +246,7 @@ pub(crate) struct RollupRow {
     timed: i64,
     sum_ms: i64,
     max_ms: i64,
-    hist: Json<Value>,
+    hist: Json<drover_domain::stats::Hist>,
 }
 
 impl From<RollupRow> for drover_domain::stats::Rollup {
