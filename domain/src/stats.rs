@@ -345,7 +345,7 @@ pub fn rollup_buckets(created_at: DateTime<Utc>) -> [(Grain, Time); 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{json, Value};
+    use serde_json::json;
 
     fn t(s: &str) -> Time {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
