@@ -230,9 +230,8 @@ impl Service {
                 return Err(Error::VersionMismatch { expected, current: current.version });
             }
         }
-        if let Some(run) = self.store.active_run(current.id).await? {
-            return Err(Error::Busy { kind, resource: current.id, run: run.id });
-        }
+        // The store refuses the write while a transition is active (Busy),
+        // in the same transaction as the write.
         let mut spec = current.spec.clone();
         merge_patch(&mut spec, patch);
         let spec = self.validate_spec(kind, &spec).await?;
