@@ -46,6 +46,8 @@ pub struct EngineConfig {
     pub poll: Duration,
     pub reap_every: Duration,
     pub observe_every: Duration,
+    /// How often finished runs are folded into the stats rollups.
+    pub fold_every: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
 }
@@ -60,6 +62,7 @@ impl Default for EngineConfig {
             poll: Duration::from_secs(1),
             reap_every: Duration::from_secs(5),
             observe_every: Duration::from_secs(15),
+            fold_every: Duration::from_secs(1),
             backoff_base: Duration::from_secs(2),
             backoff_max: Duration::from_secs(120),
         }
@@ -118,7 +121,7 @@ impl Engine {
         &self.cfg
     }
 
-    /// Starts the claim loop, the reaper and the observer; they stop when
+    /// Starts the claim loop, the reaper, the rollup folder and the observer; they stop when
     /// `shutdown` turns true. Runs in flight are left to their leases.
     pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
         let claimer = {
@@ -138,6 +141,19 @@ impl Engine {
                 }
             })
         };
+        let folder = {
+            let (engine, mut stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = crate::stats::fold_pending(&*engine.store, 100).await {
+                        warn!(error = %e, cause = ?std::error::Error::source(&e), "rollup fold failed");
+                    }
+                    if sleep_or_stop(engine.cfg.fold_every, &mut stop).await {
+                        break;
+                    }
+                }
+            })
+        };
         let observer = {
             let (engine, mut stop) = (self.clone(), shutdown);
             tokio::spawn(async move {
@@ -149,7 +165,7 @@ impl Engine {
                 }
             })
         };
-        vec![claimer, reaper, observer]
+        vec![claimer, reaper, folder, observer]
     }
 
     async fn claim_loop(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) {

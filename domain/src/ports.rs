@@ -78,6 +78,10 @@ pub trait Store: Send + Sync + 'static {
         until: Time,
         filter: &crate::stats::RollupFilter,
     ) -> Result<Vec<crate::stats::Rollup>>;
+    /// Adds up to `limit` finished runs not yet in the rollups to them, in
+    /// one transaction; returns how many. Folders take turns, and each run
+    /// is added exactly once.
+    async fn fold_rollups(&self, limit: u32) -> Result<usize>;
 
     // Idempotency.
     async fn idempotency_begin(&self, key: &str, fingerprint: &str, now: Time) -> Result<IdempotencyBegin>;

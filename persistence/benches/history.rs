@@ -4,7 +4,9 @@
 //!
 //! `cargo bench -p drover-persistence --bench history -- 1000000 10000000`
 //! (sizes to load, cumulatively; default 1000000). Not a test: it prints
-//! figures, it asserts nothing. Uses `DATABASE_URL` if set.
+//! figures, it asserts nothing. Uses a fresh database on `DATABASE_URL` if
+//! set, else on a throwaway server; `BENCH_DATABASE_URL` names a database to
+//! use as it is, keeping the runs an earlier run loaded there.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,7 +29,8 @@ use uuid::Uuid;
 const DAYS: i64 = 90;
 const RESOURCES: i64 = 1000;
 
-/// Inserts `n` finished runs, `from` being the first index, and their rollups.
+/// Inserts `n` finished runs, `from` being the first index. The trigger
+/// marks each pending for the rollups.
 const LOAD: &str = "
 WITH src AS (
     SELECT g,
@@ -48,30 +51,6 @@ SELECT (lpad(to_hex((extract(epoch FROM created) * 1000)::bigint), 12, '0') || s
     CASE WHEN status = 'cancelled' THEN NULL ELSE created + interval '10 milliseconds' END,
     created + interval '10 milliseconds' + ms * interval '1 millisecond', env, '[]'
 FROM src";
-
-/// Rebuilds the rollups from the runs, as the engine would have written them.
-const ROLLUP: &str = "
-WITH timed AS (
-    SELECT gr.grain, date_trunc(gr.grain, created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS bucket, kind, action,
-        coalesce(environment, '') AS env, actor, status,
-        CASE WHEN started_at IS NULL THEN NULL
-             ELSE (extract(epoch FROM finished_at - started_at) * 1000)::bigint END AS ms
-    FROM runs CROSS JOIN (VALUES ('hour'), ('day')) AS gr(grain)
-    WHERE provider = 'bench'
-), both_actors AS (
-    SELECT grain, bucket, kind, action, env, actor, status, ms FROM timed
-    UNION ALL
-    SELECT grain, bucket, kind, action, env, '*', status, ms FROM timed
-), by_index AS (
-    SELECT grain, bucket, kind, action, env, actor, status,
-        CASE WHEN ms IS NULL THEN NULL ELSE floor(ln(greatest(ms, 1)) / ln(1.04))::int END AS idx,
-        count(*) AS n, count(ms) AS n_timed, coalesce(sum(ms), 0) AS s, coalesce(max(ms), 0) AS mx
-    FROM both_actors GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
-)
-INSERT INTO run_rollups (grain, bucket, kind, action, environment, actor, outcome, count, timed, sum_ms, max_ms, hist)
-SELECT grain, bucket, kind, action, env, actor, status, sum(n), sum(n_timed), sum(s), max(mx),
-    coalesce(jsonb_object_agg(idx::text, n) FILTER (WHERE idx IS NOT NULL), '{}')
-FROM by_index GROUP BY 1, 2, 3, 4, 5, 6, 7";
 
 struct Noop;
 
@@ -111,7 +90,7 @@ async fn engine_throughput(store: &Arc<dyn Store>, n: usize, tag: &str) -> f64 {
             .insert_resource(&NewResource {
                 id: Uuid::now_v7(),
                 kind: Kind::Cluster,
-                name: format!("tp-{tag}-{i}"),
+                name: format!("tp-{tag}-{}-{i}", std::process::id()),
                 state: "up".into(),
                 spec: json!({"image": "x", "count": 1}),
                 actor: "bench".into(),
@@ -173,7 +152,11 @@ async fn engine_throughput(store: &Arc<dyn Store>, n: usize, tag: &str) -> f64 {
 async fn main() {
     let sizes: Vec<i64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![1_000_000] } else { sizes };
-    let url = drover_persistence::testing::fresh_postgres_database().await;
+    // A database kept from an earlier run skips loading what it has.
+    let url = match std::env::var("BENCH_DATABASE_URL") {
+        Ok(url) => url,
+        Err(_) => drover_persistence::testing::fresh_postgres_database().await,
+    };
     let stores = drover_persistence::open(&url).await.unwrap();
     let store = stores.store.clone();
     let settings =
@@ -183,7 +166,7 @@ async fn main() {
     sqlx::query(
         "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by, updated_by)
          SELECT md5('bench-' || g)::uuid, 'cluster', 'bench-' || g, 'up', '{}', 1, '{}', now(), now(), 'bench', 'bench'
-         FROM generate_series(0, $1 - 1) g",
+         FROM generate_series(0, $1 - 1) g ON CONFLICT DO NOTHING",
     )
     .bind(RESOURCES)
     .execute(&mut conn)
@@ -193,7 +176,8 @@ async fn main() {
     let base_rate = engine_throughput(&store, 2000, "idle").await;
     println!("engine alone, empty history: {base_rate:.0} transitions/s (2000 no-op, 64 slots)");
 
-    let mut loaded = 0i64;
+    let mut loaded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM runs WHERE provider = 'bench'").fetch_one(&mut conn).await.unwrap();
     for target in sizes {
         let t = Instant::now();
         let chunk = 1_000_000;
@@ -203,15 +187,19 @@ async fn main() {
             loaded += n;
         }
         let load_secs = t.elapsed().as_secs_f64();
+        // Fold them into the rollups as the engine's folder would.
         let t = Instant::now();
-        sqlx::query("DELETE FROM run_rollups").execute(&mut conn).await.unwrap();
-        sqlx::query(ROLLUP).execute(&mut conn).await.unwrap();
+        let folded = drover_domain::stats::fold_pending(&*store, usize::MAX).await.unwrap();
+        let rollup_secs = t.elapsed().as_secs_f64();
         // What autovacuum does on its own in a running system.
         sqlx::query("VACUUM ANALYZE").execute(&mut conn).await.unwrap();
-        let rollup_secs = t.elapsed().as_secs_f64();
         let rollup_rows: i64 =
             sqlx::query_scalar("SELECT count(*) FROM run_rollups").fetch_one(&mut conn).await.unwrap();
-        println!("\n== {loaded} runs over {DAYS} days (load {load_secs:.0}s, rollups {rollup_secs:.0}s, {rollup_rows} rollup rows)");
+        println!(
+            "\n== {loaded} runs over {DAYS} days (load {load_secs:.0}s; folded {folded} into the rollups in \
+             {rollup_secs:.0}s, {:.0} runs/s; {rollup_rows} rollup rows)",
+            folded as f64 / rollup_secs
+        );
 
         let until = Utc::now() + ChronoDuration::hours(1);
         let queries: Vec<(&str, StatsQuery)> = vec![
@@ -230,6 +218,17 @@ async fn main() {
                 StatsQuery {
                     since: until - ChronoDuration::days(DAYS),
                     until,
+                    group_by: vec![Dim::Environment, Dim::Actor],
+                    bucket: None,
+                    filter: Default::default(),
+                },
+            ),
+            (
+                // Ends in the past: ragged hours and days at both ends.
+                "stats 83d to a week ago by env,actor",
+                StatsQuery {
+                    since: until - ChronoDuration::days(DAYS),
+                    until: until - ChronoDuration::days(7),
                     group_by: vec![Dim::Environment, Dim::Actor],
                     bucket: None,
                     filter: Default::default(),
@@ -269,7 +268,19 @@ async fn main() {
         for (name, q) in &queries {
             let (p50, p95) = timed(50, |_| service.stats(q)).await;
             println!("{name:<40} p50 {p50:>8.1} ms   p95 {p95:>8.1} ms");
+            // The same rows read through the store alone: the rest is the
+            // fold check and the merge in Rust.
+            let filter = q.filter.for_query(&q.group_by);
+            let (p50, p95) = timed(50, |_| async {
+                for (grain, since, until) in drover_domain::stats::plan(q.since, q.until, q.bucket, Utc::now()) {
+                    store.rollups(grain, since, until, &filter).await.unwrap();
+                }
+            })
+            .await;
+            println!("{:<40} p50 {p50:>8.1} ms   p95 {p95:>8.1} ms", "  of which reading rows");
         }
+        let (p50, p95) = timed(50, |_| store.fold_rollups(drover_domain::stats::FOLD_BATCH)).await;
+        println!("{:<40} p50 {p50:>8.1} ms   p95 {p95:>8.1} ms", "fold with nothing pending");
         let one_resource: Uuid =
             sqlx::query_scalar("SELECT id FROM resources WHERE name = 'bench-42'").fetch_one(&mut conn).await.unwrap();
         let first = store.list_runs(&RunFilter::default(), PageRequest { after: None, limit: 50 }).await.unwrap();

@@ -77,18 +77,9 @@ impl PgStore {
     }
 }
 
-const ROLLUP: &str = "
-    INSERT INTO run_rollups (grain, bucket, kind, action, environment, actor, outcome, count, timed, sum_ms, max_ms, hist)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $9,
-        CASE WHEN $10::int IS NULL THEN '{}'::jsonb ELSE jsonb_build_object($10::int::text, 1) END)
-    ON CONFLICT (grain, bucket, kind, action, environment, actor, outcome) DO UPDATE SET
-        count = run_rollups.count + 1,
-        timed = run_rollups.timed + $8,
-        sum_ms = run_rollups.sum_ms + $9,
-        max_ms = GREATEST(run_rollups.max_ms, $9),
-        hist = CASE WHEN $10::int IS NULL THEN run_rollups.hist
-            ELSE run_rollups.hist || jsonb_build_object($10::int::text,
-                COALESCE((run_rollups.hist ->> ($10::int::text))::bigint, 0) + 1) END";
+/// Rollup folders take turns: a transaction-scoped advisory lock, the key
+/// being "drover rollups" as a number.
+const FOLD_LOCK: &str = "SELECT pg_advisory_xact_lock(7378429001)";
 
-impl_store!(PgStore, Postgres, backend = "postgres", claim = CLAIM, rollup = ROLLUP);
+impl_store!(PgStore, Postgres, backend = "postgres", claim = CLAIM, fold_lock = FOLD_LOCK);
 impl_identity_stores!(PgStore, Postgres);

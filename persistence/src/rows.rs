@@ -3,6 +3,7 @@
 
 use drover_domain::kinds::Kind;
 use drover_domain::model::*;
+use drover_domain::stats::{FinishedRun, Grain, Hist, OutcomeTotals, Rollup, RollupKey, Totals};
 use drover_domain::{Error, Result};
 use serde_json::Value;
 use sqlx::types::Json;
@@ -234,35 +235,121 @@ impl From<SettingRow> for SettingVersion {
     }
 }
 
-#[derive(sqlx::FromRow)]
+/// The columns of a rollup row, in [`RollupRow`]'s order.
+pub(crate) const ROLLUP_COLUMNS: &str = "grain, bucket, kind, action, environment, actor, succeeded, succeeded_timed, \
+    succeeded_ms, failed, failed_timed, failed_ms, cancelled, cancelled_timed, cancelled_ms, max_ms, hist";
+
+/// Decoded by position, in [`ROLLUP_COLUMNS`] order: a stats query reads
+/// thousands of these, and looking each column up by name costs more than
+/// decoding it.
 pub(crate) struct RollupRow {
+    grain: String,
     bucket: Ts,
     kind: String,
     action: String,
     environment: String,
     actor: String,
-    outcome: String,
-    count: i64,
-    timed: i64,
-    sum_ms: i64,
+    succeeded: i64,
+    succeeded_timed: i64,
+    succeeded_ms: i64,
+    failed: i64,
+    failed_timed: i64,
+    failed_ms: i64,
+    cancelled: i64,
+    cancelled_timed: i64,
+    cancelled_ms: i64,
     max_ms: i64,
-    hist: Json<drover_domain::stats::Hist>,
+    hist: Vec<u8>,
 }
 
-impl From<RollupRow> for drover_domain::stats::Rollup {
-    fn from(r: RollupRow) -> Self {
-        drover_domain::stats::Rollup {
-            bucket: r.bucket.0,
+impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for RollupRow
+where
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Ts: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
+        Ok(RollupRow {
+            grain: row.try_get(0)?,
+            bucket: row.try_get(1)?,
+            kind: row.try_get(2)?,
+            action: row.try_get(3)?,
+            environment: row.try_get(4)?,
+            actor: row.try_get(5)?,
+            succeeded: row.try_get(6)?,
+            succeeded_timed: row.try_get(7)?,
+            succeeded_ms: row.try_get(8)?,
+            failed: row.try_get(9)?,
+            failed_timed: row.try_get(10)?,
+            failed_ms: row.try_get(11)?,
+            cancelled: row.try_get(12)?,
+            cancelled_timed: row.try_get(13)?,
+            cancelled_ms: row.try_get(14)?,
+            max_ms: row.try_get(15)?,
+            hist: row.try_get(16)?,
+        })
+    }
+}
+
+impl TryFrom<RollupRow> for Rollup {
+    type Error = Error;
+    fn try_from(r: RollupRow) -> Result<Rollup> {
+        let outcome = |count, timed, sum_ms| OutcomeTotals { count, timed, sum_ms };
+        Ok(Rollup {
+            key: RollupKey {
+                grain: Grain::parse(&r.grain)
+                    .ok_or_else(|| Error::Internal(format!("unknown rollup grain {:?} in store", r.grain)))?,
+                bucket: r.bucket.0,
+                kind: r.kind,
+                action: r.action,
+                environment: r.environment,
+                actor: r.actor,
+            },
+            totals: Totals {
+                outcomes: [
+                    outcome(r.succeeded, r.succeeded_timed, r.succeeded_ms),
+                    outcome(r.failed, r.failed_timed, r.failed_ms),
+                    outcome(r.cancelled, r.cancelled_timed, r.cancelled_ms),
+                ],
+                max_ms: r.max_ms,
+                hist: Hist::decode(&r.hist).map_err(|e| Error::Internal(e.to_string()))?,
+            },
+        })
+    }
+}
+
+/// A finished run as the rollup folder reads it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct FinishedRunRow {
+    pub(crate) id: Uuid,
+    kind: String,
+    action: String,
+    environment: Option<String>,
+    actor: String,
+    status: String,
+    created_at: Ts,
+    started_at: Option<Ts>,
+    finished_at: Option<Ts>,
+}
+
+impl TryFrom<FinishedRunRow> for FinishedRun {
+    type Error = Error;
+    fn try_from(r: FinishedRunRow) -> Result<FinishedRun> {
+        let status = RunStatus::parse(&r.status)
+            .ok_or_else(|| Error::Internal(format!("unknown run status {:?} in store", r.status)))?;
+        Ok(FinishedRun {
             kind: r.kind,
             action: r.action,
             environment: r.environment,
             actor: r.actor,
-            outcome: r.outcome,
-            count: r.count,
-            timed: r.timed,
-            sum_ms: r.sum_ms,
-            max_ms: r.max_ms,
-            hist: r.hist.0,
-        }
+            status,
+            created_at: r.created_at.0,
+            started_at: r.started_at.map(|t| t.0),
+            finished_at: r.finished_at.map(|t| t.0).ok_or_else(|| {
+                Error::Internal(format!("run {} is pending for the rollups but has not finished", r.id))
+            })?,
+        })
     }
 }

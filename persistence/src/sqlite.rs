@@ -59,17 +59,8 @@ impl SqliteStore {
     }
 }
 
-const ROLLUP: &str = "
-    INSERT INTO run_rollups (grain, bucket, kind, action, environment, actor, outcome, count, timed, sum_ms, max_ms, hist)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $9,
-        CASE WHEN $10 IS NULL THEN '{}' ELSE json_object(CAST($10 AS TEXT), 1) END)
-    ON CONFLICT (grain, bucket, kind, action, environment, actor, outcome) DO UPDATE SET
-        count = count + 1,
-        timed = timed + $8,
-        sum_ms = sum_ms + $9,
-        max_ms = MAX(max_ms, $9),
-        hist = CASE WHEN $10 IS NULL THEN hist
-            ELSE json_set(hist, '$.\"' || $10 || '\"', COALESCE(json_extract(hist, '$.\"' || $10 || '\"'), 0) + 1) END";
+/// Transactions on the one connection are serial already.
+const FOLD_LOCK: &str = "SELECT 1";
 
-impl_store!(SqliteStore, Sqlite, backend = "sqlite", claim = CLAIM, rollup = ROLLUP);
+impl_store!(SqliteStore, Sqlite, backend = "sqlite", claim = CLAIM, fold_lock = FOLD_LOCK);
 impl_identity_stores!(SqliteStore, Sqlite);

@@ -11,12 +11,11 @@
 
 /// Expands `impl Store for $store` against `$db`. `$claim` is the backend's
 /// claim statement with parameters `$1` now, `$2` limit, `$3` worker,
-/// `$4` lease token, `$5` lease expiry. `$rollup` adds one run to a rollup
-/// row: `$1` grain, `$2` bucket, `$3` kind, `$4` action, `$5` environment,
-/// `$6` actor, `$7` outcome, `$8` timed (0 or 1), `$9` duration ms, `$10`
-/// histogram index or NULL.
+/// `$4` lease token, `$5` lease expiry. `$fold_lock` is the statement that
+/// makes rollup folders take turns (a no-op where transactions are already
+/// serial).
 macro_rules! impl_store {
-    ($store:ident, $db:ty, backend = $backend:literal, claim = $claim:expr, rollup = $rollup:expr) => {
+    ($store:ident, $db:ty, backend = $backend:literal, claim = $claim:expr, fold_lock = $fold_lock:expr) => {
         #[async_trait::async_trait]
         impl drover_domain::ports::Store for $store {
             fn backend(&self) -> &'static str {
@@ -335,18 +334,16 @@ macro_rules! impl_store {
                         detail: None,
                     };
                     insert_event_unfenced(&mut tx, run.id, &NewEvent::info("claim", error.message.clone()).with_level(Level::Error)).await?;
-                    let failed: Run = sqlx::query_as::<_, RunRow>(
+                    sqlx::query(
                         "UPDATE runs SET status = 'failed', finished_at = $2, error = $3, lease_expires_at = NULL
-                         WHERE id = $1 RETURNING *",
+                         WHERE id = $1",
                     )
                     .bind(run.id)
                     .bind(Ts(now))
                     .bind(Json(&error))
-                    .fetch_one(&mut *tx)
+                    .execute(&mut *tx)
                     .await
-                    .map_err(db("fail unclaimable run"))?
-                    .try_into()?;
-                    roll_up(&mut tx, &failed, RunStatus::Failed, now).await?;
+                    .map_err(db("fail unclaimable run"))?;
                 }
                 tx.commit().await.map_err(db("commit claim"))?;
                 Ok(out)
@@ -392,7 +389,6 @@ macro_rules! impl_store {
                     return Err(Error::StaleLease { run: lease.run });
                 };
                 let done: Run = done.try_into()?;
-                roll_up(&mut tx, &done, c.status, c.now).await?;
                 let (resource, working) = (done.resource_id, done.working_state);
                 let moved = sqlx::query(
                     "UPDATE resources SET state = $3, spec = COALESCE($4, spec), outputs = COALESCE($5, outputs),
@@ -476,7 +472,6 @@ macro_rules! impl_store {
                         continue;
                     }
                     if out_of_attempts {
-                        roll_up(&mut tx, &run, RunStatus::Failed, now).await?;
                         sqlx::query("UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2")
                             .bind(run.resource_id)
                             .bind(&run.working_state)
@@ -518,7 +513,6 @@ macro_rules! impl_store {
                 let queued = match queued {
                     Some(row) => {
                         let run: Run = row.try_into()?;
-                        roll_up(&mut tx, &run, RunStatus::Cancelled, now).await?;
                         Some((run.resource_id, run.working_state, run.err_state))
                     }
                     None => None,
@@ -595,10 +589,7 @@ macro_rules! impl_store {
                 until: Time,
                 f: &drover_domain::stats::RollupFilter,
             ) -> Result<Vec<drover_domain::stats::Rollup>> {
-                let mut q = QueryBuilder::<$db>::new(
-                    "SELECT bucket, kind, action, environment, actor, outcome, count, timed, sum_ms, max_ms, hist
-                     FROM run_rollups WHERE grain = ",
-                );
+                let mut q = QueryBuilder::<$db>::new(format!("SELECT {} FROM run_rollups WHERE grain = ", crate::rows::ROLLUP_COLUMNS));
                 q.push_bind(grain.as_str());
                 q.push(" AND bucket >= ").push_bind(Ts(since));
                 q.push(" AND bucket < ").push_bind(Ts(until));
@@ -611,7 +602,83 @@ macro_rules! impl_store {
                     q.push(" AND actor <> ").push_bind(drover_domain::stats::ALL_ACTORS);
                 }
                 let rows = q.build_query_as::<RollupRow>().fetch_all(&self.pool).await.map_err(db("read rollups"))?;
-                Ok(rows.into_iter().map(Into::into).collect())
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn fold_rollups(&self, limit: u32) -> Result<usize> {
+                use drover_domain::stats::{FinishedRun, Rollup};
+                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+                sqlx::query($fold_lock).execute(&mut *tx).await.map_err(db("take the rollup folder's turn"))?;
+                let pending = sqlx::query_as::<_, FinishedRunRow>(
+                    "SELECT r.id, r.kind, r.action, r.environment, r.actor, r.status, r.created_at, r.started_at, r.finished_at
+                     FROM rollup_pending p JOIN runs r ON r.id = p.run_id ORDER BY p.run_id LIMIT $1",
+                )
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db("read runs pending for the rollups"))?;
+                if pending.is_empty() {
+                    return Ok(0);
+                }
+                let ids: Vec<Uuid> = pending.iter().map(|r| r.id).collect();
+                let runs = pending.into_iter().map(FinishedRun::try_from).collect::<Result<Vec<_>>>()?;
+                let mut rows = drover_domain::stats::fold(&runs);
+                // Add what the rows already hold. Folders take turns, so
+                // nothing changes them between this read and the write.
+                let keys: Vec<_> = rows.keys().cloned().collect();
+                for chunk in keys.chunks(500) {
+                    let mut q = QueryBuilder::<$db>::new(format!(
+                        "SELECT {} FROM run_rollups WHERE (grain, bucket, kind, action, environment, actor) IN (VALUES ",
+                        crate::rows::ROLLUP_COLUMNS
+                    ));
+                    for (n, k) in chunk.iter().enumerate() {
+                        q.push(if n == 0 { "(" } else { ", (" });
+                        let mut t = q.separated(", ");
+                        t.push_bind(k.grain.as_str()).push_bind(Ts(k.bucket)).push_bind(&k.kind).push_bind(&k.action);
+                        t.push_bind(&k.environment).push_bind(&k.actor);
+                        q.push(")");
+                    }
+                    q.push(")");
+                    let old = q.build_query_as::<RollupRow>().fetch_all(&mut *tx).await.map_err(db("read rollups to fold into"))?;
+                    for row in old {
+                        let old = Rollup::try_from(row)?;
+                        if let Some(t) = rows.get_mut(&old.key) {
+                            t.merge(&old.totals);
+                        }
+                    }
+                }
+                let rows: Vec<_> = rows.into_iter().collect();
+                for chunk in rows.chunks(400) {
+                    let mut q = QueryBuilder::<$db>::new(format!("INSERT INTO run_rollups ({}) ", crate::rows::ROLLUP_COLUMNS));
+                    q.push_values(chunk, |mut b, (k, t)| {
+                        b.push_bind(k.grain.as_str()).push_bind(Ts(k.bucket)).push_bind(&k.kind).push_bind(&k.action);
+                        b.push_bind(&k.environment).push_bind(&k.actor);
+                        for o in &t.outcomes {
+                            b.push_bind(o.count).push_bind(o.timed).push_bind(o.sum_ms);
+                        }
+                        b.push_bind(t.max_ms).push_bind(t.hist.encode());
+                    });
+                    q.push(
+                        " ON CONFLICT (grain, bucket, kind, action, environment, actor) DO UPDATE SET
+                         succeeded = excluded.succeeded, succeeded_timed = excluded.succeeded_timed,
+                         succeeded_ms = excluded.succeeded_ms, failed = excluded.failed,
+                         failed_timed = excluded.failed_timed, failed_ms = excluded.failed_ms,
+                         cancelled = excluded.cancelled, cancelled_timed = excluded.cancelled_timed,
+                         cancelled_ms = excluded.cancelled_ms, max_ms = excluded.max_ms, hist = excluded.hist",
+                    );
+                    q.build().execute(&mut *tx).await.map_err(db("write rollups"))?;
+                }
+                for chunk in ids.chunks(1000) {
+                    let mut q = QueryBuilder::<$db>::new("DELETE FROM rollup_pending WHERE run_id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(*id);
+                    }
+                    q.push(")");
+                    q.build().execute(&mut *tx).await.map_err(db("clear folded runs"))?;
+                }
+                tx.commit().await.map_err(db("commit rollups"))?;
+                Ok(ids.len())
             }
 
             async fn idempotency_begin(&self, key: &str, fingerprint: &str, now: Time) -> Result<IdempotencyBegin> {
@@ -726,29 +793,6 @@ macro_rules! impl_store {
                 1 => Ok(()),
                 _ => Err(Error::StaleLease { run: lease.run }),
             }
-        }
-
-        /// Adds a finished run to its hourly and daily rollup rows.
-        async fn roll_up(conn: &mut <$db as sqlx::Database>::Connection, run: &Run, outcome: RunStatus, finished: Time) -> Result<()> {
-            let ms = run.started_at.map(|s| (finished - s).num_milliseconds().max(0));
-            let buckets = drover_domain::stats::rollup_buckets(run.created_at);
-            for ((grain, bucket), actor) in buckets.iter().flat_map(|b| [(*b, run.actor.as_str()), (*b, drover_domain::stats::ALL_ACTORS)]) {
-                sqlx::query($rollup)
-                    .bind(grain.as_str())
-                    .bind(Ts(bucket))
-                    .bind(run.kind.as_str())
-                    .bind(&run.action)
-                    .bind(run.environment.as_deref().unwrap_or(""))
-                    .bind(actor)
-                    .bind(outcome.as_str())
-                    .bind(i64::from(ms.is_some()))
-                    .bind(ms.unwrap_or(0))
-                    .bind(ms.map(drover_domain::stats::hist_index))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db("roll up run"))?;
-            }
-            Ok(())
         }
 
         /// Events written by the store itself (request, cancel, reaper), not

@@ -80,6 +80,7 @@ fn config(worker: &str) -> EngineConfig {
         poll: Duration::from_millis(50),
         reap_every: Duration::from_millis(200),
         observe_every: Duration::from_secs(3600),
+        fold_every: Duration::from_millis(200),
         backoff_base: Duration::from_millis(10),
         backoff_max: Duration::from_millis(50),
     }

@@ -12,7 +12,7 @@ use drover_domain::service::Service;
 use drover_domain::settings::{SecretKey, Settings};
 use drover_domain::stats::{Dim, Grain, Group, RollupFilter, StatsQuery};
 
-both_backends!(stats_match_a_hand_computed_history);
+both_backends!(stats_match_a_hand_computed_history, concurrent_folders_count_every_run_once);
 
 fn t(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -146,4 +146,60 @@ async fn stats_match_a_hand_computed_history(s: Stores) {
     assert_eq!(s.store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().len(), 1);
     let f = RunFilter { actor: Some("alice".into()), ..Default::default() };
     assert_eq!(s.store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().len(), 3);
+}
+
+/// Folders racing each other in small batches add every finished run to
+/// the rollups exactly once.
+async fn concurrent_folders_count_every_run_once(s: Stores) {
+    use RunStatus::*;
+    let mut want = (0, 0, 0i64);
+    for i in 0..30i64 {
+        let status = if i % 4 == 0 { Failed } else { Succeeded };
+        let at = format!("2026-03-0{}T{:02}:15:00Z", 1 + i % 3, i % 24);
+        history(&s, &format!("r{i}"), "create", "alice", Some("qa"), &at, Some((10 * i, status))).await;
+        match status {
+            Failed => want.1 += 1,
+            _ => want.0 += 1,
+        }
+        want.2 += 10 * i;
+    }
+    let folders: Vec<_> = (0..4)
+        .map(|_| {
+            let store = s.store.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                loop {
+                    match store.fold_rollups(3).await.unwrap() {
+                        0 => return n,
+                        k => n += k,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut folded = 0;
+    for f in folders {
+        folded += f.await.unwrap();
+    }
+    assert_eq!(folded, 30);
+    assert_eq!(s.store.fold_rollups(100).await.unwrap(), 0, "nothing left pending");
+
+    let settings =
+        Arc::new(Settings::new(s.store.clone(), s.settings.clone(), SecretKey::from_hex(&"00".repeat(32)).unwrap()));
+    let service = Service::new(s.store.clone(), settings);
+    // Over the weekly, daily and hourly rows, for all actors and for alice.
+    for group_by in [vec![], vec![Dim::Actor]] {
+        let q = StatsQuery {
+            since: t("2026-02-01T00:00:00Z"),
+            until: t("2026-04-01T00:00:00Z"),
+            group_by,
+            bucket: None,
+            filter: Default::default(),
+        };
+        let g = service.stats(&q).await.unwrap();
+        assert_eq!(g.len(), 1);
+        assert_eq!((g[0].total, g[0].succeeded, g[0].failed), (30, want.0, want.1));
+        assert_eq!(g[0].avg_ms, Some(want.2 as f64 / 30.0));
+        assert_eq!(g[0].max_ms, Some(290));
+    }
 }

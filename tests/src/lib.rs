@@ -48,6 +48,7 @@ fn engine_config() -> EngineConfig {
         poll: Duration::from_millis(50),
         reap_every: Duration::from_millis(500),
         observe_every: Duration::from_millis(300),
+        fold_every: Duration::from_millis(300),
         backoff_base: Duration::from_millis(100),
         backoff_max: Duration::from_secs(1),
     }
