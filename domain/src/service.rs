@@ -14,6 +14,9 @@ use crate::kinds::{Kind, Step};
 use crate::model::*;
 use crate::ports::{Job, ProviderError, Store};
 
+/// How long a readiness check waits for the database.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// At most this many batches folded by a stats request before it reads.
 const STATS_FOLD_BATCHES: usize = 10;
 use crate::settings::Settings;
@@ -125,8 +128,14 @@ impl Service {
         self.store.backend()
     }
 
+    /// Whether the database answers, within a probe's patience: a pool
+    /// waiting to reconnect would otherwise hold the probe for its whole
+    /// acquire timeout.
     pub async fn ready(&self) -> Result<()> {
-        self.store.ping().await
+        match tokio::time::timeout(READY_TIMEOUT, self.store.ping()).await {
+            Ok(r) => r,
+            Err(elapsed) => Err(Error::store("ping the database", elapsed)),
+        }
     }
 
     pub async fn create(&self, kind: Kind, name: &str, spec: &Value, actor: &str) -> Result<Resource> {

@@ -127,6 +127,121 @@ fn start_server() -> Result<String, String> {
     Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
 }
 
+/// A Postgres server of its own, under `pg_ctl`, for tests that restart or
+/// crash it (the chaos suite). Stopped and removed on drop, or by a
+/// watchdog if the test process dies first.
+pub struct OwnPostgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    root: bool,
+    options: String,
+    watchdog: Option<std::process::Child>,
+}
+
+impl OwnPostgres {
+    /// Starts a new server; panics when it cannot (a test needing it fails).
+    pub fn start() -> OwnPostgres {
+        let bin = bindir().unwrap_or_else(|e| panic!("no Postgres for tests: {e}"));
+        let dir = tempfile::Builder::new().prefix("drover-pg-own-").tempdir().expect("temp dir").keep();
+        let root = nix_is_root();
+        if root {
+            chown_nobody(&dir).unwrap();
+        }
+        let port = free_port().unwrap();
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=300",
+            dir.display()
+        );
+        let mut pg = OwnPostgres { bin, dir, port, root, options, watchdog: None };
+        let out = pg
+            .command("initdb")
+            .arg("-D")
+            .arg(pg.data())
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        pg.start_again();
+        let prefix = if root { "setpriv --reuid=nobody --regid=nogroup --clear-groups " } else { "" };
+        let watchdog = format!(
+            "while kill -0 {parent} 2>/dev/null && [ -d '{dir}' ]; do sleep 1; done
+             {prefix}'{pg_ctl}' -D '{data}' stop -m immediate >/dev/null 2>&1; rm -rf '{dir}'",
+            parent = std::process::id(),
+            dir = pg.dir.display(),
+            pg_ctl = pg.bin.join("pg_ctl").display(),
+            data = pg.data().display(),
+        );
+        let watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(watchdog)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the Postgres watchdog");
+        pg.watchdog = Some(watchdog);
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if self.root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str], log: Option<&Path>) {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D").arg(self.data()).args(args);
+        if let Some(log) = log {
+            c.arg(log);
+        }
+        let out = c.output().expect("run pg_ctl");
+        assert!(out.status.success(), "pg_ctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The admin URL of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The directory of the PostgreSQL client programs (`psql`).
+    pub fn bindir(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Crashes the server: `pg_ctl stop -m immediate` (no shutdown
+    /// checkpoint; the next start runs crash recovery).
+    pub fn crash(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate"], None);
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn start_again(&self) {
+        self.pg_ctl(&["start", "-w", "-t", "60", "-o", &self.options, "-l"], Some(&self.dir.join("postgres.log")));
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = self.command("pg_ctl").arg("-D").arg(self.data()).args(["stop", "-m", "immediate"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // It sees the directory gone within a second, and exits.
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.wait();
+        }
+    }
+}
+
 fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())

@@ -58,6 +58,7 @@ impl LocalImages {
             .current_dir(&dir)
             .env("DROVER_IMAGE_DIR", &dir)
             .env("DROVER_RUN_ID", job.run_id.to_string())
+            .env("DROVER_ATTEMPT", job.attempt.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
             .stderr(Stdio::from(err_file))

@@ -1,0 +1,437 @@
+//! Chaos: three `drover serve` processes on one Postgres of their own, and
+//! faults injected while they work through a few hundred transitions: a
+//! replica killed (`SIGKILL`), a replica frozen past its lease (`SIGSTOP`,
+//! then `SIGCONT`), and Postgres crashed (`pg_ctl stop -m immediate`, down
+//! for four seconds, then started again: crash recovery).
+//!
+//! Each transition is an image build on the local provider whose command
+//! writes `(run id, attempt)` to a ledger table with a UNIQUE constraint: an
+//! attempt that ran twice fails its build and so its run. After every
+//! scenario: every run succeeded, once, and left its row in the ledger;
+//! every image is `built`; each run has one `finish` event; the stats count
+//! every run once. Each scenario prints its figures (reclaim time, attempts
+//! executed).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use drover_persistence::testing::OwnPostgres;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+const TOKEN: &str = "drv_chaos_0123456789abcdefghijklmnopqrstuvwxyz";
+const RUNS: usize = 200;
+const REPLICAS: usize = 3;
+const LEASE_SECS: u64 = 3;
+/// The engine's defaults: the reaper's period and the longest wait for work.
+const REAP_EVERY_SECS: u64 = 5;
+const POLL_SECS: u64 = 1;
+
+/// Sleeps a second, then writes this attempt to the ledger, retrying while
+/// Postgres is away; a duplicate fails the build at once.
+const BUILD: &str = r#"sleep 1
+sql="INSERT INTO chaos_ledger (run_id, attempt) VALUES ('$DROVER_RUN_ID', $DROVER_ATTEMPT)"
+for try in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30; do
+    out=$("$CHAOS_PSQL" "$CHAOS_LEDGER" -v ON_ERROR_STOP=1 -qAtc "$sql" 2>&1) && exit 0
+    case "$out" in *duplicate*) echo "$out"; exit 3 ;; esac
+    sleep 0.5
+done
+echo "$out"
+exit 1"#;
+
+struct Replica {
+    child: Child,
+    base: String,
+    worker: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Replica {
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Fleet {
+    // Dropped in order: replicas before their database.
+    replicas: Vec<Replica>,
+    db: PgPool,
+    http: reqwest::Client,
+    _dirs: tempfile::TempDir,
+    pg: OwnPostgres,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or("drover".into())
+}
+
+fn spawn_replica(pg: &OwnPostgres, url: &str, dir: &std::path::Path, n: usize) -> Replica {
+    let data = dir.join(format!("replica-{n}"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--worker-concurrency", "8"])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--lease-secs", &LEASE_SECS.to_string()])
+        .env("DATABASE_URL", url)
+        .env("DROVER_BOOTSTRAP_TOKEN", TOKEN)
+        .env("DROVER_SECRET_KEY", "11".repeat(32))
+        .env("DROVER_LOG", "info,sqlx=warn,tower_http=warn")
+        .env("CHAOS_LEDGER", url)
+        .env("CHAOS_PSQL", pg.bindir().join("psql"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start drover");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    let err = child.stderr.take().unwrap();
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("drover listening on http://") {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
+                }
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+    }
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+    }
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("replica {n} did not start:\n{}", log.lock().unwrap()));
+    let worker = format!("{}-{}", hostname(), child.id());
+    Replica { child, base: format!("http://{addr}"), worker, log }
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let pg = OwnPostgres::start();
+        let url = pg.url("postgres");
+        let db = connect(&url).await;
+        sqlx::query(
+            "CREATE TABLE chaos_ledger (run_id UUID NOT NULL, attempt INT NOT NULL, at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                UNIQUE (run_id, attempt))",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let dirs = tempfile::tempdir().unwrap();
+        // The first bootstraps the empty database; the others join it.
+        let mut replicas = vec![spawn_replica(&pg, &url, dirs.path(), 0)];
+        for n in 1..REPLICAS {
+            replicas.push(spawn_replica(&pg, &url, dirs.path(), n));
+        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Fleet { replicas, db, http, _dirs: dirs, pg }
+    }
+
+    /// Sends a request to a replica, retrying while the cluster is
+    /// unavailable; the idempotency key makes the retries safe.
+    async fn post(&self, replica: usize, path: &str, body: Value, key: &str) -> Value {
+        let url = format!("{}{path}", self.replicas[replica].base);
+        for _ in 0..100 {
+            let r = self.http.post(&url).bearer_auth(TOKEN).header("Idempotency-Key", key).json(&body).send().await;
+            match r {
+                Ok(r) if r.status().is_success() => return r.json().await.unwrap(),
+                Ok(r) if r.status().is_server_error() => {}
+                Ok(r) => panic!("POST {path}: {} {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("POST {path} never succeeded");
+    }
+
+    /// Creates `RUNS` images and asks each for a build, spread over the
+    /// replicas.
+    async fn submit(&self) {
+        for i in 0..RUNS {
+            let name = format!("img-{i}");
+            let via = i % self.replicas.len();
+            let spec = json!({"build_command": BUILD, "start_command": "true"});
+            self.post(via, "/v1/images", json!({"name": name, "spec": spec}), &format!("create-{i}")).await;
+            self.post(
+                via,
+                &format!("/v1/images/{name}/transitions"),
+                json!({"action": "build", "reason": "chaos"}),
+                &format!("build-{i}"),
+            )
+            .await;
+        }
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap()
+    }
+
+    async fn running_on(&self, r: &Replica) -> Vec<uuid::Uuid> {
+        sqlx::query_scalar("SELECT id FROM runs WHERE status = 'running' AND worker = $1")
+            .bind(&r.worker)
+            .fetch_all(&self.db)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until replica `n` holds at least `k` running runs.
+    async fn until_busy(&self, n: usize, k: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.running_on(&self.replicas[n]).await.len() < k {
+            assert!(Instant::now() < deadline, "replica {n} never held {k} runs");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until none of `runs` is held by `worker` any more; returns how
+    /// long that took.
+    async fn reclaimed(&self, runs: &[uuid::Uuid], worker: &str, since: Instant) -> Duration {
+        let deadline = since + Duration::from_secs(120);
+        loop {
+            let held: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM runs WHERE id = ANY($1) AND status = 'running' AND worker = $2",
+            )
+            .bind(runs)
+            .bind(worker)
+            .fetch_one(&self.db)
+            .await
+            .unwrap();
+            if held == 0 {
+                return since.elapsed();
+            }
+            assert!(Instant::now() < deadline, "{held} runs still held by {worker}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn until_all_finished(&self) {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let open = self.count("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").await;
+            let total = self.count("SELECT count(*) FROM runs WHERE kind = 'image'").await;
+            if open == 0 && total == RUNS as i64 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{open} runs still open; logs:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.replicas.iter().enumerate().map(|(i, r)| format!("--- replica {i}\n{}", r.log())).collect()
+    }
+
+    /// The oracle: nothing lost, nothing done twice, every resource in a
+    /// state its machine allows.
+    async fn assert_exactly_once(&self) {
+        let failed: Vec<(String, Option<Value>)> = sqlx::query_as(
+            "SELECT resource_name, error FROM runs WHERE kind = 'image' AND status <> 'succeeded' ORDER BY 1",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap();
+        assert!(failed.is_empty(), "runs that did not succeed: {failed:?}");
+        assert_eq!(
+            self.count("SELECT count(*) FROM runs WHERE kind = 'image' AND status = 'succeeded'").await,
+            RUNS as i64
+        );
+        // Every run did its work (the UNIQUE constraint fails any attempt
+        // that ran twice). The succeeding attempt may have left no row of
+        // its own: a replica that finds the finished build of an earlier
+        // attempt of the run on its disk adopts it instead of building again.
+        let missing = self
+            .count(
+                "SELECT count(*) FROM runs r WHERE kind = 'image' AND NOT EXISTS
+                    (SELECT 1 FROM chaos_ledger l WHERE l.run_id = r.id AND l.attempt <= r.attempt)",
+            )
+            .await;
+        assert_eq!(missing, 0, "succeeded runs that left no ledger row");
+        let stray = self
+            .count("SELECT count(*) FROM chaos_ledger l WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = l.run_id)")
+            .await;
+        assert_eq!(stray, 0);
+        // One recorded end per run: late writes of a fenced worker never land.
+        let finishes = self
+            .count(
+                "SELECT count(*) FROM (SELECT run_id FROM run_events WHERE step = 'finish' GROUP BY run_id
+                    HAVING count(*) <> 1) x",
+            )
+            .await;
+        assert_eq!(finishes, 0, "runs with other than one finish event");
+        let states: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM resources WHERE kind = 'image' GROUP BY state")
+                .fetch_all(&self.db)
+                .await
+                .unwrap();
+        assert_eq!(states, [("built".to_string(), RUNS as i64)]);
+        // The rollups counted every run once, whichever replica folded it.
+        let stats: Value = self
+            .http
+            .get(format!(
+                "{}/v1/stats/transitions?kind=image&since={}",
+                self.replicas[0].base,
+                (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let g = &stats["groups"][0];
+        assert_eq!((g["total"].as_i64(), g["succeeded"].as_i64()), (Some(RUNS as i64), Some(RUNS as i64)), "{stats}");
+        let attempts = self.count("SELECT count(*) FROM chaos_ledger").await;
+        println!("{RUNS} runs, {attempts} attempts executed, 0 lost, 0 duplicated");
+    }
+}
+
+async fn connect(url: &str) -> PgPool {
+    PgPoolOptions::new().max_connections(4).connect(url).await.expect("connect to the chaos Postgres")
+}
+
+/// The longest a lapsed lease may wait: until it expires, until a reaper
+/// passes, until a worker looks for work; doubled for a loaded machine.
+fn reclaim_bound() -> Duration {
+    Duration::from_secs(2 * (LEASE_SECS + REAP_EVERY_SECS + POLL_SECS))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_loses_nothing() {
+    let mut fleet = Fleet::start().await;
+    fleet.submit().await;
+    fleet.until_busy(2, 3).await;
+    let victim = fleet.replicas.remove(2);
+    let held = fleet.running_on(&victim).await;
+    kill(victim.pid(), Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    let took = fleet.reclaimed(&held, &victim.worker, killed).await;
+    println!("SIGKILL: {} runs reclaimed from the dead replica in {:.1}s", held.len(), took.as_secs_f64());
+    assert!(took <= reclaim_bound(), "reclaim took {took:?}");
+    fleet.until_all_finished().await;
+    fleet.assert_exactly_once().await;
+    // The reclaimed runs went on to a later attempt elsewhere.
+    let retried: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = ANY($1) AND attempt > 1")
+        .bind(&held)
+        .fetch_one(&fleet.db)
+        .await
+        .unwrap();
+    assert_eq!(retried, held.len() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replica_is_fenced_out() {
+    let fleet = Fleet::start().await;
+    fleet.submit().await;
+    fleet.until_busy(2, 3).await;
+    let victim = &fleet.replicas[2];
+    let held = fleet.running_on(victim).await;
+    kill(victim.pid(), Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    let took = fleet.reclaimed(&held, &victim.worker, stopped).await;
+    println!("SIGSTOP: {} runs reclaimed from the frozen replica in {:.1}s", held.len(), took.as_secs_f64());
+    assert!(took <= reclaim_bound(), "reclaim took {took:?}");
+    // Its build commands finished while it was frozen: on waking it tries
+    // to record them, under leases it no longer holds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kill(victim.pid(), Signal::SIGCONT).unwrap();
+    fleet.until_all_finished().await;
+    fleet.assert_exactly_once().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let fenced = |log: &str| log.contains("late write fenced out") || log.contains("lease lost while working");
+    while !fenced(&victim.log()) {
+        assert!(Instant::now() < deadline, "the frozen replica never noticed it was fenced:\n{}", victim.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_crash_loses_nothing() {
+    let fleet = Fleet::start().await;
+    fleet.submit().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fleet.count("SELECT count(*) FROM runs WHERE status = 'succeeded'").await < (RUNS / 4) as i64 {
+        assert!(Instant::now() < deadline, "no progress before the crash");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Watch every replica's readiness through the crash.
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watchers: Vec<_> = fleet
+        .replicas
+        .iter()
+        .map(|r| {
+            let (url, http, watching) = (format!("{}/readyz", r.base), fleet.http.clone(), watching.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ok = matches!(http.get(&url).send().await, Ok(r) if r.status().is_success());
+                    if seen.last() != Some(&ok) {
+                        seen.push(ok);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // `pg_ctl restart -m immediate`, with the server down long enough for
+    // a readiness probe to see it.
+    tokio::task::block_in_place(|| fleet.pg.crash());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::task::block_in_place(|| fleet.pg.start_again());
+    println!("Postgres crashed, stayed down 4s, and came back");
+    // Give the replicas time to notice and to recover on their own.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut all_ready = true;
+        for r in &fleet.replicas {
+            let ok =
+                matches!(fleet.http.get(format!("{}/readyz", r.base)).send().await, Ok(r) if r.status().is_success());
+            all_ready &= ok;
+        }
+        if all_ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas did not become ready again:\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    for (i, w) in watchers.into_iter().enumerate() {
+        let seen = w.await.unwrap();
+        assert_eq!(seen, [true, false, true], "replica {i}: ready, not ready while Postgres was down, ready again");
+    }
+    fleet.until_all_finished().await;
+    fleet.assert_exactly_once().await;
+}
