@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use futures::FutureExt;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tracing::{info, warn, Instrument};
 use uuid::Uuid;
 
@@ -92,6 +92,35 @@ pub struct Engine {
     providers: Providers,
     cfg: EngineConfig,
     slots: Arc<Semaphore>,
+    /// The completion writer, once [`Engine::spawn`] started it.
+    completions: std::sync::OnceLock<mpsc::UnboundedSender<Finished>>,
+}
+
+/// A completion waiting for the writer, and where its result goes.
+type Finished = (Lease, Completion, oneshot::Sender<Result<()>>);
+
+/// The most completions written in one transaction.
+const COMPLETION_BATCH: usize = 128;
+
+/// Writes completions as they come: the first alone, and whatever arrived
+/// while a write was in flight together in the next. Under load a batch
+/// shares one transaction; idle, nothing waits for company.
+async fn write_completions(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Finished>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < COMPLETION_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (items, replies): (Vec<(Lease, Completion)>, Vec<_>) =
+            batch.into_iter().map(|(lease, c, reply)| ((lease, c), reply)).unzip();
+        let results = store.complete_runs(&items).await;
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
 }
 
 /// How one attempt ended, before it is written down.
@@ -105,7 +134,15 @@ enum Outcome {
 impl Engine {
     pub fn new(store: Arc<dyn Store>, providers: Providers, cfg: EngineConfig) -> Arc<Engine> {
         let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
-        Arc::new(Engine { store, settings: Default::default(), metrics: Default::default(), providers, cfg, slots })
+        Arc::new(Engine {
+            store,
+            settings: Default::default(),
+            metrics: Default::default(),
+            providers,
+            cfg,
+            slots,
+            completions: Default::default(),
+        })
     }
 
     /// Lets runs hand their recorded settings to providers.
@@ -124,6 +161,8 @@ impl Engine {
     /// Starts the claim loop, the reaper, the rollup folder and the observer; they stop when
     /// `shutdown` turns true. Runs in flight are left to their leases.
     pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = self.completions.set(tx).is_ok().then(|| tokio::spawn(write_completions(self.store.clone(), rx)));
         let claimer = {
             let (engine, mut stop) = (self.clone(), shutdown.clone());
             tokio::spawn(async move { engine.claim_loop(&mut stop).await })
@@ -165,7 +204,7 @@ impl Engine {
                 }
             })
         };
-        vec![claimer, reaper, folder, observer]
+        [claimer, reaper, folder, observer].into_iter().chain(writer).collect()
     }
 
     async fn claim_loop(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) {
@@ -296,12 +335,7 @@ impl Engine {
             attempt: run.attempt,
             cancel: AtomicBool::new(run.cancel_requested_at.is_some()),
         });
-        ctx.event(NewEvent::info(
-            "attempt",
-            format!("attempt {} of {} started on {}", run.attempt, run.max_attempts, self.cfg.worker_id),
-        ))
-        .await;
-
+        // The claim recorded the attempt's start in the run's events.
         if let (Some(m), Some(started)) = (self.metrics.get(), run.heartbeat_at) {
             m.run_started(run.kind, &run.action, (started - run.run_after).to_std().unwrap_or_default());
         }
@@ -472,7 +506,7 @@ impl Engine {
             ),
         };
         let mut completion = completion;
-        if completion.status == RunStatus::Succeeded {
+        if completion.status == RunStatus::Succeeded && run.kind.changes_spec(&run.action) {
             // The spec change of a success (a scale's count) applies to the
             // spec as it is now.
             completion.spec = match self.store.get_resource_by_id(run.resource_id).await {
@@ -480,12 +514,27 @@ impl Engine {
                 _ => None,
             };
         }
-        match self.store.complete_run(lease, &completion).await {
+        let (status, now) = (completion.status, completion.now);
+        let written = match self.completions.get() {
+            Some(writer) => {
+                let (reply, result) = oneshot::channel();
+                match writer.send((lease, completion, reply)) {
+                    Ok(()) => {
+                        result.await.unwrap_or_else(|_| Err(Error::Internal("the completion writer stopped".into())))
+                    }
+                    Err(mpsc::error::SendError((lease, completion, _))) => {
+                        self.store.complete_run(lease, &completion).await
+                    }
+                }
+            }
+            None => self.store.complete_run(lease, &completion).await,
+        };
+        match written {
             Ok(()) => {
-                info!(status = completion.status.as_str(), "run finished");
+                info!(status = status.as_str(), "run finished");
                 if let Some(m) = self.metrics.get() {
-                    let took = run.started_at.and_then(|s| (completion.now - s).to_std().ok());
-                    m.run_finished(run.kind, &run.action, completion.status, took);
+                    let took = run.started_at.and_then(|s| (now - s).to_std().ok());
+                    m.run_finished(run.kind, &run.action, status, took);
                 }
             }
             Err(Error::StaleLease { .. }) => {

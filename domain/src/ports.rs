@@ -54,12 +54,22 @@ pub trait Store: Send + Sync + 'static {
     /// The newest run of a resource that ended `failed` or `cancelled`.
     async fn last_unsuccessful_run(&self, resource: Uuid) -> Result<Option<Run>>;
     /// Claims up to `limit` due runs for `worker`, moving each resource to
-    /// its working state.
+    /// its working state and recording each attempt's start in its events,
+    /// in one transaction.
     async fn claim_runs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<Run>>;
     /// Extends a lease; `None` when it is lost, else whether a cancel was asked.
     async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>>;
     async fn append_event(&self, lease: Lease, event: &NewEvent) -> Result<()>;
     async fn complete_run(&self, lease: Lease, completion: &Completion) -> Result<()>;
+    /// Completes several runs, in one transaction where the store can; each
+    /// result is what [`Store::complete_run`] would have returned for it.
+    async fn complete_runs(&self, batch: &[(Lease, Completion)]) -> Vec<Result<()>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for (lease, c) in batch {
+            out.push(self.complete_run(*lease, c).await);
+        }
+        out
+    }
     /// Puts a running run back in the queue to try again after `run_after`.
     async fn retry_later(&self, lease: Lease, run_after: Time, error: &RunError, event: &NewEvent) -> Result<()>;
     /// Requeues (or, out of attempts, fails) runs whose lease lapsed.

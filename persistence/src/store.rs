@@ -307,26 +307,26 @@ macro_rules! impl_store {
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(db("claim runs"))?;
-                let mut out = Vec::with_capacity(claimed.len());
-                for row in claimed {
-                    let run: Run = row.try_into()?;
-                    // The resource enters its working state when work starts;
-                    // a requeued run finds it there already.
-                    let moved = sqlx::query(
-                        "UPDATE resources SET state = $2, version = version + 1, updated_at = $4
-                         WHERE id = $1 AND (state = $3 OR state = $2) AND deleted_at IS NULL",
-                    )
-                    .bind(run.resource_id)
-                    .bind(&run.working_state)
-                    .bind(&run.from_state)
-                    .bind(Ts(now))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db("enter working state"))?;
-                    if moved.rows_affected() == 1 {
-                        out.push(run);
-                        continue;
-                    }
+                let runs = claimed.into_iter().map(Run::try_from).collect::<Result<Vec<_>>>()?;
+                if runs.is_empty() {
+                    return Ok(runs);
+                }
+                // The resources enter their working states when work starts
+                // (a requeued run finds its resource there already), all in
+                // one statement.
+                let mut q = QueryBuilder::<$db>::new("UPDATE resources SET state = v.column2, version = resources.version + 1, updated_at = ");
+                q.push_bind(Ts(now)).push(" FROM (");
+                q.push_values(&runs, |mut b, r| {
+                    b.push_bind(r.resource_id).push_bind(&r.working_state).push_bind(&r.from_state);
+                });
+                q.push(
+                    ") AS v WHERE resources.id = v.column1 AND (resources.state = v.column3 OR resources.state = v.column2)
+                     AND resources.deleted_at IS NULL RETURNING resources.id",
+                );
+                let moved: std::collections::HashSet<Uuid> =
+                    q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db("enter working states"))?.into_iter().collect();
+                let (out, conflicts): (Vec<Run>, Vec<Run>) = runs.into_iter().partition(|r| moved.contains(&r.resource_id));
+                for run in conflicts {
                     let error = RunError {
                         code: "state_conflict".into(),
                         message: format!("the resource left {} before work started", run.from_state),
@@ -344,6 +344,14 @@ macro_rules! impl_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db("fail unclaimable run"))?;
+                }
+                if !out.is_empty() {
+                    let mut q = QueryBuilder::<$db>::new("INSERT INTO run_events (run_id, at, attempt, level, step, message) ");
+                    q.push_values(&out, |mut b, r| {
+                        b.push_bind(r.id).push_bind(Ts(now)).push_bind(r.attempt).push_bind(Level::Info.as_str()).push_bind("attempt");
+                        b.push_bind(format!("attempt {} of {} started on {worker}", r.attempt, r.max_attempts));
+                    });
+                    q.build().execute(&mut *tx).await.map_err(db("record attempts"))?;
                 }
                 tx.commit().await.map_err(db("commit claim"))?;
                 Ok(out)
@@ -409,6 +417,22 @@ macro_rules! impl_store {
                 }
                 tx.commit().await.map_err(db("commit completion"))?;
                 Ok(())
+            }
+
+            async fn complete_runs(&self, batch: &[(Lease, Completion)]) -> Vec<Result<()>> {
+                if batch.len() > 1 {
+                    match complete_together(&self.pool, batch).await {
+                        Ok(Some(results)) => return results,
+                        Ok(None) => {}
+                        Err(e) => tracing::debug!(error = %e, "batched completion failed; completing one by one"),
+                    }
+                }
+                // One by one: each gets its own answer, errors included.
+                let mut out = Vec::with_capacity(batch.len());
+                for (lease, c) in batch {
+                    out.push(self.complete_run(*lease, c).await);
+                }
+                out
             }
 
             async fn retry_later(&self, lease: Lease, run_after: Time, error: &RunError, event: &NewEvent) -> Result<()> {
@@ -682,24 +706,36 @@ macro_rules! impl_store {
             }
 
             async fn idempotency_begin(&self, key: &str, fingerprint: &str, now: Time) -> Result<IdempotencyBegin> {
-                let inserted = sqlx::query(
-                    "INSERT INTO idempotency_keys (key, fingerprint, state, created_at, updated_at)
-                     VALUES ($1, $2, 'pending', $3, $3) ON CONFLICT (key) DO NOTHING",
-                )
-                .bind(key)
-                .bind(fingerprint)
-                .bind(Ts(now))
-                .execute(&self.pool)
-                .await
-                .map_err(db("record idempotency key"))?;
-                if inserted.rows_affected() == 1 {
-                    return Ok(IdempotencyBegin::Proceed);
-                }
-                let row = sqlx::query_as::<_, IdempotencyRow>("SELECT * FROM idempotency_keys WHERE key = $1")
+                // The key may vanish between the insert and the read (a
+                // concurrent request with it failed and abandoned it): then
+                // try to take it again.
+                let mut attempts = 0;
+                let row = loop {
+                    let inserted = sqlx::query(
+                        "INSERT INTO idempotency_keys (key, fingerprint, state, created_at, updated_at)
+                         VALUES ($1, $2, 'pending', $3, $3) ON CONFLICT (key) DO NOTHING",
+                    )
                     .bind(key)
-                    .fetch_one(&self.pool)
+                    .bind(fingerprint)
+                    .bind(Ts(now))
+                    .execute(&self.pool)
                     .await
-                    .map_err(db("read idempotency key"))?;
+                    .map_err(db("record idempotency key"))?;
+                    if inserted.rows_affected() == 1 {
+                        return Ok(IdempotencyBegin::Proceed);
+                    }
+                    let row = sqlx::query_as::<_, IdempotencyRow>("SELECT * FROM idempotency_keys WHERE key = $1")
+                        .bind(key)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db("read idempotency key"))?;
+                    match row {
+                        Some(row) => break row,
+                        None if attempts < 3 => attempts += 1,
+                        // Contended that hard, it is in progress somewhere.
+                        None => return Ok(IdempotencyBegin::InProgress),
+                    }
+                };
                 if row.fingerprint != fingerprint {
                     return Ok(IdempotencyBegin::Mismatch);
                 }
@@ -793,6 +829,64 @@ macro_rules! impl_store {
                 1 => Ok(()),
                 _ => Err(Error::StaleLease { run: lease.run }),
             }
+        }
+
+        /// Completes a batch of runs in one transaction: what `complete_run`
+        /// does for one, as three statements for all. Runs whose lease is
+        /// gone get `StaleLease`; `None` (nothing written) when a resource was
+        /// not in its working state, for the one-by-one path to report.
+        async fn complete_together(pool: &sqlx::Pool<$db>, batch: &[(Lease, Completion)]) -> Result<Option<Vec<Result<()>>>> {
+            let mut tx = pool.begin().await.map_err(db("begin"))?;
+            // VALUES columns are column1, column2, … in both dialects.
+            let mut q = QueryBuilder::<$db>::new(
+                "UPDATE runs SET status = v.column3, finished_at = v.column4, outputs = v.column5, error = v.column6,
+                    lease_expires_at = NULL FROM (",
+            );
+            q.push_values(batch, |mut b, (lease, c)| {
+                b.push_bind(lease.run).push_bind(lease.token).push_bind(c.status.as_str()).push_bind(Ts(c.now));
+                b.push_bind(c.outputs.as_ref().map(Json)).push_bind(c.error.as_ref().map(Json));
+            });
+            q.push(
+                ") AS v WHERE runs.id = v.column1 AND runs.lease_token = v.column2 AND runs.status = 'running'
+                 RETURNING runs.id, runs.resource_id, runs.working_state, runs.attempt",
+            );
+            let done: Vec<(Uuid, Uuid, String, i32)> =
+                q.build_query_as().fetch_all(&mut *tx).await.map_err(db("complete runs"))?;
+            if done.is_empty() {
+                return Ok(Some(batch.iter().map(|(l, _)| Err(Error::StaleLease { run: l.run })).collect()));
+            }
+            let by_id: std::collections::HashMap<Uuid, (Uuid, String, i32)> =
+                done.into_iter().map(|(id, resource, working, attempt)| (id, (resource, working, attempt))).collect();
+            let finished: Vec<(&(Lease, Completion), &(Uuid, String, i32))> =
+                batch.iter().filter_map(|item| by_id.get(&item.0.run).map(|d| (item, d))).collect();
+            let mut q = QueryBuilder::<$db>::new(
+                "UPDATE resources SET state = v.column3, spec = COALESCE(v.column4, resources.spec),
+                    outputs = COALESCE(v.column5, resources.outputs), observed = NULL,
+                    version = resources.version + 1, updated_at = v.column6 FROM (",
+            );
+            q.push_values(&finished, |mut b, ((_, c), (resource, working, _))| {
+                b.push_bind(*resource).push_bind(working.as_str()).push_bind(c.resource_state.as_str());
+                b.push_bind(c.spec.as_ref().map(Json)).push_bind(c.outputs.as_ref().map(Json)).push_bind(Ts(c.now));
+            });
+            q.push(") AS v WHERE resources.id = v.column1 AND resources.state = v.column2");
+            let moved = q.build().execute(&mut *tx).await.map_err(db("leave working states"))?;
+            if moved.rows_affected() != finished.len() as u64 {
+                return Ok(None);
+            }
+            let mut q = QueryBuilder::<$db>::new("INSERT INTO run_events (run_id, at, attempt, level, step, message, data) ");
+            q.push_values(&finished, |mut b, ((lease, c), (_, _, attempt))| {
+                let e = &c.event;
+                b.push_bind(lease.run).push_bind(Ts(e.at)).push_bind(*attempt).push_bind(e.level.as_str());
+                b.push_bind(&e.step).push_bind(&e.message).push_bind(e.data.as_ref().map(Json));
+            });
+            q.build().execute(&mut *tx).await.map_err(db("append completion events"))?;
+            tx.commit().await.map_err(db("commit completions"))?;
+            Ok(Some(
+                batch
+                    .iter()
+                    .map(|(l, _)| if by_id.contains_key(&l.run) { Ok(()) } else { Err(Error::StaleLease { run: l.run }) })
+                    .collect(),
+            ))
         }
 
         /// Events written by the store itself (request, cancel, reaper), not

@@ -26,6 +26,7 @@ both_backends!(
     claim_moves_the_resource_and_hands_out_a_lease,
     racing_claims_never_share_a_run,
     writes_are_fenced_on_the_lease,
+    completions_in_a_batch_are_fenced_one_by_one,
     lapsed_leases_are_reaped_and_finished_once,
     reaping_out_of_attempts_fails_the_run,
     retry_later_requeues_with_a_delay,
@@ -191,7 +192,53 @@ async fn writes_are_fenced_on_the_lease(store: Arc<dyn Store>) {
     assert_eq!(fin.status, RunStatus::Failed);
     assert_eq!(store.get_resource_by_id(r.id).await.unwrap().unwrap().state, "failed");
     let steps: Vec<_> = store.list_events(run.id, 0, 100).await.unwrap().into_iter().map(|e| e.step).collect();
-    assert_eq!(steps, ["request", "step", "finish"]);
+    assert_eq!(steps, ["request", "attempt", "step", "finish"]);
+}
+
+/// A batch of completions writes each run as `complete_run` would and
+/// fences each on its own lease.
+async fn completions_in_a_batch_are_fenced_one_by_one(store: Arc<dyn Store>) {
+    let mut resources = Vec::new();
+    for name in ["a", "b", "c"] {
+        let r = cluster(&store, name).await;
+        store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
+        resources.push(r);
+    }
+    let runs = store.claim_runs("w1", LEASE, 10, Utc::now()).await.unwrap();
+    assert_eq!(runs.len(), 3);
+    let lease = |i: usize| runs[i].lease().unwrap();
+    let forged = Lease { run: runs[1].id, token: uuid::Uuid::new_v4() };
+    let mut scaled = done(RunStatus::Succeeded, "up");
+    scaled.spec = Some(json!({"image": "web", "count": 5}));
+    let results = store
+        .complete_runs(&[
+            (lease(0), scaled),
+            (forged, done(RunStatus::Succeeded, "up")),
+            (lease(2), done(RunStatus::Failed, "failed")),
+        ])
+        .await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(matches!(results[1], Err(Error::StaleLease { .. })));
+    let state = |i: usize| {
+        let (store, id) = (store.clone(), runs[i].id);
+        async move { store.get_run(id).await.unwrap().unwrap().status }
+    };
+    assert_eq!(
+        (state(0).await, state(1).await, state(2).await),
+        (RunStatus::Succeeded, RunStatus::Running, RunStatus::Failed)
+    );
+    let a = store.get_resource_by_id(resources[0].id).await.unwrap().unwrap();
+    assert_eq!((a.state.as_str(), &a.spec["count"], &a.outputs["ok"]), ("up", &json!(5), &json!(true)));
+    assert_eq!(store.get_resource_by_id(resources[2].id).await.unwrap().unwrap().state, "failed");
+    for (i, want) in [(0, vec!["request", "attempt", "finish"]), (1, vec!["request", "attempt"])] {
+        let steps: Vec<_> = store.list_events(runs[i].id, 0, 100).await.unwrap().into_iter().map(|e| e.step).collect();
+        assert_eq!(steps, want);
+    }
+    // Completed runs stay completed: the same batch again is all stale.
+    let again = store
+        .complete_runs(&[(lease(0), done(RunStatus::Failed, "failed")), (lease(2), done(RunStatus::Failed, "failed"))])
+        .await;
+    assert!(again.iter().all(|r| matches!(r, Err(Error::StaleLease { .. }))), "{again:?}");
 }
 
 async fn lapsed_leases_are_reaped_and_finished_once(store: Arc<dyn Store>) {

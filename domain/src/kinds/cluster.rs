@@ -358,6 +358,11 @@ pub fn takes_settings(action: &str) -> bool {
     matches!(Action::parse(action), Some(Action::Create | Action::Start | Action::Scale | Action::AddInstances))
 }
 
+/// Whether a successful `action` changes the spec (see [`spec_after_success`]).
+pub fn changes_spec(action: &str) -> bool {
+    matches!(Action::parse(action), Some(Action::Scale | Action::AddInstances))
+}
+
 pub fn spec_after_success(action: &str, params: &Value, spec: &Value) -> Option<Value> {
     match Action::parse(action) {
         Some(Action::Scale) => {

@@ -194,6 +194,14 @@ impl Kind {
         }
     }
 
+    /// Whether a successful run of `action` changes the spec.
+    pub fn changes_spec(self, action: &str) -> bool {
+        match self {
+            Kind::Image | Kind::User | Kind::Role => false,
+            Kind::Cluster => cluster::changes_spec(action),
+        }
+    }
+
     /// The spec after a successful run of `action` (a scale changes `count`).
     pub fn spec_after_success(self, action: &str, params: &Value, spec: &Value) -> Option<Value> {
         match self {
