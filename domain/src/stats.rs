@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{Duration, DurationRound};
+use chrono::{DateTime, Duration, DurationRound};
 
 use crate::error::{Error, Result};
 use crate::model::{RunStatus, Time};
@@ -545,6 +545,14 @@ fn cover(since: Time, until: Time, grains: &[Grain], out: &mut Vec<(Grain, Time,
 }
 
 pub fn validate(q: &StatsQuery) -> Result<()> {
+    // Buckets are computed in nanoseconds since 1970: keep far from the
+    // edges of what that can hold.
+    let (first, last) = (DateTime::UNIX_EPOCH, DateTime::UNIX_EPOCH + Duration::days(365 * 230));
+    for (field, t) in [("since", q.since), ("until", q.until)] {
+        if t < first || t > last {
+            return Err(Error::invalid(field, "must be between 1970 and 2200"));
+        }
+    }
     if q.since >= q.until {
         return Err(Error::invalid("since", "must be before until"));
     }
@@ -560,7 +568,7 @@ pub fn validate(q: &StatsQuery) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::{DateTime, Utc};
+    use chrono::Utc;
 
     fn t(s: &str) -> Time {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -678,6 +686,27 @@ mod tests {
         for ms in [1, 2, 7, 99, 100, 101, 1234, 59_999, 3_600_000] {
             let v = hist_value(hist_index(ms));
             assert!((v - ms as f64).abs() / ms as f64 <= 0.02 + 1e-9, "{ms} -> {v}");
+        }
+    }
+
+    #[test]
+    fn times_out_of_range_are_refused_not_panicked_on() {
+        let q = |since: &str, until: &str| StatsQuery {
+            since: t(since),
+            until: t(until),
+            group_by: vec![],
+            bucket: None,
+            filter: Default::default(),
+        };
+        assert!(validate(&q("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z")).is_ok());
+        for (since, until, field) in [
+            ("1960-01-01T00:00:00Z", "2026-01-01T00:00:00Z", "since"),
+            ("2026-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "until"),
+        ] {
+            match validate(&q(since, until)) {
+                Err(Error::Invalid(f)) => assert_eq!(f[0].field, field),
+                other => panic!("{other:?}"),
+            }
         }
     }
 
