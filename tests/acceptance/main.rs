@@ -407,3 +407,36 @@ async fn the_api_describes_itself() {
     let r = app.client.get(app.url("/healthz")).header("x-request-id", "abc-123").send().await.unwrap();
     assert_eq!(r.headers()["x-request-id"], "abc-123");
 }
+
+/// What schemathesis (`.ci/fuzz`) found: path parameters that do not
+/// parse, unknown paths and methods, and out-of-range values answered with
+/// plain text, an empty body or a dropped connection. Each is a problem now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_is_a_problem_naming_what_is_wrong() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let bad_paths = [
+        ("GET", "/v1/transitions/not-a-uuid", "id"),
+        ("POST", "/v1/transitions/not-a-uuid/cancel", "id"),
+        ("GET", "/v1/transitions/not-a-uuid/events", "id"),
+        ("DELETE", "/v1/users/admin/tokens/xyz", "token"),
+        ("GET", "/v1/images/%FF", "id"),
+    ];
+    for (method, path, field) in bad_paths {
+        let r = app.send(&app.client, method, path, None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{method} {path}: {}", r.body);
+        assert_eq!(r.headers["content-type"], "application/problem+json", "{method} {path}");
+        assert_eq!(r.body["type"], "/problems/invalid-path", "{method} {path}");
+        assert_eq!(r.body["errors"][0]["field"], field, "{method} {path}: {}", r.body);
+    }
+
+    let r = app.get("/v1/no-such-thing").await;
+    assert_eq!((r.status, r.body["type"].as_str()), (StatusCode::NOT_FOUND, Some("/problems/no-such-path")));
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let r = app.send(&app.client, "PUT", "/v1/images", Some(json!({}))).await;
+    assert_eq!(
+        (r.status, r.body["type"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("/problems/method-not-allowed"))
+    );
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert!(r.headers["allow"].to_str().unwrap().contains("POST"), "{:?}", r.headers);
+}

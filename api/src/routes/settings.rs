@@ -5,7 +5,7 @@
 //! Secret values are redacted unless `?reveal=true` and the caller holds
 //! `settings:reveal`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::Json;
 use drover_domain::settings::{same_value, Write};
@@ -18,7 +18,7 @@ use super::resources::{etag, if_match};
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::*;
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::problem::{ApiResult, Problem};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -88,7 +88,7 @@ fn with_etag(v: SettingView) -> (HeaderMap, Json<SettingView>) {
 async fn list_settings(
     State(s): State<AppState>,
     caller: Caller,
-    Path(scope): Path<String>,
+    ApiPath(scope): ApiPath<String>,
     ApiQuery(q): ApiQuery<RevealQuery>,
 ) -> ApiResult<Json<SettingList>> {
     may_read(&caller, q.reveal)?;
@@ -106,7 +106,7 @@ async fn list_settings(
 async fn get_setting(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<ReadQuery>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
     may_read(&caller, q.reveal)?;
@@ -126,7 +126,7 @@ async fn get_setting(
 async fn put_setting(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<PutSetting>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
@@ -153,7 +153,7 @@ async fn put_setting(
 async fn delete_setting(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
@@ -173,7 +173,7 @@ async fn delete_setting(
 async fn setting_versions(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<RevealQuery>,
 ) -> ApiResult<Json<SettingList>> {
     may_read(&caller, q.reveal)?;
@@ -190,7 +190,7 @@ async fn setting_versions(
 async fn setting_diff(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<DiffQuery>,
 ) -> ApiResult<Json<SettingDiff>> {
     may_read(&caller, q.reveal)?;
@@ -215,7 +215,7 @@ async fn setting_diff(
 async fn rollback_setting(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<RollbackSetting>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
@@ -237,7 +237,7 @@ async fn rollback_setting(
 async fn cluster_settings(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<RevealQuery>,
 ) -> ApiResult<Json<EffectiveSettings>> {
     may_read(&caller, q.reveal)?;

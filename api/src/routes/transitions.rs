@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use super::resources::{page, parse_wait};
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::*;
-use crate::extract::ApiQuery;
+use crate::extract::{ApiPath, ApiQuery};
 use crate::problem::{ApiResult, Problem};
 use crate::text;
 
@@ -127,7 +127,7 @@ async fn get_transition(
     State(s): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> ApiResult<Response> {
     caller.require("transitions:read")?;
@@ -149,7 +149,7 @@ async fn get_transition(
 async fn cancel_transition(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Transition>)> {
     let run = s.service.run(id).await?;
@@ -190,7 +190,7 @@ pub struct EventQuery {
 async fn transition_events(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventQuery>,
 ) -> ApiResult<Response> {
