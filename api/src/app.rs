@@ -108,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), crate::idempotency::layer))
         .layer(middleware::from_fn_with_state(state, crate::auth::layer))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(crate::problem::catch_panic))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
             let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
             let (method, path) = (req.method(), req.uri().path());

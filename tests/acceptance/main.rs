@@ -439,4 +439,22 @@ async fn every_bad_request_is_a_problem_naming_what_is_wrong() {
     );
     assert_eq!(r.headers["content-type"], "application/problem+json");
     assert!(r.headers["allow"].to_str().unwrap().contains("POST"), "{:?}", r.headers);
+
+    // A wait of 2^64/60 minutes overflowed (a panic, so no response at all).
+    let id = uuid::Uuid::now_v7();
+    let r = app.get(&format!("/v1/transitions/{id}?wait=307445734561825861m")).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["field"], "wait");
+    // Statistics round times in nanoseconds, which end in 2262: beyond
+    // that the handler panicked and the connection dropped.
+    for (query, field) in [("until=9999-12-31T23:59:59Z", "until"), ("since=0001-01-01T00:00:00Z", "since")] {
+        let r = app.get(&format!("/v1/stats/transitions?{query}")).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{query}: {}", r.body);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        assert_eq!(r.body["errors"][0]["field"], field, "{query}: {}", r.body);
+    }
+    assert_eq!(
+        app.get("/v1/stats/transitions?since=2199-12-01T00:00:00Z&until=2200-01-01T00:00:00Z&bucket=day").await.status,
+        StatusCode::OK
+    );
 }
