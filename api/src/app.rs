@@ -92,13 +92,21 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(routes::health::router())
 }
 
+/// The routes and the document describing them, with the error responses
+/// they share added to every operation.
+fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = api().split_for_parts();
+    utoipa::Modify::modify(&crate::openapi::CommonResponses, &mut doc);
+    (router, doc)
+}
+
 /// The OpenAPI document the server serves at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().split_for_parts().1
+    parts().1
 }
 
 pub fn router(state: AppState) -> Router {
-    let (api, doc) = api().split_for_parts();
+    let (api, doc) = parts();
     let request_id = HeaderName::from_static("x-request-id");
     api.route_layer(middleware::from_fn_with_state(state.clone(), crate::metrics::layer))
         .method_not_allowed_fallback(method_not_allowed)

@@ -457,4 +457,23 @@ async fn every_bad_request_is_a_problem_naming_what_is_wrong() {
         app.get("/v1/stats/transitions?since=2199-12-01T00:00:00Z&until=2200-01-01T00:00:00Z&bucket=day").await.status,
         StatusCode::OK
     );
+
+    // The document lists these answers wherever they can happen.
+    let doc = app.get("/openapi.json").await.body;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let documented = |status: &str| op["responses"].get(status).is_some();
+            if op.get("security").is_some() {
+                assert!(documented("401") && documented("403"), "{method} {path} documents 401 and 403");
+            }
+            if op.get("requestBody").is_some() {
+                for status in ["400", "413", "415", "422"] {
+                    assert!(documented(status), "{method} {path} documents {status}");
+                }
+            }
+            if op["parameters"].as_array().is_some_and(|ps| ps.iter().any(|p| p["in"] == "path")) {
+                assert!(documented("400") && documented("404"), "{method} {path} documents 400 and 404");
+            }
+        }
+    }
 }

@@ -66,6 +66,7 @@ pub struct TransitionQuery {
     responses((status = 200, description = "A page, as JSON or (`Accept: text/plain`) a table",
             content((TransitionPage = "application/json"), (String = "text/plain"))),
         (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No resource of that `kind` has the name in `resource`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn list_transitions(
     State(s): State<AppState>,
