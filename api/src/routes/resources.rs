@@ -35,6 +35,7 @@ pub fn idempotency_key(headers: &HeaderMap) -> Option<String> {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Page size, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<Uuid>,

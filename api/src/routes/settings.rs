@@ -81,7 +81,7 @@ fn with_etag(v: SettingView) -> (HeaderMap, Json<SettingView>) {
 
 /// The current settings of a scope.
 #[utoipa::path(get, path = "/v1/settings/{scope}", tag = "settings",
-    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME`"), RevealQuery),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), RevealQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingList), (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json")))]
@@ -99,7 +99,7 @@ async fn list_settings(
 
 /// One setting: the current version, or `?version=`.
 #[utoipa::path(get, path = "/v1/settings/{scope}/{key}", tag = "settings",
-    params(("scope" = String, Path), ("key" = String, Path), ReadQuery),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), ReadQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingView, headers(("ETag" = String))),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
@@ -117,7 +117,7 @@ async fn get_setting(
 /// Writes a new version. With `If-Match` (the ETag read before, `"v0"` for
 /// a key that does not exist yet) the write is refused if another came first.
 #[utoipa::path(put, path = "/v1/settings/{scope}/{key}", tag = "settings", request_body = PutSetting,
-    params(("scope" = String, Path), ("key" = String, Path),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"),
         ("If-Match" = Option<String>, Header, description = "Compare-and-set on the version")),
     security(("bearer" = ["settings:write"])),
     responses((status = 200, body = SettingView, headers(("ETag" = String))),
@@ -145,7 +145,7 @@ async fn put_setting(
 
 /// Removes a key, as a new version that records who and why.
 #[utoipa::path(delete, path = "/v1/settings/{scope}/{key}", tag = "settings",
-    params(("scope" = String, Path), ("key" = String, Path), DeleteQuery,
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), DeleteQuery,
         ("If-Match" = Option<String>, Header, description = "Compare-and-set on the version")),
     security(("bearer" = ["settings:write"])),
     responses((status = 200, body = SettingView), (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -167,7 +167,7 @@ async fn delete_setting(
 
 /// Every version of a setting, oldest first.
 #[utoipa::path(get, path = "/v1/settings/{scope}/{key}/versions", tag = "settings",
-    params(("scope" = String, Path), ("key" = String, Path), RevealQuery),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), RevealQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingList), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn setting_versions(
@@ -184,7 +184,7 @@ async fn setting_versions(
 
 /// Two versions side by side.
 #[utoipa::path(get, path = "/v1/settings/{scope}/{key}/diff", tag = "settings",
-    params(("scope" = String, Path), ("key" = String, Path), DiffQuery),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), DiffQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingDiff), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn setting_diff(
@@ -207,7 +207,7 @@ async fn setting_diff(
 
 /// Makes an old version's value current again, as a new version.
 #[utoipa::path(post, path = "/v1/settings/{scope}/{key}/rollback", tag = "settings", request_body = RollbackSetting,
-    params(("scope" = String, Path), ("key" = String, Path),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"),
         ("If-Match" = Option<String>, Header, description = "Compare-and-set on the version")),
     security(("bearer" = ["settings:write"])),
     responses((status = 200, body = SettingView), (status = 404, body = Problem, content_type = "application/problem+json"),

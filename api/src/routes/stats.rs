@@ -29,8 +29,10 @@ pub struct StatsParams {
     /// End, exclusive (rounded up to the hour; 1970 to 2200). Default: now.
     until: Option<DateTime<Utc>>,
     /// Comma-separated: any of `kind`, `action`, `environment`, `actor`.
+    #[param(pattern = "^ *((kind|action|environment|actor) *)?(, *((kind|action|environment|actor) *)?)*$")]
     group_by: Option<String>,
     /// `hour` or `day`: also group by when transitions were requested.
+    #[param(pattern = "^(hour|day)$")]
     bucket: Option<String>,
     kind: Option<String>,
     action: Option<String>,

@@ -39,10 +39,12 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct TransitionQuery {
     /// Resource id, or name together with `kind`.
     resource: Option<String>,
-    /// `image` or `cluster`.
+    /// `image`, `cluster`, `user` or `role`.
+    #[param(pattern = "^(image|cluster|user|role)$")]
     kind: Option<String>,
     action: Option<String>,
     /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    #[param(pattern = "^(queued|running|succeeded|failed|cancelled)$")]
     status: Option<String>,
     /// Requested at or after (RFC 3339).
     since: Option<DateTime<Utc>>,
@@ -55,6 +57,7 @@ pub struct TransitionQuery {
     /// Who asked.
     actor: Option<String>,
     /// Page size, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
     /// `next_cursor` of the previous page.
     cursor: Option<Uuid>,
@@ -114,6 +117,7 @@ async fn list_transitions(
 #[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Long-poll: wait up to this long (e.g. `30s`, at most `60s`) for the transition to end.
+    #[param(pattern = "^[0-9]+(ms|s|m)?$")]
     wait: Option<String>,
 }
 
@@ -173,8 +177,10 @@ pub struct EventQuery {
     /// Only events after this `seq`.
     after: Option<i64>,
     /// Page size, 1-1000 (default 200).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// Long-poll: wait up to this long (e.g. `30s`) for a new event.
+    #[param(pattern = "^[0-9]+(ms|s|m)?$")]
     wait: Option<String>,
 }
 
