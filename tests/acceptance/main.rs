@@ -458,6 +458,14 @@ async fn every_bad_request_is_a_problem_naming_what_is_wrong() {
         StatusCode::OK
     );
 
+    // The cancel body is documented as optional and nullable: `null` means no reason.
+    create_image(&app, "slow", "sleep 30").await;
+    let build = app.transition("image", "slow", json!({"action": "build"})).await;
+    let r = app.post(&format!("/v1/transitions/{build}/cancel"), Value::Null).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.body["cancel_requested_by"], "admin");
+    assert_eq!(app.wait(&build).await["status"], "cancelled");
+
     // The document lists these answers wherever they can happen.
     let doc = app.get("/openapi.json").await.body;
     for (path, item) in doc["paths"].as_object().unwrap() {

@@ -159,13 +159,13 @@ async fn cancel_transition(
 ) -> ApiResult<(StatusCode, Json<Transition>)> {
     let run = s.service.run(id).await?;
     caller.require(&super::resources::action_permission(run.kind, "cancel"))?;
-    // The body is optional: an empty one means no reason.
+    // The body is optional: an empty one (or `null`, as documented) means no reason.
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        serde_json::from_slice::<CancelRequest>(&body)
+        serde_json::from_slice::<Option<CancelRequest>>(&body)
             .map_err(|e| Problem::invalid("body", format!("expected {{\"reason\": \"…\"}}: {e}")))?
-            .reason
+            .and_then(|r| r.reason)
     };
     let run = s.service.cancel(id, &caller.actor(), reason.as_deref()).await?;
     Ok((StatusCode::ACCEPTED, Json(run.into())))
