@@ -458,6 +458,17 @@ async fn every_bad_request_is_a_problem_naming_what_is_wrong() {
         StatusCode::OK
     );
 
+    // Previewing add-instances without `n` named `params`, not the parameter.
+    let image = json!({"name": "ami", "spec": {"provider": "aws", "base_ami": "ami-0abcdef1234567890",
+        "instance_type": "t3.micro", "build_script": "#!/bin/sh"}});
+    assert_eq!(app.post("/v1/images", image).await.status, StatusCode::CREATED);
+    let cluster = json!({"name": "core", "spec": {"provider": "aws", "image": "ami", "count": 1,
+        "instance_type": "m5.large", "subnets": ["subnet-0abc1234"]}});
+    assert_eq!(app.post("/v1/clusters", cluster).await.status, StatusCode::CREATED);
+    let r = app.get("/v1/clusters/core/template?action=add-instances").await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["field"], "n", "{}", r.body);
+
     // The cancel body is documented as optional and nullable: `null` means no reason.
     create_image(&app, "slow", "sleep 30").await;
     let build = app.transition("image", "slow", json!({"action": "build"})).await;

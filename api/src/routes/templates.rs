@@ -56,7 +56,11 @@ async fn preview_cluster_template(
         "scale" => {
             json!({"count": q.count.or_else(|| cluster.spec.get("count").and_then(|c| c.as_u64()).map(|c| c as u32))})
         }
-        "add-instances" => json!({"n": q.n}),
+        "add-instances" => {
+            let n =
+                q.n.ok_or_else(|| Problem::invalid("n", "required for add-instances: how many instances to add"))?;
+            json!({"n": n})
+        }
         _ => json!({}),
     };
     let v = s.service.preview(Kind::Cluster, &id, &action, &params).await?;
