@@ -92,20 +92,31 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(routes::health::router())
 }
 
+/// The routes and the document describing them, with the error responses
+/// they share added to every operation.
+fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = api().split_for_parts();
+    utoipa::Modify::modify(&crate::openapi::CommonResponses, &mut doc);
+    (router, doc)
+}
+
 /// The OpenAPI document the server serves at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().split_for_parts().1
+    parts().1
 }
 
 pub fn router(state: AppState) -> Router {
-    let (api, doc) = api().split_for_parts();
+    let (api, doc) = parts();
     let request_id = HeaderName::from_static("x-request-id");
     api.route_layer(middleware::from_fn_with_state(state.clone(), crate::metrics::layer))
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
+        .fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), crate::idempotency::layer))
         .layer(middleware::from_fn_with_state(state, crate::auth::layer))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(crate::problem::catch_panic))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
             let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
             let (method, path) = (req.method(), req.uri().path());
@@ -113,6 +124,26 @@ pub fn router(state: AppState) -> Router {
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// Unknown paths get a problem, like every other error.
+async fn no_route(uri: axum::http::Uri) -> crate::problem::Problem {
+    crate::problem::Problem::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "no-such-path",
+        "No such path",
+        format!("nothing is served at {}; /openapi.json lists what is", uri.path()),
+    )
+}
+
+/// A method the path does not take (the `Allow` header lists those it does).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> crate::problem::Problem {
+    crate::problem::Problem::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("{} does not take {method}", uri.path()),
+    )
 }
 
 /// A running server.

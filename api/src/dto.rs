@@ -45,6 +45,7 @@ pub struct ImageSpec {
     pub builder_shutdown: Option<bool>,
     /// Build timeout in seconds (default 1800).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 86400)]
     pub build_timeout_secs: Option<u64>,
 }
 
@@ -68,6 +69,7 @@ pub struct ClusterSpec {
     /// Name or id of the image its instances start from.
     pub image: String,
     /// Number of instances (1-64).
+    #[schema(minimum = 1, maximum = 64)]
     pub count: u32,
     /// Environment whose settings apply, between global and the cluster's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +79,7 @@ pub struct ClusterSpec {
     pub health_check: Option<HealthCheck>,
     /// Seconds an instance may take to become healthy (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3600)]
     pub start_timeout_secs: Option<u64>,
     /// aws: instance type (required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,7 +156,7 @@ fn local() -> String {
 #[serde(deny_unknown_fields)]
 pub struct CreateImage {
     /// DNS-label name, unique among images.
-    #[schema(example = "web")]
+    #[schema(example = "web", pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)]
     pub name: String,
     pub spec: ImageSpec,
 }
@@ -173,7 +176,7 @@ pub struct UserSpec {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
-    #[schema(example = "alice")]
+    #[schema(example = "alice", pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)]
     pub name: String,
     pub spec: UserSpec,
 }
@@ -194,7 +197,7 @@ pub struct RoleSpec {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRole {
-    #[schema(example = "deployer")]
+    #[schema(example = "deployer", pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)]
     pub name: String,
     pub spec: RoleSpec,
 }
@@ -358,7 +361,7 @@ pub struct EffectiveSettings {
 #[serde(deny_unknown_fields)]
 pub struct CreateCluster {
     /// DNS-label name, unique among clusters.
-    #[schema(example = "web-qa")]
+    #[schema(example = "web-qa", pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)]
     pub name: String,
     pub spec: ClusterSpec,
 }

@@ -1,6 +1,7 @@
 //! Extractors whose rejections are problem+json naming what is wrong.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -80,5 +81,52 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
             }
             Err(other) => Err(Problem::bad_request("invalid-query", other.body_text())),
         }
+    }
+}
+
+/// `Path<T>` with a 400 problem naming the path parameter that does not
+/// parse (a transition id that is not a UUID, a name that is not UTF-8).
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => {
+                let (field, message) = match e.into_kind() {
+                    ErrorKind::ParseErrorAtKey { key, value, expected_type } => {
+                        (key, format!("{value:?} is not a valid {}", type_name(expected_type)))
+                    }
+                    ErrorKind::InvalidUtf8InPathParam { key } => (key, "is not valid UTF-8".to_string()),
+                    ErrorKind::DeserializeError { key, value, message } => (key, format!("{value:?}: {message}")),
+                    ErrorKind::ParseError { value, expected_type } => {
+                        ("path".to_string(), format!("{value:?} is not a valid {}", type_name(expected_type)))
+                    }
+                    other @ (ErrorKind::UnsupportedType { .. } | ErrorKind::WrongNumberOfParameters { .. }) => {
+                        // The route and its extractor disagree: our bug, not the caller's.
+                        tracing::error!(error = %other, "path parameters do not match the handler");
+                        return Err(Problem::internal());
+                    }
+                    other => ("path".to_string(), other.to_string()),
+                };
+                let mut p = Problem::bad_request("invalid-path", format!("{field}: {message}"));
+                p.errors.push(crate::problem::FieldProblem { field, message });
+                Err(p)
+            }
+            Err(other) => {
+                tracing::error!(error = %other.body_text(), "path parameters missing for a matched route");
+                Err(Problem::internal())
+            }
+        }
+    }
+}
+
+/// `uuid::Uuid` → `UUID`, for messages.
+fn type_name(rust: &str) -> String {
+    match rust.rsplit("::").next().unwrap_or(rust) {
+        "Uuid" => "UUID".to_string(),
+        other => other.to_string(),
     }
 }

@@ -16,6 +16,7 @@ pub mod dto;
 pub mod extract;
 pub mod idempotency;
 pub mod metrics;
+mod openapi;
 pub mod problem;
 pub mod routes;
 pub mod text;

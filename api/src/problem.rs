@@ -4,9 +4,12 @@
 //! cause chain and never sent: the client gets a stable `type` and a
 //! sentence it can act on.
 
+use axum::extract::Request;
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use drover_domain::Error;
+use futures::FutureExt;
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -81,6 +84,24 @@ impl IntoResponse for Problem {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
         (status, [(header::CONTENT_TYPE, "application/problem+json")], body).into_response()
+    }
+}
+
+/// A handler that panics answers 500 with a problem, like any other internal
+/// error, instead of dropping the connection without a response. The panic
+/// is a bug: its message is logged here (and by the panic hook), never sent.
+pub async fn catch_panic(req: Request, next: Next) -> Response {
+    match std::panic::AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(response) => response,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_string());
+            tracing::error!(panic = %message, "request handler panicked");
+            Problem::internal().into_response()
+        }
     }
 }
 
@@ -185,3 +206,27 @@ impl From<Error> for Problem {
 }
 
 pub type ApiResult<T> = Result<T, Problem>;
+
+#[cfg(test)]
+mod tests {
+    use axum::body::{to_bytes, Body};
+    use axum::http::Request;
+    use axum::routing::get;
+    use axum::{middleware, Router};
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_with_a_problem() {
+        async fn boom() -> &'static str {
+            panic!("a bug")
+        }
+        let app = Router::new().route("/", get(boom)).layer(middleware::from_fn(super::catch_panic));
+        let r = app.oneshot(Request::get("/").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(r.status(), 500);
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        let body = to_bytes(r.into_body(), 4096).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["type"], "/problems/internal");
+        assert!(!body.to_string().contains("a bug"), "the panic message is logged, never sent: {body}");
+    }
+}

@@ -407,3 +407,92 @@ async fn the_api_describes_itself() {
     let r = app.client.get(app.url("/healthz")).header("x-request-id", "abc-123").send().await.unwrap();
     assert_eq!(r.headers()["x-request-id"], "abc-123");
 }
+
+/// What schemathesis (`.ci/fuzz`) found: path parameters that do not
+/// parse, unknown paths and methods, and out-of-range values answered with
+/// plain text, an empty body or a dropped connection. Each is a problem now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_is_a_problem_naming_what_is_wrong() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let bad_paths = [
+        ("GET", "/v1/transitions/not-a-uuid", "id"),
+        ("POST", "/v1/transitions/not-a-uuid/cancel", "id"),
+        ("GET", "/v1/transitions/not-a-uuid/events", "id"),
+        ("DELETE", "/v1/users/admin/tokens/xyz", "token"),
+        ("GET", "/v1/images/%FF", "id"),
+    ];
+    for (method, path, field) in bad_paths {
+        let r = app.send(&app.client, method, path, None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{method} {path}: {}", r.body);
+        assert_eq!(r.headers["content-type"], "application/problem+json", "{method} {path}");
+        assert_eq!(r.body["type"], "/problems/invalid-path", "{method} {path}");
+        assert_eq!(r.body["errors"][0]["field"], field, "{method} {path}: {}", r.body);
+    }
+
+    let r = app.get("/v1/no-such-thing").await;
+    assert_eq!((r.status, r.body["type"].as_str()), (StatusCode::NOT_FOUND, Some("/problems/no-such-path")));
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let r = app.send(&app.client, "PUT", "/v1/images", Some(json!({}))).await;
+    assert_eq!(
+        (r.status, r.body["type"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("/problems/method-not-allowed"))
+    );
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert!(r.headers["allow"].to_str().unwrap().contains("POST"), "{:?}", r.headers);
+
+    // A wait of 2^64/60 minutes overflowed (a panic, so no response at all).
+    let id = uuid::Uuid::now_v7();
+    let r = app.get(&format!("/v1/transitions/{id}?wait=307445734561825861m")).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["field"], "wait");
+    // Statistics round times in nanoseconds, which end in 2262: beyond
+    // that the handler panicked and the connection dropped.
+    for (query, field) in [("until=9999-12-31T23:59:59Z", "until"), ("since=0001-01-01T00:00:00Z", "since")] {
+        let r = app.get(&format!("/v1/stats/transitions?{query}")).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{query}: {}", r.body);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        assert_eq!(r.body["errors"][0]["field"], field, "{query}: {}", r.body);
+    }
+    assert_eq!(
+        app.get("/v1/stats/transitions?since=2199-12-01T00:00:00Z&until=2200-01-01T00:00:00Z&bucket=day").await.status,
+        StatusCode::OK
+    );
+
+    // Previewing add-instances without `n` named `params`, not the parameter.
+    let image = json!({"name": "ami", "spec": {"provider": "aws", "base_ami": "ami-0abcdef1234567890",
+        "instance_type": "t3.micro", "build_script": "#!/bin/sh"}});
+    assert_eq!(app.post("/v1/images", image).await.status, StatusCode::CREATED);
+    let cluster = json!({"name": "core", "spec": {"provider": "aws", "image": "ami", "count": 1,
+        "instance_type": "m5.large", "subnets": ["subnet-0abc1234"]}});
+    assert_eq!(app.post("/v1/clusters", cluster).await.status, StatusCode::CREATED);
+    let r = app.get("/v1/clusters/core/template?action=add-instances").await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["field"], "n", "{}", r.body);
+
+    // The cancel body is documented as optional and nullable: `null` means no reason.
+    create_image(&app, "slow", "sleep 30").await;
+    let build = app.transition("image", "slow", json!({"action": "build"})).await;
+    let r = app.post(&format!("/v1/transitions/{build}/cancel"), Value::Null).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.body["cancel_requested_by"], "admin");
+    assert_eq!(app.wait(&build).await["status"], "cancelled");
+
+    // The document lists these answers wherever they can happen.
+    let doc = app.get("/openapi.json").await.body;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let documented = |status: &str| op["responses"].get(status).is_some();
+            if op.get("security").is_some() {
+                assert!(documented("401") && documented("403"), "{method} {path} documents 401 and 403");
+            }
+            if op.get("requestBody").is_some() {
+                for status in ["400", "413", "415", "422"] {
+                    assert!(documented(status), "{method} {path} documents {status}");
+                }
+            }
+            if op["parameters"].as_array().is_some_and(|ps| ps.iter().any(|p| p["in"] == "path")) {
+                assert!(documented("400") && documented("404"), "{method} {path} documents 400 and 404");
+            }
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! API tokens and the caller's own identity.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::{CreateToken, Me, NewTokenView, TokenList, TokenView};
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, ApiPath};
 use crate::problem::{ApiResult, Problem};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -45,7 +45,7 @@ async fn me(caller: Caller) -> Json<Me> {
 async fn create_token(
     State(s): State<AppState>,
     caller: Caller,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
     ApiJson(body): ApiJson<CreateToken>,
 ) -> ApiResult<(StatusCode, HeaderMap, Json<NewTokenView>)> {
     may_manage(&caller, &user)?;
@@ -64,7 +64,7 @@ async fn create_token(
 async fn list_tokens(
     State(s): State<AppState>,
     caller: Caller,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
 ) -> ApiResult<Json<TokenList>> {
     may_manage(&caller, &user)?;
     let tokens = s.auth.list_tokens(&user).await?;
@@ -79,7 +79,7 @@ async fn list_tokens(
 async fn revoke_token(
     State(s): State<AppState>,
     caller: Caller,
-    Path((user, token)): Path<(String, Uuid)>,
+    ApiPath((user, token)): ApiPath<(String, Uuid)>,
 ) -> ApiResult<Json<TokenView>> {
     may_manage(&caller, &user)?;
     Ok(Json(s.auth.revoke_token(&user, token, &caller.actor()).await?.into()))

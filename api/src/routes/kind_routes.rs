@@ -20,7 +20,7 @@ macro_rules! kind_routes {
         ids = [$create_id:literal, $list_id:literal, $get_id:literal, $patch_id:literal, $delete_id:literal, $transition_id:literal],
         permissions = [$create_perm:literal, $read_perm:literal, $update_perm:literal, $delete_perm:literal, $transition_perm:literal]
     ) => {
-        use axum::extract::{Path, State};
+        use axum::extract::State;
         use axum::http::{HeaderMap, StatusCode};
         use axum::Json;
         use utoipa_axum::router::OpenApiRouter;
@@ -28,7 +28,7 @@ macro_rules! kind_routes {
 
         use crate::auth::Caller;
         use crate::dto::*;
-        use crate::extract::{ApiJson, ApiQuery};
+        use crate::extract::{ApiJson, ApiPath, ApiQuery};
         use crate::problem::{ApiResult, Problem};
         use crate::routes::resources::{self, ListQuery};
         use crate::routes::AppState;
@@ -73,7 +73,7 @@ macro_rules! kind_routes {
             responses((status = 200, description = "As JSON or (`Accept: text/plain`) a compact table",
                     content((ResourceView<$spec> = "application/json"), (String = "text/plain")), headers(("ETag" = String))),
                 (status = 404, body = Problem, content_type = "application/problem+json")))]
-        async fn get(State(s): State<AppState>, caller: Caller, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<axum::response::Response> {
+        async fn get(State(s): State<AppState>, caller: Caller, headers: HeaderMap, ApiPath(id): ApiPath<String>) -> ApiResult<axum::response::Response> {
             caller.require($read_perm)?;
             let (extra, Json(view)) = resources::get::<$spec>(&s, $kind, &id).await?;
             Ok(crate::text::respond(&headers, extra, view, crate::text::resource))
@@ -89,7 +89,7 @@ macro_rules! kind_routes {
                 (status = 409, description = "A transition is active", body = Problem, content_type = "application/problem+json"),
                 (status = 412, description = "The resource changed", body = Problem, content_type = "application/problem+json"),
                 (status = 422, body = Problem, content_type = "application/problem+json")))]
-        async fn patch(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, headers: HeaderMap, ApiJson(body): ApiJson<PatchResource>) -> ApiResult<(HeaderMap, Json<ResourceView<$spec>>)> {
+        async fn patch(State(s): State<AppState>, caller: Caller, ApiPath(id): ApiPath<String>, headers: HeaderMap, ApiJson(body): ApiJson<PatchResource>) -> ApiResult<(HeaderMap, Json<ResourceView<$spec>>)> {
             caller.require($update_perm)?;
             resources::patch(&s, &caller, $kind, &id, &headers, body).await
         }
@@ -101,7 +101,7 @@ macro_rules! kind_routes {
             responses((status = 204, description = "Deleted"),
                 (status = 404, body = Problem, content_type = "application/problem+json"),
                 (status = 409, description = "Not destroyed yet", body = Problem, content_type = "application/problem+json")))]
-        async fn delete(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+        async fn delete(State(s): State<AppState>, caller: Caller, ApiPath(id): ApiPath<String>) -> ApiResult<StatusCode> {
             caller.require($delete_perm)?;
             resources::delete(&s, $kind, &id).await
         }
@@ -115,7 +115,7 @@ macro_rules! kind_routes {
                 (status = 404, body = Problem, content_type = "application/problem+json"),
                 (status = 409, description = "Busy, or not allowed in this state (lists the allowed actions)", body = Problem, content_type = "application/problem+json"),
                 (status = 422, body = Problem, content_type = "application/problem+json")))]
-        async fn transition(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, headers: HeaderMap, ApiJson(body): ApiJson<TransitionRequest>) -> ApiResult<(StatusCode, HeaderMap, Json<Transition>)> {
+        async fn transition(State(s): State<AppState>, caller: Caller, ApiPath(id): ApiPath<String>, headers: HeaderMap, ApiJson(body): ApiJson<TransitionRequest>) -> ApiResult<(StatusCode, HeaderMap, Json<Transition>)> {
             resources::transition(&s, &caller, $transition_perm, $kind, &id, &headers, body).await
         }
     };

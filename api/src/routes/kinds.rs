@@ -1,6 +1,5 @@
 //! `/v1/kinds`: the resource kinds and their state machines.
 
-use axum::extract::Path;
 use axum::Json;
 use drover_domain::kinds::Kind;
 use utoipa_axum::router::OpenApiRouter;
@@ -9,6 +8,7 @@ use utoipa_axum::routes;
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::{KindList, KindView};
+use crate::extract::ApiPath;
 use crate::problem::{ApiResult, Problem};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -28,7 +28,7 @@ async fn list_kinds(caller: Caller) -> ApiResult<Json<KindList>> {
     params(("kind" = String, Path, description = "`image`, `cluster`, `user` or `role`")),
     security(("bearer" = ["kinds:read"])),
     responses((status = 200, body = KindView), (status = 404, body = Problem, content_type = "application/problem+json")))]
-async fn get_kind(caller: Caller, Path(kind): Path<String>) -> ApiResult<Json<KindView>> {
+async fn get_kind(caller: Caller, ApiPath(kind): ApiPath<String>) -> ApiResult<Json<KindView>> {
     caller.require("kinds:read")?;
     Kind::parse(&kind)
         .map(|k| Json(k.into()))

@@ -35,6 +35,7 @@ pub fn idempotency_key(headers: &HeaderMap) -> Option<String> {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Page size, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<Uuid>,
@@ -191,7 +192,8 @@ pub fn parse_wait(s: Option<&str>) -> ApiResult<Duration> {
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
+        // Checked: a huge count of minutes must be refused, not overflow.
+        "m" => Duration::from_secs(n.saturating_mul(60)),
         _ => return Err(Problem::invalid("wait", "a duration like 30s, 500ms or 2m")),
     };
     if d > Duration::from_secs(60) {
@@ -214,6 +216,8 @@ mod tests {
         assert!(parse_wait(Some("2h")).is_err());
         assert!(parse_wait(Some("90s")).is_err());
         assert!(parse_wait(Some("x")).is_err());
+        // u64::MAX / 60 + 1 minutes overflowed the multiplication (a panic in debug builds).
+        assert_eq!(parse_wait(Some("307445734561825861m")).unwrap_err().status, 422);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! Secret values are redacted unless `?reveal=true` and the caller holds
 //! `settings:reveal`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::Json;
 use drover_domain::settings::{same_value, Write};
@@ -18,7 +18,7 @@ use super::resources::{etag, if_match};
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::*;
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::problem::{ApiResult, Problem};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -81,14 +81,14 @@ fn with_etag(v: SettingView) -> (HeaderMap, Json<SettingView>) {
 
 /// The current settings of a scope.
 #[utoipa::path(get, path = "/v1/settings/{scope}", tag = "settings",
-    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME`"), RevealQuery),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), RevealQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingList), (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn list_settings(
     State(s): State<AppState>,
     caller: Caller,
-    Path(scope): Path<String>,
+    ApiPath(scope): ApiPath<String>,
     ApiQuery(q): ApiQuery<RevealQuery>,
 ) -> ApiResult<Json<SettingList>> {
     may_read(&caller, q.reveal)?;
@@ -99,14 +99,14 @@ async fn list_settings(
 
 /// One setting: the current version, or `?version=`.
 #[utoipa::path(get, path = "/v1/settings/{scope}/{key}", tag = "settings",
-    params(("scope" = String, Path), ("key" = String, Path), ReadQuery),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), ReadQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingView, headers(("ETag" = String))),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_setting(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<ReadQuery>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
     may_read(&caller, q.reveal)?;
@@ -117,7 +117,7 @@ async fn get_setting(
 /// Writes a new version. With `If-Match` (the ETag read before, `"v0"` for
 /// a key that does not exist yet) the write is refused if another came first.
 #[utoipa::path(put, path = "/v1/settings/{scope}/{key}", tag = "settings", request_body = PutSetting,
-    params(("scope" = String, Path), ("key" = String, Path),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"),
         ("If-Match" = Option<String>, Header, description = "Compare-and-set on the version")),
     security(("bearer" = ["settings:write"])),
     responses((status = 200, body = SettingView, headers(("ETag" = String))),
@@ -126,7 +126,7 @@ async fn get_setting(
 async fn put_setting(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<PutSetting>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
@@ -145,7 +145,7 @@ async fn put_setting(
 
 /// Removes a key, as a new version that records who and why.
 #[utoipa::path(delete, path = "/v1/settings/{scope}/{key}", tag = "settings",
-    params(("scope" = String, Path), ("key" = String, Path), DeleteQuery,
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), DeleteQuery,
         ("If-Match" = Option<String>, Header, description = "Compare-and-set on the version")),
     security(("bearer" = ["settings:write"])),
     responses((status = 200, body = SettingView), (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -153,7 +153,7 @@ async fn put_setting(
 async fn delete_setting(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
@@ -167,13 +167,13 @@ async fn delete_setting(
 
 /// Every version of a setting, oldest first.
 #[utoipa::path(get, path = "/v1/settings/{scope}/{key}/versions", tag = "settings",
-    params(("scope" = String, Path), ("key" = String, Path), RevealQuery),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), RevealQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingList), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn setting_versions(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<RevealQuery>,
 ) -> ApiResult<Json<SettingList>> {
     may_read(&caller, q.reveal)?;
@@ -184,13 +184,13 @@ async fn setting_versions(
 
 /// Two versions side by side.
 #[utoipa::path(get, path = "/v1/settings/{scope}/{key}/diff", tag = "settings",
-    params(("scope" = String, Path), ("key" = String, Path), DiffQuery),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), DiffQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingDiff), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn setting_diff(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<DiffQuery>,
 ) -> ApiResult<Json<SettingDiff>> {
     may_read(&caller, q.reveal)?;
@@ -207,7 +207,7 @@ async fn setting_diff(
 
 /// Makes an old version's value current again, as a new version.
 #[utoipa::path(post, path = "/v1/settings/{scope}/{key}/rollback", tag = "settings", request_body = RollbackSetting,
-    params(("scope" = String, Path), ("key" = String, Path),
+    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"),
         ("If-Match" = Option<String>, Header, description = "Compare-and-set on the version")),
     security(("bearer" = ["settings:write"])),
     responses((status = 200, body = SettingView), (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -215,7 +215,7 @@ async fn setting_diff(
 async fn rollback_setting(
     State(s): State<AppState>,
     caller: Caller,
-    Path((scope, key)): Path<(String, String)>,
+    ApiPath((scope, key)): ApiPath<(String, String)>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<RollbackSetting>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
@@ -237,7 +237,7 @@ async fn rollback_setting(
 async fn cluster_settings(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<RevealQuery>,
 ) -> ApiResult<Json<EffectiveSettings>> {
     may_read(&caller, q.reveal)?;

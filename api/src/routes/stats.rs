@@ -24,13 +24,15 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct StatsParams {
-    /// Start (RFC 3339, rounded down to the hour). Default: seven days before `until`.
+    /// Start (RFC 3339, rounded down to the hour; 1970 to 2200). Default: seven days before `until`.
     since: Option<DateTime<Utc>>,
-    /// End, exclusive (rounded up to the hour). Default: now.
+    /// End, exclusive (rounded up to the hour; 1970 to 2200). Default: now.
     until: Option<DateTime<Utc>>,
     /// Comma-separated: any of `kind`, `action`, `environment`, `actor`.
+    #[param(pattern = "^ *((kind|action|environment|actor) *)?(, *((kind|action|environment|actor) *)?)*$")]
     group_by: Option<String>,
     /// `hour` or `day`: also group by when transitions were requested.
+    #[param(pattern = "^(hour|day)$")]
     bucket: Option<String>,
     kind: Option<String>,
     action: Option<String>,
@@ -49,6 +51,11 @@ async fn transition_stats(
     ApiQuery(q): ApiQuery<StatsParams>,
 ) -> ApiResult<Json<TransitionStats>> {
     caller.require("transitions:read")?;
+    for (field, t) in [("since", q.since), ("until", q.until)] {
+        if t.is_some_and(|t| !(first_time()..=last_time()).contains(&t)) {
+            return Err(Problem::invalid(field, "must be between 1970-01-01T00:00:00Z and 2200-01-01T00:00:00Z"));
+        }
+    }
     let until = q.until.unwrap_or_else(Utc::now);
     let since = q.since.unwrap_or(until - Duration::days(7));
     let mut group_by = Vec::new();
@@ -81,6 +88,16 @@ async fn transition_stats(
         bucket: bucket.map(|b| b.as_str().to_string()),
         groups: groups.into_iter().map(StatsGroup::from).collect(),
     }))
+}
+
+// Bucketing rounds times in nanoseconds since 1970, which run out in 2262;
+// and no transition was asked for before 1970.
+fn first_time() -> DateTime<Utc> {
+    DateTime::UNIX_EPOCH
+}
+
+fn last_time() -> DateTime<Utc> {
+    "2200-01-01T00:00:00Z".parse().expect("a valid time")
 }
 
 /// Prometheus metrics of this replica (and the shared queue's depth).

@@ -1,7 +1,7 @@
 //! `GET /v1/clusters/{id}/template`: the CloudFormation template and
 //! parameters drover would send, before it sends them.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use drover_domain::kinds::Kind;
 use serde::Deserialize;
@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::TemplatePreview;
-use crate::extract::ApiQuery;
+use crate::extract::{ApiPath, ApiQuery};
 use crate::problem::{ApiResult, Problem};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -46,7 +46,7 @@ pub struct TemplateQuery {
 async fn preview_cluster_template(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<TemplateQuery>,
 ) -> ApiResult<Json<TemplatePreview>> {
     caller.require("cluster:read")?;
@@ -56,7 +56,11 @@ async fn preview_cluster_template(
         "scale" => {
             json!({"count": q.count.or_else(|| cluster.spec.get("count").and_then(|c| c.as_u64()).map(|c| c as u32))})
         }
-        "add-instances" => json!({"n": q.n}),
+        "add-instances" => {
+            let n =
+                q.n.ok_or_else(|| Problem::invalid("n", "required for add-instances: how many instances to add"))?;
+            json!({"n": n})
+        }
         _ => json!({}),
     };
     let v = s.service.preview(Kind::Cluster, &id, &action, &params).await?;

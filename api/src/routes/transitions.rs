@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use super::resources::{page, parse_wait};
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::*;
-use crate::extract::ApiQuery;
+use crate::extract::{ApiPath, ApiQuery};
 use crate::problem::{ApiResult, Problem};
 use crate::text;
 
@@ -39,10 +39,12 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct TransitionQuery {
     /// Resource id, or name together with `kind`.
     resource: Option<String>,
-    /// `image` or `cluster`.
+    /// `image`, `cluster`, `user` or `role`.
+    #[param(pattern = "^(image|cluster|user|role)$")]
     kind: Option<String>,
     action: Option<String>,
     /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    #[param(pattern = "^(queued|running|succeeded|failed|cancelled)$")]
     status: Option<String>,
     /// Requested at or after (RFC 3339).
     since: Option<DateTime<Utc>>,
@@ -55,6 +57,7 @@ pub struct TransitionQuery {
     /// Who asked.
     actor: Option<String>,
     /// Page size, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
     /// `next_cursor` of the previous page.
     cursor: Option<Uuid>,
@@ -66,6 +69,7 @@ pub struct TransitionQuery {
     responses((status = 200, description = "A page, as JSON or (`Accept: text/plain`) a table",
             content((TransitionPage = "application/json"), (String = "text/plain"))),
         (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No resource of that `kind` has the name in `resource`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn list_transitions(
     State(s): State<AppState>,
@@ -113,6 +117,7 @@ async fn list_transitions(
 #[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Long-poll: wait up to this long (e.g. `30s`, at most `60s`) for the transition to end.
+    #[param(pattern = "^[0-9]+(ms|s|m)?$")]
     wait: Option<String>,
 }
 
@@ -127,7 +132,7 @@ async fn get_transition(
     State(s): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> ApiResult<Response> {
     caller.require("transitions:read")?;
@@ -149,18 +154,18 @@ async fn get_transition(
 async fn cancel_transition(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Transition>)> {
     let run = s.service.run(id).await?;
     caller.require(&super::resources::action_permission(run.kind, "cancel"))?;
-    // The body is optional: an empty one means no reason.
+    // The body is optional: an empty one (or `null`, as documented) means no reason.
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        serde_json::from_slice::<CancelRequest>(&body)
+        serde_json::from_slice::<Option<CancelRequest>>(&body)
             .map_err(|e| Problem::invalid("body", format!("expected {{\"reason\": \"…\"}}: {e}")))?
-            .reason
+            .and_then(|r| r.reason)
     };
     let run = s.service.cancel(id, &caller.actor(), reason.as_deref()).await?;
     Ok((StatusCode::ACCEPTED, Json(run.into())))
@@ -172,8 +177,10 @@ pub struct EventQuery {
     /// Only events after this `seq`.
     after: Option<i64>,
     /// Page size, 1-1000 (default 200).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// Long-poll: wait up to this long (e.g. `30s`) for a new event.
+    #[param(pattern = "^[0-9]+(ms|s|m)?$")]
     wait: Option<String>,
 }
 
@@ -190,7 +197,7 @@ pub struct EventQuery {
 async fn transition_events(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventQuery>,
 ) -> ApiResult<Response> {
