@@ -214,6 +214,10 @@ impl OwnPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The directory of the PostgreSQL client programs (`psql`).
     pub fn bindir(&self) -> &Path {
         &self.bin

@@ -1,0 +1,475 @@
+//! The engine and the API under load, beside graphile-worker on the same
+//! throwaway Postgres. Not a test: it prints figures, it asserts nothing.
+//!
+//! `bench/queue` installs what this needs and runs it; by hand:
+//! `cargo bench -p drover-api --bench queue -- [runs]` (default 200000),
+//! after `npm ci` in `bench/graphile`, with `wrk` on the PATH.
+//!
+//! 1. Burn-down: `runs` queued no-op transitions drained by one and by two
+//!    engine processes (64 slots each), with the full audit (claim, events,
+//!    completion, resource state, rollups); Postgres commits and WAL bytes
+//!    per transition. Then graphile-worker 0.17.3 draining as many no-op
+//!    jobs with 4 processes × 24 concurrency and a local queue.
+//! 2. Pickup latency (request to claim) on an idle queue and on a queue fed
+//!    at about half the rate one engine sustains.
+//! 3. The API (`drover serve --no-workers`) under `wrk` at 32 connections:
+//!    one cluster and a list of transitions; `pgbench -S` at 32 clients on
+//!    the same server as the ceiling.
+//! 4. Resident memory of an engine process idle and with 10,000 runs inside
+//!    a slow provider.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use drover_domain::engine::{Engine, EngineConfig, Providers};
+use drover_domain::kinds::Kind;
+use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
+use drover_persistence::testing::OwnPostgres;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+
+const TOKEN: &str = "drv_bench_0123456789abcdefghijklmnopqrstuvwxyz";
+const GRAPHILE_PROCESSES: usize = 4;
+const GRAPHILE_CONCURRENCY: usize = 24;
+const GRAPHILE_LOCAL_QUEUE: usize = 100;
+
+struct Noop;
+
+#[async_trait]
+impl Provider for Noop {
+    async fn apply(&self, _: &dyn RunContext, _: &Job) -> Result<Value, ProviderError> {
+        Ok(json!({}))
+    }
+}
+
+/// A provider that takes ten minutes: runs pile up inside it.
+struct Slow;
+
+#[async_trait]
+impl Provider for Slow {
+    async fn apply(&self, _: &dyn RunContext, _: &Job) -> Result<Value, ProviderError> {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        Ok(json!({}))
+    }
+}
+
+/// Queues `n` transitions of `provider` as the API would have: a resource
+/// each (one active run per resource), the run, and its request event.
+async fn load(conn: &mut PgConnection, n: i64, provider: &str, tag: &str) {
+    sqlx::query(
+        "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by, updated_by)
+         SELECT md5($2 || g)::uuid, 'cluster', $2 || g, 'up', '{\"image\": \"x\", \"count\": 1}', 1, '{}', now(), now(),
+            'bench', 'bench'
+         FROM generate_series(1, $1) g",
+    )
+    .bind(n)
+    .bind(format!("{tag}-"))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state, working_state, ok_state,
+            err_state, status, attempt, max_attempts, actor, provider, timeout_secs, created_at, run_after, settings,
+            environment)
+         SELECT md5('run-' || $2 || g)::uuid, md5($2 || g)::uuid, 'cluster', $2 || g, 'stop', '{}', 'up', 'stopping',
+            'down', 'failed', 'queued', 0, 3, 'bench', $3, 60, now(), now(), '[]', 'qa'
+         FROM generate_series(1, $1) g",
+    )
+    .bind(n)
+    .bind(format!("{tag}-"))
+    .bind(provider)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO run_events (run_id, at, attempt, level, step, message)
+         SELECT md5('run-' || $2 || g)::uuid, now(), 0, 'info', 'request', 'stop requested by bench'
+         FROM generate_series(1, $1) g",
+    )
+    .bind(n)
+    .bind(format!("{tag}-"))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE").execute(&mut *conn).await.unwrap();
+}
+
+async fn open_count(conn: &mut PgConnection, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&mut *conn).await.unwrap()
+}
+
+/// Commits and WAL bytes of the whole server so far.
+async fn db_counters(conn: &mut PgConnection) -> (i64, i64) {
+    // Backends report their commits at most once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sqlx::query_as(
+        "SELECT (SELECT sum(xact_commit)::bigint FROM pg_stat_database),
+                pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
+fn spawn_engine(url: &str, mode: &str, slots: usize) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--engine", url, mode, &slots.to_string()])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Engine process mode: runs until its stdin closes.
+async fn engine_process(url: &str, mode: &str, slots: usize) {
+    let stores = drover_persistence::open(url).await.unwrap();
+    let mut providers = Providers::default();
+    let provider: Arc<dyn Provider> = if mode == "slow" { Arc::new(Slow) } else { Arc::new(Noop) };
+    providers.register(mode, Kind::Cluster, provider);
+    let cfg = EngineConfig {
+        worker_id: format!("bench-{}", std::process::id()),
+        concurrency: slots,
+        lease: Duration::from_secs(600),
+        heartbeat: Duration::from_secs(200),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(stores.store, providers, cfg);
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let _tasks = engine.spawn(rx);
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await
+    .unwrap();
+}
+
+fn stop(mut children: Vec<Child>) {
+    for c in &mut children {
+        drop(c.stdin.take());
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+async fn new_database(pg: &OwnPostgres, name: &str) -> String {
+    let mut admin = PgConnection::connect(&pg.url("postgres")).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
+    pg.url(name)
+}
+
+/// Drains `n` queued no-op transitions with `replicas` engine processes;
+/// returns transitions per second, commits and WAL bytes per transition.
+async fn drover_drain(pg: &OwnPostgres, n: i64, replicas: usize) -> (f64, f64, f64) {
+    let url = new_database(pg, &format!("drain_{replicas}")).await;
+    drover_persistence::open(&url).await.unwrap();
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    load(&mut conn, n, "noop", "d").await;
+    let (commits0, wal0) = db_counters(&mut conn).await;
+    let started = Instant::now();
+    let engines: Vec<Child> = (0..replicas).map(|_| spawn_engine(&url, "noop", 64)).collect();
+    while open_count(&mut conn, "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").await > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The folders finish the rollups: part of the audit trail.
+    while open_count(&mut conn, "SELECT count(*) FROM rollup_pending").await > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    stop(engines);
+    let done = open_count(&mut conn, "SELECT count(*) FROM runs WHERE status = 'succeeded'").await;
+    assert_eq!(done, n, "every transition succeeded");
+    let (commits1, wal1) = db_counters(&mut conn).await;
+    (n as f64 / secs, (commits1 - commits0) as f64 / n as f64, (wal1 - wal0) as f64 / n as f64)
+}
+
+async fn graphile_drain(pg: &OwnPostgres, n: i64) -> (f64, f64, f64) {
+    let url = new_database(pg, "graphile").await;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/graphile");
+    let cli = format!("{dir}/node_modules/.bin/graphile-worker");
+    let ok = Command::new(&cli).args(["--schema-only", "-c", &url]).status().expect("graphile-worker: run bench/queue");
+    assert!(ok.success(), "graphile-worker --schema-only failed");
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "SELECT count(*) FROM graphile_worker.add_jobs(ARRAY(
+            SELECT ROW('noop', '{}'::json, NULL, NULL, NULL, NULL, NULL, NULL)::graphile_worker.job_spec
+            FROM generate_series(1, $1)))",
+    )
+    .bind(n)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE").execute(&mut conn).await.unwrap();
+    let (commits0, wal0) = db_counters(&mut conn).await;
+    let started = Instant::now();
+    let mut workers: Vec<Child> = (0..GRAPHILE_PROCESSES)
+        .map(|_| {
+            Command::new("node")
+                .arg(format!("{dir}/drain.js"))
+                .env("DATABASE_URL", &url)
+                .env("CONCURRENCY", GRAPHILE_CONCURRENCY.to_string())
+                .env("LOCAL_QUEUE", GRAPHILE_LOCAL_QUEUE.to_string())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("node")
+        })
+        .collect();
+    while open_count(&mut conn, "SELECT count(*) FROM graphile_worker._private_jobs").await > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    for w in &mut workers {
+        assert!(w.wait().unwrap().success(), "a graphile-worker process failed");
+    }
+    let (commits1, wal1) = db_counters(&mut conn).await;
+    (n as f64 / secs, (commits1 - commits0) as f64 / n as f64, (wal1 - wal0) as f64 / n as f64)
+}
+
+/// Milliseconds from request to claim of each run.
+async fn latency(conn: &mut PgConnection, ids: Vec<uuid::Uuid>) -> Vec<f64> {
+    sqlx::query_scalar("SELECT extract(epoch FROM started_at - created_at)::float8 * 1000 FROM runs WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(conn)
+        .await
+        .unwrap()
+}
+
+fn pct(mut xs: Vec<f64>, q: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[((q * xs.len() as f64).ceil() as usize).clamp(1, xs.len()) - 1]
+}
+
+/// Request-to-claim latency: idle (one run at a time) and fed at `rate`
+/// runs per second for five seconds. Returns (p50, p99) in ms for each.
+async fn pickup(pg: &OwnPostgres, rate: f64) -> ((f64, f64), (f64, f64)) {
+    let url = new_database(pg, "pickup").await;
+    let stores = drover_persistence::open(&url).await.unwrap();
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let engine = spawn_engine(&url, "noop", 64);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut n = 0;
+    let mut submit = || {
+        n += 1;
+        let store = stores.store.clone();
+        let name = format!("p-{n}");
+        async move {
+            let r = store
+                .insert_resource(&drover_domain::model::NewResource {
+                    id: uuid::Uuid::now_v7(),
+                    kind: Kind::Cluster,
+                    name,
+                    state: "up".into(),
+                    spec: json!({"image": "x", "count": 1}),
+                    actor: "bench".into(),
+                    now: chrono::Utc::now(),
+                })
+                .await
+                .unwrap();
+            store
+                .insert_run(&drover_domain::model::NewRun {
+                    id: uuid::Uuid::now_v7(),
+                    resource_id: r.id,
+                    kind: Kind::Cluster,
+                    resource_name: r.name.clone(),
+                    action: "stop".into(),
+                    params: json!({}),
+                    from_state: "up".into(),
+                    working_state: "stopping".into(),
+                    ok_state: "down".into(),
+                    err_state: "failed".into(),
+                    max_attempts: 3,
+                    actor: "bench".into(),
+                    reason: None,
+                    idempotency_key: None,
+                    parent_run: None,
+                    provider: "noop".into(),
+                    timeout_secs: 60,
+                    settings: json!([]),
+                    environment: None,
+                    now: chrono::Utc::now(),
+                })
+                .await
+                .unwrap()
+                .id
+        }
+    };
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let id = submit().await;
+        while open_count(&mut conn, "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").await > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        idle.push(id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let idle = latency(&mut conn, idle).await;
+    let mut loaded = Vec::new();
+    let started = Instant::now();
+    let gap = Duration::from_secs_f64(1.0 / rate);
+    while started.elapsed() < Duration::from_secs(5) {
+        let t = Instant::now();
+        loaded.push(submit().await);
+        tokio::time::sleep(gap.saturating_sub(t.elapsed())).await;
+    }
+    while open_count(&mut conn, "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let loaded = latency(&mut conn, loaded).await;
+    stop(vec![engine]);
+    ((pct(idle.clone(), 0.5), pct(idle, 0.99)), (pct(loaded.clone(), 0.5), pct(loaded, 0.99)))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `wrk` output → (requests/s, p50 ms, p99 ms).
+fn wrk(url: &str) -> (f64, f64, f64) {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c32", "-d10s", "--latency", "-H", &format!("Authorization: Bearer {TOKEN}"), url])
+        .output()
+        .expect("wrk: run bench/queue");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ms = |s: &str| -> f64 {
+        let (num, unit) = s.split_at(s.find(|c: char| c.is_alphabetic()).unwrap_or(s.len()));
+        let v: f64 = num.parse().unwrap_or(f64::NAN);
+        match unit {
+            "us" => v / 1000.0,
+            "s" => v * 1000.0,
+            _ => v,
+        }
+    };
+    let field = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()));
+    let rps = field("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    let non2xx = field("Non-2xx or 3xx responses:");
+    assert!(non2xx.is_none(), "wrk saw errors on {url}:\n{text}");
+    (rps, field("50%").map(|v| ms(&v)).unwrap_or(f64::NAN), field("99%").map(|v| ms(&v)).unwrap_or(f64::NAN))
+}
+
+async fn api(pg: &OwnPostgres) -> Vec<(String, (f64, f64, f64))> {
+    // The drained database: 200k clusters and their transitions.
+    let url = pg.url("drain_1");
+    let port = free_port();
+    let data = tempfile::tempdir().unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["serve", "--no-workers", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("DATABASE_URL", &url)
+        .env("DROVER_BOOTSTRAP_TOKEN", TOKEN)
+        .env("DROVER_SECRET_KEY", "11".repeat(32))
+        .env("DROVER_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status().is_success()) {
+        assert!(Instant::now() < deadline, "drover serve did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut out = Vec::new();
+    for (name, path) in [
+        ("GET /v1/clusters/{name}", "/v1/clusters/d-4242"),
+        ("GET /v1/transitions?limit=50", "/v1/transitions?limit=50"),
+    ] {
+        out.push((name.to_string(), wrk(&format!("{base}{path}"))));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    // The ceiling: Postgres alone answering primary-key selects.
+    new_database(pg, "pgbench").await;
+    let pgbench = pg.bindir().join("pgbench");
+    let conn_args = |c: &mut Command| {
+        c.args(["-h", "127.0.0.1", "-U", "postgres", "-p"]).arg(pg.port().to_string());
+    };
+    let mut init = Command::new(&pgbench);
+    conn_args(&mut init);
+    assert!(init.args(["-i", "-q", "-s", "10", "pgbench"]).output().unwrap().status.success());
+    let mut run = Command::new(&pgbench);
+    conn_args(&mut run);
+    let res = run.args(["-S", "-c", "32", "-j", "2", "-T", "10", "pgbench"]).output().unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    let tps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN);
+    let lat = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("latency average = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(f64::NAN);
+    out.push(("pgbench -S (ceiling; avg latency)".into(), (tps, lat, f64::NAN)));
+    out
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+async fn memory(pg: &OwnPostgres) -> (f64, f64) {
+    let url = new_database(pg, "memory").await;
+    drover_persistence::open(&url).await.unwrap();
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let engine = spawn_engine(&url, "slow", 10_000);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = rss_mib(engine.id());
+    load(&mut conn, 10_000, "slow", "m").await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while open_count(&mut conn, "SELECT count(*) FROM runs WHERE status = 'running'").await < 10_000 {
+        assert!(Instant::now() < deadline, "10,000 runs never all started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let busy = rss_mib(engine.id());
+    stop(vec![engine]);
+    (idle, busy)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    if args.first().map(String::as_str) == Some("--engine") {
+        return rt.block_on(engine_process(&args[1], &args[2], args[3].parse().unwrap()));
+    }
+    let runs: i64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(200_000);
+    rt.block_on(async {
+        let pg = OwnPostgres::start();
+        println!("throwaway Postgres: fsync=off, full_page_writes=off (the same for both systems)\n");
+        println!("== burn-down of {runs} no-op transitions");
+        let one = drover_drain(&pg, runs, 1).await;
+        println!("drover, 1 engine (64 slots)      {:>8.0}/s  {:.2} commits, {:.0} WAL bytes per transition", one.0, one.1, one.2);
+        let two = drover_drain(&pg, runs, 2).await;
+        println!("drover, 2 engines (64 slots each) {:>7.0}/s  {:.2} commits, {:.0} WAL bytes per transition", two.0, two.1, two.2);
+        let gw = graphile_drain(&pg, runs).await;
+        println!(
+            "graphile-worker 0.17.3, {GRAPHILE_PROCESSES}×{GRAPHILE_CONCURRENCY}, local queue {GRAPHILE_LOCAL_QUEUE} {:>5.0}/s  {:.2} commits, {:.0} WAL bytes per job",
+            gw.0, gw.1, gw.2
+        );
+        println!("ratio drover/graphile-worker: 1 engine {:.2}×, 2 engines {:.2}×", one.0 / gw.0, two.0 / gw.0);
+
+        println!("\n== pickup latency (request to claim)");
+        let (idle, loaded) = pickup(&pg, one.0 / 2.0).await;
+        println!("idle queue                      p50 {:>7.1} ms  p99 {:>7.1} ms", idle.0, idle.1);
+        println!("fed at {:>5.0}/s (half of 1 engine) p50 {:>7.1} ms  p99 {:>7.1} ms", one.0 / 2.0, loaded.0, loaded.1);
+
+        println!("\n== API under wrk, 32 connections, 10 s ({runs} clusters in the database)");
+        for (name, (rps, p50, p99)) in api(&pg).await {
+            println!("{name:<36} {rps:>8.0} req/s  p50 {p50:>6.2} ms  p99 {p99:>6.2} ms");
+        }
+
+        println!("\n== memory of one engine process");
+        let (idle, busy) = memory(&pg).await;
+        println!("idle {idle:.1} MiB; with 10,000 runs inside a slow provider {busy:.1} MiB ({:.1} KiB per run)", (busy - idle) * 1024.0 / 10_000.0);
+    });
+}
