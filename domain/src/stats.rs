@@ -547,7 +547,8 @@ fn cover(since: Time, until: Time, grains: &[Grain], out: &mut Vec<(Grain, Time,
 pub fn validate(q: &StatsQuery) -> Result<()> {
     // Buckets are computed in nanoseconds since 1970: keep far from the
     // edges of what that can hold.
-    let (first, last) = (DateTime::UNIX_EPOCH, DateTime::UNIX_EPOCH + Duration::days(365 * 230));
+    // 2200-01-01T00:00:00Z.
+    let (first, last) = (DateTime::UNIX_EPOCH, DateTime::UNIX_EPOCH + Duration::seconds(7_258_118_400));
     for (field, t) in [("since", q.since), ("until", q.until)] {
         if t < first || t > last {
             return Err(Error::invalid(field, "must be between 1970 and 2200"));
