@@ -203,3 +203,72 @@ async fn concurrent_folders_count_every_run_once(s: Stores) {
         assert_eq!(g[0].max_ms, Some(290));
     }
 }
+
+/// An installation upgraded from the per-transaction rollups (migration
+/// 0003) keeps its history: the upgrade marks every finished run pending and
+/// the folder rebuilds the rollups from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_rebuilds_the_rollups_from_the_ledger() {
+    use sqlx::Connection;
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut before = sqlx::migrate!("../migrations/postgres");
+    before.migrations = before.migrations.iter().filter(|m| m.version <= 3).cloned().collect::<Vec<_>>().into();
+    before.run(&mut conn).await.unwrap();
+    // What 0003 held: two finished runs, one queued, and their old rollups.
+    sqlx::query(
+        "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by, updated_by)
+         VALUES ('00000000-0000-0000-0000-00000000000a', 'cluster', 'old', 'up', '{}', 1, '{}', now(), now(), 'a', 'a'),
+                ('00000000-0000-0000-0000-00000000000b', 'cluster', 'new', 'up', '{}', 1, '{}', now(), now(), 'a', 'a')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for (id, resource, status, ms) in [
+        ("00000000-0000-0000-0000-000000000001", "a", "succeeded", Some(100)),
+        ("00000000-0000-0000-0000-000000000002", "a", "failed", Some(300)),
+        ("00000000-0000-0000-0000-000000000003", "b", "queued", None),
+    ] {
+        sqlx::query(
+            "INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state, working_state, ok_state,
+                err_state, status, attempt, max_attempts, actor, provider, timeout_secs, created_at, run_after,
+                started_at, finished_at, environment, settings)
+             VALUES ($1::uuid, ('00000000-0000-0000-0000-00000000000' || $2)::uuid, 'cluster', 'old', 'stop', '{}',
+                'up', 'stopping', 'down', 'failed', $3, 1, 3, 'alice', 'local', 60, '2026-03-01T10:00:00Z',
+                '2026-03-01T10:00:00Z', '2026-03-01T10:00:00Z',
+                CASE WHEN $4::int IS NULL THEN NULL ELSE '2026-03-01T10:00:00Z'::timestamptz + $4::int * interval '1 ms' END,
+                'qa', '[]')",
+        )
+        .bind(id)
+        .bind(resource)
+        .bind(status)
+        .bind(ms)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO run_rollups VALUES ('day', '2026-03-01', 'cluster', 'stop', 'qa', '*', 'succeeded', 1, 1, 100, 100, '{}')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    // The new version starts on it.
+    let s = drover_persistence::open(&url).await.unwrap();
+    let settings =
+        Arc::new(Settings::new(s.store.clone(), s.settings.clone(), SecretKey::from_hex(&"00".repeat(32)).unwrap()));
+    let service = Service::new(s.store.clone(), settings);
+    let q = StatsQuery {
+        since: t("2026-03-01T00:00:00Z"),
+        until: t("2026-03-02T00:00:00Z"),
+        group_by: vec![Dim::Actor],
+        bucket: None,
+        filter: Default::default(),
+    };
+    let g = service.stats(&q).await.unwrap();
+    assert_eq!(g.len(), 1);
+    assert_eq!((g[0].key[0].1.as_str(), g[0].total, g[0].succeeded, g[0].failed), ("alice", 2, 1, 1));
+    assert_eq!((g[0].avg_success_ms, g[0].avg_failure_ms, g[0].max_ms), (Some(100.0), Some(300.0), Some(300)));
+    assert_eq!(s.store.fold_rollups(100).await.unwrap(), 0, "nothing left pending");
+}
