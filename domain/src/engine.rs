@@ -219,7 +219,7 @@ impl Engine {
                 _ = stop.changed() => return,
             };
             let want = 1 + self.slots.available_permits().min(31) as u32;
-            let claimed = match self.store.claim_runs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now()).await {
+            let claimed = match self.store.claim_jobs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now()).await {
                 Ok(runs) => runs,
                 Err(e) => {
                     warn!(error = %e, cause = ?std::error::Error::source(&e), "claim failed; backing off");
@@ -239,14 +239,14 @@ impl Engine {
                 continue;
             }
             let mut permit = Some(first);
-            for run in claimed {
+            for (run, resource) in claimed {
                 let p = match permit.take() {
                     Some(p) => p,
                     None => self.slots.clone().acquire_owned().await.expect("semaphore never closes"),
                 };
                 let engine = self.clone();
                 tokio::spawn(async move {
-                    engine.execute(run).await;
+                    engine.execute(run, resource).await;
                     drop(p);
                 });
             }
@@ -256,11 +256,11 @@ impl Engine {
     /// Claims one due run and executes it to the end; `None` when the queue
     /// had nothing due. Lets tests drive the engine step by step.
     pub async fn run_one(&self) -> Result<Option<Uuid>> {
-        let mut runs = self.store.claim_runs(&self.cfg.worker_id, self.cfg.lease, 1, Utc::now()).await?;
+        let mut runs = self.store.claim_jobs(&self.cfg.worker_id, self.cfg.lease, 1, Utc::now()).await?;
         match runs.pop() {
-            Some(run) => {
+            Some((run, resource)) => {
                 let id = run.id;
-                self.execute(run).await;
+                self.execute(run, resource).await;
                 Ok(Some(id))
             }
             None => Ok(None),
@@ -318,13 +318,13 @@ impl Engine {
         }
     }
 
-    async fn execute(&self, run: Run) {
+    async fn execute(&self, run: Run, resource: Resource) {
         let span =
             tracing::info_span!("run", run = %run.id, kind = %run.kind, action = %run.action, attempt = run.attempt);
-        self.execute_inner(run).instrument(span).await
+        self.execute_inner(run, resource).instrument(span).await
     }
 
-    async fn execute_inner(&self, run: Run) {
+    async fn execute_inner(&self, run: Run, resource: Resource) {
         let Some(lease) = run.lease() else {
             warn!("claimed run without a lease token; skipping");
             return;
@@ -347,7 +347,7 @@ impl Engine {
             self.cfg.heartbeat,
             self.cfg.lease,
         ));
-        let outcome = match self.prepare(&run).await {
+        let outcome = match self.prepare(&run, resource).await {
             Ok((provider, job)) => {
                 let limit = Duration::from_secs(run.timeout_secs.max(1) as u64);
                 let work = AssertUnwindSafe(provider.apply(ctx.as_ref(), &job)).catch_unwind();
@@ -366,15 +366,10 @@ impl Engine {
         self.record(&run, lease, &ctx, outcome).await;
     }
 
-    /// Finds the provider and what the job needs, as they are now.
-    async fn prepare(&self, run: &Run) -> Result<(Arc<dyn Provider>, Job), ProviderError> {
+    /// Finds the provider and what the job needs, as they are now (the
+    /// resource as the claim left it).
+    async fn prepare(&self, run: &Run, resource: Resource) -> Result<(Arc<dyn Provider>, Job), ProviderError> {
         let store_err = |e: Error| ProviderError::retryable("store_unavailable", e.to_string());
-        let resource = self
-            .store
-            .get_resource_by_id(run.resource_id)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| ProviderError::fatal("resource_missing", "the resource no longer exists"))?;
         let provider = self.providers.get(&run.provider, run.kind).cloned().ok_or_else(|| {
             ProviderError::fatal(
                 "unknown_provider",

@@ -55,8 +55,13 @@ pub trait Store: Send + Sync + 'static {
     async fn last_unsuccessful_run(&self, resource: Uuid) -> Result<Option<Run>>;
     /// Claims up to `limit` due runs for `worker`, moving each resource to
     /// its working state and recording each attempt's start in its events,
-    /// in one transaction.
-    async fn claim_runs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<Run>>;
+    /// in one transaction. Each run comes with its resource as the claim
+    /// left it.
+    async fn claim_jobs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<(Run, Resource)>>;
+    /// [`Store::claim_jobs`] without the resources, as they are after the claim.
+    async fn claim_runs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<Run>> {
+        Ok(self.claim_jobs(worker, lease, limit, now).await?.into_iter().map(|(run, _)| run).collect())
+    }
     /// Extends a lease; `None` when it is lost, else whether a cancel was asked.
     async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>>;
     async fn append_event(&self, lease: Lease, event: &NewEvent) -> Result<()>;

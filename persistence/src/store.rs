@@ -296,7 +296,7 @@ macro_rules! impl_store {
                 .transpose()
             }
 
-            async fn claim_runs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<Run>> {
+            async fn claim_jobs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<(Run, Resource)>> {
                 let mut tx = self.pool.begin().await.map_err(db("begin"))?;
                 let claimed = sqlx::query_as::<_, RunRow>($claim)
                     .bind(Ts(now))
@@ -309,7 +309,7 @@ macro_rules! impl_store {
                     .map_err(db("claim runs"))?;
                 let runs = claimed.into_iter().map(Run::try_from).collect::<Result<Vec<_>>>()?;
                 if runs.is_empty() {
-                    return Ok(runs);
+                    return Ok(Vec::new());
                 }
                 // The resources enter their working states when work starts
                 // (a requeued run finds its resource there already), all in
@@ -321,11 +321,20 @@ macro_rules! impl_store {
                 });
                 q.push(
                     ") AS v WHERE resources.id = v.column1 AND (resources.state = v.column3 OR resources.state = v.column2)
-                     AND resources.deleted_at IS NULL RETURNING resources.id",
+                     AND resources.deleted_at IS NULL
+                     RETURNING resources.id, resources.kind, resources.name, resources.state, resources.spec,
+                        resources.version, resources.outputs, resources.observed, resources.created_by,
+                        resources.updated_by, resources.created_at, resources.updated_at",
                 );
-                let moved: std::collections::HashSet<Uuid> =
-                    q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db("enter working states"))?.into_iter().collect();
-                let (out, conflicts): (Vec<Run>, Vec<Run>) = runs.into_iter().partition(|r| moved.contains(&r.resource_id));
+                let mut moved: std::collections::HashMap<Uuid, Resource> = q
+                    .build_query_as::<ResourceRow>()
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db("enter working states"))?
+                    .into_iter()
+                    .map(|row| Resource::try_from(row).map(|r| (r.id, r)))
+                    .collect::<Result<_>>()?;
+                let (out, conflicts): (Vec<Run>, Vec<Run>) = runs.into_iter().partition(|r| moved.contains_key(&r.resource_id));
                 for run in conflicts {
                     let error = RunError {
                         code: "state_conflict".into(),
@@ -354,7 +363,10 @@ macro_rules! impl_store {
                     q.build().execute(&mut *tx).await.map_err(db("record attempts"))?;
                 }
                 tx.commit().await.map_err(db("commit claim"))?;
-                Ok(out)
+                Ok(out
+                    .into_iter()
+                    .filter_map(|run| moved.remove(&run.resource_id).map(|resource| (run, resource)))
+                    .collect())
             }
 
             async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>> {

@@ -122,14 +122,16 @@ async fn a_run_needs_the_resource_in_its_from_state(store: Arc<dyn Store>) {
 async fn claim_moves_the_resource_and_hands_out_a_lease(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
     let run = store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
-    let claimed = store.claim_runs("w1", LEASE, 10, Utc::now()).await.unwrap();
+    let claimed = store.claim_jobs("w1", LEASE, 10, Utc::now()).await.unwrap();
     assert_eq!(claimed.len(), 1);
-    let c = &claimed[0];
+    let (c, with) = &claimed[0];
     assert_eq!((c.id, c.status, c.attempt), (run.id, RunStatus::Running, 1));
     assert_eq!(c.worker.as_deref(), Some("w1"));
     assert!(c.lease_token.is_some() && c.lease_expires_at.unwrap() > Utc::now());
     let res = store.get_resource_by_id(r.id).await.unwrap().unwrap();
     assert_eq!(res.state, "creating");
+    // The claim hands the resource over as it left it.
+    assert_eq!(with, &res);
     assert!(store.claim_runs("w2", LEASE, 10, Utc::now()).await.unwrap().is_empty());
 
     store.complete_run(c.lease().unwrap(), &done(RunStatus::Succeeded, "up")).await.unwrap();
