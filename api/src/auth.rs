@@ -8,7 +8,7 @@
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use drover_domain::auth::Principal;
@@ -36,11 +36,25 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
     let Some(bearer) = bearer.filter(|b| !b.is_empty()) else {
         return unauthenticated("send Authorization: Bearer <token>".into());
     };
-    match s.auth.authenticate(bearer).await {
+    // Reads may use a principal read moments ago; anything else reads it
+    // afresh, and makes this process forget the remembered ones before and
+    // after it runs (it may have changed a token, user or role).
+    let reads_only = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let authenticated = if reads_only {
+        s.auth.authenticate_read(bearer).await
+    } else {
+        s.auth.forget_recent();
+        s.auth.authenticate(bearer).await
+    };
+    match authenticated {
         Ok(principal) => {
             tracing::Span::current().record("user", principal.user.as_str());
             req.extensions_mut().insert(principal);
-            next.run(req).await
+            let response = next.run(req).await;
+            if !reads_only {
+                s.auth.forget_recent();
+            }
+            response
         }
         Err(drover_domain::Error::Unauthenticated(why)) => unauthenticated(why),
         Err(e) => Problem::from(e).into_response(),

@@ -5,10 +5,16 @@
 //! - Token secrets are never stored: only their SHA-256 (tokens carry 244
 //!   random bits, so a fast hash is enough) and a short visible prefix.
 //! - A token works only while it is unexpired, unrevoked, and its user is
-//!   `active`; permissions are read from the user's roles on every request,
-//!   so disabling a user or changing a role takes effect at once.
+//!   `active`; permissions are read from the user's roles on every request
+//!   that changes anything, so disabling a user or changing a role takes
+//!   effect at once for them. Reads may use what this process read of the
+//!   token in the last [`RECENT_FOR`]; any change made through this process
+//!   forgets that, so on one replica a revocation applies to the very next
+//!   request, and on the others within two seconds.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sha2::{Digest, Sha256};
@@ -90,14 +96,47 @@ pub fn token_prefix(token: &str) -> String {
 pub struct Auth {
     store: Arc<dyn Store>,
     tokens: Arc<dyn TokenStore>,
+    /// Principals by token hash, as read for a recent request.
+    recent: Mutex<HashMap<String, (Principal, Instant)>>,
 }
+
+/// How long a read may use a principal read for an earlier request.
+pub const RECENT_FOR: Duration = Duration::from_secs(2);
+
+/// Past this many remembered tokens, forget them all rather than grow.
+const RECENT_MAX: usize = 10_000;
 
 /// The actor recorded for what drover does on its own.
 pub const SYSTEM_ACTOR: &str = "drover";
 
 impl Auth {
     pub fn new(store: Arc<dyn Store>, tokens: Arc<dyn TokenStore>) -> Auth {
-        Auth { store, tokens }
+        Auth { store, tokens, recent: Mutex::default() }
+    }
+
+    /// For a request that only reads: the principal read for this token
+    /// within [`RECENT_FOR`], else [`Auth::authenticate`]. Three queries
+    /// fewer for most of a dashboard's requests.
+    pub async fn authenticate_read(&self, bearer: &str) -> Result<Principal> {
+        let hash = hash_token(bearer);
+        if let Some((p, at)) = self.recent.lock().expect("not poisoned").get(&hash) {
+            if at.elapsed() < RECENT_FOR {
+                return Ok(p.clone());
+            }
+        }
+        let p = self.authenticate(bearer).await?;
+        let mut recent = self.recent.lock().expect("not poisoned");
+        if recent.len() >= RECENT_MAX {
+            recent.clear();
+        }
+        recent.insert(hash, (p.clone(), Instant::now()));
+        Ok(p)
+    }
+
+    /// Forgets every remembered principal: called around every request that
+    /// may change tokens, users or roles.
+    pub fn forget_recent(&self) {
+        self.recent.lock().expect("not poisoned").clear();
     }
 
     pub async fn authenticate(&self, bearer: &str) -> Result<Principal> {

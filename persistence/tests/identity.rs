@@ -8,7 +8,11 @@ use drover_domain::model::*;
 use drover_domain::Error;
 use uuid::Uuid;
 
-both_backends!(tokens_are_found_by_hash_and_revoked_once, setting_versions_are_append_only_and_fenced);
+both_backends!(
+    tokens_are_found_by_hash_and_revoked_once,
+    setting_versions_are_append_only_and_fenced,
+    reads_use_a_recent_principal_for_two_seconds_at_most
+);
 
 fn token(user: Uuid, hash: &str) -> NewToken {
     NewToken {
@@ -72,4 +76,30 @@ async fn setting_versions_are_append_only_and_fenced(s: Stores) {
     let current = st.current_settings(&["global".into(), "environment:qa".into()]).await.unwrap();
     let got: Vec<_> = current.iter().map(|v| (v.scope.as_str(), v.key.as_str(), v.version, v.deleted)).collect();
     assert_eq!(got, [("environment:qa", "A", 1, false), ("global", "A", 2, false), ("global", "B", 2, true)]);
+}
+
+/// A revocation made elsewhere (another replica: this process is not told)
+/// reaches reads within `RECENT_FOR`, and at once once this process forgets.
+async fn reads_use_a_recent_principal_for_two_seconds_at_most(s: Stores) {
+    use drover_domain::auth::{Auth, RECENT_FOR};
+    let auth = Auth::new(s.store.clone(), s.tokens.clone());
+    let token = auth.bootstrap(None).await.unwrap().expect("a new installation's token");
+    let me = auth.authenticate_read(&token).await.unwrap();
+    assert_eq!(me.user, "admin");
+    let admin = me.user_id;
+    s.tokens.revoke_token(admin, me.token_id, "elsewhere", Utc::now()).await.unwrap().unwrap();
+    // Writes never use what was remembered.
+    assert!(matches!(auth.authenticate(&token).await, Err(Error::Unauthenticated(_))));
+    // Reads may, for a moment (the revocation happened behind its back).
+    assert_eq!(auth.authenticate_read(&token).await.unwrap(), me);
+    auth.forget_recent();
+    assert!(matches!(auth.authenticate_read(&token).await, Err(Error::Unauthenticated(_))));
+
+    // And without being told: a second token, seen, revoked elsewhere, and
+    // refused once RECENT_FOR has passed.
+    let (_, second) = auth.create_token("admin", "second", None, "admin").await.unwrap();
+    let p = auth.authenticate_read(&second).await.unwrap();
+    s.tokens.revoke_token(admin, p.token_id, "elsewhere", Utc::now()).await.unwrap().unwrap();
+    tokio::time::sleep(RECENT_FOR + std::time::Duration::from_millis(100)).await;
+    assert!(matches!(auth.authenticate_read(&second).await, Err(Error::Unauthenticated(_))));
 }
