@@ -33,6 +33,7 @@ both_backends!(
     cancel_of_a_queued_run_ends_it,
     cancel_of_a_running_run_is_seen_by_the_heartbeat,
     idempotency_keys_replay_and_refuse_mismatches,
+    a_key_abandoned_mid_begin_is_taken_again,
     runs_list_by_filters_newest_first,
     deleted_resources_keep_their_history,
 );
@@ -338,6 +339,36 @@ async fn idempotency_keys_replay_and_refuse_mismatches(store: Arc<dyn Store>) {
     // A pending key whose server died is taken over after a while.
     let later = now + chrono::Duration::minutes(10);
     assert_eq!(store.idempotency_begin("k2", "f", later).await.unwrap(), IdempotencyBegin::Proceed);
+}
+
+/// Requests racing with one key while each that gets it gives it up (its
+/// request failed): every begin answers, none errs (a key that vanished
+/// between the insert and the read used to surface as a store error).
+async fn a_key_abandoned_mid_begin_is_taken_again(store: Arc<dyn Store>) {
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut proceeded = 0;
+                for _ in 0..50 {
+                    match store.idempotency_begin("raced", "f", Utc::now()).await.unwrap() {
+                        IdempotencyBegin::Proceed => {
+                            proceeded += 1;
+                            store.idempotency_abandon("raced").await.unwrap();
+                        }
+                        IdempotencyBegin::InProgress => {}
+                        other => panic!("{other:?}"),
+                    }
+                }
+                proceeded
+            })
+        })
+        .collect();
+    let mut proceeded = 0;
+    for t in tasks {
+        proceeded += t.await.unwrap();
+    }
+    assert!(proceeded > 0);
 }
 
 async fn runs_list_by_filters_newest_first(store: Arc<dyn Store>) {
