@@ -182,7 +182,7 @@ impl Auth {
     pub async fn bootstrap(&self, preset: Option<&str>) -> Result<Option<String>> {
         for (name, description, perms) in BUILTIN_ROLES {
             let spec = serde_json::json!({ "permissions": perms, "description": description });
-            self.insert_if_missing(Kind::Role, name, spec).await?;
+            self.ensure_builtin_role(name, spec).await?;
         }
         let any_user = self.store.list_resources(Kind::User, PageRequest { after: None, limit: 1 }).await?;
         if !any_user.is_empty() {
@@ -201,6 +201,26 @@ impl Auth {
         let secret = preset.map(str::to_string).unwrap_or_else(new_token);
         self.tokens.insert_token(&new_token_record(admin.id, "bootstrap", &secret, None, SYSTEM_ACTOR)).await?;
         Ok(if preset.is_some() { None } else { Some(secret) })
+    }
+
+    /// Creates a built-in role, or brings one an earlier version created up
+    /// to this version's definition (nobody else can change them: any
+    /// difference is an upgrade's, such as a permission added since).
+    async fn ensure_builtin_role(&self, name: &str, spec: serde_json::Value) -> Result<()> {
+        let spec = Kind::Role.validate_spec(&spec)?;
+        let Some(role) = self.store.get_resource(Kind::Role, &ResourceKey::Name(name.into())).await? else {
+            self.insert_if_missing(Kind::Role, name, spec).await?;
+            return Ok(());
+        };
+        if role.spec == spec {
+            return Ok(());
+        }
+        match self.store.update_spec(role.id, role.version, &spec, SYSTEM_ACTOR, Utc::now()).await {
+            // Another replica starting at the same moment got there first;
+            // or a run holds the role now: the next start tries again.
+            Ok(_) | Err(Error::VersionMismatch { .. } | Error::Busy { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn insert_if_missing(&self, kind: Kind, name: &str, spec: serde_json::Value) -> Result<Option<Resource>> {

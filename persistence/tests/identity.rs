@@ -6,12 +6,14 @@ use chrono::Utc;
 use common::*;
 use drover_domain::model::*;
 use drover_domain::Error;
+use serde_json::json;
 use uuid::Uuid;
 
 both_backends!(
     tokens_are_found_by_hash_and_revoked_once,
     setting_versions_are_append_only_and_fenced,
-    reads_use_a_recent_principal_for_two_seconds_at_most
+    reads_use_a_recent_principal_for_two_seconds_at_most,
+    built_in_roles_of_an_earlier_version_are_brought_up_to_date
 );
 
 fn token(user: Uuid, hash: &str) -> NewToken {
@@ -102,4 +104,36 @@ async fn reads_use_a_recent_principal_for_two_seconds_at_most(s: Stores) {
     s.tokens.revoke_token(admin, p.token_id, "elsewhere", Utc::now()).await.unwrap().unwrap();
     tokio::time::sleep(RECENT_FOR + std::time::Duration::from_millis(100)).await;
     assert!(matches!(auth.authenticate_read(&second).await, Err(Error::Unauthenticated(_))));
+}
+
+/// An installation bootstrapped by an earlier version has its built-in
+/// roles without the permissions added since (`metrics:read`); the next
+/// start adds them.
+async fn built_in_roles_of_an_earlier_version_are_brought_up_to_date(s: Stores) {
+    use drover_domain::auth::Auth;
+    use drover_domain::kinds::Kind;
+    let old = json!({"permissions": ["image:read", "cluster:read", "transitions:read", "kinds:read", "settings:read"],
+        "description": "Reads everything but secrets."});
+    s.store
+        .insert_resource(&NewResource {
+            id: Uuid::now_v7(),
+            kind: Kind::Role,
+            name: "viewer".into(),
+            state: Kind::Role.initial_state().into(),
+            spec: Kind::Role.validate_spec(&old).unwrap(),
+            actor: "drover".into(),
+            now: Utc::now(),
+        })
+        .await
+        .unwrap();
+    let auth = Auth::new(s.store.clone(), s.tokens.clone());
+    auth.bootstrap(None).await.unwrap();
+    let viewer = s.store.get_resource(Kind::Role, &ResourceKey::Name("viewer".into())).await.unwrap().unwrap();
+    let perms: Vec<&str> = viewer.spec["permissions"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert!(perms.contains(&"metrics:read"), "{perms:?}");
+    assert_eq!((viewer.version, viewer.updated_by.as_str()), (2, "drover"));
+    // Up to date: a second start changes nothing.
+    auth.bootstrap(None).await.unwrap();
+    let again = s.store.get_resource(Kind::Role, &ResourceKey::Name("viewer".into())).await.unwrap().unwrap();
+    assert_eq!(again.version, 2);
 }
