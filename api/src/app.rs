@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderName;
@@ -146,6 +147,10 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
     )
 }
 
+/// How long a stopping server waits for its runs in flight to end before
+/// it puts them back in the queue.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// A running server.
 pub struct Server {
     pub addr: SocketAddr,
@@ -169,14 +174,20 @@ impl Server {
         let _ = self.http.await;
     }
 
-    /// Serves until the process is told to stop.
+    /// Serves until the process is told to stop; then gives runs in flight
+    /// [`SHUTDOWN_GRACE`] to end and puts the rest back in the queue.
     pub async fn wait(self) -> std::io::Result<()> {
         let mut stop = self.stop.subscribe();
         let (http, stop_tx) = (self.http, self.stop);
-        tokio::select! {
+        let served = tokio::select! {
             r = http => r.unwrap_or(Ok(())),
             _ = stop.changed() => { let _ = stop_tx; Ok(()) }
+        };
+        let released = self.engine.release_in_flight(SHUTDOWN_GRACE).await;
+        if released > 0 {
+            tracing::info!(released, "runs still in flight were queued again for another worker");
         }
+        served
     }
 
     pub fn shutdown_signal(&self) -> watch::Sender<bool> {

@@ -126,7 +126,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
     let stop = server.shutdown_signal();
     tokio::spawn(async move {
         shutdown_requested().await;
-        tracing::info!("shutting down: no new requests or runs; runs in flight resume on the next start");
+        tracing::info!("shutting down: no new requests or runs; runs in flight get 10 s, then go back to the queue");
         let _ = stop.send(true);
     });
     server.wait().await?;

@@ -94,6 +94,17 @@ pub struct Engine {
     slots: Arc<Semaphore>,
     /// The completion writer, once [`Engine::spawn`] started it.
     completions: std::sync::OnceLock<mpsc::UnboundedSender<Finished>>,
+    /// Leases of the runs this engine is executing.
+    in_flight: Arc<std::sync::Mutex<HashMap<Uuid, Lease>>>,
+}
+
+/// Takes a run off the in-flight list however its execution ends.
+struct InFlight(Arc<std::sync::Mutex<HashMap<Uuid, Lease>>>, Uuid);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().expect("not poisoned").remove(&self.1);
+    }
 }
 
 /// A completion waiting for the writer, and where its result goes.
@@ -142,6 +153,7 @@ impl Engine {
             cfg,
             slots,
             completions: Default::default(),
+            in_flight: Default::default(),
         })
     }
 
@@ -253,6 +265,36 @@ impl Engine {
         }
     }
 
+    /// For a shutdown, once claiming has stopped: waits up to `grace` for
+    /// the runs in flight to end, then puts those still running back in the
+    /// queue at once (fenced on their leases), for another replica or the
+    /// next start, instead of leaving them until their leases lapse.
+    /// Returns how many it put back.
+    pub async fn release_in_flight(&self, grace: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.in_flight.lock().expect("not poisoned").is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let leases: Vec<Lease> = self.in_flight.lock().expect("not poisoned").values().copied().collect();
+        let mut released = 0;
+        for lease in leases {
+            let error = RunError {
+                code: "released".into(),
+                message: format!("{} shut down before the attempt ended; the run is queued again", self.cfg.worker_id),
+                retryable: true,
+                detail: None,
+            };
+            let event = NewEvent::info("release", error.message.clone()).with_level(Level::Warn);
+            match self.store.retry_later(lease, Utc::now(), &error, &event).await {
+                Ok(()) => released += 1,
+                Err(e) => {
+                    warn!(run = %lease.run, error = %e, "could not put a run back on shutdown; its lease will lapse")
+                }
+            }
+        }
+        released
+    }
+
     /// Claims one due run and executes it to the end; `None` when the queue
     /// had nothing due. Lets tests drive the engine step by step.
     pub async fn run_one(&self) -> Result<Option<Uuid>> {
@@ -329,6 +371,8 @@ impl Engine {
             warn!("claimed run without a lease token; skipping");
             return;
         };
+        self.in_flight.lock().expect("not poisoned").insert(run.id, lease);
+        let _in_flight = InFlight(self.in_flight.clone(), run.id);
         let ctx = Arc::new(Ctx {
             store: self.store.clone(),
             lease,

@@ -124,6 +124,7 @@ both_backends!(
     retries_end_when_attempts_run_out,
     fatal_errors_fail_at_once_with_their_detail,
     a_panicking_provider_fails_the_run,
+    a_stopping_engine_puts_unfinished_runs_back_at_once,
 );
 
 /// A run queued through one connection wakes an idle worker on another at
@@ -307,4 +308,45 @@ async fn a_panicking_provider_fails_the_run(store: Arc<dyn Store>) {
     assert_eq!(fin.status, RunStatus::Failed);
     assert_eq!(fin.error.unwrap().code, "internal");
     assert_eq!(state_of(&store, &run).await, "failed");
+}
+
+/// Shutting down, an engine waits for quick runs, then queues the others
+/// again at once (not after their leases lapse), for another worker to
+/// finish; its own late completion is fenced out.
+async fn a_stopping_engine_puts_unfinished_runs_back_at_once(store: Arc<dyn Store>) {
+    let p = Arc::new(Scripted::default());
+    let run = queue(&store, "stall-at-shutdown", 60).await;
+    // A lease far longer than the test: only the release can free the run.
+    let cfg =
+        EngineConfig { lease: Duration::from_secs(600), heartbeat: Duration::from_secs(200), ..config("leaving") };
+    let leaving = engine(&store, &p, cfg);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let tasks = leaving.spawn(rx);
+    while store.get_run(run.id).await.unwrap().unwrap().status != RunStatus::Running {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).unwrap();
+    assert_eq!(leaving.release_in_flight(Duration::from_millis(300)).await, 1);
+    let back = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!((back.status, back.error.as_ref().map(|e| e.code.as_str())), (RunStatus::Queued, Some("released")));
+    let steps: Vec<_> = store.list_events(run.id, 0, 100).await.unwrap().into_iter().map(|e| e.step).collect();
+    assert!(steps.contains(&"release".to_string()), "{steps:?}");
+    // Another worker finishes it; the first, woken late, is fenced out.
+    let next = engine(&store, &p, config("staying"));
+    assert_eq!(next.run_one().await.unwrap(), Some(run.id));
+    p.release.notify_one();
+    let fin = wait_terminal(&store, run.id).await;
+    assert_eq!((fin.status, fin.attempt), (RunStatus::Succeeded, 2));
+    assert_eq!(fin.outputs, Some(json!({"attempt": 2})), "the second attempt's outcome");
+    // The first attempt's work ended too, later: its completion never lands.
+    while p.done(run.id) < 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let finishes = store.list_events(run.id, 0, 100).await.unwrap().into_iter().filter(|e| e.step == "finish").count();
+    assert_eq!(finishes, 1);
+    assert_eq!(store.get_run(run.id).await.unwrap().unwrap().outputs, Some(json!({"attempt": 2})));
+    for t in tasks {
+        t.abort();
+    }
 }
