@@ -390,59 +390,21 @@ macro_rules! impl_store {
             }
 
             async fn complete_run(&self, lease: Lease, c: &Completion) -> Result<()> {
-                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
-                insert_event_fenced(&mut tx, lease, &c.event).await?;
-                let done = sqlx::query_as::<_, RunRow>(
-                    "UPDATE runs SET status = $3, finished_at = $4, outputs = $5, error = $6, lease_expires_at = NULL
-                     WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING *",
-                )
-                .bind(lease.run)
-                .bind(lease.token)
-                .bind(c.status.as_str())
-                .bind(Ts(c.now))
-                .bind(c.outputs.as_ref().map(Json))
-                .bind(c.error.as_ref().map(Json))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db("complete run"))?;
-                let Some(done) = done else {
-                    return Err(Error::StaleLease { run: lease.run });
-                };
-                let done: Run = done.try_into()?;
-                let (resource, working) = (done.resource_id, done.working_state);
-                let moved = sqlx::query(
-                    "UPDATE resources SET state = $3, spec = COALESCE($4, spec), outputs = COALESCE($5, outputs),
-                        observed = NULL, version = version + 1, updated_at = $6
-                     WHERE id = $1 AND state = $2",
-                )
-                .bind(resource)
-                .bind(&working)
-                .bind(&c.resource_state)
-                .bind(c.spec.as_ref().map(Json))
-                .bind(c.outputs.as_ref().map(Json))
-                .bind(Ts(c.now))
-                .execute(&mut *tx)
-                .await
-                .map_err(db("leave working state"))?;
-                if moved.rows_affected() != 1 {
-                    return Err(Error::Internal(format!("resource {resource} was not in {working} when run {} ended", lease.run)));
-                }
-                tx.commit().await.map_err(db("commit completion"))?;
-                Ok(())
+                complete_together(&self.pool, &[(lease, c)]).await?.remove(0)
             }
 
             async fn complete_runs(&self, batch: &[(Lease, Completion)]) -> Vec<Result<()>> {
-                if batch.len() > 1 {
-                    match complete_together(&self.pool, batch).await {
-                        Ok(Some(results)) => return results,
-                        Ok(None) => {}
+                let items: Vec<(Lease, &Completion)> = batch.iter().map(|(l, c)| (*l, c)).collect();
+                if items.len() > 1 {
+                    match complete_together(&self.pool, &items).await {
+                        Ok(results) => return results,
                         Err(e) => tracing::debug!(error = %e, "batched completion failed; completing one by one"),
                     }
                 }
                 // One by one: each gets its own answer, errors included.
-                let mut out = Vec::with_capacity(batch.len());
-                for (lease, c) in batch {
-                    out.push(self.complete_run(*lease, c).await);
+                let mut out = Vec::with_capacity(items.len());
+                for item in &items {
+                    out.push(complete_together(&self.pool, std::slice::from_ref(item)).await.and_then(|mut r| r.remove(0)));
                 }
                 out
             }
@@ -843,11 +805,13 @@ macro_rules! impl_store {
             }
         }
 
-        /// Completes a batch of runs in one transaction: what `complete_run`
-        /// does for one, as three statements for all. Runs whose lease is
-        /// gone get `StaleLease`; `None` (nothing written) when a resource was
-        /// not in its working state, for the one-by-one path to report.
-        async fn complete_together(pool: &sqlx::Pool<$db>, batch: &[(Lease, Completion)]) -> Result<Option<Vec<Result<()>>>> {
+        /// Completes runs in one transaction, as three statements however
+        /// many: each run's outcome, its resource's new state, its event.
+        /// Runs whose lease is gone get `StaleLease` and the rest commit; a
+        /// resource not in its working state fails the whole call (naming
+        /// it) and writes nothing.
+        async fn complete_together(pool: &sqlx::Pool<$db>, batch: &[(Lease, &Completion)]) -> Result<Vec<Result<()>>> {
+            let stale = |l: &Lease| Err(Error::StaleLease { run: l.run });
             let mut tx = pool.begin().await.map_err(db("begin"))?;
             // VALUES columns are column1, column2, … in both dialects.
             let mut q = QueryBuilder::<$db>::new(
@@ -865,11 +829,11 @@ macro_rules! impl_store {
             let done: Vec<(Uuid, Uuid, String, i32)> =
                 q.build_query_as().fetch_all(&mut *tx).await.map_err(db("complete runs"))?;
             if done.is_empty() {
-                return Ok(Some(batch.iter().map(|(l, _)| Err(Error::StaleLease { run: l.run })).collect()));
+                return Ok(batch.iter().map(|(l, _)| stale(l)).collect());
             }
             let by_id: std::collections::HashMap<Uuid, (Uuid, String, i32)> =
                 done.into_iter().map(|(id, resource, working, attempt)| (id, (resource, working, attempt))).collect();
-            let finished: Vec<(&(Lease, Completion), &(Uuid, String, i32))> =
+            let finished: Vec<(&(Lease, &Completion), &(Uuid, String, i32))> =
                 batch.iter().filter_map(|item| by_id.get(&item.0.run).map(|d| (item, d))).collect();
             let mut q = QueryBuilder::<$db>::new(
                 "UPDATE resources SET state = v.column3, spec = COALESCE(v.column4, resources.spec),
@@ -880,10 +844,11 @@ macro_rules! impl_store {
                 b.push_bind(*resource).push_bind(working.as_str()).push_bind(c.resource_state.as_str());
                 b.push_bind(c.spec.as_ref().map(Json)).push_bind(c.outputs.as_ref().map(Json)).push_bind(Ts(c.now));
             });
-            q.push(") AS v WHERE resources.id = v.column1 AND resources.state = v.column2");
-            let moved = q.build().execute(&mut *tx).await.map_err(db("leave working states"))?;
-            if moved.rows_affected() != finished.len() as u64 {
-                return Ok(None);
+            q.push(") AS v WHERE resources.id = v.column1 AND resources.state = v.column2 RETURNING resources.id");
+            let moved: std::collections::HashSet<Uuid> =
+                q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db("leave working states"))?.into_iter().collect();
+            if let Some(((lease, _), (resource, working, _))) = finished.iter().find(|(_, (r, _, _))| !moved.contains(r)) {
+                return Err(Error::Internal(format!("resource {resource} was not in {working} when run {} ended", lease.run)));
             }
             let mut q = QueryBuilder::<$db>::new("INSERT INTO run_events (run_id, at, attempt, level, step, message, data) ");
             q.push_values(&finished, |mut b, ((lease, c), (_, _, attempt))| {
@@ -893,12 +858,7 @@ macro_rules! impl_store {
             });
             q.build().execute(&mut *tx).await.map_err(db("append completion events"))?;
             tx.commit().await.map_err(db("commit completions"))?;
-            Ok(Some(
-                batch
-                    .iter()
-                    .map(|(l, _)| if by_id.contains_key(&l.run) { Ok(()) } else { Err(Error::StaleLease { run: l.run }) })
-                    .collect(),
-            ))
+            Ok(batch.iter().map(|(l, _)| if by_id.contains_key(&l.run) { Ok(()) } else { stale(l) }).collect())
         }
 
         /// Events written by the store itself (request, cancel, reaper), not
