@@ -189,7 +189,7 @@ impl Grain {
     pub fn ceil(self, t: Time) -> Time {
         let d = self.truncate(t);
         if d < t {
-            self.truncate(d + self.span())
+            d + self.span()
         } else {
             d
         }
@@ -229,6 +229,14 @@ pub struct OutcomeTotals {
     pub sum_ms: i64,
 }
 
+fn add_outcomes(to: &mut [OutcomeTotals; 3], from: &[OutcomeTotals; 3]) {
+    for (a, b) in to.iter_mut().zip(from) {
+        a.count += b.count;
+        a.timed += b.timed;
+        a.sum_ms += b.sum_ms;
+    }
+}
+
 /// What a rollup row adds up.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -242,11 +250,7 @@ pub struct Totals {
 
 impl Totals {
     pub fn merge(&mut self, other: &Totals) {
-        for (a, b) in self.outcomes.iter_mut().zip(&other.outcomes) {
-            a.count += b.count;
-            a.timed += b.timed;
-            a.sum_ms += b.sum_ms;
-        }
+        add_outcomes(&mut self.outcomes, &other.outcomes);
         self.max_ms = self.max_ms.max(other.max_ms);
         self.hist.merge(&other.hist);
     }
@@ -424,11 +428,7 @@ struct Acc {
 
 impl Acc {
     fn add(&mut self, t: &Totals) {
-        for (a, b) in self.outcomes.iter_mut().zip(&t.outcomes) {
-            a.count += b.count;
-            a.timed += b.timed;
-            a.sum_ms += b.sum_ms;
-        }
+        add_outcomes(&mut self.outcomes, &t.outcomes);
         if t.timed() > 0 {
             self.max_ms = Some(self.max_ms.map_or(t.max_ms, |m| m.max(t.max_ms)));
         }
