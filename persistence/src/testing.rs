@@ -76,33 +76,11 @@ fn bindir() -> Result<PathBuf, String> {
 
 fn start_server() -> Result<String, String> {
     let bin = bindir()?;
-    let dir = tempfile::Builder::new().prefix("drover-pg-").tempdir().map_err(|e| e.to_string())?.keep();
+    let (dir, root) = server_dir("drover-pg-")?;
     let data = dir.join("data");
-    let root = nix_is_root();
-    if root {
-        chown_nobody(&dir)?;
-    }
-    let as_user = |cmd: &Path| -> Command {
-        if root {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"]).arg(cmd);
-            c
-        } else {
-            Command::new(cmd)
-        }
-    };
-    let out = as_user(&bin.join("initdb"))
-        .args(["-D"])
-        .arg(&data)
-        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-        .output()
-        .map_err(|e| format!("initdb: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
-    }
+    initdb(root, &bin, &data)?;
     let port = free_port()?;
     let postgres = bin.join("postgres");
-    let prefix = if root { "setpriv --reuid=nobody --regid=nogroup --clear-groups " } else { "" };
     // The watchdog outlives nothing: when the test process is gone, it stops
     // Postgres and removes the directory.
     let script = format!(
@@ -111,11 +89,65 @@ fn start_server() -> Result<String, String> {
          pg=$!
          while kill -0 {parent} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 1; done
          kill -INT $pg 2>/dev/null; wait $pg; rm -rf '{dir}'",
+        prefix = shell_prefix(root),
         pg = postgres.display(),
         data = data.display(),
         dir = dir.display(),
         parent = std::process::id(),
     );
+    // Nobody waits for it: it ends with the test process.
+    spawn_shell(&script).map_err(|e| format!("start postgres: {e}"))?;
+    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+}
+
+/// A new directory for a server's files, owned by `nobody` when this runs
+/// as root (Postgres refuses to run as root); and whether it does.
+fn server_dir(prefix: &str) -> Result<(PathBuf, bool), String> {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().map_err(|e| e.to_string())?.keep();
+    let root = nix_is_root();
+    if root {
+        chown_nobody(&dir)?;
+    }
+    Ok((dir, root))
+}
+
+const NOBODY: [&str; 3] = ["--reuid=nobody", "--regid=nogroup", "--clear-groups"];
+
+/// `program`, run as `nobody` when this runs as root.
+fn as_user(root: bool, program: &Path) -> Command {
+    if root {
+        let mut c = Command::new("setpriv");
+        c.args(NOBODY).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// The same, as a prefix for a shell command line.
+fn shell_prefix(root: bool) -> String {
+    if root {
+        format!("setpriv {} ", NOBODY.join(" "))
+    } else {
+        String::new()
+    }
+}
+
+fn initdb(root: bool, bin: &Path, data: &Path) -> Result<(), String> {
+    let out = as_user(root, &bin.join("initdb"))
+        .arg("-D")
+        .arg(data)
+        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+        .output()
+        .map_err(|e| format!("initdb: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(())
+}
+
+/// Runs a watchdog script in the background, detached from our output.
+fn spawn_shell(script: &str) -> std::io::Result<std::process::Child> {
     Command::new("sh")
         .arg("-c")
         .arg(script)
@@ -123,8 +155,6 @@ fn start_server() -> Result<String, String> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| format!("start postgres: {e}"))?;
-    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
 }
 
 /// A Postgres server of its own, under `pg_ctl`, for tests that restart or
@@ -143,44 +173,25 @@ impl OwnPostgres {
     /// Starts a new server; panics when it cannot (a test needing it fails).
     pub fn start() -> OwnPostgres {
         let bin = bindir().unwrap_or_else(|e| panic!("no Postgres for tests: {e}"));
-        let dir = tempfile::Builder::new().prefix("drover-pg-own-").tempdir().expect("temp dir").keep();
-        let root = nix_is_root();
-        if root {
-            chown_nobody(&dir).unwrap();
-        }
+        let (dir, root) = server_dir("drover-pg-own-").unwrap();
         let port = free_port().unwrap();
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=300",
             dir.display()
         );
         let mut pg = OwnPostgres { bin, dir, port, root, options, watchdog: None };
-        let out = pg
-            .command("initdb")
-            .arg("-D")
-            .arg(pg.data())
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .output()
-            .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        initdb(root, &pg.bin, &pg.data()).unwrap();
         pg.start_again();
-        let prefix = if root { "setpriv --reuid=nobody --regid=nogroup --clear-groups " } else { "" };
         let watchdog = format!(
             "while kill -0 {parent} 2>/dev/null && [ -d '{dir}' ]; do sleep 1; done
              {prefix}'{pg_ctl}' -D '{data}' stop -m immediate >/dev/null 2>&1; rm -rf '{dir}'",
             parent = std::process::id(),
             dir = pg.dir.display(),
+            prefix = shell_prefix(root),
             pg_ctl = pg.bin.join("pg_ctl").display(),
             data = pg.data().display(),
         );
-        let watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(watchdog)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the Postgres watchdog");
-        pg.watchdog = Some(watchdog);
+        pg.watchdog = Some(spawn_shell(&watchdog).expect("start the Postgres watchdog"));
         pg
     }
 
@@ -188,19 +199,8 @@ impl OwnPostgres {
         self.dir.join("data")
     }
 
-    fn command(&self, program: &str) -> Command {
-        let path = self.bin.join(program);
-        if self.root {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        }
-    }
-
     fn pg_ctl(&self, args: &[&str], log: Option<&Path>) {
-        let mut c = self.command("pg_ctl");
+        let mut c = as_user(self.root, &self.bin.join("pg_ctl"));
         c.arg("-D").arg(self.data()).args(args);
         if let Some(log) = log {
             c.arg(log);
@@ -237,7 +237,11 @@ impl OwnPostgres {
 
 impl Drop for OwnPostgres {
     fn drop(&mut self) {
-        let _ = self.command("pg_ctl").arg("-D").arg(self.data()).args(["stop", "-m", "immediate"]).output();
+        let _ = as_user(self.root, &self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data())
+            .args(["stop", "-m", "immediate"])
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
         // It sees the directory gone within a second, and exits.
         if let Some(mut w) = self.watchdog.take() {
