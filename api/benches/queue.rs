@@ -251,48 +251,8 @@ async fn pickup(pg: &OwnPostgres, rate: f64) -> ((f64, f64), (f64, f64)) {
     let mut n = 0;
     let mut submit = || {
         n += 1;
-        let store = stores.store.clone();
-        let name = format!("p-{n}");
-        async move {
-            let r = store
-                .insert_resource(&drover_domain::model::NewResource {
-                    id: uuid::Uuid::now_v7(),
-                    kind: Kind::Cluster,
-                    name,
-                    state: "up".into(),
-                    spec: json!({"image": "x", "count": 1}),
-                    actor: "bench".into(),
-                    now: chrono::Utc::now(),
-                })
-                .await
-                .unwrap();
-            store
-                .insert_run(&drover_domain::model::NewRun {
-                    id: uuid::Uuid::now_v7(),
-                    resource_id: r.id,
-                    kind: Kind::Cluster,
-                    resource_name: r.name.clone(),
-                    action: "stop".into(),
-                    params: json!({}),
-                    from_state: "up".into(),
-                    working_state: "stopping".into(),
-                    ok_state: "down".into(),
-                    err_state: "failed".into(),
-                    max_attempts: 3,
-                    actor: "bench".into(),
-                    reason: None,
-                    idempotency_key: None,
-                    parent_run: None,
-                    provider: "noop".into(),
-                    timeout_secs: 60,
-                    settings: json!([]),
-                    environment: None,
-                    now: chrono::Utc::now(),
-                })
-                .await
-                .unwrap()
-                .id
-        }
+        let (store, name) = (stores.store.clone(), format!("p-{n}"));
+        async move { drover_persistence::testing::queue_stop(&*store, &name, "noop", None).await.unwrap() }
     };
     let mut idle = Vec::new();
     for _ in 0..200 {
@@ -318,6 +278,16 @@ async fn pickup(pg: &OwnPostgres, rate: f64) -> ((f64, f64), (f64, f64)) {
     let loaded = latency(&mut conn, loaded).await;
     stop(vec![engine]);
     ((pct(idle.clone(), 0.5), pct(idle, 0.99)), (pct(loaded.clone(), 0.5), pct(loaded, 0.99)))
+}
+
+/// A child process killed when this goes out of scope, panics included.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn free_port() -> u16 {
@@ -347,22 +317,24 @@ fn wrk(url: &str) -> (f64, f64, f64) {
     (rps, field("50%").map(|v| ms(&v)).unwrap_or(f64::NAN), field("99%").map(|v| ms(&v)).unwrap_or(f64::NAN))
 }
 
-async fn api(pg: &OwnPostgres) -> Vec<(String, (f64, f64, f64))> {
-    // The drained database: 200k clusters and their transitions.
+async fn api(pg: &OwnPostgres, runs: i64) -> Vec<(String, (f64, f64, f64))> {
+    // The drained database: a cluster and a transition per run.
     let url = pg.url("drain_1");
     let port = free_port();
     let data = tempfile::tempdir().unwrap();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(["serve", "--no-workers", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(data.path())
-        .env("DATABASE_URL", &url)
-        .env("DROVER_BOOTSTRAP_TOKEN", TOKEN)
-        .env("DROVER_SECRET_KEY", "11".repeat(32))
-        .env("DROVER_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let server = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["serve", "--no-workers", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(data.path())
+            .env("DATABASE_URL", &url)
+            .env("DROVER_BOOTSTRAP_TOKEN", TOKEN)
+            .env("DROVER_SECRET_KEY", "11".repeat(32))
+            .env("DROVER_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -370,15 +342,15 @@ async fn api(pg: &OwnPostgres) -> Vec<(String, (f64, f64, f64))> {
         assert!(Instant::now() < deadline, "drover serve did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // One of the drained clusters (named d-1 to d-<runs>).
+    let cluster = format!("/v1/clusters/d-{}", runs / 2 + 1);
     let mut out = Vec::new();
-    for (name, path) in [
-        ("GET /v1/clusters/{name}", "/v1/clusters/d-4242"),
-        ("GET /v1/transitions?limit=50", "/v1/transitions?limit=50"),
-    ] {
+    for (name, path) in
+        [("GET /v1/clusters/{name}", cluster.as_str()), ("GET /v1/transitions?limit=50", "/v1/transitions?limit=50")]
+    {
         out.push((name.to_string(), wrk(&format!("{base}{path}"))));
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     // The ceiling: Postgres alone answering primary-key selects.
     new_database(pg, "pgbench").await;
     let pgbench = pg.bindir().join("pgbench");
@@ -464,7 +436,7 @@ fn main() {
         println!("fed at {:>5.0}/s (half of 1 engine) p50 {:>7.1} ms  p99 {:>7.1} ms", one.0 / 2.0, loaded.0, loaded.1);
 
         println!("\n== API under wrk, 32 connections, 10 s ({runs} clusters in the database)");
-        for (name, (rps, p50, p99)) in api(&pg).await {
+        for (name, (rps, p50, p99)) in api(&pg, runs).await {
             println!("{name:<36} {rps:>8.0} req/s  p50 {p50:>6.2} ms  p99 {p99:>6.2} ms");
         }
 

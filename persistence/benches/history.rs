@@ -84,46 +84,9 @@ where
 /// Queues `n` no-op transitions and returns the rate at which one engine
 /// (64 slots) finishes them.
 async fn engine_throughput(store: &Arc<dyn Store>, n: usize, tag: &str) -> f64 {
-    let mut ids = Vec::with_capacity(n);
     for i in 0..n {
-        let r = store
-            .insert_resource(&NewResource {
-                id: Uuid::now_v7(),
-                kind: Kind::Cluster,
-                name: format!("tp-{tag}-{}-{i}", std::process::id()),
-                state: "up".into(),
-                spec: json!({"image": "x", "count": 1}),
-                actor: "bench".into(),
-                now: Utc::now(),
-            })
-            .await
-            .unwrap();
-        let run = store
-            .insert_run(&NewRun {
-                id: Uuid::now_v7(),
-                resource_id: r.id,
-                kind: Kind::Cluster,
-                resource_name: r.name.clone(),
-                action: "stop".into(),
-                params: json!({}),
-                from_state: "up".into(),
-                working_state: "stopping".into(),
-                ok_state: "down".into(),
-                err_state: "failed".into(),
-                max_attempts: 3,
-                actor: "bench".into(),
-                reason: None,
-                idempotency_key: None,
-                parent_run: None,
-                provider: "noop".into(),
-                timeout_secs: 60,
-                settings: json!([]),
-                environment: Some("qa".into()),
-                now: Utc::now(),
-            })
-            .await
-            .unwrap();
-        ids.push(run.id);
+        let name = format!("tp-{tag}-{}-{i}", std::process::id());
+        drover_persistence::testing::queue_stop(&**store, &name, "noop", Some("qa")).await.unwrap();
     }
     let mut providers = Providers::default();
     providers.register("noop", Kind::Cluster, Arc::new(Noop));

@@ -157,6 +157,56 @@ fn spawn_shell(script: &str) -> std::io::Result<std::process::Child> {
         .spawn()
 }
 
+/// Queues a no-op-sized transition for benches: a cluster `name`, `up`,
+/// and a `stop` of it on `provider`. Returns the run's id.
+pub async fn queue_stop(
+    store: &dyn drover_domain::ports::Store,
+    name: &str,
+    provider: &str,
+    environment: Option<&str>,
+) -> drover_domain::Result<uuid::Uuid> {
+    use drover_domain::kinds::Kind;
+    use drover_domain::model::{NewResource, NewRun};
+    use serde_json::json;
+    let now = chrono::Utc::now();
+    let r = store
+        .insert_resource(&NewResource {
+            id: uuid::Uuid::now_v7(),
+            kind: Kind::Cluster,
+            name: name.into(),
+            state: "up".into(),
+            spec: json!({"image": "x", "count": 1}),
+            actor: "bench".into(),
+            now,
+        })
+        .await?;
+    let run = store
+        .insert_run(&NewRun {
+            id: uuid::Uuid::now_v7(),
+            resource_id: r.id,
+            kind: Kind::Cluster,
+            resource_name: r.name,
+            action: "stop".into(),
+            params: json!({}),
+            from_state: "up".into(),
+            working_state: "stopping".into(),
+            ok_state: "down".into(),
+            err_state: "failed".into(),
+            max_attempts: 3,
+            actor: "bench".into(),
+            reason: None,
+            idempotency_key: None,
+            parent_run: None,
+            provider: provider.into(),
+            timeout_secs: 60,
+            settings: json!([]),
+            environment: environment.map(str::to_string),
+            now,
+        })
+        .await?;
+    Ok(run.id)
+}
+
 /// A Postgres server of its own, under `pg_ctl`, for tests that restart or
 /// crash it (the chaos suite). Stopped and removed on drop, or by a
 /// watchdog if the test process dies first.
