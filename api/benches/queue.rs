@@ -2,7 +2,8 @@
 //! throwaway Postgres. Not a test: it prints figures, it asserts nothing.
 //!
 //! `bench/queue` installs what this needs and runs it; by hand:
-//! `cargo bench -p drover-api --bench queue -- [runs]` (default 200000),
+//! `cargo bench -p drover-api --bench queue -- [runs] [sections]` (default
+//! 200000 runs; sections among drain, pickup, api, memory, all by default),
 //! after `npm ci` in `bench/graphile`, with `wrk` on the PATH.
 //!
 //! 1. Burn-down: `runs` queued no-op transitions drained by one and by two
@@ -34,6 +35,11 @@ const TOKEN: &str = "drv_bench_0123456789abcdefghijklmnopqrstuvwxyz";
 const GRAPHILE_PROCESSES: usize = 4;
 const GRAPHILE_CONCURRENCY: usize = 24;
 const GRAPHILE_LOCAL_QUEUE: usize = 100;
+/// How often a drain asks whether it is done. The question is a count over
+/// the queue's bloated index or table, so asking often steals a noticeable
+/// share of the two cores from the system being measured (both systems
+/// alike); four times a second bounds the error on the end time at ±0.25 s.
+const DRAIN_POLL: Duration = Duration::from_millis(250);
 
 struct Noop;
 
@@ -56,43 +62,53 @@ impl Provider for Slow {
 }
 
 /// Queues `n` transitions of `provider` as the API would have: a resource
-/// each (one active run per resource), the run, and its request event.
+/// each (one active run per resource), the run, its queue row and its
+/// request event. Ids are time-ordered like the API's UUIDv7 (a millisecond
+/// stamp, then a counter), so rows land in the order the API would write
+/// them.
 async fn load(conn: &mut PgConnection, n: i64, provider: &str, tag: &str) {
-    sqlx::query(
-        "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by, updated_by)
-         SELECT md5($2 || g)::uuid, 'cluster', $2 || g, 'up', '{\"image\": \"x\", \"count\": 1}', 1, '{}', now(), now(),
-            'bench', 'bench'
-         FROM generate_series(1, $1) g",
-    )
-    .bind(n)
-    .bind(format!("{tag}-"))
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state, working_state, ok_state,
-            err_state, status, attempt, max_attempts, actor, provider, timeout_secs, created_at, run_after, settings,
-            environment)
-         SELECT md5('run-' || $2 || g)::uuid, md5($2 || g)::uuid, 'cluster', $2 || g, 'stop', '{}', 'up', 'stopping',
-            'down', 'failed', 'queued', 0, 3, 'bench', $3, 60, now(), now(), '[]', 'qa'
-         FROM generate_series(1, $1) g",
-    )
-    .bind(n)
-    .bind(format!("{tag}-"))
-    .bind(provider)
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO run_events (run_id, at, attempt, level, step, message)
-         SELECT md5('run-' || $2 || g)::uuid, now(), 0, 'info', 'request', 'stop requested by bench'
-         FROM generate_series(1, $1) g",
-    )
-    .bind(n)
-    .bind(format!("{tag}-"))
-    .execute(&mut *conn)
-    .await
-    .unwrap();
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // Parameters: `$1` n, `$2` the millisecond stamp, then `$3` the name
+    // prefix and `$4` the provider where a statement needs them.
+    let id = |nibble: char| {
+        format!("(lpad(to_hex($2::bigint), 12, '0') || '700{nibble}8' || lpad(to_hex(g), 15, '0'))::uuid")
+    };
+    let (resource, run) = (id('0'), id('1'));
+    let statements = [
+        format!(
+            "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by,
+                updated_by)
+             SELECT {resource}, 'cluster', $3 || g, 'up', '{{\"image\": \"x\", \"count\": 1}}', 1, '{{}}', now(), now(),
+                'bench', 'bench'
+             FROM generate_series(1, $1) g"
+        ),
+        format!(
+            "INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state, working_state, ok_state,
+                err_state, status, attempt, max_attempts, actor, provider, timeout_secs, created_at, run_after, settings,
+                environment)
+             SELECT {run}, {resource}, 'cluster', $3 || g, 'stop', '{{}}', 'up', 'stopping', 'down', 'failed', 'queued', 0, 3,
+                'bench', $4, 60, now(), now(), '[]', 'qa'
+             FROM generate_series(1, $1) g"
+        ),
+        format!(
+            "INSERT INTO run_queue (run_id, resource_id, run_after)
+             SELECT {run}, {resource}, now() FROM generate_series(1, $1) g"
+        ),
+        format!(
+            "INSERT INTO run_events (run_id, at, attempt, level, step, message)
+             SELECT {run}, now(), 0, 'info', 'request', 'stop requested by bench' FROM generate_series(1, $1) g"
+        ),
+    ];
+    for (i, sql) in statements.iter().enumerate() {
+        let mut q = sqlx::query(sql).bind(n).bind(ms);
+        if i < 2 {
+            q = q.bind(format!("{tag}-"));
+        }
+        if i == 1 {
+            q = q.bind(provider);
+        }
+        q.execute(&mut *conn).await.unwrap();
+    }
     sqlx::query("ANALYZE").execute(&mut *conn).await.unwrap();
 }
 
@@ -169,12 +185,12 @@ async fn drover_drain(pg: &OwnPostgres, n: i64, replicas: usize) -> (f64, f64, f
     let (commits0, wal0) = db_counters(&mut conn).await;
     let started = Instant::now();
     let engines: Vec<Child> = (0..replicas).map(|_| spawn_engine(&url, "noop", 64)).collect();
-    while open_count(&mut conn, "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").await > 0 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    while open_count(&mut conn, "SELECT count(*) FROM run_queue").await > 0 {
+        tokio::time::sleep(DRAIN_POLL).await;
     }
     // The folders finish the rollups: part of the audit trail.
     while open_count(&mut conn, "SELECT count(*) FROM rollup_pending").await > 0 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(DRAIN_POLL).await;
     }
     let secs = started.elapsed().as_secs_f64();
     stop(engines);
@@ -216,7 +232,7 @@ async fn graphile_drain(pg: &OwnPostgres, n: i64) -> (f64, f64, f64) {
         })
         .collect();
     while open_count(&mut conn, "SELECT count(*) FROM graphile_worker._private_jobs").await > 0 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(DRAIN_POLL).await;
     }
     let secs = started.elapsed().as_secs_f64();
     for w in &mut workers {
@@ -257,7 +273,7 @@ async fn pickup(pg: &OwnPostgres, rate: f64) -> ((f64, f64), (f64, f64)) {
     let mut idle = Vec::new();
     for _ in 0..200 {
         let id = submit().await;
-        while open_count(&mut conn, "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").await > 0 {
+        while open_count(&mut conn, "SELECT count(*) FROM run_queue").await > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         idle.push(id);
@@ -272,7 +288,7 @@ async fn pickup(pg: &OwnPostgres, rate: f64) -> ((f64, f64), (f64, f64)) {
         loaded.push(submit().await);
         tokio::time::sleep(gap.saturating_sub(t.elapsed())).await;
     }
-    while open_count(&mut conn, "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')").await > 0 {
+    while open_count(&mut conn, "SELECT count(*) FROM run_queue").await > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let loaded = latency(&mut conn, loaded).await;
@@ -415,33 +431,53 @@ fn main() {
         return rt.block_on(engine_process(&args[1], &args[2], args[3].parse().unwrap()));
     }
     let runs: i64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(200_000);
+    // Sections to run after the count: drain, pickup, api, memory (all by
+    // default; api reads the database the drain left).
+    let only: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    let wanted = |s: &str| only.is_empty() || only.contains(&s);
     rt.block_on(async {
         let pg = OwnPostgres::start();
         println!("throwaway Postgres: fsync=off, full_page_writes=off (the same for both systems)\n");
-        println!("== burn-down of {runs} no-op transitions");
-        let one = drover_drain(&pg, runs, 1).await;
-        println!("drover, 1 engine (64 slots)      {:>8.0}/s  {:.2} commits, {:.0} WAL bytes per transition", one.0, one.1, one.2);
-        let two = drover_drain(&pg, runs, 2).await;
-        println!("drover, 2 engines (64 slots each) {:>7.0}/s  {:.2} commits, {:.0} WAL bytes per transition", two.0, two.1, two.2);
-        let gw = graphile_drain(&pg, runs).await;
-        println!(
-            "graphile-worker 0.17.3, {GRAPHILE_PROCESSES}×{GRAPHILE_CONCURRENCY}, local queue {GRAPHILE_LOCAL_QUEUE} {:>5.0}/s  {:.2} commits, {:.0} WAL bytes per job",
-            gw.0, gw.1, gw.2
-        );
-        println!("ratio drover/graphile-worker: 1 engine {:.2}×, 2 engines {:.2}×", one.0 / gw.0, two.0 / gw.0);
-
-        println!("\n== pickup latency (request to claim)");
-        let (idle, loaded) = pickup(&pg, one.0 / 2.0).await;
-        println!("idle queue                      p50 {:>7.1} ms  p99 {:>7.1} ms", idle.0, idle.1);
-        println!("fed at {:>5.0}/s (half of 1 engine) p50 {:>7.1} ms  p99 {:>7.1} ms", one.0 / 2.0, loaded.0, loaded.1);
-
-        println!("\n== API under wrk, 32 connections, 10 s ({runs} clusters in the database)");
-        for (name, (rps, p50, p99)) in api(&pg, runs).await {
-            println!("{name:<36} {rps:>8.0} req/s  p50 {p50:>6.2} ms  p99 {p99:>6.2} ms");
+        // The API section reads the database the drain leaves behind.
+        let mut one_engine = None;
+        if wanted("drain") || wanted("api") {
+            println!("== burn-down of {runs} no-op transitions");
+            let one = drover_drain(&pg, runs, 1).await;
+            println!("drover, 1 engine (64 slots)      {:>8.0}/s  {:.2} commits, {:.0} WAL bytes per transition", one.0, one.1, one.2);
+            one_engine = Some(one.0);
+            if wanted("drain") {
+                let two = drover_drain(&pg, runs, 2).await;
+                println!("drover, 2 engines (64 slots each) {:>7.0}/s  {:.2} commits, {:.0} WAL bytes per transition", two.0, two.1, two.2);
+                let gw = graphile_drain(&pg, runs).await;
+                println!(
+                    "graphile-worker 0.17.3, {GRAPHILE_PROCESSES}×{GRAPHILE_CONCURRENCY}, local queue {GRAPHILE_LOCAL_QUEUE} {:>5.0}/s  {:.2} commits, {:.0} WAL bytes per job",
+                    gw.0, gw.1, gw.2
+                );
+                println!("ratio drover/graphile-worker: 1 engine {:.2}×, 2 engines {:.2}×", one.0 / gw.0, two.0 / gw.0);
+            }
         }
 
-        println!("\n== memory of one engine process");
-        let (idle, busy) = memory(&pg).await;
-        println!("idle {idle:.1} MiB; with 10,000 runs inside a slow provider {busy:.1} MiB ({:.1} KiB per run)", (busy - idle) * 1024.0 / 10_000.0);
+        if wanted("pickup") {
+            // Half of what one engine sustained, or a fixed rate when the
+            // drain did not run.
+            let rate = one_engine.map_or(1000.0, |r| r / 2.0);
+            println!("\n== pickup latency (request to claim)");
+            let (idle, loaded) = pickup(&pg, rate).await;
+            println!("idle queue                      p50 {:>7.1} ms  p99 {:>7.1} ms", idle.0, idle.1);
+            println!("fed at {rate:>5.0}/s                  p50 {:>7.1} ms  p99 {:>7.1} ms", loaded.0, loaded.1);
+        }
+
+        if wanted("api") {
+            println!("\n== API under wrk, 32 connections, 10 s ({runs} clusters in the database)");
+            for (name, (rps, p50, p99)) in api(&pg, runs).await {
+                println!("{name:<36} {rps:>8.0} req/s  p50 {p50:>6.2} ms  p99 {p99:>6.2} ms");
+            }
+        }
+
+        if wanted("memory") {
+            println!("\n== memory of one engine process");
+            let (idle, busy) = memory(&pg).await;
+            println!("idle {idle:.1} MiB; with 10,000 runs inside a slow provider {busy:.1} MiB ({:.1} KiB per run)", (busy - idle) * 1024.0 / 10_000.0);
+        }
     });
 }

@@ -113,6 +113,13 @@ type Finished = (Lease, Completion, oneshot::Sender<Result<()>>);
 /// The most completions written in one transaction.
 const COMPLETION_BATCH: usize = 128;
 
+/// The most runs one claim asks for.
+const CLAIM_BATCH: usize = 64;
+
+/// How long the claimer, when runs are waiting, lets slots free up before
+/// it claims (it claims at once when a quarter of them are free).
+const CLAIM_GATHER: Duration = Duration::from_millis(2);
+
 /// Writes completions as they come: the first alone, and whatever arrived
 /// while a write was in flight together in the next. Under load a batch
 /// shares one transaction; idle, nothing waits for company.
@@ -220,6 +227,9 @@ impl Engine {
     }
 
     async fn claim_loop(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) {
+        // Whether the last claim found as many runs as it asked for: then
+        // more are probably waiting.
+        let mut backlog = false;
         loop {
             if *stop.borrow() {
                 return;
@@ -230,29 +240,44 @@ impl Engine {
                 p = self.slots.clone().acquire_owned() => p.expect("semaphore never closes"),
                 _ = stop.changed() => return,
             };
-            let want = 1 + self.slots.available_permits().min(31) as u32;
+            let mut permits = vec![first];
+            // With a backlog, runs wait anyway: give slots a moment to free
+            // up so that one claim starts several runs instead of one each.
+            // An idle queue never waits here.
+            if backlog {
+                let enough = (self.cfg.concurrency / 4).clamp(1, CLAIM_BATCH);
+                let until = tokio::time::Instant::now() + CLAIM_GATHER;
+                while permits.len() + self.slots.available_permits() < enough {
+                    match tokio::time::timeout_at(until, self.slots.clone().acquire_owned()).await {
+                        Ok(p) => permits.push(p.expect("semaphore never closes")),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let want = (permits.len() + self.slots.available_permits()).min(CLAIM_BATCH) as u32;
             let claimed = match self.store.claim_jobs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now()).await {
                 Ok(runs) => runs,
                 Err(e) => {
                     warn!(error = %e, cause = ?std::error::Error::source(&e), "claim failed; backing off");
-                    drop(first);
+                    drop(permits);
+                    backlog = false;
                     if sleep_or_stop(self.cfg.poll, stop).await {
                         return;
                     }
                     continue;
                 }
             };
+            backlog = claimed.len() as u32 == want;
             if claimed.is_empty() {
-                drop(first);
+                drop(permits);
                 tokio::select! {
                     _ = self.store.wait_for_work(self.cfg.poll) => {}
                     _ = stop.changed() => return,
                 }
                 continue;
             }
-            let mut permit = Some(first);
             for (run, resource) in claimed {
-                let p = match permit.take() {
+                let p = match permits.pop() {
                     Some(p) => p,
                     None => self.slots.clone().acquire_owned().await.expect("semaphore never closes"),
                 };

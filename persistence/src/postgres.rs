@@ -27,18 +27,23 @@ pub struct PgStore {
 
 const CLAIM: &str = "
     WITH due AS (
-        SELECT id FROM runs
-        WHERE status = 'queued' AND run_after <= $1
-        ORDER BY run_after, id
+        SELECT run_id FROM run_queue
+        WHERE lease_expires_at IS NULL AND run_after <= $1
+        ORDER BY run_after, run_id
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     )
-    UPDATE runs r SET status = 'running', attempt = r.attempt + 1, worker = $3, lease_token = $4,
-        lease_expires_at = $5, heartbeat_at = $1, started_at = COALESCE(r.started_at, $1)
-    FROM due WHERE r.id = due.id
-    RETURNING r.*";
+    UPDATE run_queue q SET lease_expires_at = $3
+    FROM due WHERE q.run_id = due.run_id
+    RETURNING q.run_id";
 
 impl PgStore {
+    /// `column = ANY($n)`: one array parameter, so the statement's text (and
+    /// its prepared plan) is the same however many ids there are.
+    fn push_in(q: &mut QueryBuilder<'_, Postgres>, column: &str, ids: &[Uuid]) {
+        q.push(column).push(" = ANY(").push_bind(ids.to_vec()).push(")");
+    }
+
     const NOTIFY_SQL: Option<&'static str> = Some("SELECT pg_notify('drover_runs', '')");
 
     pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore> {

@@ -29,15 +29,24 @@ pub struct SqliteStore {
 }
 
 const CLAIM: &str = "
-    UPDATE runs SET status = 'running', attempt = attempt + 1, worker = $3, lease_token = $4,
-        lease_expires_at = $5, heartbeat_at = $1, started_at = COALESCE(started_at, $1)
-    WHERE id IN (
-        SELECT id FROM runs WHERE status = 'queued' AND run_after <= $1
-        ORDER BY run_after, id LIMIT $2
+    UPDATE run_queue SET lease_expires_at = $3
+    WHERE run_id IN (
+        SELECT run_id FROM run_queue WHERE lease_expires_at IS NULL AND run_after <= $1
+        ORDER BY run_after, run_id LIMIT $2
     )
-    RETURNING *";
+    RETURNING run_id";
 
 impl SqliteStore {
+    /// `column IN (…)`, a parameter per id (SQLite has no arrays).
+    fn push_in(q: &mut QueryBuilder<'_, Sqlite>, column: &str, ids: &[Uuid]) {
+        q.push(column).push(" IN (");
+        let mut list = q.separated(", ");
+        for id in ids {
+            list.push_bind(*id);
+        }
+        q.push(")");
+    }
+
     const NOTIFY_SQL: Option<&'static str> = None;
 
     pub async fn connect(url: &str) -> Result<SqliteStore> {

@@ -8,10 +8,20 @@
 //! Every write that belongs to a worker is fenced on `(status = 'running',
 //! lease_token)` and checks rows affected; losing the fence is
 //! [`Error::StaleLease`], and the whole transaction is rolled back.
+//!
+//! `run_queue` holds a narrow row per active run (queued: no lease; running:
+//! the lease expiry), written in the same transaction as every change of
+//! the run's status; `runs` has no index over a column the engine changes,
+//! so its rows are rewritten in place. Transactions that take both rows
+//! lock them in one order for a queued run (queue row, then run: claim,
+//! cancel) and in the other for a running one (run, then queue row:
+//! heartbeat, completion, requeue, reaper); no transaction holds a running
+//! run's row while waiting for a queued one's, so the two orders cannot
+//! deadlock.
 
 /// Expands `impl Store for $store` against `$db`. `$claim` is the backend's
-/// claim statement with parameters `$1` now, `$2` limit, `$3` worker,
-/// `$4` lease token, `$5` lease expiry. `$fold_lock` is the statement that
+/// statement that leases due rows of `run_queue` and returns their run ids,
+/// with parameters `$1` now, `$2` limit, `$3` lease expiry. `$fold_lock` is the statement that
 /// makes rollup folders take turns (a no-op where transactions are already
 /// serial).
 macro_rules! impl_store {
@@ -96,9 +106,7 @@ macro_rules! impl_store {
                 now: Time,
             ) -> Result<Resource> {
                 let mut tx = self.pool.begin().await.map_err(db("begin"))?;
-                let active = sqlx::query_scalar::<_, Uuid>(
-                    "SELECT id FROM runs WHERE resource_id = $1 AND status IN ('queued', 'running')",
-                )
+                let active = sqlx::query_scalar::<_, Uuid>("SELECT run_id FROM run_queue WHERE resource_id = $1")
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await
@@ -194,14 +202,23 @@ macro_rules! impl_store {
                 .bind(&run.environment)
                 .fetch_optional(&mut *tx)
                 .await;
-                let row = match inserted {
-                    Ok(Some(row)) => row,
-                    Ok(None) => {
+                let row = match inserted.map_err(db("insert run"))? {
+                    Some(row) => row,
+                    None => {
                         return Err(Error::Conflict(format!(
                             "{} {} is no longer {}; look again before asking",
                             run.kind, run.resource_name, run.from_state
                         )))
                     }
+                };
+                let queued = sqlx::query("INSERT INTO run_queue (run_id, resource_id, run_after) VALUES ($1, $2, $3)")
+                    .bind(run.id)
+                    .bind(run.resource_id)
+                    .bind(Ts(run.now))
+                    .execute(&mut *tx)
+                    .await;
+                match queued {
+                    Ok(_) => {}
                     Err(e) if is_unique(&e) => {
                         drop(tx);
                         let active = self.active_run(run.resource_id).await?;
@@ -210,8 +227,8 @@ macro_rules! impl_store {
                             None => Error::Conflict("another transition was requested at the same time".into()),
                         });
                     }
-                    Err(e) => return Err(db("insert run")(e)),
-                };
+                    Err(e) => return Err(db("queue run")(e)),
+                }
                 let by = match &run.reason {
                     Some(r) => format!("{} requested by {}: {r}", run.action, run.actor),
                     None => format!("{} requested by {}", run.action, run.actor),
@@ -248,6 +265,11 @@ macro_rules! impl_store {
                 }
                 if let Some(v) = f.status {
                     q.push(" AND status = ").push_bind(v.as_str());
+                    // Active runs are found through the queue, which is small;
+                    // finished ones by the other filters, newest first.
+                    if !v.is_terminal() {
+                        q.push(" AND id IN (SELECT run_id FROM run_queue)");
+                    }
                 }
                 if let Some(v) = f.since {
                     q.push(" AND created_at >= ").push_bind(Ts(v));
@@ -273,7 +295,7 @@ macro_rules! impl_store {
 
             async fn active_run(&self, resource: Uuid) -> Result<Option<Run>> {
                 sqlx::query_as::<_, RunRow>(
-                    "SELECT * FROM runs WHERE resource_id = $1 AND status IN ('queued', 'running')",
+                    "SELECT runs.* FROM run_queue JOIN runs ON runs.id = run_queue.run_id WHERE run_queue.resource_id = $1",
                 )
                 .bind(resource)
                 .fetch_optional(&self.pool)
@@ -298,18 +320,33 @@ macro_rules! impl_store {
 
             async fn claim_jobs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<(Run, Resource)>> {
                 let mut tx = self.pool.begin().await.map_err(db("begin"))?;
-                let claimed = sqlx::query_as::<_, RunRow>($claim)
+                let expires = Ts(now + lease_len(lease));
+                let leased: Vec<Uuid> = sqlx::query_scalar($claim)
                     .bind(Ts(now))
                     .bind(i64::from(limit))
-                    .bind(worker)
-                    .bind(Uuid::new_v4())
-                    .bind(Ts(now + lease_len(lease)))
+                    .bind(expires)
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(db("claim runs"))?;
-                let runs = claimed.into_iter().map(Run::try_from).collect::<Result<Vec<_>>>()?;
-                if runs.is_empty() {
+                if leased.is_empty() {
                     return Ok(Vec::new());
+                }
+                let mut q = QueryBuilder::<$db>::new("UPDATE runs SET status = 'running', attempt = attempt + 1, worker = ");
+                q.push_bind(worker).push(", lease_token = ").push_bind(Uuid::new_v4());
+                q.push(", lease_expires_at = ").push_bind(expires).push(", heartbeat_at = ").push_bind(Ts(now));
+                q.push(", started_at = COALESCE(started_at, ").push_bind(Ts(now)).push(") WHERE status = 'queued' AND ");
+                $store::push_in(&mut q, "id", &leased);
+                q.push(" RETURNING *");
+                let claimed = q.build_query_as::<RunRow>().fetch_all(&mut *tx).await.map_err(db("start runs"))?;
+                let runs = claimed.into_iter().map(Run::try_from).collect::<Result<Vec<_>>>()?;
+                if runs.len() != leased.len() {
+                    // The queue row of every queued run has no lease, and no
+                    // other run has one: anything else is a broken invariant.
+                    return Err(Error::Internal(format!(
+                        "{} of {} leased queue rows had no queued run",
+                        leased.len() - runs.len(),
+                        leased.len()
+                    )));
                 }
                 // The resources enter their working states when work starts
                 // (a requeued run finds its resource there already), all in
@@ -353,6 +390,7 @@ macro_rules! impl_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db("fail unclaimable run"))?;
+                    dequeue(&mut tx, run.id).await?;
                 }
                 if !out.is_empty() {
                     let mut q = QueryBuilder::<$db>::new("INSERT INTO run_events (run_id, at, attempt, level, step, message) ");
@@ -370,18 +408,30 @@ macro_rules! impl_store {
             }
 
             async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>> {
+                let expires = Ts(now + lease_len(lease_for));
+                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
                 let row = sqlx::query_scalar::<_, Option<Ts>>(
                     "UPDATE runs SET lease_expires_at = $3, heartbeat_at = $4
                      WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING cancel_requested_at",
                 )
                 .bind(lease.run)
                 .bind(lease.token)
-                .bind(Ts(now + lease_len(lease_for)))
+                .bind(expires)
                 .bind(Ts(now))
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(db("heartbeat"))?;
-                Ok(row.map(|cancel| cancel.is_some()))
+                let Some(cancel) = row else {
+                    return Ok(None);
+                };
+                sqlx::query("UPDATE run_queue SET lease_expires_at = $2 WHERE run_id = $1")
+                    .bind(lease.run)
+                    .bind(expires)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("extend the lease in the queue"))?;
+                tx.commit().await.map_err(db("commit heartbeat"))?;
+                Ok(Some(cancel.is_some()))
             }
 
             async fn append_event(&self, lease: Lease, event: &NewEvent) -> Result<()> {
@@ -427,6 +477,7 @@ macro_rules! impl_store {
                 if done.rows_affected() != 1 {
                     return Err(Error::StaleLease { run: lease.run });
                 }
+                requeue(&mut tx, lease.run, run_after).await?;
                 tx.commit().await.map_err(db("commit requeue"))?;
                 self.wake();
                 Ok(())
@@ -434,7 +485,8 @@ macro_rules! impl_store {
 
             async fn reap_expired(&self, now: Time) -> Result<Vec<Uuid>> {
                 let expired = sqlx::query_as::<_, RunRow>(
-                    "SELECT * FROM runs WHERE status = 'running' AND lease_expires_at < $1 ORDER BY lease_expires_at LIMIT 100",
+                    "SELECT runs.* FROM run_queue JOIN runs ON runs.id = run_queue.run_id
+                     WHERE run_queue.lease_expires_at < $1 ORDER BY run_queue.lease_expires_at LIMIT 100",
                 )
                 .bind(Ts(now))
                 .fetch_all(&self.pool)
@@ -444,6 +496,17 @@ macro_rules! impl_store {
                 for row in expired {
                     let run: Run = row.try_into()?;
                     let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+                    if run.status != RunStatus::Running {
+                        // A queue row out of step with its run (not written
+                        // by this version): bring it back in line.
+                        tracing::warn!(run = %run.id, status = run.status.as_str(), "queue row leased for a run that is not running; repairing");
+                        match run.status {
+                            RunStatus::Queued => requeue(&mut tx, run.id, run.run_after).await?,
+                            _ => dequeue(&mut tx, run.id).await?,
+                        }
+                        tx.commit().await.map_err(db("commit queue repair"))?;
+                        continue;
+                    }
                     let out_of_attempts = run.attempt >= run.max_attempts;
                     let (status, message) = if out_of_attempts {
                         ("failed", format!("lease of attempt {} lapsed and no attempts are left", run.attempt))
@@ -469,7 +532,10 @@ macro_rules! impl_store {
                     if done.rows_affected() != 1 {
                         continue;
                     }
-                    if out_of_attempts {
+                    if !out_of_attempts {
+                        requeue(&mut tx, run.id, now).await?;
+                    } else {
+                        dequeue(&mut tx, run.id).await?;
                         sqlx::query("UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2")
                             .bind(run.resource_id)
                             .bind(&run.working_state)
@@ -495,21 +561,30 @@ macro_rules! impl_store {
                 // A queued run ends at once. If an earlier attempt had already
                 // moved the resource to its working state, it leaves it for
                 // the failure state, whose exits are retry and destroy.
-                let queued = sqlx::query_as::<_, RunRow>(
-                    "UPDATE runs SET status = 'cancelled', finished_at = $2, error = $5,
-                        cancel_requested_at = $2, cancel_requested_by = $3, cancel_reason = $4
-                     WHERE id = $1 AND status = 'queued' RETURNING *",
-                )
-                .bind(id)
-                .bind(Ts(now))
-                .bind(actor)
-                .bind(reason)
-                .bind(Json(&error))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db("cancel queued run"))?;
-                let queued = match queued {
-                    Some(row) => {
+                // The queue row first, as the claim takes it: a run being
+                // claimed right now is running once this gets the row.
+                let unleased: Option<Uuid> =
+                    sqlx::query_scalar("DELETE FROM run_queue WHERE run_id = $1 AND lease_expires_at IS NULL RETURNING run_id")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db("take a queued run off the queue"))?;
+                let queued = match unleased {
+                    Some(_) => {
+                        let row = sqlx::query_as::<_, RunRow>(
+                            "UPDATE runs SET status = 'cancelled', finished_at = $2, error = $5,
+                                cancel_requested_at = $2, cancel_requested_by = $3, cancel_reason = $4
+                             WHERE id = $1 AND status = 'queued' RETURNING *",
+                        )
+                        .bind(id)
+                        .bind(Ts(now))
+                        .bind(actor)
+                        .bind(reason)
+                        .bind(Json(&error))
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db("cancel queued run"))?
+                        .ok_or_else(|| Error::Internal(format!("run {id} had an unleased queue row but was not queued")))?;
                         let run: Run = row.try_into()?;
                         Some((run.resource_id, run.working_state, run.err_state))
                     }
@@ -569,9 +644,9 @@ macro_rules! impl_store {
             async fn queue_depth(&self, now: Time) -> Result<QueueDepth> {
                 let (due, waiting, running) = sqlx::query_as::<_, (i64, i64, i64)>(
                     "SELECT
-                        (SELECT COUNT(*) FROM runs WHERE status = 'queued' AND run_after <= $1),
-                        (SELECT COUNT(*) FROM runs WHERE status = 'queued' AND run_after > $1),
-                        (SELECT COUNT(*) FROM runs WHERE status = 'running')",
+                        (SELECT COUNT(*) FROM run_queue WHERE lease_expires_at IS NULL AND run_after <= $1),
+                        (SELECT COUNT(*) FROM run_queue WHERE lease_expires_at IS NULL AND run_after > $1),
+                        (SELECT COUNT(*) FROM run_queue WHERE lease_expires_at IS NOT NULL)",
                 )
                 .bind(Ts(now))
                 .fetch_one(&self.pool)
@@ -607,18 +682,22 @@ macro_rules! impl_store {
                 use drover_domain::stats::{FinishedRun, Rollup};
                 let mut tx = self.pool.begin().await.map_err(db("begin"))?;
                 sqlx::query($fold_lock).execute(&mut *tx).await.map_err(db("take the rollup folder's turn"))?;
-                let pending = sqlx::query_as::<_, FinishedRunRow>(
-                    "SELECT r.id, r.kind, r.action, r.environment, r.actor, r.status, r.created_at, r.started_at, r.finished_at
-                     FROM rollup_pending p JOIN runs r ON r.id = p.run_id ORDER BY p.run_id LIMIT $1",
-                )
-                .bind(i64::from(limit))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db("read runs pending for the rollups"))?;
-                if pending.is_empty() {
+                // The ids first, then their runs by primary key: a join lets
+                // the planner, whose statistics saw an empty pending table,
+                // scan the whole ledger for a few hundred runs.
+                let ids: Vec<Uuid> = sqlx::query_scalar("SELECT run_id FROM rollup_pending ORDER BY run_id LIMIT $1")
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db("read runs pending for the rollups"))?;
+                if ids.is_empty() {
                     return Ok(0);
                 }
-                let ids: Vec<Uuid> = pending.iter().map(|r| r.id).collect();
+                let mut q = QueryBuilder::<$db>::new(
+                    "SELECT id, kind, action, environment, actor, status, created_at, started_at, finished_at FROM runs WHERE ",
+                );
+                $store::push_in(&mut q, "id", &ids);
+                let pending = q.build_query_as::<FinishedRunRow>().fetch_all(&mut *tx).await.map_err(db("read runs pending for the rollups"))?;
                 let runs = pending.into_iter().map(FinishedRun::try_from).collect::<Result<Vec<_>>>()?;
                 let mut rows = drover_domain::stats::fold(&runs);
                 // Add what the rows already hold. Folders take turns, so
@@ -667,12 +746,8 @@ macro_rules! impl_store {
                     q.build().execute(&mut *tx).await.map_err(db("write rollups"))?;
                 }
                 for chunk in ids.chunks(1000) {
-                    let mut q = QueryBuilder::<$db>::new("DELETE FROM rollup_pending WHERE run_id IN (");
-                    let mut list = q.separated(", ");
-                    for id in chunk {
-                        list.push_bind(*id);
-                    }
-                    q.push(")");
+                    let mut q = QueryBuilder::<$db>::new("DELETE FROM rollup_pending WHERE ");
+                    $store::push_in(&mut q, "run_id", chunk);
                     q.build().execute(&mut *tx).await.map_err(db("clear folded runs"))?;
                 }
                 tx.commit().await.map_err(db("commit rollups"))?;
@@ -831,6 +906,10 @@ macro_rules! impl_store {
             if done.is_empty() {
                 return Ok(batch.iter().map(|(l, _)| stale(l)).collect());
             }
+            let ids: Vec<Uuid> = done.iter().map(|(id, ..)| *id).collect();
+            let mut q = QueryBuilder::<$db>::new("DELETE FROM run_queue WHERE ");
+            $store::push_in(&mut q, "run_id", &ids);
+            q.build().execute(&mut *tx).await.map_err(db("take finished runs off the queue"))?;
             let by_id: std::collections::HashMap<Uuid, (Uuid, String, i32)> =
                 done.into_iter().map(|(id, resource, working, attempt)| (id, (resource, working, attempt))).collect();
             let finished: Vec<(&(Lease, &Completion), &(Uuid, String, i32))> =
@@ -859,6 +938,27 @@ macro_rules! impl_store {
             q.build().execute(&mut *tx).await.map_err(db("append completion events"))?;
             tx.commit().await.map_err(db("commit completions"))?;
             Ok(batch.iter().map(|(l, _)| if by_id.contains_key(&l.run) { Ok(()) } else { stale(l) }).collect())
+        }
+
+        /// Takes a run that has ended off the queue.
+        async fn dequeue(conn: &mut <$db as sqlx::Database>::Connection, run: Uuid) -> Result<()> {
+            sqlx::query("DELETE FROM run_queue WHERE run_id = $1")
+                .bind(run)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("take a run off the queue"))?;
+            Ok(())
+        }
+
+        /// Puts a run that was running back in the queue, due at `run_after`.
+        async fn requeue(conn: &mut <$db as sqlx::Database>::Connection, run: Uuid, run_after: Time) -> Result<()> {
+            sqlx::query("UPDATE run_queue SET run_after = $2, lease_expires_at = NULL WHERE run_id = $1")
+                .bind(run)
+                .bind(Ts(run_after))
+                .execute(&mut *conn)
+                .await
+                .map_err(db("queue a run again"))?;
+            Ok(())
         }
 
         /// Events written by the store itself (request, cancel, reaper), not

@@ -36,6 +36,7 @@ both_backends!(
     a_key_abandoned_mid_begin_is_taken_again,
     runs_list_by_filters_newest_first,
     deleted_resources_keep_their_history,
+    the_queue_holds_exactly_the_active_runs,
 );
 
 async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
@@ -402,4 +403,139 @@ async fn deleted_resources_keep_their_history(store: Arc<dyn Store>) {
     assert_eq!(store.get_run(run.id).await.unwrap().unwrap().status, RunStatus::Succeeded);
     // The name is free again.
     cluster(&store, "web").await;
+}
+
+/// `run_queue` has a row for each queued or running run and none for any
+/// other, whichever way a run ends or goes back: what the depth, the
+/// active-run lookups, the status lists and the one-active-run rule read.
+async fn the_queue_holds_exactly_the_active_runs(store: Arc<dyn Store>) {
+    let t0 = Utc::now();
+    let depth = |store: &Arc<dyn Store>| {
+        let store = store.clone();
+        async move {
+            let d = store.queue_depth(Utc::now()).await.unwrap();
+            (d.due, d.waiting, d.running)
+        }
+    };
+    let listed = |store: &Arc<dyn Store>, status: RunStatus| {
+        let store = store.clone();
+        async move {
+            let f = RunFilter { status: Some(status), ..Default::default() };
+            let mut ids: Vec<_> = store
+                .list_runs(&f, PageRequest { after: None, limit: 50 })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let (a, b, c) = (cluster(&store, "a").await, cluster(&store, "b").await, cluster(&store, "c").await);
+    let ra = store.insert_run(&new_run(&a, "create", "pending", "creating", "up")).await.unwrap();
+    let rb = store.insert_run(&new_run(&b, "create", "pending", "creating", "up")).await.unwrap();
+    assert_eq!(depth(&store).await, (2, 0, 0));
+
+    // Cancelled while queued: off the queue, and the resource takes a new run.
+    store.request_cancel(rb.id, "alice", None, t0).await.unwrap();
+    assert_eq!(depth(&store).await, (1, 0, 0));
+    let rb2 = store.insert_run(&new_run(&b, "create", "pending", "creating", "up")).await.unwrap();
+    let rc = store.insert_run(&new_run(&c, "create", "pending", "creating", "up")).await.unwrap();
+    assert_eq!(depth(&store).await, (3, 0, 0));
+    assert_eq!(listed(&store, RunStatus::Queued).await, {
+        let mut v = vec![ra.id, rb2.id, rc.id];
+        v.sort();
+        v
+    });
+
+    let t1 = Utc::now();
+    let claimed = store.claim_runs("w1", LEASE, 10, t1).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    assert_eq!(depth(&store).await, (0, 0, 3));
+    assert_eq!(listed(&store, RunStatus::Running).await.len(), 3);
+    assert!(listed(&store, RunStatus::Queued).await.is_empty());
+    let by = |id| claimed.iter().find(|r| r.id == id).unwrap().lease().unwrap();
+
+    // Succeeded: off the queue; the resource is free again.
+    store.complete_run(by(ra.id), &done(RunStatus::Succeeded, "up")).await.unwrap();
+    assert!(store.active_run(a.id).await.unwrap().is_none());
+    store.insert_run(&new_run(&a, "destroy", "up", "destroying", "destroyed")).await.unwrap();
+    // Sent back with a delay: queued but not due.
+    let err = RunError { code: "throttled".into(), message: "later".into(), retryable: true, detail: None };
+    let later = Utc::now() + chrono::Duration::hours(1);
+    store.retry_later(by(rb2.id), later, &err, &NewEvent::info("retry", "later")).await.unwrap();
+    assert_eq!(depth(&store).await, (1, 1, 1));
+    assert_eq!(store.active_run(b.id).await.unwrap().unwrap().status, RunStatus::Queued);
+    // A lapsed lease: the reaper queues it again, due at the reaper's "now"
+    // (a minute ahead here, so not due yet by the wall clock).
+    let reaped = store.reap_expired(t1 + LEASE + chrono::Duration::seconds(30)).await.unwrap();
+    assert_eq!(reaped, vec![rc.id]);
+    assert_eq!(depth(&store).await, (1, 2, 0));
+    let f = RunFilter { status: Some(RunStatus::Succeeded), ..Default::default() };
+    let done_ids: Vec<_> =
+        store.list_runs(&f, PageRequest { after: None, limit: 50 }).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(done_ids, vec![ra.id]);
+}
+
+/// An installation upgraded from before `run_queue` (migration 0004) keeps
+/// its queue: the queued run is claimable, the running one is reaped when
+/// its lease lapses, and the one-active-run rule still holds for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_moves_the_active_runs_into_the_queue() {
+    use sqlx::Connection;
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut before = sqlx::migrate!("../migrations/postgres");
+    before.migrations = before.migrations.iter().filter(|m| m.version <= 4).cloned().collect::<Vec<_>>().into();
+    before.run(&mut conn).await.unwrap();
+    let lapsed = Utc::now() - chrono::Duration::minutes(5);
+    for (n, state, status) in [(1, "up", "queued"), (2, "stopping", "running"), (3, "down", "succeeded")] {
+        sqlx::query(
+            "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by,
+                updated_by)
+             VALUES (('00000000-0000-0000-0000-00000000000' || $1)::uuid, 'cluster', 'c' || $1, $2, '{}', 1, '{}', now(),
+                now(), 'a', 'a')",
+        )
+        .bind(n.to_string())
+        .bind(state)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state, working_state, ok_state,
+                err_state, status, attempt, max_attempts, actor, provider, timeout_secs, created_at, run_after,
+                started_at, finished_at, worker, lease_token, lease_expires_at, environment, settings)
+             VALUES (('00000000-0000-0000-0000-00000000010' || $1)::uuid, ('00000000-0000-0000-0000-00000000000' || $1)::uuid,
+                'cluster', 'c' || $1, 'stop', '{}', 'up', 'stopping', 'down', 'failed', $2,
+                CASE WHEN $2 = 'queued' THEN 0 ELSE 1 END, 3, 'alice', 'local', 60, $3, $3,
+                CASE WHEN $2 = 'queued' THEN NULL ELSE $3 END, CASE WHEN $2 = 'succeeded' THEN $3 END,
+                CASE WHEN $2 = 'running' THEN 'gone' END, CASE WHEN $2 = 'running' THEN gen_random_uuid() END,
+                CASE WHEN $2 = 'running' THEN $3 END, 'qa', '[]')",
+        )
+        .bind(n.to_string())
+        .bind(status)
+        .bind(lapsed)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+
+    let store = drover_persistence::open(&url).await.unwrap().store;
+    let d = store.queue_depth(Utc::now()).await.unwrap();
+    assert_eq!((d.due, d.waiting, d.running), (1, 0, 1));
+    let resource = |n: u8| uuid::Uuid::from_u128(n as u128);
+    let run = |n: u8| uuid::Uuid::from_u128(0x100 + n as u128);
+    assert_eq!(store.active_run(resource(1)).await.unwrap().unwrap().id, run(1));
+    assert_eq!(store.active_run(resource(2)).await.unwrap().unwrap().id, run(2));
+    assert!(store.active_run(resource(3)).await.unwrap().is_none());
+    let r1 = store.get_resource_by_id(resource(1)).await.unwrap().unwrap();
+    let again = store.insert_run(&new_run(&r1, "stop", "up", "stopping", "down")).await;
+    assert!(matches!(again, Err(Error::Busy { run: busy, .. }) if busy == run(1)), "{again:?}");
+
+    assert_eq!(store.reap_expired(Utc::now()).await.unwrap(), vec![run(2)]);
+    let mut claimed: Vec<_> =
+        store.claim_runs("w1", LEASE, 10, Utc::now()).await.unwrap().into_iter().map(|r| r.id).collect();
+    claimed.sort();
+    assert_eq!(claimed, vec![run(1), run(2)]);
 }

@@ -1,0 +1,40 @@
+-- The queue moves out of the ledger.
+--
+-- A transition used to rewrite its run row twice (claim, completion), and
+-- because `status` and `lease_expires_at` were indexed (and named in
+-- partial-index predicates), neither rewrite could be a HOT update: each
+-- added an entry to every index on `runs`. Now the run row keeps no index
+-- on any column the engine changes, so claim, heartbeat and completion
+-- rewrite it in place (with room left on each page for it), and the
+-- queue's own bookkeeping lives in `run_queue`: a narrow row per active
+-- run, inserted with the run, leased by the claim, deleted when the run
+-- ends. `runs` stays the record of truth for everything the API shows.
+
+CREATE TABLE run_queue (
+    run_id            UUID PRIMARY KEY REFERENCES runs (id),
+    -- The engine's first rule, one active run per resource, now holds here:
+    -- a row exists exactly while its run is queued or running.
+    resource_id       UUID NOT NULL UNIQUE,
+    run_after         TIMESTAMPTZ NOT NULL,
+    -- NULL while queued; the lease expiry while running (the reaper's key).
+    lease_expires_at  TIMESTAMPTZ
+);
+CREATE INDEX run_queue_due ON run_queue (run_after, run_id) WHERE lease_expires_at IS NULL;
+CREATE INDEX run_queue_leased ON run_queue (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+
+INSERT INTO run_queue (run_id, resource_id, run_after, lease_expires_at)
+    SELECT id, resource_id, run_after, CASE WHEN status = 'running' THEN COALESCE(lease_expires_at, run_after) END
+    FROM runs WHERE status IN ('queued', 'running');
+
+DROP INDEX runs_one_active;
+DROP INDEX runs_due;
+DROP INDEX runs_leased;
+-- Status filters on history use the other filters' indexes (or the primary
+-- key, newest first) and skip other outcomes; active statuses go through
+-- run_queue.
+DROP INDEX runs_status;
+DROP INDEX runs_action_status;
+
+-- Room on each page for the in-place rewrites.
+ALTER TABLE runs SET (fillfactor = 70);
+ALTER TABLE resources SET (fillfactor = 80);
