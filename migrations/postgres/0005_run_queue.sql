@@ -29,11 +29,24 @@ INSERT INTO run_queue (run_id, resource_id, run_after, lease_expires_at)
 DROP INDEX runs_one_active;
 DROP INDEX runs_due;
 DROP INDEX runs_leased;
--- Status filters on history use the other filters' indexes (or the primary
--- key, newest first) and skip other outcomes; active statuses go through
--- run_queue.
 DROP INDEX runs_status;
 DROP INDEX runs_action_status;
+-- An action never changes, so its index does not stop the rewrites.
+CREATE INDEX runs_action ON runs (action, id DESC);
+
+-- Status filters on history need an index (a filter matching nothing would
+-- otherwise walk every run), but an index naming `status` would stop the
+-- claim's in-place rewrite. `outcome` is written once, when the run ends,
+-- and equals its final status; the claim and heartbeats never touch it.
+ALTER TABLE runs ADD COLUMN outcome TEXT;
+ALTER TABLE runs DISABLE TRIGGER runs_immutable_update;
+UPDATE runs SET outcome = status WHERE status IN ('succeeded', 'failed', 'cancelled');
+ALTER TABLE runs ENABLE TRIGGER runs_immutable_update;
+ALTER TABLE runs ADD CONSTRAINT runs_outcome_is_the_final_status CHECK (
+    (status IN ('queued', 'running') AND outcome IS NULL) OR outcome = status
+);
+CREATE INDEX runs_outcome ON runs (outcome, id DESC) WHERE outcome IS NOT NULL;
+CREATE INDEX runs_action_outcome ON runs (action, outcome, id DESC) WHERE outcome IS NOT NULL;
 
 -- Room on each page for the in-place rewrites.
 ALTER TABLE runs SET (fillfactor = 70);

@@ -23,3 +23,20 @@ DROP INDEX runs_due;
 DROP INDEX runs_leased;
 DROP INDEX runs_status;
 DROP INDEX runs_action_status;
+-- An action never changes, so its index does not stop the rewrites.
+CREATE INDEX runs_action ON runs (action, id DESC);
+
+-- `outcome`: the final status, written once when the run ends, so that
+-- status filters on history have an index that the claim never touches.
+ALTER TABLE runs ADD COLUMN outcome TEXT CHECK (
+    (status IN ('queued', 'running') AND outcome IS NULL) OR outcome = status
+);
+DROP TRIGGER runs_immutable_update;
+UPDATE runs SET outcome = status WHERE status IN ('succeeded', 'failed', 'cancelled');
+CREATE TRIGGER runs_immutable_update BEFORE UPDATE ON runs
+    WHEN OLD.status IN ('succeeded', 'failed', 'cancelled')
+BEGIN
+    SELECT RAISE(ABORT, 'run is complete and cannot change');
+END;
+CREATE INDEX runs_outcome ON runs (outcome, id DESC) WHERE outcome IS NOT NULL;
+CREATE INDEX runs_action_outcome ON runs (action, outcome, id DESC) WHERE outcome IS NOT NULL;

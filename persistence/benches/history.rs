@@ -44,12 +44,12 @@ WITH src AS (
 )
 INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state, working_state, ok_state,
     err_state, status, attempt, max_attempts, actor, provider, timeout_secs, created_at, run_after, started_at,
-    finished_at, environment, settings)
+    finished_at, environment, settings, outcome)
 SELECT (lpad(to_hex((extract(epoch FROM created) * 1000)::bigint), 12, '0') || substr(md5(g::text), 1, 20))::uuid,
     md5('bench-' || (g % $4))::uuid, 'cluster', 'bench-' || (g % $4), action, '{}', 'up', 'working', 'up', 'failed',
     status, 1, 3, actor, 'bench', 600, created, created,
     CASE WHEN status = 'cancelled' THEN NULL ELSE created + interval '10 milliseconds' END,
-    created + interval '10 milliseconds' + ms * interval '1 millisecond', env, '[]'
+    created + interval '10 milliseconds' + ms * interval '1 millisecond', env, '[]', status
 FROM src";
 
 struct Noop;
@@ -262,6 +262,8 @@ async fn main() {
                 None,
             ),
             ("list one resource", RunFilter { resource: Some(one_resource), ..Default::default() }, None),
+            ("list status=cancelled", RunFilter { status: Some(RunStatus::Cancelled), ..Default::default() }, None),
+            ("list status=running (none)", RunFilter { status: Some(RunStatus::Running), ..Default::default() }, None),
         ];
         for (name, f, after) in &lists {
             let (p50, p95) = timed(50, |_| store.list_runs(f, PageRequest { after: *after, limit: 50 })).await;

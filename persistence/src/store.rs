@@ -263,13 +263,16 @@ macro_rules! impl_store {
                 if let Some(v) = &f.action {
                     q.push(" AND action = ").push_bind(v.clone());
                 }
-                if let Some(v) = f.status {
-                    q.push(" AND status = ").push_bind(v.as_str());
-                    // Active runs are found through the queue, which is small;
-                    // finished ones by the other filters, newest first.
-                    if !v.is_terminal() {
-                        q.push(" AND id IN (SELECT run_id FROM run_queue)");
+                match f.status {
+                    // Finished runs by their outcome (indexed); active ones
+                    // through the queue, which is small.
+                    Some(v) if v.is_terminal() => {
+                        q.push(" AND outcome = ").push_bind(v.as_str());
                     }
+                    Some(v) => {
+                        q.push(" AND status = ").push_bind(v.as_str()).push(" AND id IN (SELECT run_id FROM run_queue)");
+                    }
+                    None => {}
                 }
                 if let Some(v) = f.since {
                     q.push(" AND created_at >= ").push_bind(Ts(v));
@@ -381,7 +384,7 @@ macro_rules! impl_store {
                     };
                     insert_event_unfenced(&mut tx, run.id, &NewEvent::info("claim", error.message.clone()).with_level(Level::Error)).await?;
                     sqlx::query(
-                        "UPDATE runs SET status = 'failed', finished_at = $2, error = $3, lease_expires_at = NULL
+                        "UPDATE runs SET status = 'failed', outcome = 'failed', finished_at = $2, error = $3, lease_expires_at = NULL
                          WHERE id = $1",
                     )
                     .bind(run.id)
@@ -517,7 +520,8 @@ macro_rules! impl_store {
                     // Fenced on the lease we saw: a heartbeat or another
                     // reaper that got there first wins.
                     let done = sqlx::query(
-                        "UPDATE runs SET status = $3, error = $4, lease_token = NULL, lease_expires_at = NULL,
+                        "UPDATE runs SET status = $3, outcome = CASE WHEN $3 = 'failed' THEN $3 END, error = $4, lease_token = NULL,
+                            lease_expires_at = NULL,
                             worker = NULL, run_after = $5, finished_at = CASE WHEN $3 = 'failed' THEN $5 ELSE NULL END
                          WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at < $5",
                     )
@@ -572,7 +576,7 @@ macro_rules! impl_store {
                 let queued = match unleased {
                     Some(_) => {
                         let row = sqlx::query_as::<_, RunRow>(
-                            "UPDATE runs SET status = 'cancelled', finished_at = $2, error = $5,
+                            "UPDATE runs SET status = 'cancelled', outcome = 'cancelled', finished_at = $2, error = $5,
                                 cancel_requested_at = $2, cancel_requested_by = $3, cancel_reason = $4
                              WHERE id = $1 AND status = 'queued' RETURNING *",
                         )
@@ -890,7 +894,7 @@ macro_rules! impl_store {
             let mut tx = pool.begin().await.map_err(db("begin"))?;
             // VALUES columns are column1, column2, … in both dialects.
             let mut q = QueryBuilder::<$db>::new(
-                "UPDATE runs SET status = v.column3, finished_at = v.column4, outputs = v.column5, error = v.column6,
+                "UPDATE runs SET status = v.column3, outcome = v.column3, finished_at = v.column4, outputs = v.column5, error = v.column6,
                     lease_expires_at = NULL FROM (",
             );
             q.push_values(batch, |mut b, (lease, c)| {

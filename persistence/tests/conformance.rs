@@ -529,6 +529,11 @@ async fn upgrading_moves_the_active_runs_into_the_queue() {
     assert_eq!(store.active_run(resource(1)).await.unwrap().unwrap().id, run(1));
     assert_eq!(store.active_run(resource(2)).await.unwrap().unwrap().id, run(2));
     assert!(store.active_run(resource(3)).await.unwrap().is_none());
+    // The finished run's outcome was filled in: status filters find it.
+    let f = RunFilter { status: Some(RunStatus::Succeeded), ..Default::default() };
+    let listed: Vec<_> =
+        store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(listed, vec![run(3)]);
     let r1 = store.get_resource_by_id(resource(1)).await.unwrap().unwrap();
     let again = store.insert_run(&new_run(&r1, "stop", "up", "stopping", "down")).await;
     assert!(matches!(again, Err(Error::Busy { run: busy, .. }) if busy == run(1)), "{again:?}");
