@@ -8,9 +8,12 @@
 //!
 //! 1. Burn-down: `runs` queued no-op transitions drained by one and by two
 //!    engine processes (64 slots each), with the full audit (claim, events,
-//!    completion, resource state, rollups); Postgres commits and WAL bytes
-//!    per transition. Then graphile-worker 0.17.3 draining as many no-op
-//!    jobs with 4 processes × 24 concurrency and a local queue.
+//!    completion, resource state, rollups); CPU (the workers and their
+//!    Postgres backends), Postgres commits and WAL bytes per transition.
+//!    Then graphile-worker 0.17.3 draining as many no-op jobs with 4
+//!    processes × 24 concurrency and a local queue, measured alike. The
+//!    machine is shared, so throughput swings from run to run; CPU per item
+//!    is the steadier comparison.
 //! 2. Pickup latency (request to claim) on an idle queue and on a queue fed
 //!    at about half the rate one engine sustains.
 //! 3. The API (`drover serve --no-workers`) under `wrk` at 32 connections:
@@ -177,12 +180,14 @@ async fn new_database(pg: &OwnPostgres, name: &str) -> String {
 
 /// Drains `n` queued no-op transitions with `replicas` engine processes;
 /// returns transitions per second, commits and WAL bytes per transition.
-async fn drover_drain(pg: &OwnPostgres, n: i64, replicas: usize) -> (f64, f64, f64) {
-    let url = new_database(pg, &format!("drain_{replicas}")).await;
+async fn drover_drain(pg: &OwnPostgres, n: i64, replicas: usize) -> Drain {
+    let db = format!("drain_{replicas}");
+    let url = new_database(pg, &db).await;
     drover_persistence::open(&url).await.unwrap();
     let mut conn = PgConnection::connect(&url).await.unwrap();
     load(&mut conn, n, "noop", "d").await;
     let (commits0, wal0) = db_counters(&mut conn).await;
+    let (children0, backends0) = (children_cpu(), backends_cpu(&db));
     let started = Instant::now();
     let engines: Vec<Child> = (0..replicas).map(|_| spawn_engine(&url, "noop", 64)).collect();
     while open_count(&mut conn, "SELECT count(*) FROM run_queue").await > 0 {
@@ -193,14 +198,76 @@ async fn drover_drain(pg: &OwnPostgres, n: i64, replicas: usize) -> (f64, f64, f
         tokio::time::sleep(DRAIN_POLL).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    let backends = backends_cpu(&db) - backends0;
     stop(engines);
+    let cpu = children_cpu() - children0 + backends;
     let done = open_count(&mut conn, "SELECT count(*) FROM runs WHERE status = 'succeeded'").await;
     assert_eq!(done, n, "every transition succeeded");
     let (commits1, wal1) = db_counters(&mut conn).await;
-    (n as f64 / secs, (commits1 - commits0) as f64 / n as f64, (wal1 - wal0) as f64 / n as f64)
+    Drain::new(n, secs, cpu, commits1 - commits0, wal1 - wal0)
 }
 
-async fn graphile_drain(pg: &OwnPostgres, n: i64) -> (f64, f64, f64) {
+/// One burn-down's figures.
+struct Drain {
+    per_sec: f64,
+    /// CPU (user and system, workers and their Postgres backends) per item.
+    cpu_ms: f64,
+    commits: f64,
+    wal_bytes: f64,
+}
+
+impl Drain {
+    fn new(n: i64, secs: f64, cpu_secs: f64, commits: i64, wal: i64) -> Drain {
+        let n = n as f64;
+        Drain {
+            per_sec: n / secs,
+            cpu_ms: cpu_secs * 1000.0 / n,
+            commits: commits as f64 / n,
+            wal_bytes: wal as f64 / n,
+        }
+    }
+
+    fn line(&self, what: &str, unit: &str) -> String {
+        format!(
+            "{what:<44} {:>7.0}/s  {:.3} CPU ms, {:.2} commits, {:.0} WAL bytes per {unit}",
+            self.per_sec, self.cpu_ms, self.commits, self.wal_bytes
+        )
+    }
+}
+
+/// CPU seconds (user and system) of this process's children that have
+/// ended and been waited for.
+fn children_cpu() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_CHILDREN).unwrap();
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    secs(u.user_time()) + secs(u.system_time())
+}
+
+/// CPU seconds used so far by the live Postgres backends connected to `db`
+/// (their title is `postgres: <user> <db> <client> <state>`).
+fn backends_cpu(db: &str) -> f64 {
+    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
+    let ticks = 100.0;
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let path = entry.path();
+        let Ok(title) = std::fs::read(path.join("cmdline")) else { continue };
+        let title = String::from_utf8_lossy(&title).replace('\0', " ");
+        let words: Vec<&str> = title.split_whitespace().collect();
+        if words.first() != Some(&"postgres:") || words.get(2) != Some(&db) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else { continue };
+        // Fields after the parenthesised name: state is the 3rd, utime the
+        // 14th and stime the 15th of the whole line.
+        let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+        total += (rest[11].parse::<f64>().unwrap() + rest[12].parse::<f64>().unwrap()) / ticks;
+    }
+    total
+}
+
+async fn graphile_drain(pg: &OwnPostgres, n: i64) -> Drain {
     let url = new_database(pg, "graphile").await;
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/graphile");
     let cli = format!("{dir}/node_modules/.bin/graphile-worker");
@@ -218,6 +285,7 @@ async fn graphile_drain(pg: &OwnPostgres, n: i64) -> (f64, f64, f64) {
     .unwrap();
     sqlx::query("ANALYZE").execute(&mut conn).await.unwrap();
     let (commits0, wal0) = db_counters(&mut conn).await;
+    let (children0, backends0) = (children_cpu(), backends_cpu("graphile"));
     let started = Instant::now();
     let mut workers: Vec<Child> = (0..GRAPHILE_PROCESSES)
         .map(|_| {
@@ -235,11 +303,16 @@ async fn graphile_drain(pg: &OwnPostgres, n: i64) -> (f64, f64, f64) {
         tokio::time::sleep(DRAIN_POLL).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    let backends = backends_cpu("graphile") - backends0;
+    for w in &mut workers {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
     for w in &mut workers {
         assert!(w.wait().unwrap().success(), "a graphile-worker process failed");
     }
+    let cpu = children_cpu() - children0 + backends;
     let (commits1, wal1) = db_counters(&mut conn).await;
-    (n as f64 / secs, (commits1 - commits0) as f64 / n as f64, (wal1 - wal0) as f64 / n as f64)
+    Drain::new(n, secs, cpu, commits1 - commits0, wal1 - wal0)
 }
 
 /// Milliseconds from request to claim of each run.
@@ -443,17 +516,26 @@ fn main() {
         if wanted("drain") || wanted("api") {
             println!("== burn-down of {runs} no-op transitions");
             let one = drover_drain(&pg, runs, 1).await;
-            println!("drover, 1 engine (64 slots)      {:>8.0}/s  {:.2} commits, {:.0} WAL bytes per transition", one.0, one.1, one.2);
-            one_engine = Some(one.0);
+            println!("{}", one.line("drover, 1 engine (64 slots)", "transition"));
+            one_engine = Some(one.per_sec);
             if wanted("drain") {
                 let two = drover_drain(&pg, runs, 2).await;
-                println!("drover, 2 engines (64 slots each) {:>7.0}/s  {:.2} commits, {:.0} WAL bytes per transition", two.0, two.1, two.2);
+                println!("{}", two.line("drover, 2 engines (64 slots each)", "transition"));
                 let gw = graphile_drain(&pg, runs).await;
-                println!(
-                    "graphile-worker 0.17.3, {GRAPHILE_PROCESSES}×{GRAPHILE_CONCURRENCY}, local queue {GRAPHILE_LOCAL_QUEUE} {:>5.0}/s  {:.2} commits, {:.0} WAL bytes per job",
-                    gw.0, gw.1, gw.2
+                let name = format!(
+                    "graphile-worker 0.17.3, {GRAPHILE_PROCESSES}×{GRAPHILE_CONCURRENCY}, local queue {GRAPHILE_LOCAL_QUEUE}"
                 );
-                println!("ratio drover/graphile-worker: 1 engine {:.2}×, 2 engines {:.2}×", one.0 / gw.0, two.0 / gw.0);
+                println!("{}", gw.line(&name, "job"));
+                println!(
+                    "ratio drover/graphile-worker, throughput: 1 engine {:.2}×, 2 engines {:.2}×",
+                    one.per_sec / gw.per_sec,
+                    two.per_sec / gw.per_sec
+                );
+                println!(
+                    "ratio drover/graphile-worker, work per CPU second: 1 engine {:.2}×, 2 engines {:.2}×",
+                    gw.cpu_ms / one.cpu_ms,
+                    gw.cpu_ms / two.cpu_ms
+                );
             }
         }
 
