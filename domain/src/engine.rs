@@ -80,6 +80,11 @@ impl Providers {
         self.map.insert((provider.to_string(), kind), p);
     }
 
+    /// Whether any provider of `kind` observes its resources.
+    pub fn observe(&self, kind: Kind) -> bool {
+        self.map.iter().any(|((_, k), p)| *k == kind && p.observes())
+    }
+
     pub fn get(&self, provider: &str, kind: Kind) -> Option<&Arc<dyn Provider>> {
         self.map.get(&(provider.to_string(), kind))
     }
@@ -349,6 +354,9 @@ impl Engine {
     /// Asks each provider what it sees of settled resources and records it.
     pub async fn observe_all(&self) {
         for kind in Kind::ALL {
+            if !self.providers.observe(kind) {
+                continue;
+            }
             let mut after = None;
             loop {
                 let page = match self.store.list_resources(kind, PageRequest { after, limit: 200 }).await {

@@ -224,6 +224,12 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// Whether [`Provider::observe`] is implemented: the observer does not
+    /// page through resources of a kind none of whose providers look.
+    fn observes(&self) -> bool {
+        false
+    }
+
     /// What `apply` would send for this job, without sending it (for `aws`
     /// clusters: the CloudFormation template, parameters and tags). Reads
     /// only; never changes anything. `None` when the provider renders

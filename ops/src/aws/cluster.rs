@@ -519,6 +519,10 @@ impl Provider for AwsClusters {
     }
 
     /// The instances EC2 shows for an `up` cluster, found by its tags.
+    fn observes(&self) -> bool {
+        true
+    }
+
     async fn observe(&self, r: &Resource) -> Option<Value> {
         if r.state != "up" {
             return None;
