@@ -17,14 +17,17 @@ use uuid::Uuid;
 
 use crate::identity::impl_identity_stores;
 use crate::rows::*;
-use crate::store::{db, impl_store, is_unique, lease_len};
+use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor};
 use crate::time::Ts;
 
 pub struct PgStore {
     pool: PgPool,
     wakeup: Arc<Notify>,
+    cursor: ClaimCursor,
 }
 
+/// Leases due queue rows, oldest first; `$4`, `$5` (the `after` form) start
+/// the scan past the last row a claim took.
 const CLAIM: &str = "
     WITH due AS (
         SELECT run_id FROM run_queue
@@ -35,9 +38,28 @@ const CLAIM: &str = "
     )
     UPDATE run_queue q SET lease_expires_at = $3
     FROM due WHERE q.run_id = due.run_id
-    RETURNING q.run_id";
+    RETURNING q.run_id, q.run_after";
+const CLAIM_AFTER: &str = "
+    WITH due AS (
+        SELECT run_id FROM run_queue
+        WHERE lease_expires_at IS NULL AND run_after <= $1 AND (run_after, run_id) > ($4, $5)
+        ORDER BY run_after, run_id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE run_queue q SET lease_expires_at = $3
+    FROM due WHERE q.run_id = due.run_id
+    RETURNING q.run_id, q.run_after";
 
 impl PgStore {
+    fn claim_sql(after: bool) -> &'static str {
+        if after {
+            CLAIM_AFTER
+        } else {
+            CLAIM
+        }
+    }
+
     /// `column = ANY($n)`: one array parameter, so the statement's text (and
     /// its prepared plan) is the same however many ids there are.
     fn push_in(q: &mut QueryBuilder<'_, Postgres>, column: &str, ids: &[Uuid]) {
@@ -78,7 +100,7 @@ impl PgStore {
             }
             Err(e) => tracing::warn!(error = %e, "could not start LISTEN; relying on polling"),
         }
-        Ok(PgStore { pool, wakeup })
+        Ok(PgStore { pool, wakeup, cursor: ClaimCursor::default() })
     }
 }
 
@@ -86,5 +108,5 @@ impl PgStore {
 /// being "drover rollups" as a number.
 const FOLD_LOCK: &str = "SELECT pg_advisory_xact_lock(7378429001)";
 
-impl_store!(PgStore, Postgres, backend = "postgres", claim = CLAIM, fold_lock = FOLD_LOCK);
+impl_store!(PgStore, Postgres, backend = "postgres", fold_lock = FOLD_LOCK);
 impl_identity_stores!(PgStore, Postgres);

@@ -20,23 +20,42 @@ use uuid::Uuid;
 
 use crate::identity::impl_identity_stores;
 use crate::rows::*;
-use crate::store::{db, impl_store, is_unique, lease_len};
+use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor};
 use crate::time::Ts;
 
 pub struct SqliteStore {
     pool: SqlitePool,
     wakeup: Arc<Notify>,
+    cursor: ClaimCursor,
 }
 
+/// Leases due queue rows, oldest first; `$4`, `$5` (the `after` form) start
+/// the scan past the last row a claim took.
 const CLAIM: &str = "
     UPDATE run_queue SET lease_expires_at = $3
     WHERE run_id IN (
         SELECT run_id FROM run_queue WHERE lease_expires_at IS NULL AND run_after <= $1
         ORDER BY run_after, run_id LIMIT $2
     )
-    RETURNING run_id";
+    RETURNING run_id, run_after";
+const CLAIM_AFTER: &str = "
+    UPDATE run_queue SET lease_expires_at = $3
+    WHERE run_id IN (
+        SELECT run_id FROM run_queue
+        WHERE lease_expires_at IS NULL AND run_after <= $1 AND (run_after, run_id) > ($4, $5)
+        ORDER BY run_after, run_id LIMIT $2
+    )
+    RETURNING run_id, run_after";
 
 impl SqliteStore {
+    fn claim_sql(after: bool) -> &'static str {
+        if after {
+            CLAIM_AFTER
+        } else {
+            CLAIM
+        }
+    }
+
     /// `column IN (…)`, a parameter per id (SQLite has no arrays).
     fn push_in(q: &mut QueryBuilder<'_, Sqlite>, column: &str, ids: &[Uuid]) {
         q.push(column).push(" IN (");
@@ -64,12 +83,12 @@ impl SqliteStore {
             .await
             .map_err(db("open SQLite"))?;
         sqlx::migrate!("../migrations/sqlite").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
-        Ok(SqliteStore { pool, wakeup: Arc::new(Notify::new()) })
+        Ok(SqliteStore { pool, wakeup: Arc::new(Notify::new()), cursor: ClaimCursor::default() })
     }
 }
 
 /// Transactions on the one connection are serial already.
 const FOLD_LOCK: &str = "SELECT 1";
 
-impl_store!(SqliteStore, Sqlite, backend = "sqlite", claim = CLAIM, fold_lock = FOLD_LOCK);
+impl_store!(SqliteStore, Sqlite, backend = "sqlite", fold_lock = FOLD_LOCK);
 impl_identity_stores!(SqliteStore, Sqlite);

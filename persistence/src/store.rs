@@ -19,13 +19,15 @@
 //! run's row while waiting for a queued one's, so the two orders cannot
 //! deadlock.
 
-/// Expands `impl Store for $store` against `$db`. `$claim` is the backend's
-/// statement that leases due rows of `run_queue` and returns their run ids,
-/// with parameters `$1` now, `$2` limit, `$3` lease expiry. `$fold_lock` is the statement that
+/// Expands `impl Store for $store` against `$db`. `$store::claim_sql(after)`
+/// is the backend's statement that leases due rows of `run_queue` and
+/// returns their run ids and due times, with parameters `$1` now, `$2`
+/// limit, `$3` lease expiry and, in the `after` form, `$4`, `$5` the
+/// (due time, run id) to start past. `$fold_lock` is the statement that
 /// makes rollup folders take turns (a no-op where transactions are already
 /// serial).
 macro_rules! impl_store {
-    ($store:ident, $db:ty, backend = $backend:literal, claim = $claim:expr, fold_lock = $fold_lock:expr) => {
+    ($store:ident, $db:ty, backend = $backend:literal, fold_lock = $fold_lock:expr) => {
         #[async_trait::async_trait]
         impl drover_domain::ports::Store for $store {
             fn backend(&self) -> &'static str {
@@ -324,13 +326,34 @@ macro_rules! impl_store {
             async fn claim_jobs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<(Run, Resource)>> {
                 let mut tx = self.pool.begin().await.map_err(db("begin"))?;
                 let expires = Ts(now + lease_len(lease));
-                let leased: Vec<Uuid> = sqlx::query_scalar($claim)
-                    .bind(Ts(now))
-                    .bind(i64::from(limit))
-                    .bind(expires)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(db("claim runs"))?;
+                let mut leased: Vec<(Uuid, Ts)> = Vec::new();
+                let start = self.cursor.start();
+                if let Some((after, id)) = start {
+                    leased = sqlx::query_as($store::claim_sql(true))
+                        .bind(Ts(now))
+                        .bind(i64::from(limit))
+                        .bind(expires)
+                        .bind(Ts(after))
+                        .bind(id)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(db("claim runs"))?;
+                }
+                if leased.len() < limit as usize {
+                    // From the start of the queue: what the scan past the
+                    // cursor missed (runs due earlier that came later).
+                    let more: Vec<(Uuid, Ts)> = sqlx::query_as($store::claim_sql(false))
+                        .bind(Ts(now))
+                        .bind(i64::from(limit) - leased.len() as i64)
+                        .bind(expires)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(db("claim runs"))?;
+                    leased.extend(more);
+                    self.cursor.scanned_from_start();
+                }
+                self.cursor.advance(leased.iter().map(|(id, due)| (due.0, *id)).max());
+                let leased: Vec<Uuid> = leased.into_iter().map(|(id, _)| id).collect();
                 if leased.is_empty() {
                     return Ok(Vec::new());
                 }
@@ -987,6 +1010,48 @@ macro_rules! impl_store {
 }
 
 pub(crate) use impl_store;
+
+/// Where the last claim of this store ended in `run_queue`'s due order.
+///
+/// Claimed and finished queue rows leave dead entries at the front of the
+/// due index until vacuum removes them, and a scan from the start walks
+/// them all: under a long backlog that walk was most of a claim's cost. So
+/// a claim starts past the last row the previous one took, and scans from
+/// the start only when that comes up short or a second has passed since it
+/// last did: a run due earlier than the cursor that appears later (another
+/// replica's clock behind, or a run id sorting lower within the same
+/// microsecond) waits at most that second longer.
+#[derive(Default)]
+pub(crate) struct ClaimCursor(std::sync::Mutex<CursorState>);
+
+#[derive(Default)]
+struct CursorState {
+    after: Option<(drover_domain::model::Time, uuid::Uuid)>,
+    from_start: Option<std::time::Instant>,
+}
+
+impl ClaimCursor {
+    /// Where to start: past the cursor, or `None` for the front.
+    pub(crate) fn start(&self) -> Option<(drover_domain::model::Time, uuid::Uuid)> {
+        let state = self.0.lock().expect("not poisoned");
+        let fresh = state.from_start.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1));
+        if fresh {
+            state.after
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn scanned_from_start(&self) {
+        self.0.lock().expect("not poisoned").from_start = Some(std::time::Instant::now());
+    }
+
+    /// Moves past the last row claimed; a claim that took nothing forgets
+    /// the cursor.
+    pub(crate) fn advance(&self, last: Option<(drover_domain::model::Time, uuid::Uuid)>) {
+        self.0.lock().expect("not poisoned").after = last;
+    }
+}
 
 use drover_domain::Error;
 

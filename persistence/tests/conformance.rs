@@ -37,6 +37,7 @@ both_backends!(
     runs_list_by_filters_newest_first,
     deleted_resources_keep_their_history,
     the_queue_holds_exactly_the_active_runs,
+    a_run_due_before_the_claim_cursor_waits_a_second_at_most,
 );
 
 async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
@@ -476,6 +477,36 @@ async fn the_queue_holds_exactly_the_active_runs(store: Arc<dyn Store>) {
     let done_ids: Vec<_> =
         store.list_runs(&f, PageRequest { after: None, limit: 50 }).await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(done_ids, vec![ra.id]);
+}
+
+/// Claims start past the last run the previous claim took; a run due
+/// earlier that appears later is claimed when a claim past the cursor comes
+/// up short, or within a second under a backlog that never runs dry.
+async fn a_run_due_before_the_claim_cursor_waits_a_second_at_most(store: Arc<dyn Store>) {
+    let t0 = Utc::now() - chrono::Duration::minutes(10);
+    let mut ids = Vec::new();
+    for (name, minutes) in [("a", 1), ("c", 3), ("d", 4), ("e", 5)] {
+        let r = cluster(&store, name).await;
+        let mut run = new_run(&r, "create", "pending", "creating", "up");
+        run.now = t0 + chrono::Duration::minutes(minutes);
+        ids.push(store.insert_run(&run).await.unwrap().id);
+    }
+    let claim = |store: &Arc<dyn Store>| {
+        let store = store.clone();
+        async move { store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0).id }
+    };
+    assert_eq!(claim(&store).await, ids[0]);
+    // Due before everything still queued, but behind the cursor.
+    let b = cluster(&store, "b").await;
+    let mut late = new_run(&b, "create", "pending", "creating", "up");
+    late.now = t0;
+    let late = store.insert_run(&late).await.unwrap().id;
+    assert_eq!(claim(&store).await, ids[1], "past the cursor first");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(claim(&store).await, late, "from the front once a second has passed");
+    assert_eq!(claim(&store).await, ids[2]);
+    assert_eq!(claim(&store).await, ids[3]);
+    assert!(store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().is_empty());
 }
 
 /// An installation upgraded from before `run_queue` (migration 0004) keeps
