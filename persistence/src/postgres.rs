@@ -26,39 +26,30 @@ pub struct PgStore {
     cursor: ClaimCursor,
 }
 
-/// Leases due queue rows, oldest first; `$4`, `$5` (the `after` form) start
-/// the scan past the last row a claim took.
-const CLAIM: &str = "
-    WITH due AS (
-        SELECT run_id FROM run_queue
-        WHERE lease_expires_at IS NULL AND run_after <= $1
-        ORDER BY run_after, run_id
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE run_queue q SET lease_expires_at = $3
-    FROM due WHERE q.run_id = due.run_id
-    RETURNING q.run_id, q.run_after";
-const CLAIM_AFTER: &str = "
-    WITH due AS (
-        SELECT run_id FROM run_queue
-        WHERE lease_expires_at IS NULL AND run_after <= $1 AND (run_after, run_id) > ($4, $5)
-        ORDER BY run_after, run_id
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE run_queue q SET lease_expires_at = $3
-    FROM due WHERE q.run_id = due.run_id
-    RETURNING q.run_id, q.run_after";
+/// Leases due queue rows, oldest first, with `$extra` added to the scan's
+/// condition.
+macro_rules! claim {
+    ($extra:literal) => {
+        concat!(
+            "WITH due AS (
+                SELECT run_id FROM run_queue
+                WHERE lease_expires_at IS NULL AND run_after <= $1",
+            $extra,
+            "
+                ORDER BY run_after, run_id
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE run_queue q SET lease_expires_at = $3
+            FROM due WHERE q.run_id = due.run_id
+            RETURNING q.run_id, q.run_after"
+        )
+    };
+}
 
 impl PgStore {
-    fn claim_sql(after: bool) -> &'static str {
-        if after {
-            CLAIM_AFTER
-        } else {
-            CLAIM
-        }
-    }
+    const CLAIM: &'static str = claim!("");
+    const CLAIM_AFTER: &'static str = claim!(" AND (run_after, run_id) > ($4, $5)");
 
     /// `column = ANY($n)`: one array parameter, so the statement's text (and
     /// its prepared plan) is the same however many ids there are.

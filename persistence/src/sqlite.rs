@@ -29,32 +29,26 @@ pub struct SqliteStore {
     cursor: ClaimCursor,
 }
 
-/// Leases due queue rows, oldest first; `$4`, `$5` (the `after` form) start
-/// the scan past the last row a claim took.
-const CLAIM: &str = "
-    UPDATE run_queue SET lease_expires_at = $3
-    WHERE run_id IN (
-        SELECT run_id FROM run_queue WHERE lease_expires_at IS NULL AND run_after <= $1
-        ORDER BY run_after, run_id LIMIT $2
-    )
-    RETURNING run_id, run_after";
-const CLAIM_AFTER: &str = "
-    UPDATE run_queue SET lease_expires_at = $3
-    WHERE run_id IN (
-        SELECT run_id FROM run_queue
-        WHERE lease_expires_at IS NULL AND run_after <= $1 AND (run_after, run_id) > ($4, $5)
-        ORDER BY run_after, run_id LIMIT $2
-    )
-    RETURNING run_id, run_after";
+/// Leases due queue rows, oldest first, with `$extra` added to the scan's
+/// condition.
+macro_rules! claim {
+    ($extra:literal) => {
+        concat!(
+            "UPDATE run_queue SET lease_expires_at = $3
+            WHERE run_id IN (
+                SELECT run_id FROM run_queue WHERE lease_expires_at IS NULL AND run_after <= $1",
+            $extra,
+            "
+                ORDER BY run_after, run_id LIMIT $2
+            )
+            RETURNING run_id, run_after"
+        )
+    };
+}
 
 impl SqliteStore {
-    fn claim_sql(after: bool) -> &'static str {
-        if after {
-            CLAIM_AFTER
-        } else {
-            CLAIM
-        }
-    }
+    const CLAIM: &'static str = claim!("");
+    const CLAIM_AFTER: &'static str = claim!(" AND (run_after, run_id) > ($4, $5)");
 
     /// `column IN (…)`, a parameter per id (SQLite has no arrays).
     fn push_in(q: &mut QueryBuilder<'_, Sqlite>, column: &str, ids: &[Uuid]) {

@@ -19,11 +19,11 @@
 //! run's row while waiting for a queued one's, so the two orders cannot
 //! deadlock.
 
-/// Expands `impl Store for $store` against `$db`. `$store::claim_sql(after)`
-/// is the backend's statement that leases due rows of `run_queue` and
-/// returns their run ids and due times, with parameters `$1` now, `$2`
-/// limit, `$3` lease expiry and, in the `after` form, `$4`, `$5` the
-/// (due time, run id) to start past. `$fold_lock` is the statement that
+/// Expands `impl Store for $store` against `$db`. `$store::CLAIM` is the
+/// backend's statement that leases due rows of `run_queue` and returns their
+/// run ids and due times, with parameters `$1` now, `$2` limit, `$3` lease
+/// expiry; `$store::CLAIM_AFTER` adds `$4`, `$5`, the (due time, run id) to
+/// start past. `$fold_lock` is the statement that
 /// makes rollup folders take turns (a no-op where transactions are already
 /// serial).
 macro_rules! impl_store {
@@ -329,7 +329,7 @@ macro_rules! impl_store {
                 let mut leased: Vec<(Uuid, Ts)> = Vec::new();
                 let start = self.cursor.start();
                 if let Some((after, id)) = start {
-                    leased = sqlx::query_as($store::claim_sql(true))
+                    leased = sqlx::query_as($store::CLAIM_AFTER)
                         .bind(Ts(now))
                         .bind(i64::from(limit))
                         .bind(expires)
@@ -342,7 +342,7 @@ macro_rules! impl_store {
                 if leased.len() < limit as usize {
                     // From the start of the queue: what the scan past the
                     // cursor missed (runs due earlier that came later).
-                    let more: Vec<(Uuid, Ts)> = sqlx::query_as($store::claim_sql(false))
+                    let more: Vec<(Uuid, Ts)> = sqlx::query_as($store::CLAIM)
                         .bind(Ts(now))
                         .bind(i64::from(limit) - leased.len() as i64)
                         .bind(expires)

@@ -514,12 +514,7 @@ async fn a_run_due_before_the_claim_cursor_waits_a_second_at_most(store: Arc<dyn
 /// its lease lapses, and the one-active-run rule still holds for both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrading_moves_the_active_runs_into_the_queue() {
-    use sqlx::Connection;
-    let url = drover_persistence::testing::fresh_postgres_database().await;
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    let mut before = sqlx::migrate!("../migrations/postgres");
-    before.migrations = before.migrations.iter().filter(|m| m.version <= 4).cloned().collect::<Vec<_>>().into();
-    before.run(&mut conn).await.unwrap();
+    let (url, mut conn) = postgres_at_version(4).await;
     let lapsed = Utc::now() - chrono::Duration::minutes(5);
     for (n, state, status) in [(1, "up", "queued"), (2, "stopping", "running"), (3, "down", "succeeded")] {
         sqlx::query(

@@ -209,12 +209,7 @@ async fn concurrent_folders_count_every_run_once(s: Stores) {
 /// the folder rebuilds the rollups from them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrading_rebuilds_the_rollups_from_the_ledger() {
-    use sqlx::Connection;
-    let url = drover_persistence::testing::fresh_postgres_database().await;
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    let mut before = sqlx::migrate!("../migrations/postgres");
-    before.migrations = before.migrations.iter().filter(|m| m.version <= 3).cloned().collect::<Vec<_>>().into();
-    before.run(&mut conn).await.unwrap();
+    let (url, mut conn) = postgres_at_version(3).await;
     // What 0003 held: two finished runs, one queued, and their old rollups.
     sqlx::query(
         "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by, updated_by)

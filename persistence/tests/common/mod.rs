@@ -18,6 +18,19 @@ pub async fn sqlite() -> (Stores, tempfile::TempDir) {
     (drover_persistence::open(&url).await.unwrap(), dir)
 }
 
+/// A fresh Postgres database migrated up to `version` only (an earlier
+/// drover's schema), and a connection to it; `drover_persistence::open` on
+/// its URL migrates the rest, as an upgrade would.
+pub async fn postgres_at_version(version: i64) -> (String, sqlx::PgConnection) {
+    use sqlx::Connection;
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut before = sqlx::migrate!("../migrations/postgres");
+    before.migrations = before.migrations.iter().filter(|m| m.version <= version).cloned().collect::<Vec<_>>().into();
+    before.run(&mut conn).await.unwrap();
+    (url, conn)
+}
+
 pub async fn postgres() -> Stores {
     let url = drover_persistence::testing::fresh_postgres_database().await;
     drover_persistence::open(&url).await.unwrap()
