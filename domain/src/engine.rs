@@ -81,7 +81,7 @@ impl Providers {
     }
 
     /// Whether any provider of `kind` observes its resources.
-    pub fn observe(&self, kind: Kind) -> bool {
+    pub fn observes(&self, kind: Kind) -> bool {
         self.map.iter().any(|((_, k), p)| *k == kind && p.observes())
     }
 
@@ -184,8 +184,10 @@ impl Engine {
         &self.cfg
     }
 
-    /// Starts the claim loop, the reaper, the rollup folder and the observer; they stop when
-    /// `shutdown` turns true. Runs in flight are left to their leases.
+    /// Starts the claim loop, the completion writer, the reaper, the rollup
+    /// folder and the observer; they stop when `shutdown` turns true. Runs
+    /// in flight are left to their leases ([`Engine::release_in_flight`]
+    /// hands them back).
     pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = self.completions.set(tx).is_ok().then(|| tokio::spawn(write_completions(self.store.clone(), rx)));
@@ -356,7 +358,7 @@ impl Engine {
     /// Asks each provider what it sees of settled resources and records it.
     pub async fn observe_all(&self) {
         for kind in Kind::ALL {
-            if !self.providers.observe(kind) {
+            if !self.providers.observes(kind) {
                 continue;
             }
             let mut after = None;

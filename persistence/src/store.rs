@@ -559,9 +559,7 @@ macro_rules! impl_store {
                     if done.rows_affected() != 1 {
                         continue;
                     }
-                    if !out_of_attempts {
-                        requeue(&mut tx, run.id, now).await?;
-                    } else {
+                    if out_of_attempts {
                         dequeue(&mut tx, run.id).await?;
                         sqlx::query("UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2")
                             .bind(run.resource_id)
@@ -571,6 +569,8 @@ macro_rules! impl_store {
                             .execute(&mut *tx)
                             .await
                             .map_err(db("fail reaped resource"))?;
+                    } else {
+                        requeue(&mut tx, run.id, now).await?;
                     }
                     insert_event_unfenced(&mut tx, run.id, &NewEvent::info("reaper", message).with_level(Level::Warn)).await?;
                     tx.commit().await.map_err(db("commit reap"))?;
@@ -907,8 +907,9 @@ macro_rules! impl_store {
             }
         }
 
-        /// Completes runs in one transaction, as three statements however
-        /// many: each run's outcome, its resource's new state, its event.
+        /// Completes runs in one transaction, as four statements however
+        /// many: each run's outcome, its queue row's removal, its resource's
+        /// new state, its event.
         /// Runs whose lease is gone get `StaleLease` and the rest commit; a
         /// resource not in its working state fails the whole call (naming
         /// it) and writes nothing.
