@@ -29,8 +29,8 @@ use uuid::Uuid;
 const DAYS: i64 = 90;
 const RESOURCES: i64 = 1000;
 
-/// Inserts `n` finished runs, `from` being the first index. The trigger
-/// marks each pending for the rollups.
+/// Inserts `n` finished runs, `from` being the first index, with their
+/// outcome rows and rollup notes, as the store writes them when runs end.
 const LOAD: &str = "
 WITH src AS (
     SELECT g,
@@ -41,7 +41,7 @@ WITH src AS (
         CASE WHEN g % 10 = 0 THEN 'failed' WHEN g % 37 = 0 THEN 'cancelled' ELSE 'succeeded' END AS status,
         (50 + (g * 104729 % 5000) * (1 + g % 3))::bigint AS ms
     FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) g
-)
+), ins AS (
 INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state, working_state, ok_state,
     err_state, status, attempt, max_attempts, actor, provider, timeout_secs, created_at, run_after, started_at,
     finished_at, environment, settings, outcome)
@@ -50,7 +50,12 @@ SELECT (lpad(to_hex((extract(epoch FROM created) * 1000)::bigint), 12, '0') || s
     status, 1, 3, actor, 'bench', 600, created, created,
     CASE WHEN status = 'cancelled' THEN NULL ELSE created + interval '10 milliseconds' END,
     created + interval '10 milliseconds' + ms * interval '1 millisecond', env, '[]', status
-FROM src";
+FROM src
+RETURNING id, status, action
+), outcomes AS (
+    INSERT INTO run_outcomes (outcome, run_id, action) SELECT status, id, action FROM ins
+)
+INSERT INTO rollup_pending (run_id) SELECT id FROM ins";
 
 struct Noop;
 
@@ -263,6 +268,17 @@ async fn main() {
             ),
             ("list one resource", RunFilter { resource: Some(one_resource), ..Default::default() }, None),
             ("list status=cancelled", RunFilter { status: Some(RunStatus::Cancelled), ..Default::default() }, None),
+            ("list status=succeeded", RunFilter { status: Some(RunStatus::Succeeded), ..Default::default() }, None),
+            (
+                "list one resource status=failed",
+                RunFilter { resource: Some(one_resource), status: Some(RunStatus::Failed), ..Default::default() },
+                None,
+            ),
+            (
+                "list actor=user-7 status=failed",
+                RunFilter { actor: Some("user-7".into()), status: Some(RunStatus::Failed), ..Default::default() },
+                None,
+            ),
             ("list status=running (none)", RunFilter { status: Some(RunStatus::Running), ..Default::default() }, None),
         ];
         for (name, f, after) in &lists {

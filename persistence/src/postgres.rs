@@ -12,13 +12,17 @@ use serde_json::Value;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, Postgres};
 use sqlx::types::Json;
 use sqlx::QueryBuilder;
+use sqlx::{Connection, FromRow, Row};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::identity::impl_identity_stores;
 use crate::rows::*;
-use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor};
+use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor, Claimed};
 use crate::time::Ts;
+
+/// A pooled connection idle for longer than this is pinged before use.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 pub struct PgStore {
     pool: PgPool,
@@ -26,8 +30,13 @@ pub struct PgStore {
     cursor: ClaimCursor,
 }
 
-/// Leases due queue rows, oldest first, with `$extra` added to the scan's
-/// condition.
+/// One claim as one statement (its own transaction): lease due queue rows,
+/// oldest first (with `$extra` added to the scan's condition), start their
+/// runs, move their resources to the working states, record each attempt's
+/// start, and return each run beside its resource (columns `r_…`; none when
+/// the resource had left the run's `from_state`) and its queue row's due
+/// time. Parameters: `$1` now, `$2` limit, `$3` lease expiry, `$4` worker,
+/// `$5` lease token, then the cursor's `$6` due time and `$7` run id.
 macro_rules! claim {
     ($extra:literal) => {
         concat!(
@@ -39,17 +48,74 @@ macro_rules! claim {
                 ORDER BY run_after, run_id
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
+            ), leased AS (
+                UPDATE run_queue q SET lease_expires_at = $3
+                FROM due WHERE q.run_id = due.run_id
+                RETURNING q.run_id, q.run_after
+            ), started AS (
+                UPDATE runs SET status = 'running', attempt = attempt + 1, worker = $4::text, lease_token = $5,
+                    lease_expires_at = $3, heartbeat_at = $1, started_at = COALESCE(started_at, $1)
+                FROM leased WHERE runs.id = leased.run_id AND runs.status = 'queued'
+                RETURNING runs.*, leased.run_after AS queue_due
+            ), moved AS (
+                UPDATE resources r SET state = s.working_state, version = r.version + 1, updated_at = $1
+                FROM started s
+                WHERE r.id = s.resource_id AND (r.state = s.from_state OR r.state = s.working_state)
+                    AND r.deleted_at IS NULL
+                RETURNING r.id AS r_id, r.kind AS r_kind, r.name AS r_name, r.state AS r_state, r.spec AS r_spec,
+                    r.version AS r_version, r.outputs AS r_outputs, r.observed AS r_observed,
+                    r.created_by AS r_created_by, r.updated_by AS r_updated_by, r.created_at AS r_created_at,
+                    r.updated_at AS r_updated_at
+            ), attempts AS (
+                INSERT INTO run_events (run_id, at, attempt, level, step, message)
+                SELECT s.id, $1, s.attempt, 'info', 'attempt',
+                    'attempt ' || s.attempt || ' of ' || s.max_attempts || ' started on ' || $4::text
+                FROM started s JOIN moved m ON m.r_id = s.resource_id
             )
-            UPDATE run_queue q SET lease_expires_at = $3
-            FROM due WHERE q.run_id = due.run_id
-            RETURNING q.run_id, q.run_after"
+            SELECT s.*, m.* FROM started s LEFT JOIN moved m ON m.r_id = s.resource_id"
         )
     };
 }
 
+/// Completes a batch of runs as one statement (its own transaction), from
+/// one array per field: each run's outcome (fenced on its lease), its queue
+/// row's removal, its resource's new state, its event, its `run_outcomes`
+/// row and its rollup note. Returns the runs it completed; a resource not
+/// in its working state raises `DR001` (naming it), which undoes all of it.
+const COMPLETE: &str = "
+    WITH v AS (
+        SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[], $6::jsonb[],
+            $7::text[], $8::jsonb[], $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::jsonb[])
+            AS v(run_id, token, status, at, outputs, error, state, spec, event_at, level, step, message, data)
+    ), done AS (
+        UPDATE runs SET status = v.status, outcome = v.status, finished_at = v.at, outputs = v.outputs,
+            error = v.error, lease_expires_at = NULL
+        FROM v WHERE runs.id = v.run_id AND runs.lease_token = v.token AND runs.status = 'running'
+        RETURNING runs.id, runs.resource_id, runs.working_state, runs.attempt, runs.action, v.status, v.at,
+            v.outputs, v.state, v.spec, v.event_at, v.level, v.step, v.message, v.data
+    ), off_queue AS (
+        DELETE FROM run_queue q USING done WHERE q.run_id = done.id
+    ), moved AS (
+        UPDATE resources r SET state = d.state, spec = COALESCE(d.spec, r.spec),
+            outputs = COALESCE(d.outputs, r.outputs), observed = NULL, version = r.version + 1, updated_at = d.at
+        FROM done d WHERE r.id = d.resource_id AND r.state = d.working_state
+        RETURNING r.id
+    ), events AS (
+        INSERT INTO run_events (run_id, at, attempt, level, step, message, data)
+        SELECT id, event_at, attempt, level, step, message, data FROM done
+    ), outcomes AS (
+        INSERT INTO run_outcomes (outcome, run_id, action) SELECT status, id, action FROM done
+    ), pending AS (
+        INSERT INTO rollup_pending (run_id) SELECT id FROM done
+    )
+    SELECT d.id, CASE WHEN m.id IS NULL THEN
+        drover_fail(format('resource %s was not in %s when run %s ended', d.resource_id, d.working_state, d.id))
+    END AS failed
+    FROM done d LEFT JOIN moved m ON m.id = d.resource_id";
+
 impl PgStore {
     const CLAIM: &'static str = claim!("");
-    const CLAIM_AFTER: &'static str = claim!(" AND (run_after, run_id) > ($4, $5)");
+    const CLAIM_AFTER: &'static str = claim!(" AND (run_after, run_id) > ($6, $7)");
 
     /// `column = ANY($n)`: one array parameter, so the statement's text (and
     /// its prepared plan) is the same however many ids there are.
@@ -59,10 +125,83 @@ impl PgStore {
 
     const NOTIFY_SQL: Option<&'static str> = Some("SELECT pg_notify('drover_runs', '')");
 
+    async fn claim_batch(
+        &self,
+        worker: &str,
+        token: Uuid,
+        expires: Time,
+        limit: u32,
+        now: Time,
+        after: Option<(Time, Uuid)>,
+    ) -> Result<Vec<Claimed>> {
+        let claim = sqlx::query(if after.is_some() { Self::CLAIM_AFTER } else { Self::CLAIM });
+        let mut claim = claim.bind(Ts(now)).bind(i64::from(limit)).bind(Ts(expires)).bind(worker).bind(token);
+        if let Some((due, id)) = after {
+            claim = claim.bind(Ts(due)).bind(id);
+        }
+        let rows = claim.fetch_all(&self.pool).await.map_err(db("claim runs"))?;
+        rows.iter()
+            .map(|row| {
+                let run = Run::try_from(RunRow::from_row(row).map_err(db("read a claimed run"))?)?;
+                let resource = ResourceRow::prefixed(row).map_err(db("read a claimed resource"))?;
+                let due: Ts = row.try_get("queue_due").map_err(db("read a claimed run"))?;
+                Ok(Claimed { due: (due.0, run.id), resource: resource.map(Resource::try_from).transpose()?, run })
+            })
+            .collect()
+    }
+
+    /// See [`COMPLETE`]: one round trip for the whole batch.
+    async fn complete_together(pool: &PgPool, batch: &[(Lease, &Completion)]) -> Result<Vec<Result<()>>> {
+        fn json(v: Option<&Value>) -> Option<Json<&Value>> {
+            v.map(Json)
+        }
+        let done: Vec<(Uuid, Option<bool>)> = sqlx::query_as(COMPLETE)
+            .bind(batch.iter().map(|(l, _)| l.run).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(l, _)| l.token).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.status.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.now).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| json(c.outputs.as_ref())).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.error.as_ref().map(Json)).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.resource_state.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| json(c.spec.as_ref())).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.event.at).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.event.level.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.event.step.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.event.message.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| json(c.event.data.as_ref())).collect::<Vec<_>>())
+            .fetch_all(pool)
+            .await
+            .map_err(|e| match e.as_database_error() {
+                Some(d) if d.code().as_deref() == Some("DR001") => Error::Internal(d.message().to_string()),
+                _ => db("complete runs")(e),
+            })?;
+        let done: std::collections::HashSet<Uuid> = done.into_iter().map(|(id, _)| id).collect();
+        Ok(batch
+            .iter()
+            .map(|(l, _)| if done.contains(&l.run) { Ok(()) } else { Err(Error::StaleLease { run: l.run }) })
+            .collect())
+    }
+
     pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            // sqlx pings every connection it hands out by default: a round
+            // trip added to each transaction, a tenth of the engine's
+            // throughput under load. Only a connection that sat idle for a
+            // while is pinged now; one that broke in use is dropped when it
+            // comes back (sqlx tests it on release), and an error in use
+            // is retried by whoever saw it (a claim backs off, a completion
+            // goes one by one and then to its lease).
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > PING_IF_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(url)
             .await
             .map_err(db("connect to Postgres"))?;

@@ -27,6 +27,31 @@ pub(crate) struct ResourceRow {
     updated_at: Ts,
 }
 
+impl ResourceRow {
+    /// A resource returned beside a run, its columns named `r_…` (the
+    /// Postgres claim); `None` when the run came without one.
+    pub(crate) fn prefixed(row: &sqlx::postgres::PgRow) -> std::result::Result<Option<ResourceRow>, sqlx::Error> {
+        use sqlx::Row;
+        let Some(id) = row.try_get::<Option<Uuid>, _>("r_id")? else {
+            return Ok(None);
+        };
+        Ok(Some(ResourceRow {
+            id,
+            kind: row.try_get("r_kind")?,
+            name: row.try_get("r_name")?,
+            state: row.try_get("r_state")?,
+            spec: row.try_get("r_spec")?,
+            version: row.try_get("r_version")?,
+            outputs: row.try_get("r_outputs")?,
+            observed: row.try_get("r_observed")?,
+            created_by: row.try_get("r_created_by")?,
+            updated_by: row.try_get("r_updated_by")?,
+            created_at: row.try_get("r_created_at")?,
+            updated_at: row.try_get("r_updated_at")?,
+        }))
+    }
+}
+
 fn kind(s: &str) -> Result<Kind> {
     Kind::parse(s).ok_or_else(|| Error::Internal(format!("unknown kind {s:?} in store")))
 }

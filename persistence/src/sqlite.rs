@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::identity::impl_identity_stores;
 use crate::rows::*;
-use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor};
+use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor, Claimed};
 use crate::time::Ts;
 
 pub struct SqliteStore {
@@ -80,6 +80,162 @@ impl SqliteStore {
         Ok(SqliteStore { pool, wakeup: Arc::new(Notify::new()), cursor: ClaimCursor::default() })
     }
 }
+
+impl SqliteStore {
+    /// One claim, in steps on the one connection: lease due queue rows,
+    /// start their runs, move their resources to the working states, and
+    /// record each attempt's start.
+    async fn claim_batch(
+        &self,
+        worker: &str,
+        token: Uuid,
+        expires: Time,
+        limit: u32,
+        now: Time,
+        after: Option<(Time, Uuid)>,
+    ) -> Result<Vec<Claimed>> {
+        let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+        let lease = match after {
+            Some((due, id)) => sqlx::query_as(Self::CLAIM_AFTER)
+                .bind(Ts(now))
+                .bind(i64::from(limit))
+                .bind(Ts(expires))
+                .bind(Ts(due))
+                .bind(id),
+            None => sqlx::query_as(Self::CLAIM).bind(Ts(now)).bind(i64::from(limit)).bind(Ts(expires)),
+        };
+        let leased: Vec<(Uuid, Ts)> = lease.fetch_all(&mut *tx).await.map_err(db("claim runs"))?;
+        if leased.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = leased.iter().map(|(id, _)| *id).collect();
+        let mut q = QueryBuilder::<Sqlite>::new("UPDATE runs SET status = 'running', attempt = attempt + 1, worker = ");
+        q.push_bind(worker).push(", lease_token = ").push_bind(token);
+        q.push(", lease_expires_at = ").push_bind(Ts(expires)).push(", heartbeat_at = ").push_bind(Ts(now));
+        q.push(", started_at = COALESCE(started_at, ").push_bind(Ts(now)).push(") WHERE status = 'queued' AND ");
+        Self::push_in(&mut q, "id", &ids);
+        q.push(" RETURNING *");
+        // A leased queue row without a queued run (a broken invariant) is
+        // left leased: the reaper brings it back in line with its run.
+        let runs = q.build_query_as::<RunRow>().fetch_all(&mut *tx).await.map_err(db("start runs"))?;
+        let runs = runs.into_iter().map(Run::try_from).collect::<Result<Vec<_>>>()?;
+        if runs.is_empty() {
+            tx.commit().await.map_err(db("commit claim"))?;
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "UPDATE resources SET state = v.column2, version = resources.version + 1, updated_at = ",
+        );
+        q.push_bind(Ts(now)).push(" FROM (");
+        q.push_values(&runs, |mut b, r| {
+            b.push_bind(r.resource_id).push_bind(&r.working_state).push_bind(&r.from_state);
+        });
+        q.push(
+            ") AS v WHERE resources.id = v.column1 AND (resources.state = v.column3 OR resources.state = v.column2)
+             AND resources.deleted_at IS NULL
+             RETURNING resources.id, resources.kind, resources.name, resources.state, resources.spec,
+                resources.version, resources.outputs, resources.observed, resources.created_by,
+                resources.updated_by, resources.created_at, resources.updated_at",
+        );
+        let mut moved: std::collections::HashMap<Uuid, Resource> = q
+            .build_query_as::<ResourceRow>()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("enter working states"))?
+            .into_iter()
+            .map(|row| Resource::try_from(row).map(|r| (r.id, r)))
+            .collect::<Result<_>>()?;
+        let started: Vec<&Run> = runs.iter().filter(|r| moved.contains_key(&r.resource_id)).collect();
+        if !started.is_empty() {
+            let mut q =
+                QueryBuilder::<Sqlite>::new("INSERT INTO run_events (run_id, at, attempt, level, step, message) ");
+            q.push_values(&started, |mut b, r| {
+                b.push_bind(r.id)
+                    .push_bind(Ts(now))
+                    .push_bind(r.attempt)
+                    .push_bind(Level::Info.as_str())
+                    .push_bind("attempt");
+                b.push_bind(format!("attempt {} of {} started on {worker}", r.attempt, r.max_attempts));
+            });
+            q.build().execute(&mut *tx).await.map_err(db("record attempts"))?;
+        }
+        tx.commit().await.map_err(db("commit claim"))?;
+        let due: std::collections::HashMap<Uuid, Time> = leased.into_iter().map(|(id, at)| (id, at.0)).collect();
+        Ok(runs
+            .into_iter()
+            .map(|run| Claimed { due: (due[&run.id], run.id), resource: moved.remove(&run.resource_id), run })
+            .collect())
+    }
+
+    /// Completes runs in one transaction, as six statements however many:
+    /// each run's outcome, its queue row's removal, its resource's new
+    /// state, its event, and its notes for history and the rollups.
+    /// Runs whose lease is gone get `StaleLease` and the rest commit; a
+    /// resource not in its working state fails the whole call (naming it)
+    /// and writes nothing.
+    async fn complete_together(pool: &SqlitePool, batch: &[(Lease, &Completion)]) -> Result<Vec<Result<()>>> {
+        let stale = |l: &Lease| Err(Error::StaleLease { run: l.run });
+        let mut tx = pool.begin().await.map_err(db("begin"))?;
+        // VALUES columns are column1, column2, ….
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "UPDATE runs SET status = v.column3, outcome = v.column3, finished_at = v.column4, outputs = v.column5, error = v.column6,
+                lease_expires_at = NULL FROM (",
+        );
+        q.push_values(batch, |mut b, (lease, c)| {
+            b.push_bind(lease.run).push_bind(lease.token).push_bind(c.status.as_str()).push_bind(Ts(c.now));
+            b.push_bind(c.outputs.as_ref().map(Json)).push_bind(c.error.as_ref().map(Json));
+        });
+        q.push(
+            ") AS v WHERE runs.id = v.column1 AND runs.lease_token = v.column2 AND runs.status = 'running'
+             RETURNING runs.id, runs.resource_id, runs.working_state, runs.attempt",
+        );
+        let done: Vec<(Uuid, Uuid, String, i32)> =
+            q.build_query_as().fetch_all(&mut *tx).await.map_err(db("complete runs"))?;
+        if done.is_empty() {
+            return Ok(batch.iter().map(|(l, _)| stale(l)).collect());
+        }
+        let ids: Vec<Uuid> = done.iter().map(|(id, ..)| *id).collect();
+        let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM run_queue WHERE ");
+        Self::push_in(&mut q, "run_id", &ids);
+        q.build().execute(&mut *tx).await.map_err(db("take finished runs off the queue"))?;
+        record_finished(&mut tx, &ids).await?;
+        let by_id: std::collections::HashMap<Uuid, (Uuid, String, i32)> =
+            done.into_iter().map(|(id, resource, working, attempt)| (id, (resource, working, attempt))).collect();
+        let finished: Vec<Ended> = batch.iter().filter_map(|item| by_id.get(&item.0.run).map(|d| (item, d))).collect();
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "UPDATE resources SET state = v.column3, spec = COALESCE(v.column4, resources.spec),
+                outputs = COALESCE(v.column5, resources.outputs), observed = NULL,
+                version = resources.version + 1, updated_at = v.column6 FROM (",
+        );
+        q.push_values(&finished, |mut b, ((_, c), (resource, working, _))| {
+            b.push_bind(*resource).push_bind(working.as_str()).push_bind(c.resource_state.as_str());
+            b.push_bind(c.spec.as_ref().map(Json)).push_bind(c.outputs.as_ref().map(Json)).push_bind(Ts(c.now));
+        });
+        q.push(") AS v WHERE resources.id = v.column1 AND resources.state = v.column2 RETURNING resources.id");
+        let moved: std::collections::HashSet<Uuid> =
+            q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db("leave working states"))?.into_iter().collect();
+        if let Some(((lease, _), (resource, working, _))) = finished.iter().find(|(_, (r, _, _))| !moved.contains(r)) {
+            return Err(Error::Internal(format!(
+                "resource {resource} was not in {working} when run {} ended",
+                lease.run
+            )));
+        }
+        let mut q =
+            QueryBuilder::<Sqlite>::new("INSERT INTO run_events (run_id, at, attempt, level, step, message, data) ");
+        q.push_values(&finished, |mut b, ((lease, c), (_, _, attempt))| {
+            let e = &c.event;
+            b.push_bind(lease.run).push_bind(Ts(e.at)).push_bind(*attempt).push_bind(e.level.as_str());
+            b.push_bind(&e.step).push_bind(&e.message).push_bind(e.data.as_ref().map(Json));
+        });
+        q.build().execute(&mut *tx).await.map_err(db("append completion events"))?;
+        tx.commit().await.map_err(db("commit completions"))?;
+        Ok(batch.iter().map(|(l, _)| if by_id.contains_key(&l.run) { Ok(()) } else { stale(l) }).collect())
+    }
+}
+
+/// A completion whose run ended, beside the run's resource, working state
+/// and attempt.
+type Ended<'a> = (&'a (Lease, &'a Completion), &'a (Uuid, String, i32));
 
 /// Transactions on the one connection are serial already.
 const FOLD_LOCK: &str = "SELECT 1";

@@ -255,7 +255,20 @@ macro_rules! impl_store {
             }
 
             async fn list_runs(&self, f: &RunFilter, page: PageRequest) -> Result<Vec<Run>> {
-                let mut q = QueryBuilder::<$db>::new("SELECT * FROM runs WHERE 1 = 1");
+                // Finished runs of one outcome come from `run_outcomes`
+                // (indexed by outcome, and by action and outcome), newest
+                // first; active ones through the queue, which is small.
+                let finished = f.status.filter(|s| s.is_terminal());
+                let (mut q, id) = match finished {
+                    Some(v) => {
+                        let mut q = QueryBuilder::<$db>::new(
+                            "SELECT runs.* FROM run_outcomes o JOIN runs ON runs.id = o.run_id WHERE o.outcome = ",
+                        );
+                        q.push_bind(v.as_str());
+                        (q, "o.run_id")
+                    }
+                    None => (QueryBuilder::<$db>::new("SELECT * FROM runs WHERE 1 = 1"), "runs.id"),
+                };
                 if let Some(v) = f.resource {
                     q.push(" AND resource_id = ").push_bind(v);
                 }
@@ -263,18 +276,10 @@ macro_rules! impl_store {
                     q.push(" AND kind = ").push_bind(v.as_str());
                 }
                 if let Some(v) = &f.action {
-                    q.push(" AND action = ").push_bind(v.clone());
+                    q.push(if finished.is_some() { " AND o.action = " } else { " AND action = " }).push_bind(v.clone());
                 }
-                match f.status {
-                    // Finished runs by their outcome (indexed); active ones
-                    // through the queue, which is small.
-                    Some(v) if v.is_terminal() => {
-                        q.push(" AND outcome = ").push_bind(v.as_str());
-                    }
-                    Some(v) => {
-                        q.push(" AND status = ").push_bind(v.as_str()).push(" AND id IN (SELECT run_id FROM run_queue)");
-                    }
-                    None => {}
+                if let Some(v) = f.status.filter(|s| !s.is_terminal()) {
+                    q.push(" AND status = ").push_bind(v.as_str()).push(" AND id IN (SELECT run_id FROM run_queue)");
                 }
                 if let Some(v) = f.since {
                     q.push(" AND created_at >= ").push_bind(Ts(v));
@@ -292,9 +297,9 @@ macro_rules! impl_store {
                     q.push(" AND parent_run = ").push_bind(v);
                 }
                 if let Some(v) = page.after {
-                    q.push(" AND id < ").push_bind(v);
+                    q.push(format_args!(" AND {id} < ")).push_bind(v);
                 }
-                q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(page.limit));
+                q.push(format_args!(" ORDER BY {id} DESC LIMIT ")).push_bind(i64::from(page.limit));
                 runs(q.build_query_as::<RunRow>().fetch_all(&self.pool).await.map_err(db("list runs"))?)
             }
 
@@ -324,113 +329,34 @@ macro_rules! impl_store {
             }
 
             async fn claim_jobs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<(Run, Resource)>> {
-                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
-                let expires = Ts(now + lease_len(lease));
-                let mut leased: Vec<(Uuid, Ts)> = Vec::new();
-                let start = self.cursor.start();
-                if let Some((after, id)) = start {
-                    leased = sqlx::query_as($store::CLAIM_AFTER)
-                        .bind(Ts(now))
-                        .bind(i64::from(limit))
-                        .bind(expires)
-                        .bind(Ts(after))
-                        .bind(id)
-                        .fetch_all(&mut *tx)
-                        .await
-                        .map_err(db("claim runs"))?;
+                let expires = now + lease_len(lease);
+                let token = Uuid::new_v4();
+                let mut claimed = Vec::new();
+                if let Some(after) = self.cursor.start() {
+                    claimed = self.claim_batch(worker, token, expires, limit, now, Some(after)).await?;
                 }
-                if leased.len() < limit as usize {
+                if claimed.len() < limit as usize {
                     // From the start of the queue: what the scan past the
                     // cursor missed (runs due earlier that came later).
-                    let more: Vec<(Uuid, Ts)> = sqlx::query_as($store::CLAIM)
-                        .bind(Ts(now))
-                        .bind(i64::from(limit) - leased.len() as i64)
-                        .bind(expires)
-                        .fetch_all(&mut *tx)
-                        .await
-                        .map_err(db("claim runs"))?;
-                    leased.extend(more);
+                    let rest = limit - claimed.len() as u32;
+                    claimed.extend(self.claim_batch(worker, token, expires, rest, now, None).await?);
                     self.cursor.scanned_from_start();
                 }
-                self.cursor.advance(leased.iter().map(|(id, due)| (due.0, *id)).max());
-                let leased: Vec<Uuid> = leased.into_iter().map(|(id, _)| id).collect();
-                if leased.is_empty() {
-                    return Ok(Vec::new());
+                self.cursor.advance(claimed.iter().map(|c| c.due).max());
+                let mut out = Vec::with_capacity(claimed.len());
+                for c in claimed {
+                    match c.resource {
+                        Some(resource) => out.push((c.run, resource)),
+                        None => {
+                            // Its lease is ours: if this fails, the reaper
+                            // queues the run again when the lease lapses.
+                            if let Err(e) = fail_unclaimable(&self.pool, &c.run, now).await {
+                                tracing::warn!(run = %c.run.id, error = %e, "could not fail a run whose resource moved");
+                            }
+                        }
+                    }
                 }
-                let mut q = QueryBuilder::<$db>::new("UPDATE runs SET status = 'running', attempt = attempt + 1, worker = ");
-                q.push_bind(worker).push(", lease_token = ").push_bind(Uuid::new_v4());
-                q.push(", lease_expires_at = ").push_bind(expires).push(", heartbeat_at = ").push_bind(Ts(now));
-                q.push(", started_at = COALESCE(started_at, ").push_bind(Ts(now)).push(") WHERE status = 'queued' AND ");
-                $store::push_in(&mut q, "id", &leased);
-                q.push(" RETURNING *");
-                let claimed = q.build_query_as::<RunRow>().fetch_all(&mut *tx).await.map_err(db("start runs"))?;
-                let runs = claimed.into_iter().map(Run::try_from).collect::<Result<Vec<_>>>()?;
-                if runs.len() != leased.len() {
-                    // The queue row of every queued run has no lease, and no
-                    // other run has one: anything else is a broken invariant.
-                    return Err(Error::Internal(format!(
-                        "{} of {} leased queue rows had no queued run",
-                        leased.len() - runs.len(),
-                        leased.len()
-                    )));
-                }
-                // The resources enter their working states when work starts
-                // (a requeued run finds its resource there already), all in
-                // one statement.
-                let mut q = QueryBuilder::<$db>::new("UPDATE resources SET state = v.column2, version = resources.version + 1, updated_at = ");
-                q.push_bind(Ts(now)).push(" FROM (");
-                q.push_values(&runs, |mut b, r| {
-                    b.push_bind(r.resource_id).push_bind(&r.working_state).push_bind(&r.from_state);
-                });
-                q.push(
-                    ") AS v WHERE resources.id = v.column1 AND (resources.state = v.column3 OR resources.state = v.column2)
-                     AND resources.deleted_at IS NULL
-                     RETURNING resources.id, resources.kind, resources.name, resources.state, resources.spec,
-                        resources.version, resources.outputs, resources.observed, resources.created_by,
-                        resources.updated_by, resources.created_at, resources.updated_at",
-                );
-                let mut moved: std::collections::HashMap<Uuid, Resource> = q
-                    .build_query_as::<ResourceRow>()
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(db("enter working states"))?
-                    .into_iter()
-                    .map(|row| Resource::try_from(row).map(|r| (r.id, r)))
-                    .collect::<Result<_>>()?;
-                let (out, conflicts): (Vec<Run>, Vec<Run>) = runs.into_iter().partition(|r| moved.contains_key(&r.resource_id));
-                for run in conflicts {
-                    let error = RunError {
-                        code: "state_conflict".into(),
-                        message: format!("the resource left {} before work started", run.from_state),
-                        retryable: false,
-                        detail: None,
-                    };
-                    insert_event_unfenced(&mut tx, run.id, &NewEvent::info("claim", error.message.clone()).with_level(Level::Error)).await?;
-                    sqlx::query(
-                        "UPDATE runs SET status = 'failed', outcome = 'failed', finished_at = $2, error = $3, lease_expires_at = NULL
-                         WHERE id = $1",
-                    )
-                    .bind(run.id)
-                    .bind(Ts(now))
-                    .bind(Json(&error))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db("fail unclaimable run"))?;
-                    dequeue(&mut tx, run.id).await?;
-                }
-                if !out.is_empty() {
-                    let mut q = QueryBuilder::<$db>::new("INSERT INTO run_events (run_id, at, attempt, level, step, message) ");
-                    q.push_values(&out, |mut b, r| {
-                        b.push_bind(r.id).push_bind(Ts(now)).push_bind(r.attempt).push_bind(Level::Info.as_str()).push_bind("attempt");
-                        b.push_bind(format!("attempt {} of {} started on {worker}", r.attempt, r.max_attempts));
-                    });
-                    q.build().execute(&mut *tx).await.map_err(db("record attempts"))?;
-                }
-                tx.commit().await.map_err(db("commit claim"))?;
-                Ok(out
-                    .into_iter()
-                    .filter_map(|run| moved.remove(&run.resource_id).map(|resource| (run, resource)))
-                    .collect())
+                Ok(out)
             }
 
             async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>> {
@@ -466,13 +392,13 @@ macro_rules! impl_store {
             }
 
             async fn complete_run(&self, lease: Lease, c: &Completion) -> Result<()> {
-                complete_together(&self.pool, &[(lease, c)]).await?.remove(0)
+                $store::complete_together(&self.pool, &[(lease, c)]).await?.remove(0)
             }
 
             async fn complete_runs(&self, batch: &[(Lease, Completion)]) -> Vec<Result<()>> {
                 let items: Vec<(Lease, &Completion)> = batch.iter().map(|(l, c)| (*l, c)).collect();
                 if items.len() > 1 {
-                    match complete_together(&self.pool, &items).await {
+                    match $store::complete_together(&self.pool, &items).await {
                         Ok(results) => return results,
                         Err(e) => tracing::debug!(error = %e, "batched completion failed; completing one by one"),
                     }
@@ -480,7 +406,7 @@ macro_rules! impl_store {
                 // One by one: each gets its own answer, errors included.
                 let mut out = Vec::with_capacity(items.len());
                 for item in &items {
-                    out.push(complete_together(&self.pool, std::slice::from_ref(item)).await.and_then(|mut r| r.remove(0)));
+                    out.push($store::complete_together(&self.pool, std::slice::from_ref(item)).await.and_then(|mut r| r.remove(0)));
                 }
                 out
             }
@@ -561,6 +487,7 @@ macro_rules! impl_store {
                     }
                     if out_of_attempts {
                         dequeue(&mut tx, run.id).await?;
+                        record_finished(&mut tx, &[run.id]).await?;
                         sqlx::query("UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2")
                             .bind(run.resource_id)
                             .bind(&run.working_state)
@@ -613,6 +540,7 @@ macro_rules! impl_store {
                         .map_err(db("cancel queued run"))?
                         .ok_or_else(|| Error::Internal(format!("run {id} had an unleased queue row but was not queued")))?;
                         let run: Run = row.try_into()?;
+                        record_finished(&mut tx, &[run.id]).await?;
                         Some((run.resource_id, run.working_state, run.err_state))
                     }
                     None => None,
@@ -907,65 +835,50 @@ macro_rules! impl_store {
             }
         }
 
-        /// Completes runs in one transaction, as four statements however
-        /// many: each run's outcome, its queue row's removal, its resource's
-        /// new state, its event.
-        /// Runs whose lease is gone get `StaleLease` and the rest commit; a
-        /// resource not in its working state fails the whole call (naming
-        /// it) and writes nothing.
-        async fn complete_together(pool: &sqlx::Pool<$db>, batch: &[(Lease, &Completion)]) -> Result<Vec<Result<()>>> {
-            let stale = |l: &Lease| Err(Error::StaleLease { run: l.run });
+        /// Notes runs that have just ended, in the transaction that ended
+        /// them: their outcome, for the status filters of history, and an
+        /// entry for the rollup folder. Every way a run ends calls this
+        /// (the Postgres completion does the same in its one statement).
+        async fn record_finished(conn: &mut <$db as sqlx::Database>::Connection, ids: &[Uuid]) -> Result<()> {
+            let mut q = QueryBuilder::<$db>::new(
+                "INSERT INTO run_outcomes (outcome, run_id, action) SELECT status, id, action FROM runs WHERE ",
+            );
+            $store::push_in(&mut q, "id", ids);
+            q.build().execute(&mut *conn).await.map_err(db("record outcomes"))?;
+            let mut q = QueryBuilder::<$db>::new("INSERT INTO rollup_pending (run_id) SELECT id FROM runs WHERE ");
+            $store::push_in(&mut q, "id", ids);
+            q.build().execute(&mut *conn).await.map_err(db("mark runs for the rollups"))?;
+            Ok(())
+        }
+
+        /// Fails a run that a claim started but whose resource had left its
+        /// `from_state` meanwhile, fenced on the claim's lease.
+        async fn fail_unclaimable(pool: &sqlx::Pool<$db>, run: &Run, now: Time) -> Result<()> {
+            let error = RunError {
+                code: "state_conflict".into(),
+                message: format!("the resource left {} before work started", run.from_state),
+                retryable: false,
+                detail: None,
+            };
             let mut tx = pool.begin().await.map_err(db("begin"))?;
-            // VALUES columns are column1, column2, … in both dialects.
-            let mut q = QueryBuilder::<$db>::new(
-                "UPDATE runs SET status = v.column3, outcome = v.column3, finished_at = v.column4, outputs = v.column5, error = v.column6,
-                    lease_expires_at = NULL FROM (",
-            );
-            q.push_values(batch, |mut b, (lease, c)| {
-                b.push_bind(lease.run).push_bind(lease.token).push_bind(c.status.as_str()).push_bind(Ts(c.now));
-                b.push_bind(c.outputs.as_ref().map(Json)).push_bind(c.error.as_ref().map(Json));
-            });
-            q.push(
-                ") AS v WHERE runs.id = v.column1 AND runs.lease_token = v.column2 AND runs.status = 'running'
-                 RETURNING runs.id, runs.resource_id, runs.working_state, runs.attempt",
-            );
-            let done: Vec<(Uuid, Uuid, String, i32)> =
-                q.build_query_as().fetch_all(&mut *tx).await.map_err(db("complete runs"))?;
-            if done.is_empty() {
-                return Ok(batch.iter().map(|(l, _)| stale(l)).collect());
+            let done = sqlx::query(
+                "UPDATE runs SET status = 'failed', outcome = 'failed', finished_at = $3, error = $4, lease_expires_at = NULL
+                 WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+            )
+            .bind(run.id)
+            .bind(run.lease_token)
+            .bind(Ts(now))
+            .bind(Json(&error))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("fail unclaimable run"))?;
+            if done.rows_affected() != 1 {
+                return Err(Error::StaleLease { run: run.id });
             }
-            let ids: Vec<Uuid> = done.iter().map(|(id, ..)| *id).collect();
-            let mut q = QueryBuilder::<$db>::new("DELETE FROM run_queue WHERE ");
-            $store::push_in(&mut q, "run_id", &ids);
-            q.build().execute(&mut *tx).await.map_err(db("take finished runs off the queue"))?;
-            let by_id: std::collections::HashMap<Uuid, (Uuid, String, i32)> =
-                done.into_iter().map(|(id, resource, working, attempt)| (id, (resource, working, attempt))).collect();
-            let finished: Vec<(&(Lease, &Completion), &(Uuid, String, i32))> =
-                batch.iter().filter_map(|item| by_id.get(&item.0.run).map(|d| (item, d))).collect();
-            let mut q = QueryBuilder::<$db>::new(
-                "UPDATE resources SET state = v.column3, spec = COALESCE(v.column4, resources.spec),
-                    outputs = COALESCE(v.column5, resources.outputs), observed = NULL,
-                    version = resources.version + 1, updated_at = v.column6 FROM (",
-            );
-            q.push_values(&finished, |mut b, ((_, c), (resource, working, _))| {
-                b.push_bind(*resource).push_bind(working.as_str()).push_bind(c.resource_state.as_str());
-                b.push_bind(c.spec.as_ref().map(Json)).push_bind(c.outputs.as_ref().map(Json)).push_bind(Ts(c.now));
-            });
-            q.push(") AS v WHERE resources.id = v.column1 AND resources.state = v.column2 RETURNING resources.id");
-            let moved: std::collections::HashSet<Uuid> =
-                q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db("leave working states"))?.into_iter().collect();
-            if let Some(((lease, _), (resource, working, _))) = finished.iter().find(|(_, (r, _, _))| !moved.contains(r)) {
-                return Err(Error::Internal(format!("resource {resource} was not in {working} when run {} ended", lease.run)));
-            }
-            let mut q = QueryBuilder::<$db>::new("INSERT INTO run_events (run_id, at, attempt, level, step, message, data) ");
-            q.push_values(&finished, |mut b, ((lease, c), (_, _, attempt))| {
-                let e = &c.event;
-                b.push_bind(lease.run).push_bind(Ts(e.at)).push_bind(*attempt).push_bind(e.level.as_str());
-                b.push_bind(&e.step).push_bind(&e.message).push_bind(e.data.as_ref().map(Json));
-            });
-            q.build().execute(&mut *tx).await.map_err(db("append completion events"))?;
-            tx.commit().await.map_err(db("commit completions"))?;
-            Ok(batch.iter().map(|(l, _)| if by_id.contains_key(&l.run) { Ok(()) } else { stale(l) }).collect())
+            dequeue(&mut tx, run.id).await?;
+            record_finished(&mut tx, &[run.id]).await?;
+            insert_event_unfenced(&mut tx, run.id, &NewEvent::info("claim", error.message).with_level(Level::Error)).await?;
+            tx.commit().await.map_err(db("commit unclaimable run"))
         }
 
         /// Takes a run that has ended off the queue.
@@ -1011,6 +924,15 @@ macro_rules! impl_store {
 }
 
 pub(crate) use impl_store;
+
+/// A run one claim statement started: its resource as the claim left it
+/// (`None` when the resource had left the run's `from_state`, and the run
+/// must fail), and its queue row's place in the due order (for the cursor).
+pub(crate) struct Claimed {
+    pub(crate) run: drover_domain::model::Run,
+    pub(crate) resource: Option<drover_domain::model::Resource>,
+    pub(crate) due: (drover_domain::model::Time, uuid::Uuid),
+}
 
 /// Where the last claim of this store ended in `run_queue`'s due order.
 ///

@@ -35,10 +35,13 @@ both_backends!(
     idempotency_keys_replay_and_refuse_mismatches,
     a_key_abandoned_mid_begin_is_taken_again,
     runs_list_by_filters_newest_first,
+    finished_runs_list_by_outcome_whichever_way_they_ended,
     deleted_resources_keep_their_history,
     the_queue_holds_exactly_the_active_runs,
     a_run_due_before_the_claim_cursor_waits_a_second_at_most,
 );
+
+both_backends_with_url!(a_claim_fails_a_run_whose_resource_moved, a_completion_batch_leaves_a_misplaced_resource_alone);
 
 async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
     let a = cluster(&store, "web").await;
@@ -390,6 +393,133 @@ async fn runs_list_by_filters_newest_first(store: Arc<dyn Store>) {
     assert!(store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().is_empty());
     let page2 = store.list_runs(&RunFilter::default(), PageRequest { after: Some(rb.id), limit: 10 }).await.unwrap();
     assert_eq!(page2.iter().map(|r| r.id).collect::<Vec<_>>(), [ra.id]);
+}
+
+/// The status filters for finished runs read `run_outcomes`, which the
+/// trigger fills whichever way a run ended: completion, cancel while
+/// queued, the reaper out of attempts. Other filters and keyset pages
+/// combine with it.
+async fn finished_runs_list_by_outcome_whichever_way_they_ended(store: Arc<dyn Store>) {
+    let finish = |store: &Arc<dyn Store>, r: Resource, action: &'static str, from: &'static str, status: RunStatus| {
+        let store = store.clone();
+        async move {
+            let run = store.insert_run(&new_run(&r, action, from, "working", "up")).await.unwrap();
+            let claimed = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+            assert_eq!(claimed.id, run.id);
+            let state = if status == RunStatus::Succeeded { "up" } else { "failed" };
+            store.complete_run(claimed.lease().unwrap(), &done(status, state)).await.unwrap();
+            run.id
+        }
+    };
+    let ids = |runs: Vec<Run>| runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let page = |after| PageRequest { after, limit: 10 };
+    let (a, b, c, d, e) = (
+        cluster(&store, "a").await,
+        cluster(&store, "b").await,
+        cluster(&store, "c").await,
+        cluster(&store, "d").await,
+        cluster(&store, "e").await,
+    );
+    let ra = finish(&store, a, "create", "pending", RunStatus::Succeeded).await;
+    let rb = finish(&store, b.clone(), "create", "pending", RunStatus::Failed).await;
+    let after_b = Utc::now();
+    let rc = store.insert_run(&new_run(&c, "create", "pending", "working", "up")).await.unwrap().id;
+    store.request_cancel(rc, "alice", None, Utc::now()).await.unwrap();
+    let mut nd = new_run(&d, "create", "pending", "working", "up");
+    nd.max_attempts = 1;
+    store.insert_run(&nd).await.unwrap();
+    let t0 = Utc::now();
+    store.claim_runs("w1", Duration::from_secs(1), 1, t0).await.unwrap();
+    store.reap_expired(t0 + chrono::Duration::seconds(5)).await.unwrap();
+    let re1 = finish(&store, e.clone(), "stop", "pending", RunStatus::Failed).await;
+    let re2 =
+        finish(&store, store.get_resource_by_id(e.id).await.unwrap().unwrap(), "start", "failed", RunStatus::Succeeded)
+            .await;
+
+    let by = |status, action: Option<&str>, resource: Option<uuid::Uuid>| RunFilter {
+        status: Some(status),
+        action: action.map(Into::into),
+        resource,
+        ..Default::default()
+    };
+    assert_eq!(ids(store.list_runs(&by(RunStatus::Failed, None, None), page(None)).await.unwrap()), [re1, nd.id, rb]);
+    assert_eq!(ids(store.list_runs(&by(RunStatus::Succeeded, None, None), page(None)).await.unwrap()), [re2, ra]);
+    assert_eq!(ids(store.list_runs(&by(RunStatus::Cancelled, None, None), page(None)).await.unwrap()), [rc]);
+    assert_eq!(ids(store.list_runs(&by(RunStatus::Failed, Some("stop"), None), page(None)).await.unwrap()), [re1]);
+    assert_eq!(
+        ids(store.list_runs(&by(RunStatus::Failed, Some("create"), None), page(None)).await.unwrap()),
+        [nd.id, rb]
+    );
+    assert!(store.list_runs(&by(RunStatus::Cancelled, Some("stop"), None), page(None)).await.unwrap().is_empty());
+    assert_eq!(ids(store.list_runs(&by(RunStatus::Failed, None, Some(b.id)), page(None)).await.unwrap()), [rb]);
+    assert_eq!(ids(store.list_runs(&by(RunStatus::Succeeded, None, Some(e.id)), page(None)).await.unwrap()), [re2]);
+    let recent = RunFilter { since: Some(after_b), ..by(RunStatus::Failed, None, None) };
+    assert_eq!(ids(store.list_runs(&recent, page(None)).await.unwrap()), [re1, nd.id]);
+    // Keyset pages over one outcome.
+    let first =
+        store.list_runs(&by(RunStatus::Failed, None, None), PageRequest { after: None, limit: 2 }).await.unwrap();
+    assert_eq!(ids(first), [re1, nd.id]);
+    assert_eq!(ids(store.list_runs(&by(RunStatus::Failed, None, None), page(Some(nd.id))).await.unwrap()), [rb]);
+    // Each finished run reached the rollups once.
+    assert_eq!(store.fold_rollups(100).await.unwrap(), 6);
+    assert_eq!(store.fold_rollups(100).await.unwrap(), 0);
+}
+
+/// A run whose resource left its `from_state` between the request and the
+/// claim is not handed out: it fails with `state_conflict`, leaves the
+/// queue and is recorded like any finished run.
+async fn a_claim_fails_a_run_whose_resource_moved(store: Arc<dyn Store>, url: &str) {
+    let (a, b) = (cluster(&store, "a").await, cluster(&store, "b").await);
+    let ra = store.insert_run(&new_run(&a, "create", "pending", "creating", "up")).await.unwrap();
+    let rb = store.insert_run(&new_run(&b, "create", "pending", "creating", "up")).await.unwrap();
+    backdoor(url, "UPDATE resources SET state = 'elsewhere' WHERE name = 'a'").await;
+    let claimed = store.claim_runs("w1", LEASE, 10, Utc::now()).await.unwrap();
+    assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), [rb.id]);
+    let failed = store.get_run(ra.id).await.unwrap().unwrap();
+    assert_eq!((failed.status, failed.error.unwrap().code.as_str()), (RunStatus::Failed, "state_conflict"));
+    assert!(store.active_run(a.id).await.unwrap().is_none());
+    assert_eq!(store.get_resource_by_id(a.id).await.unwrap().unwrap().state, "elsewhere");
+    let f = RunFilter { status: Some(RunStatus::Failed), ..Default::default() };
+    let listed: Vec<_> =
+        store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(listed, [ra.id]);
+    let steps: Vec<_> = store.list_events(ra.id, 0, 100).await.unwrap().into_iter().map(|e| e.step).collect();
+    assert_eq!(steps, ["request", "claim"]);
+    assert_eq!(store.fold_rollups(100).await.unwrap(), 1, "one finished run for the rollups");
+}
+
+/// A batch of completions where one run's resource is not in its working
+/// state (a broken invariant) writes nothing; one by one, the others
+/// complete and the culprit is named.
+async fn a_completion_batch_leaves_a_misplaced_resource_alone(store: Arc<dyn Store>, url: &str) {
+    for name in ["a", "b"] {
+        let r = cluster(&store, name).await;
+        store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
+    }
+    let runs = store.claim_runs("w1", LEASE, 10, Utc::now()).await.unwrap();
+    assert_eq!(runs.len(), 2);
+    let misplaced = runs.iter().find(|r| r.resource_name == "a").unwrap();
+    let fine = runs.iter().find(|r| r.resource_name == "b").unwrap();
+    backdoor(url, "UPDATE resources SET state = 'elsewhere' WHERE name = 'a'").await;
+    let results = store
+        .complete_runs(&[
+            (misplaced.lease().unwrap(), done(RunStatus::Succeeded, "up")),
+            (fine.lease().unwrap(), done(RunStatus::Succeeded, "up")),
+        ])
+        .await;
+    assert!(
+        matches!(&results[0], Err(Error::Internal(m)) if m.contains(&misplaced.resource_id.to_string())),
+        "{results:?}"
+    );
+    assert!(results[1].is_ok(), "{results:?}");
+    let status = |id| {
+        let store = store.clone();
+        async move { store.get_run(id).await.unwrap().unwrap().status }
+    };
+    assert_eq!((status(misplaced.id).await, status(fine.id).await), (RunStatus::Running, RunStatus::Succeeded));
+    let steps: Vec<_> = store.list_events(misplaced.id, 0, 100).await.unwrap().into_iter().map(|e| e.step).collect();
+    assert_eq!(steps, ["request", "attempt"]);
+    assert_eq!(store.fold_rollups(100).await.unwrap(), 1, "only the completed run reaches the rollups");
 }
 
 async fn deleted_resources_keep_their_history(store: Arc<dyn Store>) {

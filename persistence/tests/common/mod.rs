@@ -31,6 +31,19 @@ pub async fn postgres_at_version(version: i64) -> (String, sqlx::PgConnection) {
     (url, conn)
 }
 
+/// Writes to a store's database behind the store's back, to break one of
+/// its invariants on purpose.
+pub async fn backdoor(url: &str, sql: &str) {
+    use sqlx::Connection;
+    if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+    }
+}
+
 pub async fn postgres() -> Stores {
     let url = drover_persistence::testing::fresh_postgres_database().await;
     drover_persistence::open(&url).await.unwrap()
@@ -51,6 +64,35 @@ impl FromStores for Stores {
     fn from_stores(s: Stores) -> Self {
         s
     }
+}
+
+/// Instantiates an async test body `fn(Arc<dyn Store>, url)` once per
+/// backend, the URL for [`backdoor`].
+#[macro_export]
+macro_rules! both_backends_with_url {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite_backend_with_url {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let url = format!("sqlite://{}", dir.path().join("drover.db").display());
+                    let stores = drover_persistence::open(&url).await.unwrap();
+                    super::$name(stores.store, &url).await;
+                }
+            )+
+        }
+        mod postgres_backend_with_url {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let url = drover_persistence::testing::fresh_postgres_database().await;
+                    let stores = drover_persistence::open(&url).await.unwrap();
+                    super::$name(stores.store, &url).await;
+                }
+            )+
+        }
+    };
 }
 
 /// Instantiates an async test body `fn(Arc<dyn Store>)` once per backend.
