@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use futures::FutureExt;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn, Instrument};
 use uuid::Uuid;
 
@@ -97,8 +97,11 @@ pub struct Engine {
     providers: Providers,
     cfg: EngineConfig,
     slots: Arc<Semaphore>,
-    /// The completion writer, once [`Engine::spawn`] started it.
-    completions: std::sync::OnceLock<mpsc::UnboundedSender<Finished>>,
+    /// The completion writer, once [`Engine::spawn`] started it. Bounded
+    /// at `concurrency`: a run gives its slot back once its completion is
+    /// in here, so runs wait for the writer without holding slots, and a
+    /// writer that falls behind stops the claims.
+    completions: std::sync::OnceLock<mpsc::Sender<Finished>>,
     /// Leases of the runs this engine is executing.
     in_flight: Arc<std::sync::Mutex<HashMap<Uuid, Lease>>>,
 }
@@ -130,7 +133,7 @@ const CLAIM_GATHER: Duration = Duration::from_millis(5);
 /// Writes completions as they come: the first alone, and whatever arrived
 /// while a write was in flight together in the next. Under load a batch
 /// shares one transaction; idle, nothing waits for company.
-async fn write_completions(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Finished>) {
+async fn write_completions(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Finished>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < COMPLETION_BATCH {
@@ -189,7 +192,7 @@ impl Engine {
     /// in flight are left to their leases ([`Engine::release_in_flight`]
     /// hands them back).
     pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(self.cfg.concurrency.max(1));
         let writer = self.completions.set(tx).is_ok().then(|| tokio::spawn(write_completions(self.store.clone(), rx)));
         let claimer = {
             let (engine, mut stop) = (self.clone(), shutdown.clone());
@@ -291,10 +294,7 @@ impl Engine {
                     None => self.slots.clone().acquire_owned().await.expect("semaphore never closes"),
                 };
                 let engine = self.clone();
-                tokio::spawn(async move {
-                    engine.execute(run, resource).await;
-                    drop(p);
-                });
+                tokio::spawn(async move { engine.execute(run, resource, Some(p)).await });
             }
         }
     }
@@ -336,7 +336,7 @@ impl Engine {
         match runs.pop() {
             Some((run, resource)) => {
                 let id = run.id;
-                self.execute(run, resource).await;
+                self.execute(run, resource, None).await;
                 Ok(Some(id))
             }
             None => Ok(None),
@@ -397,13 +397,16 @@ impl Engine {
         }
     }
 
-    async fn execute(&self, run: Run, resource: Resource) {
+    /// Runs one attempt and writes its end. `slot` is the claim loop's
+    /// permit for it: given back once the attempt's end is handed to the
+    /// completion writer, or when this returns.
+    async fn execute(&self, run: Run, resource: Resource, slot: Option<OwnedSemaphorePermit>) {
         let span =
             tracing::info_span!("run", run = %run.id, kind = %run.kind, action = %run.action, attempt = run.attempt);
-        self.execute_inner(run, resource).instrument(span).await
+        self.execute_inner(run, resource, slot).instrument(span).await
     }
 
-    async fn execute_inner(&self, run: Run, resource: Resource) {
+    async fn execute_inner(&self, run: Run, resource: Resource, slot: Option<OwnedSemaphorePermit>) {
         let Some(lease) = run.lease() else {
             warn!("claimed run without a lease token; skipping");
             return;
@@ -444,7 +447,7 @@ impl Engine {
             Err(e) => Outcome::Done(Err(e)),
         };
         heartbeat.abort();
-        self.record(&run, lease, &ctx, outcome).await;
+        self.record(&run, lease, &ctx, outcome, slot).await;
     }
 
     /// Finds the provider and what the job needs, as they are now (the
@@ -492,7 +495,7 @@ impl Engine {
     }
 
     /// Writes the outcome of one attempt, fenced on the lease.
-    async fn record(&self, run: &Run, lease: Lease, ctx: &Ctx, outcome: Outcome) {
+    async fn record(&self, run: &Run, lease: Lease, ctx: &Ctx, outcome: Outcome, slot: Option<OwnedSemaphorePermit>) {
         let now = Utc::now();
         let finish = |status: RunStatus, error: Option<RunError>, outputs: Option<Value>| {
             let (state, spec, event) = match status {
@@ -594,8 +597,9 @@ impl Engine {
         let written = match self.completions.get() {
             Some(writer) => {
                 let (reply, result) = oneshot::channel();
-                match writer.send((lease, completion, reply)) {
+                match writer.send((lease, completion, reply)).await {
                     Ok(()) => {
+                        drop(slot);
                         result.await.unwrap_or_else(|_| Err(Error::Internal("the completion writer stopped".into())))
                     }
                     Err(mpsc::error::SendError((lease, completion, _))) => {

@@ -350,3 +350,52 @@ async fn a_stopping_engine_puts_unfinished_runs_back_at_once(store: Arc<dyn Stor
         t.abort();
     }
 }
+
+/// A run gives its slot back once its end is handed to the completion
+/// writer, and the writer's queue is bounded: when the writer cannot write
+/// (another session holds a lock its statement needs), runs pile up to
+/// that bound, then keep their slots, and claims stop. Once the writer can
+/// write again, every run finishes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_falls_behind_stops_the_claims() {
+    use sqlx::Connection;
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    let store = drover_persistence::connect(&url).await.unwrap();
+    let p = Arc::new(Scripted::default());
+    let mut runs = Vec::new();
+    for i in 0..40 {
+        runs.push(queue(&store, &format!("ok-{i}"), 60).await);
+    }
+    let mut blocker = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut tx = blocker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE rollup_pending IN EXCLUSIVE MODE").execute(&mut *tx).await.unwrap();
+
+    let concurrency = 2;
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let tasks = engine(&store, &p, EngineConfig { concurrency, ..config("w1") }).spawn(rx);
+    let leased = || {
+        let store = store.clone();
+        async move {
+            let d = store.queue_depth(chrono::Utc::now()).await.unwrap();
+            (d.running, d.due)
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (running, due) = leased().await;
+    // The writer's batch, its queue (`concurrency`), and the slots.
+    assert!(running > concurrency as i64, "slots came back when the ends were handed over: {running} leased");
+    assert!(running <= 3 * concurrency as i64, "the writer's queue is bounded: {running} leased");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(leased().await, (running, due), "claims stopped while the writer could not write");
+    assert_eq!(due, 40 - running);
+
+    tx.commit().await.unwrap();
+    for run in &runs {
+        assert_eq!(wait_terminal(&store, run.id).await.status, RunStatus::Succeeded);
+        assert_eq!(p.done(run.id), 1);
+    }
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.abort();
+    }
+}
