@@ -35,7 +35,8 @@ struct Serve {
     /// `postgres://…` or `sqlite://…`. Default: SQLite in the data directory.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
-    /// How many transitions this process runs at once.
+    /// How many transitions this process works on at once (as many more
+    /// may wait for their ends to be written).
     #[arg(long, env = "DROVER_WORKER_CONCURRENCY", default_value_t = 64)]
     worker_concurrency: usize,
     /// Seconds a worker's claim on a run lasts without a heartbeat.

@@ -51,9 +51,10 @@ SELECT (lpad(to_hex((extract(epoch FROM created) * 1000)::bigint), 12, '0') || s
     CASE WHEN status = 'cancelled' THEN NULL ELSE created + interval '10 milliseconds' END,
     created + interval '10 milliseconds' + ms * interval '1 millisecond', env, '[]', status
 FROM src
-RETURNING id, status, action
+RETURNING id, status, action, kind, environment, actor
 ), outcomes AS (
-    INSERT INTO run_outcomes (outcome, run_id, action) SELECT status, id, action FROM ins
+    INSERT INTO run_outcomes (outcome, run_id, action, kind, environment, actor)
+    SELECT status, id, action, kind, environment, actor FROM ins
 )
 INSERT INTO rollup_pending (run_id) SELECT id FROM ins";
 

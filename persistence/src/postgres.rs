@@ -91,7 +91,8 @@ const COMPLETE: &str = "
         UPDATE runs SET status = v.status, outcome = v.status, finished_at = v.at, outputs = v.outputs,
             error = v.error, lease_expires_at = NULL
         FROM v WHERE runs.id = v.run_id AND runs.lease_token = v.token AND runs.status = 'running'
-        RETURNING runs.id, runs.resource_id, runs.working_state, runs.attempt, runs.action, v.status, v.at,
+        RETURNING runs.id, runs.resource_id, runs.working_state, runs.attempt, runs.action, runs.kind,
+            runs.environment, runs.actor, v.status, v.at,
             v.outputs, v.state, v.spec, v.event_at, v.level, v.step, v.message, v.data
     ), off_queue AS (
         DELETE FROM run_queue q USING done WHERE q.run_id = done.id
@@ -104,7 +105,8 @@ const COMPLETE: &str = "
         INSERT INTO run_events (run_id, at, attempt, level, step, message, data)
         SELECT id, event_at, attempt, level, step, message, data FROM done
     ), outcomes AS (
-        INSERT INTO run_outcomes (outcome, run_id, action) SELECT status, id, action FROM done
+        INSERT INTO run_outcomes (outcome, run_id, action, kind, environment, actor)
+        SELECT status, id, action, kind, environment, actor FROM done
     ), pending AS (
         INSERT INTO rollup_pending (run_id) SELECT id FROM done
     )
@@ -125,6 +127,7 @@ impl PgStore {
 
     const NOTIFY_SQL: Option<&'static str> = Some("SELECT pg_notify('drover_runs', '')");
 
+    /// One claim: [`claim!`]'s statement, past the cursor or from the front.
     async fn claim_batch(
         &self,
         worker: &str,

@@ -272,11 +272,14 @@ macro_rules! impl_store {
                 if let Some(v) = f.resource {
                     q.push(" AND resource_id = ").push_bind(v);
                 }
+                // The filters `run_outcomes` carries are read there (its
+                // key's index holds them), the rest from `runs`.
+                let on = if finished.is_some() { "o." } else { "" };
                 if let Some(v) = f.kind {
-                    q.push(" AND kind = ").push_bind(v.as_str());
+                    q.push(format_args!(" AND {on}kind = ")).push_bind(v.as_str());
                 }
                 if let Some(v) = &f.action {
-                    q.push(if finished.is_some() { " AND o.action = " } else { " AND action = " }).push_bind(v.clone());
+                    q.push(format_args!(" AND {on}action = ")).push_bind(v.clone());
                 }
                 if let Some(v) = f.status.filter(|s| !s.is_terminal()) {
                     q.push(" AND status = ").push_bind(v.as_str()).push(" AND id IN (SELECT run_id FROM run_queue)");
@@ -288,10 +291,10 @@ macro_rules! impl_store {
                     q.push(" AND created_at < ").push_bind(Ts(v));
                 }
                 if let Some(v) = &f.environment {
-                    q.push(" AND environment = ").push_bind(v.clone());
+                    q.push(format_args!(" AND {on}environment = ")).push_bind(v.clone());
                 }
                 if let Some(v) = &f.actor {
-                    q.push(" AND actor = ").push_bind(v.clone());
+                    q.push(format_args!(" AND {on}actor = ")).push_bind(v.clone());
                 }
                 if let Some(v) = f.parent {
                     q.push(" AND parent_run = ").push_bind(v);
@@ -841,7 +844,8 @@ macro_rules! impl_store {
         /// (the Postgres completion does the same in its one statement).
         async fn record_finished(conn: &mut <$db as sqlx::Database>::Connection, ids: &[Uuid]) -> Result<()> {
             let mut q = QueryBuilder::<$db>::new(
-                "INSERT INTO run_outcomes (outcome, run_id, action) SELECT status, id, action FROM runs WHERE ",
+                "INSERT INTO run_outcomes (outcome, run_id, action, kind, environment, actor)
+                 SELECT status, id, action, kind, environment, actor FROM runs WHERE ",
             );
             $store::push_in(&mut q, "id", ids);
             q.build().execute(&mut *conn).await.map_err(db("record outcomes"))?;

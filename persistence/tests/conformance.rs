@@ -41,7 +41,11 @@ both_backends!(
     a_run_due_before_the_claim_cursor_waits_a_second_at_most,
 );
 
-both_backends_with_url!(a_claim_fails_a_run_whose_resource_moved, a_completion_batch_leaves_a_misplaced_resource_alone);
+both_backends_with_url!(
+    a_claim_fails_a_run_whose_resource_moved,
+    a_completion_batch_leaves_a_misplaced_resource_alone,
+    a_queue_row_out_of_step_with_its_run_is_repaired,
+);
 
 async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
     let a = cluster(&store, "web").await;
@@ -427,6 +431,7 @@ async fn finished_runs_list_by_outcome_whichever_way_they_ended(store: Arc<dyn S
     store.request_cancel(rc, "alice", None, Utc::now()).await.unwrap();
     let mut nd = new_run(&d, "create", "pending", "working", "up");
     nd.max_attempts = 1;
+    nd.environment = Some("prod".into());
     store.insert_run(&nd).await.unwrap();
     let t0 = Utc::now();
     store.claim_runs("w1", Duration::from_secs(1), 1, t0).await.unwrap();
@@ -453,6 +458,19 @@ async fn finished_runs_list_by_outcome_whichever_way_they_ended(store: Arc<dyn S
     assert!(store.list_runs(&by(RunStatus::Cancelled, Some("stop"), None), page(None)).await.unwrap().is_empty());
     assert_eq!(ids(store.list_runs(&by(RunStatus::Failed, None, Some(b.id)), page(None)).await.unwrap()), [rb]);
     assert_eq!(ids(store.list_runs(&by(RunStatus::Succeeded, None, Some(e.id)), page(None)).await.unwrap()), [re2]);
+    // The filters the outcome rows carry.
+    let mine =
+        RunFilter { actor: Some("tester".into()), kind: Some(Kind::Cluster), ..by(RunStatus::Failed, None, None) };
+    assert_eq!(ids(store.list_runs(&mine, page(None)).await.unwrap()), [re1, nd.id, rb]);
+    let prod = RunFilter { environment: Some("prod".into()), ..by(RunStatus::Failed, None, None) };
+    assert_eq!(ids(store.list_runs(&prod, page(None)).await.unwrap()), [nd.id]);
+    for f in [
+        RunFilter { actor: Some("nobody".into()), ..by(RunStatus::Failed, None, None) },
+        RunFilter { kind: Some(Kind::Image), ..by(RunStatus::Succeeded, None, None) },
+        RunFilter { environment: Some("qa".into()), ..by(RunStatus::Failed, None, None) },
+    ] {
+        assert!(store.list_runs(&f, page(None)).await.unwrap().is_empty(), "{f:?}");
+    }
     let recent = RunFilter { since: Some(after_b), ..by(RunStatus::Failed, None, None) };
     assert_eq!(ids(store.list_runs(&recent, page(None)).await.unwrap()), [re1, nd.id]);
     // Keyset pages over one outcome.
@@ -520,6 +538,29 @@ async fn a_completion_batch_leaves_a_misplaced_resource_alone(store: Arc<dyn Sto
     let steps: Vec<_> = store.list_events(misplaced.id, 0, 100).await.unwrap().into_iter().map(|e| e.step).collect();
     assert_eq!(steps, ["request", "attempt"]);
     assert_eq!(store.fold_rollups(100).await.unwrap(), 1, "only the completed run reaches the rollups");
+}
+
+/// A queue row whose run ended behind the store's back (a broken
+/// invariant) does not jam the queue: the claim takes the row but starts
+/// nothing, and when that lease lapses the reaper drops the row.
+async fn a_queue_row_out_of_step_with_its_run_is_repaired(store: Arc<dyn Store>, url: &str) {
+    let (a, b) = (cluster(&store, "a").await, cluster(&store, "b").await);
+    let ra = store.insert_run(&new_run(&a, "create", "pending", "creating", "up")).await.unwrap();
+    let rb = store.insert_run(&new_run(&b, "create", "pending", "creating", "up")).await.unwrap();
+    backdoor(url, "UPDATE runs SET status = 'cancelled', outcome = 'cancelled' WHERE resource_name = 'a'").await;
+    let t0 = Utc::now();
+    let claimed = store.claim_runs("w1", LEASE, 10, t0).await.unwrap();
+    assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), [rb.id], "the other run still starts");
+    store.complete_run(claimed[0].lease().unwrap(), &done(RunStatus::Succeeded, "up")).await.unwrap();
+    let reaped = store.reap_expired(t0 + LEASE + chrono::Duration::seconds(1)).await.unwrap();
+    assert!(!reaped.contains(&ra.id), "repaired, not reaped: {reaped:?}");
+    assert!(store.active_run(a.id).await.unwrap().is_none());
+    let d = store.queue_depth(Utc::now()).await.unwrap();
+    assert_eq!((d.due, d.waiting), (0, 0));
+    // The resource takes a new run, which is claimed.
+    let again = store.insert_run(&new_run(&a, "create", "pending", "creating", "up")).await.unwrap();
+    let claimed = store.claim_runs("w1", LEASE, 10, Utc::now()).await.unwrap();
+    assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), [again.id]);
 }
 
 async fn deleted_resources_keep_their_history(store: Arc<dyn Store>) {
@@ -690,6 +731,9 @@ async fn upgrading_moves_the_active_runs_into_the_queue() {
     let listed: Vec<_> =
         store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(listed, vec![run(3)]);
+    // With the filters its outcome row carries (0007).
+    let f = RunFilter { actor: Some("alice".into()), environment: Some("qa".into()), ..f };
+    assert_eq!(store.list_runs(&f, PageRequest { after: None, limit: 10 }).await.unwrap().len(), 1);
     let r1 = store.get_resource_by_id(resource(1)).await.unwrap().unwrap();
     let again = store.insert_run(&new_run(&r1, "stop", "up", "stopping", "down")).await;
     assert!(matches!(again, Err(Error::Busy { run: busy, .. }) if busy == run(1)), "{again:?}");
