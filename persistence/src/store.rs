@@ -2,8 +2,10 @@
 //!
 //! Queries use `$n` placeholders, which both Postgres and SQLite (through
 //! sqlx) understand, and bind every time from Rust, never `now()`, so that
-//! the two backends behave alike and tests control the clock. The few
-//! statements that must differ (the claim) come from the backend module.
+//! the two backends behave alike and tests control the clock. What must
+//! differ comes from the backend module: the claim and the completion of a
+//! batch (one statement each on Postgres, steps in a transaction on
+//! SQLite), and how a list of ids is bound.
 //!
 //! Every write that belongs to a worker is fenced on `(status = 'running',
 //! lease_token)` and checks rows affected; losing the fence is
@@ -19,11 +21,11 @@
 //! run's row while waiting for a queued one's, so the two orders cannot
 //! deadlock.
 
-/// Expands `impl Store for $store` against `$db`. `$store::CLAIM` is the
-/// backend's statement that leases due rows of `run_queue` and returns their
-/// run ids and due times, with parameters `$1` now, `$2` limit, `$3` lease
-/// expiry; `$store::CLAIM_AFTER` adds `$4`, `$5`, the (due time, run id) to
-/// start past. `$fold_lock` is the statement that
+/// Expands `impl Store for $store` against `$db`. The backend provides
+/// `claim_batch` (one claim, past the cursor or from the front of the
+/// queue, returning [`Claimed`] runs), `complete_together` (a batch of
+/// completions, all or nothing but for lost leases) and `push_in` (binds
+/// `column IN` a list of ids). `$fold_lock` is the statement that
 /// makes rollup folders take turns (a no-op where transactions are already
 /// serial).
 macro_rules! impl_store {
