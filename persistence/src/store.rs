@@ -258,8 +258,9 @@ macro_rules! impl_store {
 
             async fn list_runs(&self, f: &RunFilter, page: PageRequest) -> Result<Vec<Run>> {
                 // Finished runs of one outcome come from `run_outcomes`
-                // (indexed by outcome, and by action and outcome), newest
-                // first; active ones through the queue, which is small.
+                // (keyed by outcome and run id, and indexed by action,
+                // outcome and run id), newest first; active ones through
+                // the queue, which is small.
                 let finished = f.status.filter(|s| s.is_terminal());
                 let (mut q, id) = match finished {
                     Some(v) => {
@@ -454,8 +455,9 @@ macro_rules! impl_store {
                     let run: Run = row.try_into()?;
                     let mut tx = self.pool.begin().await.map_err(db("begin"))?;
                     if run.status != RunStatus::Running {
-                        // A queue row out of step with its run (not written
-                        // by this version): bring it back in line.
+                        // A queue row out of step with its run, which the
+                        // claim leased and started nothing for (a broken
+                        // invariant): bring it back in line.
                         tracing::warn!(run = %run.id, status = run.status.as_str(), "queue row leased for a run that is not running; repairing");
                         match run.status {
                             RunStatus::Queued => requeue(&mut tx, run.id, run.run_after).await?,

@@ -518,11 +518,11 @@ impl Provider for AwsClusters {
         Ok(Self::outputs(&rendered, &info, &instances))
     }
 
-    /// The instances EC2 shows for an `up` cluster, found by its tags.
     fn observes(&self) -> bool {
         true
     }
 
+    /// The instances EC2 shows for an `up` cluster, found by its tags.
     async fn observe(&self, r: &Resource) -> Option<Value> {
         if r.state != "up" {
             return None;

@@ -258,11 +258,11 @@ impl Provider for LocalClusters {
         }
     }
 
-    /// Reports on the instances of an `up` cluster: alive and answering?
     fn observes(&self) -> bool {
         true
     }
 
+    /// Reports on the instances of an `up` cluster: alive and answering?
     async fn observe(&self, r: &Resource) -> Option<Value> {
         if r.state != "up" {
             return None;
