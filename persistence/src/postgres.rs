@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::identity::impl_identity_stores;
 use crate::rows::*;
-use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor, Claimed};
+use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor, ClaimTerms, Claimed};
 use crate::time::Ts;
 
 /// A pooled connection idle for longer than this is pinged before use.
@@ -128,17 +128,9 @@ impl PgStore {
     const NOTIFY_SQL: Option<&'static str> = Some("SELECT pg_notify('drover_runs', '')");
 
     /// One claim: [`claim!`]'s statement, past the cursor or from the front.
-    async fn claim_batch(
-        &self,
-        worker: &str,
-        token: Uuid,
-        expires: Time,
-        limit: u32,
-        now: Time,
-        after: Option<(Time, Uuid)>,
-    ) -> Result<Vec<Claimed>> {
+    async fn claim_batch(&self, t: &ClaimTerms<'_>, limit: u32, after: Option<(Time, Uuid)>) -> Result<Vec<Claimed>> {
         let claim = sqlx::query(if after.is_some() { Self::CLAIM_AFTER } else { Self::CLAIM });
-        let mut claim = claim.bind(Ts(now)).bind(i64::from(limit)).bind(Ts(expires)).bind(worker).bind(token);
+        let mut claim = claim.bind(Ts(t.now)).bind(i64::from(limit)).bind(Ts(t.expires)).bind(t.worker).bind(t.token);
         if let Some((due, id)) = after {
             claim = claim.bind(Ts(due)).bind(id);
         }

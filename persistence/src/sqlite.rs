@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::identity::impl_identity_stores;
 use crate::rows::*;
-use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor, Claimed};
+use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor, ClaimTerms, Claimed};
 use crate::time::Ts;
 
 pub struct SqliteStore {
@@ -79,21 +79,12 @@ impl SqliteStore {
         sqlx::migrate!("../migrations/sqlite").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
         Ok(SqliteStore { pool, wakeup: Arc::new(Notify::new()), cursor: ClaimCursor::default() })
     }
-}
 
-impl SqliteStore {
     /// One claim, in steps on the one connection: lease due queue rows,
     /// start their runs, move their resources to the working states, and
     /// record each attempt's start.
-    async fn claim_batch(
-        &self,
-        worker: &str,
-        token: Uuid,
-        expires: Time,
-        limit: u32,
-        now: Time,
-        after: Option<(Time, Uuid)>,
-    ) -> Result<Vec<Claimed>> {
+    async fn claim_batch(&self, t: &ClaimTerms<'_>, limit: u32, after: Option<(Time, Uuid)>) -> Result<Vec<Claimed>> {
+        let ClaimTerms { worker, token, expires, now } = *t;
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         let lease = match after {
             Some((due, id)) => sqlx::query_as(Self::CLAIM_AFTER)

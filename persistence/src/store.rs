@@ -22,8 +22,8 @@
 //! deadlock.
 
 /// Expands `impl Store for $store` against `$db`. The backend provides
-/// `claim_batch` (one claim, past the cursor or from the front of the
-/// queue, returning [`Claimed`] runs), `complete_together` (a batch of
+/// `claim_batch` (one claim on [`ClaimTerms`], past the cursor or from the
+/// front of the queue, returning [`Claimed`] runs), `complete_together` (a batch of
 /// completions, all or nothing but for lost leases) and `push_in` (binds
 /// `column IN` a list of ids). `$fold_lock` is the statement that
 /// makes rollup folders take turns (a no-op where transactions are already
@@ -335,17 +335,16 @@ macro_rules! impl_store {
             }
 
             async fn claim_jobs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<(Run, Resource)>> {
-                let expires = now + lease_len(lease);
-                let token = Uuid::new_v4();
+                let terms = ClaimTerms { worker, token: Uuid::new_v4(), expires: now + lease_len(lease), now };
                 let mut claimed = Vec::new();
                 if let Some(after) = self.cursor.start() {
-                    claimed = self.claim_batch(worker, token, expires, limit, now, Some(after)).await?;
+                    claimed = self.claim_batch(&terms, limit, Some(after)).await?;
                 }
                 if claimed.len() < limit as usize {
                     // From the start of the queue: what the scan past the
                     // cursor missed (runs due earlier that came later).
                     let rest = limit - claimed.len() as u32;
-                    claimed.extend(self.claim_batch(worker, token, expires, rest, now, None).await?);
+                    claimed.extend(self.claim_batch(&terms, rest, None).await?);
                     self.cursor.scanned_from_start();
                 }
                 self.cursor.advance(claimed.iter().map(|c| c.due).max());
@@ -932,6 +931,16 @@ macro_rules! impl_store {
 }
 
 pub(crate) use impl_store;
+
+/// What every run of one claim gets: its worker, lease token and lease
+/// expiry, and the claim's time (started, heartbeat, due at or before).
+#[derive(Clone, Copy)]
+pub(crate) struct ClaimTerms<'a> {
+    pub(crate) worker: &'a str,
+    pub(crate) token: uuid::Uuid,
+    pub(crate) expires: drover_domain::model::Time,
+    pub(crate) now: drover_domain::model::Time,
+}
 
 /// A run one claim statement started: its resource as the claim left it
 /// (`None` when the resource had left the run's `from_state`, and the run
