@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use drover_domain::engine::{Engine, EngineConfig, Providers};
-use drover_domain::kinds::Kind;
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
 use drover_persistence::testing::OwnPostgres;
 use serde_json::{json, Value};
@@ -146,7 +145,7 @@ async fn engine_process(url: &str, mode: &str, slots: usize) {
     let stores = drover_persistence::open(url).await.unwrap();
     let mut providers = Providers::default();
     let provider: Arc<dyn Provider> = if mode == "slow" { Arc::new(Slow) } else { Arc::new(Noop) };
-    providers.register(mode, Kind::Cluster, provider);
+    providers.register(mode, drover_domain::kinds::cluster::KIND, provider);
     let cfg = EngineConfig {
         worker_id: format!("bench-{}", std::process::id()),
         concurrency: slots,

@@ -12,103 +12,6 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-/// What an image is built from. `local` needs `build_command` and
-/// `start_command`; `aws` needs `base_ami`, `instance_type` and `build_script`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ImageSpec {
-    /// Provider that builds it: `local` (default) or `aws`.
-    #[serde(default = "local")]
-    pub provider: String,
-    /// local: shell command run in a fresh directory; the directory becomes the image.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "echo hello > index.html")]
-    pub build_command: Option<String>,
-    /// local: shell command that starts one instance from the image directory; `PORT` is set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "exec python3 -m http.server $PORT --bind 127.0.0.1")]
-    pub start_command: Option<String>,
-    /// aws: the AMI the builder instance starts from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "ami-0abcdef1234567890")]
-    pub base_ami: Option<String>,
-    /// aws: the builder's instance type.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "t3.micro")]
-    pub instance_type: Option<String>,
-    /// aws: the builder's user-data (shell script or cloud-config), at most 12 KiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build_script: Option<String>,
-    /// aws: whether the build script powers the builder off when done (default
-    /// true: drover waits for `stopped`, then takes the image).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub builder_shutdown: Option<bool>,
-    /// Build timeout in seconds (default 1800).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1, maximum = 86400)]
-    pub build_timeout_secs: Option<u64>,
-}
-
-/// How an instance shows it is ready.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum HealthCheck {
-    /// `GET path` answers 2xx or 3xx.
-    Http { path: String },
-    /// A TCP connection succeeds.
-    Tcp,
-}
-
-/// What a cluster runs. The `aws` fields are refused on `local` clusters.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterSpec {
-    /// Provider that runs it: `local` (default) or `aws` (a CloudFormation stack).
-    #[serde(default = "local")]
-    pub provider: String,
-    /// Name or id of the image its instances start from.
-    pub image: String,
-    /// Number of instances (1-64).
-    #[schema(minimum = 1, maximum = 64)]
-    pub count: u32,
-    /// Environment whose settings apply, between global and the cluster's own.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub environment: Option<String>,
-    /// Default: `{"type": "http", "path": "/"}`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<HealthCheck>,
-    /// Seconds an instance may take to become healthy (default 30).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1, maximum = 3600)]
-    pub start_timeout_secs: Option<u64>,
-    /// aws: instance type (required).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "r3.large")]
-    pub instance_type: Option<String>,
-    /// aws: EC2 key pair name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_name: Option<String>,
-    /// aws: subnet ids of the auto-scaling group (at least one).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub subnets: Vec<String>,
-    /// aws: security group ids of the instances.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub security_groups: Vec<String>,
-    /// aws: tags for the stack and every instance (keys may not start with `drover:` or `aws:`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub tags: BTreeMap<String, String>,
-    /// aws: role metadata for each instance's cloud-config, `key=value` pairs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "role=worker,instancetype=r3")]
-    pub role_metadata: Option<String>,
-    /// aws: name of the leader cluster this worker group joins; it must be `up`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub join: Option<String>,
-    /// aws: refuse `destroy` while true (also sets the stack's termination protection).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub termination_protection: bool,
-}
-
 /// What drover would send to CloudFormation for an action.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TemplatePreview {
@@ -146,60 +49,6 @@ impl TemplatePreview {
             template: v.get("template")?.clone(),
         })
     }
-}
-
-fn local() -> String {
-    "local".to_string()
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateImage {
-    /// DNS-label name, unique among images.
-    #[schema(example = "web", pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)]
-    pub name: String,
-    pub spec: ImageSpec,
-}
-
-/// A user's roles.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct UserSpec {
-    /// Role names; the user may do what any of them permits.
-    #[serde(default)]
-    #[schema(example = json!(["operator"]))]
-    pub roles: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub email: Option<String>,
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateUser {
-    #[schema(example = "alice", pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)]
-    pub name: String,
-    pub spec: UserSpec,
-}
-
-/// A role's permissions.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RoleSpec {
-    /// `kind:action` (e.g. `cluster:scale`), `kind:*`, or `*`. Besides the
-    /// kinds' actions: `KIND:read|create|update|delete|cancel`,
-    /// `transitions:read`, `kinds:read`, `settings:read|write|reveal`, `users:admin`.
-    #[schema(example = json!(["cluster:read", "cluster:scale"]))]
-    pub permissions: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateRole {
-    #[schema(example = "deployer", pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)]
-    pub name: String,
-    pub spec: RoleSpec,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -357,13 +206,17 @@ pub struct EffectiveSettings {
     pub items: Vec<EffectiveSetting>,
 }
 
+/// Create a resource. Each kind documents its own shape of this
+/// (`CreateCluster`, …), with the kind's spec.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct CreateCluster {
-    /// DNS-label name, unique among clusters.
+pub struct CreateResource {
+    /// DNS-label name, unique among resources of the kind.
     #[schema(example = "web-qa", pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)]
     pub name: String,
-    pub spec: ClusterSpec,
+    /// The kind's spec.
+    #[schema(value_type = Object)]
+    pub spec: Value,
 }
 
 /// A JSON merge patch (RFC 7396) of the spec: present fields replace, `null` removes.
@@ -582,12 +435,14 @@ pub struct ActiveTransition {
 
 /// A resource with everything needed to understand it at a glance.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ResourceView<S> {
+pub struct ResourceView {
     pub id: Uuid,
     pub kind: String,
     pub name: String,
     pub state: String,
-    pub spec: S,
+    /// The kind's spec.
+    #[schema(value_type = Object)]
+    pub spec: Value,
     /// Generation; also the `ETag`.
     pub version: i64,
     /// What the last successful transition produced.
@@ -607,17 +462,59 @@ pub struct ResourceView<S> {
     pub recent_transitions: Vec<Transition>,
     /// Present when the resource is failed or stuck: why.
     pub problem: Option<Why>,
+    /// For an environment: the live resources in it, with their states and
+    /// active transitions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<Member>>,
+    /// For an environment: its settings scope (`/v1/settings/{scope}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settings_scope: Option<String>,
 }
 
-impl<S> ResourceView<S> {
-    pub fn from_overview(o: Overview, spec: S) -> Self {
+/// A resource in an environment.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Member {
+    pub kind: String,
+    pub id: Uuid,
+    pub name: String,
+    pub state: String,
+    /// Its queued or running transition, if any.
+    pub active_transition: Option<MemberRun>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemberRun {
+    pub id: Uuid,
+    pub action: String,
+    pub status: String,
+}
+
+impl ResourceView {
+    pub fn from_overview(o: Overview) -> Self {
         let r = o.resource;
+        let holds = r.kind.holds_resources();
         ResourceView {
+            settings_scope: holds.then(|| format!("{}:{}", r.kind, r.name)),
+            members: o.members.map(|m| {
+                m.into_iter()
+                    .map(|(r, run)| Member {
+                        kind: r.kind.as_str().into(),
+                        id: r.id,
+                        name: r.name,
+                        state: r.state,
+                        active_transition: run.map(|run| MemberRun {
+                            id: run.id,
+                            action: run.action,
+                            status: run.status.as_str().into(),
+                        }),
+                    })
+                    .collect()
+            }),
             id: r.id,
             kind: r.kind.as_str().into(),
             name: r.name,
             state: r.state,
-            spec,
+            spec: r.spec,
             version: r.version,
             outputs: r.outputs,
             observed: r.observed,
@@ -638,19 +535,21 @@ impl<S> ResourceView<S> {
 
 /// A resource in a list.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ResourceSummary<S> {
+pub struct ResourceSummary {
     pub id: Uuid,
     pub name: String,
     pub state: String,
-    pub spec: S,
+    /// The kind's spec.
+    #[schema(value_type = Object)]
+    pub spec: Value,
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ResourcePage<S> {
-    pub items: Vec<ResourceSummary<S>>,
+pub struct ResourcePage {
+    pub items: Vec<ResourceSummary>,
     /// Pass as `cursor` for the next page; absent on the last page.
     pub next_cursor: Option<Uuid>,
 }
@@ -669,28 +568,66 @@ pub struct TableEntry {
     pub repeats_failed_action: bool,
 }
 
-/// A resource kind and its state machine.
+/// One action of a kind.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActionView {
+    pub name: String,
+    pub description: String,
+    /// The permission asking for it needs.
+    pub permission: String,
+    /// JSON Schema of its `params`; absent when it takes none.
+    #[schema(value_type = Option<Object>)]
+    pub params: Option<Value>,
+    /// Default timeout in seconds.
+    pub timeout_secs: u64,
+}
+
+/// A resource kind, as the registry declares it: names, state machine,
+/// typed actions, spec schema and permissions.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KindView {
     pub name: String,
+    /// The collection: `/v1/{plural}`.
+    pub plural: String,
     pub description: String,
     pub states: Vec<String>,
-    pub actions: Vec<String>,
+    pub actions: Vec<ActionView>,
     pub initial_state: String,
     /// The state in which a resource may be deleted.
     pub final_state: String,
     pub transitions: Vec<TableEntry>,
+    /// JSON Schema (2020-12) of the kind's spec.
+    #[schema(value_type = Object)]
+    pub spec_schema: Value,
+    /// Every permission of the kind (its verbs and actions).
+    pub permissions: Vec<String>,
 }
 
 impl From<Kind> for KindView {
     fn from(k: Kind) -> Self {
         KindView {
             name: k.as_str().into(),
+            plural: k.plural().into(),
             description: k.description().into(),
             states: k.states().into_iter().map(String::from).collect(),
-            actions: k.actions().into_iter().map(String::from).collect(),
+            actions: k
+                .actions()
+                .into_iter()
+                .filter_map(|a| {
+                    let d = k.action(a)?;
+                    Some(ActionView {
+                        name: a.into(),
+                        description: d.description.into(),
+                        permission: k.permission(a),
+                        params: d.params.schema(),
+                        timeout_secs: d.timeout_secs,
+                    })
+                })
+                .collect(),
             initial_state: k.initial_state().into(),
             final_state: k.final_state().into(),
+            spec_schema: k.spec_schema(),
+            permissions: k.permissions(),
             transitions: k
                 .table()
                 .into_iter()
@@ -717,9 +654,18 @@ impl From<Kind> for KindView {
     }
 }
 
+/// A permission that belongs to no kind's actions.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScopeView {
+    pub permission: String,
+    pub description: String,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KindList {
     pub items: Vec<KindView>,
+    /// Permissions besides the kinds' own.
+    pub scopes: Vec<ScopeView>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

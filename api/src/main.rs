@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Openapi => {
-            println!("{}", drover_api::openapi().to_pretty_json()?);
+            println!("{}", serde_json::to_string_pretty(&drover_api::openapi())?);
             Ok(())
         }
         Command::Serve(s) => serve(s).await,

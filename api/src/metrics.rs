@@ -175,8 +175,8 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let r = Registry::default();
-        r.run_started(Kind::Cluster, "scale", Duration::from_millis(20));
-        r.run_finished(Kind::Cluster, "scale", RunStatus::Failed, Some(Duration::from_secs(3)));
+        r.run_started(drover_domain::kinds::cluster::KIND, "scale", Duration::from_millis(20));
+        r.run_finished(drover_domain::kinds::cluster::KIND, "scale", RunStatus::Failed, Some(Duration::from_secs(3)));
         r.leases_reclaimed(2);
         let text = r.render(Some(QueueDepth { due: 4, waiting: 1, running: 2 }));
         assert!(text.contains("drover_transitions_started_total{kind=\"cluster\",action=\"scale\"} 1"));

@@ -1,60 +1,276 @@
-//! The error responses every operation shares, documented once.
+//! The OpenAPI document: what utoipa derives from the handlers, the
+//! operations of every resource kind written from the registry, and the
+//! error responses every operation shares.
 //!
-//! Some errors do not come from a handler but from what surrounds it: the
-//! extractors (a path, query or body that does not parse), the
-//! authentication layer, the `Idempotency-Key` middleware and the store
-//! behind them all. Rather than list them by hand on each of the ~50
-//! operations (and forget some), [`CommonResponses`] adds them, after the
-//! routes are merged, to every operation that can produce them, judging by
-//! what the operation declares: security, path, query and header
-//! parameters, a request body. A response an operation documents itself is
-//! kept as it is.
+//! **Kinds.** utoipa needs literal paths on each handler; the kinds' routes
+//! are one set of handlers for every kind ([`crate::routes::resources`]),
+//! so their operations are written here, per kind, from the same registry:
+//! the spec's schema is the kind's own (derived from its domain type), the
+//! transition body is a `oneOf` with one branch per action (`action` a
+//! constant, `params` that action's schema), and the security scope is the
+//! permission the handler checks, from the same declaration. The create
+//! operation links to the item operations (OpenAPI `links`), so that a
+//! stateful client (schemathesis) reaches them with an id that exists.
+//!
+//! **Shared errors.** Some errors do not come from a handler but from what
+//! surrounds it: the extractors (a path, query or body that does not
+//! parse), the authentication layer, the `Idempotency-Key` middleware and
+//! the store behind them all. Rather than list them by hand on each
+//! operation (and forget some), [`add_common_responses`] adds them to every
+//! operation that can produce them, judging by what the operation declares:
+//! security, path, query and header parameters, a request body. A response
+//! an operation documents itself is kept as it is.
 
-use utoipa::openapi::path::{Operation, ParameterIn};
-use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+use drover_domain::kinds::{Kind, NAME_PATTERN};
+use serde_json::{json, Map, Value};
 
-pub struct CommonResponses;
+const METHODS: [&str; 8] = ["get", "put", "post", "delete", "patch", "head", "options", "trace"];
 
-impl utoipa::Modify for CommonResponses {
-    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
-        for item in doc.paths.paths.values_mut() {
-            let ops = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-                &mut item.head,
-                &mut item.options,
-                &mut item.trace,
-            ];
-            for op in ops.into_iter().flatten() {
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn problem(description: &str) -> Value {
+    json!({"description": description, "content": {"application/problem+json": {"schema": schema_ref("Problem")}}})
+}
+
+/// `cluster` → `Cluster`, `add-instances` → `AddInstances`.
+fn pascal(s: &str) -> String {
+    s.split(['-', '_'])
+        .map(|w| {
+            let mut c = w.chars();
+            c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+        })
+        .collect()
+}
+
+/// A generic component with its `spec` (or its items) made the kind's.
+fn specialise(components: &Map<String, Value>, base: &str, field: &str, to: Value) -> Value {
+    let mut s = components.get(base).cloned().unwrap_or_else(|| panic!("component {base} is registered"));
+    s["properties"][field] = to;
+    s
+}
+
+fn id_param() -> Value {
+    json!({"name": "id", "in": "path", "required": true, "description": "Id or name",
+        "schema": {"type": "string", "minLength": 1}})
+}
+
+fn idempotency_param() -> Value {
+    json!({"name": "Idempotency-Key", "in": "header", "required": false,
+        "description": "Makes a retried request safe: the same key and body return the first response.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255}})
+}
+
+fn security(scope: String) -> Value {
+    json!([{"bearer": [scope]}])
+}
+
+/// The body of a transition request of `kind`: one branch per action.
+fn transition_request(kind: Kind) -> Value {
+    let branches: Vec<Value> = kind
+        .actions()
+        .into_iter()
+        .filter_map(|a| {
+            let decl = kind.action(a)?;
+            let (params, required) = match decl.params.schema() {
+                Some(schema) => (schema, json!(["action", "params"])),
+                None => (
+                    json!({"description": "This action takes no parameters.", "type": ["object", "null"],
+                        "maxProperties": 0}),
+                    json!(["action"]),
+                ),
+            };
+            Some(json!({
+                "title": a,
+                "description": decl.description,
+                "type": "object",
+                "additionalProperties": false,
+                "required": required,
+                "properties": {
+                    "action": {"const": a},
+                    "params": params,
+                    "reason": {"type": ["string", "null"], "maxLength": 2000,
+                        "description": "Why: kept with the transition for whoever reads it later (required in protected environments)."},
+                }
+            }))
+        })
+        .collect();
+    json!({"description": format!("Ask for a transition of a {kind}: one of its actions and that action's parameters."),
+        "oneOf": branches})
+}
+
+/// Adds every kind's schemas and operations to `doc`.
+pub fn add_kinds(doc: &mut Value) {
+    let base = doc["components"]["schemas"].as_object().cloned().unwrap_or_default();
+    let mut schemas = Map::new();
+    let mut paths = Map::new();
+    let mut tags = Vec::new();
+    for kind in Kind::all() {
+        let p = pascal(kind.as_str());
+        let (name, plural) = (kind.as_str(), kind.plural());
+        let spec = format!("{p}Spec");
+        let mut spec_schema = kind.spec_schema();
+        if let Some(example) = kind.examples().into_iter().next() {
+            spec_schema["examples"] = json!([example]);
+        }
+        schemas.insert(spec.clone(), spec_schema);
+        schemas.insert(
+            format!("Create{p}"),
+            json!({"type": "object", "additionalProperties": false, "required": ["name", "spec"],
+                "properties": {
+                    "name": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 63,
+                        "description": format!("DNS-label name, unique among {plural}.")},
+                    "spec": schema_ref(&spec)}}),
+        );
+        schemas.insert(format!("{p}View"), specialise(&base, "ResourceView", "spec", schema_ref(&spec)));
+        schemas.insert(format!("{p}Summary"), specialise(&base, "ResourceSummary", "spec", schema_ref(&spec)));
+        schemas.insert(
+            format!("{p}Page"),
+            specialise(
+                &base,
+                "ResourcePage",
+                "items",
+                json!({"type": "array", "items": schema_ref(&format!("{p}Summary"))}),
+            ),
+        );
+        schemas.insert(format!("{p}TransitionRequest"), transition_request(kind));
+        tags.push(json!({"name": plural, "description": kind.description()}));
+
+        let links = json!({
+            "get": {"operationId": format!("get_{name}"), "parameters": {"id": "$response.body#/id"}},
+            "patch": {"operationId": format!("patch_{name}"), "parameters": {"id": "$response.body#/id"}},
+            "delete": {"operationId": format!("delete_{name}"), "parameters": {"id": "$response.body#/id"}},
+            "transition": {"operationId": format!("request_{name}_transition"), "parameters": {"id": "$response.body#/id"}},
+        });
+        paths.insert(
+            format!("/v1/{plural}"),
+            json!({
+                "post": {
+                    "tags": [plural], "operationId": format!("create_{name}"),
+                    "summary": format!("Creates a {name} in its initial state ({}).", kind.initial_state()),
+                    "parameters": [idempotency_param()],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref(&format!("Create{p}"))}}},
+                    "security": security(kind.permission("create")),
+                    "responses": {
+                        "201": {"description": "Created",
+                            "headers": {"Location": {"description": "The new resource", "schema": {"type": "string"}},
+                                "ETag": {"schema": {"type": "string"}}},
+                            "content": {"application/json": {"schema": schema_ref(&format!("{p}View"))}},
+                            "links": links},
+                        "409": problem("The name is taken (`already-exists`)"),
+                        "422": problem("A field is invalid, or names a resource that does not exist (`invalid-request`, `errors` names the fields)"),
+                    }
+                },
+                "get": {
+                    "tags": [plural], "operationId": format!("list_{plural}"),
+                    "summary": format!("Lists {plural}, oldest first, with keyset pagination."),
+                    "parameters": [
+                        {"name": "limit", "in": "query", "required": false, "description": "Page size, 1-500 (default 50).",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+                        {"name": "cursor", "in": "query", "required": false, "description": "`next_cursor` of the previous page.",
+                            "schema": {"type": "string", "format": "uuid"}},
+                        {"name": "environment", "in": "query", "required": false, "description": "Only those in this environment.",
+                            "schema": {"type": "string", "pattern": NAME_PATTERN}},
+                    ],
+                    "security": security(kind.permission("read")),
+                    "responses": {"200": {"description": "A page", "content": {"application/json": {"schema": schema_ref(&format!("{p}Page"))}}}}
+                }
+            }),
+        );
+        paths.insert(
+            format!("/v1/{plural}/{{id}}"),
+            json!({
+                "get": {
+                    "tags": [plural], "operationId": format!("get_{name}"),
+                    "summary": "The resource, its active transition and what it is doing, the last five transitions, and why it is failed or stuck.",
+                    "parameters": [id_param()],
+                    "security": security(kind.permission("read")),
+                    "responses": {"200": {"description": "As JSON or (`Accept: text/plain`) a compact table",
+                        "headers": {"ETag": {"schema": {"type": "string"}}},
+                        "content": {"application/json": {"schema": schema_ref(&format!("{p}View"))},
+                            "text/plain": {"schema": {"type": "string"}}}}}
+                },
+                "patch": {
+                    "tags": [plural], "operationId": format!("patch_{name}"),
+                    "summary": "Changes the spec (JSON merge patch) while no transition is active.",
+                    "parameters": [id_param(), {"name": "If-Match", "in": "header", "required": false,
+                        "description": "The ETag read before: refuses the change if the resource changed since",
+                        "schema": {"type": "string"}}],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("PatchResource")}}},
+                    "security": security(kind.permission("update")),
+                    "responses": {
+                        "200": {"description": "Changed", "headers": {"ETag": {"schema": {"type": "string"}}},
+                            "content": {"application/json": {"schema": schema_ref(&format!("{p}View"))}}},
+                        "409": problem("A transition is active (`resource-busy`), or the resource is built in (`resource-locked`)"),
+                    }
+                },
+                "delete": {
+                    "tags": [plural], "operationId": format!("delete_{name}"),
+                    "summary": format!("Deletes a {name} in its final state ({}). Its transitions stay in the history.", kind.final_state()),
+                    "parameters": [id_param()],
+                    "security": security(kind.permission("delete")),
+                    "responses": {
+                        "204": {"description": "Deleted"},
+                        "409": problem("Not in its final state yet (`action-not-allowed`)"),
+                    }
+                }
+            }),
+        );
+        paths.insert(
+            format!("/v1/{plural}/{{id}}/transitions"),
+            json!({
+                "post": {
+                    "tags": [plural], "operationId": format!("request_{name}_transition"),
+                    "summary": format!("Asks for a transition of a {name}; it runs in the background."),
+                    "parameters": [id_param(), idempotency_param()],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref(&format!("{p}TransitionRequest"))}}},
+                    "security": security(kind.permission("{action}")),
+                    "responses": {
+                        "202": {"description": "Queued", "headers": {"Location": {"description": "The transition", "schema": {"type": "string"}}},
+                            "content": {"application/json": {"schema": schema_ref("Transition")}}},
+                        "409": problem("Busy (`resource-busy`), not allowed in this state (`action-not-allowed`, lists the allowed actions), in use by live resources (`resource-in-use`), a dependency not ready, or nothing to retry"),
+                    }
+                }
+            }),
+        );
+    }
+    for generic in ["ResourceView", "ResourceSummary", "ResourcePage", "CreateResource"] {
+        doc["components"]["schemas"].as_object_mut().expect("schemas").remove(generic);
+    }
+    doc["components"]["schemas"].as_object_mut().expect("schemas").extend(schemas);
+    doc["paths"].as_object_mut().expect("paths").extend(paths);
+    let all_tags = doc["tags"].as_array_mut().expect("tags");
+    all_tags.splice(0..0, tags);
+}
+
+/// Adds the shared error responses to every operation of `doc`.
+pub fn add_common_responses(doc: &mut Value) {
+    for item in doc["paths"].as_object_mut().into_iter().flat_map(|p| p.values_mut()) {
+        for method in METHODS {
+            if let Some(op) = item.get_mut(method) {
                 document(op);
             }
         }
     }
 }
 
-fn document(op: &mut Operation) {
-    let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
-    let params = op.parameters.as_deref().unwrap_or(&[]);
-    let has = |place: ParameterIn| params.iter().any(|p| p.parameter_in == place);
-    let header =
-        |name: &str| params.iter().any(|p| p.parameter_in == ParameterIn::Header && p.name.eq_ignore_ascii_case(name));
-    let (path, query, body) = (has(ParameterIn::Path), has(ParameterIn::Query), op.request_body.is_some());
-    let (idempotent, if_match) = (header("Idempotency-Key"), header("If-Match"));
+fn document(op: &mut Value) {
+    let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
+    let params: Vec<(String, String)> = op["parameters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| (p["in"].as_str().unwrap_or("").to_string(), p["name"].as_str().unwrap_or("").to_ascii_lowercase()))
+        .collect();
+    let has = |place: &str| params.iter().any(|(i, _)| i == place);
+    let header = |name: &str| params.iter().any(|(i, n)| i == "header" && n == name);
+    let (path, query, body) = (has("path"), has("query"), op.get("requestBody").is_some());
+    let (idempotent, if_match) = (header("idempotency-key"), header("if-match"));
 
+    let responses = op["responses"].as_object_mut().expect("every operation has responses");
     let mut add = |status: &str, description: &str| {
-        op.responses.responses.entry(status.to_string()).or_insert_with(|| {
-            ResponseBuilder::new()
-                .description(description)
-                .content(
-                    "application/problem+json",
-                    ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build(),
-                )
-                .build()
-                .into()
-        });
+        responses.entry(status.to_string()).or_insert_with(|| problem(description));
     };
     if path || query || body || if_match {
         add(
@@ -89,5 +305,16 @@ fn document(op: &mut Operation) {
     }
     if secured {
         add("503", "The database did not answer (`store-unavailable`); retry shortly");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(pascal("cluster"), "Cluster");
+        assert_eq!(pascal("add-instances"), "AddInstances");
     }
 }

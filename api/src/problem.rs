@@ -35,6 +35,9 @@ pub struct Problem {
     pub current_state: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_actions: Option<Vec<String>>,
+    /// For `resource-in-use`: the live resources that name this one, as `kind/name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -55,6 +58,7 @@ impl Problem {
             active_transition: None,
             current_state: None,
             allowed_actions: None,
+            used_by: None,
         }
     }
 
@@ -160,7 +164,36 @@ impl From<Error> for Problem {
                 p.allowed_actions = Some(allowed);
                 p
             }
-            Error::Conflict(msg) => Problem::new(S::CONFLICT, "conflict", "Conflict", msg),
+            e @ Error::Moved { .. } => {
+                Problem::new(S::CONFLICT, "resource-moved", "The resource changed meanwhile", e.to_string())
+            }
+            Error::InUse { kind, name, action, users } => {
+                let mut p = Problem::new(
+                    S::CONFLICT,
+                    "resource-in-use",
+                    "The resource is in use",
+                    format!("{kind} {name} cannot {action} while these use it: {}", users.join(", ")),
+                );
+                p.used_by = Some(users);
+                p
+            }
+            e @ Error::DependencyNotReady { .. } => {
+                Problem::new(S::CONFLICT, "dependency-not-ready", "A resource this needs is not ready", e.to_string())
+            }
+            e @ Error::Locked { .. } => {
+                Problem::new(S::CONFLICT, "resource-locked", "The resource cannot be changed", e.to_string())
+            }
+            e @ Error::NothingToRetry { .. } => {
+                Problem::new(S::CONFLICT, "nothing-to-retry", "Nothing to retry", e.to_string())
+            }
+            e @ Error::AlreadyEnded { .. } => {
+                Problem::new(S::CONFLICT, "transition-ended", "The transition already ended", e.to_string())
+            }
+            e @ Error::NoProvider { .. } => Problem::new(S::CONFLICT, "no-provider", "No such provider", e.to_string()),
+            e @ Error::NoPreview { .. } => Problem::new(S::CONFLICT, "no-preview", "Nothing to preview", e.to_string()),
+            e @ Error::UserNotActive { .. } => {
+                Problem::new(S::CONFLICT, "user-not-active", "The user is not active", e.to_string())
+            }
             Error::Unauthenticated(why) => {
                 Problem::new(S::UNAUTHORIZED, "unauthenticated", "Authentication required", why)
             }

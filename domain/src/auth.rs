@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::kinds::role::builtin_roles;
 use crate::kinds::{role, user, Kind};
 use crate::model::*;
 use crate::ports::{Store, TokenStore};
@@ -48,36 +49,7 @@ impl Principal {
     }
 }
 
-/// `*` grants everything, `kind:*` every action of a kind.
-pub fn permits(granted: &str, wanted: &str) -> bool {
-    granted == "*"
-        || granted == wanted
-        || granted.strip_suffix(":*").is_some_and(|k| wanted.split_once(':').is_some_and(|(wk, _)| wk == k))
-}
-
-pub fn valid_permission(p: &str) -> bool {
-    let part = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'-' || b == b'_');
-    p == "*" || p.split_once(':').is_some_and(|(k, a)| part(k) && (a == "*" || part(a)))
-}
-
-/// The roles every installation has. They cannot be changed or deleted.
-pub const BUILTIN_ROLES: [(&str, &str, &[&str]); 3] = [
-    ("admin", "Everything, including users, roles and revealing secrets.", &["*"]),
-    (
-        "operator",
-        "Runs images and clusters and writes settings; cannot manage users or reveal secrets.",
-        &["image:*", "cluster:*", "transitions:read", "kinds:read", "settings:read", "settings:write", "metrics:read"],
-    ),
-    (
-        "viewer",
-        "Reads everything but secrets.",
-        &["image:read", "cluster:read", "transitions:read", "kinds:read", "settings:read", "metrics:read"],
-    ),
-];
-
-pub fn is_builtin_role(name: &str) -> bool {
-    BUILTIN_ROLES.iter().any(|(n, _, _)| *n == name)
-}
+pub use crate::kinds::role::{is_builtin_role, permits, valid_permission};
 
 /// A new token: `drv_` and 64 hex digits (244 random bits).
 pub fn new_token() -> String {
@@ -156,17 +128,22 @@ impl Auth {
             .store
             .get_resource_by_id(token.user_id)
             .await?
-            .filter(|u| u.kind == Kind::User)
+            .filter(|u| u.kind == user::KIND)
             .ok_or_else(|| Error::Unauthenticated("the token's user no longer exists".into()))?;
         if user.state != user::State::Active.as_str() {
             return Err(Error::Unauthenticated(format!("user {} is {}", user.name, user.state)));
         }
-        let spec = user::Spec::from_value(&user.spec)?;
+        // Stored specs as they are: a permission a newer version no longer
+        // knows grants nothing, but does not lock its holders out.
+        let spec: user::Spec = serde_json::from_value(user.spec.clone())
+            .map_err(|e| Error::Internal(format!("stored spec of user {} does not read: {e}", user.name)))?;
         let mut permissions = Vec::new();
         for name in &spec.roles {
-            let role = self.store.get_resource(Kind::Role, &ResourceKey::Name(name.clone())).await?;
+            let role = self.store.get_resource(role::KIND, &ResourceKey::Name(name.clone())).await?;
             if let Some(r) = role.filter(|r| r.state == role::State::Active.as_str()) {
-                permissions.extend(role::Spec::from_value(&r.spec)?.permissions);
+                let spec: role::Spec = serde_json::from_value(r.spec.clone())
+                    .map_err(|e| Error::Internal(format!("stored spec of role {} does not read: {e}", r.name)))?;
+                permissions.extend(spec.permissions);
             }
         }
         if token.last_used_at.is_none_or(|t| now - t > chrono::Duration::seconds(60)) {
@@ -180,11 +157,14 @@ impl Auth {
     /// admin with a token: `preset` if given, else a new one, returned so
     /// that it can be shown once.
     pub async fn bootstrap(&self, preset: Option<&str>) -> Result<Option<String>> {
-        for (name, description, perms) in BUILTIN_ROLES {
+        for (name, description, perms) in builtin_roles() {
             let spec = serde_json::json!({ "permissions": perms, "description": description });
             self.ensure_builtin_role(name, spec).await?;
         }
-        let any_user = self.store.list_resources(Kind::User, PageRequest { after: None, limit: 1 }).await?;
+        let any_user = self
+            .store
+            .list_resources(user::KIND, &ResourceFilter::default(), PageRequest { after: None, limit: 1 })
+            .await?;
         if !any_user.is_empty() {
             return Ok(None);
         }
@@ -194,7 +174,7 @@ impl Auth {
             }
         }
         let Some(admin) =
-            self.insert_if_missing(Kind::User, "admin", serde_json::json!({ "roles": ["admin"] })).await?
+            self.insert_if_missing(user::KIND, "admin", serde_json::json!({ "roles": ["admin"] })).await?
         else {
             return Ok(None); // another replica bootstrapped at the same moment
         };
@@ -207,9 +187,9 @@ impl Auth {
     /// to this version's definition (nobody else can change them: any
     /// difference is an upgrade's, such as a permission added since).
     async fn ensure_builtin_role(&self, name: &str, spec: serde_json::Value) -> Result<()> {
-        let spec = Kind::Role.validate_spec(&spec)?;
-        let Some(role) = self.store.get_resource(Kind::Role, &ResourceKey::Name(name.into())).await? else {
-            self.insert_if_missing(Kind::Role, name, spec).await?;
+        let spec = role::KIND.validate_spec(&spec)?;
+        let Some(role) = self.store.get_resource(role::KIND, &ResourceKey::Name(name.into())).await? else {
+            self.insert_if_missing(role::KIND, name, spec).await?;
             return Ok(());
         };
         if role.spec == spec {
@@ -245,7 +225,7 @@ impl Auth {
 
     async fn user(&self, key: &str) -> Result<Resource> {
         self.store
-            .get_resource(Kind::User, &ResourceKey::parse(key))
+            .get_resource(user::KIND, &ResourceKey::parse(key))
             .await?
             .ok_or_else(|| Error::NotFound { kind: "user", key: key.to_string() })
     }
@@ -266,7 +246,7 @@ impl Auth {
             return Err(Error::invalid("expires_at", "must be in the future"));
         }
         if user.state != user::State::Active.as_str() {
-            return Err(Error::Conflict(format!("user {} is {}; enable it first", user.name, user.state)));
+            return Err(Error::UserNotActive { name: user.name, state: user.state });
         }
         let secret = new_token();
         let token = self.tokens.insert_token(&new_token_record(user.id, name, &secret, expires_at, actor)).await?;
@@ -305,26 +285,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn permission_matching() {
-        assert!(permits("*", "cluster:scale"));
-        assert!(permits("cluster:*", "cluster:scale"));
-        assert!(permits("cluster:scale", "cluster:scale"));
-        assert!(!permits("cluster:*", "image:build"));
-        assert!(!permits("cluster:stop", "cluster:scale"));
-        assert!(!permits("cluster", "cluster:scale"));
-    }
-
-    #[test]
-    fn permission_syntax() {
-        for ok in ["*", "cluster:*", "settings:reveal", "users:admin"] {
-            assert!(valid_permission(ok), "{ok}");
-        }
-        for bad in ["", "cluster", ":scale", "cluster:", "Cluster:scale", "a:b:c", "*:*"] {
-            assert!(!valid_permission(bad), "{bad}");
-        }
-    }
-
-    #[test]
     fn tokens_are_random_and_hashed() {
         let (a, b) = (new_token(), new_token());
         assert_ne!(a, b);
@@ -332,13 +292,5 @@ mod tests {
         assert_eq!(hash_token(&a).len(), 64);
         assert_ne!(hash_token(&a), hash_token(&b));
         assert_eq!(token_prefix(&a).len(), 12);
-    }
-
-    #[test]
-    fn builtin_roles_are_valid() {
-        for (name, _, perms) in BUILTIN_ROLES {
-            assert!(is_builtin_role(name));
-            assert!(perms.iter().all(|p| valid_permission(p)), "{name}");
-        }
     }
 }

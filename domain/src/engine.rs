@@ -357,13 +357,17 @@ impl Engine {
 
     /// Asks each provider what it sees of settled resources and records it.
     pub async fn observe_all(&self) {
-        for kind in Kind::ALL {
+        for kind in Kind::all() {
             if !self.providers.observes(kind) {
                 continue;
             }
             let mut after = None;
             loop {
-                let page = match self.store.list_resources(kind, PageRequest { after, limit: 200 }).await {
+                let page = match self
+                    .store
+                    .list_resources(kind, &ResourceFilter::default(), PageRequest { after, limit: 200 })
+                    .await
+                {
                     Ok(p) => p,
                     Err(e) => {
                         warn!(error = %e, "observer could not list resources");

@@ -6,8 +6,6 @@
 
 use uuid::Uuid;
 
-use crate::kinds::Kind;
-
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// One invalid field of a request.
@@ -29,19 +27,50 @@ pub enum Error {
     NotFound { kind: &'static str, key: String },
 
     #[error("{kind} named {name:?} already exists")]
-    AlreadyExists { kind: Kind, name: String },
+    AlreadyExists { kind: &'static str, name: String },
 
     #[error("invalid request")]
     Invalid(Vec<FieldError>),
 
     #[error("{kind} {resource} has an active transition {run}")]
-    Busy { kind: Kind, resource: Uuid, run: Uuid },
+    Busy { kind: &'static str, resource: Uuid, run: Uuid },
 
     #[error("action {action:?} is not allowed in state {state:?}")]
-    NotAllowed { kind: Kind, state: String, action: String, allowed: Vec<String> },
+    NotAllowed { kind: &'static str, state: String, action: String, allowed: Vec<String> },
 
-    #[error("{0}")]
-    Conflict(String),
+    /// The resource moved between the look and the write (another request
+    /// at the same moment); looking again shows where it is.
+    #[error("{kind} {name} changed meanwhile: {what}")]
+    Moved { kind: &'static str, name: String, what: String },
+
+    /// Live resources name this one in their specs.
+    #[error("{kind} {name} is used by {}", .users.join(", "))]
+    InUse { kind: &'static str, name: String, action: String, users: Vec<String> },
+
+    /// A resource an action needs is not in the state it needs.
+    #[error("{kind} {name:?} is {state}; {action} needs it {required}")]
+    DependencyNotReady { kind: &'static str, name: String, state: String, action: String, required: &'static str },
+
+    /// Built in, or otherwise not to be changed.
+    #[error("{why}")]
+    Locked { why: String },
+
+    #[error("{kind} {name} has no failed transition to retry")]
+    NothingToRetry { kind: &'static str, name: String },
+
+    #[error("transition {run} already ended {status}")]
+    AlreadyEnded { run: Uuid, status: &'static str },
+
+    #[error("no provider {provider:?} is registered for {kind} resources")]
+    NoProvider { kind: &'static str, provider: String },
+
+    /// The provider renders nothing to preview, or could not render it.
+    #[error("cannot preview {action} of {kind} {name}: {why}")]
+    NoPreview { kind: &'static str, name: String, action: String, why: String },
+
+    /// A user that is not active cannot be given tokens.
+    #[error("user {name} is {state}; enable it first")]
+    UserNotActive { name: String, state: String },
 
     /// No usable credentials; the message says which check failed.
     #[error("not authenticated: {0}")]

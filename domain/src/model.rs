@@ -42,6 +42,13 @@ pub struct NewResource {
     pub now: Time,
 }
 
+/// Which resources a list returns (besides its kind).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceFilter {
+    /// Only those whose spec names this environment.
+    pub environment: Option<String>,
+}
+
 /// How a caller names a resource in a path: its id or its name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResourceKey {

@@ -31,7 +31,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_resource(&self, r: &NewResource) -> Result<Resource>;
     async fn get_resource(&self, kind: Kind, key: &ResourceKey) -> Result<Option<Resource>>;
     async fn get_resource_by_id(&self, id: Uuid) -> Result<Option<Resource>>;
-    async fn list_resources(&self, kind: Kind, page: PageRequest) -> Result<Vec<Resource>>;
+    /// Live (not deleted) resources of a kind, by id, after `page.after`.
+    async fn list_resources(&self, kind: Kind, filter: &ResourceFilter, page: PageRequest) -> Result<Vec<Resource>>;
     /// Replaces the spec if the version matches and no run is active.
     async fn update_spec(
         &self,

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::engine::Providers;
 use crate::error::{Error, FieldError, Result};
-use crate::kinds::{Kind, Step};
+use crate::kinds::{environment, validate_name, Kind, Reference, Step};
 use crate::model::*;
 use crate::ports::{Job, ProviderError, Store};
 
@@ -29,6 +29,8 @@ pub struct TransitionRequest {
     pub reason: Option<String>,
     pub actor: String,
     pub idempotency_key: Option<String>,
+    /// Whether the caller holds [`environment::OPERATE_PROTECTED`].
+    pub may_operate_protected: bool,
 }
 
 /// Everything `GET /v1/{kind}s/{id}` shows: the 3 a.m. view.
@@ -42,6 +44,9 @@ pub struct Overview {
     pub allowed_actions: Vec<String>,
     /// Why the resource is failed or stuck, when it is.
     pub problem: Option<Problem>,
+    /// For kinds that hold resources (environments): what is in it, each
+    /// with its active run.
+    pub members: Option<Vec<(Resource, Option<Run>)>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,7 +104,7 @@ impl Service {
         }
         let provider_name = kind.provider_of(&resource.spec);
         let Some(provider) = self.providers.get(&provider_name, kind) else {
-            return Err(Error::Conflict(format!("no provider {provider_name:?} is registered for {kind} resources")));
+            return Err(Error::NoProvider { kind: kind.as_str(), provider: provider_name });
         };
         let job = Job {
             run_id: Uuid::nil(),
@@ -111,16 +116,17 @@ impl Service {
             dependencies,
             settings: Default::default(),
         };
+        let no_preview = |why: String| Error::NoPreview {
+            kind: kind.as_str(),
+            name: job.resource.name.clone(),
+            action: action.to_string(),
+            why,
+        };
         match provider.preview(&job).await {
-            None => Err(Error::Conflict(format!(
-                "{kind} {} uses provider {provider_name}, which has nothing to preview",
-                job.resource.name
-            ))),
+            None => Err(no_preview(format!("provider {provider_name} renders nothing to preview"))),
             Some(Ok(v)) => Ok(v),
-            Some(Err(ProviderError::Failed { message, .. })) => {
-                Err(Error::Conflict(format!("cannot render {action} for {kind} {}: {message}", job.resource.name)))
-            }
-            Some(Err(ProviderError::Cancelled)) => Err(Error::Conflict("preview cancelled".into())),
+            Some(Err(ProviderError::Failed { message, .. })) => Err(no_preview(message)),
+            Some(Err(ProviderError::Cancelled)) => Err(no_preview("cancelled".into())),
         }
     }
 
@@ -165,6 +171,7 @@ impl Service {
         }
     }
 
+    /// Looks a resource up by name or id.
     pub async fn get(&self, kind: Kind, key: &str) -> Result<Resource> {
         self.store
             .get_resource(kind, &ResourceKey::parse(key))
@@ -188,7 +195,19 @@ impl Service {
             .await?;
         let problem =
             diagnose(&resource, active_run.as_ref(), active_events.last(), &recent_runs, self.stuck_after, Utc::now());
+        let members = match kind.holds_resources() {
+            true => {
+                let mut out = Vec::new();
+                for m in self.environment_members(&resource).await? {
+                    let active = self.store.active_run(m.id).await?;
+                    out.push((m, active));
+                }
+                Some(out)
+            }
+            false => None,
+        };
         Ok(Overview {
+            members,
             allowed_actions: kind.allowed_actions(&resource.state),
             resource,
             active_run,
@@ -198,30 +217,75 @@ impl Service {
         })
     }
 
-    pub async fn list(&self, kind: Kind, page: PageRequest) -> Result<Page<Resource>> {
-        let items = self.store.list_resources(kind, page).await?;
+    pub async fn list(&self, kind: Kind, filter: &ResourceFilter, page: PageRequest) -> Result<Page<Resource>> {
+        if let Some(env) = &filter.environment {
+            if validate_name(env).is_err() {
+                return Err(Error::invalid("environment", "not an environment name"));
+            }
+        }
+        let items = self.store.list_resources(kind, filter, page).await?;
         let next = next_cursor(&items, page.limit, |r| r.id);
         Ok(Page { items, next })
     }
 
-    /// The kind's own checks, and those that need the store: a user's
-    /// roles must exist.
+    /// What is in an environment: the live resources of every kind whose
+    /// spec names it, oldest first per kind (at most 500 of each).
+    pub async fn environment_members(&self, env: &Resource) -> Result<Vec<Resource>> {
+        let filter = ResourceFilter { environment: Some(env.name.clone()) };
+        let mut out = Vec::new();
+        for kind in Kind::all() {
+            let page = self.store.list_resources(kind, &filter, PageRequest { after: None, limit: 500 }).await?;
+            out.extend(page.into_iter().filter(|r| r.state != kind.final_state()));
+        }
+        Ok(out)
+    }
+
+    /// The kind's own checks, and the references its spec makes: each must
+    /// name a live resource (422 naming the field otherwise).
     async fn validate_spec(&self, kind: Kind, spec: &Value) -> Result<Value> {
         let spec = kind.validate_spec(spec)?;
-        if kind == Kind::User {
-            let mut errors = Vec::new();
-            for (i, role) in spec["roles"].as_array().into_iter().flatten().enumerate() {
-                let name = role.as_str().unwrap_or_default();
-                let found = self.store.get_resource(Kind::Role, &ResourceKey::Name(name.into())).await?;
-                if found.is_none_or(|r| r.state != crate::kinds::role::State::Active.as_str()) {
-                    errors.push(FieldError::new(format!("spec.roles[{i}]"), format!("no role named {name:?}")));
-                }
-            }
-            if !errors.is_empty() {
-                return Err(Error::Invalid(errors));
+        let mut errors = Vec::new();
+        for Reference { kind: to, key, field } in kind.references(&spec) {
+            let found = self.store.get_resource(to, &ResourceKey::parse(&key)).await?;
+            match found {
+                Some(r) if r.state != to.final_state() => {}
+                Some(r) => errors.push(FieldError::new(field, format!("{to} {key:?} is {}", r.state))),
+                None => errors.push(FieldError::new(field, format!("no {to} named {key:?}"))),
             }
         }
+        if !errors.is_empty() {
+            return Err(Error::Invalid(errors));
+        }
         Ok(spec)
+    }
+
+    /// The live resources whose specs name `target`, as `kind/name`.
+    async fn users_of(&self, target: &Resource) -> Result<Vec<String>> {
+        let id = target.id.to_string();
+        let mut users = Vec::new();
+        for kind in Kind::all() {
+            let mut after = None;
+            loop {
+                let page = self
+                    .store
+                    .list_resources(kind, &ResourceFilter::default(), PageRequest { after, limit: 500 })
+                    .await?;
+                for r in &page {
+                    let names_it = kind
+                        .references(&r.spec)
+                        .iter()
+                        .any(|x| x.kind == target.kind && (x.key == target.name || x.key == id));
+                    if names_it && r.state != kind.final_state() && r.id != target.id {
+                        users.push(format!("{kind}/{}", r.name));
+                    }
+                }
+                match page.last() {
+                    Some(last) if page.len() == 500 => after = Some(last.id),
+                    _ => break,
+                }
+            }
+        }
+        Ok(users)
     }
 
     /// Applies a JSON merge patch (RFC 7396) to the spec.
@@ -234,8 +298,8 @@ impl Service {
         actor: &str,
     ) -> Result<Resource> {
         let current = self.get(kind, key).await?;
-        if kind == Kind::Role && crate::auth::is_builtin_role(&current.name) {
-            return Err(Error::Conflict(format!("role {} is built in and cannot be changed", current.name)));
+        if let Some(why) = kind.locked(&current.name) {
+            return Err(Error::Locked { why });
         }
         if let Some(expected) = if_match {
             if expected != current.version {
@@ -254,7 +318,7 @@ impl Service {
         let r = self.get(kind, key).await?;
         if r.state != kind.final_state() {
             return Err(Error::NotAllowed {
-                kind,
+                kind: kind.as_str(),
                 state: r.state.clone(),
                 action: "delete".into(),
                 allowed: kind.allowed_actions(&r.state),
@@ -265,25 +329,27 @@ impl Service {
 
     pub async fn request(&self, kind: Kind, key: &str, req: TransitionRequest) -> Result<Run> {
         let resource = self.get(kind, key).await?;
-        if kind == Kind::Role && crate::auth::is_builtin_role(&resource.name) {
-            return Err(Error::Conflict(format!("role {} is built in and cannot be deleted", resource.name)));
+        if let Some(why) = kind.locked(&resource.name) {
+            return Err(Error::Locked { why });
         }
         if let Some(run) = self.store.active_run(resource.id).await? {
-            return Err(Error::Busy { kind, resource: resource.id, run: run.id });
+            return Err(Error::Busy { kind: kind.as_str(), resource: resource.id, run: run.id });
         }
         if req.reason.as_ref().is_some_and(|r| r.len() > 2000) {
             return Err(Error::invalid("reason", "at most 2000 characters"));
         }
+        self.guard_protected(kind, &resource, &req).await?;
         let (action, params, working, ok, err, parent) = match kind.next(&resource.state, &req.action)? {
             Step::Go { working, ok, err } => {
                 let params = kind.validate_params(&req.action, &req.params)?;
                 (req.action.clone(), params, working.to_string(), ok.to_string(), err.to_string(), None)
             }
             Step::Retry => {
-                let failed =
-                    self.store.last_unsuccessful_run(resource.id).await?.ok_or_else(|| {
-                        Error::Conflict(format!("{kind} {} has no failed run to retry", resource.name))
-                    })?;
+                let failed = self
+                    .store
+                    .last_unsuccessful_run(resource.id)
+                    .await?
+                    .ok_or_else(|| Error::NothingToRetry { kind: kind.as_str(), name: resource.name.clone() })?;
                 // A retry repeats the failed run's action through that run's
                 // own states; new params, when given, replace the old ones.
                 let params = match &req.params {
@@ -299,20 +365,24 @@ impl Service {
             match found {
                 None => return Err(Error::invalid(dep.field, format!("no {} named {:?}", dep.kind, dep.key))),
                 Some(d) if d.state != dep.required_state => {
-                    return Err(Error::Conflict(format!(
-                        "{} {:?} is {}; {action} needs it {}",
-                        dep.kind, d.name, d.state, dep.required_state
-                    )))
+                    return Err(Error::DependencyNotReady {
+                        kind: dep.kind.as_str(),
+                        name: d.name,
+                        state: d.state,
+                        action,
+                        required: dep.required_state,
+                    })
                 }
                 Some(_) => {}
             }
         }
-        let timeout = resource
-            .spec
-            .get("build_timeout_secs")
-            .and_then(Value::as_u64)
-            .filter(|_| action == "build")
-            .unwrap_or_else(|| kind.default_timeout_secs(&action));
+        if kind.retires(&action) {
+            let users = self.users_of(&resource).await?;
+            if !users.is_empty() {
+                return Err(Error::InUse { kind: kind.as_str(), name: resource.name, action, users });
+            }
+        }
+        let timeout = kind.timeout_secs(&resource.spec, &action);
         let settings = match kind.takes_settings(&action) {
             true => self.settings.refs_for(&resource).await?,
             false => Value::Array(Vec::new()),
@@ -336,10 +406,29 @@ impl Service {
             provider: kind.provider_of(&resource.spec),
             timeout_secs: timeout as i64,
             settings,
-            environment: resource.spec.get("environment").and_then(Value::as_str).map(str::to_string),
+            environment: kind.environment_of(&resource.spec),
             now: Utc::now(),
         };
         self.store.insert_run(&run).await
+    }
+
+    /// A resource in a protected environment changes only with a reason
+    /// and [`environment::OPERATE_PROTECTED`].
+    async fn guard_protected(&self, kind: Kind, resource: &Resource, req: &TransitionRequest) -> Result<()> {
+        let Some(env) = kind.environment_of(&resource.spec) else {
+            return Ok(());
+        };
+        let found = self.store.get_resource(environment::KIND, &ResourceKey::Name(env)).await?;
+        if !found.is_some_and(|e| environment::is_protected(&e.spec)) {
+            return Ok(());
+        }
+        if !req.may_operate_protected {
+            return Err(Error::Forbidden { permission: environment::OPERATE_PROTECTED.to_string() });
+        }
+        if req.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+            return Err(Error::invalid("reason", "required: the resource is in a protected environment"));
+        }
+        Ok(())
     }
 
     /// The action a `retry` of this resource would repeat, if any.
@@ -371,7 +460,7 @@ impl Service {
     pub async fn cancel(&self, run: Uuid, actor: &str, reason: Option<&str>) -> Result<Run> {
         let current = self.run(run).await?;
         if current.status.is_terminal() {
-            return Err(Error::Conflict(format!("transition {run} already ended {}", current.status.as_str())));
+            return Err(Error::AlreadyEnded { run, status: current.status.as_str() });
         }
         self.store.request_cancel(run, actor, reason, Utc::now()).await
     }
@@ -425,22 +514,6 @@ impl Service {
 
     pub async fn idempotency_abandon(&self, key: &str) -> Result<()> {
         self.store.idempotency_abandon(key).await
-    }
-}
-
-/// Names are DNS labels, so they fit hostnames, tags and stack names, and
-/// never look like an id.
-pub fn validate_name(name: &str) -> Result<(), FieldError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-        && Uuid::parse_str(name).is_err();
-    if ok {
-        Ok(())
-    } else {
-        Err(FieldError::new("name", "must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"))
     }
 }
 
@@ -559,15 +632,6 @@ pub fn diagnose(
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn names() {
-        assert!(validate_name("web-qa").is_ok());
-        assert!(validate_name("a").is_ok());
-        for bad in ["", "-a", "a-", "Web", "a_b", "a b", &"x".repeat(64), "0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b"] {
-            assert!(validate_name(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn merge_patch_follows_rfc7396() {

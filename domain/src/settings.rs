@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::kinds::Kind;
+use crate::kinds::{cluster, environment, is_name};
 use crate::model::*;
 use crate::ports::{SettingsStore, Store};
 
@@ -170,11 +170,18 @@ impl Settings {
     pub async fn scope(&self, s: &str) -> Result<Scope> {
         match s.split_once(':') {
             None if s == "global" => Ok(Scope::Global),
-            Some(("environment", e)) if crate::service::validate_name(e).is_ok() => Ok(Scope::Environment(e.into())),
+            Some(("environment", e)) if is_name(e) => {
+                // Settings belong to environments that exist.
+                let env = self.store.get_resource(environment::KIND, &ResourceKey::Name(e.into())).await?;
+                match env {
+                    Some(env) if env.state != environment::KIND.final_state() => Ok(Scope::Environment(e.into())),
+                    _ => Err(Error::NotFound { kind: "environment", key: e.to_string() }),
+                }
+            }
             Some(("cluster", c)) => {
                 let cluster = self
                     .store
-                    .get_resource(Kind::Cluster, &ResourceKey::parse(c))
+                    .get_resource(cluster::KIND, &ResourceKey::parse(c))
                     .await?
                     .ok_or_else(|| Error::NotFound { kind: "cluster", key: c.to_string() })?;
                 Ok(Scope::Cluster(cluster.id))

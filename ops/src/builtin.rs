@@ -1,7 +1,10 @@
 //! The `builtin` provider: kinds whose transitions change only drover's own
-//! records (users, roles). The state change the engine writes is the whole
-//! effect: a disabled user's tokens stop working because authentication
-//! reads the user's state.
+//! records (users, roles, environments). The state change the engine writes
+//! is the whole effect: a disabled user's tokens stop working because
+//! authentication reads the user's state.
+//!
+//! It is registered for every kind of the registry: a kind whose specs name
+//! no other provider (the declaration's default) needs nothing here.
 
 use std::sync::Arc;
 
@@ -24,6 +27,7 @@ impl Provider for Builtin {
 }
 
 pub fn register(providers: &mut Providers) {
-    providers.register(BUILTIN_PROVIDER, Kind::User, Arc::new(Builtin));
-    providers.register(BUILTIN_PROVIDER, Kind::Role, Arc::new(Builtin));
+    for kind in Kind::all() {
+        providers.register(BUILTIN_PROVIDER, kind, Arc::new(Builtin));
+    }
 }

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{Duration as ChronoDuration, Utc};
 use drover_domain::engine::{Engine, EngineConfig, Providers};
-use drover_domain::kinds::Kind;
 use drover_domain::model::*;
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext, Store};
 use drover_domain::service::Service;
@@ -95,7 +94,7 @@ async fn engine_throughput(store: &Arc<dyn Store>, n: usize, tag: &str) -> f64 {
         drover_persistence::testing::queue_stop(&**store, &name, "noop", Some("qa")).await.unwrap();
     }
     let mut providers = Providers::default();
-    providers.register("noop", Kind::Cluster, Arc::new(Noop));
+    providers.register("noop", drover_domain::kinds::cluster::KIND, Arc::new(Noop));
     let cfg =
         EngineConfig { worker_id: format!("bench-{tag}"), poll: Duration::from_millis(20), ..EngineConfig::default() };
     let engine = Engine::new(store.clone(), providers, cfg);

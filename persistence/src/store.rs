@@ -58,7 +58,7 @@ macro_rules! impl_store {
                 .fetch_one(&self.pool)
                 .await
                 .map_err(|e| match is_unique(&e) {
-                    true => Error::AlreadyExists { kind: r.kind, name: r.name.clone() },
+                    true => Error::AlreadyExists { kind: r.kind.as_str(), name: r.name.clone() },
                     false => db("insert resource")(e),
                 })?;
                 row.try_into()
@@ -90,9 +90,13 @@ macro_rules! impl_store {
                     .transpose()
             }
 
-            async fn list_resources(&self, kind: Kind, page: PageRequest) -> Result<Vec<Resource>> {
+            async fn list_resources(&self, kind: Kind, filter: &ResourceFilter, page: PageRequest) -> Result<Vec<Resource>> {
                 let mut q = QueryBuilder::<$db>::new("SELECT * FROM resources WHERE deleted_at IS NULL AND kind = ");
                 q.push_bind(kind.as_str());
+                if let Some(env) = &filter.environment {
+                    // `->>` reads a JSON field in both Postgres (JSONB) and SQLite (text).
+                    q.push(" AND spec->>'environment' = ").push_bind(env.clone());
+                }
                 if let Some(after) = page.after {
                     q.push(" AND id > ").push_bind(after);
                 }
@@ -131,7 +135,7 @@ macro_rules! impl_store {
                     (Some(run), _) => {
                         drop(tx);
                         let kind = self.kind_of(id).await?;
-                        Err(Error::Busy { kind, resource: id, run })
+                        Err(Error::Busy { kind: kind.as_str(), resource: id, run })
                     }
                     (None, Some(row)) => {
                         tx.commit().await.map_err(db("commit"))?;
@@ -160,7 +164,10 @@ macro_rules! impl_store {
                 .map_err(db("delete resource"))?;
                 match done.rows_affected() {
                     1 => Ok(()),
-                    _ => Err(Error::Conflict(format!("resource {id} changed while being deleted"))),
+                    _ => {
+                        let kind = self.kind_of(id).await?;
+                        Err(Error::Moved { kind: kind.as_str(), name: id.to_string(), what: format!("it left {final_state} before it was deleted") })
+                    }
                 }
             }
 
@@ -209,10 +216,11 @@ macro_rules! impl_store {
                 let row = match inserted.map_err(db("insert run"))? {
                     Some(row) => row,
                     None => {
-                        return Err(Error::Conflict(format!(
-                            "{} {} is no longer {}; look again before asking",
-                            run.kind, run.resource_name, run.from_state
-                        )))
+                        return Err(Error::Moved {
+                            kind: run.kind.as_str(),
+                            name: run.resource_name.clone(),
+                            what: format!("it is no longer {}; look again before asking", run.from_state),
+                        })
                     }
                 };
                 let queued = sqlx::query("INSERT INTO run_queue (run_id, resource_id, run_after) VALUES ($1, $2, $3)")
@@ -227,8 +235,12 @@ macro_rules! impl_store {
                         drop(tx);
                         let active = self.active_run(run.resource_id).await?;
                         return Err(match active {
-                            Some(a) => Error::Busy { kind: run.kind, resource: run.resource_id, run: a.id },
-                            None => Error::Conflict("another transition was requested at the same time".into()),
+                            Some(a) => Error::Busy { kind: run.kind.as_str(), resource: run.resource_id, run: a.id },
+                            None => Error::Moved {
+                                kind: run.kind.as_str(),
+                                name: run.resource_name.clone(),
+                                what: "another transition was requested at the same time".into(),
+                            },
                         });
                     }
                     Err(e) => return Err(db("queue run")(e)),

@@ -165,14 +165,13 @@ pub async fn queue_stop(
     provider: &str,
     environment: Option<&str>,
 ) -> drover_domain::Result<uuid::Uuid> {
-    use drover_domain::kinds::Kind;
     use drover_domain::model::{NewResource, NewRun};
     use serde_json::json;
     let now = chrono::Utc::now();
     let r = store
         .insert_resource(&NewResource {
             id: uuid::Uuid::now_v7(),
-            kind: Kind::Cluster,
+            kind: drover_domain::kinds::cluster::KIND,
             name: name.into(),
             state: "up".into(),
             spec: json!({"image": "x", "count": 1}),
@@ -184,7 +183,7 @@ pub async fn queue_stop(
         .insert_run(&NewRun {
             id: uuid::Uuid::now_v7(),
             resource_id: r.id,
-            kind: Kind::Cluster,
+            kind: drover_domain::kinds::cluster::KIND,
             resource_name: r.name,
             action: "stop".into(),
             params: json!({}),

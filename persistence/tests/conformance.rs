@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::*;
-use drover_domain::kinds::Kind;
 use drover_domain::model::*;
 use drover_domain::ports::Store;
 use drover_domain::Error;
@@ -54,7 +53,7 @@ async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
     let dup = store
         .insert_resource(&NewResource {
             id: uuid::Uuid::now_v7(),
-            kind: Kind::Cluster,
+            kind: drover_domain::kinds::cluster::KIND,
             name: "web".into(),
             state: "pending".into(),
             spec: json!({}),
@@ -67,7 +66,7 @@ async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
     store
         .insert_resource(&NewResource {
             id: uuid::Uuid::now_v7(),
-            kind: Kind::Image,
+            kind: drover_domain::kinds::image::KIND,
             name: "web".into(),
             state: "pending".into(),
             spec: json!({}),
@@ -76,20 +75,41 @@ async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
         })
         .await
         .unwrap();
-    let by_name = store.get_resource(Kind::Cluster, &ResourceKey::Name("web".into())).await.unwrap().unwrap();
-    let by_id = store.get_resource(Kind::Cluster, &ResourceKey::Id(a.id)).await.unwrap().unwrap();
+    let by_name = store
+        .get_resource(drover_domain::kinds::cluster::KIND, &ResourceKey::Name("web".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    let by_id = store.get_resource(drover_domain::kinds::cluster::KIND, &ResourceKey::Id(a.id)).await.unwrap().unwrap();
     assert_eq!(by_name, by_id);
     assert_eq!(by_name.spec, json!({"image": "img", "count": 1}));
-    assert!(store.get_resource(Kind::Image, &ResourceKey::Id(a.id)).await.unwrap().is_none());
+    assert!(store.get_resource(drover_domain::kinds::image::KIND, &ResourceKey::Id(a.id)).await.unwrap().is_none());
 }
 
 async fn resources_page_by_keyset(store: Arc<dyn Store>) {
     for i in 0..5 {
         cluster(&store, &format!("c{i}")).await;
     }
-    let first = store.list_resources(Kind::Cluster, PageRequest { after: None, limit: 2 }).await.unwrap();
-    let second = store.list_resources(Kind::Cluster, PageRequest { after: Some(first[1].id), limit: 2 }).await.unwrap();
-    let third = store.list_resources(Kind::Cluster, PageRequest { after: Some(second[1].id), limit: 2 }).await.unwrap();
+    let first = store
+        .list_resources(drover_domain::kinds::cluster::KIND, &Default::default(), PageRequest { after: None, limit: 2 })
+        .await
+        .unwrap();
+    let second = store
+        .list_resources(
+            drover_domain::kinds::cluster::KIND,
+            &Default::default(),
+            PageRequest { after: Some(first[1].id), limit: 2 },
+        )
+        .await
+        .unwrap();
+    let third = store
+        .list_resources(
+            drover_domain::kinds::cluster::KIND,
+            &Default::default(),
+            PageRequest { after: Some(second[1].id), limit: 2 },
+        )
+        .await
+        .unwrap();
     let names: Vec<_> = first.iter().chain(&second).chain(&third).map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["c0", "c1", "c2", "c3", "c4"]);
 }
@@ -125,7 +145,7 @@ async fn one_active_run_per_resource(store: Arc<dyn Store>) {
 async fn a_run_needs_the_resource_in_its_from_state(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
     let wrong = store.insert_run(&new_run(&r, "scale", "up", "scaling", "up")).await;
-    assert!(matches!(wrong, Err(Error::Conflict(_))), "{wrong:?}");
+    assert!(matches!(wrong, Err(Error::Moved { .. })), "{wrong:?}");
     assert!(store.active_run(r.id).await.unwrap().is_none());
 }
 
@@ -459,14 +479,17 @@ async fn finished_runs_list_by_outcome_whichever_way_they_ended(store: Arc<dyn S
     assert_eq!(ids(store.list_runs(&by(RunStatus::Failed, None, Some(b.id)), page(None)).await.unwrap()), [rb]);
     assert_eq!(ids(store.list_runs(&by(RunStatus::Succeeded, None, Some(e.id)), page(None)).await.unwrap()), [re2]);
     // The filters the outcome rows carry.
-    let mine =
-        RunFilter { actor: Some("tester".into()), kind: Some(Kind::Cluster), ..by(RunStatus::Failed, None, None) };
+    let mine = RunFilter {
+        actor: Some("tester".into()),
+        kind: Some(drover_domain::kinds::cluster::KIND),
+        ..by(RunStatus::Failed, None, None)
+    };
     assert_eq!(ids(store.list_runs(&mine, page(None)).await.unwrap()), [re1, nd.id, rb]);
     let prod = RunFilter { environment: Some("prod".into()), ..by(RunStatus::Failed, None, None) };
     assert_eq!(ids(store.list_runs(&prod, page(None)).await.unwrap()), [nd.id]);
     for f in [
         RunFilter { actor: Some("nobody".into()), ..by(RunStatus::Failed, None, None) },
-        RunFilter { kind: Some(Kind::Image), ..by(RunStatus::Succeeded, None, None) },
+        RunFilter { kind: Some(drover_domain::kinds::image::KIND), ..by(RunStatus::Succeeded, None, None) },
         RunFilter { environment: Some("qa".into()), ..by(RunStatus::Failed, None, None) },
     ] {
         assert!(store.list_runs(&f, page(None)).await.unwrap().is_empty(), "{f:?}");
@@ -566,7 +589,7 @@ async fn a_queue_row_out_of_step_with_its_run_is_repaired(store: Arc<dyn Store>,
 async fn deleted_resources_keep_their_history(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
     let wrong = store.delete_resource(r.id, "destroyed", Utc::now()).await;
-    assert!(matches!(wrong, Err(Error::Conflict(_))), "only in the final state");
+    assert!(matches!(wrong, Err(Error::Moved { .. })), "only in the final state");
     let run = store.insert_run(&new_run(&r, "destroy", "pending", "destroying", "destroyed")).await.unwrap();
     let c = store.claim_runs("w", LEASE, 1, Utc::now()).await.unwrap().remove(0);
     store.complete_run(c.lease().unwrap(), &done(RunStatus::Succeeded, "destroyed")).await.unwrap();
@@ -743,4 +766,41 @@ async fn upgrading_moves_the_active_runs_into_the_queue() {
         store.claim_runs("w1", LEASE, 10, Utc::now()).await.unwrap().into_iter().map(|r| r.id).collect();
     claimed.sort();
     assert_eq!(claimed, vec![run(1), run(2)]);
+}
+
+/// An installation from before environments were a kind (migration 0008):
+/// every environment name in use, by a live cluster or a settings scope,
+/// becomes an environment, and lists filter by it. On both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_makes_an_environment_of_every_name_in_use() {
+    use drover_domain::kinds::{cluster, environment};
+    let (pg, _pg_conn) = postgres_at_version(7).await;
+    let (lite, _dir) = sqlite_at_version(7).await;
+    for (url, uuid) in [(pg.as_str(), "gen_random_uuid()"), (lite.as_str(), "randomblob(16)")] {
+        let now = if url.starts_with("sqlite") { "0" } else { "now()" };
+        let sql = format!(
+            "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by, updated_by)
+             VALUES ({uuid}, 'cluster', 'web', 'up', '{{\"image\": \"i\", \"count\": 1, \"environment\": \"prod\"}}', 1, '{{}}', {now}, {now}, 'a', 'a'),
+                    ({uuid}, 'cluster', 'old', 'destroyed', '{{\"image\": \"i\", \"count\": 1, \"environment\": \"gone\"}}', 1, '{{}}', {now}, {now}, 'a', 'a'),
+                    ({uuid}, 'cluster', 'plain', 'up', '{{\"image\": \"i\", \"count\": 1}}', 1, '{{}}', {now}, {now}, 'a', 'a');
+             INSERT INTO setting_versions (id, scope, key, version, value, secret, deleted, actor, created_at)
+             VALUES ({uuid}, 'environment:staging', 'K', 1, 'v', false, false, 'a', {now}),
+                    ({uuid}, 'environment:prod', 'K', 1, 'v', false, false, 'a', {now});"
+        );
+        backdoor(url, &sql).await;
+        let store = drover_persistence::open(url).await.unwrap().store;
+        let page = PageRequest { after: None, limit: 10 };
+        let envs = store.list_resources(environment::KIND, &ResourceFilter::default(), page).await.unwrap();
+        let mut names: Vec<_> = envs.iter().map(|e| e.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["gone", "prod", "staging"], "{url}");
+        for e in &envs {
+            assert_eq!(e.state, "active");
+            assert_eq!(e.created_by, "drover");
+            assert_eq!(environment::KIND.validate_spec(&e.spec).unwrap(), e.spec, "a valid, normalised spec");
+        }
+        let in_prod = ResourceFilter { environment: Some("prod".into()) };
+        let listed = store.list_resources(cluster::KIND, &in_prod, page).await.unwrap();
+        assert_eq!(listed.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["web"], "{url}");
+    }
 }

@@ -14,7 +14,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::*;
 use drover_domain::engine::{Engine, EngineConfig, Providers};
-use drover_domain::kinds::Kind;
 use drover_domain::model::*;
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext, Store};
 use serde_json::{json, Value};
@@ -88,7 +87,7 @@ fn config(worker: &str) -> EngineConfig {
 
 fn engine(store: &Arc<dyn Store>, p: &Arc<Scripted>, cfg: EngineConfig) -> Arc<Engine> {
     let mut providers = Providers::default();
-    providers.register("test", Kind::Cluster, p.clone());
+    providers.register("test", drover_domain::kinds::cluster::KIND, p.clone());
     Engine::new(store.clone(), providers, cfg)
 }
 

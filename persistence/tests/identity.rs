@@ -111,16 +111,15 @@ async fn reads_use_a_recent_principal_for_two_seconds_at_most(s: Stores) {
 /// start adds them.
 async fn built_in_roles_of_an_earlier_version_are_brought_up_to_date(s: Stores) {
     use drover_domain::auth::Auth;
-    use drover_domain::kinds::Kind;
     let old = json!({"permissions": ["image:read", "cluster:read", "transitions:read", "kinds:read", "settings:read"],
         "description": "Reads everything but secrets."});
     s.store
         .insert_resource(&NewResource {
             id: Uuid::now_v7(),
-            kind: Kind::Role,
+            kind: drover_domain::kinds::role::KIND,
             name: "viewer".into(),
-            state: Kind::Role.initial_state().into(),
-            spec: Kind::Role.validate_spec(&old).unwrap(),
+            state: drover_domain::kinds::role::KIND.initial_state().into(),
+            spec: drover_domain::kinds::role::KIND.validate_spec(&old).unwrap(),
             actor: "drover".into(),
             now: Utc::now(),
         })
@@ -128,12 +127,22 @@ async fn built_in_roles_of_an_earlier_version_are_brought_up_to_date(s: Stores) 
         .unwrap();
     let auth = Auth::new(s.store.clone(), s.tokens.clone());
     auth.bootstrap(None).await.unwrap();
-    let viewer = s.store.get_resource(Kind::Role, &ResourceKey::Name("viewer".into())).await.unwrap().unwrap();
+    let viewer = s
+        .store
+        .get_resource(drover_domain::kinds::role::KIND, &ResourceKey::Name("viewer".into()))
+        .await
+        .unwrap()
+        .unwrap();
     let perms: Vec<&str> = viewer.spec["permissions"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
     assert!(perms.contains(&"metrics:read"), "{perms:?}");
     assert_eq!((viewer.version, viewer.updated_by.as_str()), (2, "drover"));
     // Up to date: a second start changes nothing.
     auth.bootstrap(None).await.unwrap();
-    let again = s.store.get_resource(Kind::Role, &ResourceKey::Name("viewer".into())).await.unwrap().unwrap();
+    let again = s
+        .store
+        .get_resource(drover_domain::kinds::role::KIND, &ResourceKey::Name("viewer".into()))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again.version, 2);
 }

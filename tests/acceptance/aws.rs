@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_domain::engine::{Engine, EngineConfig, Providers};
-use drover_domain::kinds::Kind;
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
 use drover_ops::aws::testing::{base_ami, default_network, ec2, moto_clients, moto_settings, unique};
 use drover_ops::aws::Clients;
@@ -354,7 +353,7 @@ async fn a_lapsed_lease_mid_create_makes_no_second_stack_or_image() {
     drover_ops::aws::register(&mut real, moto_settings());
     let done = Arc::new(Notify::new());
     let mut dying = Providers::default();
-    for kind in [Kind::Image, Kind::Cluster] {
+    for kind in [drover_domain::kinds::image::KIND, drover_domain::kinds::cluster::KIND] {
         dying.register(
             "aws",
             kind,

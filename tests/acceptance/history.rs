@@ -143,7 +143,9 @@ async fn pagination_is_stable_under_concurrent_inserts() {
         assert!(unique.contains(id), "{id} was skipped");
     }
     // Filters by environment and actor.
-    app.post("/v1/clusters", json!({"name": "c", "spec": {"image": "img-0", "count": 1, "environment": "qa"}})).await;
+    app.post("/v1/environments", json!({"name": "qa", "spec": {}})).await;
+    app.post("/v1/images", json!({"name": "img-c", "spec": {"build_command": "true", "start_command": "true"}})).await;
+    app.post("/v1/clusters", json!({"name": "c", "spec": {"image": "img-c", "count": 1, "environment": "qa"}})).await;
     app.transition("cluster", "c", json!({"action": "destroy"})).await;
     let qa = app.get("/v1/transitions?environment=qa").await.body;
     assert_eq!(qa["items"].as_array().unwrap().len(), 1);

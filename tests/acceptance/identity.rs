@@ -15,10 +15,13 @@ fn body_for(operation: &str) -> Option<Value> {
         "create_cluster" => json!({"name": "walk-cluster", "spec": {"image": "walk", "count": 1}}),
         "create_user" => json!({"name": "walk-user", "spec": {"roles": []}}),
         "create_role" => json!({"name": "walk-role", "spec": {"permissions": []}}),
-        "patch_image" | "patch_cluster" | "patch_user" | "patch_role" => json!({"spec": {}}),
+        "create_environment" => json!({"name": "walk-env", "spec": {"description": "walked"}}),
+        op if op.starts_with("patch_") => json!({"spec": {}}),
         "request_image_transition" => json!({"action": "destroy"}),
         "request_cluster_transition" => json!({"action": "destroy"}),
-        "request_user_transition" | "request_role_transition" => json!({"action": "delete"}),
+        "request_user_transition" | "request_role_transition" | "request_environment_transition" => {
+            json!({"action": "delete"})
+        }
         "create_token" => json!({"name": "walk"}),
         "put_setting" => json!({"value": "v"}),
         "rollback_setting" => json!({"version": 1}),
@@ -42,6 +45,7 @@ async fn every_route_demands_its_permission() {
     let run = app.transition("image", "walk", json!({"action": "build"})).await;
     app.post("/v1/clusters", json!({"name": "walk", "spec": {"image": "walk", "count": 1}})).await;
     app.post("/v1/roles", json!({"name": "walk", "spec": {"permissions": []}})).await;
+    app.post("/v1/environments", json!({"name": "walk", "spec": {}})).await;
     app.send(&app.client, "PUT", "/v1/settings/global/WALK", Some(json!({"value": "1"}))).await;
     let nobody = app.user_with_roles("nobody", &[]).await;
     let nobody_token = app.get("/v1/users/nobody/tokens").await.body["items"][0]["id"].as_str().unwrap().to_string();
@@ -151,7 +155,7 @@ async fn token_lifecycle() {
     let alice = client_with(Some(&secret));
     let (status, who) = me(&app, &alice).await;
     assert_eq!((status, who["user"].as_str()), (StatusCode::OK, Some("alice")));
-    assert!(who["permissions"].as_array().unwrap().contains(&json!("cluster:*")));
+    assert!(who["permissions"].as_array().unwrap().contains(&json!("cluster:scale")));
 
     // Listed without its secret, with its last use.
     let list = app.get("/v1/users/alice/tokens").await.body;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 mod history;
 mod identity;
+mod kinds;
 mod settings;
 
 use drover_tests::{alive, spawn_app, Backend, TestApp};
@@ -287,10 +288,14 @@ async fn bad_input_is_a_clear_problem_and_writes_nothing() {
     let r = app.post("/v1/clusters/c/transitions", json!({"action": "create"})).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert!(r.body["detail"].as_str().unwrap().contains("needs it built"), "{}", r.body);
-    let r = app.post("/v1/clusters", json!({"name": "d", "spec": {"image": "nope", "count": 1}})).await;
-    let r2 = app.post("/v1/clusters/d/transitions", json!({"action": "create"})).await;
-    assert_eq!((r.status, r2.status), (StatusCode::CREATED, StatusCode::UNPROCESSABLE_ENTITY));
-    assert_eq!(r2.body["errors"][0]["field"], "spec.image");
+    // A spec that names a resource that does not exist is refused whole.
+    let r = app
+        .post("/v1/clusters", json!({"name": "d", "spec": {"image": "nope", "count": 1, "environment": "nowhere"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    let fields: Vec<_> = r.body["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    assert_eq!(fields, ["spec.image", "spec.environment"]);
+    assert_eq!(app.get("/v1/clusters/d").await.status, StatusCode::NOT_FOUND, "nothing was written");
     assert_eq!(app.get("/v1/transitions").await.body["items"], json!([]), "no run was queued by any of this");
     let r = app.delete("/v1/images/web").await;
     assert_eq!(r.status, StatusCode::CONFLICT, "only destroyed resources are deleted");
@@ -393,8 +398,24 @@ async fn the_api_describes_itself() {
 
     let kinds = app.get("/v1/kinds").await.body;
     let names: Vec<_> = kinds["items"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["image", "cluster", "user", "role"]);
-    let cluster = app.get("/v1/kinds/cluster").await.body;
+    assert_eq!(names, ["image", "cluster", "environment", "user", "role"]);
+    let cluster = app.get("/v1/kinds/clusters").await.body;
+    let scale_action = cluster["actions"].as_array().unwrap().iter().find(|a| a["name"] == "scale").unwrap();
+    assert_eq!(scale_action["permission"], "cluster:scale");
+    assert_eq!(scale_action["params"]["properties"]["count"]["maximum"], 64);
+    assert_eq!(cluster["spec_schema"]["required"], json!(["image", "count"]));
+    // The document says the same, per kind: the transition body is one
+    // branch per action, with that action's parameters.
+    let request = &served["components"]["schemas"]["ClusterTransitionRequest"]["oneOf"];
+    let actions: Vec<_> =
+        request.as_array().unwrap().iter().map(|b| b["properties"]["action"]["const"].clone()).collect();
+    assert_eq!(actions, ["create", "scale", "add-instances", "stop", "start", "destroy", "retry"]);
+    assert_eq!(request[1]["properties"]["params"]["properties"]["count"]["minimum"], 1);
+    assert_eq!(
+        served["paths"]["/v1/environments/{id}/transitions"]["post"]["security"][0]["bearer"][0],
+        "environment:{action}"
+    );
+    assert_eq!(served["paths"]["/v1/users/{id}"]["get"]["security"][0]["bearer"][0], "users:admin");
     let scale = cluster["transitions"].as_array().unwrap().iter().find(|t| t["action"] == "scale").unwrap();
     assert_eq!(
         scale,

@@ -68,6 +68,10 @@ async fn scopes_merge_and_secrets_stay_secret() {
     let app = spawn_app(Backend::Sqlite).await;
     let mut seen = Vec::<String>::new();
     let put = |path: &str, body: Value| app.client.put(app.url(path)).json(&body).send();
+    // An environment's settings need the environment.
+    let r = put("/v1/settings/environment:qa/GREETING", json!({"value": "hello qa"})).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(app.post("/v1/environments", json!({"name": "qa", "spec": {}})).await.status, StatusCode::CREATED);
     for (path, body) in [
         ("/v1/settings/global/GREETING", json!({"value": "hello"})),
         ("/v1/settings/global/REGION", json!({"value": "eu"})),

@@ -1,19 +1,14 @@
 //! HTTP routes. Each resource module owns its `router()`; handlers are thin:
 //! parse, call the domain service, map to DTOs.
 
-pub mod clusters;
 pub mod health;
 pub mod identity;
-pub mod images;
-mod kind_routes;
 pub mod kinds;
 pub mod resources;
-pub mod roles;
 pub mod settings;
 pub mod stats;
 pub mod templates;
 pub mod transitions;
-pub mod users;
 
 use std::sync::Arc;
 

@@ -1,30 +1,78 @@
-//! What images and clusters share: create, read, list, patch, delete and
-//! ask for a transition. The kind modules wrap these with their own types
-//! and OpenAPI annotations.
+//! The routes of every resource kind, derived from the registry: for each
+//! kind, `/v1/{plural}` (create, list), `/v1/{plural}/{id}` (get, patch,
+//! delete) and `/v1/{plural}/{id}/transitions`. The handlers are the same
+//! for every kind; the kind rides in the closure, and its permissions come
+//! from its declaration (`Kind::permission`). Their OpenAPI operations are
+//! written from the same registry in `crate::openapi::kinds`.
 
 use std::time::Duration;
 
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::Json;
-use drover_domain::kinds::Kind;
-use drover_domain::model::PageRequest;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use drover_domain::kinds::{environment, Kind};
+use drover_domain::model::{PageRequest, ResourceFilter};
 use drover_domain::service::TransitionRequest as DomainRequest;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::*;
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::problem::{ApiResult, Problem};
 
-/// The permission an action on a kind needs. Identity is all `users:admin`.
-pub fn action_permission(kind: Kind, action: &str) -> String {
-    match kind {
-        Kind::User | Kind::Role => "users:admin".to_string(),
-        Kind::Image | Kind::Cluster => format!("{kind}:{action}"),
+/// Every kind's routes.
+pub fn router() -> Router<AppState> {
+    let mut router = Router::new();
+    for kind in Kind::all() {
+        let collection = format!("/v1/{}", kind.plural());
+        router = router
+            .route(
+                &collection,
+                post(move |State(s): State<AppState>, caller: Caller, ApiJson(body): ApiJson<CreateResource>| async move {
+                    create(&s, &caller, kind, body).await
+                })
+                .get(move |State(s): State<AppState>, caller: Caller, ApiQuery(q): ApiQuery<ListQuery>| async move {
+                    list(&s, &caller, kind, q).await
+                }),
+            )
+            .route(
+                &format!("{collection}/{{id}}"),
+                get(move |State(s): State<AppState>, caller: Caller, headers: HeaderMap, ApiPath(id): ApiPath<String>| async move {
+                    caller.require(&kind.permission("read"))?;
+                    let (extra, Json(view)) = view(&s, kind, &id).await?;
+                    Ok::<_, Problem>(crate::text::respond(&headers, extra, view, crate::text::resource))
+                })
+                .patch(
+                    move |State(s): State<AppState>,
+                          caller: Caller,
+                          ApiPath(id): ApiPath<String>,
+                          headers: HeaderMap,
+                          ApiJson(body): ApiJson<PatchResource>| async move {
+                        patch(&s, &caller, kind, &id, &headers, body).await
+                    },
+                )
+                .delete(move |State(s): State<AppState>, caller: Caller, ApiPath(id): ApiPath<String>| async move {
+                    delete(&s, &caller, kind, &id).await
+                }),
+            )
+            .route(
+                &format!("{collection}/{{id}}/transitions"),
+                post(
+                    move |State(s): State<AppState>,
+                          caller: Caller,
+                          ApiPath(id): ApiPath<String>,
+                          headers: HeaderMap,
+                          ApiJson(body): ApiJson<TransitionRequest>| async move {
+                        transition(&s, &caller, kind, &id, &headers, body).await
+                    },
+                ),
+            );
     }
+    router
 }
 
 pub fn idempotency_key(headers: &HeaderMap) -> Option<String> {
@@ -33,12 +81,16 @@ pub fn idempotency_key(headers: &HeaderMap) -> Option<String> {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Page size, 1-500 (default 50).
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<Uuid>,
+    /// Only resources in this environment.
+    #[param(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+    pub environment: Option<String>,
 }
 
 pub fn page(limit: Option<u32>, cursor: Option<Uuid>) -> ApiResult<PageRequest> {
@@ -46,13 +98,6 @@ pub fn page(limit: Option<u32>, cursor: Option<Uuid>) -> ApiResult<PageRequest> 
         l @ 1..=500 => Ok(PageRequest { after: cursor, limit: l }),
         _ => Err(Problem::invalid("limit", "must be between 1 and 500")),
     }
-}
-
-fn spec_of<S: DeserializeOwned>(v: &serde_json::Value) -> ApiResult<S> {
-    serde_json::from_value(v.clone()).map_err(|e| {
-        tracing::error!(error = %e, "stored spec does not match its API shape");
-        Problem::internal()
-    })
 }
 
 pub fn etag(version: i64) -> HeaderValue {
@@ -76,90 +121,84 @@ pub fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
     })
 }
 
-pub async fn create<S: Serialize + DeserializeOwned>(
+async fn create(
     state: &AppState,
     caller: &Caller,
     kind: Kind,
-    name: &str,
-    spec: &S,
-) -> ApiResult<(StatusCode, HeaderMap, Json<ResourceView<S>>)> {
-    let value = serde_json::to_value(spec).map_err(|_| Problem::internal())?;
-    let created = state.service.create(kind, name, &value, &caller.actor()).await?;
-    let (headers, view) = get(state, kind, &created.id.to_string()).await?;
-    let mut headers = headers;
-    let location = format!("/v1/{kind}s/{}", created.id);
+    body: CreateResource,
+) -> ApiResult<(StatusCode, HeaderMap, Json<ResourceView>)> {
+    caller.require(&kind.permission("create"))?;
+    let created = state.service.create(kind, &body.name, &body.spec, &caller.actor()).await?;
+    let (mut headers, view) = view(state, kind, &created.id.to_string()).await?;
+    let location = format!("/v1/{}/{}", kind.plural(), created.id);
     headers.insert(header::LOCATION, HeaderValue::from_str(&location).expect("ascii"));
     Ok((StatusCode::CREATED, headers, view))
 }
 
-pub async fn get<S: DeserializeOwned>(
-    state: &AppState,
-    kind: Kind,
-    key: &str,
-) -> ApiResult<(HeaderMap, Json<ResourceView<S>>)> {
+/// The 3 a.m. view of one resource, with its `ETag`.
+pub async fn view(state: &AppState, kind: Kind, key: &str) -> ApiResult<(HeaderMap, Json<ResourceView>)> {
     let o = state.service.overview(kind, key).await?;
-    let spec = spec_of(&o.resource.spec)?;
     let mut headers = HeaderMap::new();
     headers.insert(header::ETAG, etag(o.resource.version));
-    Ok((headers, Json(ResourceView::from_overview(o, spec))))
+    Ok((headers, Json(ResourceView::from_overview(o))))
 }
 
-pub async fn list<S: DeserializeOwned>(state: &AppState, kind: Kind, q: ListQuery) -> ApiResult<Json<ResourcePage<S>>> {
-    let p = state.service.list(kind, page(q.limit, q.cursor)?).await?;
+async fn list(state: &AppState, caller: &Caller, kind: Kind, q: ListQuery) -> ApiResult<Json<ResourcePage>> {
+    caller.require(&kind.permission("read"))?;
+    let filter = ResourceFilter { environment: q.environment };
+    let p = state.service.list(kind, &filter, page(q.limit, q.cursor)?).await?;
     let items = p
         .items
         .into_iter()
-        .map(|r| {
-            Ok(ResourceSummary {
-                spec: spec_of(&r.spec)?,
-                id: r.id,
-                name: r.name,
-                state: r.state,
-                version: r.version,
-                created_at: r.created_at,
-                updated_at: r.updated_at,
-            })
+        .map(|r| ResourceSummary {
+            spec: r.spec,
+            id: r.id,
+            name: r.name,
+            state: r.state,
+            version: r.version,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
         })
-        .collect::<ApiResult<Vec<_>>>()?;
+        .collect();
     Ok(Json(ResourcePage { items, next_cursor: p.next }))
 }
 
-pub async fn patch<S: DeserializeOwned>(
+async fn patch(
     state: &AppState,
     caller: &Caller,
     kind: Kind,
     key: &str,
     headers: &HeaderMap,
     body: PatchResource,
-) -> ApiResult<(HeaderMap, Json<ResourceView<S>>)> {
+) -> ApiResult<(HeaderMap, Json<ResourceView>)> {
+    caller.require(&kind.permission("update"))?;
     if !body.spec.is_object() {
         return Err(Problem::invalid("spec", "must be an object (a JSON merge patch of the spec)"));
     }
     state.service.patch_spec(kind, key, &body.spec, if_match(headers)?, &caller.actor()).await?;
-    get(state, kind, key).await
+    view(state, kind, key).await
 }
 
-pub async fn delete(state: &AppState, kind: Kind, key: &str) -> ApiResult<StatusCode> {
+async fn delete(state: &AppState, caller: &Caller, kind: Kind, key: &str) -> ApiResult<StatusCode> {
+    caller.require(&kind.permission("delete"))?;
     state.service.delete(kind, key).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `permission` names the action as `{action}` (e.g. `cluster:{action}`):
-/// asking for `scale` needs `cluster:scale`, and a `retry` needs both
-/// `cluster:retry` and the permission of the action it repeats.
-pub async fn transition(
+/// Asking for `scale` needs the permission of `scale` (`cluster:scale`),
+/// and a `retry` both `retry`'s and that of the action it repeats.
+async fn transition(
     state: &AppState,
     caller: &Caller,
-    permission: &str,
     kind: Kind,
     key: &str,
     headers: &HeaderMap,
     body: TransitionRequest,
 ) -> ApiResult<(StatusCode, HeaderMap, Json<Transition>)> {
-    caller.require(&permission.replace("{action}", &body.action))?;
+    caller.require(&kind.permission(&body.action))?;
     if body.action == "retry" {
         if let Some(repeated) = state.service.retry_action(kind, key).await? {
-            caller.require(&permission.replace("{action}", &repeated))?;
+            caller.require(&kind.permission(&repeated))?;
         }
     }
     let run = state
@@ -173,6 +212,7 @@ pub async fn transition(
                 reason: body.reason,
                 actor: caller.actor(),
                 idempotency_key: idempotency_key(headers),
+                may_operate_protected: caller.0.can(environment::OPERATE_PROTECTED),
             },
         )
         .await?;

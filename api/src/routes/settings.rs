@@ -241,7 +241,7 @@ async fn cluster_settings(
     ApiQuery(q): ApiQuery<RevealQuery>,
 ) -> ApiResult<Json<EffectiveSettings>> {
     may_read(&caller, q.reveal)?;
-    let cluster = s.service.get(drover_domain::Kind::Cluster, &id).await?;
+    let cluster = s.service.get(drover_domain::kinds::cluster::KIND, &id).await?;
     let items = s
         .settings
         .effective(&cluster, q.reveal)

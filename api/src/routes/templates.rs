@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use axum::Json;
-use drover_domain::kinds::Kind;
+use drover_domain::kinds::cluster;
 use serde::Deserialize;
 use serde_json::json;
 use utoipa::IntoParams;
@@ -50,7 +50,7 @@ async fn preview_cluster_template(
     ApiQuery(q): ApiQuery<TemplateQuery>,
 ) -> ApiResult<Json<TemplatePreview>> {
     caller.require("cluster:read")?;
-    let cluster = s.service.get(Kind::Cluster, &id).await?;
+    let cluster = s.service.get(cluster::KIND, &id).await?;
     let action = q.action.unwrap_or_else(|| if cluster.state == "pending" { "create" } else { "scale" }.to_string());
     let params = match action.as_str() {
         "scale" => {
@@ -63,8 +63,8 @@ async fn preview_cluster_template(
         }
         _ => json!({}),
     };
-    let v = s.service.preview(Kind::Cluster, &id, &action, &params).await?;
-    let provider = Kind::Cluster.provider_of(&cluster.spec);
+    let v = s.service.preview(cluster::KIND, &id, &action, &params).await?;
+    let provider = cluster::KIND.provider_of(&cluster.spec);
     TemplatePreview::from_value(&cluster.name, &provider, v).map(Json).ok_or_else(|| {
         tracing::error!("provider preview does not have the expected shape");
         Problem::internal()

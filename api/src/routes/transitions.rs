@@ -79,9 +79,10 @@ async fn list_transitions(
 ) -> ApiResult<Response> {
     caller.require("transitions:read")?;
     let kind = match &q.kind {
-        Some(k) => {
-            Some(Kind::parse(k).ok_or_else(|| Problem::invalid("kind", "must be image, cluster, user or role"))?)
-        }
+        Some(k) => Some(Kind::parse(k).ok_or_else(|| {
+            let known: Vec<_> = Kind::all().map(Kind::as_str).collect();
+            Problem::invalid("kind", format!("one of: {}", known.join(", ")))
+        })?),
         None => None,
     };
     let resource = match (&q.resource, kind) {
@@ -158,7 +159,7 @@ async fn cancel_transition(
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Transition>)> {
     let run = s.service.run(id).await?;
-    caller.require(&super::resources::action_permission(run.kind, "cancel"))?;
+    caller.require(&run.kind.permission("cancel"))?;
     // The body is optional: an empty one (or `null`, as documented) means no reason.
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         None

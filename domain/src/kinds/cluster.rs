@@ -17,13 +17,23 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use super::{from_json, machine, named_enum, Dependency, Kind, NotAllowed, TypedStep};
-use crate::error::{Error, FieldError, Result};
+use super::{
+    environment, image, is_name, named_enum, ActionDecl, ActionParams, Declaration, Dependency, Kind, NotAllowed,
+    Params, Reference, TypedStep,
+};
+use crate::error::{FieldError, Result};
 
 pub const MAX_COUNT: u32 = 64;
+
+/// This kind's handle.
+pub const KIND: Kind = Kind::declare::<Cluster>();
+
+/// The cluster kind's declaration.
+pub struct Cluster;
 
 named_enum!(State {
     Pending => "pending",
@@ -48,7 +58,81 @@ named_enum!(Action {
     Retry => "retry",
 });
 
-machine!();
+impl Declaration for Cluster {
+    const NAME: &'static str = "cluster";
+    const PLURAL: &'static str = "clusters";
+    const DESCRIPTION: &'static str = "A group of instances started from an image, scaled, stopped and destroyed.";
+    type State = State;
+    type Action = Action;
+    type Spec = Spec;
+    const INITIAL: State = State::Pending;
+    const FINAL: State = State::Destroyed;
+
+    fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
+        next(state, action)
+    }
+
+    fn action(action: Action) -> ActionDecl {
+        match action {
+            Action::Create => ActionDecl::new("Starts the cluster's instances from its image.", 600).with_settings(),
+            Action::Scale => ActionDecl::new("Brings the cluster to `count` instances.", 600)
+                .params(Params::of::<ScaleParams>())
+                .with_settings()
+                .changing_spec(),
+            Action::AddInstances => ActionDecl::new("Adds `n` instances to the cluster.", 600)
+                .params(Params::of::<AddParams>())
+                .with_settings()
+                .changing_spec(),
+            Action::Stop => ActionDecl::new("Stops every instance; the cluster stays, `down`.", 300),
+            Action::Start => ActionDecl::new("Starts a stopped cluster's instances again.", 600).with_settings(),
+            Action::Destroy => ActionDecl::new("Stops the instances and removes what the cluster made.", 300),
+            Action::Retry => ActionDecl::new("Repeats the action that failed.", 300),
+        }
+    }
+
+    fn check(spec: &Spec) -> Vec<FieldError> {
+        spec.check()
+    }
+
+    fn provider(spec: &Spec) -> String {
+        spec.provider.clone()
+    }
+
+    fn references(spec: &Spec) -> Vec<Reference> {
+        let mut refs = vec![Reference::new(image::KIND, &spec.image, "spec.image")];
+        if let Some(env) = &spec.environment {
+            refs.push(Reference::new(environment::KIND, env, "spec.environment"));
+        }
+        if let Some(leader) = &spec.join {
+            refs.push(Reference::new(KIND, leader, "spec.join"));
+        }
+        refs
+    }
+
+    fn requires(spec: &Spec, action: Action) -> Vec<Dependency> {
+        dependencies(spec, action)
+    }
+
+    fn spec_after(spec: &Spec, action: Action, params: &Value) -> Option<Spec> {
+        spec_after_success(spec, action, params)
+    }
+
+    fn environment(spec: &Spec) -> Option<String> {
+        spec.environment.clone()
+    }
+
+    fn examples() -> Vec<Value> {
+        vec![
+            json!({"image": "web", "count": 3}),
+            json!({"image": "web", "count": 1, "environment": "qa", "health_check": {"type": "tcp"},
+                "start_timeout_secs": 60}),
+            json!({"provider": "aws", "image": "base", "count": 2, "instance_type": "t3.micro",
+                "subnets": ["subnet-0123abcd"], "security_groups": ["sg-0123abcd"], "key_name": "ops",
+                "tags": {"team": "web"}, "role_metadata": "role=worker,instancetype=r3", "join": "leader",
+                "termination_protection": true}),
+        ]
+    }
+}
 
 /// The cluster transition table.
 pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
@@ -74,11 +158,15 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
 }
 
 /// How an instance shows it is ready.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum HealthCheck {
     /// `GET path` on the instance's port answers 2xx or 3xx.
-    Http { path: String },
+    Http {
+        /// An absolute path without spaces.
+        #[schemars(regex(pattern = r"^/[^\s]*$"))]
+        path: String,
+    },
     /// A TCP connection to the instance's port succeeds.
     Tcp,
 }
@@ -89,22 +177,31 @@ impl Default for HealthCheck {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a cluster runs. The `aws` fields are refused on `local` clusters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Spec {
+    /// Provider that runs it: `local` (default) or `aws` (a CloudFormation stack).
     #[serde(default = "default_provider")]
+    #[schemars(extend("enum" = PROVIDERS))]
     pub provider: String,
-    /// The image (name or id) instances start from.
+    /// Name or id of the image its instances start from.
+    #[schemars(length(min = 1))]
     pub image: String,
     /// Number of instances.
+    #[schemars(range(min = 1, max = 64))]
     pub count: u32,
-    /// The environment whose settings apply (between global and the cluster's own).
+    /// The environment (name) the cluster is in: its settings apply between
+    /// global and the cluster's own, and a protected environment guards it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub environment: Option<String>,
+    /// Default: `{"type": "http", "path": "/"}`.
     #[serde(default)]
     pub health_check: HealthCheck,
-    /// How long one instance may take to pass its health check (seconds).
+    /// How long one instance may take to pass its health check (seconds, default 30).
     #[serde(default = "default_start_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
     pub start_timeout_secs: u64,
     /// aws: the instances' type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,8 +222,9 @@ pub struct Spec {
     /// `key=value` pairs separated by commas: `role=worker,instancetype=r3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role_metadata: Option<String>,
-    /// aws: the leader cluster (name) this worker group joins.
+    /// aws: the leader cluster (name) this worker group joins; it must be `up`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub join: Option<String>,
     /// aws: refuse `destroy` while true (and turn on the stack's termination
     /// protection).
@@ -166,8 +264,17 @@ fn default_start_timeout() -> u64 {
 }
 
 impl Spec {
+    /// Checks a spec and returns it typed.
     pub fn from_value(v: &Value) -> Result<Spec> {
-        let spec: Spec = from_json("spec", v)?;
+        let spec: Spec = super::from_json("spec", v)?;
+        match spec.check() {
+            errors if errors.is_empty() => Ok(spec),
+            errors => Err(crate::Error::Invalid(errors)),
+        }
+    }
+
+    fn check(&self) -> Vec<FieldError> {
+        let spec = self;
         let mut errors = Vec::new();
         match spec.provider.as_str() {
             "local" => {
@@ -194,7 +301,7 @@ impl Spec {
         if spec.image.trim().is_empty() {
             errors.push(FieldError::new("spec.image", "must name an image"));
         }
-        if spec.environment.as_deref().is_some_and(|e| crate::service::validate_name(e).is_err()) {
+        if spec.environment.as_deref().is_some_and(|e| !is_name(e)) {
             errors.push(FieldError::new("spec.environment", "not an environment name"));
         }
         if spec.count == 0 || spec.count > MAX_COUNT {
@@ -208,18 +315,26 @@ impl Spec {
         if spec.start_timeout_secs == 0 || spec.start_timeout_secs > 3600 {
             errors.push(FieldError::new("spec.start_timeout_secs", "must be between 1 and 3600"));
         }
-        if errors.is_empty() {
-            Ok(spec)
-        } else {
-            Err(Error::Invalid(errors))
-        }
+        errors
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `scale`: the new number of instances.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ScaleParams {
-    count: u32,
+pub struct ScaleParams {
+    /// Instances after the scale.
+    #[schemars(range(min = 1, max = 64))]
+    pub count: u32,
+}
+
+impl ActionParams for ScaleParams {
+    fn check(&self) -> Vec<FieldError> {
+        match self.count {
+            1..=MAX_COUNT => Vec::new(),
+            _ => vec![FieldError::new("params.count", format!("must be between 1 and {MAX_COUNT}"))],
+        }
+    }
 }
 
 impl Spec {
@@ -269,7 +384,7 @@ impl Spec {
             ));
         }
         if let Some(leader) = &self.join {
-            if crate::service::validate_name(leader).is_err() {
+            if !is_name(leader) {
                 errors.push(FieldError::new("spec.join", "must name the leader cluster"));
             }
         }
@@ -289,63 +404,40 @@ impl Spec {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `add-instances`: how many instances to add.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct AddParams {
-    n: u32,
+pub struct AddParams {
+    /// Instances to add (the cluster stays at most 64).
+    #[schemars(range(min = 1, max = 63))]
+    pub n: u32,
 }
 
-pub fn validate_params(action: &str, params: &Value) -> Result<Value> {
-    match Action::parse(action) {
-        Some(Action::Scale) => {
-            let p: ScaleParams = from_json("params", params)?;
-            if p.count == 0 || p.count > MAX_COUNT {
-                return Err(Error::invalid("params.count", format!("must be between 1 and {MAX_COUNT}")));
-            }
-            Ok(serde_json::json!({ "count": p.count }))
+impl ActionParams for AddParams {
+    fn check(&self) -> Vec<FieldError> {
+        match self.n {
+            1..MAX_COUNT => Vec::new(),
+            _ => vec![FieldError::new("params.n", format!("must be between 1 and {}", MAX_COUNT - 1))],
         }
-        Some(Action::AddInstances) => {
-            let p: AddParams = from_json("params", params)?;
-            if p.n == 0 || p.n >= MAX_COUNT {
-                return Err(Error::invalid("params.n", format!("must be between 1 and {}", MAX_COUNT - 1)));
-            }
-            Ok(serde_json::json!({ "n": p.n }))
-        }
-        Some(Action::Create | Action::Stop | Action::Start | Action::Destroy | Action::Retry) | None => {
-            no_params(params)
-        }
-    }
-}
-
-/// Actions without parameters accept `null` or `{}` only.
-pub(crate) fn no_params(params: &Value) -> Result<Value> {
-    match params {
-        Value::Null => Ok(Value::Object(Default::default())),
-        Value::Object(m) if m.is_empty() => Ok(params.clone()),
-        _ => Err(Error::invalid("params", "this action takes no parameters")),
     }
 }
 
 /// A cluster's image must be built, and a worker group's leader `up`, for
 /// any action that starts instances.
-pub fn dependencies(spec: &Value, action: &str) -> Vec<Dependency> {
-    let starts_instances = takes_settings(action);
-    if !starts_instances {
+fn dependencies(spec: &Spec, action: Action) -> Vec<Dependency> {
+    if !Cluster::action(action).takes_settings {
         return Vec::new();
     }
-    let mut deps = Vec::new();
-    if let Some(image) = spec.get("image").and_then(Value::as_str) {
+    let mut deps = vec![Dependency {
+        kind: image::KIND,
+        key: spec.image.clone(),
+        field: "spec.image",
+        required_state: image::State::Built.as_str(),
+    }];
+    if let Some(leader) = &spec.join {
         deps.push(Dependency {
-            kind: Kind::Image,
-            key: image.to_string(),
-            field: "spec.image",
-            required_state: super::image::State::Built.as_str(),
-        });
-    }
-    if let Some(leader) = spec.get("join").and_then(Value::as_str) {
-        deps.push(Dependency {
-            kind: Kind::Cluster,
-            key: leader.to_string(),
+            kind: KIND,
+            key: leader.clone(),
             field: "spec.join",
             required_state: State::Up.as_str(),
         });
@@ -353,43 +445,18 @@ pub fn dependencies(spec: &Value, action: &str) -> Vec<Dependency> {
     deps
 }
 
-/// Actions that start instances hand them the cluster's settings.
-pub fn takes_settings(action: &str) -> bool {
-    matches!(Action::parse(action), Some(Action::Create | Action::Start | Action::Scale | Action::AddInstances))
-}
-
-/// Whether a successful `action` changes the spec (see [`spec_after_success`]).
-pub fn changes_spec(action: &str) -> bool {
-    matches!(Action::parse(action), Some(Action::Scale | Action::AddInstances))
-}
-
-pub fn spec_after_success(action: &str, params: &Value, spec: &Value) -> Option<Value> {
-    match Action::parse(action) {
-        Some(Action::Scale) => {
-            let mut spec = spec.clone();
-            spec["count"] = params.get("count")?.clone();
-            Some(spec)
-        }
-        Some(Action::AddInstances) => {
-            let mut spec = spec.clone();
-            let now = spec.get("count")?.as_u64()?;
-            spec["count"] = (now + params.get("n")?.as_u64()?).into();
-            Some(spec)
-        }
-        _ => None,
-    }
-}
-
-pub fn default_timeout_secs(action: &str) -> u64 {
-    match Action::parse(action) {
-        Some(Action::Create | Action::Scale | Action::AddInstances | Action::Start) => 600,
-        Some(Action::Stop | Action::Destroy | Action::Retry) | None => 300,
+fn spec_after_success(spec: &Spec, action: Action, params: &Value) -> Option<Spec> {
+    let count = spec.target_count(action.as_str(), params)?;
+    match action {
+        Action::Scale | Action::AddInstances => Some(Spec { count, ..spec.clone() }),
+        Action::Create | Action::Stop | Action::Start | Action::Destroy | Action::Retry => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
     use Action as A;
     use State as S;
 
@@ -435,6 +502,18 @@ mod tests {
         }
     }
 
+    fn validate_params(action: &str, params: &Value) -> Result<Value> {
+        KIND.validate_params(action, params)
+    }
+
+    fn dependencies(spec: &Value, action: &str) -> Vec<Dependency> {
+        KIND.dependencies(spec, action)
+    }
+
+    fn spec_after_success(action: &str, params: &Value, spec: &Value) -> Option<Value> {
+        KIND.spec_after_success(action, params, spec)
+    }
+
     #[test]
     fn scale_params_are_checked() {
         assert!(validate_params("scale", &serde_json::json!({"count": 3})).is_ok());
@@ -448,7 +527,7 @@ mod tests {
 
     #[test]
     fn scale_success_updates_count() {
-        let spec = serde_json::json!({"image": "i", "count": 2});
+        let spec = serde_json::json!({"image": "i", "count": 2, "health_check": {"type": "tcp"}});
         let after = spec_after_success("scale", &serde_json::json!({"count": 5}), &spec).unwrap();
         assert_eq!(after["count"], 5);
         assert_eq!(spec_after_success("stop", &Value::Null, &spec), None);
@@ -505,7 +584,7 @@ mod tests {
     fn a_worker_group_depends_on_its_leader_being_up() {
         let deps = dependencies(&aws_spec(), "create");
         assert_eq!(deps.len(), 2);
-        assert_eq!(deps[1].kind, Kind::Cluster);
+        assert_eq!(deps[1].kind, KIND);
         assert_eq!(deps[1].key, "leader");
         assert_eq!(deps[1].field, "spec.join");
         assert_eq!(deps[1].required_state, "up");

@@ -7,11 +7,18 @@
 //! failed --retry--> the working state of the action that failed
 //! ```
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use super::{from_json, machine, named_enum, NotAllowed, TypedStep};
-use crate::error::{Error, Result};
+use super::{named_enum, ActionDecl, Declaration, Kind, NotAllowed, TypedStep};
+use crate::error::{FieldError, Result};
+
+/// This kind's handle.
+pub const KIND: Kind = Kind::declare::<Image>();
+
+/// The image kind's declaration.
+pub struct Image;
 
 named_enum!(State {
     Pending => "pending",
@@ -28,7 +35,52 @@ named_enum!(Action {
     Retry => "retry",
 });
 
-machine!();
+impl Declaration for Image {
+    const NAME: &'static str = "image";
+    const PLURAL: &'static str = "images";
+    const DESCRIPTION: &'static str = "A machine image: built once by a provider, then used by clusters.";
+    type State = State;
+    type Action = Action;
+    type Spec = Spec;
+    const INITIAL: State = State::Pending;
+    const FINAL: State = State::Destroyed;
+
+    fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
+        next(state, action)
+    }
+
+    fn action(action: Action) -> ActionDecl {
+        match action {
+            Action::Build => ActionDecl::new("Builds the image from its spec (again, when it is built).", 1800),
+            Action::Destroy => ActionDecl::new("Removes what the build made (directory, or AMI and snapshots).", 300),
+            Action::Retry => ActionDecl::new("Repeats the action that failed.", 300),
+        }
+    }
+
+    fn check(spec: &Spec) -> Vec<FieldError> {
+        spec.check()
+    }
+
+    fn provider(spec: &Spec) -> String {
+        spec.provider.clone()
+    }
+
+    fn timeout_secs(spec: &Spec, action: Action) -> u64 {
+        match (action, spec.build_timeout_secs) {
+            (Action::Build, Some(t)) => t,
+            _ => Self::action(action).timeout_secs,
+        }
+    }
+
+    fn examples() -> Vec<Value> {
+        vec![
+            json!({"build_command": "echo hello > index.html",
+                "start_command": "exec python3 -m http.server $PORT --bind 127.0.0.1"}),
+            json!({"provider": "aws", "base_ami": "ami-0abcdef1234567890", "instance_type": "t3.micro",
+                "build_script": "#!/bin/sh\necho hi", "builder_shutdown": false, "build_timeout_secs": 900}),
+        ]
+    }
+}
 
 /// The image transition table.
 pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
@@ -49,10 +101,12 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
 /// What an image is built from. Which fields are required depends on the
 /// provider: `local` needs `build_command` and `start_command`; `aws` needs
 /// `base_ami`, `instance_type` and `build_script`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Spec {
+    /// Provider that builds it: `local` (default) or `aws`.
     #[serde(default = "default_provider")]
+    #[schemars(extend("enum" = PROVIDERS))]
     pub provider: String,
     /// local: shell command run in a fresh directory; the directory is the image.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -62,6 +116,7 @@ pub struct Spec {
     pub start_command: String,
     /// aws: the AMI the builder instance starts from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^ami-[0-9a-f]{8,32}$"))]
     pub base_ami: Option<String>,
     /// aws: the builder's instance type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,8 +129,9 @@ pub struct Spec {
     /// the image is taken as soon as the builder runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builder_shutdown: Option<bool>,
-    /// Overrides the build timeout (seconds).
+    /// Overrides the build timeout (seconds, default 1800).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
     pub build_timeout_secs: Option<u64>,
 }
 
@@ -87,23 +143,30 @@ fn default_provider() -> String {
 }
 
 impl Spec {
+    /// Checks a spec and returns it typed.
     pub fn from_value(v: &Value) -> Result<Spec> {
-        let spec: Spec = from_json("spec", v)?;
+        let spec: Spec = super::from_json("spec", v)?;
+        match spec.check() {
+            errors if errors.is_empty() => Ok(spec),
+            errors => Err(crate::Error::Invalid(errors)),
+        }
+    }
+
+    fn check(&self) -> Vec<FieldError> {
+        let spec = self;
         let mut errors = Vec::new();
-        let required = |errors: &mut Vec<crate::FieldError>, field: &str, value: &str| {
+        let required = |errors: &mut Vec<FieldError>, field: &str, value: &str| {
             if value.trim().is_empty() {
-                errors.push(crate::FieldError::new(
+                errors.push(FieldError::new(
                     format!("spec.{field}"),
                     format!("must not be empty (required by provider {})", spec.provider),
                 ));
             }
         };
-        let forbidden = |errors: &mut Vec<crate::FieldError>, field: &str, set: bool| {
+        let forbidden = |errors: &mut Vec<FieldError>, field: &str, set: bool| {
             if set {
-                errors.push(crate::FieldError::new(
-                    format!("spec.{field}"),
-                    format!("not used by provider {}", spec.provider),
-                ));
+                errors
+                    .push(FieldError::new(format!("spec.{field}"), format!("not used by provider {}", spec.provider)));
             }
         };
         match spec.provider.as_str() {
@@ -118,7 +181,7 @@ impl Spec {
             "aws" => {
                 let ami = spec.base_ami.as_deref().unwrap_or("");
                 if !super::cluster::aws_id(ami, "ami-") {
-                    errors.push(crate::FieldError::new(
+                    errors.push(FieldError::new(
                         "spec.base_ami",
                         "must be an AMI id like ami-0abc1234 (required by provider aws)",
                     ));
@@ -126,7 +189,7 @@ impl Spec {
                 required(&mut errors, "instance_type", spec.instance_type.as_deref().unwrap_or(""));
                 required(&mut errors, "build_script", spec.build_script.as_deref().unwrap_or(""));
                 if spec.build_script.as_ref().is_some_and(|s| s.len() > 16 * 1024 * 3 / 4) {
-                    errors.push(crate::FieldError::new(
+                    errors.push(FieldError::new(
                         "spec.build_script",
                         "at most 12 KiB (EC2 user-data is limited to 16 KiB once base64-encoded)",
                     ));
@@ -134,40 +197,22 @@ impl Spec {
                 forbidden(&mut errors, "build_command", !spec.build_command.is_empty());
                 forbidden(&mut errors, "start_command", !spec.start_command.is_empty());
             }
-            _ => errors.push(crate::FieldError::new(
-                "spec.provider",
-                format!("unknown provider; known: {}", PROVIDERS.join(", ")),
-            )),
+            _ => errors
+                .push(FieldError::new("spec.provider", format!("unknown provider; known: {}", PROVIDERS.join(", ")))),
         }
         if let Some(t) = spec.build_timeout_secs {
             if t == 0 || t > 24 * 3600 {
-                errors.push(crate::FieldError::new("spec.build_timeout_secs", "must be between 1 and 86400"));
+                errors.push(FieldError::new("spec.build_timeout_secs", "must be between 1 and 86400"));
             }
         }
-        if errors.is_empty() {
-            Ok(spec)
-        } else {
-            Err(Error::Invalid(errors))
-        }
-    }
-}
-
-pub fn validate_params(action: &str, params: &Value) -> Result<Value> {
-    match Action::parse(action) {
-        Some(Action::Build | Action::Destroy | Action::Retry) | None => super::cluster::no_params(params),
-    }
-}
-
-pub fn default_timeout_secs(action: &str) -> u64 {
-    match Action::parse(action) {
-        Some(Action::Build) => 1800,
-        Some(Action::Destroy | Action::Retry) | None => 300,
+        errors
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
     use State as S;
 
     fn go(w: S, ok: S, err: S) -> Result<TypedStep<S>, NotAllowed> {

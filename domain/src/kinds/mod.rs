@@ -1,257 +1,249 @@
-//! Resource kinds and their state machines.
+//! The kind registry: every resource kind drover knows, each declared once.
 //!
-//! Each kind is one module that declares its states, its actions and a
-//! transition table written as an exhaustive `match` (no `_` arm), so that a
-//! new state or action does not compile until every entry is decided. The
-//! engine and the API only see the kind-agnostic [`Step`] the table yields.
+//! A kind is one module here that implements [`Declaration`]: its name and
+//! plural, its states and actions (`named_enum!`), its transition table (an
+//! exhaustive `match` without a `_` arm, so a new state or action does not
+//! compile until every entry is decided), each action's typed parameters,
+//! its spec type (whose JSON Schema is derived from the type with
+//! `schemars`) and the checks the types cannot say, the resources its spec
+//! references, and the provider that runs it. [`REGISTRY`] lists the kinds;
+//! a [`Kind`] is a handle to one declaration.
 //!
-//! Adding a kind: a module here (states, actions, `next`, spec and params
-//! validation), a variant of [`Kind`], the arms in this file's dispatch
-//! functions, and a provider module in `ops`.
+//! Everything else is derived from the registry: the `/v1/{plural}` routes
+//! and their OpenAPI operations, the `kind:action` permissions and the
+//! validation of roles, `GET /v1/kinds`, the engine's dispatch. Nothing
+//! outside this module and the kind modules asks which kind it holds.
+//!
+//! # Guarantees
+//! - [`Kind::next`] is the only decision of whether an action is allowed.
+//! - A spec that [`Kind::validate_spec`] returns serialises to a value its
+//!   schema ([`Kind::spec_schema`]) accepts (tested over every kind's
+//!   examples in `api`).
 
 pub mod cluster;
+pub mod environment;
 pub mod image;
 pub mod role;
 pub mod user;
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::marker::PhantomData;
 
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
+use uuid::Uuid;
 
 use crate::error::{Error, FieldError, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Image,
-    Cluster,
-    User,
-    Role,
-}
+/// Every kind, in the order the API lists them. Adding a kind is a module
+/// that implements [`Declaration`] and one line here.
+pub const REGISTRY: &[Kind] = &[image::KIND, cluster::KIND, environment::KIND, user::KIND, role::KIND];
 
 /// The provider of kinds whose transitions only touch drover's own records.
 pub const BUILTIN_PROVIDER: &str = "builtin";
 
-/// A kind's state machine, as its module declares it.
-pub trait Machine {
-    type State: KindState + StateName + 'static;
-    type Action: Copy + 'static;
-    const STATES: &'static [Self::State];
-    const ACTIONS: &'static [Self::Action];
-    fn action_name(a: Self::Action) -> &'static str;
-    fn parse_action(s: &str) -> Option<Self::Action>;
-    fn next(s: Self::State, a: Self::Action) -> Result<TypedStep<Self::State>, NotAllowed>;
+/// Permissions that belong to no kind's actions, with what they allow.
+pub const SCOPES: &[(&str, &str)] = &[
+    ("transitions:read", "Read transitions, their events and statistics."),
+    ("kinds:read", "Read the kinds and their state machines."),
+    ("settings:read", "Read settings (secret values stay redacted)."),
+    ("settings:write", "Write, delete and roll back settings."),
+    ("settings:reveal", "Read secret values."),
+    ("users:admin", "Manage users, roles and API tokens."),
+    ("metrics:read", "Read the Prometheus metrics."),
+    (
+        environment::OPERATE_PROTECTED,
+        "Change resources in a protected environment (besides the action's own permission).",
+    ),
+];
+
+/// The verbs every kind has besides its actions (`cancel`: a transition
+/// of a resource of the kind).
+pub const VERBS: &[&str] = &["read", "create", "update", "delete", "cancel"];
+
+// ---------------------------------------------------------------------
+// What a kind module declares.
+
+/// A kind, as its module declares it. Implemented by a unit struct; the
+/// module's `KIND` constant is `Kind::declare::<ThatStruct>()`.
+pub trait Declaration: Send + Sync + 'static {
+    /// Singular, lowercase: `cluster`. Also the permission prefix.
+    const NAME: &'static str;
+    /// The collection in paths: `/v1/clusters`.
+    const PLURAL: &'static str;
+    const DESCRIPTION: &'static str;
+    type State: Named;
+    type Action: Named;
+    /// The spec as clients write it. Its JSON Schema is the API's.
+    type Spec: Serialize + DeserializeOwned + JsonSchema;
+    const INITIAL: Self::State;
+    /// Where a resource may be deleted from; a resource in it is not live.
+    const FINAL: Self::State;
+
+    /// The transition table.
+    fn next(state: Self::State, action: Self::Action) -> Result<TypedStep<Self::State>, NotAllowed>;
+
+    /// What an action is: description, parameters, timeout.
+    fn action(action: Self::Action) -> ActionDecl;
+
+    /// Checks the types cannot say (fields a provider requires, bounds
+    /// across fields); each names its field.
+    fn check(_spec: &Self::Spec) -> Vec<FieldError> {
+        Vec::new()
+    }
+
+    /// The provider that runs this resource.
+    fn provider(_spec: &Self::Spec) -> String {
+        BUILTIN_PROVIDER.to_string()
+    }
+
+    /// Other resources the spec names. Each must exist (and be live) when
+    /// the spec is written, and keeps the resource it names from being
+    /// destroyed or deleted while this one is live.
+    fn references(_spec: &Self::Spec) -> Vec<Reference> {
+        Vec::new()
+    }
+
+    /// Resources that must be in a given state for `action` to run.
+    fn requires(_spec: &Self::Spec, _action: Self::Action) -> Vec<Dependency> {
+        Vec::new()
+    }
+
+    /// The spec after a successful `action` (a scale's `count`), if it changes.
+    fn spec_after(_spec: &Self::Spec, _action: Self::Action, _params: &Value) -> Option<Self::Spec> {
+        None
+    }
+
+    /// The timeout of `action` for this spec; default: the action's.
+    fn timeout_secs(_spec: &Self::Spec, action: Self::Action) -> u64 {
+        Self::action(action).timeout_secs
+    }
+
+    /// Kinds of access control itself: every verb needs `users:admin`, and
+    /// the built-in operator and viewer roles do not reach them.
+    const ADMIN_ONLY: bool = false;
+
+    /// The permission `verb` (an action, or one of [`VERBS`]) needs.
+    fn permission(verb: &str) -> String {
+        match Self::ADMIN_ONLY {
+            true => "users:admin".to_string(),
+            false => format!("{}:{verb}", Self::NAME),
+        }
+    }
+
+    /// The environment the resource belongs to.
+    fn environment(_spec: &Self::Spec) -> Option<String> {
+        None
+    }
+
+    /// Why a resource of this name may not be changed or removed, if it may not.
+    fn locked(_name: &str) -> Option<String> {
+        None
+    }
+
+    /// Whether other resources live in resources of this kind: their specs
+    /// name it in `environment` (environments). Its view lists them.
+    const HOLDS_RESOURCES: bool = false;
+
+    /// Specs that validate: documentation, and the schema's tests.
+    fn examples() -> Vec<Value>;
 }
 
-/// `None`: the state is unknown to the kind; `Some(None)`: not allowed.
-fn lookup<M: Machine>(state: &str, action: &str) -> Option<Option<Step>> {
-    let s = M::State::parse(state)?;
-    Some(M::parse_action(action).and_then(|a| M::next(s, a).ok()).map(Step::from))
-}
-
-fn names<M: Machine>() -> (Vec<&'static str>, Vec<&'static str>) {
-    (M::STATES.iter().map(|s| s.name()).collect(), M::ACTIONS.iter().map(|&a| M::action_name(a)).collect())
-}
-
-impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Image, Kind::Cluster, Kind::User, Kind::Role];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Image => "image",
-            Kind::Cluster => "cluster",
-            Kind::User => "user",
-            Kind::Role => "role",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    pub fn description(self) -> &'static str {
-        match self {
-            Kind::Image => "A machine image: built once by a provider, then used by clusters.",
-            Kind::Cluster => "A group of instances started from an image, scaled, stopped and destroyed.",
-            Kind::User => "Someone who calls the API with bearer tokens; roles grant permissions.",
-            Kind::Role => "A named set of permissions (kind:action).",
-        }
-    }
-
-    fn names(self) -> (Vec<&'static str>, Vec<&'static str>) {
-        match self {
-            Kind::Image => names::<image::Table>(),
-            Kind::Cluster => names::<cluster::Table>(),
-            Kind::User => names::<user::Table>(),
-            Kind::Role => names::<role::Table>(),
-        }
-    }
-
-    pub fn states(self) -> Vec<&'static str> {
-        self.names().0
-    }
-
-    pub fn actions(self) -> Vec<&'static str> {
-        self.names().1
-    }
-
-    pub fn initial_state(self) -> &'static str {
-        match self {
-            Kind::Image => image::State::Pending.as_str(),
-            Kind::Cluster => cluster::State::Pending.as_str(),
-            Kind::User => user::State::Active.as_str(),
-            Kind::Role => role::State::Active.as_str(),
-        }
-    }
-
-    /// The state from which a resource may be deleted.
-    pub fn final_state(self) -> &'static str {
-        match self {
-            Kind::Image => image::State::Destroyed.as_str(),
-            Kind::Cluster => cluster::State::Destroyed.as_str(),
-            Kind::User => user::State::Deleted.as_str(),
-            Kind::Role => role::State::Deleted.as_str(),
-        }
-    }
-
-    fn lookup(self, state: &str, action: &str) -> Option<Option<Step>> {
-        match self {
-            Kind::Image => lookup::<image::Table>(state, action),
-            Kind::Cluster => lookup::<cluster::Table>(state, action),
-            Kind::User => lookup::<user::Table>(state, action),
-            Kind::Role => lookup::<role::Table>(state, action),
-        }
-    }
-
-    /// The step `action` takes from `state`, or why it may not.
-    pub fn next(self, state: &str, action: &str) -> Result<Step> {
-        match self.lookup(state, action) {
-            None => Err(Error::Internal(format!("unknown {self} state {state:?} in store"))),
-            Some(Some(step)) => Ok(step),
-            Some(None) => Err(Error::NotAllowed {
-                kind: self,
-                state: state.to_string(),
-                action: action.to_string(),
-                allowed: self.allowed_actions(state),
-            }),
-        }
-    }
-
-    /// Actions allowed from `state`, in table order.
-    pub fn allowed_actions(self, state: &str) -> Vec<String> {
-        self.actions()
-            .into_iter()
-            .filter(|a| matches!(self.lookup(state, a), Some(Some(_))))
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// Every entry of the table, for `GET /v1/kinds/{kind}`.
-    pub fn table(self) -> Vec<TableEntry> {
-        let mut out = Vec::new();
-        for state in self.states() {
-            for action in self.actions() {
-                if let Some(Some(step)) = self.lookup(state, action) {
-                    out.push(TableEntry { from: state, action, step });
-                }
-            }
-        }
-        out
-    }
-
-    /// Checks a spec and returns it normalised (defaults filled in).
-    pub fn validate_spec(self, spec: &Value) -> Result<Value> {
-        match self {
-            Kind::Image => image::Spec::from_value(spec).and_then(|s| to_value(&s)),
-            Kind::Cluster => cluster::Spec::from_value(spec).and_then(|s| to_value(&s)),
-            Kind::User => user::Spec::from_value(spec).and_then(|s| to_value(&s)),
-            Kind::Role => role::Spec::from_value(spec).and_then(|s| to_value(&s)),
-        }
-    }
-
-    /// Checks an action's parameters and returns them normalised.
-    pub fn validate_params(self, action: &str, params: &Value) -> Result<Value> {
-        match self {
-            Kind::Image => image::validate_params(action, params),
-            Kind::Cluster => cluster::validate_params(action, params),
-            Kind::User | Kind::Role => cluster::no_params(params),
-        }
-    }
-
-    /// The provider named by a (validated) spec.
-    pub fn provider_of(self, spec: &Value) -> String {
-        match self {
-            Kind::Image | Kind::Cluster => spec.get("provider").and_then(Value::as_str).unwrap_or("local").to_string(),
-            Kind::User | Kind::Role => BUILTIN_PROVIDER.to_string(),
-        }
-    }
-
-    /// Other resources this one needs to be in a given state before an
-    /// action may run: `(kind, name or id, required state)`.
-    pub fn dependencies(self, spec: &Value, action: &str) -> Vec<Dependency> {
-        match self {
-            Kind::Image | Kind::User | Kind::Role => Vec::new(),
-            Kind::Cluster => cluster::dependencies(spec, action),
-        }
-    }
-
-    /// Whether a successful run of `action` changes the spec.
-    pub fn changes_spec(self, action: &str) -> bool {
-        match self {
-            Kind::Image | Kind::User | Kind::Role => false,
-            Kind::Cluster => cluster::changes_spec(action),
-        }
-    }
-
-    /// The spec after a successful run of `action` (a scale changes `count`).
-    pub fn spec_after_success(self, action: &str, params: &Value, spec: &Value) -> Option<Value> {
-        match self {
-            Kind::Image | Kind::User | Kind::Role => None,
-            Kind::Cluster => cluster::spec_after_success(action, params, spec),
-        }
-    }
-
-    /// Whether a run of `action` hands the resource's settings to its
-    /// provider (and records which versions).
-    pub fn takes_settings(self, action: &str) -> bool {
-        match self {
-            Kind::Cluster => cluster::takes_settings(action),
-            Kind::Image | Kind::User | Kind::Role => false,
-        }
-    }
-
-    /// Per-action timeout when the spec does not set one.
-    pub fn default_timeout_secs(self, action: &str) -> u64 {
-        match self {
-            Kind::Image => image::default_timeout_secs(action),
-            Kind::Cluster => cluster::default_timeout_secs(action),
-            Kind::User | Kind::Role => 60,
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A state enum of one kind.
-pub trait KindState: Sized + Copy {
+/// A state or action enum (declared with `named_enum!`).
+pub trait Named: Copy + Eq + fmt::Debug + Send + Sync + 'static {
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
     fn parse(s: &str) -> Option<Self>;
 }
 
-fn to_value<T: serde::Serialize>(v: &T) -> Result<Value> {
-    serde_json::to_value(v).map_err(|e| Error::Internal(format!("spec does not serialise: {e}")))
+/// One action of a kind.
+#[derive(Clone, Copy)]
+pub struct ActionDecl {
+    pub description: &'static str,
+    pub params: Params,
+    pub timeout_secs: u64,
+    /// Whether a run of it hands the resource's settings to the provider.
+    pub takes_settings: bool,
+    /// Whether its success changes the spec ([`Declaration::spec_after`]).
+    pub changes_spec: bool,
 }
 
-/// Deserialises a spec or params object, naming the offending field.
-pub(crate) fn from_json<T: serde::de::DeserializeOwned>(root: &str, v: &Value) -> Result<T> {
-    serde_json::from_value(v.clone()).map_err(|e| {
-        let msg = e.to_string();
-        // serde's messages name the field in backticks: "missing field `count`".
-        let field = msg.split('`').nth(1).map(|f| format!("{root}.{f}")).unwrap_or_else(|| root.to_string());
-        Error::Invalid(vec![FieldError::new(field, msg)])
-    })
+impl ActionDecl {
+    /// An action without parameters that takes no settings.
+    pub const fn new(description: &'static str, timeout_secs: u64) -> ActionDecl {
+        ActionDecl { description, params: Params::NONE, timeout_secs, takes_settings: false, changes_spec: false }
+    }
+
+    pub const fn changing_spec(mut self) -> ActionDecl {
+        self.changes_spec = true;
+        self
+    }
+
+    pub const fn params(mut self, params: Params) -> ActionDecl {
+        self.params = params;
+        self
+    }
+
+    pub const fn with_settings(mut self) -> ActionDecl {
+        self.takes_settings = true;
+        self
+    }
+}
+
+/// An action's parameters: `{}` (none), or a type whose schema is derived.
+#[derive(Clone, Copy)]
+pub struct Params {
+    schema: Option<fn() -> Value>,
+    validate: fn(&Value) -> Result<Value>,
+}
+
+/// A type of action parameters.
+pub trait ActionParams: Serialize + DeserializeOwned + JsonSchema {
+    /// Checks the type cannot say; each names its field (`params.count`).
+    fn check(&self) -> Vec<FieldError> {
+        Vec::new()
+    }
+}
+
+impl Params {
+    pub const NONE: Params = Params { schema: None, validate: no_params };
+
+    pub const fn of<P: ActionParams>() -> Params {
+        Params { schema: Some(schema_of::<P>), validate: typed_params::<P> }
+    }
+
+    /// The JSON Schema of the parameters; `None` when the action takes none.
+    pub fn schema(&self) -> Option<Value> {
+        self.schema.map(|s| s())
+    }
+}
+
+/// A resource a spec names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    pub kind: Kind,
+    /// Name or id, as the spec has it.
+    pub key: String,
+    /// Where in the request: `spec.image`, `spec.roles[0]`.
+    pub field: String,
+}
+
+impl Reference {
+    pub fn new(kind: Kind, key: impl Into<String>, field: impl Into<String>) -> Reference {
+        Reference { kind, key: key.into(), field: field.into() }
+    }
+}
+
+/// A resource that must be in a state for an action to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dependency {
+    pub kind: Kind,
+    pub key: String,
+    pub field: &'static str,
+    pub required_state: &'static str,
 }
 
 /// What a table entry does: the working state the resource shows while the
@@ -263,24 +255,22 @@ pub enum Step {
     Retry,
 }
 
-impl<S: StateName> From<TypedStep<S>> for Step {
-    fn from(t: TypedStep<S>) -> Self {
-        match t {
-            TypedStep::Go { working, ok, err } => Step::Go { working: working.name(), ok: ok.name(), err: err.name() },
-            TypedStep::Retry => Step::Retry,
-        }
-    }
-}
-
-pub trait StateName: Copy {
-    fn name(self) -> &'static str;
-}
-
 /// A step in a kind's own state type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TypedStep<S> {
     Go { working: S, ok: S, err: S },
     Retry,
+}
+
+impl<S: Named> From<TypedStep<S>> for Step {
+    fn from(t: TypedStep<S>) -> Self {
+        match t {
+            TypedStep::Go { working, ok, err } => {
+                Step::Go { working: working.as_str(), ok: ok.as_str(), err: err.as_str() }
+            }
+            TypedStep::Retry => Step::Retry,
+        }
+    }
 }
 
 /// The table refuses this action in this state.
@@ -294,12 +284,452 @@ pub struct TableEntry {
     pub step: Step,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Dependency {
-    pub kind: Kind,
-    pub key: String,
-    pub field: &'static str,
-    pub required_state: &'static str,
+// ---------------------------------------------------------------------
+// The handle.
+
+/// A resource kind: a handle to its declaration. Compared by name.
+#[derive(Clone, Copy)]
+pub struct Kind(&'static dyn Erased);
+
+impl Kind {
+    /// The handle of a declaration: a kind module's `KIND`.
+    pub const fn declare<D: Declaration>() -> Kind {
+        Kind(Decl::<D>::IT)
+    }
+
+    /// Every kind, in registry order.
+    pub fn all() -> impl Iterator<Item = Kind> {
+        REGISTRY.iter().copied()
+    }
+
+    /// The kind named `s` (singular).
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::all().find(|k| k.as_str() == s)
+    }
+
+    /// The kind whose collection is `s` (`clusters`) or named `s` (`cluster`).
+    pub fn parse_any(s: &str) -> Option<Kind> {
+        Kind::all().find(|k| k.as_str() == s || k.plural() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.0.name()
+    }
+
+    pub fn plural(self) -> &'static str {
+        self.0.plural()
+    }
+
+    pub fn description(self) -> &'static str {
+        self.0.description()
+    }
+
+    pub fn states(self) -> Vec<&'static str> {
+        self.0.states()
+    }
+
+    pub fn actions(self) -> Vec<&'static str> {
+        self.0.actions()
+    }
+
+    /// One action's declaration.
+    pub fn action(self, action: &str) -> Option<ActionDecl> {
+        self.0.action(action)
+    }
+
+    pub fn initial_state(self) -> &'static str {
+        self.0.initial()
+    }
+
+    /// The state from which a resource may be deleted; resources in it are
+    /// not live.
+    pub fn final_state(self) -> &'static str {
+        self.0.final_state()
+    }
+
+    /// The step `action` takes from `state`, or why it may not.
+    pub fn next(self, state: &str, action: &str) -> Result<Step> {
+        match self.0.lookup(state, action) {
+            None => Err(Error::Internal(format!("unknown {self} state {state:?} in store"))),
+            Some(Some(step)) => Ok(step),
+            Some(None) => Err(Error::NotAllowed {
+                kind: self.as_str(),
+                state: state.to_string(),
+                action: action.to_string(),
+                allowed: self.allowed_actions(state),
+            }),
+        }
+    }
+
+    /// Actions allowed from `state`, in table order.
+    pub fn allowed_actions(self, state: &str) -> Vec<String> {
+        self.actions()
+            .into_iter()
+            .filter(|a| matches!(self.0.lookup(state, a), Some(Some(_))))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Every entry of the table, for `GET /v1/kinds/{kind}`.
+    pub fn table(self) -> Vec<TableEntry> {
+        let mut out = Vec::new();
+        for state in self.states() {
+            for action in self.actions() {
+                if let Some(Some(step)) = self.0.lookup(state, action) {
+                    out.push(TableEntry { from: state, action, step });
+                }
+            }
+        }
+        out
+    }
+
+    /// Actions whose success leaves the resource in its final state
+    /// (`destroy`, `delete`): refused while live resources reference it.
+    pub fn retires(self, action: &str) -> bool {
+        let fin = self.final_state();
+        self.table().iter().any(|e| e.action == action && matches!(e.step, Step::Go { ok, .. } if ok == fin))
+    }
+
+    /// Checks a spec and returns it normalised (defaults filled in).
+    pub fn validate_spec(self, spec: &Value) -> Result<Value> {
+        self.0.validate_spec(spec)
+    }
+
+    /// The JSON Schema (2020-12, self-contained) of the spec.
+    pub fn spec_schema(self) -> Value {
+        self.0.spec_schema()
+    }
+
+    /// Specs that validate.
+    pub fn examples(self) -> Vec<Value> {
+        self.0.examples()
+    }
+
+    /// Checks an action's parameters and returns them normalised.
+    pub fn validate_params(self, action: &str, params: &Value) -> Result<Value> {
+        match self.action(action) {
+            Some(a) => (a.params.validate)(params),
+            None => Err(Error::invalid("action", format!("one of: {}", self.actions().join(", ")))),
+        }
+    }
+
+    /// The provider named by a (validated) spec.
+    pub fn provider_of(self, spec: &Value) -> String {
+        self.0.provider(spec)
+    }
+
+    pub fn references(self, spec: &Value) -> Vec<Reference> {
+        self.0.references(spec)
+    }
+
+    /// Other resources that must be in a given state before `action` runs.
+    pub fn dependencies(self, spec: &Value, action: &str) -> Vec<Dependency> {
+        self.0.requires(spec, action)
+    }
+
+    /// Whether a successful `action` changes the spec (see [`Kind::spec_after_success`]).
+    pub fn changes_spec(self, action: &str) -> bool {
+        self.action(action).is_some_and(|a| a.changes_spec)
+    }
+
+    /// The spec after a successful run of `action` (a scale changes
+    /// `count`), or `None` when the action does not change it.
+    pub fn spec_after_success(self, action: &str, params: &Value, spec: &Value) -> Option<Value> {
+        self.0.spec_after(spec, action, params)
+    }
+
+    /// Whether a run of `action` hands the resource's settings to its
+    /// provider (and records which versions).
+    pub fn takes_settings(self, action: &str) -> bool {
+        self.action(action).is_some_and(|a| a.takes_settings)
+    }
+
+    /// The timeout of `action` on a resource with this spec.
+    pub fn timeout_secs(self, spec: &Value, action: &str) -> u64 {
+        self.0.timeout_secs(spec, action)
+    }
+
+    /// The permission `verb` (an action or one of [`VERBS`]) needs.
+    pub fn permission(self, verb: &str) -> String {
+        self.0.permission(verb)
+    }
+
+    /// Every permission of this kind: its verbs and its actions.
+    pub fn permissions(self) -> Vec<String> {
+        let mut out: Vec<String> = VERBS.iter().chain(self.actions().iter()).map(|v| self.permission(v)).collect();
+        out.dedup();
+        out
+    }
+
+    /// Whether only `users:admin` reaches this kind (users, roles).
+    pub fn admin_only(self) -> bool {
+        self.0.admin_only()
+    }
+
+    pub fn environment_of(self, spec: &Value) -> Option<String> {
+        self.0.environment(spec)
+    }
+
+    /// Why a resource of this name may not be changed, if it may not.
+    pub fn locked(self, name: &str) -> Option<String> {
+        self.0.locked(name)
+    }
+
+    /// Whether resources live in resources of this kind (see
+    /// [`Declaration::HOLDS_RESOURCES`]).
+    pub fn holds_resources(self) -> bool {
+        self.0.holds_resources()
+    }
+}
+
+impl PartialEq for Kind {
+    fn eq(&self, other: &Kind) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Kind {}
+
+impl Hash for Kind {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.as_str().hash(h)
+    }
+}
+
+impl PartialOrd for Kind {
+    fn partial_cmp(&self, other: &Kind) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Kind {
+    fn cmp(&self, other: &Kind) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl fmt::Debug for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Kind({})", self.as_str())
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------
+// From a typed declaration to the handle's string-typed questions.
+
+/// The object-safe face of a [`Declaration`], implemented for every one.
+trait Erased: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn plural(&self) -> &'static str;
+    fn description(&self) -> &'static str;
+    fn states(&self) -> Vec<&'static str>;
+    fn actions(&self) -> Vec<&'static str>;
+    fn action(&self, action: &str) -> Option<ActionDecl>;
+    fn initial(&self) -> &'static str;
+    fn final_state(&self) -> &'static str;
+    /// `None`: the state is unknown to the kind; `Some(None)`: not allowed.
+    fn lookup(&self, state: &str, action: &str) -> Option<Option<Step>>;
+    fn validate_spec(&self, spec: &Value) -> Result<Value>;
+    fn spec_schema(&self) -> Value;
+    fn examples(&self) -> Vec<Value>;
+    fn provider(&self, spec: &Value) -> String;
+    fn references(&self, spec: &Value) -> Vec<Reference>;
+    fn requires(&self, spec: &Value, action: &str) -> Vec<Dependency>;
+    fn spec_after(&self, spec: &Value, action: &str, params: &Value) -> Option<Value>;
+    fn timeout_secs(&self, spec: &Value, action: &str) -> u64;
+    fn permission(&self, verb: &str) -> String;
+    fn admin_only(&self) -> bool;
+    fn environment(&self, spec: &Value) -> Option<String>;
+    fn locked(&self, name: &str) -> Option<String>;
+    fn holds_resources(&self) -> bool;
+}
+
+/// A stored spec, read back as its type. Stored specs were validated when
+/// written; one that no longer reads (a field removed since) is treated as
+/// saying nothing rather than failing the caller.
+fn stored<D: Declaration>(spec: &Value) -> Option<D::Spec> {
+    serde_json::from_value(spec.clone()).ok()
+}
+
+/// A declaration behind the handle.
+struct Decl<D>(PhantomData<fn() -> D>);
+
+impl<D: Declaration> Decl<D> {
+    const IT: &'static Decl<D> = &Decl(PhantomData);
+}
+
+impl<D: Declaration> Erased for Decl<D> {
+    fn name(&self) -> &'static str {
+        D::NAME
+    }
+    fn plural(&self) -> &'static str {
+        D::PLURAL
+    }
+    fn description(&self) -> &'static str {
+        D::DESCRIPTION
+    }
+    fn states(&self) -> Vec<&'static str> {
+        D::State::ALL.iter().map(|s| s.as_str()).collect()
+    }
+    fn actions(&self) -> Vec<&'static str> {
+        D::Action::ALL.iter().map(|a| a.as_str()).collect()
+    }
+    fn action(&self, action: &str) -> Option<ActionDecl> {
+        D::Action::parse(action).map(D::action)
+    }
+    fn initial(&self) -> &'static str {
+        D::INITIAL.as_str()
+    }
+    fn final_state(&self) -> &'static str {
+        D::FINAL.as_str()
+    }
+    fn lookup(&self, state: &str, action: &str) -> Option<Option<Step>> {
+        let s = D::State::parse(state)?;
+        Some(D::Action::parse(action).and_then(|a| D::next(s, a).ok()).map(Step::from))
+    }
+    fn validate_spec(&self, spec: &Value) -> Result<Value> {
+        let typed: D::Spec = from_json("spec", spec)?;
+        let errors = D::check(&typed);
+        if !errors.is_empty() {
+            return Err(Error::Invalid(errors));
+        }
+        to_value(&typed)
+    }
+    fn spec_schema(&self) -> Value {
+        schema_of::<D::Spec>()
+    }
+    fn examples(&self) -> Vec<Value> {
+        D::examples()
+    }
+    fn provider(&self, spec: &Value) -> String {
+        stored::<D>(spec).map(|s| D::provider(&s)).unwrap_or_else(|| BUILTIN_PROVIDER.to_string())
+    }
+    fn references(&self, spec: &Value) -> Vec<Reference> {
+        stored::<D>(spec).map(|s| D::references(&s)).unwrap_or_default()
+    }
+    fn requires(&self, spec: &Value, action: &str) -> Vec<Dependency> {
+        match (stored::<D>(spec), D::Action::parse(action)) {
+            (Some(s), Some(a)) => D::requires(&s, a),
+            _ => Vec::new(),
+        }
+    }
+    fn spec_after(&self, spec: &Value, action: &str, params: &Value) -> Option<Value> {
+        let after = D::spec_after(&stored::<D>(spec)?, D::Action::parse(action)?, params)?;
+        serde_json::to_value(after).ok()
+    }
+    fn timeout_secs(&self, spec: &Value, action: &str) -> u64 {
+        match (stored::<D>(spec), D::Action::parse(action)) {
+            (Some(s), Some(a)) => D::timeout_secs(&s, a),
+            (None, Some(a)) => D::action(a).timeout_secs,
+            _ => 300,
+        }
+    }
+    fn permission(&self, verb: &str) -> String {
+        D::permission(verb)
+    }
+    fn admin_only(&self) -> bool {
+        D::ADMIN_ONLY
+    }
+    fn environment(&self, spec: &Value) -> Option<String> {
+        stored::<D>(spec).and_then(|s| D::environment(&s))
+    }
+    fn locked(&self, name: &str) -> Option<String> {
+        D::locked(name)
+    }
+    fn holds_resources(&self) -> bool {
+        D::HOLDS_RESOURCES
+    }
+}
+
+// ---------------------------------------------------------------------
+// Helpers the kind modules share.
+
+/// A type's JSON Schema: draft 2020-12 (what OpenAPI 3.1 uses), with every
+/// subschema inlined so that the schema stands alone.
+pub fn schema_of<T: JsonSchema>() -> Value {
+    let settings = schemars::generate::SchemaSettings::draft2020_12().with(|s| {
+        s.inline_subschemas = true;
+        s.meta_schema = None;
+    });
+    let schema = settings.into_generator().into_root_schema_for::<T>();
+    let mut v = schema.to_value();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("title");
+    }
+    v
+}
+
+fn to_value<T: Serialize>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| Error::Internal(format!("spec does not serialise: {e}")))
+}
+
+/// Deserialises a spec or params object, naming the offending field:
+/// `spec.health_check.path`, `spec.subnets[0]`, `params.count`.
+pub(crate) fn from_json<T: DeserializeOwned>(root: &str, v: &Value) -> Result<T> {
+    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().to_string();
+        let mut field = match path.as_str() {
+            "." | "" => root.to_string(),
+            p => format!("{root}.{p}"),
+        };
+        // A missing field is named in the message, in backticks, and the
+        // path stops at the object that would hold it.
+        if msg.starts_with("missing field") {
+            if let Some(name) = msg.split('`').nth(1) {
+                field = format!("{field}.{name}");
+            }
+        }
+        Error::Invalid(vec![FieldError::new(field, msg)])
+    })
+}
+
+/// Actions without parameters accept `null` or `{}` only.
+fn no_params(params: &Value) -> Result<Value> {
+    match params {
+        Value::Null => Ok(Value::Object(Default::default())),
+        Value::Object(m) if m.is_empty() => Ok(params.clone()),
+        _ => Err(Error::invalid("params", "this action takes no parameters")),
+    }
+}
+
+fn typed_params<P: ActionParams>(params: &Value) -> Result<Value> {
+    let p: P = from_json("params", params)?;
+    let errors = p.check();
+    if !errors.is_empty() {
+        return Err(Error::Invalid(errors));
+    }
+    to_value(&p)
+}
+
+/// The pattern every resource name matches (see [`validate_name`]).
+pub const NAME_PATTERN: &str = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+
+/// Names are DNS labels, so they fit hostnames, tags and stack names, and
+/// never look like an id.
+pub fn validate_name(name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && Uuid::parse_str(name).is_err();
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new("name", "must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"))
+    }
+}
+
+/// Whether `name` is a valid resource name.
+pub fn is_name(name: &str) -> bool {
+    validate_name(name).is_ok()
 }
 
 /// Declares a kind's state or action enum with its string names.
@@ -321,39 +751,67 @@ macro_rules! named_enum {
             }
         }
 
-        impl $crate::kinds::StateName for $name {
-            fn name(self) -> &'static str { self.as_str() }
-        }
-
-        impl $crate::kinds::KindState for $name {
+        impl $crate::kinds::Named for $name {
+            const ALL: &'static [$name] = $name::ALL;
+            fn as_str(self) -> &'static str { $name::as_str(self) }
             fn parse(s: &str) -> Option<Self> { $name::parse(s) }
         }
     };
 }
 pub(crate) use named_enum;
 
-/// Declares `Table`, the kind's [`Machine`], from its `State`, `Action`
-/// and `next` (all in the invoking module).
-macro_rules! machine {
-    () => {
-        /// This kind's state machine.
-        pub struct Table;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-        impl $crate::kinds::Machine for Table {
-            type State = State;
-            type Action = Action;
-            const STATES: &'static [State] = State::ALL;
-            const ACTIONS: &'static [Action] = Action::ALL;
-            fn action_name(a: Action) -> &'static str {
-                a.as_str()
-            }
-            fn parse_action(s: &str) -> Option<Action> {
-                Action::parse(s)
-            }
-            fn next(s: State, a: Action) -> Result<$crate::kinds::TypedStep<State>, $crate::kinds::NotAllowed> {
-                next(s, a)
-            }
+    #[test]
+    fn names() {
+        assert!(validate_name("web-qa").is_ok());
+        assert!(validate_name("a").is_ok());
+        for bad in ["", "-a", "a-", "Web", "a_b", "a b", &"x".repeat(64), "0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
         }
-    };
+    }
+
+    #[test]
+    fn the_registry_is_consistent() {
+        let mut names: Vec<_> = Kind::all().map(Kind::as_str).collect();
+        let mut plurals: Vec<_> = Kind::all().map(Kind::plural).collect();
+        names.sort();
+        names.dedup();
+        plurals.sort();
+        plurals.dedup();
+        assert_eq!(names.len(), REGISTRY.len());
+        assert_eq!(plurals.len(), REGISTRY.len());
+        for k in Kind::all() {
+            assert_eq!(Kind::parse(k.as_str()), Some(k));
+            assert_eq!(Kind::parse_any(k.plural()), Some(k));
+            assert!(k.states().contains(&k.initial_state()), "{k}");
+            assert!(k.states().contains(&k.final_state()), "{k}");
+            // Nothing leaves the final state but deletion.
+            assert!(k.allowed_actions(k.final_state()).is_empty(), "{k}");
+            // Some action reaches the final state, so every resource can be deleted.
+            assert!(k.actions().iter().any(|a| k.retires(a)), "{k}");
+            for a in k.actions() {
+                assert!(k.action(a).is_some_and(|d| !d.description.is_empty()), "{k} {a}");
+            }
+            let examples = k.examples();
+            assert!(!examples.is_empty(), "{k} has no examples");
+            for e in examples {
+                let v = k.validate_spec(&e).unwrap_or_else(|err| panic!("{k} example {e}: {err:?}"));
+                // Normalising is idempotent.
+                assert_eq!(k.validate_spec(&v).unwrap(), v, "{k}");
+            }
+            assert_eq!(k.spec_schema()["type"], "object", "{k}");
+        }
+    }
+
+    #[test]
+    fn kinds_compare_by_name() {
+        assert_eq!(image::KIND, Kind::parse("image").unwrap());
+        assert_ne!(image::KIND, cluster::KIND);
+        assert_eq!(format!("{}", cluster::KIND), "cluster");
+        assert!(cluster::KIND.retires("destroy"));
+        assert!(!cluster::KIND.retires("scale"));
+    }
 }
-pub(crate) use machine;

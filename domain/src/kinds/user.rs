@@ -7,11 +7,18 @@
 //! active|disabled --delete--> deleting --ok--> deleted --err--> disabled
 //! ```
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use super::{from_json, machine, named_enum, NotAllowed, TypedStep};
-use crate::error::{Error, FieldError, Result};
+use super::{is_name, named_enum, role, ActionDecl, Declaration, Kind, NotAllowed, Reference, TypedStep};
+use crate::error::{FieldError, Result};
+
+/// This kind's handle.
+pub const KIND: Kind = Kind::declare::<User>();
+
+/// The user kind's declaration.
+pub struct User;
 
 named_enum!(State {
     Active => "active",
@@ -28,7 +35,50 @@ named_enum!(Action {
     Delete => "delete",
 });
 
-machine!();
+impl Declaration for User {
+    const NAME: &'static str = "user";
+    const PLURAL: &'static str = "users";
+    const DESCRIPTION: &'static str = "Someone who calls the API with bearer tokens; roles grant permissions.";
+    const ADMIN_ONLY: bool = true;
+    type State = State;
+    type Action = Action;
+    type Spec = Spec;
+    const INITIAL: State = State::Active;
+    const FINAL: State = State::Deleted;
+
+    fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
+        next(state, action)
+    }
+
+    fn action(action: Action) -> ActionDecl {
+        match action {
+            Action::Disable => ActionDecl::new("Stops the user's tokens from working.", 60),
+            Action::Enable => ActionDecl::new("Lets a disabled user's tokens work again.", 60),
+            Action::Delete => ActionDecl::new("Deletes the user; its tokens stop for good.", 60),
+        }
+    }
+
+    fn check(spec: &Spec) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        for (i, r) in spec.roles.iter().enumerate() {
+            if !is_name(r) {
+                errors.push(FieldError::new(format!("spec.roles[{i}]"), "not a role name"));
+            }
+        }
+        if spec.email.as_ref().is_some_and(|e| !e.contains('@') || e.len() > 254) {
+            errors.push(FieldError::new("spec.email", "not an email address"));
+        }
+        errors
+    }
+
+    fn references(spec: &Spec) -> Vec<Reference> {
+        spec.roles.iter().enumerate().map(|(i, r)| Reference::new(role::KIND, r, format!("spec.roles[{i}]"))).collect()
+    }
+
+    fn examples() -> Vec<Value> {
+        vec![json!({"roles": ["operator"], "email": "alice@example.com"}), json!({})]
+    }
+}
 
 pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
     use Action as A;
@@ -44,34 +94,16 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A user's roles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Spec {
-    /// Role names; permissions are the union of the roles'.
+    /// Role names; the user may do what any of them permits.
     #[serde(default)]
     pub roles: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 254))]
     pub email: Option<String>,
-}
-
-impl Spec {
-    pub fn from_value(v: &Value) -> Result<Spec> {
-        let spec: Spec = from_json("spec", v)?;
-        let mut errors = Vec::new();
-        for (i, r) in spec.roles.iter().enumerate() {
-            if crate::service::validate_name(r).is_err() {
-                errors.push(FieldError::new(format!("spec.roles[{i}]"), "not a role name"));
-            }
-        }
-        if spec.email.as_ref().is_some_and(|e| !e.contains('@') || e.len() > 254) {
-            errors.push(FieldError::new("spec.email", "not an email address"));
-        }
-        if errors.is_empty() {
-            Ok(spec)
-        } else {
-            Err(Error::Invalid(errors))
-        }
-    }
 }
 
 #[cfg(test)]

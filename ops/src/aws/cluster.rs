@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use drover_domain::kinds::cluster::{Spec, MAX_COUNT};
-use drover_domain::kinds::Kind;
+use drover_domain::kinds::{cluster, image};
 use drover_domain::model::{Level, NewEvent, Resource};
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
 use serde_json::{json, Value};
@@ -72,7 +72,7 @@ impl AwsClusters {
         let image = job
             .dependencies
             .iter()
-            .find(|d| d.kind == Kind::Image)
+            .find(|d| d.kind == image::KIND)
             .ok_or_else(|| ProviderError::fatal("dependency_missing", "the cluster's image was not resolved"))?;
         if image.kind.provider_of(&image.spec) != super::NAME {
             return Err(ProviderError::fatal(
@@ -98,7 +98,7 @@ impl AwsClusters {
         let leader = job
             .dependencies
             .iter()
-            .find(|d| d.kind == Kind::Cluster && (&d.name == name || &d.id.to_string() == name))
+            .find(|d| d.kind == cluster::KIND && (&d.name == name || &d.id.to_string() == name))
             .ok_or_else(|| {
                 ProviderError::fatal("dependency_missing", format!("leader cluster {name} was not resolved"))
             })?;
@@ -733,14 +733,14 @@ mod scripted {
 
     fn cluster_job(action: &str, params: Value) -> Job {
         let image = resource(
-            Kind::Image,
+            image::KIND,
             "base",
             json!({"provider": "aws", "base_ami": "ami-0123abcd", "instance_type": "t3.micro", "build_script": "x"}),
             "built",
             json!({"ami_id": "ami-0123abcd"}),
         );
         job(
-            Kind::Cluster,
+            cluster::KIND,
             "web",
             json!({"provider": "aws", "image": "base", "count": 2, "instance_type": "t3.micro",
                    "subnets": ["subnet-0123abcd"]}),
@@ -948,7 +948,7 @@ mod moto_tests {
         let ami = base_ami(&clients).await;
         let (subnet, sg) = default_network(&clients).await;
         let image = resource(
-            Kind::Image,
+            image::KIND,
             &unique("img"),
             json!({"provider": "aws", "base_ami": ami, "instance_type": "t2.micro", "build_script": "x"}),
             "built",
@@ -971,7 +971,7 @@ mod moto_tests {
             for (k, v) in extra.as_object().unwrap() {
                 spec[k] = v.clone();
             }
-            job(Kind::Cluster, name, spec, "create", json!({}), vec![self.image.clone()])
+            job(cluster::KIND, name, spec, "create", json!({}), vec![self.image.clone()])
         }
 
         async fn running(&self, r: &Resource) -> usize {

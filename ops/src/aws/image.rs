@@ -420,13 +420,12 @@ impl Provider for AwsImages {
 mod moto_tests {
     use super::*;
     use crate::aws::testing::*;
-    use drover_domain::kinds::Kind;
 
     async fn setup() -> (AwsImages, Arc<Clients>, Job) {
         let clients = moto_clients();
         let ami = base_ami(&clients).await;
         let job = job(
-            Kind::Image,
+            drover_domain::kinds::image::KIND,
             &unique("img"),
             json!({"provider": "aws", "base_ami": ami, "instance_type": "t2.micro",
                    "build_script": "#!/bin/sh\necho baked > /etc/motd", "builder_shutdown": false}),

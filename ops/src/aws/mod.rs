@@ -37,7 +37,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use drover_domain::engine::Providers;
-use drover_domain::kinds::Kind;
+use drover_domain::kinds;
 use drover_domain::ports::ProviderError;
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -184,8 +184,8 @@ impl Clients {
 pub fn register(providers: &mut Providers, settings: Settings) {
     let poll = settings.poll;
     let clients = Clients::new(settings);
-    providers.register(NAME, Kind::Image, Arc::new(AwsImages::new(clients.clone())));
-    providers.register(NAME, Kind::Cluster, Arc::new(AwsClusters::new(Arc::new(SdkStacks::new(clients)), poll)));
+    providers.register(NAME, kinds::image::KIND, Arc::new(AwsImages::new(clients.clone())));
+    providers.register(NAME, kinds::cluster::KIND, Arc::new(AwsClusters::new(Arc::new(SdkStacks::new(clients)), poll)));
 }
 
 /// An AWS call that failed, classified.

@@ -195,13 +195,12 @@ pub fn stack_tags(cluster: &Resource, spec: &Spec) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover_domain::kinds::Kind;
 
     fn cluster(name: &str, spec: Value) -> (Resource, Spec) {
         let s = Spec::from_value(&spec).unwrap();
         let r = Resource {
             id: uuid::Uuid::parse_str("0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b").unwrap(),
-            kind: Kind::Cluster,
+            kind: drover_domain::kinds::cluster::KIND,
             name: name.into(),
             state: "pending".into(),
             spec,

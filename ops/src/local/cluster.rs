@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use drover_domain::kinds::cluster::{HealthCheck, Spec, MAX_COUNT};
-use drover_domain::kinds::Kind;
+use drover_domain::kinds::image;
 use drover_domain::model::{Level, NewEvent, Resource};
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
 use serde::{Deserialize, Serialize};
@@ -74,7 +74,7 @@ impl LocalClusters {
         let image = job
             .dependencies
             .iter()
-            .find(|d| d.kind == Kind::Image)
+            .find(|d| d.kind == image::KIND)
             .ok_or_else(|| ProviderError::fatal("dependency_missing", "the cluster's image was not resolved"))?;
         let image_dir = image.outputs.get("path").and_then(Value::as_str).map(PathBuf::from).ok_or_else(|| {
             ProviderError::fatal("image_not_built", format!("image {} has no build output", image.name))

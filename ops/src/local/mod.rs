@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use drover_domain::engine::Providers;
-use drover_domain::kinds::Kind;
+use drover_domain::kinds;
 
 pub use cluster::LocalClusters;
 pub use image::LocalImages;
@@ -33,6 +33,6 @@ pub const NAME: &str = "local";
 /// Registers the local provider for every kind, keeping its files under
 /// `data_dir`.
 pub fn register(providers: &mut Providers, data_dir: &Path) {
-    providers.register(NAME, Kind::Image, Arc::new(LocalImages::new(data_dir.join("images"))));
-    providers.register(NAME, Kind::Cluster, Arc::new(LocalClusters::new(data_dir.join("clusters"))));
+    providers.register(NAME, kinds::image::KIND, Arc::new(LocalImages::new(data_dir.join("images"))));
+    providers.register(NAME, kinds::cluster::KIND, Arc::new(LocalClusters::new(data_dir.join("clusters"))));
 }

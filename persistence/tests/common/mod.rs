@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use drover_domain::kinds::Kind;
 use drover_domain::model::*;
 use drover_domain::ports::Store;
 pub use drover_persistence::Stores;
@@ -29,6 +28,20 @@ pub async fn postgres_at_version(version: i64) -> (String, sqlx::PgConnection) {
     before.migrations = before.migrations.iter().filter(|m| m.version <= version).cloned().collect::<Vec<_>>().into();
     before.run(&mut conn).await.unwrap();
     (url, conn)
+}
+
+/// A fresh SQLite database migrated up to `version` only, its URL and the
+/// directory that holds it.
+pub async fn sqlite_at_version(version: i64) -> (String, tempfile::TempDir) {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drover.db");
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let mut before = sqlx::migrate!("../migrations/sqlite");
+    before.migrations = before.migrations.iter().filter(|m| m.version <= version).cloned().collect::<Vec<_>>().into();
+    before.run(&mut conn).await.unwrap();
+    (format!("sqlite://{}", path.display()), dir)
 }
 
 /// Writes to a store's database behind the store's back, to break one of
@@ -124,7 +137,7 @@ pub async fn cluster(store: &Arc<dyn Store>, name: &str) -> Resource {
     store
         .insert_resource(&NewResource {
             id: Uuid::now_v7(),
-            kind: Kind::Cluster,
+            kind: drover_domain::kinds::cluster::KIND,
             name: name.into(),
             state: "pending".into(),
             spec: json!({"image": "img", "count": 1}),
