@@ -55,7 +55,7 @@ impl TemplatePreview {
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// What the token is for.
-    #[schema(example = "ci deploys")]
+    #[schema(example = "ci deploys", min_length = 1, max_length = 100)]
     pub name: String,
     /// When it stops working (RFC 3339); absent: never.
     #[serde(default)]

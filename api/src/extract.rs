@@ -17,10 +17,40 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(json_problem(rejection)),
+        let mut value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => v,
+            Err(rejection) => return Err(json_problem(rejection)),
+        };
+        integral_floats_to_integers(&mut value);
+        serde_path_to_error::deserialize(&value).map(ApiJson).map_err(|e| {
+            let message = e.inner().to_string();
+            let mut field = match e.path().to_string().as_str() {
+                "." | "" => "body".to_string(),
+                p => p.to_string(),
+            };
+            // A missing field is named in the message; the path stops at its object.
+            if let Some(missing) = message.split('`').nth(1).filter(|_| message.starts_with("missing field")) {
+                field = if field == "body" { missing.to_string() } else { format!("{field}.{missing}") };
+            }
+            Problem::invalid(&field, message)
+        })
+    }
+}
+
+/// JSON does not tell `3` from `3.0`, and neither does JSON Schema (both
+/// are integers); serde does. Numbers with no fraction become integers.
+fn integral_floats_to_integers(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                *v = if f < 0.0 { Value::from(f as i64) } else { Value::from(f as u64) };
+            }
         }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
+        Value::Object(map) => map.values_mut().for_each(integral_floats_to_integers),
+        _ => {}
     }
 }
 
@@ -128,5 +158,18 @@ fn type_name(rust: &str) -> String {
     match rust.rsplit("::").next().unwrap_or(rust) {
         "Uuid" => "UUID".to_string(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn integral_floats_become_integers_and_nothing_else_changes() {
+        let mut v = json!({"count": 3.0, "n": [2.0, -1.0, 0.5], "t": "3.0", "big": 1e20, "i": 7});
+        super::integral_floats_to_integers(&mut v);
+        assert_eq!(v, json!({"count": 3, "n": [2, -1, 0.5], "t": "3.0", "big": 1e20, "i": 7}));
+        assert!(v["count"].is_u64() && v["n"][1].is_i64());
     }
 }

@@ -235,6 +235,7 @@ pub fn add_kinds(doc: &mut Value) {
             }),
         );
     }
+    link_item_operations(doc, &mut paths);
     for generic in ["ResourceView", "ResourceSummary", "ResourcePage", "CreateResource"] {
         doc["components"]["schemas"].as_object_mut().expect("schemas").remove(generic);
     }
@@ -242,6 +243,52 @@ pub fn add_kinds(doc: &mut Value) {
     doc["paths"].as_object_mut().expect("paths").extend(paths);
     let all_tags = doc["tags"].as_array_mut().expect("tags");
     all_tags.splice(0..0, tags);
+}
+
+/// Links from each kind's create to the other operations under its items
+/// (`/v1/clusters/{id}/template`, `/v1/users/{id}/tokens`, …), and from a
+/// setting's write to the operations on that setting, so that a stateful
+/// client reaches them with something that exists.
+fn link_item_operations(doc: &mut Value, kinds: &mut Map<String, Value>) {
+    let operations = |paths: &Map<String, Value>, prefix: &str| -> Vec<(String, Vec<String>)> {
+        let mut out = Vec::new();
+        for (path, item) in paths.iter().filter(|(p, _)| p.starts_with(prefix)) {
+            let params: Vec<String> = path
+                .split('/')
+                .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+                .map(str::to_string)
+                .collect();
+            for method in METHODS {
+                if let Some(id) = item.get(method).and_then(|op| op["operationId"].as_str()) {
+                    out.push((id.to_string(), params.clone()));
+                }
+            }
+        }
+        out
+    };
+    let others = doc["paths"].as_object().cloned().unwrap_or_default();
+    for kind in Kind::all() {
+        let item = format!("/v1/{}/{{id}}/", kind.plural());
+        let Some(links) = kinds
+            .get_mut(&format!("/v1/{}", kind.plural()))
+            .and_then(|p| p["post"]["responses"]["201"]["links"].as_object_mut())
+        else {
+            continue;
+        };
+        // What the created resource gives is its id; other parameters are generated.
+        for (id, _) in operations(&others, &item) {
+            links.insert(id.clone(), json!({"operationId": id, "parameters": {"id": "$response.body#/id"}}));
+        }
+    }
+    if let Some(put) = doc["paths"]["/v1/settings/{scope}/{key}"]["put"]["responses"]["200"].as_object_mut() {
+        let mut links = Map::new();
+        for (id, params) in operations(&others, "/v1/settings/{scope}/{key}") {
+            let values: Map<String, Value> =
+                params.iter().map(|p| (p.clone(), json!(format!("$request.path.{p}")))).collect();
+            links.insert(id.clone(), json!({"operationId": id, "parameters": values}));
+        }
+        put.insert("links".into(), Value::Object(links));
+    }
 }
 
 /// Adds the shared error responses to every operation of `doc`.
@@ -316,5 +363,133 @@ mod tests {
     fn names() {
         assert_eq!(pascal("cluster"), "Cluster");
         assert_eq!(pascal("add-instances"), "AddInstances");
+    }
+
+    /// Values to put in a field: the edges of the bounds and of the
+    /// patterns the kinds check, and the wrong types.
+    fn perturbations() -> Vec<Option<Value>> {
+        let mut out = vec![None, Some(Value::Null)];
+        for v in [
+            json!(0),
+            json!(1),
+            json!(-1),
+            json!(63),
+            json!(64),
+            json!(65),
+            json!(3600),
+            json!(3601),
+            json!(86400),
+            json!(86401),
+            json!(""),
+            json!(" "),
+            json!("x y"),
+            json!("web"),
+            json!("Web"),
+            json!("/"),
+            json!("/health"),
+            json!("no-slash"),
+            json!("ami-0abc1234"),
+            json!("ami-zz"),
+            json!("subnet-0abc1234"),
+            json!("t3.micro"),
+            json!("a,b"),
+            json!("local"),
+            json!("aws"),
+            json!("gce"),
+            json!("role=worker,instancetype=r3"),
+            json!("role worker"),
+            json!("x".repeat(64)),
+            json!(true),
+            json!(false),
+            json!([]),
+            json!(["subnet-0abc1234"]),
+            json!(["nope"]),
+            json!(["cluster:scale"]),
+            json!(["cluster:frob"]),
+            json!({}),
+            json!({"team": "web"}),
+            json!({"drover:run": "x"}),
+            json!({"type": "tcp"}),
+            json!({"type": "http", "path": "x y"}),
+            json!("alice@example.com"),
+            json!("alice"),
+        ] {
+            out.push(Some(v));
+        }
+        out
+    }
+
+    /// The property the kinds' schemas keep: for every spec built from a
+    /// kind's examples by changing one field to one of [`perturbations`],
+    /// the API's schema accepts it exactly when the kind's validation does
+    /// (and accepts what validation returns). So the served schema says
+    /// what the API checks, and a client that follows it is not refused.
+    #[test]
+    fn every_kinds_schema_accepts_exactly_what_its_validation_accepts() {
+        let doc = crate::app::openapi();
+        let mut checked = 0;
+        for kind in Kind::all() {
+            let schema = &doc["components"]["schemas"][format!("{}Spec", pascal(kind.as_str()))];
+            let validator = jsonschema::validator_for(schema).expect("a valid JSON Schema");
+            let fields: Vec<String> = schema["properties"].as_object().unwrap().keys().cloned().collect();
+            for example in kind.examples() {
+                let mut candidates = vec![example.clone()];
+                for field in &fields {
+                    for value in perturbations() {
+                        let mut c = example.clone();
+                        match value {
+                            None => drop(c.as_object_mut().unwrap().remove(field)),
+                            Some(v) => drop(c.as_object_mut().unwrap().insert(field.clone(), v)),
+                        }
+                        candidates.push(c);
+                    }
+                }
+                for c in candidates {
+                    let domain = kind.validate_spec(&c);
+                    assert_eq!(
+                        validator.is_valid(&c),
+                        domain.is_ok(),
+                        "{kind}: schema and validation disagree on {c}: {:?}",
+                        domain.as_ref().err()
+                    );
+                    if let Ok(normalised) = domain {
+                        assert!(validator.is_valid(&normalised), "{kind}: {normalised}");
+                        // Through the API's shape and back is the identity.
+                        let create = json!({"name": "x", "spec": normalised});
+                        let dto: crate::dto::CreateResource = serde_json::from_value(create).unwrap();
+                        assert_eq!(kind.validate_spec(&dto.spec).unwrap(), normalised);
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 1000, "{checked}");
+    }
+
+    /// The same for every action's parameters.
+    #[test]
+    fn every_actions_params_schema_accepts_exactly_what_it_validates() {
+        for kind in Kind::all() {
+            for action in kind.actions() {
+                let schema = kind.action(action).unwrap().params.schema();
+                let Some(schema) = schema else {
+                    assert!(kind.validate_params(action, &json!({})).is_ok());
+                    assert!(kind.validate_params(action, &json!({"x": 1})).is_err());
+                    continue;
+                };
+                let validator = jsonschema::validator_for(&schema).unwrap();
+                let fields: Vec<String> = schema["properties"].as_object().unwrap().keys().cloned().collect();
+                for field in fields {
+                    for value in perturbations().into_iter().flatten() {
+                        let p = json!({ field.clone(): value });
+                        assert_eq!(
+                            validator.is_valid(&p),
+                            kind.validate_params(action, &p).is_ok(),
+                            "{kind} {action}: {p}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

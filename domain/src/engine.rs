@@ -215,7 +215,7 @@ impl Engine {
             let (engine, mut stop) = (self.clone(), shutdown.clone());
             tokio::spawn(async move {
                 loop {
-                    if let Err(e) = crate::stats::fold_pending(&*engine.store, 100).await {
+                    if let Err(e) = crate::ports::fold_pending(&*engine.store, 100).await {
                         warn!(error = %e, cause = ?std::error::Error::source(&e), "rollup fold failed");
                     }
                     if sleep_or_stop(engine.cfg.fold_every, &mut stop).await {

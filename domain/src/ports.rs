@@ -109,6 +109,20 @@ pub trait Store: Send + Sync + 'static {
     async fn wait_for_work(&self, max: Duration);
 }
 
+/// Folds pending finished runs into the rollups until none are left or
+/// `max_batches` batches were folded; returns how many runs it folded.
+pub async fn fold_pending(store: &dyn Store, max_batches: usize) -> Result<usize> {
+    let mut total = 0;
+    for _ in 0..max_batches {
+        let n = store.fold_rollups(crate::stats::FOLD_BATCH).await?;
+        total += n;
+        if n < crate::stats::FOLD_BATCH as usize {
+            break;
+        }
+    }
+    Ok(total)
+}
+
 /// API tokens.
 #[async_trait]
 pub trait TokenStore: Send + Sync + 'static {

@@ -444,7 +444,7 @@ impl Service {
         // includes every run finished before the request. After an upgrade
         // that rebuilds the rollups this folds a bounded share and the
         // folder catches up with the rest.
-        crate::stats::fold_pending(&*self.store, STATS_FOLD_BATCHES).await?;
+        crate::ports::fold_pending(&*self.store, STATS_FOLD_BATCHES).await?;
         let mut rows = Vec::new();
         let filter = q.filter.for_query(&q.group_by);
         for (grain, since, until) in crate::stats::plan(q.since, q.until, q.bucket, Utc::now()) {

@@ -315,20 +315,6 @@ pub fn fold(runs: &[FinishedRun]) -> BTreeMap<RollupKey, Totals> {
 /// Runs are folded into the rollups in batches of this many.
 pub const FOLD_BATCH: u32 = 1000;
 
-/// Folds pending finished runs into the rollups until none are left or
-/// `max_batches` batches were folded; returns how many runs it folded.
-pub async fn fold_pending(store: &dyn crate::ports::Store, max_batches: usize) -> Result<usize> {
-    let mut total = 0;
-    for _ in 0..max_batches {
-        let n = store.fold_rollups(FOLD_BATCH).await?;
-        total += n;
-        if n < FOLD_BATCH as usize {
-            break;
-        }
-    }
-    Ok(total)
-}
-
 /// Rows to read: one grain over `[since, until)`, with exact-match filters.
 #[derive(Debug, Clone, Default)]
 pub struct RollupFilter {

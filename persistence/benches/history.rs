@@ -157,7 +157,7 @@ async fn main() {
         let load_secs = t.elapsed().as_secs_f64();
         // Fold them into the rollups as the engine's folder would.
         let t = Instant::now();
-        let folded = drover_domain::stats::fold_pending(&*store, usize::MAX).await.unwrap();
+        let folded = drover_domain::ports::fold_pending(&*store, usize::MAX).await.unwrap();
         let rollup_secs = t.elapsed().as_secs_f64();
         // What autovacuum does on its own in a running system.
         sqlx::query("VACUUM ANALYZE").execute(&mut conn).await.unwrap();

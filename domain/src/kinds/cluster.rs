@@ -180,13 +180,14 @@ impl Default for HealthCheck {
 /// What a cluster runs. The `aws` fields are refused on `local` clusters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = provider_rules)]
 pub struct Spec {
     /// Provider that runs it: `local` (default) or `aws` (a CloudFormation stack).
     #[serde(default = "default_provider")]
     #[schemars(extend("enum" = PROVIDERS))]
     pub provider: String,
     /// Name or id of the image its instances start from.
-    #[schemars(length(min = 1))]
+    #[schemars(regex(pattern = r"\S"))]
     pub image: String,
     /// Number of instances.
     #[schemars(range(min = 1, max = 64))]
@@ -230,6 +231,38 @@ pub struct Spec {
     /// protection).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub termination_protection: bool,
+}
+
+/// What [`Spec::check`] asks of each provider, said in the schema: one
+/// branch per provider, with the fields it requires and those it refuses.
+fn provider_rules(schema: &mut schemars::Schema) {
+    // A word: printable ASCII without spaces or commas.
+    let word = json!({"type": "string", "pattern": "^[!-+\\--~]{1,255}$"});
+    let id = |prefix: &str| json!({"type": "string", "pattern": format!("^{prefix}[0-9a-fA-F]{{8,32}}$")});
+    let pair = "[A-Za-z0-9_./:-]{1,64}=[A-Za-z0-9_./:-]{1,64}";
+    // Refused on local, unless empty (as validation has it).
+    let local = json!({
+        "provider": {"const": "local"},
+        "instance_type": {"type": "null"}, "key_name": {"type": "null"}, "role_metadata": {"type": "null"},
+        "join": {"type": "null"}, "subnets": {"maxItems": 0}, "security_groups": {"maxItems": 0},
+        "tags": {"maxProperties": 0}, "termination_protection": {"const": false},
+    });
+    schema.insert(
+        "oneOf".into(),
+        json!([
+            {"title": "local", "properties": local},
+            {"title": "aws", "required": ["provider", "instance_type", "subnets"], "properties": {
+                "provider": {"const": "aws"},
+                "instance_type": word,
+                "key_name": {"type": ["string", "null"], "pattern": "^[!-+\\--~]{1,255}$"},
+                "subnets": {"type": "array", "minItems": 1, "items": id("subnet-")},
+                "security_groups": {"type": "array", "items": id("sg-")},
+                "tags": {"type": "object", "maxProperties": 40,
+                    "propertyNames": {"minLength": 1, "maxLength": 127, "pattern": "^(?![dD][rR][oO][vV][eE][rR]:|[aA][wW][sS]:)"},
+                    "additionalProperties": {"type": "string", "maxLength": 255}},
+                "role_metadata": {"type": ["string", "null"], "maxLength": 1024, "pattern": format!("^{pair}(,{pair})*$")}}},
+        ]),
+    );
 }
 
 /// Providers clusters can run on.

@@ -103,6 +103,7 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
 /// `base_ami`, `instance_type` and `build_script`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = provider_rules)]
 pub struct Spec {
     /// Provider that builds it: `local` (default) or `aws`.
     #[serde(default = "default_provider")]
@@ -116,7 +117,7 @@ pub struct Spec {
     pub start_command: String,
     /// aws: the AMI the builder instance starts from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^ami-[0-9a-f]{8,32}$"))]
+    #[schemars(regex(pattern = r"^ami-[0-9a-fA-F]{8,32}$"))]
     pub base_ami: Option<String>,
     /// aws: the builder's instance type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,6 +134,26 @@ pub struct Spec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
     pub build_timeout_secs: Option<u64>,
+}
+
+/// What [`Spec::check`] asks of each provider, said in the schema: one
+/// branch per provider, with the fields it requires and those it refuses
+/// (a refused field may still be empty: `null`, `""`, as validation has it).
+fn provider_rules(schema: &mut schemars::Schema) {
+    let text = json!({"type": "string", "pattern": "\\S"});
+    schema.insert(
+        "oneOf".into(),
+        json!([
+            {"title": "local", "required": ["build_command", "start_command"], "properties": {
+                "provider": {"const": "local"}, "build_command": text, "start_command": text,
+                "base_ami": {"type": "null"}, "instance_type": {"type": "null"}, "build_script": {"type": "null"},
+                "builder_shutdown": {"type": "null"}}},
+            {"title": "aws", "required": ["provider", "base_ami", "instance_type", "build_script"], "properties": {
+                "provider": {"const": "aws"}, "base_ami": {"type": "string"}, "instance_type": text,
+                "build_script": {"type": "string", "pattern": "\\S", "maxLength": 12 * 1024},
+                "build_command": {"const": ""}, "start_command": {"const": ""}}},
+        ]),
+    );
 }
 
 /// Providers images can be built with.

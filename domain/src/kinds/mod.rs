@@ -554,7 +554,7 @@ trait Erased: Send + Sync + 'static {
 /// written; one that no longer reads (a field removed since) is treated as
 /// saying nothing rather than failing the caller.
 fn stored<D: Declaration>(spec: &Value) -> Option<D::Spec> {
-    serde_json::from_value(spec.clone()).ok()
+    serde::Deserialize::deserialize(spec).ok()
 }
 
 /// A declaration behind the handle.
@@ -614,10 +614,10 @@ impl<D: Declaration> Erased for Decl<D> {
         stored::<D>(spec).map(|s| D::references(&s)).unwrap_or_default()
     }
     fn requires(&self, spec: &Value, action: &str) -> Vec<Dependency> {
-        match (stored::<D>(spec), D::Action::parse(action)) {
-            (Some(s), Some(a)) => D::requires(&s, a),
-            _ => Vec::new(),
-        }
+        let Some(a) = D::Action::parse(action) else {
+            return Vec::new();
+        };
+        stored::<D>(spec).map(|s| D::requires(&s, a)).unwrap_or_default()
     }
     fn spec_after(&self, spec: &Value, action: &str, params: &Value) -> Option<Value> {
         let after = D::spec_after(&stored::<D>(spec)?, D::Action::parse(action)?, params)?;

@@ -86,6 +86,7 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
 /// A role's permissions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = known_permissions)]
 pub struct Spec {
     /// `kind:action` (e.g. `cluster:scale`), `kind:verb` (`read`, `create`,
     /// `update`, `delete`, `cancel`), `kind:*`, a scope such as
@@ -93,6 +94,23 @@ pub struct Spec {
     pub permissions: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+}
+
+/// Every permission [`valid_permission`] accepts, as the schema's enum.
+fn known_permissions(schema: &mut schemars::Schema) {
+    let mut all: Vec<String> = vec!["*".to_string()];
+    let named = Kind::all().flat_map(Kind::permissions).chain(SCOPES.iter().map(|(s, _)| s.to_string()));
+    for p in named {
+        let wild = format!("{}:*", p.split_once(':').map_or("", |(k, _)| k));
+        for candidate in [p, wild] {
+            if !all.contains(&candidate) {
+                all.push(candidate);
+            }
+        }
+    }
+    if let Some(items) = schema.get_mut("properties").and_then(|p| p.get_mut("permissions")) {
+        items["items"] = json!({"type": "string", "enum": all});
+    }
 }
 
 /// `*` grants everything, `kind:*` every permission that starts `kind:`.

@@ -100,9 +100,10 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
 pub struct Spec {
     /// Role names; the user may do what any of them permits.
     #[serde(default)]
+    #[schemars(inner(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")))]
     pub roles: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 254))]
+    #[schemars(length(max = 254), regex(pattern = "@"))]
     pub email: Option<String>,
 }
 
