@@ -104,6 +104,9 @@ pub struct Engine {
     completions: std::sync::OnceLock<mpsc::Sender<Finished>>,
     /// Leases of the runs this engine is executing.
     in_flight: Arc<std::sync::Mutex<HashMap<Uuid, Lease>>>,
+    /// A claim is under way: runs it took may be running in the store and
+    /// not yet in `in_flight` (a shutdown waits for it).
+    claiming: AtomicBool,
 }
 
 /// Takes a run off the in-flight list however its execution ends.
@@ -171,6 +174,7 @@ impl Engine {
             slots,
             completions: Default::default(),
             in_flight: Default::default(),
+            claiming: AtomicBool::new(false),
         })
     }
 
@@ -267,7 +271,16 @@ impl Engine {
                 }
             }
             let want = (permits.len() + self.slots.available_permits()).min(CLAIM_BATCH) as u32;
-            let claimed = match self.store.claim_jobs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now()).await {
+            self.claiming.store(true, Ordering::SeqCst);
+            let claimed = self.store.claim_jobs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now()).await;
+            if let Ok(claimed) = &claimed {
+                // In flight from the moment the claim returns, before any
+                // task starts: a shutdown now finds them to put back.
+                let mut in_flight = self.in_flight.lock().expect("not poisoned");
+                in_flight.extend(claimed.iter().filter_map(|(run, _)| Some((run.id, run.lease()?))));
+            }
+            self.claiming.store(false, Ordering::SeqCst);
+            let claimed = match claimed {
                 Ok(runs) => runs,
                 Err(e) => {
                     warn!(error = %e, cause = ?std::error::Error::source(&e), "claim failed; backing off");
@@ -306,7 +319,8 @@ impl Engine {
     /// Returns how many it put back.
     pub async fn release_in_flight(&self, grace: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + grace;
-        while !self.in_flight.lock().expect("not poisoned").is_empty() && tokio::time::Instant::now() < deadline {
+        let busy = || self.claiming.load(Ordering::SeqCst) || !self.in_flight.lock().expect("not poisoned").is_empty();
+        while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let leases: Vec<Lease> = self.in_flight.lock().expect("not poisoned").values().copied().collect();
