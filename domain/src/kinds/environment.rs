@@ -4,9 +4,7 @@
 //! resource in it, and the permission [`OPERATE_PROTECTED`] besides the
 //! action's own.
 //!
-//! ```text
-//! active --delete--> deleting --ok--> deleted --err--> active
-//! ```
+//! Its state machine is [`super::record`]'s: active until deleted.
 //!
 //! An environment cannot be deleted while live resources are in it (the
 //! registry's reference check: a cluster's `spec.environment` names it).
@@ -15,7 +13,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{named_enum, ActionDecl, Declaration, Kind, NotAllowed, TypedStep};
+pub use super::record::{Action, State};
+use super::{record, ActionDecl, Declaration, Kind, NotAllowed, TypedStep};
 use crate::error::{FieldError, Result};
 
 /// This kind's handle.
@@ -27,16 +26,6 @@ pub const OPERATE_PROTECTED: &str = "environment:operate-protected";
 
 /// The environment kind's declaration.
 pub struct Environment;
-
-named_enum!(State {
-    Active => "active",
-    Deleting => "deleting",
-    Deleted => "deleted",
-});
-
-named_enum!(Action {
-    Delete => "delete",
-});
 
 impl Declaration for Environment {
     const NAME: &'static str = "environment";
@@ -51,12 +40,7 @@ impl Declaration for Environment {
     const HOLDS_RESOURCES: bool = true;
 
     fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
-        match (state, action) {
-            (State::Active, Action::Delete) => {
-                Ok(TypedStep::Go { working: State::Deleting, ok: State::Deleted, err: State::Active })
-            }
-            (State::Deleting | State::Deleted, Action::Delete) => Err(NotAllowed),
-        }
+        record::next(state, action)
     }
 
     fn action(action: Action) -> ActionDecl {
@@ -99,14 +83,6 @@ pub fn is_protected(spec: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_entry_of_the_table() {
-        let delete = Ok(TypedStep::Go { working: State::Deleting, ok: State::Deleted, err: State::Active });
-        assert_eq!(Environment::next(State::Active, Action::Delete), delete);
-        assert_eq!(Environment::next(State::Deleting, Action::Delete), Err(NotAllowed));
-        assert_eq!(Environment::next(State::Deleted, Action::Delete), Err(NotAllowed));
-    }
 
     #[test]
     fn specs() {

@@ -23,6 +23,7 @@
 pub mod cluster;
 pub mod environment;
 pub mod image;
+pub mod record;
 pub mod role;
 pub mod user;
 

@@ -3,15 +3,14 @@
 //! deleted; their permissions are derived from the registry, so a new kind
 //! reaches operators and viewers without a change here.
 //!
-//! ```text
-//! active --delete--> deleting --ok--> deleted --err--> active
-//! ```
+//! Its state machine is [`super::record`]'s: active until deleted.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{named_enum, ActionDecl, Declaration, Kind, NotAllowed, TypedStep, SCOPES};
+pub use super::record::{Action, State};
+use super::{record, ActionDecl, Declaration, Kind, NotAllowed, TypedStep, SCOPES};
 use crate::error::{FieldError, Result};
 
 /// This kind's handle.
@@ -19,16 +18,6 @@ pub const KIND: Kind = Kind::declare::<Role>();
 
 /// The role kind's declaration.
 pub struct Role;
-
-named_enum!(State {
-    Active => "active",
-    Deleting => "deleting",
-    Deleted => "deleted",
-});
-
-named_enum!(Action {
-    Delete => "delete",
-});
 
 impl Declaration for Role {
     const NAME: &'static str = "role";
@@ -42,7 +31,7 @@ impl Declaration for Role {
     const FINAL: State = State::Deleted;
 
     fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
-        next(state, action)
+        record::next(state, action)
     }
 
     fn action(action: Action) -> ActionDecl {
@@ -71,15 +60,6 @@ impl Declaration for Role {
 
     fn examples() -> Vec<Value> {
         vec![json!({"permissions": ["cluster:read", "cluster:scale"], "description": "Scales clusters."})]
-    }
-}
-
-pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
-    match (state, action) {
-        (State::Active, Action::Delete) => {
-            Ok(TypedStep::Go { working: State::Deleting, ok: State::Deleted, err: State::Active })
-        }
-        (State::Deleting | State::Deleted, Action::Delete) => Err(NotAllowed),
     }
 }
 
@@ -167,14 +147,6 @@ pub fn is_builtin_role(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_entry_of_the_table() {
-        let delete = Ok(TypedStep::Go { working: State::Deleting, ok: State::Deleted, err: State::Active });
-        assert_eq!(next(State::Active, Action::Delete), delete);
-        assert_eq!(next(State::Deleting, Action::Delete), Err(NotAllowed));
-        assert_eq!(next(State::Deleted, Action::Delete), Err(NotAllowed));
-    }
 
     #[test]
     fn permission_matching() {
