@@ -398,3 +398,172 @@ async fn a_writer_that_falls_behind_stops_the_claims() {
         t.abort();
     }
 }
+
+/// A store that hands back each claim's runs `delay` after the claim
+/// committed: the window in which a run is running in the store but its
+/// engine has not heard of it yet. A hand-written fake because no real
+/// database can be told to stall its reply after the commit.
+struct SlowClaims(Arc<dyn Store>, Duration);
+
+#[async_trait]
+impl Store for SlowClaims {
+    fn backend(&self) -> &'static str {
+        self.0.backend()
+    }
+    async fn ping(&self) -> drover_domain::Result<()> {
+        self.0.ping().await
+    }
+    async fn insert_resource(&self, r: &NewResource) -> drover_domain::Result<Resource> {
+        self.0.insert_resource(r).await
+    }
+    async fn get_resource(
+        &self,
+        kind: drover_domain::Kind,
+        key: &ResourceKey,
+    ) -> drover_domain::Result<Option<Resource>> {
+        self.0.get_resource(kind, key).await
+    }
+    async fn get_resource_by_id(&self, id: Uuid) -> drover_domain::Result<Option<Resource>> {
+        self.0.get_resource_by_id(id).await
+    }
+    async fn list_resources(
+        &self,
+        kind: drover_domain::Kind,
+        filter: &ResourceFilter,
+        page: PageRequest,
+    ) -> drover_domain::Result<Vec<Resource>> {
+        self.0.list_resources(kind, filter, page).await
+    }
+    async fn update_spec(
+        &self,
+        id: Uuid,
+        v: i64,
+        spec: &Value,
+        actor: &str,
+        now: Time,
+    ) -> drover_domain::Result<Resource> {
+        self.0.update_spec(id, v, spec, actor, now).await
+    }
+    async fn delete_resource(&self, id: Uuid, final_state: &str, now: Time) -> drover_domain::Result<()> {
+        self.0.delete_resource(id, final_state, now).await
+    }
+    async fn set_observed(&self, id: Uuid, observed: &Value) -> drover_domain::Result<()> {
+        self.0.set_observed(id, observed).await
+    }
+    async fn insert_run(&self, run: &NewRun) -> drover_domain::Result<Run> {
+        self.0.insert_run(run).await
+    }
+    async fn get_run(&self, id: Uuid) -> drover_domain::Result<Option<Run>> {
+        self.0.get_run(id).await
+    }
+    async fn list_runs(&self, filter: &RunFilter, page: PageRequest) -> drover_domain::Result<Vec<Run>> {
+        self.0.list_runs(filter, page).await
+    }
+    async fn active_run(&self, resource: Uuid) -> drover_domain::Result<Option<Run>> {
+        self.0.active_run(resource).await
+    }
+    async fn last_unsuccessful_run(&self, resource: Uuid) -> drover_domain::Result<Option<Run>> {
+        self.0.last_unsuccessful_run(resource).await
+    }
+    async fn claim_jobs(
+        &self,
+        worker: &str,
+        lease: Duration,
+        limit: u32,
+        now: Time,
+    ) -> drover_domain::Result<Vec<(Run, Resource)>> {
+        let claimed = self.0.claim_jobs(worker, lease, limit, now).await;
+        if claimed.as_ref().is_ok_and(|c| !c.is_empty()) {
+            tokio::time::sleep(self.1).await;
+        }
+        claimed
+    }
+    async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> drover_domain::Result<Option<bool>> {
+        self.0.heartbeat(lease, lease_for, now).await
+    }
+    async fn append_event(&self, lease: Lease, event: &NewEvent) -> drover_domain::Result<()> {
+        self.0.append_event(lease, event).await
+    }
+    async fn complete_run(&self, lease: Lease, completion: &Completion) -> drover_domain::Result<()> {
+        self.0.complete_run(lease, completion).await
+    }
+    async fn retry_later(
+        &self,
+        lease: Lease,
+        at: Time,
+        error: &RunError,
+        event: &NewEvent,
+    ) -> drover_domain::Result<()> {
+        self.0.retry_later(lease, at, error, event).await
+    }
+    async fn reap_expired(&self, now: Time) -> drover_domain::Result<Vec<Uuid>> {
+        self.0.reap_expired(now).await
+    }
+    async fn request_cancel(
+        &self,
+        run: Uuid,
+        actor: &str,
+        reason: Option<&str>,
+        now: Time,
+    ) -> drover_domain::Result<Run> {
+        self.0.request_cancel(run, actor, reason, now).await
+    }
+    async fn list_events(&self, run: Uuid, after: i64, limit: u32) -> drover_domain::Result<Vec<RunEvent>> {
+        self.0.list_events(run, after, limit).await
+    }
+    async fn queue_depth(&self, now: Time) -> drover_domain::Result<QueueDepth> {
+        self.0.queue_depth(now).await
+    }
+    async fn rollups(
+        &self,
+        grain: drover_domain::stats::Grain,
+        since: Time,
+        until: Time,
+        filter: &drover_domain::stats::RollupFilter,
+    ) -> drover_domain::Result<Vec<drover_domain::stats::Rollup>> {
+        self.0.rollups(grain, since, until, filter).await
+    }
+    async fn fold_rollups(&self, limit: u32) -> drover_domain::Result<usize> {
+        self.0.fold_rollups(limit).await
+    }
+    async fn idempotency_begin(&self, key: &str, fp: &str, now: Time) -> drover_domain::Result<IdempotencyBegin> {
+        self.0.idempotency_begin(key, fp, now).await
+    }
+    async fn idempotency_save(&self, key: &str, r: &SavedResponse, now: Time) -> drover_domain::Result<()> {
+        self.0.idempotency_save(key, r, now).await
+    }
+    async fn idempotency_abandon(&self, key: &str) -> drover_domain::Result<()> {
+        self.0.idempotency_abandon(key).await
+    }
+    async fn wait_for_work(&self, max: Duration) {
+        self.0.wait_for_work(max).await
+    }
+}
+
+/// A shutdown that comes while a claim's reply is on its way still finds
+/// the run it claimed and puts it back at once (before, it saw nothing in
+/// flight and left the run to its ten-minute lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_claim_puts_the_claimed_run_back() {
+    let (stores, _dir) = sqlite().await;
+    let real: Arc<dyn Store> = stores.store;
+    let slow: Arc<dyn Store> = Arc::new(SlowClaims(real.clone(), Duration::from_millis(800)));
+    let p = Arc::new(Scripted::default());
+    let run = queue(&real, "stall-at-shutdown", 60).await;
+    let cfg =
+        EngineConfig { lease: Duration::from_secs(600), heartbeat: Duration::from_secs(200), ..config("leaving") };
+    let leaving = engine(&slow, &p, cfg);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let tasks = leaving.spawn(rx);
+    while real.get_run(run.id).await.unwrap().unwrap().status != RunStatus::Running {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The claim committed; its reply is still 800 ms away.
+    stop.send(true).unwrap();
+    assert_eq!(leaving.release_in_flight(Duration::from_secs(3)).await, 1);
+    let back = real.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!((back.status, back.error.map(|e| e.code)), (RunStatus::Queued, Some("released".to_string())));
+    for t in tasks {
+        t.abort();
+    }
+}
