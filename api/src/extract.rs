@@ -5,6 +5,7 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
+use drover_domain::FieldError;
 use serde::de::DeserializeOwned;
 
 use crate::problem::Problem;
@@ -22,18 +23,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             Err(rejection) => return Err(json_problem(rejection)),
         };
         integral_floats_to_integers(&mut value);
-        serde_path_to_error::deserialize(&value).map(ApiJson).map_err(|e| {
-            let message = e.inner().to_string();
-            let mut field = match e.path().to_string().as_str() {
-                "." | "" => "body".to_string(),
-                p => p.to_string(),
-            };
-            // A missing field is named in the message; the path stops at its object.
-            if let Some(missing) = message.split('`').nth(1).filter(|_| message.starts_with("missing field")) {
-                field = if field == "body" { missing.to_string() } else { format!("{field}.{missing}") };
-            }
-            Problem::invalid(&field, message)
-        })
+        FieldError::read(&value, None, "body").map(ApiJson).map_err(|f| Problem::invalid(&f.field, f.message))
     }
 }
 
@@ -56,21 +46,6 @@ fn integral_floats_to_integers(v: &mut serde_json::Value) {
 
 fn json_problem(r: JsonRejection) -> Problem {
     match r {
-        JsonRejection::JsonDataError(e) => {
-            // "Failed to deserialize the JSON body into the target type: spec.count: invalid type…"
-            let text = e.body_text();
-            let detail = text.split_once("target type: ").map(|(_, d)| d.to_string()).unwrap_or(text);
-            let (field, message) = match detail.split_once(": ") {
-                Some((f, m)) if !f.contains(' ') && f != "." => (f, m),
-                _ => ("body", detail.as_str()),
-            };
-            let mut p = Problem::invalid(field, message);
-            if let Some(missing) = detail.split('`').nth(1).filter(|_| detail.contains("missing field")) {
-                let prefix = if field == "body" { String::new() } else { format!("{field}.") };
-                p.errors[0].field = format!("{prefix}{missing}").trim_start_matches("body.").to_string();
-            }
-            p
-        }
         JsonRejection::JsonSyntaxError(e) => Problem::bad_request("malformed-json", e.body_text()),
         JsonRejection::MissingJsonContentType(_) => Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

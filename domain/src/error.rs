@@ -19,6 +19,26 @@ impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self { field: field.into(), message: message.into() }
     }
+
+    /// Reads `value` as a `T`, or names the field that is wrong: its path
+    /// under `prefix` (`spec.health_check.path`, `spec.subnets[0]`), with
+    /// the field a "missing field" message names appended (serde's path
+    /// stops at the object that would hold it); `whole` when the value
+    /// itself is wrong and there is no prefix.
+    pub fn read<T: serde::de::DeserializeOwned>(
+        value: &serde_json::Value,
+        prefix: Option<&str>,
+        whole: &str,
+    ) -> Result<T, FieldError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.inner().to_string();
+            let at = Some(path.as_str()).filter(|p| !matches!(*p, "." | ""));
+            let missing = message.strip_prefix("missing field").and_then(|_| message.split('`').nth(1));
+            let field = [prefix, at, missing].into_iter().flatten().collect::<Vec<_>>().join(".");
+            FieldError::new(if field.is_empty() { whole.to_string() } else { field }, message)
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

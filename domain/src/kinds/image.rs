@@ -166,11 +166,7 @@ fn default_provider() -> String {
 impl Spec {
     /// Checks a spec and returns it typed.
     pub fn from_value(v: &Value) -> Result<Spec> {
-        let spec: Spec = super::from_json("spec", v)?;
-        match spec.check() {
-            errors if errors.is_empty() => Ok(spec),
-            errors => Err(crate::Error::Invalid(errors)),
-        }
+        super::read_spec::<Image>(v)
     }
 
     fn check(&self) -> Vec<FieldError> {

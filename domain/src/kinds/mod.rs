@@ -595,12 +595,7 @@ impl<D: Declaration> Erased for Decl<D> {
         Some(D::Action::parse(action).and_then(|a| D::next(s, a).ok()).map(Step::from))
     }
     fn validate_spec(&self, spec: &Value) -> Result<Value> {
-        let typed: D::Spec = from_json("spec", spec)?;
-        let errors = D::check(&typed);
-        if !errors.is_empty() {
-            return Err(Error::Invalid(errors));
-        }
-        to_value(&typed)
+        to_value(&read_spec::<D>(spec)?)
     }
     fn spec_schema(&self) -> Value {
         schema_of::<D::Spec>()
@@ -670,25 +665,19 @@ fn to_value<T: Serialize>(v: &T) -> Result<Value> {
     serde_json::to_value(v).map_err(|e| Error::Internal(format!("spec does not serialise: {e}")))
 }
 
-/// Deserialises a spec or params object, naming the offending field:
-/// `spec.health_check.path`, `spec.subnets[0]`, `params.count`.
+/// Deserialises a spec or params object, naming the offending field
+/// under `root` (`spec.count`, `params.count`).
 pub(crate) fn from_json<T: DeserializeOwned>(root: &str, v: &Value) -> Result<T> {
-    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
-        let path = e.path().to_string();
-        let msg = e.inner().to_string();
-        let mut field = match path.as_str() {
-            "." | "" => root.to_string(),
-            p => format!("{root}.{p}"),
-        };
-        // A missing field is named in the message, in backticks, and the
-        // path stops at the object that would hold it.
-        if msg.starts_with("missing field") {
-            if let Some(name) = msg.split('`').nth(1) {
-                field = format!("{field}.{name}");
-            }
-        }
-        Error::Invalid(vec![FieldError::new(field, msg)])
-    })
+    FieldError::read(v, Some(root), root).map_err(|f| Error::Invalid(vec![f]))
+}
+
+/// A spec read as its kind's type and checked ([`Declaration::check`]).
+pub fn read_spec<D: Declaration>(spec: &Value) -> Result<D::Spec> {
+    let typed: D::Spec = from_json("spec", spec)?;
+    match D::check(&typed) {
+        errors if errors.is_empty() => Ok(typed),
+        errors => Err(Error::Invalid(errors)),
+    }
 }
 
 /// Actions without parameters accept `null` or `{}` only.
