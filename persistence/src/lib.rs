@@ -20,7 +20,7 @@ use std::sync::Arc;
 use drover_domain::ports::{SettingsStore, Store, TokenStore};
 use drover_domain::{Error, Result};
 
-pub use postgres::PgStore;
+pub use postgres::{PgStore, IDLE_IN_TRANSACTION};
 pub use sqlite::SqliteStore;
 
 /// Opens the store a URL names (`postgres://…` or `sqlite://…`) and runs

@@ -2,6 +2,7 @@
 //! replicas. Claims use `FOR UPDATE SKIP LOCKED`; `LISTEN/NOTIFY` on
 //! `drover_runs` wakes idle workers early (a hint only: they poll anyway).
 
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use drover_domain::kinds::Kind;
 use drover_domain::model::*;
 use drover_domain::{Error, Result};
 use serde_json::Value;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, Postgres};
 use sqlx::types::Json;
 use sqlx::QueryBuilder;
 use sqlx::{Connection, FromRow, Row};
@@ -23,6 +24,15 @@ use crate::time::Ts;
 
 /// A pooled connection idle for longer than this is pinged before use.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// The server ends a session of ours that sits this long inside a
+/// transaction. Drover's transactions never wait on anything but the
+/// process that opened them, so a session idle that long belongs to a
+/// replica that is frozen (SIGSTOP, a VM paused, a partition): without
+/// this its row locks (a heartbeat holds its run's row between two
+/// statements) and the rollup folders' advisory lock would stall every
+/// other replica's reaper and folder until it woke.
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
 
 pub struct PgStore {
     pool: PgPool,
@@ -63,7 +73,9 @@ macro_rules! claim {
                 WHERE r.id = s.resource_id AND (r.state = s.from_state OR r.state = s.working_state)
                     AND r.deleted_at IS NULL
                 RETURNING r.id AS r_id, r.kind AS r_kind, r.name AS r_name, r.state AS r_state, r.spec AS r_spec,
-                    r.version AS r_version, r.outputs AS r_outputs, r.observed AS r_observed,
+                    r.version AS r_version, r.spec_version AS r_spec_version,
+                    r.applied_version AS r_applied_version, r.applied_spec AS r_applied_spec,
+                    r.outputs AS r_outputs, r.observed AS r_observed,
                     r.created_by AS r_created_by, r.updated_by AS r_updated_by, r.created_at AS r_created_at,
                     r.updated_at AS r_updated_at
             ), attempts AS (
@@ -79,28 +91,39 @@ macro_rules! claim {
 
 /// Completes a batch of runs as one statement (its own transaction), from
 /// one array per field: each run's outcome (fenced on its lease), its queue
-/// row's removal, its resource's new state, its event, its `run_outcomes`
-/// row and its rollup note. Returns the runs it completed; a resource not
+/// row's removal, its resource's new state (and spec, as a new spec
+/// version, and applied spec), its event, its `run_outcomes` row and its
+/// rollup note. Returns the runs it completed; a resource not
 /// in its working state raises `DR001` (naming it), which undoes all of it.
 const COMPLETE: &str = "
     WITH v AS (
         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[], $6::jsonb[],
-            $7::text[], $8::jsonb[], $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::jsonb[])
-            AS v(run_id, token, status, at, outputs, error, state, spec, event_at, level, step, message, data)
+            $7::text[], $8::jsonb[], $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::jsonb[],
+            $14::jsonb[], $15::bool[], $16::jsonb[])
+            AS v(run_id, token, status, at, outputs, error, state, spec, event_at, level, step, message, data,
+                patch, applies, applied)
     ), done AS (
         UPDATE runs SET status = v.status, outcome = v.status, finished_at = v.at, outputs = v.outputs,
             error = v.error, lease_expires_at = NULL
         FROM v WHERE runs.id = v.run_id AND runs.lease_token = v.token AND runs.status = 'running'
         RETURNING runs.id, runs.resource_id, runs.working_state, runs.attempt, runs.action, runs.kind,
-            runs.environment, runs.actor, v.status, v.at,
-            v.outputs, v.state, v.spec, v.event_at, v.level, v.step, v.message, v.data
+            runs.environment, runs.actor, runs.reason, v.status, v.at,
+            v.outputs, v.state, v.spec, v.event_at, v.level, v.step, v.message, v.data, v.patch, v.applies, v.applied
     ), off_queue AS (
         DELETE FROM run_queue q USING done WHERE q.run_id = done.id
     ), moved AS (
         UPDATE resources r SET state = d.state, spec = COALESCE(d.spec, r.spec),
+            spec_version = r.spec_version + (d.spec IS NOT NULL)::int,
+            applied_spec = CASE WHEN d.applies THEN COALESCE(d.spec, r.spec) ELSE COALESCE(d.applied, r.applied_spec) END,
+            applied_version = CASE WHEN d.applies THEN r.spec_version + (d.spec IS NOT NULL)::int
+                ELSE r.applied_version END,
             outputs = COALESCE(d.outputs, r.outputs), observed = NULL, version = r.version + 1, updated_at = d.at
         FROM done d WHERE r.id = d.resource_id AND r.state = d.working_state
-        RETURNING r.id
+        RETURNING r.id, r.spec_version
+    ), versions AS (
+        INSERT INTO spec_versions (resource_id, version, actor, reason, patch, spec, created_at)
+        SELECT m.id, m.spec_version, d.actor, d.reason, d.patch, d.spec, d.at
+        FROM done d JOIN moved m ON m.id = d.resource_id WHERE d.spec IS NOT NULL
     ), events AS (
         INSERT INTO run_events (run_id, at, attempt, level, step, message, data)
         SELECT id, event_at, attempt, level, step, message, data FROM done
@@ -158,12 +181,15 @@ impl PgStore {
             .bind(batch.iter().map(|(_, c)| json(c.outputs.as_ref())).collect::<Vec<_>>())
             .bind(batch.iter().map(|(_, c)| c.error.as_ref().map(Json)).collect::<Vec<_>>())
             .bind(batch.iter().map(|(_, c)| c.resource_state.as_str()).collect::<Vec<_>>())
-            .bind(batch.iter().map(|(_, c)| json(c.spec.as_ref())).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.spec.as_ref().map(|u| Json(&u.spec))).collect::<Vec<_>>())
             .bind(batch.iter().map(|(_, c)| c.event.at).collect::<Vec<_>>())
             .bind(batch.iter().map(|(_, c)| c.event.level.as_str()).collect::<Vec<_>>())
             .bind(batch.iter().map(|(_, c)| c.event.step.as_str()).collect::<Vec<_>>())
             .bind(batch.iter().map(|(_, c)| c.event.message.as_str()).collect::<Vec<_>>())
             .bind(batch.iter().map(|(_, c)| json(c.event.data.as_ref())).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.spec.as_ref().map(|u| Json(&u.patch))).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| c.applies_spec).collect::<Vec<_>>())
+            .bind(batch.iter().map(|(_, c)| json(c.applied.as_ref())).collect::<Vec<_>>())
             .fetch_all(pool)
             .await
             .map_err(|e| match e.as_database_error() {
@@ -177,7 +203,17 @@ impl PgStore {
             .collect())
     }
 
+    /// How every session of drover's opens: the URL's settings, and the
+    /// server ends it when it sits idle in a transaction
+    /// ([`IDLE_IN_TRANSACTION`]).
+    pub fn session_options(url: &str) -> Result<PgConnectOptions> {
+        Ok(PgConnectOptions::from_str(url)
+            .map_err(db("read the Postgres URL"))?
+            .options([("idle_in_transaction_session_timeout", format!("{}ms", IDLE_IN_TRANSACTION.as_millis()))]))
+    }
+
     pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore> {
+        let options = PgStore::session_options(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
@@ -197,7 +233,7 @@ impl PgStore {
                     Ok(true)
                 })
             })
-            .connect(url)
+            .connect_with(options)
             .await
             .map_err(db("connect to Postgres"))?;
         sqlx::migrate!("../migrations/postgres").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
