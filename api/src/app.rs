@@ -80,6 +80,9 @@ impl utoipa::Modify for BearerAuth {
         crate::dto::ResourcePage,
         crate::dto::CreateResource,
         crate::dto::PatchResource,
+        crate::dto::SpecVersionView,
+        crate::dto::SpecVersionPage,
+        crate::dto::SpecDiff,
         crate::dto::Transition,
         crate::problem::Problem
     ))

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use drover_domain::kinds::{Kind, Step};
-use drover_domain::model::{Run, RunError, RunEvent};
+use drover_domain::model::{Run, RunError, RunEvent, SpecVersion};
 use drover_domain::service::{Overview, Problem as Diagnosis};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -217,6 +217,10 @@ pub struct CreateResource {
     /// The kind's spec.
     #[schema(value_type = Object)]
     pub spec: Value,
+    /// Why: kept with spec version 1.
+    #[serde(default)]
+    #[schema(max_length = 2000)]
+    pub reason: Option<String>,
 }
 
 /// A JSON merge patch (RFC 7396) of the spec: present fields replace, `null` removes.
@@ -225,6 +229,86 @@ pub struct CreateResource {
 pub struct PatchResource {
     #[schema(value_type = Object)]
     pub spec: Value,
+    /// Why: kept with the spec version the change makes.
+    #[serde(default)]
+    #[schema(max_length = 2000)]
+    pub reason: Option<String>,
+}
+
+/// One version of a resource's spec.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SpecVersionView {
+    /// 1 for the create, then one more per change.
+    pub version: i64,
+    pub actor: String,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// The JSON merge patch from the version before (for version 1, the whole spec).
+    #[schema(value_type = Object)]
+    pub patch: Value,
+    /// The spec this version produced.
+    #[schema(value_type = Object)]
+    pub spec: Value,
+}
+
+impl From<SpecVersion> for SpecVersionView {
+    fn from(v: SpecVersion) -> Self {
+        SpecVersionView {
+            version: v.version,
+            actor: v.actor,
+            reason: v.reason,
+            created_at: v.created_at,
+            patch: v.patch,
+            spec: v.spec,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SpecVersionPage {
+    /// Newest first.
+    pub items: Vec<SpecVersionView>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<i64>,
+}
+
+/// How one spec version differs from another.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SpecDiff {
+    pub from: i64,
+    pub to: i64,
+    /// The JSON merge patch that turns `from`'s spec into `to`'s.
+    #[schema(value_type = Object)]
+    pub patch: Value,
+    /// One entry per top-level field that differs.
+    pub changes: Vec<FieldChange>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FieldChange {
+    /// `spec.image`.
+    pub field: String,
+    /// Absent when the field was not set.
+    #[schema(value_type = Option<Object>)]
+    pub from: Option<Value>,
+    /// Absent when the field was removed.
+    #[schema(value_type = Option<Object>)]
+    pub to: Option<Value>,
+}
+
+/// A field whose spec differs from what runs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PendingChangeView {
+    /// `spec.image`.
+    pub field: String,
+    /// As it runs; absent when not set there.
+    #[schema(value_type = Option<Object>)]
+    pub applied: Option<Value>,
+    /// As the spec has it; absent when removed.
+    #[schema(value_type = Option<Object>)]
+    pub wanted: Option<Value>,
+    /// The actions that would apply it.
+    pub applied_by: Vec<String>,
 }
 
 /// Ask for a transition.
@@ -324,6 +408,9 @@ pub struct Transition {
     /// The settings versions the transition was asked with: `[{scope, key, version}]`.
     #[schema(value_type = Vec<Object>)]
     pub settings: Value,
+    /// The resource's spec version the transition ran against (absent for
+    /// transitions asked for before spec versions were recorded).
+    pub spec_version: Option<i64>,
 }
 
 impl From<Run> for Transition {
@@ -360,6 +447,7 @@ impl From<Run> for Transition {
             cancel_requested_by: r.cancel_requested_by,
             settings: r.settings,
             environment: r.environment,
+            spec_version: r.spec_version,
         }
     }
 }
@@ -443,8 +531,16 @@ pub struct ResourceView {
     /// The kind's spec.
     #[schema(value_type = Object)]
     pub spec: Value,
-    /// Generation; also the `ETag`.
+    /// Generation: bumped by every change of spec or state.
     pub version: i64,
+    /// The newest spec version (`GET …/versions`); also the `ETag`, which
+    /// a `PATCH` may send back as `If-Match`.
+    pub spec_version: i64,
+    /// The spec version that last ran whole; absent until something ran it.
+    pub applied_version: Option<i64>,
+    /// What the spec says and the running resource does not do yet, and
+    /// which actions would apply it; empty when nothing is pending.
+    pub pending_changes: Vec<PendingChangeView>,
     /// What the last successful transition produced.
     #[schema(value_type = Object)]
     pub outputs: Value,
@@ -516,6 +612,18 @@ impl ResourceView {
             state: r.state,
             spec: r.spec,
             version: r.version,
+            spec_version: r.spec_version,
+            applied_version: r.applied_version,
+            pending_changes: o
+                .pending_changes
+                .into_iter()
+                .map(|c| PendingChangeView {
+                    field: c.field,
+                    applied: c.applied,
+                    wanted: c.wanted,
+                    applied_by: c.applied_by.into_iter().map(str::to_string).collect(),
+                })
+                .collect(),
             outputs: r.outputs,
             observed: r.observed,
             created_by: r.created_by,

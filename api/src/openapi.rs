@@ -121,7 +121,9 @@ pub fn add_kinds(doc: &mut Value) {
                 "properties": {
                     "name": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 63,
                         "description": format!("DNS-label name, unique among {plural}.")},
-                    "spec": schema_ref(&spec)}}),
+                    "spec": schema_ref(&spec),
+                    "reason": {"type": ["string", "null"], "maxLength": 2000,
+                        "description": "Why: kept with spec version 1."}}}),
         );
         schemas.insert(format!("{p}View"), specialise(&base, "ResourceView", "spec", schema_ref(&spec)));
         schemas.insert(format!("{p}Summary"), specialise(&base, "ResourceSummary", "spec", schema_ref(&spec)));
@@ -195,7 +197,7 @@ pub fn add_kinds(doc: &mut Value) {
                     "tags": [plural], "operationId": format!("patch_{name}"),
                     "summary": "Changes the spec (JSON merge patch) while no transition is active.",
                     "parameters": [id_param(), {"name": "If-Match", "in": "header", "required": false,
-                        "description": "The ETag read before: refuses the change if the resource changed since",
+                        "description": "The ETag read before (the spec version, `\"v3\"`): refuses the change if the spec changed since",
                         "schema": {"type": "string"}}],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("PatchResource")}}},
                     "security": security(kind.permission("update")),
@@ -203,6 +205,8 @@ pub fn add_kinds(doc: &mut Value) {
                         "200": {"description": "Changed", "headers": {"ETag": {"schema": {"type": "string"}}},
                             "content": {"application/json": {"schema": schema_ref(&format!("{p}View"))}}},
                         "409": problem("A transition is active (`resource-busy`), or the resource is built in (`resource-locked`)"),
+                        "412": problem("The spec changed since the ETag sent as `If-Match` (`version-mismatch`)"),
+                        "422": problem("A field is invalid, or names a resource that does not exist (`invalid-request`, `errors` names the fields)"),
                     }
                 },
                 "delete": {
@@ -235,6 +239,7 @@ pub fn add_kinds(doc: &mut Value) {
             }),
         );
     }
+    add_versions(&mut paths);
     link_item_operations(doc, &mut paths);
     for generic in ["ResourceView", "ResourceSummary", "ResourcePage", "CreateResource"] {
         doc["components"]["schemas"].as_object_mut().expect("schemas").remove(generic);
@@ -243,6 +248,56 @@ pub fn add_kinds(doc: &mut Value) {
     doc["paths"].as_object_mut().expect("paths").extend(paths);
     let all_tags = doc["tags"].as_array_mut().expect("tags");
     all_tags.splice(0..0, tags);
+}
+
+/// Every kind's spec versions: the list, one version, and a diff.
+fn add_versions(paths: &mut Map<String, Value>) {
+    let version_param = json!({"name": "version", "in": "path", "required": true,
+        "description": "A spec version number.", "schema": {"type": "integer", "minimum": 1}});
+    for kind in Kind::all() {
+        let (name, plural) = (kind.as_str(), kind.plural());
+        let read = security(kind.permission("read"));
+        paths.insert(
+            format!("/v1/{plural}/{{id}}/versions"),
+            json!({"get": {
+                "tags": [plural], "operationId": format!("list_{name}_versions"),
+                "summary": "The spec's versions, newest first: who changed what, when and why.",
+                "parameters": [id_param(),
+                    {"name": "limit", "in": "query", "required": false, "description": "Page size, 1-500 (default 50).",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+                    {"name": "cursor", "in": "query", "required": false, "description": "`next_cursor` of the previous page.",
+                        "schema": {"type": "integer", "minimum": 1}}],
+                "security": read,
+                "responses": {"200": {"description": "A page",
+                    "content": {"application/json": {"schema": schema_ref("SpecVersionPage")}}}}
+            }}),
+        );
+        paths.insert(
+            format!("/v1/{plural}/{{id}}/versions/{{version}}"),
+            json!({"get": {
+                "tags": [plural], "operationId": format!("get_{name}_version"),
+                "summary": "One spec version.",
+                "parameters": [id_param(), version_param],
+                "security": read,
+                "responses": {"200": {"description": "The version",
+                    "content": {"application/json": {"schema": schema_ref("SpecVersionView")}}}}
+            }}),
+        );
+        paths.insert(
+            format!("/v1/{plural}/{{id}}/versions/{{version}}/diff"),
+            json!({"get": {
+                "tags": [plural], "operationId": format!("diff_{name}_version"),
+                "summary": "How a spec version differs from another (by default, the one before it).",
+                "parameters": [id_param(), version_param,
+                    {"name": "from", "in": "query", "required": false,
+                        "description": "The version to compare with; default: the one before (0: no spec).",
+                        "schema": {"type": "integer", "minimum": 0}}],
+                "security": read,
+                "responses": {"200": {"description": "The diff",
+                    "content": {"application/json": {"schema": schema_ref("SpecDiff")}}}}
+            }}),
+        );
+    }
 }
 
 /// Links from each kind's create to the other operations under its items

@@ -195,7 +195,17 @@ impl Auth {
         if role.spec == spec {
             return Ok(());
         }
-        match self.store.update_spec(role.id, role.version, &spec, SYSTEM_ACTOR, Utc::now()).await {
+        let change = SpecChange {
+            resource: role.id,
+            from_version: role.spec_version,
+            patch: crate::merge::diff(&role.spec, &spec),
+            spec,
+            actor: SYSTEM_ACTOR.into(),
+            reason: Some(format!("built-in role brought up to drover {}", env!("CARGO_PKG_VERSION"))),
+            applied: true,
+            now: Utc::now(),
+        };
+        match self.store.update_spec(&change).await {
             // Another replica starting at the same moment got there first;
             // or a run holds the role now: the next start tries again.
             Ok(_) | Err(Error::VersionMismatch { .. } | Error::Busy { .. }) => Ok(()),
@@ -214,6 +224,8 @@ impl Auth {
             state: kind.initial_state().into(),
             spec: kind.validate_spec(&spec)?,
             actor: SYSTEM_ACTOR.into(),
+            reason: Some("created by drover".into()),
+            applied: kind.applied_on_write(),
             now: Utc::now(),
         };
         match self.store.insert_resource(&new).await {

@@ -532,7 +532,17 @@ impl Engine {
                     .with_level(Level::Error),
                 ),
             };
-            Completion { status, resource_state: state, outputs, error, spec, event, now }
+            Completion {
+                status,
+                resource_state: state,
+                outputs,
+                error,
+                spec,
+                applies_spec: false,
+                applied: None,
+                event,
+                now,
+            }
         };
         let completion = match outcome {
             Outcome::LeaseLost => {
@@ -603,13 +613,8 @@ impl Engine {
             ),
         };
         let mut completion = completion;
-        if completion.status == RunStatus::Succeeded && run.kind.changes_spec(&run.action) {
-            // The spec change of a success (a scale's count) applies to the
-            // spec as it is now.
-            completion.spec = match self.store.get_resource_by_id(run.resource_id).await {
-                Ok(Some(r)) => run.kind.spec_after_success(&run.action, &run.params, &r.spec),
-                _ => None,
-            };
+        if completion.status == RunStatus::Succeeded {
+            self.applied(run, &mut completion).await;
         }
         let (status, now) = (completion.status, completion.now);
         let written = match self.completions.get() {
@@ -640,6 +645,44 @@ impl Engine {
             }
             Err(e) => {
                 warn!(error = %e, cause = ?std::error::Error::source(&e), "could not record the end of the run; its lease will lapse and it will be retried")
+            }
+        }
+    }
+
+    /// What a success changes in the spec (a scale's count, as a new spec
+    /// version) and in what runs (the applied spec). Only a spec-changing
+    /// action reads the resource again: its change applies to the spec as
+    /// it is now.
+    async fn applied(&self, run: &Run, completion: &mut Completion) {
+        let Some(decl) = run.kind.action(&run.action) else {
+            return;
+        };
+        if decl.sets.is_empty() {
+            completion.applies_spec = decl.applies_spec;
+            return;
+        }
+        let Ok(Some(r)) = self.store.get_resource_by_id(run.resource_id).await else {
+            return;
+        };
+        let new = run.kind.spec_after_success(&run.action, &run.params, &r.spec).unwrap_or_else(|| r.spec.clone());
+        if new != r.spec {
+            completion.spec = Some(SpecUpdate { patch: crate::merge::diff(&r.spec, &new), spec: new.clone() });
+        }
+        if run.kind.applies(&r.spec, &run.action) {
+            completion.applies_spec = true;
+        } else if let Some(mut applied) = r.applied_spec {
+            // The fields the action sets run as the spec now says.
+            if let Some(fields) = applied.as_object_mut() {
+                for field in decl.sets {
+                    match new.get(*field) {
+                        Some(v) => fields.insert(field.to_string(), v.clone()),
+                        None => fields.remove(*field),
+                    };
+                }
+            }
+            match applied == new {
+                true => completion.applies_spec = true,
+                false => completion.applied = Some(applied),
             }
         }
     }

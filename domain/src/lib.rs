@@ -10,6 +10,7 @@ pub mod auth;
 pub mod engine;
 pub mod error;
 pub mod kinds;
+pub mod merge;
 pub mod model;
 pub mod ports;
 pub mod service;

@@ -21,6 +21,14 @@ pub struct Resource {
     pub spec: Value,
     /// Generation: bumped by every change of spec or state.
     pub version: i64,
+    /// The newest spec version (see [`SpecVersion`]); `spec` is its spec.
+    pub spec_version: i64,
+    /// The spec version that last ran whole, if any did.
+    pub applied_version: Option<i64>,
+    /// The spec as it runs: set by the successful run that applied it (or
+    /// by the write itself, for kinds whose spec takes effect when
+    /// written). `None` until something applied it.
+    pub applied_spec: Option<Value>,
     /// What the last successful run produced (artifact path, instances…).
     pub outputs: Value,
     /// What the observer last saw of the real thing, if anything.
@@ -39,6 +47,44 @@ pub struct NewResource {
     pub state: String,
     pub spec: Value,
     pub actor: String,
+    /// Why, recorded with spec version 1.
+    pub reason: Option<String>,
+    /// Whether the spec takes effect as it is written (records such as
+    /// environments): then it is applied at once.
+    pub applied: bool,
+    pub now: Time,
+}
+
+/// One version of a resource's spec: what a create, a `PATCH` or a run that
+/// changes the spec (a scale's count) wrote. Append-only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecVersion {
+    pub resource_id: Uuid,
+    /// 1 for the create, then one more per change.
+    pub version: i64,
+    pub actor: String,
+    pub reason: Option<String>,
+    /// The JSON merge patch (RFC 7396) from the version before to this one;
+    /// for version 1, the whole spec.
+    pub patch: Value,
+    /// The spec this version produced.
+    pub spec: Value,
+    pub created_at: Time,
+}
+
+/// A change of a resource's spec (a `PATCH`), fenced on the spec version
+/// it was computed from.
+#[derive(Debug, Clone)]
+pub struct SpecChange {
+    pub resource: Uuid,
+    /// The spec version the change was computed from.
+    pub from_version: i64,
+    pub spec: Value,
+    pub patch: Value,
+    pub actor: String,
+    pub reason: Option<String>,
+    /// Whether the spec takes effect as written (see [`NewResource::applied`]).
+    pub applied: bool,
     pub now: Time,
 }
 
@@ -158,6 +204,9 @@ pub struct Run {
     pub settings: Value,
     /// The environment of the resource when the run was asked for.
     pub environment: Option<String>,
+    /// The spec version the run ran against (`None` for runs asked for
+    /// before spec versions were recorded).
+    pub spec_version: Option<i64>,
 }
 
 impl Run {
@@ -266,6 +315,13 @@ impl NewEvent {
     }
 }
 
+/// A spec a run's success writes, and the merge patch from the spec before.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecUpdate {
+    pub spec: Value,
+    pub patch: Value,
+}
+
 /// How a worker ends a run.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -273,8 +329,15 @@ pub struct Completion {
     pub resource_state: String,
     pub outputs: Option<Value>,
     pub error: Option<RunError>,
-    /// Replaces the resource's spec (a successful scale records the count).
-    pub spec: Option<Value>,
+    /// Replaces the resource's spec (a successful scale records the count),
+    /// as a new spec version.
+    pub spec: Option<SpecUpdate>,
+    /// The run applied the whole spec (as it is after `spec`): the
+    /// resource's applied spec and version become its spec and version.
+    pub applies_spec: bool,
+    /// Otherwise, the applied spec after the run, when it changed part of
+    /// it (a local scale applies `count` only).
+    pub applied: Option<Value>,
     pub event: NewEvent,
     pub now: Time,
 }

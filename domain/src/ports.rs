@@ -33,15 +33,13 @@ pub trait Store: Send + Sync + 'static {
     async fn get_resource_by_id(&self, id: Uuid) -> Result<Option<Resource>>;
     /// Live (not deleted) resources of a kind, by id, after `page.after`.
     async fn list_resources(&self, kind: Kind, filter: &ResourceFilter, page: PageRequest) -> Result<Vec<Resource>>;
-    /// Replaces the spec if the version matches and no run is active.
-    async fn update_spec(
-        &self,
-        id: Uuid,
-        expected_version: i64,
-        spec: &Value,
-        actor: &str,
-        now: Time,
-    ) -> Result<Resource>;
+    /// Replaces the spec and appends its version, in one transaction, if
+    /// the spec version is still `change.from_version` (else
+    /// `VersionMismatch`) and no run is active (else `Busy`).
+    async fn update_spec(&self, change: &SpecChange) -> Result<Resource>;
+    /// A resource's spec versions, newest first, older than `before`.
+    async fn list_spec_versions(&self, resource: Uuid, before: Option<i64>, limit: u32) -> Result<Vec<SpecVersion>>;
+    async fn get_spec_version(&self, resource: Uuid, version: i64) -> Result<Option<SpecVersion>>;
     /// Soft-deletes a resource in its final state; its runs stay.
     async fn delete_resource(&self, id: Uuid, final_state: &str, now: Time) -> Result<()>;
     async fn set_observed(&self, id: Uuid, observed: &Value) -> Result<()>;

@@ -47,6 +47,22 @@ pub struct Overview {
     /// For kinds that hold resources (environments): what is in it, each
     /// with its active run.
     pub members: Option<Vec<(Resource, Option<Run>)>>,
+    /// What the spec says and the running resource does not yet: one entry
+    /// per top-level field, empty when nothing is pending.
+    pub pending_changes: Vec<PendingChange>,
+}
+
+/// A field whose spec differs from what runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingChange {
+    /// `spec.image`.
+    pub field: String,
+    /// As it runs; `None` when absent.
+    pub applied: Option<Value>,
+    /// As the spec has it; `None` when removed.
+    pub wanted: Option<Value>,
+    /// The actions that would apply it.
+    pub applied_by: Vec<&'static str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -144,7 +160,15 @@ impl Service {
         }
     }
 
-    pub async fn create(&self, kind: Kind, name: &str, spec: &Value, actor: &str) -> Result<Resource> {
+    pub async fn create(
+        &self,
+        kind: Kind,
+        name: &str,
+        spec: &Value,
+        actor: &str,
+        reason: Option<String>,
+    ) -> Result<Resource> {
+        check_reason(reason.as_deref())?;
         let mut errors = validate_name(name).err().into_iter().collect::<Vec<_>>();
         let spec = match self.validate_spec(kind, spec).await {
             Ok(s) => Some(s),
@@ -163,6 +187,8 @@ impl Service {
                     state: kind.initial_state().to_string(),
                     spec,
                     actor: actor.to_string(),
+                    reason,
+                    applied: kind.applied_on_write(),
                     now: Utc::now(),
                 };
                 self.store.insert_resource(&new).await
@@ -206,8 +232,10 @@ impl Service {
             }
             false => None,
         };
+        let pending_changes = pending_changes(kind, &resource);
         Ok(Overview {
             members,
+            pending_changes,
             allowed_actions: kind.allowed_actions(&resource.state),
             resource,
             active_run,
@@ -288,7 +316,9 @@ impl Service {
         Ok(users)
     }
 
-    /// Applies a JSON merge patch (RFC 7396) to the spec.
+    /// Applies a JSON merge patch (RFC 7396) to the spec, as a new spec
+    /// version. `if_match` is the spec version the caller last read (412
+    /// otherwise); a patch that changes nothing writes no version.
     pub async fn patch_spec(
         &self,
         kind: Kind,
@@ -296,22 +326,66 @@ impl Service {
         patch: &Value,
         if_match: Option<i64>,
         actor: &str,
+        reason: Option<String>,
     ) -> Result<Resource> {
+        check_reason(reason.as_deref())?;
         let current = self.get(kind, key).await?;
         if let Some(why) = kind.locked(&current.name) {
             return Err(Error::Locked { why });
         }
         if let Some(expected) = if_match {
-            if expected != current.version {
-                return Err(Error::VersionMismatch { expected, current: current.version });
+            if expected != current.spec_version {
+                return Err(Error::VersionMismatch { expected, current: current.spec_version });
             }
         }
-        // The store refuses the write while a transition is active (Busy),
-        // in the same transaction as the write.
         let mut spec = current.spec.clone();
-        merge_patch(&mut spec, patch);
+        crate::merge::apply(&mut spec, patch);
         let spec = self.validate_spec(kind, &spec).await?;
-        self.store.update_spec(current.id, current.version, &spec, actor, Utc::now()).await
+        let patch = crate::merge::diff(&current.spec, &spec);
+        if patch.as_object().is_some_and(|m| m.is_empty()) {
+            return Ok(current);
+        }
+        // The store refuses the write while a transition is active (Busy),
+        // and when another write came first (fenced on the spec version),
+        // in the same transaction as the write.
+        self.store
+            .update_spec(&SpecChange {
+                resource: current.id,
+                from_version: current.spec_version,
+                spec,
+                patch,
+                actor: actor.to_string(),
+                reason,
+                applied: kind.applied_on_write(),
+                now: Utc::now(),
+            })
+            .await
+    }
+
+    /// A resource's spec versions, newest first, older than `before`.
+    pub async fn spec_versions(
+        &self,
+        kind: Kind,
+        key: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(Vec<SpecVersion>, Option<i64>)> {
+        let r = self.get(kind, key).await?;
+        let items = self.store.list_spec_versions(r.id, before, limit).await?;
+        let next = match items.last() {
+            Some(last) if items.len() == limit as usize && last.version > 1 => Some(last.version),
+            _ => None,
+        };
+        Ok((items, next))
+    }
+
+    /// One spec version of a resource.
+    pub async fn spec_version(&self, kind: Kind, key: &str, version: i64) -> Result<SpecVersion> {
+        let r = self.get(kind, key).await?;
+        self.store
+            .get_spec_version(r.id, version)
+            .await?
+            .ok_or_else(|| Error::NotFound { kind: "spec version", key: format!("{} of {kind} {key}", version) })
     }
 
     pub async fn delete(&self, kind: Kind, key: &str) -> Result<()> {
@@ -335,9 +409,7 @@ impl Service {
         if let Some(run) = self.store.active_run(resource.id).await? {
             return Err(Error::Busy { kind: kind.as_str(), resource: resource.id, run: run.id });
         }
-        if req.reason.as_ref().is_some_and(|r| r.len() > 2000) {
-            return Err(Error::invalid("reason", "at most 2000 characters"));
-        }
+        check_reason(req.reason.as_deref())?;
         self.guard_protected(kind, &resource, &req).await?;
         let (action, params, working, ok, err, parent) = match kind.next(&resource.state, &req.action)? {
             Step::Go { working, ok, err } => {
@@ -531,19 +603,35 @@ fn last_n<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
     v
 }
 
-fn merge_patch(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
+/// A reason is optional, and at most 2000 characters.
+fn check_reason(reason: Option<&str>) -> Result<()> {
+    match reason {
+        Some(r) if r.chars().count() > 2000 => Err(Error::invalid("reason", "at most 2000 characters")),
+        _ => Ok(()),
     }
+}
+
+/// The fields whose spec differs from what runs, on a live resource that
+/// runs something (its applied spec is known), each with the actions that
+/// apply it.
+pub fn pending_changes(kind: Kind, r: &Resource) -> Vec<PendingChange> {
+    let Some(applied) = &r.applied_spec else {
+        return Vec::new();
+    };
+    if r.state == kind.final_state() || applied == &r.spec {
+        return Vec::new();
+    }
+    let Value::Object(diff) = crate::merge::diff(applied, &r.spec) else {
+        return Vec::new();
+    };
+    diff.keys()
+        .map(|field| PendingChange {
+            field: format!("spec.{field}"),
+            applied: applied.get(field).cloned(),
+            wanted: r.spec.get(field).cloned(),
+            applied_by: kind.applied_by(&r.spec, field),
+        })
+        .collect()
 }
 
 /// Explains, in one sentence, why a resource is failed or stuck.
@@ -631,14 +719,6 @@ pub fn diagnose(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn merge_patch_follows_rfc7396() {
-        let mut v = json!({"a": 1, "b": {"c": 2, "d": 3}});
-        merge_patch(&mut v, &json!({"a": null, "b": {"c": 5}, "e": [1]}));
-        assert_eq!(v, json!({"b": {"c": 5, "d": 3}, "e": [1]}));
-    }
 
     #[test]
     fn last_n_keeps_the_tail() {

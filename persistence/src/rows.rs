@@ -19,6 +19,9 @@ pub(crate) struct ResourceRow {
     state: String,
     spec: Json<Value>,
     version: i64,
+    spec_version: i64,
+    applied_version: Option<i64>,
+    applied_spec: Option<Json<Value>>,
     outputs: Json<Value>,
     observed: Option<Json<Value>>,
     created_by: String,
@@ -42,6 +45,9 @@ impl ResourceRow {
             state: row.try_get("r_state")?,
             spec: row.try_get("r_spec")?,
             version: row.try_get("r_version")?,
+            spec_version: row.try_get("r_spec_version")?,
+            applied_version: row.try_get("r_applied_version")?,
+            applied_spec: row.try_get("r_applied_spec")?,
             outputs: row.try_get("r_outputs")?,
             observed: row.try_get("r_observed")?,
             created_by: row.try_get("r_created_by")?,
@@ -66,6 +72,9 @@ impl TryFrom<ResourceRow> for Resource {
             state: r.state,
             spec: r.spec.0,
             version: r.version,
+            spec_version: r.spec_version,
+            applied_version: r.applied_version,
+            applied_spec: r.applied_spec.map(|j| j.0),
             outputs: r.outputs.0,
             observed: r.observed.map(|j| j.0),
             created_by: r.created_by,
@@ -111,6 +120,7 @@ pub(crate) struct RunRow {
     cancel_requested_by: Option<String>,
     settings: Json<Value>,
     environment: Option<String>,
+    spec_version: Option<i64>,
 }
 
 impl TryFrom<RunRow> for Run {
@@ -151,7 +161,33 @@ impl TryFrom<RunRow> for Run {
             cancel_requested_by: r.cancel_requested_by,
             settings: r.settings.0,
             environment: r.environment,
+            spec_version: r.spec_version,
         })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct SpecVersionRow {
+    resource_id: Uuid,
+    version: i64,
+    actor: String,
+    reason: Option<String>,
+    patch: Json<Value>,
+    spec: Json<Value>,
+    created_at: Ts,
+}
+
+impl From<SpecVersionRow> for SpecVersion {
+    fn from(v: SpecVersionRow) -> SpecVersion {
+        SpecVersion {
+            resource_id: v.resource_id,
+            version: v.version,
+            actor: v.actor,
+            reason: v.reason,
+            patch: v.patch.0,
+            spec: v.spec.0,
+            created_at: v.created_at.0,
+        }
     }
 }
 

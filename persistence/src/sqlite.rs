@@ -125,8 +125,9 @@ impl SqliteStore {
             ") AS v WHERE resources.id = v.column1 AND (resources.state = v.column3 OR resources.state = v.column2)
              AND resources.deleted_at IS NULL
              RETURNING resources.id, resources.kind, resources.name, resources.state, resources.spec,
-                resources.version, resources.outputs, resources.observed, resources.created_by,
-                resources.updated_by, resources.created_at, resources.updated_at",
+                resources.version, resources.spec_version, resources.applied_version, resources.applied_spec,
+                resources.outputs, resources.observed, resources.created_by, resources.updated_by,
+                resources.created_at, resources.updated_at",
         );
         let mut moved: std::collections::HashMap<Uuid, Resource> = q
             .build_query_as::<ResourceRow>()
@@ -193,14 +194,24 @@ impl SqliteStore {
         let by_id: std::collections::HashMap<Uuid, (Uuid, String, i32)> =
             done.into_iter().map(|(id, resource, working, attempt)| (id, (resource, working, attempt))).collect();
         let finished: Vec<Ended> = batch.iter().filter_map(|item| by_id.get(&item.0.run).map(|d| (item, d))).collect();
+        // VALUES: resource, working state, new state, spec, outputs, now,
+        // applies, applied.
         let mut q = QueryBuilder::<Sqlite>::new(
             "UPDATE resources SET state = v.column3, spec = COALESCE(v.column4, resources.spec),
+                spec_version = resources.spec_version + (v.column4 IS NOT NULL),
+                applied_spec = CASE WHEN v.column7 THEN COALESCE(v.column4, resources.spec)
+                    ELSE COALESCE(v.column8, resources.applied_spec) END,
+                applied_version = CASE WHEN v.column7 THEN resources.spec_version + (v.column4 IS NOT NULL)
+                    ELSE resources.applied_version END,
                 outputs = COALESCE(v.column5, resources.outputs), observed = NULL,
                 version = resources.version + 1, updated_at = v.column6 FROM (",
         );
         q.push_values(&finished, |mut b, ((_, c), (resource, working, _))| {
             b.push_bind(*resource).push_bind(working.as_str()).push_bind(c.resource_state.as_str());
-            b.push_bind(c.spec.as_ref().map(Json)).push_bind(c.outputs.as_ref().map(Json)).push_bind(Ts(c.now));
+            b.push_bind(c.spec.as_ref().map(|u| Json(&u.spec)))
+                .push_bind(c.outputs.as_ref().map(Json))
+                .push_bind(Ts(c.now));
+            b.push_bind(c.applies_spec).push_bind(c.applied.as_ref().map(Json));
         });
         q.push(") AS v WHERE resources.id = v.column1 AND resources.state = v.column2 RETURNING resources.id");
         let moved: std::collections::HashSet<Uuid> =
@@ -219,6 +230,25 @@ impl SqliteStore {
             b.push_bind(&e.step).push_bind(&e.message).push_bind(e.data.as_ref().map(Json));
         });
         q.build().execute(&mut *tx).await.map_err(db("append completion events"))?;
+        // A success that changed the spec (a scale's count) is a spec
+        // version, by the run's actor and for its reason.
+        for ((lease, c), (resource, _, _)) in finished.iter() {
+            let Some(update) = &c.spec else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO spec_versions (resource_id, version, actor, reason, patch, spec, created_at)
+                 SELECT r.id, r.spec_version, runs.actor, runs.reason, $3, r.spec, $4
+                 FROM resources r JOIN runs ON runs.id = $2 WHERE r.id = $1",
+            )
+            .bind(*resource)
+            .bind(lease.run)
+            .bind(Json(&update.patch))
+            .bind(Ts(c.now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("record spec version"))?;
+        }
         tx.commit().await.map_err(db("commit completions"))?;
         Ok(batch.iter().map(|(l, _)| if by_id.contains_key(&l.run) { Ok(()) } else { stale(l) }).collect())
     }

@@ -42,10 +42,13 @@ macro_rules! impl_store {
             }
 
             async fn insert_resource(&self, r: &NewResource) -> Result<Resource> {
+                let mut tx = self.pool.begin().await.map_err(db("begin"))?;
                 let row = sqlx::query_as::<_, ResourceRow>(
-                    "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at,
-                        created_by, updated_by)
-                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $7, $8, $8) RETURNING *",
+                    "INSERT INTO resources (id, kind, name, state, spec, version, spec_version, applied_version,
+                        applied_spec, outputs, created_at, updated_at, created_by, updated_by)
+                     VALUES ($1, $2, $3, $4, $5, 1, 1, CASE WHEN $9 THEN 1 END, CASE WHEN $9 THEN $5 END, $6, $7, $7,
+                        $8, $8)
+                     RETURNING *",
                 )
                 .bind(r.id)
                 .bind(r.kind.as_str())
@@ -55,12 +58,15 @@ macro_rules! impl_store {
                 .bind(Json(serde_json::json!({})))
                 .bind(Ts(r.now))
                 .bind(&r.actor)
-                .fetch_one(&self.pool)
+                .bind(r.applied)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(|e| match is_unique(&e) {
                     true => Error::AlreadyExists { kind: r.kind.as_str(), name: r.name.clone() },
                     false => db("insert resource")(e),
                 })?;
+                insert_spec_version(&mut tx, r.id, 1, &r.actor, r.reason.as_deref(), &r.spec, &r.spec, r.now).await?;
+                tx.commit().await.map_err(db("commit"))?;
                 row.try_into()
             }
 
@@ -105,51 +111,75 @@ macro_rules! impl_store {
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
-            async fn update_spec(
-                &self,
-                id: Uuid,
-                expected_version: i64,
-                spec: &Value,
-                actor: &str,
-                now: Time,
-            ) -> Result<Resource> {
+            async fn update_spec(&self, c: &SpecChange) -> Result<Resource> {
                 let mut tx = self.pool.begin().await.map_err(db("begin"))?;
                 let active = sqlx::query_scalar::<_, Uuid>("SELECT run_id FROM run_queue WHERE resource_id = $1")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db("find active run"))?;
+                    .bind(c.resource)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db("find active run"))?;
                 let row = sqlx::query_as::<_, ResourceRow>(
-                    "UPDATE resources SET spec = $3, version = version + 1, updated_at = $4, updated_by = $5
-                     WHERE id = $1 AND version = $2 AND deleted_at IS NULL RETURNING *",
+                    "UPDATE resources SET spec = $3, spec_version = spec_version + 1, version = version + 1,
+                        applied_spec = CASE WHEN $6 THEN $3 ELSE applied_spec END,
+                        applied_version = CASE WHEN $6 THEN spec_version + 1 ELSE applied_version END,
+                        updated_at = $4, updated_by = $5
+                     WHERE id = $1 AND spec_version = $2 AND deleted_at IS NULL RETURNING *",
                 )
-                .bind(id)
-                .bind(expected_version)
-                .bind(Json(spec))
-                .bind(Ts(now))
-                .bind(actor)
+                .bind(c.resource)
+                .bind(c.from_version)
+                .bind(Json(&c.spec))
+                .bind(Ts(c.now))
+                .bind(&c.actor)
+                .bind(c.applied)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db("update spec"))?;
                 match (active, row) {
                     (Some(run), _) => {
                         drop(tx);
-                        let kind = self.kind_of(id).await?;
-                        Err(Error::Busy { kind: kind.as_str(), resource: id, run })
+                        let kind = self.kind_of(c.resource).await?;
+                        Err(Error::Busy { kind: kind.as_str(), resource: c.resource, run })
                     }
                     (None, Some(row)) => {
+                        let version = c.from_version + 1;
+                        insert_spec_version(&mut tx, c.resource, version, &c.actor, c.reason.as_deref(), &c.patch, &c.spec, c.now).await?;
                         tx.commit().await.map_err(db("commit"))?;
                         row.try_into()
                     }
                     (None, None) => {
                         drop(tx);
-                        let current = self.get_resource_by_id(id).await?;
+                        let current = self.get_resource_by_id(c.resource).await?;
                         match current {
-                            Some(r) => Err(Error::VersionMismatch { expected: expected_version, current: r.version }),
-                            None => Err(Error::NotFound { kind: "resource", key: id.to_string() }),
+                            Some(r) => Err(Error::VersionMismatch { expected: c.from_version, current: r.spec_version }),
+                            None => Err(Error::NotFound { kind: "resource", key: c.resource.to_string() }),
                         }
                     }
                 }
+            }
+
+            async fn list_spec_versions(&self, resource: Uuid, before: Option<i64>, limit: u32) -> Result<Vec<SpecVersion>> {
+                let rows = sqlx::query_as::<_, SpecVersionRow>(
+                    "SELECT * FROM spec_versions WHERE resource_id = $1 AND version < $2 ORDER BY version DESC LIMIT $3",
+                )
+                .bind(resource)
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("list spec versions"))?;
+                Ok(rows.into_iter().map(SpecVersion::from).collect())
+            }
+
+            async fn get_spec_version(&self, resource: Uuid, version: i64) -> Result<Option<SpecVersion>> {
+                let row = sqlx::query_as::<_, SpecVersionRow>(
+                    "SELECT * FROM spec_versions WHERE resource_id = $1 AND version = $2",
+                )
+                .bind(resource)
+                .bind(version)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("get spec version"))?;
+                Ok(row.map(SpecVersion::from))
             }
 
             async fn delete_resource(&self, id: Uuid, final_state: &str, now: Time) -> Result<()> {
@@ -186,9 +216,11 @@ macro_rules! impl_store {
                 let inserted = sqlx::query_as::<_, RunRow>(
                     "INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state,
                         working_state, ok_state, err_state, status, attempt, max_attempts, actor, reason,
-                        idempotency_key, parent_run, provider, timeout_secs, created_at, run_after, settings, environment)
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', 0, $11, $12, $13, $14, $15, $16, $17, $18, $18, $19, $20
-                     WHERE EXISTS (SELECT 1 FROM resources WHERE id = $2 AND state = $7 AND deleted_at IS NULL)
+                        idempotency_key, parent_run, provider, timeout_secs, created_at, run_after, settings, environment,
+                        spec_version)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', 0, $11, $12, $13, $14, $15, $16, $17, $18, $18, $19, $20,
+                        resources.spec_version
+                     FROM resources WHERE id = $2 AND state = $7 AND deleted_at IS NULL
                      RETURNING *",
                 )
                 .bind(run.id)
@@ -857,6 +889,35 @@ macro_rules! impl_store {
         /// them: their outcome, for the status filters of history, and an
         /// entry for the rollup folder. Every way a run ends calls this
         /// (the Postgres completion does the same in its one statement).
+        /// Appends a spec version (the caller's transaction wrote the spec).
+        #[allow(clippy::too_many_arguments)]
+        async fn insert_spec_version(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            resource: Uuid,
+            version: i64,
+            actor: &str,
+            reason: Option<&str>,
+            patch: &Value,
+            spec: &Value,
+            now: Time,
+        ) -> Result<()> {
+            sqlx::query(
+                "INSERT INTO spec_versions (resource_id, version, actor, reason, patch, spec, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(resource)
+            .bind(version)
+            .bind(actor)
+            .bind(reason)
+            .bind(Json(patch))
+            .bind(Json(spec))
+            .bind(Ts(now))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("record spec version"))?;
+            Ok(())
+        }
+
         async fn record_finished(conn: &mut <$db as sqlx::Database>::Connection, ids: &[Uuid]) -> Result<()> {
             let mut q = QueryBuilder::<$db>::new(
                 "INSERT INTO run_outcomes (outcome, run_id, action, kind, environment, actor)

@@ -176,6 +176,8 @@ pub async fn queue_stop(
             state: "up".into(),
             spec: json!({"image": "x", "count": 1}),
             actor: "bench".into(),
+            reason: None,
+            applied: false,
             now,
         })
         .await?;

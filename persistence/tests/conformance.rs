@@ -20,6 +20,7 @@ both_backends!(
     resources_are_unique_by_kind_and_name,
     resources_page_by_keyset,
     spec_updates_are_fenced_on_version_and_active_runs,
+    completions_apply_the_spec_and_version_its_changes,
     one_active_run_per_resource,
     a_run_needs_the_resource_in_its_from_state,
     claim_moves_the_resource_and_hands_out_a_lease,
@@ -58,6 +59,8 @@ async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
             state: "pending".into(),
             spec: json!({}),
             actor: "tester".into(),
+            reason: None,
+            applied: false,
             now: Utc::now(),
         })
         .await;
@@ -71,6 +74,8 @@ async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
             state: "pending".into(),
             spec: json!({}),
             actor: "tester".into(),
+            reason: None,
+            applied: false,
             now: Utc::now(),
         })
         .await
@@ -116,17 +121,77 @@ async fn resources_page_by_keyset(store: Arc<dyn Store>) {
 
 async fn spec_updates_are_fenced_on_version_and_active_runs(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
-    let updated = store.update_spec(r.id, 1, &json!({"image": "img", "count": 4}), "alice", Utc::now()).await.unwrap();
-    assert_eq!(updated.version, 2);
+    assert_eq!((r.spec_version, r.applied_version, &r.applied_spec), (1, None, &None));
+    let updated = store.update_spec(&change(&r, 1, json!({"image": "img", "count": 4}), "alice")).await.unwrap();
+    assert_eq!((updated.version, updated.spec_version), (2, 2));
     assert_eq!((updated.created_by.as_str(), updated.updated_by.as_str()), ("tester", "alice"));
     assert_eq!(updated.spec["count"], 4);
-    let stale = store.update_spec(r.id, 1, &json!({"count": 9}), "bob", Utc::now()).await;
+    let stale = store.update_spec(&change(&r, 1, json!({"image": "img", "count": 9}), "bob")).await;
     assert!(matches!(stale, Err(Error::VersionMismatch { expected: 1, current: 2 })), "{stale:?}");
     let run = store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
-    let busy = store.update_spec(r.id, 2, &json!({"count": 9}), "bob", Utc::now()).await;
+    assert_eq!(run.spec_version, Some(2), "a run records the spec version it runs against");
+    let busy = store.update_spec(&change(&updated, 2, json!({"image": "img", "count": 9}), "bob")).await;
     assert!(matches!(busy, Err(Error::Busy { run: id, .. }) if id == run.id), "{busy:?}");
-    let now = store.get_resource_by_id(r.id).await.unwrap().unwrap();
-    assert_eq!(now.spec["count"], 4, "nothing half-written");
+    // Every write is a version, newest first, and only the winners.
+    let versions = store.list_spec_versions(r.id, None, 10).await.unwrap();
+    let seen: Vec<_> = versions.iter().map(|v| (v.version, v.actor.as_str(), v.spec["count"].as_i64())).collect();
+    assert_eq!(seen, [(2, "alice", Some(4)), (1, "tester", Some(1))]);
+    assert_eq!(versions[0].patch, json!({"count": 4}));
+    assert_eq!(versions[0].reason.as_deref(), Some("alice says so"));
+    assert_eq!(store.list_spec_versions(r.id, Some(2), 10).await.unwrap().len(), 1);
+    assert_eq!(store.get_spec_version(r.id, 1).await.unwrap().unwrap().spec, r.spec);
+    assert!(store.get_spec_version(r.id, 3).await.unwrap().is_none());
+}
+
+/// A success applies the spec: the applied spec and version follow the
+/// completion, and a spec change made by the run (a scale's count) is a
+/// version of its own, by the run's actor.
+async fn completions_apply_the_spec_and_version_its_changes(store: Arc<dyn Store>) {
+    let r = cluster(&store, "web").await;
+    store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
+    let run = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+    let created = Completion { applies_spec: true, ..done(RunStatus::Succeeded, "up") };
+    store.complete_run(run.lease().unwrap(), &created).await.unwrap();
+    let up = store.get_resource_by_id(r.id).await.unwrap().unwrap();
+    assert_eq!((up.applied_version, up.applied_spec.as_ref()), (Some(1), Some(&r.spec)));
+
+    // A scale to 3 that applies only the count, while a PATCH of the image
+    // is pending: the count runs, the image does not.
+    let patched = store.update_spec(&change(&up, 1, json!({"image": "new", "count": 1}), "alice")).await.unwrap();
+    let mut scale = new_run(&patched, "scale", "up", "scaling", "up");
+    scale.reason = Some("more traffic".into());
+    store.insert_run(&scale).await.unwrap();
+    let run = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+    let scaled = Completion {
+        spec: Some(SpecUpdate { spec: json!({"image": "new", "count": 3}), patch: json!({"count": 3}) }),
+        applied: Some(json!({"image": "img", "count": 3})),
+        ..done(RunStatus::Succeeded, "up")
+    };
+    store.complete_run(run.lease().unwrap(), &scaled).await.unwrap();
+    let after = store.get_resource_by_id(r.id).await.unwrap().unwrap();
+    assert_eq!((after.spec_version, after.spec["count"].as_i64()), (3, Some(3)));
+    assert_eq!(after.applied_spec, Some(json!({"image": "img", "count": 3})));
+    assert_eq!(after.applied_version, Some(1), "the image change still waits");
+    let v3 = store.get_spec_version(r.id, 3).await.unwrap().unwrap();
+    assert_eq!(
+        (v3.actor.as_str(), v3.reason.as_deref(), &v3.patch),
+        ("tester", Some("more traffic"), &json!({"count": 3}))
+    );
+
+    // A failure applies nothing.
+    store.insert_run(&new_run(&after, "stop", "up", "stopping", "down")).await.unwrap();
+    let run = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+    let failed = Completion { error: None, ..done(RunStatus::Failed, "up") };
+    store.complete_run(run.lease().unwrap(), &failed).await.unwrap();
+    assert_eq!(store.get_resource_by_id(r.id).await.unwrap().unwrap().applied_version, Some(1));
+
+    // A start applies the whole spec.
+    store.insert_run(&new_run(&after, "start", "up", "starting", "up")).await.unwrap();
+    let run = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+    let started = Completion { applies_spec: true, ..done(RunStatus::Succeeded, "up") };
+    store.complete_run(run.lease().unwrap(), &started).await.unwrap();
+    let whole = store.get_resource_by_id(r.id).await.unwrap().unwrap();
+    assert_eq!((whole.applied_version, whole.applied_spec.as_ref()), (Some(3), Some(&whole.spec)));
 }
 
 async fn one_active_run_per_resource(store: Arc<dyn Store>) {
@@ -241,7 +306,7 @@ async fn completions_in_a_batch_are_fenced_one_by_one(store: Arc<dyn Store>) {
     let lease = |i: usize| runs[i].lease().unwrap();
     let forged = Lease { run: runs[1].id, token: uuid::Uuid::new_v4() };
     let mut scaled = done(RunStatus::Succeeded, "up");
-    scaled.spec = Some(json!({"image": "web", "count": 5}));
+    scaled.spec = Some(SpecUpdate { spec: json!({"image": "web", "count": 5}), patch: json!({"count": 5}) });
     let results = store
         .complete_runs(&[
             (lease(0), scaled),
@@ -803,4 +868,65 @@ async fn upgrading_makes_an_environment_of_every_name_in_use() {
         let listed = store.list_resources(cluster::KIND, &in_prod, page).await.unwrap();
         assert_eq!(listed.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["web"], "{url}");
     }
+}
+
+/// An installation upgraded from before spec versions (migration 0008):
+/// each resource's spec is its version 1, and one that left its initial
+/// state runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_makes_each_spec_its_first_version() {
+    use drover_domain::kinds::cluster;
+    let (pg, _pg_conn) = postgres_at_version(8).await;
+    let (lite, _dir) = sqlite_at_version(8).await;
+    for (url, uuid) in [(pg.as_str(), "gen_random_uuid()"), (lite.as_str(), "randomblob(16)")] {
+        let now = if url.starts_with("sqlite") { "0" } else { "now()" };
+        let sql = format!(
+            "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by, updated_by)
+             VALUES ({uuid}, 'cluster', 'web', 'up', '{{\"image\": \"i\", \"count\": 2}}', 7, '{{}}', {now}, {now}, 'a', 'b'),
+                    ({uuid}, 'cluster', 'new', 'pending', '{{\"image\": \"i\", \"count\": 1}}', 1, '{{}}', {now}, {now}, 'a', 'a');"
+        );
+        backdoor(url, &sql).await;
+        let store = drover_persistence::open(url).await.unwrap().store;
+        for (name, applied) in [("web", Some(1)), ("new", None)] {
+            let r = store.get_resource(cluster::KIND, &ResourceKey::Name(name.into())).await.unwrap().unwrap();
+            assert_eq!((r.spec_version, r.applied_version), (1, applied), "{url} {name}");
+            assert_eq!(r.applied_spec.is_some(), applied.is_some());
+            let v1 = store.get_spec_version(r.id, 1).await.unwrap().unwrap();
+            assert_eq!((&v1.spec, &v1.patch, v1.actor.as_str()), (&r.spec, &r.spec, r.updated_by.as_str()));
+            // The next change is version 2.
+            let next = store.update_spec(&change(&r, 1, json!({"image": "i", "count": 5}), "c")).await.unwrap();
+            assert_eq!(next.spec_version, 2);
+        }
+    }
+}
+
+/// A replica frozen inside a transaction (SIGSTOP between a heartbeat's two
+/// statements) holds its run's row lock. The server ends such a session
+/// after `IDLE_IN_TRANSACTION`, so the other replicas' reaper gets through;
+/// before, it waited on the lock until the frozen replica woke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_session_cannot_stall_the_reaper() {
+    use sqlx::{ConnectOptions, Connection};
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    let store = drover_persistence::open(&url).await.unwrap().store;
+    let r = cluster(&store, "web").await;
+    store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
+    let t0 = Utc::now();
+    let run = store.claim_runs("frozen", Duration::from_secs(1), 1, t0).await.unwrap().remove(0);
+    // The frozen replica's session: the heartbeat's first statement took
+    // the row, then the process stopped.
+    let mut frozen = drover_persistence::PgStore::session_options(&url).unwrap().connect().await.unwrap();
+    let mut tx = frozen.begin().await.unwrap();
+    sqlx::query("UPDATE runs SET heartbeat_at = heartbeat_at WHERE id = $1")
+        .bind(run.id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let later = t0 + chrono::Duration::seconds(5);
+    let patience = drover_persistence::IDLE_IN_TRANSACTION + Duration::from_secs(10);
+    let reaped = tokio::time::timeout(patience, store.reap_expired(later)).await;
+    assert_eq!(reaped.expect("the reaper waited on the frozen session's lock").unwrap(), vec![run.id]);
+    // The frozen session wakes to find itself ended: its write never lands.
+    assert!(tx.commit().await.is_err());
+    assert_eq!(store.get_run(run.id).await.unwrap().unwrap().status, RunStatus::Queued);
 }

@@ -434,15 +434,19 @@ impl Store for SlowClaims {
     ) -> drover_domain::Result<Vec<Resource>> {
         self.0.list_resources(kind, filter, page).await
     }
-    async fn update_spec(
+    async fn update_spec(&self, change: &SpecChange) -> drover_domain::Result<Resource> {
+        self.0.update_spec(change).await
+    }
+    async fn list_spec_versions(
         &self,
-        id: Uuid,
-        v: i64,
-        spec: &Value,
-        actor: &str,
-        now: Time,
-    ) -> drover_domain::Result<Resource> {
-        self.0.update_spec(id, v, spec, actor, now).await
+        resource: Uuid,
+        before: Option<i64>,
+        limit: u32,
+    ) -> drover_domain::Result<Vec<SpecVersion>> {
+        self.0.list_spec_versions(resource, before, limit).await
+    }
+    async fn get_spec_version(&self, resource: Uuid, version: i64) -> drover_domain::Result<Option<SpecVersion>> {
+        self.0.get_spec_version(resource, version).await
     }
     async fn delete_resource(&self, id: Uuid, final_state: &str, now: Time) -> drover_domain::Result<()> {
         self.0.delete_resource(id, final_state, now).await

@@ -121,6 +121,8 @@ async fn built_in_roles_of_an_earlier_version_are_brought_up_to_date(s: Stores) 
             state: drover_domain::kinds::role::KIND.initial_state().into(),
             spec: drover_domain::kinds::role::KIND.validate_spec(&old).unwrap(),
             actor: "drover".into(),
+            reason: None,
+            applied: false,
             now: Utc::now(),
         })
         .await

@@ -162,3 +162,100 @@ async fn roles_are_checked_against_the_registry() {
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     assert_eq!(r.body["used_by"], json!(["user/dee"]));
 }
+
+/// Every spec change is a version: create, PATCH (with If-Match on the spec
+/// version) and a scale's count, each with who and why; transitions record
+/// the version they ran against; a PATCH of a running cluster shows as a
+/// pending change naming the actions that apply it, until one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spec_change_is_a_version() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let serve = "python3 -m http.server $PORT --bind 127.0.0.1";
+    for image in ["web", "web2"] {
+        let r = app
+            .post("/v1/images", json!({"name": image, "spec": {"build_command": "true", "start_command": serve}}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        assert_eq!(app.run("image", image, json!({"action": "build"})).await["status"], "succeeded");
+    }
+    let r = app
+        .post("/v1/clusters", json!({"name": "c1", "spec": {"image": "web", "count": 1}, "reason": "new service"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!((r.body["spec_version"].as_i64(), &r.body["applied_version"]), (Some(1), &json!(null)));
+    assert_eq!(r.headers["etag"], "\"v1\"");
+    assert_eq!(r.body["pending_changes"], json!([]), "nothing runs yet, so nothing is pending");
+    let created = app.run("cluster", "c1", json!({"action": "create"})).await;
+    assert_eq!((created["status"].as_str(), created["spec_version"].as_i64()), (Some("succeeded"), Some(1)));
+    let c1 = app.get("/v1/clusters/c1").await.body;
+    assert_eq!((c1["spec_version"].as_i64(), c1["applied_version"].as_i64()), (Some(1), Some(1)));
+
+    // A new image for the running cluster: pending until a start applies it.
+    let r =
+        app.patch("/v1/clusters/c1", json!({"spec": {"image": "web2"}, "reason": "new release"}), Some("\"v1\"")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!((r.body["spec_version"].as_i64(), r.body["applied_version"].as_i64()), (Some(2), Some(1)));
+    assert_eq!(
+        r.body["pending_changes"],
+        json!([{"field": "spec.image", "applied": "web", "wanted": "web2", "applied_by": ["create", "start"]}])
+    );
+    let stale = app.patch("/v1/clusters/c1", json!({"spec": {"count": 2}}), Some("\"v1\"")).await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED, "{}", stale.body);
+    let same = app.patch("/v1/clusters/c1", json!({"spec": {"image": "web2"}}), Some("\"v2\"")).await;
+    assert_eq!(same.body["spec_version"], 2, "a patch that changes nothing is no version");
+
+    // A scale changes the count (a version by the scale's actor and
+    // reason) and applies only the count: the image is still pending.
+    let scaled = app.run("cluster", "c1", json!({"action": "scale", "params": {"count": 2}, "reason": "load"})).await;
+    assert_eq!((scaled["status"].as_str(), scaled["spec_version"].as_i64()), (Some("succeeded"), Some(2)));
+    let c1 = app.get("/v1/clusters/c1").await.body;
+    assert_eq!((c1["spec_version"].as_i64(), c1["applied_version"].as_i64()), (Some(3), Some(1)));
+    assert_eq!(c1["pending_changes"].as_array().unwrap().len(), 1, "{c1}");
+    assert_eq!(c1["pending_changes"][0]["field"], "spec.image");
+
+    let versions = app.get("/v1/clusters/c1/versions").await.body;
+    let seen: Vec<_> = versions["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].as_i64().unwrap(), v["reason"].as_str().unwrap_or(""), v["patch"].clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (3, "load", json!({"count": 2})),
+            (2, "new release", json!({"image": "web2"})),
+            (
+                1,
+                "new service",
+                json!({"image": "web", "count": 1, "provider": "local",
+                "health_check": {"type": "http", "path": "/"}, "start_timeout_secs": 30})
+            ),
+        ],
+        "{versions}"
+    );
+    let page = app.get("/v1/clusters/c1/versions?limit=2").await.body;
+    assert_eq!(page["next_cursor"], 2);
+    let rest = app.get("/v1/clusters/c1/versions?limit=2&cursor=2").await.body;
+    assert_eq!(rest["items"][0]["version"], 1);
+    assert_eq!(rest["next_cursor"], json!(null));
+    let diff = app.get("/v1/clusters/c1/versions/3/diff?from=1").await.body;
+    assert_eq!(diff["patch"], json!({"image": "web2", "count": 2}));
+    assert_eq!(diff["changes"][0], json!({"field": "spec.count", "from": 1, "to": 2}));
+    assert_eq!(app.get("/v1/clusters/c1/versions/9").await.status, StatusCode::NOT_FOUND);
+
+    // Stop and start: the whole spec runs again, nothing is pending.
+    assert_eq!(app.run("cluster", "c1", json!({"action": "stop"})).await["status"], "succeeded");
+    let started = app.run("cluster", "c1", json!({"action": "start"})).await;
+    assert_eq!((started["status"].as_str(), started["spec_version"].as_i64()), (Some("succeeded"), Some(3)));
+    let c1 = app.get("/v1/clusters/c1").await.body;
+    assert_eq!((c1["spec_version"].as_i64(), c1["applied_version"].as_i64()), (Some(3), Some(3)));
+    assert_eq!(c1["pending_changes"], json!([]));
+
+    // Records take effect as written: an environment's patch is applied.
+    app.post("/v1/environments", json!({"name": "qa", "spec": {"description": "x"}})).await;
+    let qa = app.patch("/v1/environments/qa", json!({"spec": {"description": "y"}}), None).await.body;
+    assert_eq!((qa["spec_version"].as_i64(), qa["applied_version"].as_i64()), (Some(2), Some(2)));
+    assert_eq!(qa["pending_changes"], json!([]));
+    let _ = app.run("cluster", "c1", json!({"action": "destroy"})).await;
+}

@@ -156,15 +156,18 @@ async fn a_failed_build_says_why_and_retry_after_a_fix_recovers() {
 
     // Fix the spec under optimistic concurrency, then retry.
     let etag = image.headers["etag"].to_str().unwrap().to_string();
-    let stale = app.patch("/v1/images/broken", json!({"spec": {"build_command": "true"}}), Some("\"v1\"")).await;
-    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED, "{}", stale.body);
+    assert_eq!(etag, "\"v1\"", "the ETag is the spec version");
     let fixed = app
         .patch("/v1/images/broken", json!({"spec": {"build_command": "echo fixed > index.html"}}), Some(&etag))
         .await;
     assert_eq!(fixed.status, StatusCode::OK, "{}", fixed.body);
     assert_eq!(fixed.body["spec"]["build_command"], "echo fixed > index.html");
     assert_eq!(fixed.body["spec"]["start_command"], SERVE, "a merge patch keeps the other fields");
-    assert_ne!(fixed.headers["etag"].to_str().unwrap(), etag);
+    assert_eq!(fixed.headers["etag"].to_str().unwrap(), "\"v2\"");
+    // Someone who read version 1 cannot overwrite version 2.
+    let stale = app.patch("/v1/images/broken", json!({"spec": {"build_command": "true"}}), Some(&etag)).await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED, "{}", stale.body);
+    assert_eq!(app.get("/v1/images/broken").await.body["spec"]["build_command"], "echo fixed > index.html");
 
     let retry = app.run("image", "broken", json!({"action": "retry", "reason": "fixed the build"})).await;
     assert_eq!(retry["status"], "succeeded", "{retry}");

@@ -70,9 +70,98 @@ pub fn router() -> Router<AppState> {
                         transition(&s, &caller, kind, &id, &headers, body).await
                     },
                 ),
+            )
+            .route(
+                &format!("{collection}/{{id}}/versions"),
+                get(move |State(s): State<AppState>, caller: Caller, ApiPath(id): ApiPath<String>, ApiQuery(q): ApiQuery<VersionsQuery>| async move {
+                    versions(&s, &caller, kind, &id, q).await
+                }),
+            )
+            .route(
+                &format!("{collection}/{{id}}/versions/{{version}}"),
+                get(move |State(s): State<AppState>, caller: Caller, ApiPath((id, version)): ApiPath<(String, i64)>| async move {
+                    caller.require(&kind.permission("read"))?;
+                    let v = s.service.spec_version(kind, &id, version).await?;
+                    Ok::<_, Problem>(Json(SpecVersionView::from(v)))
+                }),
+            )
+            .route(
+                &format!("{collection}/{{id}}/versions/{{version}}/diff"),
+                get(
+                    move |State(s): State<AppState>,
+                          caller: Caller,
+                          ApiPath((id, version)): ApiPath<(String, i64)>,
+                          ApiQuery(q): ApiQuery<DiffQuery>| async move { diff(&s, &caller, kind, &id, version, q).await },
+                ),
             );
     }
     router
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct VersionsQuery {
+    /// Page size, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page: versions older than it.
+    #[param(minimum = 1)]
+    pub cursor: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DiffQuery {
+    /// The version to compare with; default: the one before (0: no spec).
+    #[param(minimum = 0)]
+    pub from: Option<i64>,
+}
+
+async fn versions(
+    state: &AppState,
+    caller: &Caller,
+    kind: Kind,
+    key: &str,
+    q: VersionsQuery,
+) -> ApiResult<Json<SpecVersionPage>> {
+    caller.require(&kind.permission("read"))?;
+    let limit = page(q.limit, None)?.limit;
+    let (items, next) = state.service.spec_versions(kind, key, q.cursor, limit).await?;
+    Ok(Json(SpecVersionPage { items: items.into_iter().map(Into::into).collect(), next_cursor: next }))
+}
+
+async fn diff(
+    state: &AppState,
+    caller: &Caller,
+    kind: Kind,
+    key: &str,
+    version: i64,
+    q: DiffQuery,
+) -> ApiResult<Json<SpecDiff>> {
+    caller.require(&kind.permission("read"))?;
+    let from = q.from.unwrap_or(version - 1);
+    let to = state.service.spec_version(kind, key, version).await?;
+    // Before version 1 there was no spec.
+    let before = match from {
+        0 => serde_json::json!({}),
+        n => state.service.spec_version(kind, key, n).await?.spec,
+    };
+    let patch = drover_domain::merge::diff(&before, &to.spec);
+    let changes = patch
+        .as_object()
+        .map(|m| {
+            m.keys()
+                .map(|k| FieldChange {
+                    field: format!("spec.{k}"),
+                    from: before.get(k).cloned(),
+                    to: to.spec.get(k).cloned(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Json(SpecDiff { from, to: version, patch, changes }))
 }
 
 pub fn idempotency_key(headers: &HeaderMap) -> Option<String> {
@@ -128,7 +217,7 @@ async fn create(
     body: CreateResource,
 ) -> ApiResult<(StatusCode, HeaderMap, Json<ResourceView>)> {
     caller.require(&kind.permission("create"))?;
-    let created = state.service.create(kind, &body.name, &body.spec, &caller.actor()).await?;
+    let created = state.service.create(kind, &body.name, &body.spec, &caller.actor(), body.reason).await?;
     let (mut headers, view) = view(state, kind, &created.id.to_string()).await?;
     let location = format!("/v1/{}/{}", kind.plural(), created.id);
     headers.insert(header::LOCATION, HeaderValue::from_str(&location).expect("ascii"));
@@ -139,7 +228,7 @@ async fn create(
 pub async fn view(state: &AppState, kind: Kind, key: &str) -> ApiResult<(HeaderMap, Json<ResourceView>)> {
     let o = state.service.overview(kind, key).await?;
     let mut headers = HeaderMap::new();
-    headers.insert(header::ETAG, etag(o.resource.version));
+    headers.insert(header::ETAG, etag(o.resource.spec_version));
     Ok((headers, Json(ResourceView::from_overview(o))))
 }
 
@@ -175,7 +264,7 @@ async fn patch(
     if !body.spec.is_object() {
         return Err(Problem::invalid("spec", "must be an object (a JSON merge patch of the spec)"));
     }
-    state.service.patch_spec(kind, key, &body.spec, if_match(headers)?, &caller.actor()).await?;
+    state.service.patch_spec(kind, key, &body.spec, if_match(headers)?, &caller.actor(), body.reason).await?;
     view(state, kind, key).await
 }
 

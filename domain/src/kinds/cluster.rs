@@ -74,17 +74,21 @@ impl Declaration for Cluster {
 
     fn action(action: Action) -> ActionDecl {
         match action {
-            Action::Create => ActionDecl::new("Starts the cluster's instances from its image.", 600).with_settings(),
+            Action::Create => {
+                ActionDecl::new("Starts the cluster's instances from its image.", 600).with_settings().applying_spec()
+            }
             Action::Scale => ActionDecl::new("Brings the cluster to `count` instances.", 600)
                 .params(Params::of::<ScaleParams>())
                 .with_settings()
-                .changing_spec(),
+                .changing_spec(&["count"]),
             Action::AddInstances => ActionDecl::new("Adds `n` instances to the cluster.", 600)
                 .params(Params::of::<AddParams>())
                 .with_settings()
-                .changing_spec(),
+                .changing_spec(&["count"]),
             Action::Stop => ActionDecl::new("Stops every instance; the cluster stays, `down`.", 300),
-            Action::Start => ActionDecl::new("Starts a stopped cluster's instances again.", 600).with_settings(),
+            Action::Start => {
+                ActionDecl::new("Starts a stopped cluster's instances again.", 600).with_settings().applying_spec()
+            }
             Action::Destroy => ActionDecl::new("Stops the instances and removes what the cluster made.", 300),
             Action::Retry => ActionDecl::new("Repeats the action that failed.", 300),
         }
@@ -115,6 +119,12 @@ impl Declaration for Cluster {
 
     fn spec_after(spec: &Spec, action: Action, params: &Value) -> Option<Spec> {
         spec_after_success(spec, action, params)
+    }
+
+    /// Locally, a scale starts or stops instances and leaves the others as
+    /// they run; on `aws` it sends the whole rendered stack.
+    fn applies_whole(spec: &Spec, _action: Action) -> bool {
+        spec.provider == "aws"
     }
 
     fn environment(spec: &Spec) -> Option<String> {

@@ -38,6 +38,7 @@ impl Declaration for Environment {
     const INITIAL: State = State::Active;
     const FINAL: State = State::Deleted;
     const HOLDS_RESOURCES: bool = true;
+    const APPLIED_ON_WRITE: bool = true;
 
     fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
         record::next(state, action)

@@ -51,7 +51,9 @@ impl Declaration for Image {
 
     fn action(action: Action) -> ActionDecl {
         match action {
-            Action::Build => ActionDecl::new("Builds the image from its spec (again, when it is built).", 1800),
+            Action::Build => {
+                ActionDecl::new("Builds the image from its spec (again, when it is built).", 1800).applying_spec()
+            }
             Action::Destroy => ActionDecl::new("Removes what the build made (directory, or AMI and snapshots).", 300),
             Action::Retry => ActionDecl::new("Repeats the action that failed.", 300),
         }

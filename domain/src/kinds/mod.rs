@@ -118,6 +118,19 @@ pub trait Declaration: Send + Sync + 'static {
         None
     }
 
+    /// Asked only of actions that change the spec ([`ActionDecl::sets`]):
+    /// whether their success applies the whole spec rather than the fields
+    /// they set. Default: no. A kind whose provider applies more for some
+    /// specs says so here (an `aws` cluster's scale renders the whole stack).
+    fn applies_whole(_spec: &Self::Spec, _action: Self::Action) -> bool {
+        false
+    }
+
+    /// Whether the spec takes effect as it is written, with no run to apply
+    /// it (records: environments, users, roles). Then it never has pending
+    /// changes.
+    const APPLIED_ON_WRITE: bool = false;
+
     /// The timeout of `action` for this spec; default: the action's.
     fn timeout_secs(_spec: &Self::Spec, action: Self::Action) -> u64 {
         Self::action(action).timeout_secs
@@ -168,18 +181,36 @@ pub struct ActionDecl {
     pub timeout_secs: u64,
     /// Whether a run of it hands the resource's settings to the provider.
     pub takes_settings: bool,
-    /// Whether its success changes the spec ([`Declaration::spec_after`]).
-    pub changes_spec: bool,
+    /// The spec fields its success changes ([`Declaration::spec_after`]),
+    /// and so applies; empty when it changes none.
+    pub sets: &'static [&'static str],
+    /// Whether its success means the whole spec runs (a create, a build):
+    /// see [`Kind::applies`].
+    pub applies_spec: bool,
 }
 
 impl ActionDecl {
     /// An action without parameters that takes no settings.
     pub const fn new(description: &'static str, timeout_secs: u64) -> ActionDecl {
-        ActionDecl { description, params: Params::NONE, timeout_secs, takes_settings: false, changes_spec: false }
+        ActionDecl {
+            description,
+            params: Params::NONE,
+            timeout_secs,
+            takes_settings: false,
+            sets: &[],
+            applies_spec: false,
+        }
     }
 
-    pub const fn changing_spec(mut self) -> ActionDecl {
-        self.changes_spec = true;
+    /// Its success changes these spec fields (and applies them).
+    pub const fn changing_spec(mut self, fields: &'static [&'static str]) -> ActionDecl {
+        self.sets = fields;
+        self
+    }
+
+    /// Its success leaves the whole spec running.
+    pub const fn applying_spec(mut self) -> ActionDecl {
+        self.applies_spec = true;
         self
     }
 
@@ -428,9 +459,30 @@ impl Kind {
         self.0.requires(spec, action)
     }
 
-    /// Whether a successful `action` changes the spec (see [`Kind::spec_after_success`]).
-    pub fn changes_spec(self, action: &str) -> bool {
-        self.action(action).is_some_and(|a| a.changes_spec)
+    /// Whether a successful `action` leaves the whole spec running: it is
+    /// declared to ([`ActionDecl::applies_spec`]), or it changes the spec
+    /// and its kind says it applies all of it ([`Declaration::applies_whole`]).
+    pub fn applies(self, spec: &Value, action: &str) -> bool {
+        match self.action(action) {
+            Some(a) if a.applies_spec => true,
+            Some(a) if !a.sets.is_empty() => self.0.applies_whole(spec, action),
+            _ => false,
+        }
+    }
+
+    /// Whether the spec takes effect as written ([`Declaration::APPLIED_ON_WRITE`]).
+    pub fn applied_on_write(self) -> bool {
+        self.0.applied_on_write()
+    }
+
+    /// The actions that apply a change of the top-level spec field `field`
+    /// on a resource with this spec: those that apply the whole spec, and
+    /// those whose success sets the field.
+    pub fn applied_by(self, spec: &Value, field: &str) -> Vec<&'static str> {
+        self.actions()
+            .into_iter()
+            .filter(|a| self.applies(spec, a) || self.action(a).is_some_and(|d| d.sets.contains(&field)))
+            .collect()
     }
 
     /// The spec after a successful run of `action` (a scale changes
@@ -543,6 +595,8 @@ trait Erased: Send + Sync + 'static {
     fn references(&self, spec: &Value) -> Vec<Reference>;
     fn requires(&self, spec: &Value, action: &str) -> Vec<Dependency>;
     fn spec_after(&self, spec: &Value, action: &str, params: &Value) -> Option<Value>;
+    fn applies_whole(&self, spec: &Value, action: &str) -> bool;
+    fn applied_on_write(&self) -> bool;
     fn timeout_secs(&self, spec: &Value, action: &str) -> u64;
     fn permission(&self, verb: &str) -> String;
     fn admin_only(&self) -> bool;
@@ -618,6 +672,15 @@ impl<D: Declaration> Erased for Decl<D> {
     fn spec_after(&self, spec: &Value, action: &str, params: &Value) -> Option<Value> {
         let after = D::spec_after(&stored::<D>(spec)?, D::Action::parse(action)?, params)?;
         serde_json::to_value(after).ok()
+    }
+    fn applies_whole(&self, spec: &Value, action: &str) -> bool {
+        match (stored::<D>(spec), D::Action::parse(action)) {
+            (Some(s), Some(a)) => D::applies_whole(&s, a),
+            _ => false,
+        }
+    }
+    fn applied_on_write(&self) -> bool {
+        D::APPLIED_ON_WRITE
     }
     fn timeout_secs(&self, spec: &Value, action: &str) -> u64 {
         match (stored::<D>(spec), D::Action::parse(action)) {

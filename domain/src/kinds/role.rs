@@ -29,6 +29,7 @@ impl Declaration for Role {
     type Spec = Spec;
     const INITIAL: State = State::Active;
     const FINAL: State = State::Deleted;
+    const APPLIED_ON_WRITE: bool = true;
 
     fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
         record::next(state, action)

@@ -142,6 +142,8 @@ pub async fn cluster(store: &Arc<dyn Store>, name: &str) -> Resource {
             state: "pending".into(),
             spec: json!({"image": "img", "count": 1}),
             actor: "tester".into(),
+            reason: None,
+            applied: false,
             now: Utc::now(),
         })
         .await
@@ -173,6 +175,20 @@ pub fn new_run(r: &Resource, action: &str, from: &str, working: &str, ok: &str) 
     }
 }
 
+/// A change of `r`'s spec from the spec version `from` to `spec`.
+pub fn change(r: &Resource, from: i64, spec: serde_json::Value, actor: &str) -> SpecChange {
+    SpecChange {
+        resource: r.id,
+        from_version: from,
+        patch: drover_domain::merge::diff(&r.spec, &spec),
+        spec,
+        actor: actor.into(),
+        reason: Some(format!("{actor} says so")),
+        applied: false,
+        now: Utc::now(),
+    }
+}
+
 pub fn done(status: RunStatus, state: &str) -> Completion {
     Completion {
         status,
@@ -180,6 +196,8 @@ pub fn done(status: RunStatus, state: &str) -> Completion {
         outputs: Some(json!({"ok": true})),
         error: None,
         spec: None,
+        applies_spec: false,
+        applied: None,
         event: NewEvent::info("finish", "done"),
         now: Utc::now(),
     }
