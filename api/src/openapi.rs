@@ -205,7 +205,7 @@ pub fn add_kinds(doc: &mut Value) {
                         "200": {"description": "Changed", "headers": {"ETag": {"schema": {"type": "string"}}},
                             "content": {"application/json": {"schema": schema_ref(&format!("{p}View"))}}},
                         "409": problem("A transition is active (`resource-busy`), or the resource is built in (`resource-locked`)"),
-                        "412": problem("The spec changed since the ETag sent as `If-Match` (`version-mismatch`)"),
+                        "412": problem("The spec changed since the ETag sent as `If-Match` (`precondition-failed`)"),
                         "422": problem("A field is invalid, or names a resource that does not exist (`invalid-request`, `errors` names the fields)"),
                     }
                 },

@@ -54,71 +54,78 @@ async fn every_route_demands_its_permission() {
     let mut public = BTreeSet::new();
     let mut walked = 0;
     let mut granted: BTreeMap<String, String> = BTreeMap::new();
-    for (template, ops) in doc["paths"].as_object().unwrap() {
-        for (method, op) in ops.as_object().unwrap() {
-            let id = op["operationId"].as_str().unwrap();
-            let Some(security) = op.get("security") else {
-                public.insert(template.clone());
-                continue;
-            };
-            let scopes: Vec<String> =
-                security[0]["bearer"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
-            let path = template
-                .replace("{kind}", "cluster")
-                .replace("{scope}", "global")
-                .replace("{key}", "WALK")
-                .replace("{token}", &nobody_token)
-                .replace("{id}", if template.starts_with("/v1/transitions/") { &run } else { "walk" });
-            let path = if template.starts_with("/v1/users/{id}") { path.replace("/walk", "/nobody") } else { path };
-            let path = if id == "setting_diff" { format!("{path}?from=1&to=1") } else { path };
-            let body = body_for(id);
-            let m = method.to_uppercase();
+    // Transitions last: the walk deletes what it walks them on (admin too).
+    let mut operations: Vec<(&String, &String, &Value)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(template, ops)| ops.as_object().unwrap().iter().map(move |(m, op)| (template, m, op)))
+        .collect();
+    operations.sort_by_key(|(template, _, _)| template.ends_with("/transitions"));
+    for (template, method, op) in operations {
+        let id = op["operationId"].as_str().unwrap();
+        let Some(security) = op.get("security") else {
+            public.insert(template.clone());
+            continue;
+        };
+        let scopes: Vec<String> =
+            security[0]["bearer"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        let path = template
+            .replace("{kind}", "cluster")
+            .replace("{scope}", "global")
+            .replace("{key}", "WALK")
+            .replace("{version}", "1")
+            .replace("{token}", &nobody_token)
+            .replace("{id}", if template.starts_with("/v1/transitions/") { &run } else { "walk" });
+        let path = if template.starts_with("/v1/users/{id}") { path.replace("/walk", "/nobody") } else { path };
+        let path = if id == "setting_diff" { format!("{path}?from=1&to=1") } else { path };
+        let body = body_for(id);
+        let m = method.to_uppercase();
 
-            let anon = app.send(&app.anonymous, &m, &path, body.clone()).await;
-            assert_eq!(anon.status, StatusCode::UNAUTHORIZED, "{m} {path} without a token: {}", anon.body);
-            assert_eq!(anon.headers["content-type"], "application/problem+json");
-            let bad = app.send(&app.anonymous, &m, &path, body.clone()).await;
-            assert!(bad.headers.contains_key("www-authenticate"));
+        let anon = app.send(&app.anonymous, &m, &path, body.clone()).await;
+        assert_eq!(anon.status, StatusCode::UNAUTHORIZED, "{m} {path} without a token: {}", anon.body);
+        assert_eq!(anon.headers["content-type"], "application/problem+json");
+        let bad = app.send(&app.anonymous, &m, &path, body.clone()).await;
+        assert!(bad.headers.contains_key("www-authenticate"));
 
-            if scopes.is_empty() {
-                // Any authenticated caller.
-                let r = app.send(&nobody, &m, &path, body.clone()).await;
-                assert_eq!(r.status, StatusCode::OK, "{m} {path}: {}", r.body);
-                walked += 1;
-                continue;
-            }
-            // `nobody` may manage its own tokens; walk those as someone else's.
-            let denied_path = path.replace("/v1/users/nobody", "/v1/users/admin");
-            let denied_path = if denied_path.contains("/tokens/") {
-                denied_path.replace(&nobody_token, "00000000-0000-0000-0000-000000000000")
-            } else {
-                denied_path
-            };
-            let r = app.send(&nobody, &m, &denied_path, body.clone()).await;
-            assert_eq!(r.status, StatusCode::FORBIDDEN, "{m} {denied_path} with no permission: {}", r.body);
-            assert_eq!(r.body["type"], "/problems/forbidden");
-
-            let wanted = scopes[0]
-                .replace("{action}", body.as_ref().and_then(|b| b["action"].as_str()).unwrap_or(""))
-                .replace("{kind}", "image");
-            let next = granted.len();
-            let role = granted.entry(wanted.clone()).or_insert_with(|| format!("p{next}")).clone();
-            if granted.len() > next {
-                app.role(&role, &[&wanted]).await;
-                app.post("/v1/users", json!({"name": format!("{role}-user"), "spec": {"roles": [role]}})).await;
-            }
-            let token = app.post(&format!("/v1/users/{role}-user/tokens"), json!({"name": "x"})).await;
-            assert_eq!(token.status, StatusCode::CREATED, "{}", token.body);
-            let holder = client_with(Some(token.body["secret"].as_str().unwrap()));
-            let r = app.send(&holder, &m, &denied_path, body.clone()).await;
-            assert!(
-                r.status != StatusCode::UNAUTHORIZED && r.status != StatusCode::FORBIDDEN,
-                "{m} {denied_path} with {wanted}: {} {}",
-                r.status,
-                r.body
-            );
+        if scopes.is_empty() {
+            // Any authenticated caller.
+            let r = app.send(&nobody, &m, &path, body.clone()).await;
+            assert_eq!(r.status, StatusCode::OK, "{m} {path}: {}", r.body);
             walked += 1;
+            continue;
         }
+        // `nobody` may manage its own tokens; walk those as someone else's.
+        let denied_path = path.replace("/v1/users/nobody", "/v1/users/admin");
+        let denied_path = if denied_path.contains("/tokens/") {
+            denied_path.replace(&nobody_token, "00000000-0000-0000-0000-000000000000")
+        } else {
+            denied_path
+        };
+        let r = app.send(&nobody, &m, &denied_path, body.clone()).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{m} {denied_path} with no permission: {}", r.body);
+        assert_eq!(r.body["type"], "/problems/forbidden");
+
+        let wanted = scopes[0]
+            .replace("{action}", body.as_ref().and_then(|b| b["action"].as_str()).unwrap_or(""))
+            .replace("{kind}", "image");
+        let next = granted.len();
+        let role = granted.entry(wanted.clone()).or_insert_with(|| format!("p{next}")).clone();
+        if granted.len() > next {
+            app.role(&role, &[&wanted]).await;
+            app.post("/v1/users", json!({"name": format!("{role}-user"), "spec": {"roles": [role]}})).await;
+        }
+        let token = app.post(&format!("/v1/users/{role}-user/tokens"), json!({"name": "x"})).await;
+        assert_eq!(token.status, StatusCode::CREATED, "{}", token.body);
+        let holder = client_with(Some(token.body["secret"].as_str().unwrap()));
+        let r = app.send(&holder, &m, &denied_path, body.clone()).await;
+        assert!(
+            r.status != StatusCode::UNAUTHORIZED && r.status != StatusCode::FORBIDDEN,
+            "{m} {denied_path} with {wanted}: {} {}",
+            r.status,
+            r.body
+        );
+        walked += 1;
     }
     assert_eq!(public, BTreeSet::from(["/healthz".to_string(), "/readyz".to_string()]), "undocumented public routes");
     assert!(walked >= 30, "walked only {walked} operations");
