@@ -288,11 +288,9 @@ pub struct SpecDiff {
 pub struct FieldChange {
     /// `spec.image`.
     pub field: String,
-    /// Absent when the field was not set.
-    #[schema(value_type = Option<Object>)]
+    /// `null` when the field was not set.
     pub from: Option<Value>,
-    /// Absent when the field was removed.
-    #[schema(value_type = Option<Object>)]
+    /// `null` when the field was removed.
     pub to: Option<Value>,
 }
 
@@ -301,11 +299,9 @@ pub struct FieldChange {
 pub struct PendingChangeView {
     /// `spec.image`.
     pub field: String,
-    /// As it runs; absent when not set there.
-    #[schema(value_type = Option<Object>)]
+    /// As it runs; `null` when not set there.
     pub applied: Option<Value>,
-    /// As the spec has it; absent when removed.
-    #[schema(value_type = Option<Object>)]
+    /// As the spec has it; `null` when removed.
     pub wanted: Option<Value>,
     /// The actions that would apply it.
     pub applied_by: Vec<String>,
