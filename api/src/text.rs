@@ -86,9 +86,10 @@ fn transition_rows(items: &[Value]) -> String {
 pub fn resource(v: &Value) -> String {
     let mut out = format!("{} {}  ({})\n", s(&v["kind"]), s(&v["name"]), s(&v["id"]));
     out.push_str(&format!(
-        "state      {}   version {}   updated {} by {}\n",
+        "state      {}   spec v{} (running v{})   updated {} by {}\n",
         s(&v["state"]),
-        s(&v["version"]),
+        s(&v["spec_version"]),
+        s(&v["applied_version"]),
         time(&v["updated_at"]),
         s(&v["updated_by"])
     ));
@@ -122,6 +123,15 @@ pub fn resource(v: &Value) -> String {
     }
     if let Some(p) = v["problem"]["summary"].as_str() {
         out.push_str(&format!("PROBLEM    {p}\n"));
+    }
+    for c in v["pending_changes"].as_array().into_iter().flatten() {
+        let by = c["applied_by"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+        out.push_str(&format!(
+            "PENDING    {}: {} -> {} (applied by {by})\n",
+            s(&c["field"]),
+            c["applied"],
+            c["wanted"]
+        ));
     }
     if let Some(items) = v["recent_transitions"].as_array().filter(|i| !i.is_empty()) {
         out.push('\n');
@@ -171,6 +181,17 @@ mod tests {
         assert!(!wants_text(&h));
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         assert!(!wants_text(&h), "curl's default stays JSON");
+    }
+
+    #[test]
+    fn a_resource_says_what_is_pending() {
+        let v = json!({"kind": "cluster", "name": "web-qa", "id": "01", "state": "up", "spec_version": 3,
+            "applied_version": 1, "allowed_actions": ["scale"], "active_transition": null,
+            "pending_changes": [{"field": "spec.image", "applied": "web", "wanted": "web2",
+                "applied_by": ["create", "start"]}]});
+        let out = resource(&v);
+        assert!(out.contains("spec v3 (running v1)"), "{out}");
+        assert!(out.contains("PENDING    spec.image: \"web\" -> \"web2\" (applied by create, start)"), "{out}");
     }
 
     #[test]
