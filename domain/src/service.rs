@@ -379,6 +379,18 @@ impl Service {
         Ok((items, next))
     }
 
+    /// How spec version `version` differs from version `from` (0: no spec):
+    /// both specs and the merge patch from one to the other.
+    pub async fn spec_diff(&self, kind: Kind, key: &str, version: i64, from: i64) -> Result<(Value, Value, Value)> {
+        let to = self.spec_version(kind, key, version).await?.spec;
+        let before = match from {
+            0 => Value::Object(Default::default()),
+            n => self.spec_version(kind, key, n).await?.spec,
+        };
+        let patch = crate::merge::diff(&before, &to);
+        Ok((before, to, patch))
+    }
+
     /// One spec version of a resource.
     pub async fn spec_version(&self, kind: Kind, key: &str, version: i64) -> Result<SpecVersion> {
         let r = self.get(kind, key).await?;

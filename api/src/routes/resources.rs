@@ -142,13 +142,7 @@ async fn diff(
 ) -> ApiResult<Json<SpecDiff>> {
     caller.require(&kind.permission("read"))?;
     let from = q.from.unwrap_or(version - 1);
-    let to = state.service.spec_version(kind, key, version).await?;
-    // Before version 1 there was no spec.
-    let before = match from {
-        0 => serde_json::json!({}),
-        n => state.service.spec_version(kind, key, n).await?.spec,
-    };
-    let patch = drover_domain::merge::diff(&before, &to.spec);
+    let (before, to, patch) = state.service.spec_diff(kind, key, version, from).await?;
     let changes = patch
         .as_object()
         .map(|m| {
@@ -156,7 +150,7 @@ async fn diff(
                 .map(|k| FieldChange {
                     field: format!("spec.{k}"),
                     from: before.get(k).cloned(),
-                    to: to.spec.get(k).cloned(),
+                    to: to.get(k).cloned(),
                 })
                 .collect()
         })
