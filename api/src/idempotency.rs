@@ -29,12 +29,12 @@ pub async fn layer(State(s): State<AppState>, req: Request, next: Next) -> Respo
         return next.run(req).await;
     };
     let Ok(key) = key else {
-        return Problem::invalid("Idempotency-Key", "must be printable ASCII").into_response();
+        return Problem::invalid("Idempotency-Key", "must be 1 to 255 visible ASCII characters").into_response();
     };
-    // Keys are per caller: two users may pick the same key.
-    let key = match req.extensions().get::<drover_domain::auth::Principal>() {
-        Some(p) => format!("{}:{key}", p.user_id),
-        None => key,
+    let caller = req.extensions().get::<drover_domain::auth::Principal>().map(|p| p.user_id);
+    let key = match drover_domain::service::idempotency_key(caller, &key) {
+        Ok(key) => key,
+        Err(e) => return Problem::from(e).into_response(),
     };
     let (parts, body) = req.into_parts();
     let bytes = match to_bytes(body, BODY_LIMIT).await {

@@ -59,7 +59,8 @@ fn id_param() -> Value {
 fn idempotency_param() -> Value {
     json!({"name": "Idempotency-Key", "in": "header", "required": false,
         "description": "Makes a retried request safe: the same key and body return the first response.",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255}})
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255,
+            "pattern": "^[\\x21-\\x7e]([\\x20-\\x7e]*[\\x21-\\x7e])?$"}})
 }
 
 fn security(scope: String) -> Value {
@@ -241,6 +242,7 @@ pub fn add_kinds(doc: &mut Value) {
     }
     add_versions(&mut paths);
     link_item_operations(doc, &mut paths);
+    type_action_queries(doc);
     for generic in ["ResourceView", "ResourceSummary", "ResourcePage", "CreateResource"] {
         doc["components"]["schemas"].as_object_mut().expect("schemas").remove(generic);
     }
@@ -248,6 +250,25 @@ pub fn add_kinds(doc: &mut Value) {
     doc["paths"].as_object_mut().expect("paths").extend(paths);
     let all_tags = doc["tags"].as_array_mut().expect("tags");
     all_tags.splice(0..0, tags);
+}
+
+/// An `action` query parameter of an operation under a kind's items (a
+/// cluster's template preview) names one of that kind's actions.
+fn type_action_queries(doc: &mut Value) {
+    for kind in Kind::all() {
+        let item = format!("/v1/{}/{{id}}/", kind.plural());
+        let paths = doc["paths"].as_object_mut().expect("paths");
+        for (_, ops) in paths.iter_mut().filter(|(p, _)| p.starts_with(&item)) {
+            let ops = ops.as_object_mut().expect("a path item");
+            for (_, op) in ops.iter_mut().filter(|(m, _)| METHODS.contains(&m.as_str())) {
+                for p in op.get_mut("parameters").and_then(Value::as_array_mut).into_iter().flatten() {
+                    if p["in"] == "query" && p["name"] == "action" {
+                        p["schema"]["enum"] = json!(kind.actions());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Every kind's spec versions: the list, one version, and a diff.
@@ -357,7 +378,16 @@ pub fn add_common_responses(doc: &mut Value) {
     }
 }
 
+/// What `If-Match` accepts (`crate::routes::resources::if_match`): `*`,
+/// or an ETag this API gave out, weak or strong.
+const IF_MATCH_PATTERN: &str = r#"^(\*|(W/)?"v[0-9]{1,18}")$"#;
+
 fn document(op: &mut Value) {
+    for p in op.get_mut("parameters").and_then(Value::as_array_mut).into_iter().flatten() {
+        if p["in"] == "header" && p["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case("if-match")) {
+            p["schema"]["pattern"] = json!(IF_MATCH_PATTERN);
+        }
+    }
     let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
     let params: Vec<(String, String)> = op["parameters"]
         .as_array()

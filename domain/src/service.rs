@@ -585,10 +585,8 @@ impl Service {
         }
     }
 
+    /// Begins a request under `key`, the stored key ([`idempotency_key`]).
     pub async fn idempotency_begin(&self, key: &str, fingerprint: &str) -> Result<IdempotencyBegin> {
-        if key.is_empty() || key.len() > 255 || key.chars().any(|c| c.is_control()) {
-            return Err(Error::invalid("Idempotency-Key", "must be 1 to 255 printable characters"));
-        }
         self.store.idempotency_begin(key, fingerprint, Utc::now()).await
     }
 
@@ -613,6 +611,19 @@ fn last_n<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
     let skip = v.len().saturating_sub(n);
     v.drain(..skip);
     v
+}
+
+/// The key a client's `Idempotency-Key` is stored under: per caller, so
+/// that two users may pick the same key. The client's key is 1 to 255
+/// visible ASCII characters (what the OpenAPI document says of it).
+pub fn idempotency_key(caller: Option<Uuid>, key: &str) -> Result<String> {
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(Error::invalid("Idempotency-Key", "must be 1 to 255 visible ASCII characters"));
+    }
+    Ok(match caller {
+        Some(user) => format!("{user}:{key}"),
+        None => key.to_string(),
+    })
 }
 
 /// A reason is optional, and at most 2000 characters.
@@ -731,6 +742,19 @@ pub fn diagnose(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idempotency_keys_are_checked_before_they_are_made_per_caller() {
+        let user = Uuid::now_v7();
+        // 255 characters is what the document allows the client, whatever
+        // the caller prefix adds (it used to count against the limit).
+        let long = "k".repeat(255);
+        assert_eq!(idempotency_key(Some(user), &long).unwrap(), format!("{user}:{long}"));
+        assert_eq!(idempotency_key(None, "a b").unwrap(), "a b");
+        for bad in ["", &"k".repeat(256), "tab\there", "é"] {
+            assert!(idempotency_key(Some(user), bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn last_n_keeps_the_tail() {
