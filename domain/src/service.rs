@@ -382,10 +382,18 @@ impl Service {
     /// How spec version `version` differs from version `from` (0: no spec):
     /// both specs and the merge patch from one to the other.
     pub async fn spec_diff(&self, kind: Kind, key: &str, version: i64, from: i64) -> Result<(Value, Value, Value)> {
-        let to = self.spec_version(kind, key, version).await?.spec;
+        let r = self.get(kind, key).await?;
+        let read = |n: i64| async move {
+            self.store
+                .get_spec_version(r.id, n)
+                .await?
+                .map(|v| v.spec)
+                .ok_or_else(|| Error::NotFound { kind: "spec version", key: format!("{n} of {kind} {key}") })
+        };
+        let to = read(version).await?;
         let before = match from {
             0 => Value::Object(Default::default()),
-            n => self.spec_version(kind, key, n).await?.spec,
+            n => read(n).await?,
         };
         let patch = crate::merge::diff(&before, &to);
         Ok((before, to, patch))
