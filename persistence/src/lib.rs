@@ -5,9 +5,9 @@
 //! column or a `sqlx::Error`; constraint violations come out as typed domain
 //! errors (`AlreadyExists`, `Busy`, `StaleLease`).
 
-mod identity;
 mod postgres;
 mod rows;
+mod sql;
 mod sqlite;
 mod store;
 mod time;
@@ -20,8 +20,9 @@ use std::sync::Arc;
 use drover_domain::ports::{SettingsStore, Store, TokenStore};
 use drover_domain::{Error, Result};
 
-pub use postgres::{PgStore, IDLE_IN_TRANSACTION};
-pub use sqlite::SqliteStore;
+pub use postgres::{PgBackend, PgStore, IDLE_IN_TRANSACTION};
+pub use sqlite::{SqliteBackend, SqliteStore};
+pub use store::SqlStore;
 
 /// Opens the store a URL names (`postgres://…` or `sqlite://…`) and runs
 /// its migrations.

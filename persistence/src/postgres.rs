@@ -6,22 +6,29 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_domain::kinds::Kind;
 use drover_domain::model::*;
 use drover_domain::{Error, Result};
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, Postgres};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, Postgres};
+use sqlx::query::Query;
 use sqlx::types::Json;
-use sqlx::QueryBuilder;
-use sqlx::{Connection, FromRow, Row};
+use sqlx::{Connection, FromRow, Row, Transaction};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::identity::impl_identity_stores;
 use crate::rows::*;
-use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor, ClaimTerms, Claimed};
+use crate::sql::{Backend, Exec, Param, Record, Sql, Ty};
+use crate::store::{db, ClaimTerms, Claimed, SqlStore};
 use crate::time::Ts;
 
+/// Drover's store on Postgres.
+pub type PgStore = SqlStore<PgBackend>;
+
+/// A Postgres database: its pool of sessions.
+pub struct PgBackend {
+    pool: PgPool,
+}
 /// A pooled connection idle for longer than this is pinged before use.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
@@ -33,12 +40,6 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// statements) and the rollup folders' advisory lock would stall every
 /// other replica's reaper and folder until it woke.
 pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
-
-pub struct PgStore {
-    pool: PgPool,
-    wakeup: Arc<Notify>,
-    cursor: ClaimCursor,
-}
 
 /// One claim as one statement (its own transaction): lease due queue rows,
 /// oldest first (with `$extra` added to the scan's condition), start their
@@ -138,17 +139,85 @@ const COMPLETE: &str = "
     END AS failed
     FROM done d LEFT JOIN moved m ON m.id = d.resource_id";
 
-impl PgStore {
+impl PgBackend {
     const CLAIM: &'static str = claim!("");
     const CLAIM_AFTER: &'static str = claim!(" AND (run_after, run_id) > ($6, $7)");
+}
+
+/// Binds drover's parameters to a Postgres statement.
+fn query<'q>(sql: &'q Sql<'_>) -> Query<'q, Postgres, PgArguments> {
+    let mut q = sqlx::query(&sql.text);
+    for p in &sql.params {
+        q = match p {
+            Param::Null(ty) => match ty {
+                Ty::Uuid => q.bind(None::<Uuid>),
+                Ty::Text => q.bind(None::<&str>),
+                Ty::I64 => q.bind(None::<i64>),
+                Ty::I32 => q.bind(None::<i32>),
+                Ty::Bool => q.bind(None::<bool>),
+                Ty::Json => q.bind(None::<Json<&Value>>),
+                Ty::Time => q.bind(None::<Ts>),
+                Ty::Bytes => q.bind(None::<&[u8]>),
+                Ty::Uuids => q.bind(None::<&[Uuid]>),
+            },
+            Param::Uuid(v) => q.bind(*v),
+            Param::Text(v) => q.bind(v.as_ref()),
+            Param::I64(v) => q.bind(*v),
+            Param::I32(v) => q.bind(*v),
+            Param::Bool(v) => q.bind(*v),
+            Param::Json(v) => q.bind(Json(v.as_ref())),
+            Param::Time(v) => q.bind(Ts(*v)),
+            Param::Bytes(v) => q.bind(v.as_ref()),
+            Param::Uuids(v) => q.bind(v.as_ref()),
+        };
+    }
+    q
+}
+
+#[async_trait::async_trait]
+impl Exec for PgConnection {
+    async fn execute(&mut self, sql: Sql<'_>) -> sqlx::Result<u64> {
+        Ok(query(&sql).execute(self).await?.rows_affected())
+    }
+
+    async fn fetch_all<R: Record>(&mut self, sql: Sql<'_>) -> sqlx::Result<Vec<R>> {
+        query(&sql).fetch_all(self).await?.iter().map(R::from_row).collect()
+    }
+
+    async fn fetch_optional<R: Record>(&mut self, sql: Sql<'_>) -> sqlx::Result<Option<R>> {
+        query(&sql).fetch_optional(self).await?.as_ref().map(R::from_row).transpose()
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for PgBackend {
+    const NAME: &'static str = "postgres";
+    const NOTIFY: Option<&'static str> = Some("SELECT pg_notify('drover_runs', '')");
+    /// A transaction-scoped advisory lock, the key being "drover rollups"
+    /// as a number.
+    const FOLD_LOCK: &'static str = "SELECT pg_advisory_xact_lock(7378429001)";
+
+    type Conn = PgConnection;
+    type Pooled = PoolConnection<Postgres>;
+    type Tx = Transaction<'static, Postgres>;
+
+    async fn acquire(&self) -> sqlx::Result<Self::Pooled> {
+        self.pool.acquire().await
+    }
+
+    async fn begin(&self) -> sqlx::Result<Self::Tx> {
+        self.pool.begin().await
+    }
+
+    async fn commit(tx: Self::Tx) -> sqlx::Result<()> {
+        tx.commit().await
+    }
 
     /// `column = ANY($n)`: one array parameter, so the statement's text (and
     /// its prepared plan) is the same however many ids there are.
-    fn push_in(q: &mut QueryBuilder<'_, Postgres>, column: &str, ids: &[Uuid]) {
-        q.push(column).push(" = ANY(").push_bind(ids.to_vec()).push(")");
+    fn push_in<'a>(sql: &mut Sql<'a>, column: &str, ids: &'a [Uuid]) {
+        sql.push(column).push(" = ANY(").push_bind(ids).push(")");
     }
-
-    const NOTIFY_SQL: Option<&'static str> = Some("SELECT pg_notify('drover_runs', '')");
 
     /// One claim: [`claim!`]'s statement, past the cursor or from the front.
     async fn claim_batch(&self, t: &ClaimTerms<'_>, limit: u32, after: Option<(Time, Uuid)>) -> Result<Vec<Claimed>> {
@@ -169,7 +238,7 @@ impl PgStore {
     }
 
     /// See [`COMPLETE`]: one round trip for the whole batch.
-    async fn complete_together(pool: &PgPool, batch: &[(Lease, &Completion)]) -> Result<Vec<Result<()>>> {
+    async fn complete_together(&self, batch: &[(Lease, &Completion)]) -> Result<Vec<Result<()>>> {
         fn json(v: Option<&Value>) -> Option<Json<&Value>> {
             v.map(Json)
         }
@@ -190,7 +259,7 @@ impl PgStore {
             .bind(batch.iter().map(|(_, c)| c.spec.as_ref().map(|u| Json(&u.patch))).collect::<Vec<_>>())
             .bind(batch.iter().map(|(_, c)| c.applies_spec).collect::<Vec<_>>())
             .bind(batch.iter().map(|(_, c)| json(c.applied.as_ref())).collect::<Vec<_>>())
-            .fetch_all(pool)
+            .fetch_all(&self.pool)
             .await
             .map_err(|e| match e.as_database_error() {
                 Some(d) if d.code().as_deref() == Some("DR001") => Error::Internal(d.message().to_string()),
@@ -202,7 +271,9 @@ impl PgStore {
             .map(|(l, _)| if done.contains(&l.run) { Ok(()) } else { Err(Error::StaleLease { run: l.run }) })
             .collect())
     }
+}
 
+impl SqlStore<PgBackend> {
     /// How every session of drover's opens: the URL's settings, and the
     /// server ends it when it sits idle in a transaction
     /// ([`IDLE_IN_TRANSACTION`]).
@@ -261,13 +332,6 @@ impl PgStore {
             }
             Err(e) => tracing::warn!(error = %e, "could not start LISTEN; relying on polling"),
         }
-        Ok(PgStore { pool, wakeup, cursor: ClaimCursor::default() })
+        Ok(SqlStore::new(PgBackend { pool }, wakeup))
     }
 }
-
-/// Rollup folders take turns: a transaction-scoped advisory lock, the key
-/// being "drover rollups" as a number.
-const FOLD_LOCK: &str = "SELECT pg_advisory_xact_lock(7378429001)";
-
-impl_store!(PgStore, Postgres, backend = "postgres", fold_lock = FOLD_LOCK);
-impl_identity_stores!(PgStore, Postgres);

@@ -8,25 +8,32 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_domain::kinds::Kind;
 use drover_domain::model::*;
 use drover_domain::{Error, Result};
 use serde_json::Value;
-use sqlx::sqlite::{Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::pool::PoolConnection;
+use sqlx::query::Query;
+use sqlx::sqlite::{
+    Sqlite, SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
 use sqlx::types::Json;
-use sqlx::QueryBuilder;
+use sqlx::{QueryBuilder, Transaction};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::identity::impl_identity_stores;
 use crate::rows::*;
-use crate::store::{db, impl_store, is_unique, lease_len, ClaimCursor, ClaimTerms, Claimed};
+use crate::sql::{Backend, Exec, Param, Record, Sql, Ty};
+use crate::store::queue::record_finished;
+use crate::store::{db, ClaimTerms, Claimed, SqlStore};
 use crate::time::Ts;
 
-pub struct SqliteStore {
+/// Drover's store on SQLite.
+pub type SqliteStore = SqlStore<SqliteBackend>;
+
+/// A SQLite database file, on one connection.
+pub struct SqliteBackend {
     pool: SqlitePool,
-    wakeup: Arc<Notify>,
-    cursor: ClaimCursor,
 }
 
 /// Leases due queue rows, oldest first, with `$extra` added to the scan's
@@ -46,22 +53,10 @@ macro_rules! claim {
     };
 }
 
-impl SqliteStore {
-    const CLAIM: &'static str = claim!("");
-    const CLAIM_AFTER: &'static str = claim!(" AND (run_after, run_id) > ($4, $5)");
+const CLAIM: &str = claim!("");
+const CLAIM_AFTER: &str = claim!(" AND (run_after, run_id) > ($4, $5)");
 
-    /// `column IN (…)`, a parameter per id (SQLite has no arrays).
-    fn push_in(q: &mut QueryBuilder<'_, Sqlite>, column: &str, ids: &[Uuid]) {
-        q.push(column).push(" IN (");
-        let mut list = q.separated(", ");
-        for id in ids {
-            list.push_bind(*id);
-        }
-        q.push(")");
-    }
-
-    const NOTIFY_SQL: Option<&'static str> = None;
-
+impl SqlStore<SqliteBackend> {
     pub async fn connect(url: &str) -> Result<SqliteStore> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(db("parse the SQLite URL"))?
@@ -77,7 +72,98 @@ impl SqliteStore {
             .await
             .map_err(db("open SQLite"))?;
         sqlx::migrate!("../migrations/sqlite").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
-        Ok(SqliteStore { pool, wakeup: Arc::new(Notify::new()), cursor: ClaimCursor::default() })
+        Ok(SqlStore::new(SqliteBackend { pool }, Arc::new(Notify::new())))
+    }
+}
+
+/// Binds drover's parameters to a SQLite statement. SQLite has no arrays:
+/// lists of ids are a parameter each ([`Backend::push_in`]), and an array
+/// parameter is refused.
+fn query<'q>(sql: &'q Sql<'_>) -> sqlx::Result<Query<'q, Sqlite, SqliteArguments<'q>>> {
+    let mut q = sqlx::query(&sql.text);
+    for p in &sql.params {
+        q = match p {
+            Param::Null(ty) => match ty {
+                Ty::Uuid => q.bind(None::<Uuid>),
+                Ty::Text => q.bind(None::<&str>),
+                Ty::I64 => q.bind(None::<i64>),
+                Ty::I32 => q.bind(None::<i32>),
+                Ty::Bool => q.bind(None::<bool>),
+                Ty::Json => q.bind(None::<Json<&Value>>),
+                Ty::Time => q.bind(None::<Ts>),
+                Ty::Bytes => q.bind(None::<&[u8]>),
+                Ty::Uuids => return Err(no_arrays()),
+            },
+            Param::Uuid(v) => q.bind(*v),
+            Param::Text(v) => q.bind(v.as_ref()),
+            Param::I64(v) => q.bind(*v),
+            Param::I32(v) => q.bind(*v),
+            Param::Bool(v) => q.bind(*v),
+            Param::Json(v) => q.bind(Json(v.as_ref())),
+            Param::Time(v) => q.bind(Ts(*v)),
+            Param::Bytes(v) => q.bind(v.as_ref()),
+            Param::Uuids(_) => return Err(no_arrays()),
+        };
+    }
+    Ok(q)
+}
+
+fn no_arrays() -> sqlx::Error {
+    sqlx::Error::Encode("SQLite has no array parameters".into())
+}
+
+#[async_trait::async_trait]
+impl Exec for SqliteConnection {
+    async fn execute(&mut self, sql: Sql<'_>) -> sqlx::Result<u64> {
+        Ok(query(&sql)?.execute(self).await?.rows_affected())
+    }
+
+    async fn fetch_all<R: Record>(&mut self, sql: Sql<'_>) -> sqlx::Result<Vec<R>> {
+        query(&sql)?.fetch_all(self).await?.iter().map(R::from_row).collect()
+    }
+
+    async fn fetch_optional<R: Record>(&mut self, sql: Sql<'_>) -> sqlx::Result<Option<R>> {
+        query(&sql)?.fetch_optional(self).await?.as_ref().map(R::from_row).transpose()
+    }
+}
+
+/// `column IN (…)`, a parameter per id, in a statement built with sqlx's
+/// builder (the backend's own claim and completion).
+fn push_ids_in(q: &mut QueryBuilder<'_, Sqlite>, column: &str, ids: &[Uuid]) {
+    q.push(column).push(" IN (");
+    let mut list = q.separated(", ");
+    for id in ids {
+        list.push_bind(*id);
+    }
+    q.push(")");
+}
+
+#[async_trait::async_trait]
+impl Backend for SqliteBackend {
+    const NAME: &'static str = "sqlite";
+    const NOTIFY: Option<&'static str> = None;
+    /// Transactions on the one connection are serial already.
+    const FOLD_LOCK: &'static str = "SELECT 1";
+
+    type Conn = SqliteConnection;
+    type Pooled = PoolConnection<Sqlite>;
+    type Tx = Transaction<'static, Sqlite>;
+
+    async fn acquire(&self) -> sqlx::Result<Self::Pooled> {
+        self.pool.acquire().await
+    }
+
+    async fn begin(&self) -> sqlx::Result<Self::Tx> {
+        self.pool.begin().await
+    }
+
+    async fn commit(tx: Self::Tx) -> sqlx::Result<()> {
+        tx.commit().await
+    }
+
+    /// `column IN (…)`, a parameter per id (SQLite has no arrays).
+    fn push_in<'a>(sql: &mut Sql<'a>, column: &str, ids: &'a [Uuid]) {
+        sql.push(column).push(" IN ").push_tuple(ids.iter().copied());
     }
 
     /// One claim, in steps on the one connection: lease due queue rows,
@@ -87,13 +173,13 @@ impl SqliteStore {
         let ClaimTerms { worker, token, expires, now } = *t;
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         let lease = match after {
-            Some((due, id)) => sqlx::query_as(Self::CLAIM_AFTER)
+            Some((due, id)) => sqlx::query_as(CLAIM_AFTER)
                 .bind(Ts(now))
                 .bind(i64::from(limit))
                 .bind(Ts(expires))
                 .bind(Ts(due))
                 .bind(id),
-            None => sqlx::query_as(Self::CLAIM).bind(Ts(now)).bind(i64::from(limit)).bind(Ts(expires)),
+            None => sqlx::query_as(CLAIM).bind(Ts(now)).bind(i64::from(limit)).bind(Ts(expires)),
         };
         let leased: Vec<(Uuid, Ts)> = lease.fetch_all(&mut *tx).await.map_err(db("claim runs"))?;
         if leased.is_empty() {
@@ -104,7 +190,7 @@ impl SqliteStore {
         q.push_bind(worker).push(", lease_token = ").push_bind(token);
         q.push(", lease_expires_at = ").push_bind(Ts(expires)).push(", heartbeat_at = ").push_bind(Ts(now));
         q.push(", started_at = COALESCE(started_at, ").push_bind(Ts(now)).push(") WHERE status = 'queued' AND ");
-        Self::push_in(&mut q, "id", &ids);
+        push_ids_in(&mut q, "id", &ids);
         q.push(" RETURNING *");
         // A leased queue row without a queued run (a broken invariant) is
         // left leased: the reaper brings it back in line with its run.
@@ -165,9 +251,9 @@ impl SqliteStore {
     /// Runs whose lease is gone get `StaleLease` and the rest commit; a
     /// resource not in its working state fails the whole call (naming it)
     /// and writes nothing.
-    async fn complete_together(pool: &SqlitePool, batch: &[(Lease, &Completion)]) -> Result<Vec<Result<()>>> {
+    async fn complete_together(&self, batch: &[(Lease, &Completion)]) -> Result<Vec<Result<()>>> {
         let stale = |l: &Lease| Err(Error::StaleLease { run: l.run });
-        let mut tx = pool.begin().await.map_err(db("begin"))?;
+        let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         // VALUES columns are column1, column2, ….
         let mut q = QueryBuilder::<Sqlite>::new(
             "UPDATE runs SET status = v.column3, outcome = v.column3, finished_at = v.column4, outputs = v.column5, error = v.column6,
@@ -188,9 +274,9 @@ impl SqliteStore {
         }
         let ids: Vec<Uuid> = done.iter().map(|(id, ..)| *id).collect();
         let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM run_queue WHERE ");
-        Self::push_in(&mut q, "run_id", &ids);
+        push_ids_in(&mut q, "run_id", &ids);
         q.build().execute(&mut *tx).await.map_err(db("take finished runs off the queue"))?;
-        record_finished(&mut tx, &ids).await?;
+        record_finished::<SqliteBackend>(&mut tx, &ids).await?;
         let by_id: std::collections::HashMap<Uuid, (Uuid, String, i32)> =
             done.into_iter().map(|(id, resource, working, attempt)| (id, (resource, working, attempt))).collect();
         let finished: Vec<Ended> = batch.iter().filter_map(|item| by_id.get(&item.0.run).map(|d| (item, d))).collect();
@@ -257,9 +343,3 @@ impl SqliteStore {
 /// A completion whose run ended, beside the run's resource, working state
 /// and attempt.
 type Ended<'a> = (&'a (Lease, &'a Completion), &'a (Uuid, String, i32));
-
-/// Transactions on the one connection are serial already.
-const FOLD_LOCK: &str = "SELECT 1";
-
-impl_store!(SqliteStore, Sqlite, backend = "sqlite", fold_lock = FOLD_LOCK);
-impl_identity_stores!(SqliteStore, Sqlite);

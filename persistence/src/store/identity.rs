@@ -1,0 +1,63 @@
+//! API tokens ([`TokenStore`]).
+
+use drover_domain::model::*;
+use drover_domain::ports::TokenStore;
+use drover_domain::Result;
+use uuid::Uuid;
+
+use super::{db, SqlStore};
+use crate::rows::TokenRow;
+use crate::sql::{Backend, Exec, Sql};
+use crate::time::Ts;
+
+#[async_trait::async_trait]
+impl<B: Backend> TokenStore for SqlStore<B> {
+    async fn insert_token(&self, t: &NewToken) -> Result<Token> {
+        let sql = Sql::new(
+            "INSERT INTO api_tokens (id, user_id, name, prefix, hash, expires_at, created_at, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
+        )
+        .bind(t.id)
+        .bind(t.user_id)
+        .bind(&t.name)
+        .bind(&t.prefix)
+        .bind(&t.hash)
+        .bind(t.expires_at.map(Ts))
+        .bind(Ts(t.now))
+        .bind(&t.created_by);
+        let row = self.conn().await?.fetch_one::<TokenRow>(sql).await.map_err(db("create token"))?;
+        Ok(row.into())
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<Token>> {
+        let sql = Sql::new("SELECT * FROM api_tokens WHERE hash = $1").bind(hash);
+        let row = self.conn().await?.fetch_optional::<TokenRow>(sql).await.map_err(db("look up token"))?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn list_tokens(&self, user: Uuid) -> Result<Vec<Token>> {
+        let sql = Sql::new("SELECT * FROM api_tokens WHERE user_id = $1 ORDER BY id").bind(user);
+        let rows = self.conn().await?.fetch_all::<TokenRow>(sql).await.map_err(db("list tokens"))?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn revoke_token(&self, user: Uuid, id: Uuid, actor: &str, now: Time) -> Result<Option<Token>> {
+        // Revoking twice keeps the first revocation on record.
+        let sql = Sql::new(
+            "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, $3), revoked_by = COALESCE(revoked_by, $4)
+             WHERE id = $1 AND user_id = $2 RETURNING *",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(Ts(now))
+        .bind(actor);
+        let row = self.conn().await?.fetch_optional::<TokenRow>(sql).await.map_err(db("revoke token"))?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn touch_token(&self, id: Uuid, now: Time) -> Result<()> {
+        let sql = Sql::new("UPDATE api_tokens SET last_used_at = $2 WHERE id = $1").bind(id).bind(Ts(now));
+        self.conn().await?.execute(sql).await.map_err(db("record token use"))?;
+        Ok(())
+    }
+}
