@@ -79,7 +79,6 @@ impl utoipa::Modify for BearerAuth {
         crate::dto::ResourceSummary,
         crate::dto::ResourcePage,
         crate::dto::CreateResource,
-        crate::dto::PatchResource,
         crate::dto::SpecVersionView,
         crate::dto::SpecVersionPage,
         crate::dto::SpecDiff,

@@ -124,7 +124,9 @@ pub struct PutSetting {
     /// Encrypted at rest and redacted in responses unless revealed with `settings:reveal`.
     #[serde(default)]
     pub secret: bool,
+    /// Why, for the record: at most 2000 characters.
     #[serde(default)]
+    #[schema(max_length = 2000)]
     pub reason: Option<String>,
 }
 
@@ -132,8 +134,11 @@ pub struct PutSetting {
 #[serde(deny_unknown_fields)]
 pub struct RollbackSetting {
     /// The version whose value becomes current again (as a new version).
+    #[schema(minimum = 1)]
     pub version: i64,
+    /// Why, for the record: at most 2000 characters.
     #[serde(default)]
+    #[schema(max_length = 2000)]
     pub reason: Option<String>,
 }
 

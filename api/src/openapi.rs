@@ -101,6 +101,42 @@ fn transition_request(kind: Kind) -> Value {
         "oneOf": branches})
 }
 
+/// The schema of a JSON merge patch (RFC 7396) of a spec: any of its
+/// fields, each replaced by the value given, or removed by `null` unless
+/// the spec requires it. Rules across fields (the `aws` fields of a local
+/// cluster) apply to the merged spec, which the server checks whole.
+fn merge_patch_of(spec: &Value) -> Value {
+    let required: Vec<&str> = spec["required"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let mut properties = Map::new();
+    for (field, schema) in spec["properties"].as_object().into_iter().flatten() {
+        let mut schema = schema.clone();
+        if let Some(s) = schema.as_object_mut() {
+            s.remove("default");
+        }
+        let patch = match required.contains(&field.as_str()) {
+            true => schema,
+            false => json!({"anyOf": [schema, {"type": "null"}]}),
+        };
+        properties.insert(field.clone(), patch);
+    }
+    json!({"type": "object", "additionalProperties": false, "properties": properties,
+        "description": "A JSON merge patch of the spec: a field given replaces it, `null` removes it (where the spec allows it); the result must be a valid spec."})
+}
+
+fn delete_summary(kind: Kind) -> String {
+    let name = kind.as_str();
+    match kind.deletable_states().as_slice() {
+        [done, unstarted] => format!(
+            "Deletes a {name} in its final state ({done}), or still {unstarted} with no transition ever started \
+             (unless live resources name it). Its transitions stay in the history."
+        ),
+        _ => format!(
+            "Deletes a {name} in its final state ({}). Its transitions stay in the history.",
+            kind.final_state()
+        ),
+    }
+}
+
 /// Adds every kind's schemas and operations to `doc`.
 pub fn add_kinds(doc: &mut Value) {
     let base = doc["components"]["schemas"].as_object().cloned().unwrap_or_default();
@@ -115,6 +151,14 @@ pub fn add_kinds(doc: &mut Value) {
         if let Some(example) = kind.examples().into_iter().next() {
             spec_schema["examples"] = json!([example]);
         }
+        schemas.insert(
+            format!("Patch{p}"),
+            json!({"type": "object", "additionalProperties": false, "required": ["spec"],
+                "properties": {
+                    "spec": merge_patch_of(&spec_schema),
+                    "reason": {"type": ["string", "null"], "maxLength": 2000,
+                        "description": "Why: kept with the spec version the change makes."}}}),
+        );
         schemas.insert(spec.clone(), spec_schema);
         schemas.insert(
             format!("Create{p}"),
@@ -200,7 +244,7 @@ pub fn add_kinds(doc: &mut Value) {
                     "parameters": [id_param(), {"name": "If-Match", "in": "header", "required": false,
                         "description": "The ETag read before (the spec version, `\"v3\"`): refuses the change if the spec changed since",
                         "schema": {"type": "string"}}],
-                    "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("PatchResource")}}},
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref(&format!("Patch{p}"))}}},
                     "security": security(kind.permission("update")),
                     "responses": {
                         "200": {"description": "Changed", "headers": {"ETag": {"schema": {"type": "string"}}},
@@ -212,12 +256,12 @@ pub fn add_kinds(doc: &mut Value) {
                 },
                 "delete": {
                     "tags": [plural], "operationId": format!("delete_{name}"),
-                    "summary": format!("Deletes a {name} in its final state ({}). Its transitions stay in the history.", kind.final_state()),
+                    "summary": delete_summary(kind),
                     "parameters": [id_param()],
                     "security": security(kind.permission("delete")),
                     "responses": {
                         "204": {"description": "Deleted"},
-                        "409": problem("Not in its final state yet (`action-not-allowed`)"),
+                        "409": problem("Not in a state it may be deleted from (`action-not-allowed`), a transition is queued (`resource-busy`), or live resources name it (`resource-in-use`)"),
                     }
                 }
             }),

@@ -516,15 +516,13 @@ impl Engine {
     async fn record(&self, run: &Run, lease: Lease, ctx: &Ctx, outcome: Outcome, slot: Option<OwnedSemaphorePermit>) {
         let now = Utc::now();
         let finish = |status: RunStatus, error: Option<RunError>, outputs: Option<Value>| {
-            let (state, spec, event) = match status {
+            let (state, event) = match status {
                 RunStatus::Succeeded => (
                     run.ok_state.clone(),
-                    None,
                     NewEvent::info("finish", format!("succeeded; {} is {}", run.kind, run.ok_state)),
                 ),
                 _ => (
                     run.err_state.clone(),
-                    None,
                     NewEvent::info(
                         "finish",
                         format!("{}: {}", status.as_str(), error.as_ref().map(|e| e.message.as_str()).unwrap_or("")),
@@ -532,12 +530,14 @@ impl Engine {
                     .with_level(Level::Error),
                 ),
             };
+            // What a success does to the spec (a scale's count, applying
+            // it) is added by `applied`.
             Completion {
                 status,
                 resource_state: state,
                 outputs,
                 error,
-                spec,
+                spec: None,
                 applies_spec: false,
                 applied: None,
                 event,

@@ -47,6 +47,29 @@ pub fn diff(from: &Value, to: &Value) -> Value {
     }
 }
 
+/// A top-level field that differs between two objects, with its value in
+/// each (`None` where it is absent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldChange {
+    pub field: String,
+    pub from: Option<Value>,
+    pub to: Option<Value>,
+}
+
+/// The top-level fields of two objects that differ, in field order, and
+/// the merge patch from one to the other ([`diff`]).
+pub fn field_changes(from: &Value, to: &Value) -> (Vec<FieldChange>, Value) {
+    let patch = diff(from, to);
+    let changes = match &patch {
+        Value::Object(fields) => fields
+            .keys()
+            .map(|k| FieldChange { field: k.clone(), from: from.get(k).cloned(), to: to.get(k).cloned() })
+            .collect(),
+        _ => Vec::new(),
+    };
+    (changes, patch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +89,23 @@ mod tests {
         let d = diff(&from, &to);
         assert_eq!(d, json!({"count": 5, "tags": {"team": "b"}, "join": null, "env": "qa"}));
         assert_eq!(diff(&to, &to), json!({}));
+    }
+
+    #[test]
+    fn field_changes_name_each_top_level_field_once() {
+        let from = json!({"image": "web", "tags": {"team": "a", "cost": "x"}, "join": "l"});
+        let to = json!({"image": "web", "tags": {"team": "b", "cost": "x"}, "env": "qa"});
+        let (changes, patch) = field_changes(&from, &to);
+        assert_eq!(patch, diff(&from, &to));
+        let named: Vec<_> = changes.iter().map(|c| (c.field.as_str(), c.from.clone(), c.to.clone())).collect();
+        assert_eq!(
+            named,
+            [
+                ("env", None, Some(json!("qa"))),
+                ("join", Some(json!("l")), None),
+                ("tags", Some(json!({"team": "a", "cost": "x"})), Some(json!({"team": "b", "cost": "x"}))),
+            ]
+        );
     }
 
     #[test]

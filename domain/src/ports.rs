@@ -40,8 +40,10 @@ pub trait Store: Send + Sync + 'static {
     /// A resource's spec versions, newest first, older than `before`.
     async fn list_spec_versions(&self, resource: Uuid, before: Option<i64>, limit: u32) -> Result<Vec<SpecVersion>>;
     async fn get_spec_version(&self, resource: Uuid, version: i64) -> Result<Option<SpecVersion>>;
-    /// Soft-deletes a resource in its final state; its runs stay.
-    async fn delete_resource(&self, id: Uuid, final_state: &str, now: Time) -> Result<()>;
+    /// Soft-deletes a resource, fenced on its being in `state` (its final
+    /// state, or an initial one no transition has left) with no transition
+    /// queued or running; its runs stay.
+    async fn delete_resource(&self, id: Uuid, state: &str, now: Time) -> Result<()>;
     async fn set_observed(&self, id: Uuid, observed: &Value) -> Result<()>;
 
     // Runs.

@@ -380,8 +380,15 @@ impl Service {
     }
 
     /// How spec version `version` differs from version `from` (0: no spec):
-    /// both specs and the merge patch from one to the other.
-    pub async fn spec_diff(&self, kind: Kind, key: &str, version: i64, from: i64) -> Result<(Value, Value, Value)> {
+    /// the top-level fields that changed, and the merge patch from one to the
+    /// other.
+    pub async fn spec_diff(
+        &self,
+        kind: Kind,
+        key: &str,
+        version: i64,
+        from: i64,
+    ) -> Result<(Vec<crate::merge::FieldChange>, Value)> {
         let r = self.get(kind, key).await?;
         let read = |n: i64| async move {
             self.store
@@ -395,8 +402,7 @@ impl Service {
             0 => Value::Object(Default::default()),
             n => read(n).await?,
         };
-        let patch = crate::merge::diff(&before, &to);
-        Ok((before, to, patch))
+        Ok(crate::merge::field_changes(&before, &to))
     }
 
     /// One spec version of a resource.
@@ -408,9 +414,12 @@ impl Service {
             .ok_or_else(|| Error::NotFound { kind: "spec version", key: format!("{} of {kind} {key}", version) })
     }
 
+    /// Deletes a resource's record (its runs stay in the history): in its
+    /// final state, or, for kinds whose initial state holds nothing, before
+    /// any transition of it started, unless live resources name it.
     pub async fn delete(&self, kind: Kind, key: &str) -> Result<()> {
         let r = self.get(kind, key).await?;
-        if r.state != kind.final_state() {
+        if !kind.deletable_states().contains(&r.state.as_str()) {
             return Err(Error::NotAllowed {
                 kind: kind.as_str(),
                 state: r.state.clone(),
@@ -418,7 +427,16 @@ impl Service {
                 allowed: kind.allowed_actions(&r.state),
             });
         }
-        self.store.delete_resource(r.id, kind.final_state(), Utc::now()).await
+        if r.state != kind.final_state() {
+            if let Some(run) = self.store.active_run(r.id).await? {
+                return Err(Error::Busy { kind: kind.as_str(), resource: r.id, run: run.id });
+            }
+            let users = self.users_of(&r).await?;
+            if !users.is_empty() {
+                return Err(Error::InUse { kind: kind.as_str(), name: r.name, action: "delete".into(), users });
+            }
+        }
+        self.store.delete_resource(r.id, &r.state, Utc::now()).await
     }
 
     pub async fn request(&self, kind: Kind, key: &str, req: TransitionRequest) -> Result<Run> {
@@ -652,15 +670,14 @@ pub fn pending_changes(kind: Kind, r: &Resource) -> Vec<PendingChange> {
     if r.state == kind.final_state() || applied == &r.spec {
         return Vec::new();
     }
-    let Value::Object(diff) = crate::merge::diff(applied, &r.spec) else {
-        return Vec::new();
-    };
-    diff.keys()
-        .map(|field| PendingChange {
-            field: format!("spec.{field}"),
-            applied: applied.get(field).cloned(),
-            wanted: r.spec.get(field).cloned(),
-            applied_by: kind.applied_by(&r.spec, field),
+    let (changes, _) = crate::merge::field_changes(applied, &r.spec);
+    changes
+        .into_iter()
+        .map(|c| PendingChange {
+            applied_by: kind.applied_by(&r.spec, &c.field),
+            field: format!("spec.{}", c.field),
+            applied: c.from,
+            wanted: c.to,
         })
         .collect()
 }

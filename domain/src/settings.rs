@@ -192,7 +192,7 @@ impl Settings {
 
     pub async fn write(&self, scope: &Scope, key: &str, w: Write<'_>) -> Result<Setting> {
         validate_key(key)?;
-        if w.reason.is_some_and(|r| r.len() > 2000) {
+        if w.reason.is_some_and(|r| r.chars().count() > 2000) {
             return Err(Error::invalid("reason", "at most 2000 characters"));
         }
         if w.value.is_some_and(|v| v.len() > 32 * 1024) {

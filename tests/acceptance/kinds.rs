@@ -259,3 +259,55 @@ async fn every_spec_change_is_a_version() {
     assert_eq!(qa["pending_changes"], json!([]));
     let _ = app.run("cluster", "c1", json!({"action": "destroy"})).await;
 }
+
+/// A cluster or image that no transition ever started holds nothing, and
+/// can be deleted at once; not while a transition of it is queued, nor an
+/// image that a live cluster names. A record kind's initial state is live:
+/// it still needs its `delete` transition first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_never_started_can_be_deleted_at_once() {
+    let app = spawn_app(Backend::Sqlite).await;
+    app.post("/v1/images", json!({"name": "web", "spec": {"build_command": "true", "start_command": "sleep 60"}}))
+        .await;
+    app.post("/v1/images", json!({"name": "spare", "spec": {"build_command": "true", "start_command": "true"}})).await;
+    let r = app.post("/v1/clusters", json!({"name": "c1", "spec": {"image": "web", "count": 1}})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+
+    let r = app.delete("/v1/images/web").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.body["type"], "/problems/resource-in-use");
+    assert_eq!(r.body["used_by"], json!(["cluster/c1"]));
+
+    // Once a transition was asked for, it is too late: while the build is
+    // queued or running the image is busy, and once it ends the image
+    // holds a build and must be destroyed first.
+    let queued = app.post("/v1/images/spare/transitions", json!({"action": "build"})).await;
+    assert_eq!(queued.status, StatusCode::ACCEPTED, "{}", queued.body);
+    let r = app.delete("/v1/images/spare").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let refused = r.body["type"].as_str().unwrap().to_string();
+    assert!(["/problems/resource-busy", "/problems/action-not-allowed"].contains(&refused.as_str()), "{}", r.body);
+    app.wait(queued.body["id"].as_str().unwrap()).await;
+    let r = app.delete("/v1/images/spare").await;
+    assert_eq!(
+        (r.status, &r.body["type"]),
+        (StatusCode::CONFLICT, &json!("/problems/action-not-allowed")),
+        "{}",
+        r.body
+    );
+
+    assert_eq!(app.delete("/v1/clusters/c1").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(app.get("/v1/clusters/c1").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(app.delete("/v1/images/web").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(app.get("/v1/images/web").await.status, StatusCode::NOT_FOUND);
+    // The names are free again.
+    let r = app
+        .post("/v1/images", json!({"name": "web", "spec": {"build_command": "true", "start_command": "true"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+
+    app.post("/v1/environments", json!({"name": "qa", "spec": {}})).await;
+    let r = app.delete("/v1/environments/qa").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.body["type"], "/problems/action-not-allowed");
+}

@@ -142,19 +142,11 @@ async fn diff(
 ) -> ApiResult<Json<SpecDiff>> {
     caller.require(&kind.permission("read"))?;
     let from = q.from.unwrap_or(version - 1);
-    let (before, to, patch) = state.service.spec_diff(kind, key, version, from).await?;
-    let changes = patch
-        .as_object()
-        .map(|m| {
-            m.keys()
-                .map(|k| FieldChange {
-                    field: format!("spec.{k}"),
-                    from: before.get(k).cloned(),
-                    to: to.get(k).cloned(),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let (changes, patch) = state.service.spec_diff(kind, key, version, from).await?;
+    let changes = changes
+        .into_iter()
+        .map(|c| FieldChange { field: format!("spec.{}", c.field), from: c.from, to: c.to })
+        .collect();
     Ok(Json(SpecDiff { from, to: version, patch, changes }))
 }
 

@@ -31,6 +31,27 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(cluster_settings))
 }
 
+/// Where settings live. A cluster's scope takes its name or its id.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ScopePath {
+    /// `global`, `environment:NAME` or `cluster:NAME-OR-ID`.
+    #[param(pattern = r"^(global|(environment|cluster):[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)$", example = "global")]
+    scope: String,
+}
+
+/// One setting: its scope and key.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct SettingPath {
+    /// `global`, `environment:NAME` or `cluster:NAME-OR-ID`.
+    #[param(pattern = r"^(global|(environment|cluster):[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)$", example = "global")]
+    scope: String,
+    /// Letters, digits and `_`, not starting with a digit.
+    #[param(pattern = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", example = "LOG_LEVEL")]
+    key: String,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ReadQuery {
@@ -62,6 +83,8 @@ pub struct DiffQuery {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
+    /// Why, for the record: at most 2000 characters.
+    #[param(max_length = 2000)]
     reason: Option<String>,
 }
 
@@ -81,14 +104,14 @@ fn with_etag(v: SettingView) -> (HeaderMap, Json<SettingView>) {
 
 /// The current settings of a scope.
 #[utoipa::path(get, path = "/v1/settings/{scope}", tag = "settings",
-    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), RevealQuery),
+    params(ScopePath, RevealQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingList), (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json")))]
 async fn list_settings(
     State(s): State<AppState>,
     caller: Caller,
-    ApiPath(scope): ApiPath<String>,
+    ApiPath(ScopePath { scope }): ApiPath<ScopePath>,
     ApiQuery(q): ApiQuery<RevealQuery>,
 ) -> ApiResult<Json<SettingList>> {
     may_read(&caller, q.reveal)?;
@@ -99,14 +122,14 @@ async fn list_settings(
 
 /// One setting: the current version, or `?version=`.
 #[utoipa::path(get, path = "/v1/settings/{scope}/{key}", tag = "settings",
-    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), ReadQuery),
+    params(SettingPath, ReadQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingView, headers(("ETag" = String))),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn get_setting(
     State(s): State<AppState>,
     caller: Caller,
-    ApiPath((scope, key)): ApiPath<(String, String)>,
+    ApiPath(SettingPath { scope, key }): ApiPath<SettingPath>,
     ApiQuery(q): ApiQuery<ReadQuery>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
     may_read(&caller, q.reveal)?;
@@ -117,7 +140,7 @@ async fn get_setting(
 /// Writes a new version. With `If-Match` (the ETag read before, `"v0"` for
 /// a key that does not exist yet) the write is refused if another came first.
 #[utoipa::path(put, path = "/v1/settings/{scope}/{key}", tag = "settings", request_body = PutSetting,
-    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"),
+    params(SettingPath,
         ("If-Match" = Option<String>, Header, description = "Compare-and-set on the version")),
     security(("bearer" = ["settings:write"])),
     responses((status = 200, body = SettingView, headers(("ETag" = String))),
@@ -126,7 +149,7 @@ async fn get_setting(
 async fn put_setting(
     State(s): State<AppState>,
     caller: Caller,
-    ApiPath((scope, key)): ApiPath<(String, String)>,
+    ApiPath(SettingPath { scope, key }): ApiPath<SettingPath>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<PutSetting>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
@@ -145,7 +168,7 @@ async fn put_setting(
 
 /// Removes a key, as a new version that records who and why.
 #[utoipa::path(delete, path = "/v1/settings/{scope}/{key}", tag = "settings",
-    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), DeleteQuery,
+    params(SettingPath, DeleteQuery,
         ("If-Match" = Option<String>, Header, description = "Compare-and-set on the version")),
     security(("bearer" = ["settings:write"])),
     responses((status = 200, body = SettingView), (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -153,7 +176,7 @@ async fn put_setting(
 async fn delete_setting(
     State(s): State<AppState>,
     caller: Caller,
-    ApiPath((scope, key)): ApiPath<(String, String)>,
+    ApiPath(SettingPath { scope, key }): ApiPath<SettingPath>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {
@@ -167,13 +190,13 @@ async fn delete_setting(
 
 /// Every version of a setting, oldest first.
 #[utoipa::path(get, path = "/v1/settings/{scope}/{key}/versions", tag = "settings",
-    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), RevealQuery),
+    params(SettingPath, RevealQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingList), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn setting_versions(
     State(s): State<AppState>,
     caller: Caller,
-    ApiPath((scope, key)): ApiPath<(String, String)>,
+    ApiPath(SettingPath { scope, key }): ApiPath<SettingPath>,
     ApiQuery(q): ApiQuery<RevealQuery>,
 ) -> ApiResult<Json<SettingList>> {
     may_read(&caller, q.reveal)?;
@@ -184,13 +207,13 @@ async fn setting_versions(
 
 /// Two versions side by side.
 #[utoipa::path(get, path = "/v1/settings/{scope}/{key}/diff", tag = "settings",
-    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"), DiffQuery),
+    params(SettingPath, DiffQuery),
     security(("bearer" = ["settings:read"])),
     responses((status = 200, body = SettingDiff), (status = 404, body = Problem, content_type = "application/problem+json")))]
 async fn setting_diff(
     State(s): State<AppState>,
     caller: Caller,
-    ApiPath((scope, key)): ApiPath<(String, String)>,
+    ApiPath(SettingPath { scope, key }): ApiPath<SettingPath>,
     ApiQuery(q): ApiQuery<DiffQuery>,
 ) -> ApiResult<Json<SettingDiff>> {
     may_read(&caller, q.reveal)?;
@@ -207,7 +230,7 @@ async fn setting_diff(
 
 /// Makes an old version's value current again, as a new version.
 #[utoipa::path(post, path = "/v1/settings/{scope}/{key}/rollback", tag = "settings", request_body = RollbackSetting,
-    params(("scope" = String, Path, description = "`global`, `environment:NAME` or `cluster:NAME-OR-ID`", pattern = "^(global|environment:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?|cluster:.+)$"), ("key" = String, Path, description = "Letters, digits and `_`, not starting with a digit", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"),
+    params(SettingPath,
         ("If-Match" = Option<String>, Header, description = "Compare-and-set on the version")),
     security(("bearer" = ["settings:write"])),
     responses((status = 200, body = SettingView), (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -215,7 +238,7 @@ async fn setting_diff(
 async fn rollback_setting(
     State(s): State<AppState>,
     caller: Caller,
-    ApiPath((scope, key)): ApiPath<(String, String)>,
+    ApiPath(SettingPath { scope, key }): ApiPath<SettingPath>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<RollbackSetting>,
 ) -> ApiResult<(HeaderMap, Json<SettingView>)> {

@@ -44,6 +44,7 @@ impl Declaration for Image {
     type Spec = Spec;
     const INITIAL: State = State::Pending;
     const FINAL: State = State::Destroyed;
+    const DELETABLE_UNSTARTED: bool = true;
 
     fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
         next(state, action)

@@ -131,6 +131,12 @@ pub trait Declaration: Send + Sync + 'static {
     /// changes.
     const APPLIED_ON_WRITE: bool = false;
 
+    /// Whether a resource still in its initial state, no transition of it
+    /// ever started, may be deleted at once: true where that state holds
+    /// nothing in the world (an image not yet built, a cluster not yet
+    /// created), so there is nothing to tear down first.
+    const DELETABLE_UNSTARTED: bool = false;
+
     /// The timeout of `action` for this spec; default: the action's.
     fn timeout_secs(_spec: &Self::Spec, action: Self::Action) -> u64 {
         Self::action(action).timeout_secs
@@ -475,6 +481,15 @@ impl Kind {
         self.0.applied_on_write()
     }
 
+    /// The states a resource may be deleted from: its final state, and its
+    /// initial one where that holds nothing ([`Declaration::DELETABLE_UNSTARTED`]).
+    pub fn deletable_states(self) -> Vec<&'static str> {
+        match self.0.deletable_unstarted() {
+            true => vec![self.final_state(), self.initial_state()],
+            false => vec![self.final_state()],
+        }
+    }
+
     /// The actions that apply a change of the top-level spec field `field`
     /// on a resource with this spec: those that apply the whole spec, and
     /// those whose success sets the field.
@@ -597,6 +612,7 @@ trait Erased: Send + Sync + 'static {
     fn spec_after(&self, spec: &Value, action: &str, params: &Value) -> Option<Value>;
     fn applies_whole(&self, spec: &Value, action: &str) -> bool;
     fn applied_on_write(&self) -> bool;
+    fn deletable_unstarted(&self) -> bool;
     fn timeout_secs(&self, spec: &Value, action: &str) -> u64;
     fn permission(&self, verb: &str) -> String;
     fn admin_only(&self) -> bool;
@@ -681,6 +697,9 @@ impl<D: Declaration> Erased for Decl<D> {
     }
     fn applied_on_write(&self) -> bool {
         D::APPLIED_ON_WRITE
+    }
+    fn deletable_unstarted(&self) -> bool {
+        D::DELETABLE_UNSTARTED
     }
     fn timeout_secs(&self, spec: &Value, action: &str) -> u64 {
         match (stored::<D>(spec), D::Action::parse(action)) {

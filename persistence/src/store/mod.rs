@@ -123,8 +123,8 @@ impl<B: Backend> Store for SqlStore<B> {
         resources::get_version(self, resource, version).await
     }
 
-    async fn delete_resource(&self, id: Uuid, final_state: &str, now: Time) -> Result<()> {
-        resources::delete(self, id, final_state, now).await
+    async fn delete_resource(&self, id: Uuid, state: &str, now: Time) -> Result<()> {
+        resources::delete(self, id, state, now).await
     }
 
     async fn set_observed(&self, id: Uuid, observed: &Value) -> Result<()> {

@@ -163,11 +163,16 @@ pub(super) async fn get_version<B: Backend>(
     Ok(row.map(SpecVersion::from))
 }
 
-pub(super) async fn delete<B: Backend>(s: &SqlStore<B>, id: Uuid, final_state: &str, now: Time) -> Result<()> {
-    let sql = Sql::new("UPDATE resources SET deleted_at = $3 WHERE id = $1 AND state = $2 AND deleted_at IS NULL")
-        .bind(id)
-        .bind(final_state)
-        .bind(Ts(now));
+pub(super) async fn delete<B: Backend>(s: &SqlStore<B>, id: Uuid, state: &str, now: Time) -> Result<()> {
+    // Fenced on the state, and on no transition having been requested since
+    // (a resource may be deleted before any started).
+    let sql = Sql::new(
+        "UPDATE resources SET deleted_at = $3 WHERE id = $1 AND state = $2 AND deleted_at IS NULL
+            AND NOT EXISTS (SELECT 1 FROM run_queue WHERE resource_id = $1)",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(Ts(now));
     // The connection goes back before `kind_of` takes one (SQLite has one).
     let deleted = s.conn().await?.execute(sql).await.map_err(db("delete resource"))?;
     match deleted {
@@ -177,7 +182,7 @@ pub(super) async fn delete<B: Backend>(s: &SqlStore<B>, id: Uuid, final_state: &
             Err(Error::Moved {
                 kind: kind.as_str(),
                 name: id.to_string(),
-                what: format!("it left {final_state} before it was deleted"),
+                what: format!("it left {state}, or a transition of it was requested, before it was deleted"),
             })
         }
     }
