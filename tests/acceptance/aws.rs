@@ -87,8 +87,9 @@ impl Aws {
     }
 }
 
-/// The stack's parameters. moto shows a `CommaDelimitedList` as a Python
-/// list (`['a', 'b']`); AWS shows it as sent (`a,b`): normalised to AWS's.
+/// The stack's parameters. moto shows a list parameter (`List<…>`) as a
+/// Python list (`['a', 'b']`); AWS shows it as sent (`a,b`): normalised to
+/// AWS's.
 fn params(stack: &drover_ops::aws::testing::cloudformation::types::Stack) -> Value {
     let aws_form = |v: &str| -> String {
         match v.strip_prefix('[').and_then(|v| v.strip_suffix(']')) {

@@ -102,16 +102,21 @@ pub fn render(cluster: &Resource, spec: &Spec, ami: &str, count: u32, leader: Op
     };
     add("ClusterName", "String", "The drover cluster", cluster.name.clone());
     add("ResourceId", "String", "The drover resource id", cluster.id.to_string());
-    add("ImageId", "String", "The AMI the instances start from", ami.to_string());
+    add("ImageId", "AWS::EC2::Image::Id", "The AMI the instances start from", ami.to_string());
     add("InstanceType", "String", "EC2 instance type", spec.instance_type.clone().unwrap_or_default());
     add("Count", "Number", "Instances: min, max and desired capacity", count.to_string());
-    add("Subnets", "CommaDelimitedList", "Subnets of the auto-scaling group", spec.subnets.join(","));
+    add("Subnets", "List<AWS::EC2::Subnet::Id>", "Subnets of the auto-scaling group", spec.subnets.join(","));
     add("RoleMetadata", "String", "Role metadata for the instances (key=value,…)", role_metadata(cluster, spec));
     if let Some(key) = &spec.key_name {
-        add("KeyName", "String", "EC2 key pair", key.clone());
+        add("KeyName", "AWS::EC2::KeyPair::KeyName", "EC2 key pair", key.clone());
     }
     if !spec.security_groups.is_empty() {
-        add("SecurityGroups", "CommaDelimitedList", "Security groups of the instances", spec.security_groups.join(","));
+        add(
+            "SecurityGroups",
+            "List<AWS::EC2::SecurityGroup::Id>",
+            "Security groups of the instances",
+            spec.security_groups.join(","),
+        );
     }
     if let Some(l) = leader {
         add("LeaderName", "String", "The leader cluster joined", l.name.clone());
@@ -249,6 +254,29 @@ mod tests {
         let lt = &out.template["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"];
         assert_eq!(lt["KeyName"], json!({"Ref": "KeyName"}));
         assert_eq!(lt["SecurityGroupIds"], json!({"Ref": "SecurityGroups"}));
+    }
+
+    /// CloudFormation checks that an AMI, a key pair, subnets and security
+    /// groups exist before it creates anything, when the parameters say
+    /// what they are.
+    #[test]
+    fn parameters_are_typed_for_cloudformation_to_check() {
+        let (r, s) = cluster("workers", spec());
+        let out = render(&r, &s, "ami-0123abcd", 3, None);
+        let types: BTreeMap<&str, &str> = out.template["Parameters"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v["Type"].as_str().unwrap()))
+            .collect();
+        assert_eq!(types["ImageId"], "AWS::EC2::Image::Id");
+        assert_eq!(types["KeyName"], "AWS::EC2::KeyPair::KeyName");
+        assert_eq!(types["Subnets"], "List<AWS::EC2::Subnet::Id>");
+        assert_eq!(types["SecurityGroups"], "List<AWS::EC2::SecurityGroup::Id>");
+        assert_eq!(types["Count"], "Number");
+        for free in ["ClusterName", "ResourceId", "InstanceType", "RoleMetadata"] {
+            assert_eq!(types[free], "String", "{free}");
+        }
     }
 
     #[test]
