@@ -63,7 +63,7 @@ pub struct CreateToken {
 }
 
 /// An API token, without its secret.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TokenView {
     pub id: Uuid,
     pub name: String,
@@ -98,8 +98,10 @@ impl From<drover_domain::model::Token> for TokenView {
 pub struct NewTokenView {
     #[serde(flatten)]
     pub token: TokenView,
-    /// Send as `Authorization: Bearer <secret>`.
-    pub secret: String,
+    /// Send as `Authorization: Bearer <secret>`. Shown once: a retry with
+    /// the same `Idempotency-Key` gets the token the first request created
+    /// (`Idempotent-Replayed: true`) with `null` here.
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

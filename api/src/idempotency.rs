@@ -6,7 +6,9 @@
 //! The same key with another request is a 422; while the first is still
 //! running, a 409. A request that failed is not saved: it did no work, so
 //! retrying it for real is both safe and what the caller wants. Neither is
-//! a response marked `Cache-Control: no-store` (a new token's secret).
+//! a response marked `Cache-Control: no-store` (a new token's secret):
+//! its handler says with [`ReplayAs`] what a retry gets instead (the token
+//! without its secret), or, without one, the key is released.
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
@@ -20,6 +22,11 @@ use sha2::{Digest, Sha256};
 use crate::app::BODY_LIMIT;
 use crate::problem::Problem;
 use crate::routes::AppState;
+
+/// What a retry of this request gets instead of its response's body, for
+/// a response that holds something shown once (`Cache-Control: no-store`).
+#[derive(Clone)]
+pub struct ReplayAs(pub axum::body::Bytes);
 
 pub async fn layer(State(s): State<AppState>, req: Request, next: Next) -> Response {
     if req.method() != Method::POST {
@@ -67,7 +74,8 @@ pub async fn layer(State(s): State<AppState>, req: Request, next: Next) -> Respo
 
     let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
     let no_store = response.headers().get(header::CACHE_CONTROL).is_some_and(|v| v.as_bytes() == b"no-store");
-    if !response.status().is_success() || no_store {
+    let replay_as = response.extensions().get::<ReplayAs>().cloned();
+    if !response.status().is_success() || (no_store && replay_as.is_none()) {
         // Failed requests did no work; `no-store` responses hold a secret
         // that must not be kept for replay.
         if let Err(e) = s.service.idempotency_abandon(&key).await {
@@ -76,23 +84,27 @@ pub async fn layer(State(s): State<AppState>, req: Request, next: Next) -> Respo
         return response;
     }
     let (parts, body) = response.into_parts();
-    let body = match to_bytes(body, usize::MAX).await {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(error = %e, "could not buffer a response to save it");
-            return Problem::internal().into_response();
-        }
+    // What is saved: the body, or what its handler said a retry gets.
+    let (body, saved_body) = match replay_as {
+        Some(ReplayAs(replay)) => (body, replay),
+        None => match to_bytes(body, usize::MAX).await {
+            Ok(b) => (Body::from(b.clone()), b),
+            Err(e) => {
+                tracing::error!(error = %e, "could not buffer a response to save it");
+                return Problem::internal().into_response();
+            }
+        },
     };
     let saved = SavedResponse {
         status: parts.status.as_u16(),
         location: parts.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string),
-        body: body.to_vec(),
+        body: saved_body.to_vec(),
     };
     if let Err(e) = s.service.idempotency_save(&key, &saved).await {
         // The work is done; a retry would do it again only if this key is lost.
         tracing::error!(error = %e, key = %key, "could not save an idempotent response");
     }
-    Response::from_parts(parts, Body::from(body))
+    Response::from_parts(parts, body)
 }
 
 fn replay(saved: SavedResponse) -> Response {

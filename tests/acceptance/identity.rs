@@ -32,8 +32,9 @@ fn body_for(operation: &str) -> Option<Value> {
 
 /// Every operation of the OpenAPI document: 401 without a token, 403 with
 /// a token that lacks the permission its security scope names, and neither
-/// with a token that has exactly that permission. A new route without a
-/// check, or without a documented permission, fails here.
+/// with a token that has exactly that permission; and the built-in viewer
+/// and operator roles against their table. A new route without a check, or
+/// without a documented permission, fails here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_demands_its_permission() {
     let app = spawn_app(Backend::Sqlite).await;
@@ -48,6 +49,8 @@ async fn every_route_demands_its_permission() {
     app.post("/v1/environments", json!({"name": "walk", "spec": {}})).await;
     app.send(&app.client, "PUT", "/v1/settings/global/WALK", Some(json!({"value": "1"}))).await;
     let nobody = app.user_with_roles("nobody", &[]).await;
+    let viewer = app.user_with_roles("a-viewer", &["viewer"]).await;
+    let operator = app.user_with_roles("an-operator", &["operator"]).await;
     let nobody_token = app.get("/v1/users/nobody/tokens").await.body["items"][0]["id"].as_str().unwrap().to_string();
 
     let doc = app.get("/openapi.json").await.body;
@@ -105,6 +108,29 @@ async fn every_route_demands_its_permission() {
         let r = app.send(&nobody, &m, &denied_path, body.clone()).await;
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{m} {denied_path} with no permission: {}", r.body);
         assert_eq!(r.body["type"], "/problems/forbidden");
+
+        // The built-in roles against their table, before anyone with the
+        // permission changes what the path names: a viewer reads every
+        // resource, users and roles included, and changes nothing; an
+        // operator does everything but manage users, roles and tokens.
+        // Someone else's tokens are for admins alone, even to list.
+        let reads = m == "GET";
+        let tokens = template.starts_with("/v1/users/{id}/tokens");
+        let access_control = template.starts_with("/v1/users") || template.starts_with("/v1/roles");
+        for (role, client, allowed) in
+            [("viewer", &viewer, reads && !tokens), ("operator", &operator, !tokens && (reads || !access_control))]
+        {
+            let r = app.send(client, &m, &denied_path, body.clone()).await;
+            match allowed {
+                true => assert!(
+                    r.status != StatusCode::UNAUTHORIZED && r.status != StatusCode::FORBIDDEN,
+                    "{m} {denied_path} as {role}: {} {}",
+                    r.status,
+                    r.body
+                ),
+                false => assert_eq!(r.status, StatusCode::FORBIDDEN, "{m} {denied_path} as {role}: {}", r.body),
+            }
+        }
 
         let wanted = scopes[0]
             .replace("{action}", body.as_ref().and_then(|b| b["action"].as_str()).unwrap_or(""))
@@ -219,4 +245,37 @@ async fn token_lifecycle() {
     assert_eq!(r.status, StatusCode::CONFLICT);
     let r = app.post("/v1/roles/admin/transitions", json!({"action": "delete"})).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
+}
+
+/// A token created under an `Idempotency-Key` and asked for again with the
+/// same key (a client that timed out and retried) is the same token: the
+/// retry says so (`Idempotent-Replayed`), and carries no secret, which is
+/// shown once and never stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_token_request_makes_one_token() {
+    let app = spawn_app(Backend::Sqlite).await;
+    app.post("/v1/users", json!({"name": "alice", "spec": {"roles": ["viewer"]}})).await;
+    let body = json!({"name": "ci"});
+    let first = app.post_with_key("/v1/users/alice/tokens", body.clone(), "token-1").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let secret = first.body["secret"].as_str().unwrap().to_string();
+    assert!(first.headers.get("idempotent-replayed").is_none());
+
+    let again = app.post_with_key("/v1/users/alice/tokens", body, "token-1").await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body["id"], first.body["id"]);
+    assert_eq!(again.body["prefix"], first.body["prefix"]);
+    assert!(again.body["secret"].is_null(), "{}", again.body);
+    assert!(!again.body.to_string().contains(&secret));
+
+    let tokens = app.get("/v1/users/alice/tokens").await.body;
+    assert_eq!(tokens["items"].as_array().unwrap().len(), 1, "{tokens}");
+    // The secret works, and was never stored for the replay.
+    let (status, _) = me(&app, &client_with(Some(&secret))).await;
+    assert_eq!(status, StatusCode::OK);
+    for file in ["drover.db", "drover.db-wal"] {
+        let stored = std::fs::read(app.data_dir.path().join(file)).unwrap_or_default();
+        assert!(!stored.windows(secret.len()).any(|w| w == secret.as_bytes()), "the secret is in {file}");
+    }
 }

@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -11,6 +12,7 @@ use super::AppState;
 use crate::auth::Caller;
 use crate::dto::{CreateToken, Me, NewTokenView, TokenList, TokenView};
 use crate::extract::{ApiJson, ApiPath};
+use crate::idempotency::ReplayAs;
 use crate::problem::{ApiResult, Problem};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -34,7 +36,9 @@ async fn me(caller: Caller) -> Json<Me> {
     Json(Me { user_id: p.user_id, user: p.user, token_id: p.token_id, permissions: p.permissions })
 }
 
-/// Creates a token. Its secret is in this response only.
+/// Creates a token. Its secret is in this response only: a retry with the
+/// same `Idempotency-Key` gets the same token (`Idempotent-Replayed: true`)
+/// with `secret: null`, and no second token is made.
 #[utoipa::path(post, path = "/v1/users/{id}/tokens", tag = "users", request_body = CreateToken,
     params(("id" = String, Path, description = "User id or name")),
     security(("bearer" = ["users:admin"])),
@@ -47,13 +51,19 @@ async fn create_token(
     caller: Caller,
     ApiPath(user): ApiPath<String>,
     ApiJson(body): ApiJson<CreateToken>,
-) -> ApiResult<(StatusCode, HeaderMap, Json<NewTokenView>)> {
+) -> ApiResult<Response> {
     may_manage(&caller, &user)?;
     let (token, secret) = s.auth.create_token(&user, &body.name, body.expires_at, &caller.actor()).await?;
+    let token: TokenView = token.into();
+    let replay = serde_json::to_vec(&NewTokenView { token: token.clone(), secret: None })
+        .map_err(|e| Problem::from(drover_domain::Error::Internal(e.to_string())))?;
     let mut headers = HeaderMap::new();
-    // Never cached, and never saved for idempotent replay: it holds a secret.
+    // Never cached; a replay gets the token without its secret.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok((StatusCode::CREATED, headers, Json(NewTokenView { token: token.into(), secret })))
+    let mut response =
+        (StatusCode::CREATED, headers, Json(NewTokenView { token, secret: Some(secret) })).into_response();
+    response.extensions_mut().insert(ReplayAs(replay.into()));
+    Ok(response)
 }
 
 /// A user's tokens, without their secrets.

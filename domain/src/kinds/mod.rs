@@ -142,13 +142,14 @@ pub trait Declaration: Send + Sync + 'static {
         Self::action(action).timeout_secs
     }
 
-    /// Kinds of access control itself: every verb needs `users:admin`, and
-    /// the built-in operator and viewer roles do not reach them.
+    /// Kinds of access control itself: reading one needs `{kind}:read`
+    /// (which `users:admin` implies), every other verb `users:admin`; the
+    /// built-in operator and viewer roles read them and change nothing.
     const ADMIN_ONLY: bool = false;
 
     /// The permission `verb` (an action, or one of [`VERBS`]) needs.
     fn permission(verb: &str) -> String {
-        match Self::ADMIN_ONLY {
+        match Self::ADMIN_ONLY && verb != "read" {
             true => "users:admin".to_string(),
             false => format!("{}:{verb}", Self::NAME),
         }
@@ -529,7 +530,7 @@ impl Kind {
         out
     }
 
-    /// Whether only `users:admin` reaches this kind (users, roles).
+    /// Whether only `users:admin` changes this kind (users, roles).
     pub fn admin_only(self) -> bool {
         self.0.admin_only()
     }

@@ -99,6 +99,8 @@ pub fn permits(granted: &str, wanted: &str) -> bool {
     granted == "*"
         || granted == wanted
         || granted.strip_suffix(":*").is_some_and(|k| wanted.split_once(':').is_some_and(|(wk, _)| wk == k))
+        // Who manages users and roles reads them.
+        || (granted == "users:admin" && Kind::all().any(|k| k.admin_only() && k.permission("read") == wanted))
 }
 
 /// Whether `p` names something a permission check asks for: `*`, a kind's
@@ -120,8 +122,10 @@ pub fn valid_permission(p: &str) -> bool {
 /// writing settings; `viewer` reads them.
 pub fn builtin_roles() -> Vec<(&'static str, &'static str, Vec<String>)> {
     let operational = || Kind::all().filter(|k| !k.admin_only());
+    let access_control = || Kind::all().filter(|k| k.admin_only());
     let mut operator: Vec<String> = operational().flat_map(Kind::permissions).collect();
-    let mut viewer: Vec<String> = operational().map(|k| k.permission("read")).collect();
+    operator.extend(access_control().map(|k| k.permission("read")));
+    let mut viewer: Vec<String> = Kind::all().map(|k| k.permission("read")).collect();
     for (scope, _) in SCOPES {
         if ["transitions:read", "kinds:read", "settings:read", "metrics:read"].contains(scope) {
             viewer.push(scope.to_string());
@@ -133,11 +137,15 @@ pub fn builtin_roles() -> Vec<(&'static str, &'static str, Vec<String>)> {
         ("admin", "Everything, including users, roles and revealing secrets.", vec!["*".to_string()]),
         (
             "operator",
-            "Runs images, clusters and environments and writes settings; cannot manage users, reveal secrets \
-             or change protected environments.",
+            "Runs images, clusters and environments and writes settings; reads users and roles but cannot \
+             manage them, reveal secrets or change protected environments.",
             operator,
         ),
-        ("viewer", "Reads everything but secrets.", viewer),
+        (
+            "viewer",
+            "Reads every resource, users and roles included, and changes nothing; no secret values, no API tokens.",
+            viewer,
+        ),
     ]
 }
 
@@ -184,7 +192,15 @@ mod tests {
         assert!(!operator.iter().any(|p| p == "users:admin" || p == "settings:reveal"));
         assert!(!operator.iter().any(|p| permits(p, super::super::environment::OPERATE_PROTECTED)));
         let viewer = &roles[2].2;
-        assert!(viewer.contains(&"image:read".to_string()));
-        assert!(!viewer.iter().any(|p| p.ends_with(":create") || p == "settings:write"));
+        for kind in Kind::all() {
+            assert!(viewer.contains(&kind.permission("read")), "viewer reads {kind}");
+            assert!(operator.contains(&kind.permission("read")), "operator reads {kind}");
+        }
+        assert!(!viewer.iter().any(|p| p.ends_with(":create") || p == "settings:write" || p == "users:admin"));
+        assert!(!viewer.iter().any(|p| p == "settings:reveal"));
+        // Managing users and roles implies reading them; reading does not
+        // imply managing.
+        assert!(permits("users:admin", "user:read") && permits("users:admin", "role:read"));
+        assert!(!permits("user:read", "users:admin"));
     }
 }
