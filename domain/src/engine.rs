@@ -464,8 +464,12 @@ impl Engine {
             }
             Err(e) => Outcome::Done(Err(e)),
         };
-        heartbeat.abort();
+        // The lease is kept alive until the end is written: an end that
+        // waits for a completion writer that fell behind must not let the
+        // reaper hand the run to another worker, which would do its work
+        // again.
         self.record(&run, lease, &ctx, outcome, slot).await;
+        heartbeat.abort();
     }
 
     /// Finds the provider and what the job needs, as they are now (the

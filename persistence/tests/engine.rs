@@ -399,6 +399,47 @@ async fn a_writer_that_falls_behind_stops_the_claims() {
     }
 }
 
+/// An end that waits for the completion writer keeps its lease alive: with
+/// the writer blocked for longer than a lease, the reaper takes no run back
+/// and no work is done twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_waiting_for_the_writer_keeps_its_lease() {
+    use sqlx::Connection;
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    let store = drover_persistence::connect(&url).await.unwrap();
+    let p = Arc::new(Scripted::default());
+    let mut runs = Vec::new();
+    for i in 0..12 {
+        runs.push(queue(&store, &format!("ok-{i}"), 60).await);
+    }
+    let mut blocker = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut tx = blocker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE rollup_pending IN EXCLUSIVE MODE").execute(&mut *tx).await.unwrap();
+
+    let lease = Duration::from_secs(2);
+    let cfg = EngineConfig { concurrency: 2, lease, heartbeat: Duration::from_millis(300), ..config("w1") };
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let tasks = engine(&store, &p, cfg).spawn(rx);
+    // Runs finished their work and wait for the writer, for two and a half
+    // leases.
+    tokio::time::sleep(lease * 5 / 2).await;
+    let waiting = store.queue_depth(chrono::Utc::now()).await.unwrap().running;
+    assert!(waiting > 2, "runs wait for the writer: {waiting} leased");
+
+    tx.commit().await.unwrap();
+    for run in &runs {
+        let done = wait_terminal(&store, run.id).await;
+        assert_eq!(done.status, RunStatus::Succeeded);
+        assert_eq!((done.attempt, p.done(run.id)), (1, 1), "run {} was taken back and done again", run.id);
+        let events = store.list_events(run.id, 0, 100).await.unwrap();
+        assert!(!events.iter().any(|e| e.step == "reaper"), "{events:?}");
+    }
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.abort();
+    }
+}
+
 /// A store that hands back each claim's runs `delay` after the claim
 /// committed: the window in which a run is running in the store but its
 /// engine has not heard of it yet. A hand-written fake because no real
