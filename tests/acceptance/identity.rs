@@ -209,7 +209,9 @@ async fn token_lifecycle() {
     assert_eq!((r.status, r.body["created_by"].as_str()), (StatusCode::CREATED, Some("alice")));
     let r = app.send(&alice, "POST", "/v1/images/a/transitions", Some(json!({"action": "build"}))).await;
     assert_eq!(r.body["actor"], "alice");
-    let r = app.send(&alice, "GET", "/v1/users", None).await;
+    // An operator reads users, and manages none.
+    assert_eq!(app.send(&alice, "GET", "/v1/users", None).await.status, StatusCode::OK);
+    let r = app.send(&alice, "POST", "/v1/users", Some(json!({"name": "mallory", "spec": {"roles": ["admin"]}}))).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert!(r.body["detail"].as_str().unwrap().contains("users:admin"));
 

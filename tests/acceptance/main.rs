@@ -418,7 +418,8 @@ async fn the_api_describes_itself() {
         served["paths"]["/v1/environments/{id}/transitions"]["post"]["security"][0]["bearer"][0],
         "environment:{action}"
     );
-    assert_eq!(served["paths"]["/v1/users/{id}"]["get"]["security"][0]["bearer"][0], "users:admin");
+    assert_eq!(served["paths"]["/v1/users/{id}"]["get"]["security"][0]["bearer"][0], "user:read");
+    assert_eq!(served["paths"]["/v1/users/{id}"]["patch"]["security"][0]["bearer"][0], "users:admin");
     let scale = cluster["transitions"].as_array().unwrap().iter().find(|t| t["action"] == "scale").unwrap();
     assert_eq!(
         scale,
