@@ -449,10 +449,11 @@ impl Engine {
             self.cfg.heartbeat,
             self.cfg.lease,
         ));
-        let outcome = match self.prepare(&run, resource).await {
+        let prepared = self.prepare(&run, resource).await;
+        let outcome = match &prepared {
             Ok((provider, job)) => {
                 let limit = Duration::from_secs(run.timeout_secs.max(1) as u64);
-                let work = AssertUnwindSafe(provider.apply(ctx.as_ref(), &job)).catch_unwind();
+                let work = AssertUnwindSafe(provider.apply(ctx.as_ref(), job)).catch_unwind();
                 tokio::select! {
                     r = tokio::time::timeout(limit, work) => match r {
                         Ok(Ok(result)) => Outcome::Done(result),
@@ -462,13 +463,14 @@ impl Engine {
                     _ = lost.notified() => Outcome::LeaseLost,
                 }
             }
-            Err(e) => Outcome::Done(Err(e)),
+            Err(e) => Outcome::Done(Err(e.clone())),
         };
+        let cleanup = prepared.as_ref().ok().map(|(provider, job)| (provider.as_ref(), job));
         // The lease is kept alive until the end is written: an end that
         // waits for a completion writer that fell behind must not let the
         // reaper hand the run to another worker, which would do its work
         // again.
-        self.record(&run, lease, &ctx, outcome, slot).await;
+        self.record(&run, lease, &ctx, outcome, slot, cleanup).await;
         heartbeat.abort();
     }
 
@@ -517,7 +519,15 @@ impl Engine {
     }
 
     /// Writes the outcome of one attempt, fenced on the lease.
-    async fn record(&self, run: &Run, lease: Lease, ctx: &Ctx, outcome: Outcome, slot: Option<OwnedSemaphorePermit>) {
+    async fn record(
+        &self,
+        run: &Run,
+        lease: Lease,
+        ctx: &Ctx,
+        outcome: Outcome,
+        slot: Option<OwnedSemaphorePermit>,
+        cleanup: Option<(&dyn Provider, &Job)>,
+    ) {
         let now = Utc::now();
         let finish = |status: RunStatus, error: Option<RunError>, outputs: Option<Value>| {
             let (state, event) = match status {
@@ -619,6 +629,8 @@ impl Engine {
         let mut completion = completion;
         if completion.status == RunStatus::Succeeded {
             self.applied(run, &mut completion).await;
+        } else if let Some((provider, job)) = cleanup {
+            clean_up(provider, ctx, job).await;
         }
         let (status, now) = (completion.status, completion.now);
         let written = match self.completions.get() {
@@ -705,6 +717,27 @@ async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
         _ = tokio::time::sleep(d) => *stop.borrow(),
         _ = stop.changed() => true,
     }
+}
+
+/// How long a provider may take to release what a failed attempt started.
+const CLEAN_UP_LIMIT: Duration = Duration::from_secs(120);
+
+/// Lets the provider release what an attempt that ended for good without
+/// success started; a failure or a timeout here is logged and recorded as
+/// an event, and never changes the run's outcome.
+async fn clean_up(provider: &dyn Provider, ctx: &Ctx, job: &Job) {
+    let work = AssertUnwindSafe(provider.clean_up(ctx, job)).catch_unwind();
+    let why = match tokio::time::timeout(CLEAN_UP_LIMIT, work).await {
+        Ok(Ok(Ok(()))) => return,
+        Ok(Ok(Err(e))) => e.to_string(),
+        Ok(Err(panic)) => format!("the provider crashed: {}", panic_message(panic)),
+        Err(_) => format!("it did not finish within {}s", CLEAN_UP_LIMIT.as_secs()),
+    };
+    warn!(why = %why, "could not clean up after the attempt");
+    ctx.event(
+        NewEvent::info("clean-up", format!("could not clean up after this attempt: {why}")).with_level(Level::Warn),
+    )
+    .await;
 }
 
 async fn heartbeat_loop(store: Arc<dyn Store>, ctx: Arc<Ctx>, lost: Arc<Notify>, every: Duration, lease: Duration) {

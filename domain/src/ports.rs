@@ -252,4 +252,14 @@ pub trait Provider: Send + Sync + 'static {
     async fn preview(&self, _job: &Job) -> Option<Result<Value, ProviderError>> {
         None
     }
+
+    /// Releases what an attempt started, once the run has ended without
+    /// success for good (failed with no attempt left, cancelled, timed out,
+    /// crashed): the engine calls it before it records the end, while the
+    /// lease is still held, and bounds it in time. A retry does not call it:
+    /// the next attempt adopts what this one left. It must be safe to call
+    /// for an attempt that started nothing.
+    async fn clean_up(&self, _ctx: &dyn RunContext, _job: &Job) -> Result<(), ProviderError> {
+        Ok(())
+    }
 }

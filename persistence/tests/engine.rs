@@ -27,11 +27,17 @@ struct Scripted {
     attempts: Mutex<HashMap<Uuid, u32>>,
     /// Releases a stalled first attempt.
     release: tokio::sync::Notify,
+    /// Clean-ups asked for, per run.
+    cleaned: Mutex<HashMap<Uuid, u32>>,
 }
 
 impl Scripted {
     fn done(&self, run: Uuid) -> u32 {
         self.done.lock().unwrap().get(&run).copied().unwrap_or(0)
+    }
+
+    fn cleaned(&self, run: Uuid) -> u32 {
+        self.cleaned.lock().unwrap().get(&run).copied().unwrap_or(0)
     }
 }
 
@@ -67,6 +73,11 @@ impl Provider for Scripted {
         }
         *self.done.lock().unwrap().entry(job.run_id).or_default() += 1;
         Ok(json!({ "attempt": attempt }))
+    }
+
+    async fn clean_up(&self, _ctx: &dyn RunContext, job: &Job) -> Result<(), ProviderError> {
+        *self.cleaned.lock().unwrap().entry(job.run_id).or_default() += 1;
+        Ok(())
     }
 }
 
@@ -230,6 +241,7 @@ async fn cancel_stops_a_running_transition(store: Arc<dyn Store>) {
     assert_eq!(fin.cancel_requested_by.as_deref(), Some("carol"));
     assert_eq!(fin.error.unwrap().code, "cancelled");
     assert_eq!(p.done(run.id), 0);
+    assert_eq!(p.cleaned(run.id), 1, "a cancelled attempt is cleaned up after");
     // Partial work may exist: the resource goes to its failure state, whose
     // exits are retry and destroy.
     assert_eq!(state_of(&store, &run).await, "failed");
@@ -245,6 +257,7 @@ async fn timeouts_fail_the_run(store: Arc<dyn Store>) {
     assert_eq!((err.code.as_str(), err.retryable), ("timeout", false));
     assert!(fin.duration_ms().unwrap() >= 1000);
     assert_eq!(state_of(&store, &run).await, "failed");
+    assert_eq!(p.cleaned(run.id), 1, "a timed-out attempt is cleaned up after");
 }
 
 async fn retryable_errors_are_retried_with_backoff(store: Arc<dyn Store>) {
@@ -265,6 +278,7 @@ async fn retryable_errors_are_retried_with_backoff(store: Arc<dyn Store>) {
     let fin = store.get_run(run.id).await.unwrap().unwrap();
     assert_eq!((fin.status, fin.attempt), (RunStatus::Succeeded, 3));
     assert_eq!(p.done(run.id), 1);
+    assert_eq!(p.cleaned(run.id), 0, "a retried attempt is adopted by the next, not cleaned up");
     let retries: Vec<_> =
         store.list_events(run.id, 0, 100).await.unwrap().into_iter().filter(|e| e.step == "retry").collect();
     assert_eq!(retries.len(), 2);
@@ -287,6 +301,7 @@ async fn retries_end_when_attempts_run_out(store: Arc<dyn Store>) {
     let err = fin.error.unwrap();
     assert_eq!((err.code.as_str(), err.retryable), ("unavailable", true));
     assert_eq!(state_of(&store, &run).await, "failed");
+    assert_eq!(p.cleaned(run.id), 1, "only the last attempt is cleaned up after");
 }
 
 async fn fatal_errors_fail_at_once_with_their_detail(store: Arc<dyn Store>) {
@@ -297,6 +312,7 @@ async fn fatal_errors_fail_at_once_with_their_detail(store: Arc<dyn Store>) {
     assert_eq!((fin.status, fin.attempt), (RunStatus::Failed, 1));
     let err = fin.error.unwrap();
     assert_eq!((err.code.as_str(), err.detail), ("bad_spec", Some(json!({"why": "test"}))));
+    assert_eq!(p.cleaned(run.id), 1);
 }
 
 async fn a_panicking_provider_fails_the_run(store: Arc<dyn Store>) {
@@ -307,6 +323,7 @@ async fn a_panicking_provider_fails_the_run(store: Arc<dyn Store>) {
     assert_eq!(fin.status, RunStatus::Failed);
     assert_eq!(fin.error.unwrap().code, "internal");
     assert_eq!(state_of(&store, &run).await, "failed");
+    assert_eq!(p.cleaned(run.id), 1, "a crashed attempt is cleaned up after");
 }
 
 /// Shutting down, an engine waits for quick runs, then queues the others

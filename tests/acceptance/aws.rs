@@ -415,3 +415,34 @@ async fn a_lapsed_lease_mid_create_makes_no_second_stack_or_image() {
     let id = created["id"].as_str().unwrap();
     assert_eq!(aws.running_instances(id).await.len(), 2, "one stack's worth of instances");
 }
+
+/// A bake cancelled while it waits for its builder (which never powers
+/// off in moto) ends cancelled and leaves no builder running: the engine
+/// has the provider clean up after an attempt that ended for good.
+#[tokio::test]
+async fn a_cancelled_bake_leaves_no_builder_running() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let aws = aws().await;
+    let name = unique("img");
+    let mut spec = aws.image_spec();
+    spec["builder_shutdown"] = json!(true);
+    let image = create(&app, "image", &name, spec).await;
+    let id = image["id"].as_str().unwrap().to_string();
+    let run = app.transition("image", &name, json!({"action": "build"})).await;
+    let mut launched = false;
+    for _ in 0..300 {
+        if !aws.running_instances(&id).await.is_empty() {
+            launched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(launched, "the bake launched its builder");
+    let r = app.post(&format!("/v1/transitions/{run}/cancel"), json!({"reason": "changed my mind"})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let ended = app.wait(&run).await;
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    assert!(aws.running_instances(&id).await.is_empty(), "a builder is left running");
+    let events = app.get(&format!("/v1/transitions/{run}/events")).await.body;
+    assert!(events.to_string().contains("terminated builder"), "{events}");
+}

@@ -413,6 +413,22 @@ impl Provider for AwsImages {
             other => Err(ProviderError::fatal("unsupported_action", format!("aws images cannot {other}"))),
         }
     }
+
+    /// A bake that ended without an image (failed, cancelled, timed out)
+    /// leaves no builder running: the run's builder is terminated.
+    async fn clean_up(&self, ctx: &dyn RunContext, job: &Job) -> Result<(), ProviderError> {
+        if job.action != "build" {
+            return Ok(());
+        }
+        let builder = self.builder_of_run(job).await?;
+        let Some(id) = builder.as_ref().filter(|b| instance_state(b) != "terminated").and_then(|b| b.instance_id())
+        else {
+            return Ok(());
+        };
+        self.terminate(&[id.to_string()]).await?;
+        ctx.event(NewEvent::info("builder", format!("terminated builder {id}: the bake ended without an image"))).await;
+        Ok(())
+    }
 }
 
 /// Each step against a real moto server over loopback HTTP: real SDK calls.
@@ -420,6 +436,7 @@ impl Provider for AwsImages {
 mod moto_tests {
     use super::*;
     use crate::aws::testing::*;
+    use std::time::Duration;
 
     async fn setup() -> (AwsImages, Arc<Clients>, Job) {
         let clients = moto_clients();
@@ -460,6 +477,27 @@ mod moto_tests {
             .await
             .unwrap();
         out.reservations().iter().flat_map(|r| r.instances().iter().cloned()).collect()
+    }
+
+    /// A bake that ends without an image (here: it waits for a builder
+    /// that never powers off, and its time runs out, which drops it as the
+    /// engine does) leaves no builder running once cleaned up.
+    #[tokio::test]
+    async fn a_bake_that_ends_without_an_image_leaves_no_builder() {
+        let (p, clients, mut job) = setup().await;
+        job.resource.spec["builder_shutdown"] = json!(true);
+        let ctx = RecordingCtx::new(job.run_id);
+        let timed_out = tokio::time::timeout(Duration::from_secs(3), p.apply(&ctx, &job)).await;
+        assert!(timed_out.is_err(), "the builder never powers off in moto");
+        let running = |b: &[Instance]| b.iter().filter(|i| matches!(instance_state(i), "pending" | "running")).count();
+        assert_eq!(running(&builders(&clients, &job).await), 1, "the bake launched its builder");
+        p.clean_up(&ctx, &job).await.expect("clean up");
+        let left = builders(&clients, &job).await;
+        assert_eq!(running(&left), 0, "{left:?}");
+        // Twice is harmless, and so is an attempt that launched nothing.
+        p.clean_up(&ctx, &job).await.expect("clean up again");
+        let (p, _, other) = setup().await;
+        p.clean_up(&ctx, &other).await.expect("nothing to clean");
     }
 
     #[tokio::test]
