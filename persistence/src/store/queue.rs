@@ -209,17 +209,7 @@ async fn reap<B: Backend>(s: &SqlStore<B>, run: &Run, now: Time) -> Result<bool>
     if out_of_attempts {
         dequeue::<B>(&mut tx, run.id).await?;
         record_finished::<B>(&mut tx, &[run.id]).await?;
-        tx.execute(
-            Sql::new(
-                "UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2",
-            )
-            .bind(run.resource_id)
-            .bind(&run.working_state)
-            .bind(&run.err_state)
-            .bind(Ts(now)),
-        )
-        .await
-        .map_err(db("fail reaped resource"))?;
+        leave_working_state::<B>(&mut tx, run, now).await?;
     } else {
         requeue::<B>(&mut tx, run.id, now).await?;
     }
@@ -312,6 +302,22 @@ pub(crate) async fn record_finished<B: Backend>(conn: &mut B::Conn, ids: &[Uuid]
     let mut sql = Sql::new("INSERT INTO rollup_pending (run_id) SELECT id FROM runs WHERE ");
     B::push_in(&mut sql, "id", ids);
     conn.execute(sql).await.map_err(db("mark runs for the rollups"))?;
+    Ok(())
+}
+
+/// Moves the resource of a run that failed outside its worker (the reaper,
+/// a cancel while queued) from the run's working state to its failure
+/// state, if an earlier attempt had left it there. One of the four writes
+/// of a resource's state (ARCHITECTURE.md).
+pub(super) async fn leave_working_state<B: Backend>(conn: &mut B::Conn, run: &Run, now: Time) -> Result<()> {
+    let sql = Sql::new(
+        "UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2",
+    )
+    .bind(run.resource_id)
+    .bind(&run.working_state)
+    .bind(&run.err_state)
+    .bind(Ts(now));
+    conn.execute(sql).await.map_err(db("move the resource to its failure state"))?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use drover_domain::model::*;
 use drover_domain::{Error, Result};
 use uuid::Uuid;
 
-use super::queue::{insert_event_unfenced, record_finished};
+use super::queue::{insert_event_unfenced, leave_working_state, record_finished};
 use super::{commit, db, is_unique, SqlStore};
 use crate::rows::{runs, EventRow, RunRow};
 use crate::sql::{Backend, Exec, Sql};
@@ -227,17 +227,7 @@ pub(super) async fn request_cancel<B: Backend>(
             .ok_or_else(|| Error::Internal(format!("run {id} had an unleased queue row but was not queued")))?;
         let run: Run = row.try_into()?;
         record_finished::<B>(&mut tx, &[run.id]).await?;
-        tx.execute(
-            Sql::new(
-                "UPDATE resources SET state = $3, version = version + 1, updated_at = $4 WHERE id = $1 AND state = $2",
-            )
-            .bind(run.resource_id)
-            .bind(&run.working_state)
-            .bind(&run.err_state)
-            .bind(Ts(now)),
-        )
-        .await
-        .map_err(db("cancel resource"))?;
+        leave_working_state::<B>(&mut tx, &run, now).await?;
         format!("cancelled by {actor} while queued")
     } else {
         tx.execute(
