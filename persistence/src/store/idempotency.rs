@@ -4,9 +4,9 @@
 use drover_domain::model::*;
 use drover_domain::Result;
 
-use super::{db, SqlStore};
+use super::SqlStore;
 use crate::rows::IdempotencyRow;
-use crate::sql::{Backend, Exec, Sql};
+use crate::sql::{Backend, Sql};
 use crate::time::Ts;
 
 /// How long a pending key whose request died with its server blocks its
@@ -24,9 +24,8 @@ pub(super) async fn begin<B: Backend>(
     let mut attempts = 0;
     let row = loop {
         let inserted = s
-            .conn()
-            .await?
             .execute(
+                "record idempotency key",
                 Sql::new(
                     "INSERT INTO idempotency_keys (key, fingerprint, state, created_at, updated_at)
                      VALUES ($1, $2, 'pending', $3, $3) ON CONFLICT (key) DO NOTHING",
@@ -35,17 +34,16 @@ pub(super) async fn begin<B: Backend>(
                 .bind(fingerprint)
                 .bind(Ts(now)),
             )
-            .await
-            .map_err(db("record idempotency key"))?;
+            .await?;
         if inserted == 1 {
             return Ok(IdempotencyBegin::Proceed);
         }
         let row = s
-            .conn()
-            .await?
-            .fetch_optional::<IdempotencyRow>(Sql::new("SELECT * FROM idempotency_keys WHERE key = $1").bind(key))
-            .await
-            .map_err(db("read idempotency key"))?;
+            .fetch_optional::<IdempotencyRow>(
+                "read idempotency key",
+                Sql::new("SELECT * FROM idempotency_keys WHERE key = $1").bind(key),
+            )
+            .await?;
         match row {
             Some(row) => break row,
             None if attempts < 3 => attempts += 1,
@@ -64,19 +62,12 @@ pub(super) async fn begin<B: Backend>(
         }));
     }
     if now - row.updated_at.0 > ABANDONED_AFTER {
-        let taken = s
-            .conn()
-            .await?
-            .execute(
-                Sql::new(
+        let taken = s.execute("take over idempotency key", Sql::new(
                     "UPDATE idempotency_keys SET updated_at = $2 WHERE key = $1 AND state = 'pending' AND updated_at = $3",
                 )
                 .bind(key)
                 .bind(Ts(now))
-                .bind(row.updated_at),
-            )
-            .await
-            .map_err(db("take over idempotency key"))?;
+                .bind(row.updated_at),).await?;
         if taken == 1 {
             return Ok(IdempotencyBegin::Proceed);
         }
@@ -94,12 +85,12 @@ pub(super) async fn save<B: Backend>(s: &SqlStore<B>, key: &str, r: &SavedRespon
     .bind(r.location.as_ref())
     .bind(r.body.as_slice())
     .bind(Ts(now));
-    s.conn().await?.execute(sql).await.map_err(db("save idempotent response"))?;
+    s.execute("save idempotent response", sql).await?;
     Ok(())
 }
 
 pub(super) async fn abandon<B: Backend>(s: &SqlStore<B>, key: &str) -> Result<()> {
     let sql = Sql::new("DELETE FROM idempotency_keys WHERE key = $1 AND state = 'pending'").bind(key);
-    s.conn().await?.execute(sql).await.map_err(db("abandon idempotency key"))?;
+    s.execute("abandon idempotency key", sql).await?;
     Ok(())
 }

@@ -5,9 +5,9 @@ use drover_domain::ports::TokenStore;
 use drover_domain::Result;
 use uuid::Uuid;
 
-use super::{db, SqlStore};
+use super::SqlStore;
 use crate::rows::TokenRow;
-use crate::sql::{Backend, Exec, Sql};
+use crate::sql::{Backend, Sql};
 use crate::time::Ts;
 
 #[async_trait::async_trait]
@@ -25,19 +25,19 @@ impl<B: Backend> TokenStore for SqlStore<B> {
         .bind(t.expires_at.map(Ts))
         .bind(Ts(t.now))
         .bind(&t.created_by);
-        let row = self.conn().await?.fetch_one::<TokenRow>(sql).await.map_err(db("create token"))?;
+        let row = self.fetch_one::<TokenRow>("create token", sql).await?;
         Ok(row.into())
     }
 
     async fn token_by_hash(&self, hash: &str) -> Result<Option<Token>> {
         let sql = Sql::new("SELECT * FROM api_tokens WHERE hash = $1").bind(hash);
-        let row = self.conn().await?.fetch_optional::<TokenRow>(sql).await.map_err(db("look up token"))?;
+        let row = self.fetch_optional::<TokenRow>("look up token", sql).await?;
         Ok(row.map(Into::into))
     }
 
     async fn list_tokens(&self, user: Uuid) -> Result<Vec<Token>> {
         let sql = Sql::new("SELECT * FROM api_tokens WHERE user_id = $1 ORDER BY id").bind(user);
-        let rows = self.conn().await?.fetch_all::<TokenRow>(sql).await.map_err(db("list tokens"))?;
+        let rows = self.fetch_all::<TokenRow>("list tokens", sql).await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
@@ -51,13 +51,13 @@ impl<B: Backend> TokenStore for SqlStore<B> {
         .bind(user)
         .bind(Ts(now))
         .bind(actor);
-        let row = self.conn().await?.fetch_optional::<TokenRow>(sql).await.map_err(db("revoke token"))?;
+        let row = self.fetch_optional::<TokenRow>("revoke token", sql).await?;
         Ok(row.map(Into::into))
     }
 
     async fn touch_token(&self, id: Uuid, now: Time) -> Result<()> {
         let sql = Sql::new("UPDATE api_tokens SET last_used_at = $2 WHERE id = $1").bind(id).bind(Ts(now));
-        self.conn().await?.execute(sql).await.map_err(db("record token use"))?;
+        self.execute("record token use", sql).await?;
         Ok(())
     }
 }

@@ -45,7 +45,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::sql::{Backend, Exec, Sql};
+use crate::sql::{Backend, Exec, Record, Sql};
 
 /// Drover's store on one database: [`crate::PgStore`] or
 /// [`crate::SqliteStore`].
@@ -70,6 +70,28 @@ impl<B: Backend> SqlStore<B> {
         self.db.acquire().await.map_err(db("acquire a connection"))
     }
 
+    /// Runs one statement on a connection from the pool; `op` names it in
+    /// errors. The connection goes back before this returns, so that the
+    /// caller can ask for another (SQLite has one).
+    async fn execute(&self, op: &'static str, sql: Sql<'_>) -> Result<u64> {
+        self.conn().await?.execute(sql).await.map_err(db(op))
+    }
+
+    /// See [`SqlStore::execute`].
+    async fn fetch_optional<R: Record>(&self, op: &'static str, sql: Sql<'_>) -> Result<Option<R>> {
+        self.conn().await?.fetch_optional(sql).await.map_err(db(op))
+    }
+
+    /// See [`SqlStore::execute`].
+    async fn fetch_all<R: Record>(&self, op: &'static str, sql: Sql<'_>) -> Result<Vec<R>> {
+        self.conn().await?.fetch_all(sql).await.map_err(db(op))
+    }
+
+    /// See [`SqlStore::execute`].
+    async fn fetch_one<R: Record>(&self, op: &'static str, sql: Sql<'_>) -> Result<R> {
+        self.conn().await?.fetch_one(sql).await.map_err(db(op))
+    }
+
     async fn begin(&self) -> Result<B::Tx> {
         self.db.begin().await.map_err(db("begin"))
     }
@@ -91,7 +113,7 @@ impl<B: Backend> Store for SqlStore<B> {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.conn().await?.execute(Sql::new("SELECT 1")).await.map_err(db("ping"))?;
+        self.execute("ping", Sql::new("SELECT 1")).await?;
         Ok(())
     }
 

@@ -139,17 +139,15 @@ pub(super) async fn retry_later<B: Backend>(
 /// left, failed (with their resource) when none are.
 pub(super) async fn reap_expired<B: Backend>(s: &SqlStore<B>, now: Time) -> Result<Vec<Uuid>> {
     let expired = s
-        .conn()
-        .await?
         .fetch_all::<RunRow>(
+            "find expired leases",
             Sql::new(
                 "SELECT runs.* FROM run_queue JOIN runs ON runs.id = run_queue.run_id
                  WHERE run_queue.lease_expires_at < $1 ORDER BY run_queue.lease_expires_at LIMIT 100",
             )
             .bind(Ts(now)),
         )
-        .await
-        .map_err(db("find expired leases"))?;
+        .await?;
     let mut reaped = Vec::new();
     for row in expired {
         let run: Run = row.try_into()?;

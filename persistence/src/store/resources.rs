@@ -54,13 +54,13 @@ pub(super) async fn get<B: Backend>(s: &SqlStore<B>, kind: Kind, key: &ResourceK
                 .bind(name)
         }
     };
-    let row = s.conn().await?.fetch_optional::<ResourceRow>(sql).await.map_err(db("get resource"))?;
+    let row = s.fetch_optional::<ResourceRow>("get resource", sql).await?;
     row.map(TryInto::try_into).transpose()
 }
 
 pub(super) async fn get_by_id<B: Backend>(s: &SqlStore<B>, id: Uuid) -> Result<Option<Resource>> {
     let sql = Sql::new("SELECT * FROM resources WHERE id = $1 AND deleted_at IS NULL").bind(id);
-    let row = s.conn().await?.fetch_optional::<ResourceRow>(sql).await.map_err(db("get resource"))?;
+    let row = s.fetch_optional::<ResourceRow>("get resource", sql).await?;
     row.map(TryInto::try_into).transpose()
 }
 
@@ -80,7 +80,7 @@ pub(super) async fn list<B: Backend>(
         sql.push(" AND id > ").push_bind(after);
     }
     sql.push(" ORDER BY id LIMIT ").push_bind(i64::from(page.limit));
-    let rows = s.conn().await?.fetch_all::<ResourceRow>(sql).await.map_err(db("list resources"))?;
+    let rows = s.fetch_all::<ResourceRow>("list resources", sql).await?;
     rows.into_iter().map(TryInto::try_into).collect()
 }
 
@@ -148,7 +148,7 @@ pub(super) async fn list_versions<B: Backend>(
             .bind(resource)
             .bind(before.unwrap_or(i64::MAX))
             .bind(i64::from(limit));
-    let rows = s.conn().await?.fetch_all::<SpecVersionRow>(sql).await.map_err(db("list spec versions"))?;
+    let rows = s.fetch_all::<SpecVersionRow>("list spec versions", sql).await?;
     Ok(rows.into_iter().map(SpecVersion::from).collect())
 }
 
@@ -159,7 +159,7 @@ pub(super) async fn get_version<B: Backend>(
 ) -> Result<Option<SpecVersion>> {
     let sql =
         Sql::new("SELECT * FROM spec_versions WHERE resource_id = $1 AND version = $2").bind(resource).bind(version);
-    let row = s.conn().await?.fetch_optional::<SpecVersionRow>(sql).await.map_err(db("get spec version"))?;
+    let row = s.fetch_optional::<SpecVersionRow>("get spec version", sql).await?;
     Ok(row.map(SpecVersion::from))
 }
 
@@ -174,7 +174,7 @@ pub(super) async fn delete<B: Backend>(s: &SqlStore<B>, id: Uuid, state: &str, n
     .bind(state)
     .bind(Ts(now));
     // The connection goes back before `kind_of` takes one (SQLite has one).
-    let deleted = s.conn().await?.execute(sql).await.map_err(db("delete resource"))?;
+    let deleted = s.execute("delete resource", sql).await?;
     match deleted {
         1 => Ok(()),
         _ => {
@@ -190,13 +190,13 @@ pub(super) async fn delete<B: Backend>(s: &SqlStore<B>, id: Uuid, state: &str, n
 
 pub(super) async fn set_observed<B: Backend>(s: &SqlStore<B>, id: Uuid, observed: &Value) -> Result<()> {
     let sql = Sql::new("UPDATE resources SET observed = $2 WHERE id = $1").bind(id).bind(observed);
-    s.conn().await?.execute(sql).await.map_err(db("record observation"))?;
+    s.execute("record observation", sql).await?;
     Ok(())
 }
 
 pub(super) async fn kind_of<B: Backend>(s: &SqlStore<B>, id: Uuid) -> Result<Kind> {
     let sql = Sql::new("SELECT kind FROM resources WHERE id = $1").bind(id);
-    let (kind,) = s.conn().await?.fetch_one::<(String,)>(sql).await.map_err(db("get kind"))?;
+    let (kind,) = s.fetch_one::<(String,)>("get kind", sql).await?;
     Kind::parse(&kind).ok_or_else(|| Error::Internal(format!("unknown kind {kind:?}")))
 }
 

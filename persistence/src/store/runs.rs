@@ -95,7 +95,7 @@ pub(super) async fn insert<B: Backend>(s: &SqlStore<B>, run: &NewRun) -> Result<
 
 pub(super) async fn get<B: Backend>(s: &SqlStore<B>, id: Uuid) -> Result<Option<Run>> {
     let sql = Sql::new("SELECT * FROM runs WHERE id = $1").bind(id);
-    let row = s.conn().await?.fetch_optional::<RunRow>(sql).await.map_err(db("get run"))?;
+    let row = s.fetch_optional::<RunRow>("get run", sql).await?;
     row.map(TryInto::try_into).transpose()
 }
 
@@ -147,7 +147,7 @@ pub(super) async fn list<B: Backend>(s: &SqlStore<B>, f: &RunFilter, page: PageR
         sql.push(&format!(" AND {id} < ")).push_bind(v);
     }
     sql.push(&format!(" ORDER BY {id} DESC LIMIT ")).push_bind(i64::from(page.limit));
-    runs(s.conn().await?.fetch_all::<RunRow>(sql).await.map_err(db("list runs"))?)
+    runs(s.fetch_all::<RunRow>("list runs", sql).await?)
 }
 
 pub(super) async fn active<B: Backend>(s: &SqlStore<B>, resource: Uuid) -> Result<Option<Run>> {
@@ -155,7 +155,7 @@ pub(super) async fn active<B: Backend>(s: &SqlStore<B>, resource: Uuid) -> Resul
         "SELECT runs.* FROM run_queue JOIN runs ON runs.id = run_queue.run_id WHERE run_queue.resource_id = $1",
     )
     .bind(resource);
-    let row = s.conn().await?.fetch_optional::<RunRow>(sql).await.map_err(db("get active run"))?;
+    let row = s.fetch_optional::<RunRow>("get active run", sql).await?;
     row.map(TryInto::try_into).transpose()
 }
 
@@ -164,7 +164,7 @@ pub(super) async fn last_unsuccessful<B: Backend>(s: &SqlStore<B>, resource: Uui
         "SELECT * FROM runs WHERE resource_id = $1 AND status IN ('failed', 'cancelled') ORDER BY id DESC LIMIT 1",
     )
     .bind(resource);
-    let row = s.conn().await?.fetch_optional::<RunRow>(sql).await.map_err(db("get failed run"))?;
+    let row = s.fetch_optional::<RunRow>("get failed run", sql).await?;
     row.map(TryInto::try_into).transpose()
 }
 
@@ -178,7 +178,7 @@ pub(super) async fn list_events<B: Backend>(
         .bind(run)
         .bind(after)
         .bind(i64::from(limit));
-    let rows = s.conn().await?.fetch_all::<EventRow>(sql).await.map_err(db("list events"))?;
+    let rows = s.fetch_all::<EventRow>("list events", sql).await?;
     Ok(rows.into_iter().map(Into::into).collect())
 }
 

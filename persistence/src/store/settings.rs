@@ -54,7 +54,7 @@ impl<B: Backend> SettingsStore for SqlStore<B> {
                     .bind(key)
             }
         };
-        let row = self.conn().await?.fetch_optional::<SettingRow>(sql).await.map_err(db("read setting"))?;
+        let row = self.fetch_optional::<SettingRow>("read setting", sql).await?;
         Ok(row.map(Into::into))
     }
 
@@ -62,7 +62,7 @@ impl<B: Backend> SettingsStore for SqlStore<B> {
         let sql = Sql::new("SELECT * FROM setting_versions WHERE scope = $1 AND key = $2 ORDER BY version")
             .bind(scope)
             .bind(key);
-        let rows = self.conn().await?.fetch_all::<SettingRow>(sql).await.map_err(db("read setting history"))?;
+        let rows = self.fetch_all::<SettingRow>("read setting history", sql).await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
@@ -72,7 +72,7 @@ impl<B: Backend> SettingsStore for SqlStore<B> {
              WHERE m.scope = s.scope AND m.key = s.key) AND scope IN ",
         );
         sql.push_tuple(scopes).push(" ORDER BY scope, key");
-        let rows = self.conn().await?.fetch_all::<SettingRow>(sql).await.map_err(db("read settings"))?;
+        let rows = self.fetch_all::<SettingRow>("read settings", sql).await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 }

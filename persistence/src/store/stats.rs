@@ -19,8 +19,7 @@ pub(super) async fn queue_depth<B: Backend>(s: &SqlStore<B>, now: Time) -> Resul
             (SELECT COUNT(*) FROM run_queue WHERE lease_expires_at IS NOT NULL)",
     )
     .bind(Ts(now));
-    let (due, waiting, running) =
-        s.conn().await?.fetch_one::<(i64, i64, i64)>(sql).await.map_err(db("measure the queue"))?;
+    let (due, waiting, running) = s.fetch_one::<(i64, i64, i64)>("measure the queue", sql).await?;
     Ok(QueueDepth { due, waiting, running })
 }
 
@@ -45,7 +44,7 @@ pub(super) async fn rollups<B: Backend>(
     if f.actor.is_none() {
         sql.push(" AND actor <> ").push_bind(ALL_ACTORS);
     }
-    let rows = s.conn().await?.fetch_all::<RollupRow>(sql).await.map_err(db("read rollups"))?;
+    let rows = s.fetch_all::<RollupRow>("read rollups", sql).await?;
     rows.into_iter().map(TryInto::try_into).collect()
 }
 
