@@ -209,6 +209,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", cfg.data_dir.display()))?;
     let data_dir = cfg.data_dir.canonicalize()?;
+    // Before the store: a bad flag must not leave a bootstrapped admin
+    // whose token nobody saw.
+    let mut providers = Providers::default();
+    drover_ops::local::register(&mut providers, &data_dir);
+    drover_ops::builtin::register(&mut providers);
+    drover_ops::aws::register(&mut providers, cfg.aws.clone());
+    if let Some(only) = &cfg.engine.providers {
+        let known = providers.names();
+        if let Some(unknown) = only.iter().find(|p| !known.contains(p)) {
+            anyhow::bail!("no provider named {unknown:?} (providers: {})", known.join(", "));
+        }
+    }
     let url = cfg.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", data_dir.join("drover.db").display()));
     let stores = drover_persistence::open(&url).await.map_err(|e| anyhow::anyhow!("{}", chain(&e)))?;
     let store = stores.store.clone();
@@ -224,10 +236,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         .bootstrap(cfg.bootstrap_token.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("bootstrap: {}", chain(&e)))?;
-    let mut providers = Providers::default();
-    drover_ops::local::register(&mut providers, &data_dir);
-    drover_ops::builtin::register(&mut providers);
-    drover_ops::aws::register(&mut providers, cfg.aws.clone());
     let engine = Engine::new(store.clone(), providers.clone(), cfg.engine.clone());
     engine.set_settings(settings.clone());
     let metrics = Arc::new(crate::metrics::Registry::default());

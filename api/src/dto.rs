@@ -57,8 +57,9 @@ pub struct CreateToken {
     /// What the token is for.
     #[schema(example = "ci deploys", min_length = 1, max_length = 100)]
     pub name: String,
-    /// When it stops working (RFC 3339); absent: never.
+    /// When it stops working (RFC 3339, in the future); absent: never.
     #[serde(default)]
+    #[schema(example = "2100-01-01T00:00:00Z")]
     pub expires_at: Option<DateTime<Utc>>,
 }
 

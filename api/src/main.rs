@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: the API and the provisioner's workers.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -45,6 +45,11 @@ struct Serve {
     /// Serve the API only; leave runs to other replicas.
     #[arg(long, env = "DROVER_NO_WORKERS")]
     no_workers: bool,
+    /// Execute (and observe) only the resources of these providers, comma
+    /// separated (`local,aws,builtin`); runs of the others wait for a
+    /// replica that serves them. Default: every provider.
+    #[arg(long, env = "DROVER_PROVIDERS", value_delimiter = ',')]
+    providers: Vec<String>,
     /// The first admin's token, used on an empty database instead of a new
     /// one (at least 32 characters).
     #[arg(long, env = "DROVER_BOOTSTRAP_TOKEN", hide_env_values = true)]
@@ -79,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&drover_api::openapi())?);
             Ok(())
         }
-        Command::Serve(s) => serve(s).await,
+        Command::Serve(s) => serve(*s).await,
     }
 }
 
@@ -96,6 +101,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         concurrency: s.worker_concurrency.max(1),
         lease,
         heartbeat: lease / 3,
+        providers: (!s.providers.is_empty()).then(|| s.providers.clone()),
         ..EngineConfig::default()
     };
     let cfg = Config {

@@ -56,6 +56,10 @@ fn id_param() -> Value {
         "schema": {"type": "string", "minLength": 1}})
 }
 
+fn is_idempotency_key(name: &str) -> bool {
+    name.eq_ignore_ascii_case("idempotency-key")
+}
+
 fn idempotency_param() -> Value {
     json!({"name": "Idempotency-Key", "in": "header", "required": false,
         "description": "Makes a retried request safe: the same key and body return the first response.",
@@ -103,24 +107,64 @@ fn transition_request(kind: Kind) -> Value {
 
 /// The schema of a JSON merge patch (RFC 7396) of a spec: any of its
 /// fields, each replaced by the value given, or removed by `null` unless
-/// the spec requires it. Rules across fields (the `aws` fields of a local
-/// cluster) apply to the merged spec, which the server checks whole.
+/// the spec requires it. Where the spec has one branch per provider
+/// (`oneOf`), so does the patch (`anyOf`: a patch that touches no
+/// provider's own field fits them all), each with that provider's rules
+/// on its fields: a patch that mixes two providers' fields fits none. What
+/// the schema cannot know is the stored spec a patch lands on: the server
+/// checks the merged spec whole.
 fn merge_patch_of(spec: &Value) -> Value {
-    let required: Vec<&str> = spec["required"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let description = "A JSON merge patch of the spec: a field given replaces it, `null` removes it (where the spec \
+        allows it); the result must be a valid spec.";
+    match spec["oneOf"].as_array() {
+        Some(branches) => {
+            let branches: Vec<Value> = branches
+                .iter()
+                .map(|b| {
+                    let mut patch = patch_object(spec, Some(b));
+                    if let Some(title) = b.get("title") {
+                        patch["title"] = title.clone();
+                    }
+                    patch
+                })
+                .collect();
+            json!({"type": "object", "anyOf": branches, "description": description})
+        }
+        None => {
+            let mut patch = patch_object(spec, None);
+            patch["description"] = json!(description);
+            patch
+        }
+    }
+}
+
+/// One object of [`merge_patch_of`]: `spec`'s fields, narrowed by `branch`.
+fn patch_object(spec: &Value, branch: Option<&Value>) -> Value {
+    let names = |s: Option<&Value>| -> Vec<String> {
+        s.and_then(|s| s["required"].as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect()
+    };
+    let required: Vec<String> = names(Some(spec)).into_iter().chain(names(branch)).collect();
     let mut properties = Map::new();
     for (field, schema) in spec["properties"].as_object().into_iter().flatten() {
         let mut schema = schema.clone();
         if let Some(s) = schema.as_object_mut() {
             s.remove("default");
         }
-        let patch = match required.contains(&field.as_str()) {
+        if let Some(narrow) = branch.and_then(|b| b["properties"].get(field)) {
+            schema = json!({"allOf": [schema, narrow]});
+        }
+        let patch = match required.contains(field) {
             true => schema,
             false => json!({"anyOf": [schema, {"type": "null"}]}),
         };
         properties.insert(field.clone(), patch);
     }
-    json!({"type": "object", "additionalProperties": false, "properties": properties,
-        "description": "A JSON merge patch of the spec: a field given replaces it, `null` removes it (where the spec allows it); the result must be a valid spec."})
+    json!({"type": "object", "additionalProperties": false, "properties": properties})
 }
 
 fn delete_summary(kind: Kind) -> String {
@@ -186,7 +230,9 @@ pub fn add_kinds(doc: &mut Value) {
 
         let links = json!({
             "get": {"operationId": format!("get_{name}"), "parameters": {"id": "$response.body#/id"}},
-            "patch": {"operationId": format!("patch_{name}"), "parameters": {"id": "$response.body#/id"}},
+            // A client that just created the resource holds its ETag.
+            "patch": {"operationId": format!("patch_{name}"),
+                "parameters": {"id": "$response.body#/id", "header.If-Match": "$response.header.ETag"}},
             "delete": {"operationId": format!("delete_{name}"), "parameters": {"id": "$response.body#/id"}},
             "transition": {"operationId": format!("request_{name}_transition"), "parameters": {"id": "$response.body#/id"}},
         });
@@ -296,8 +342,9 @@ pub fn add_kinds(doc: &mut Value) {
     all_tags.splice(0..0, tags);
 }
 
-/// An `action` query parameter of an operation under a kind's items (a
-/// cluster's template preview) names one of that kind's actions.
+/// An `action` query parameter of an operation under a kind's items names
+/// one of that kind's actions, unless the operation lists its own (a
+/// cluster's template preview: the actions that send a template).
 fn type_action_queries(doc: &mut Value) {
     for kind in Kind::all() {
         let item = format!("/v1/{}/{{id}}/", kind.plural());
@@ -306,7 +353,8 @@ fn type_action_queries(doc: &mut Value) {
             let ops = ops.as_object_mut().expect("a path item");
             for (_, op) in ops.iter_mut().filter(|(m, _)| METHODS.contains(&m.as_str())) {
                 for p in op.get_mut("parameters").and_then(Value::as_array_mut).into_iter().flatten() {
-                    if p["in"] == "query" && p["name"] == "action" {
+                    // An operation that takes only some actions says which.
+                    if p["in"] == "query" && p["name"] == "action" && p["schema"].get("enum").is_none() {
                         p["schema"]["enum"] = json!(kind.actions());
                     }
                 }
@@ -370,7 +418,9 @@ fn add_versions(paths: &mut Map<String, Value>) {
 /// setting's write to the operations on that setting, so that a stateful
 /// client reaches them with something that exists.
 fn link_item_operations(doc: &mut Value, kinds: &mut Map<String, Value>) {
-    let operations = |paths: &Map<String, Value>, prefix: &str| -> Vec<(String, Vec<String>)> {
+    // Each operation under `prefix`: its id, its path parameters, and
+    // whether it takes `If-Match`.
+    let operations = |paths: &Map<String, Value>, prefix: &str| -> Vec<(String, Vec<String>, bool)> {
         let mut out = Vec::new();
         for (path, item) in paths.iter().filter(|(p, _)| p.starts_with(prefix)) {
             let params: Vec<String> = path
@@ -379,8 +429,12 @@ fn link_item_operations(doc: &mut Value, kinds: &mut Map<String, Value>) {
                 .map(str::to_string)
                 .collect();
             for method in METHODS {
-                if let Some(id) = item.get(method).and_then(|op| op["operationId"].as_str()) {
-                    out.push((id.to_string(), params.clone()));
+                let Some(op) = item.get(method) else { continue };
+                if let Some(id) = op["operationId"].as_str() {
+                    let if_match = op["parameters"].as_array().into_iter().flatten().any(|p| {
+                        p["in"] == "header" && p["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case("if-match"))
+                    });
+                    out.push((id.to_string(), params.clone(), if_match));
                 }
             }
         }
@@ -396,15 +450,19 @@ fn link_item_operations(doc: &mut Value, kinds: &mut Map<String, Value>) {
             continue;
         };
         // What the created resource gives is its id; other parameters are generated.
-        for (id, _) in operations(&others, &item) {
+        for (id, _, _) in operations(&others, &item) {
             links.insert(id.clone(), json!({"operationId": id, "parameters": {"id": "$response.body#/id"}}));
         }
     }
     if let Some(put) = doc["paths"]["/v1/settings/{scope}/{key}"]["put"]["responses"]["200"].as_object_mut() {
         let mut links = Map::new();
-        for (id, params) in operations(&others, "/v1/settings/{scope}/{key}") {
-            let values: Map<String, Value> =
+        for (id, params, if_match) in operations(&others, "/v1/settings/{scope}/{key}") {
+            let mut values: Map<String, Value> =
                 params.iter().map(|p| (p.clone(), json!(format!("$request.path.{p}")))).collect();
+            if if_match {
+                // The version just written, for a compare-and-set.
+                values.insert("header.If-Match".into(), json!("$response.header.ETag"));
+            }
             links.insert(id.clone(), json!({"operationId": id, "parameters": values}));
         }
         put.insert("links".into(), Value::Object(links));
@@ -416,6 +474,17 @@ pub fn add_common_responses(doc: &mut Value) {
     for item in doc["paths"].as_object_mut().into_iter().flat_map(|p| p.values_mut()) {
         for method in METHODS {
             if let Some(op) = item.get_mut(method) {
+                if method == "post" {
+                    // The middleware reads the key on every POST
+                    // (`crate::idempotency`), so every POST documents it, alike.
+                    let params = op["parameters"].as_array_mut().map(std::mem::take).unwrap_or_default();
+                    let mut params: Vec<Value> = params
+                        .into_iter()
+                        .filter(|p| !(p["in"] == "header" && p["name"].as_str().is_some_and(is_idempotency_key)))
+                        .collect();
+                    params.push(idempotency_param());
+                    op["parameters"] = Value::Array(params);
+                }
                 document(op);
             }
         }
@@ -428,8 +497,21 @@ const IF_MATCH_PATTERN: &str = r#"^(\*|(W/)?"v[0-9]{1,18}")$"#;
 
 fn document(op: &mut Value) {
     for p in op.get_mut("parameters").and_then(Value::as_array_mut).into_iter().flatten() {
-        if p["in"] == "header" && p["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case("if-match")) {
+        if p["in"] != "header" {
+            continue;
+        }
+        // A header is absent or has a value, never JSON's null (utoipa
+        // writes an `Option<String>` as `["string", "null"]`, and a
+        // generator then sends the text `null`).
+        if let Some(types) = p["schema"]["type"].as_array() {
+            let types: Vec<Value> = types.iter().filter(|t| *t != "null").cloned().collect();
+            if let [one] = types.as_slice() {
+                p["schema"]["type"] = one.clone();
+            }
+        }
+        if p["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case("if-match")) {
             p["schema"]["pattern"] = json!(IF_MATCH_PATTERN);
+            p["schema"]["minLength"] = json!(1);
         }
     }
     let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());

@@ -50,6 +50,11 @@ pub struct EngineConfig {
     pub fold_every: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Execute and observe only the resources of these providers (names as
+    /// a spec gives them: `local`, `aws`, `builtin`); `None`: every
+    /// registered provider. Runs of the others stay queued for a replica
+    /// that serves them.
+    pub providers: Option<Vec<String>>,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +70,7 @@ impl Default for EngineConfig {
             fold_every: Duration::from_secs(1),
             backoff_base: Duration::from_secs(2),
             backoff_max: Duration::from_secs(120),
+            providers: None,
         }
     }
 }
@@ -87,6 +93,20 @@ impl Providers {
 
     pub fn get(&self, provider: &str, kind: Kind) -> Option<&Arc<dyn Provider>> {
         self.map.get(&(provider.to_string(), kind))
+    }
+
+    /// The names of the registered providers, sorted, each once.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.map.keys().map(|(p, _)| p.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Only the providers named in `only`.
+    pub fn only(mut self, only: &[String]) -> Providers {
+        self.map.retain(|(p, _), _| only.contains(p));
+        self
     }
 }
 
@@ -164,6 +184,11 @@ enum Outcome {
 
 impl Engine {
     pub fn new(store: Arc<dyn Store>, providers: Providers, cfg: EngineConfig) -> Arc<Engine> {
+        // What this engine does not serve it neither claims nor observes.
+        let providers = match &cfg.providers {
+            Some(only) => providers.only(only),
+            None => providers,
+        };
         let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
         Arc::new(Engine {
             store,
@@ -272,7 +297,10 @@ impl Engine {
             }
             let want = (permits.len() + self.slots.available_permits()).min(CLAIM_BATCH) as u32;
             self.claiming.store(true, Ordering::SeqCst);
-            let claimed = self.store.claim_jobs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now()).await;
+            let claimed = self
+                .store
+                .claim_jobs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now(), self.cfg.providers.as_deref())
+                .await;
             if let Ok(claimed) = &claimed {
                 // In flight from the moment the claim returns, before any
                 // task starts: a shutdown now finds them to put back.
@@ -346,7 +374,10 @@ impl Engine {
     /// Claims one due run and executes it to the end; `None` when the queue
     /// had nothing due. Lets tests drive the engine step by step.
     pub async fn run_one(&self) -> Result<Option<Uuid>> {
-        let mut runs = self.store.claim_jobs(&self.cfg.worker_id, self.cfg.lease, 1, Utc::now()).await?;
+        let mut runs = self
+            .store
+            .claim_jobs(&self.cfg.worker_id, self.cfg.lease, 1, Utc::now(), self.cfg.providers.as_deref())
+            .await?;
         match runs.pop() {
             Some((run, resource)) => {
                 let id = run.id;

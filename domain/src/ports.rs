@@ -57,11 +57,19 @@ pub trait Store: Send + Sync + 'static {
     /// Claims up to `limit` due runs for `worker`, moving each resource to
     /// its working state and recording each attempt's start in its events,
     /// in one transaction. Each run comes with its resource as the claim
-    /// left it.
-    async fn claim_jobs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<(Run, Resource)>>;
-    /// [`Store::claim_jobs`] without the resources, as they are after the claim.
+    /// left it. With `only`, just runs whose provider it names.
+    async fn claim_jobs(
+        &self,
+        worker: &str,
+        lease: Duration,
+        limit: u32,
+        now: Time,
+        only: Option<&[String]>,
+    ) -> Result<Vec<(Run, Resource)>>;
+    /// [`Store::claim_jobs`] of any provider, without the resources, as
+    /// they are after the claim.
     async fn claim_runs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<Run>> {
-        Ok(self.claim_jobs(worker, lease, limit, now).await?.into_iter().map(|(run, _)| run).collect())
+        Ok(self.claim_jobs(worker, lease, limit, now, None).await?.into_iter().map(|(run, _)| run).collect())
     }
     /// Extends a lease; `None` when it is lost, else whether a cancel was asked.
     async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>>;

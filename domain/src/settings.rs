@@ -206,8 +206,15 @@ impl Settings {
                 return Err(Error::VersionMismatch { expected, current: current_version });
             }
         }
-        if w.value.is_none() && current.as_ref().is_none_or(|c| c.deleted) {
-            return Err(Error::NotFound { kind: "setting", key: format!("{scope_key}/{key}") });
+        if w.value.is_none() {
+            match current {
+                None => return Err(Error::NotFound { kind: "setting", key: format!("{scope_key}/{key}") }),
+                // Deleting what is deleted changes nothing and says so: the
+                // version that deleted it, not a new one (a retried or
+                // repeated delete is not an error).
+                Some(c) if c.deleted => return self.shown(c, false),
+                Some(_) => {}
+            }
         }
         let version = current_version + 1;
         let (plain, sealed) = match (w.value, w.secret) {
@@ -239,7 +246,13 @@ impl Settings {
             .setting(&scope.key(), key, version)
             .await?
             .filter(|v| version.is_some() || !v.deleted)
-            .ok_or_else(|| Error::NotFound { kind: "setting", key: format!("{}/{key}", scope.key()) })?;
+            .ok_or_else(|| {
+                let key = match version {
+                    Some(n) => format!("{}/{key} version {n}", scope.key()),
+                    None => format!("{}/{key}", scope.key()),
+                };
+                Error::NotFound { kind: "setting", key }
+            })?;
         self.shown(v, reveal)
     }
 

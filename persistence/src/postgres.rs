@@ -47,7 +47,8 @@ pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
 /// start, and return each run beside its resource (columns `r_…`; none when
 /// the resource had left the run's `from_state`) and its queue row's due
 /// time. Parameters: `$1` now, `$2` limit, `$3` lease expiry, `$4` worker,
-/// `$5` lease token, then the cursor's `$6` due time and `$7` run id.
+/// `$5` lease token, then the cursor's `$6` due time and `$7` run id, then
+/// the providers claimed (`$6` or `$8`), when the claim names them.
 macro_rules! claim {
     ($extra:literal) => {
         concat!(
@@ -142,6 +143,8 @@ const COMPLETE: &str = "
 impl PgBackend {
     const CLAIM: &'static str = claim!("");
     const CLAIM_AFTER: &'static str = claim!(" AND (run_after, run_id) > ($6, $7)");
+    const CLAIM_ONLY: &'static str = claim!(" AND provider = ANY($6)");
+    const CLAIM_AFTER_ONLY: &'static str = claim!(" AND (run_after, run_id) > ($6, $7) AND provider = ANY($8)");
 }
 
 /// Binds drover's parameters to a Postgres statement.
@@ -221,10 +224,18 @@ impl Backend for PgBackend {
 
     /// One claim: [`claim!`]'s statement, past the cursor or from the front.
     async fn claim_batch(&self, t: &ClaimTerms<'_>, limit: u32, after: Option<(Time, Uuid)>) -> Result<Vec<Claimed>> {
-        let claim = sqlx::query(if after.is_some() { Self::CLAIM_AFTER } else { Self::CLAIM });
+        let claim = sqlx::query(match (after.is_some(), t.only.is_some()) {
+            (false, false) => Self::CLAIM,
+            (true, false) => Self::CLAIM_AFTER,
+            (false, true) => Self::CLAIM_ONLY,
+            (true, true) => Self::CLAIM_AFTER_ONLY,
+        });
         let mut claim = claim.bind(Ts(t.now)).bind(i64::from(limit)).bind(Ts(t.expires)).bind(t.worker).bind(t.token);
         if let Some((due, id)) = after {
             claim = claim.bind(Ts(due)).bind(id);
+        }
+        if let Some(only) = t.only {
+            claim = claim.bind(only);
         }
         let rows = claim.fetch_all(&self.pool).await.map_err(db("claim runs"))?;
         rows.iter()

@@ -37,7 +37,9 @@ pub struct SqliteBackend {
 }
 
 /// Leases due queue rows, oldest first, with `$extra` added to the scan's
-/// condition.
+/// condition. Parameters: `$1` now, `$2` limit, `$3` lease expiry, then
+/// the cursor's `$4` due time and `$5` run id, then the providers claimed
+/// as a JSON array (`$4` or `$6`), when the claim names them.
 macro_rules! claim {
     ($extra:literal) => {
         concat!(
@@ -55,6 +57,9 @@ macro_rules! claim {
 
 const CLAIM: &str = claim!("");
 const CLAIM_AFTER: &str = claim!(" AND (run_after, run_id) > ($4, $5)");
+const CLAIM_ONLY: &str = claim!(" AND provider IN (SELECT value FROM json_each($4))");
+const CLAIM_AFTER_ONLY: &str =
+    claim!(" AND (run_after, run_id) > ($4, $5) AND provider IN (SELECT value FROM json_each($6))");
 
 impl SqlStore<SqliteBackend> {
     pub async fn connect(url: &str) -> Result<SqliteStore> {
@@ -170,17 +175,21 @@ impl Backend for SqliteBackend {
     /// start their runs, move their resources to the working states, and
     /// record each attempt's start.
     async fn claim_batch(&self, t: &ClaimTerms<'_>, limit: u32, after: Option<(Time, Uuid)>) -> Result<Vec<Claimed>> {
-        let ClaimTerms { worker, token, expires, now } = *t;
+        let ClaimTerms { worker, token, expires, now, only } = *t;
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
-        let lease = match after {
-            Some((due, id)) => sqlx::query_as(CLAIM_AFTER)
-                .bind(Ts(now))
-                .bind(i64::from(limit))
-                .bind(Ts(expires))
-                .bind(Ts(due))
-                .bind(id),
-            None => sqlx::query_as(CLAIM).bind(Ts(now)).bind(i64::from(limit)).bind(Ts(expires)),
+        let statement = match (after.is_some(), only.is_some()) {
+            (false, false) => CLAIM,
+            (true, false) => CLAIM_AFTER,
+            (false, true) => CLAIM_ONLY,
+            (true, true) => CLAIM_AFTER_ONLY,
         };
+        let mut lease = sqlx::query_as(statement).bind(Ts(now)).bind(i64::from(limit)).bind(Ts(expires));
+        if let Some((due, id)) = after {
+            lease = lease.bind(Ts(due)).bind(id);
+        }
+        if let Some(only) = only {
+            lease = lease.bind(serde_json::to_string(only).expect("a list of strings serialises"));
+        }
         let leased: Vec<(Uuid, Ts)> = lease.fetch_all(&mut *tx).await.map_err(db("claim runs"))?;
         if leased.is_empty() {
             return Ok(Vec::new());

@@ -39,6 +39,7 @@ both_backends!(
     deleted_resources_keep_their_history,
     the_queue_holds_exactly_the_active_runs,
     a_run_due_before_the_claim_cursor_waits_a_second_at_most,
+    a_claim_naming_providers_takes_only_their_runs,
 );
 
 both_backends_with_url!(
@@ -217,7 +218,7 @@ async fn a_run_needs_the_resource_in_its_from_state(store: Arc<dyn Store>) {
 async fn claim_moves_the_resource_and_hands_out_a_lease(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
     let run = store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
-    let claimed = store.claim_jobs("w1", LEASE, 10, Utc::now()).await.unwrap();
+    let claimed = store.claim_jobs("w1", LEASE, 10, Utc::now(), None).await.unwrap();
     assert_eq!(claimed.len(), 1);
     let (c, with) = &claimed[0];
     assert_eq!((c.id, c.status, c.attempt), (run.id, RunStatus::Running, 1));
@@ -768,6 +769,37 @@ async fn a_run_due_before_the_claim_cursor_waits_a_second_at_most(store: Arc<dyn
     assert!(store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().is_empty());
 }
 
+/// A replica started with `--providers` claims the runs of those providers
+/// only, past the claim cursor and from the front of the queue alike; the
+/// others stay queued for a replica that serves them.
+async fn a_claim_naming_providers_takes_only_their_runs(store: Arc<dyn Store>) {
+    let t0 = Utc::now() - chrono::Duration::minutes(10);
+    let mut ids = std::collections::HashMap::new();
+    for (name, provider, minutes) in [("a", "local", 1), ("b", "aws", 2), ("c", "local", 3), ("d", "builtin", 4)] {
+        let r = cluster(&store, name).await;
+        let mut run = new_run(&r, "create", "pending", "creating", "up");
+        run.provider = provider.into();
+        run.now = t0 + chrono::Duration::minutes(minutes);
+        ids.insert(name, store.insert_run(&run).await.unwrap().id);
+    }
+    let claim = |only: &'static [&'static str], limit: u32| {
+        let store = store.clone();
+        async move {
+            let only: Vec<String> = only.iter().map(|p| p.to_string()).collect();
+            let claimed = store.claim_jobs("w1", LEASE, limit, Utc::now(), Some(&only)).await.unwrap();
+            claimed.into_iter().map(|(run, _)| run.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(claim(&["aws"], 10).await, vec![ids["b"]]);
+    // The cursor now stands at b: c is past it, a before it.
+    assert_eq!(claim(&["local"], 1).await, vec![ids["c"]], "past the cursor");
+    assert_eq!(claim(&["local"], 10).await, vec![ids["a"]], "and from the front");
+    assert!(claim(&["aws", "local"], 10).await.is_empty());
+    let waiting = store.get_run(ids["d"]).await.unwrap().unwrap();
+    assert_eq!((waiting.status, waiting.attempt), (RunStatus::Queued, 0), "untouched by the others' claims");
+    assert_eq!(claim(&["builtin"], 10).await, vec![ids["d"]]);
+}
+
 /// An installation upgraded from before `run_queue` (migration 0004) keeps
 /// its queue: the queued run is claimable, the running one is reaped when
 /// its lease lapses, and the one-active-run rule still holds for both.
@@ -827,8 +859,16 @@ async fn upgrading_moves_the_active_runs_into_the_queue() {
     assert!(matches!(again, Err(Error::Busy { run: busy, .. }) if busy == run(1)), "{again:?}");
 
     assert_eq!(store.reap_expired(Utc::now()).await.unwrap(), vec![run(2)]);
-    let mut claimed: Vec<_> =
-        store.claim_runs("w1", LEASE, 10, Utc::now()).await.unwrap().into_iter().map(|r| r.id).collect();
+    // Queued before the queue knew providers (0010), they have their run's.
+    let only = |p: &str| vec![p.to_string()];
+    assert!(store.claim_jobs("w1", LEASE, 10, Utc::now(), Some(&only("aws"))).await.unwrap().is_empty());
+    let mut claimed: Vec<_> = store
+        .claim_jobs("w1", LEASE, 10, Utc::now(), Some(&only("local")))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(r, _)| r.id)
+        .collect();
     claimed.sort();
     assert_eq!(claimed, vec![run(1), run(2)]);
 }

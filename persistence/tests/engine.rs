@@ -93,6 +93,7 @@ fn config(worker: &str) -> EngineConfig {
         fold_every: Duration::from_millis(200),
         backoff_base: Duration::from_millis(10),
         backoff_max: Duration::from_millis(50),
+        providers: None,
     }
 }
 
@@ -135,6 +136,7 @@ both_backends!(
     fatal_errors_fail_at_once_with_their_detail,
     a_panicking_provider_fails_the_run,
     a_stopping_engine_puts_unfinished_runs_back_at_once,
+    an_engine_runs_only_the_providers_it_serves,
 );
 
 /// A run queued through one connection wakes an idle worker on another at
@@ -324,6 +326,22 @@ async fn a_panicking_provider_fails_the_run(store: Arc<dyn Store>) {
     assert_eq!(fin.error.unwrap().code, "internal");
     assert_eq!(state_of(&store, &run).await, "failed");
     assert_eq!(p.cleaned(run.id), 1, "a crashed attempt is cleaned up after");
+}
+
+/// An engine given `providers` (`--providers`) leaves the runs of the
+/// others queued, untouched, for an engine that serves them.
+async fn an_engine_runs_only_the_providers_it_serves(store: Arc<dyn Store>) {
+    let p = Arc::new(Scripted::default());
+    let run = queue(&store, "elsewhere", 60).await;
+    let aws_only = EngineConfig { providers: Some(vec!["aws".into()]), ..config("aws-only") };
+    assert_eq!(engine(&store, &p, aws_only).run_one().await.unwrap(), None);
+    let waiting = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!((waiting.status, waiting.attempt), (RunStatus::Queued, 0));
+    assert_eq!(state_of(&store, &run).await, "pending");
+    let serves = EngineConfig { providers: Some(vec!["aws".into(), "test".into()]), ..config("test") };
+    assert_eq!(engine(&store, &p, serves).run_one().await.unwrap(), Some(run.id));
+    let fin = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!((fin.status, fin.worker.as_deref()), (RunStatus::Succeeded, Some("test")));
 }
 
 /// Shutting down, an engine waits for quick runs, then queues the others
@@ -533,8 +551,9 @@ impl Store for SlowClaims {
         lease: Duration,
         limit: u32,
         now: Time,
+        only: Option<&[String]>,
     ) -> drover_domain::Result<Vec<(Run, Resource)>> {
-        let claimed = self.0.claim_jobs(worker, lease, limit, now).await;
+        let claimed = self.0.claim_jobs(worker, lease, limit, now, only).await;
         if claimed.as_ref().is_ok_and(|c| !c.is_empty()) {
             tokio::time::sleep(self.1).await;
         }

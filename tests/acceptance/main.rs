@@ -521,3 +521,17 @@ async fn every_bad_request_is_a_problem_naming_what_is_wrong() {
         }
     }
 }
+
+/// `--providers` naming a provider drover does not have stops the start
+/// before the database is opened (so before a first admin is made whose
+/// token nobody would see), and says which providers there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_provider_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("drover.db");
+    let mut cfg = drover_tests::test_config(dir.path(), &format!("sqlite://{}", db.display()), &Default::default(), true);
+    cfg.engine.providers = Some(vec!["local".into(), "gcp".into()]);
+    let err = drover_api::start(cfg).await.err().expect("refused").to_string();
+    assert!(err.contains("\"gcp\"") && err.contains("aws, builtin, local"), "{err}");
+    assert!(!db.exists(), "nothing was created");
+}

@@ -51,7 +51,18 @@ async fn versions_diff_rollback_and_compare_and_set() {
 
     let del = app.client.delete(app.url("/v1/settings/global/LOG_LEVEL?reason=unused")).send().await.unwrap();
     assert_eq!(del.status(), StatusCode::OK);
+    let deleted: Value = del.json().await.unwrap();
+    assert_eq!((deleted["version"].as_i64(), deleted["deleted"].as_bool()), (Some(4), Some(true)));
     assert_eq!(app.get("/v1/settings/global/LOG_LEVEL").await.status, StatusCode::NOT_FOUND);
+    // Deleting it again changes nothing and answers with the version that
+    // deleted it; a key that never existed is still not found.
+    let again = app.client.delete(app.url("/v1/settings/global/LOG_LEVEL")).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(again.json::<Value>().await.unwrap(), deleted);
+    let versions = app.get("/v1/settings/global/LOG_LEVEL/versions").await.body;
+    assert_eq!(versions["items"].as_array().unwrap().len(), 4, "no version for a delete that changed nothing");
+    let never = app.client.delete(app.url("/v1/settings/global/NEVER_SET")).send().await.unwrap();
+    assert_eq!(never.status(), StatusCode::NOT_FOUND);
     assert_eq!(app.get("/v1/settings/global/LOG_LEVEL?version=3").await.body["value"], "info", "history stays");
     let bad =
         app.client.put(app.url("/v1/settings/global/not-a-key")).json(&json!({"value": "x"})).send().await.unwrap();

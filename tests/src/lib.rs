@@ -51,6 +51,7 @@ fn engine_config() -> EngineConfig {
         fold_every: Duration::from_millis(300),
         backoff_base: Duration::from_millis(100),
         backoff_max: Duration::from_secs(1),
+        providers: None,
     }
 }
 
@@ -130,8 +131,9 @@ pub fn client_with(token: Option<&str>) -> reqwest::Client {
     reqwest::Client::builder().default_headers(headers).build().unwrap()
 }
 
-async fn start(data_dir: &Path, database_url: &str, aws: &drover_ops::aws::Settings, workers: bool) -> Server {
-    drover_api::start(Config {
+/// The configuration the tests' servers start with.
+pub fn test_config(data_dir: &Path, database_url: &str, aws: &drover_ops::aws::Settings, workers: bool) -> Config {
+    Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_path_buf(),
         database_url: Some(database_url.to_string()),
@@ -140,9 +142,11 @@ async fn start(data_dir: &Path, database_url: &str, aws: &drover_ops::aws::Setti
         bootstrap_token: Some(ADMIN_TOKEN.to_string()),
         secret_key: None,
         aws: aws.clone(),
-    })
-    .await
-    .expect("server starts")
+    }
+}
+
+async fn start(data_dir: &Path, database_url: &str, aws: &drover_ops::aws::Settings, workers: bool) -> Server {
+    drover_api::start(test_config(data_dir, database_url, aws, workers)).await.expect("server starts")
 }
 
 impl TestApp {

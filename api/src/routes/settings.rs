@@ -73,7 +73,11 @@ pub struct RevealQuery {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct DiffQuery {
+    /// A version of the setting (they count from 1).
+    #[param(minimum = 1, example = 1)]
     from: i64,
+    /// Another version of the setting.
+    #[param(minimum = 1, example = 2)]
     to: i64,
     /// Show secret values (needs `settings:reveal`).
     #[serde(default)]
@@ -166,7 +170,9 @@ async fn put_setting(
     Ok(with_etag(s.settings.write(&scope, &key, w).await?.into()))
 }
 
-/// Removes a key, as a new version that records who and why.
+/// Removes a key, as a new version that records who and why. Deleting a
+/// deleted key changes nothing and answers with the version that deleted
+/// it; a key that never had a value is 404.
 #[utoipa::path(delete, path = "/v1/settings/{scope}/{key}", tag = "settings",
     params(SettingPath, DeleteQuery,
         ("If-Match" = Option<String>, Header, description = "Compare-and-set on the version")),

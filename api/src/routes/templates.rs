@@ -16,6 +16,16 @@ use crate::dto::TemplatePreview;
 use crate::extract::{ApiPath, ApiQuery};
 use crate::problem::{ApiResult, Problem};
 
+/// The actions that send a template, so the ones a preview renders.
+const PREVIEWABLE: [&str; 5] = ["create", "scale", "add-instances", "stop", "start"];
+
+fn previewable() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(PREVIEWABLE))
+        .build()
+}
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(preview_cluster_template))
 }
@@ -26,10 +36,13 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct TemplateQuery {
     /// The action to preview: `create` (default while the cluster is
     /// `pending`), `scale` (default otherwise), `add-instances`, `stop`, `start`.
+    #[param(schema_with = previewable)]
     pub action: Option<String>,
     /// For `scale`: the new count (default: the current one).
+    #[param(minimum = 1, maximum = 64)]
     pub count: Option<u32>,
-    /// For `add-instances`: how many to add.
+    /// For `add-instances`: how many to add (default: 1).
+    #[param(minimum = 1, maximum = 63)]
     pub n: Option<u32>,
 }
 
@@ -52,15 +65,14 @@ async fn preview_cluster_template(
     caller.require("cluster:read")?;
     let cluster = s.service.get(cluster::KIND, &id).await?;
     let action = q.action.unwrap_or_else(|| if cluster.state == "pending" { "create" } else { "scale" }.to_string());
+    if !PREVIEWABLE.contains(&action.as_str()) {
+        return Err(Problem::invalid("action", format!("one of: {}", PREVIEWABLE.join(", "))));
+    }
     let params = match action.as_str() {
         "scale" => {
             json!({"count": q.count.or_else(|| cluster.spec.get("count").and_then(|c| c.as_u64()).map(|c| c as u32))})
         }
-        "add-instances" => {
-            let n =
-                q.n.ok_or_else(|| Problem::invalid("n", "required for add-instances: how many instances to add"))?;
-            json!({"n": n})
-        }
+        "add-instances" => json!({"n": q.n.unwrap_or(1)}),
         _ => json!({}),
     };
     let v = s.service.preview(cluster::KIND, &id, &action, &params).await?;

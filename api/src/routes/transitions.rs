@@ -145,8 +145,7 @@ async fn get_transition(
 /// Cancels a transition: at once if queued; a running one stops at its
 /// provider's next step. The request and who made it are recorded.
 #[utoipa::path(post, path = "/v1/transitions/{id}/cancel", tag = "transitions",
-    params(("id" = Uuid, Path),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request safe.")),
+    params(("id" = Uuid, Path)),
     request_body(content = Option<CancelRequest>),
     security(("bearer" = ["{kind}:cancel"])),
     responses((status = 202, description = "Cancelled, or cancel requested", body = Transition),

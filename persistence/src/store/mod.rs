@@ -173,8 +173,15 @@ impl<B: Backend> Store for SqlStore<B> {
         runs::last_unsuccessful(self, resource).await
     }
 
-    async fn claim_jobs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<(Run, Resource)>> {
-        queue::claim(self, worker, lease, limit, now).await
+    async fn claim_jobs(
+        &self,
+        worker: &str,
+        lease: Duration,
+        limit: u32,
+        now: Time,
+        only: Option<&[String]>,
+    ) -> Result<Vec<(Run, Resource)>> {
+        queue::claim(self, worker, lease, limit, now, only).await
     }
 
     async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>> {
@@ -247,6 +254,8 @@ pub(crate) struct ClaimTerms<'a> {
     pub(crate) token: uuid::Uuid,
     pub(crate) expires: drover_domain::model::Time,
     pub(crate) now: drover_domain::model::Time,
+    /// Only runs of these providers; `None`: any.
+    pub(crate) only: Option<&'a [String]>,
 }
 
 /// A run one claim statement started: its resource as the claim left it

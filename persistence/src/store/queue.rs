@@ -12,7 +12,7 @@ use crate::rows::RunRow;
 use crate::sql::{Backend, Exec, Sql};
 use crate::time::Ts;
 
-/// Claims up to `limit` due runs: past the cursor first, then from the
+/// Claims up to `limit` due runs (of the providers in `only`, when given): past the cursor first, then from the
 /// front of the queue for what that scan missed. A run whose resource had
 /// left its `from_state` is failed here instead of being handed out.
 pub(super) async fn claim<B: Backend>(
@@ -21,8 +21,9 @@ pub(super) async fn claim<B: Backend>(
     lease: Duration,
     limit: u32,
     now: Time,
+    only: Option<&[String]>,
 ) -> Result<Vec<(Run, Resource)>> {
-    let terms = ClaimTerms { worker, token: Uuid::new_v4(), expires: now + lease_len(lease), now };
+    let terms = ClaimTerms { worker, token: Uuid::new_v4(), expires: now + lease_len(lease), now, only };
     let mut claimed = Vec::new();
     if let Some(after) = s.cursor.start() {
         claimed = s.db.claim_batch(&terms, limit, Some(after)).await?;

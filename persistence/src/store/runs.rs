@@ -59,10 +59,11 @@ pub(super) async fn insert<B: Backend>(s: &SqlStore<B>, run: &NewRun) -> Result<
     };
     let queued = tx
         .execute(
-            Sql::new("INSERT INTO run_queue (run_id, resource_id, run_after) VALUES ($1, $2, $3)")
+            Sql::new("INSERT INTO run_queue (run_id, resource_id, run_after, provider) VALUES ($1, $2, $3, $4)")
                 .bind(run.id)
                 .bind(run.resource_id)
-                .bind(Ts(run.now)),
+                .bind(Ts(run.now))
+                .bind(&run.provider),
         )
         .await;
     match queued {
