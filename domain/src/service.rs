@@ -299,10 +299,15 @@ impl Service {
                     .list_resources(kind, &ResourceFilter::default(), PageRequest { after, limit: 500 })
                     .await?;
                 for r in &page {
-                    let names_it = kind
-                        .references(&r.spec)
-                        .iter()
-                        .any(|x| x.kind == target.kind && (x.key == target.name || x.key == id));
+                    // What its spec names, and what it runs now: a cluster
+                    // patched to another image still runs the old one until
+                    // the change is applied.
+                    let named = |spec: &Value| {
+                        kind.references(spec)
+                            .iter()
+                            .any(|x| x.kind == target.kind && (x.key == target.name || x.key == id))
+                    };
+                    let names_it = named(&r.spec) || r.applied_spec.as_ref().is_some_and(named);
                     if names_it && r.state != kind.final_state() && r.id != target.id {
                         users.push(format!("{kind}/{}", r.name));
                     }

@@ -2,6 +2,7 @@
 //! database, and real processes started by the local provider.
 
 mod aws;
+mod builds;
 
 use std::time::Duration;
 

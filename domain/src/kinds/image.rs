@@ -229,6 +229,42 @@ impl Spec {
     }
 }
 
+/// What a successful `build` leaves in an image's outputs. Every build is
+/// an immutable artifact with its own id (the id of the run that made it):
+/// a directory locally, an AMI on AWS. `build`'s own fields (with `"id"`)
+/// describe the current build at the top level, where clusters read the
+/// build they start new instances from, beside `"build"` (its id); every
+/// build the provider still keeps (`keep`) is listed in `"builds"`, newest
+/// first, the current one marked. A rebuild touches no other build: which
+/// ones go is the provider's call, as it alone knows what runs from them.
+pub fn outputs_with_build(previous: &Value, build: Value, keep: impl Fn(&str) -> bool) -> Value {
+    let id = build["id"].as_str().unwrap_or_default().to_string();
+    let mut builds = vec![];
+    let mut current = build.clone();
+    current["current"] = Value::Bool(true);
+    builds.push(current);
+    for old in previous["builds"].as_array().into_iter().flatten() {
+        let Some(old_id) = old["id"].as_str() else { continue };
+        if old_id != id && keep(old_id) {
+            let mut old = old.clone();
+            old["current"] = Value::Bool(false);
+            builds.push(old);
+        }
+    }
+    let mut out = build;
+    if let Value::Object(m) = &mut out {
+        m.remove("id");
+        m.insert("build".into(), Value::String(id));
+        m.insert("builds".into(), Value::Array(builds));
+    }
+    out
+}
+
+/// The id of an image's current build, from its outputs.
+pub fn current_build(outputs: &Value) -> Option<&str> {
+    outputs["build"].as_str()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +273,27 @@ mod tests {
 
     fn go(w: S, ok: S, err: S) -> Result<TypedStep<S>, NotAllowed> {
         Ok(TypedStep::Go { working: w, ok, err })
+    }
+
+    #[test]
+    fn a_build_is_added_to_the_builds_kept() {
+        let first = outputs_with_build(&json!({}), json!({"id": "b1", "path": "/i/b1"}), |_| true);
+        assert_eq!(first["build"], "b1");
+        assert_eq!(first["path"], "/i/b1");
+        assert_eq!(first["builds"], json!([{"id": "b1", "path": "/i/b1", "current": true}]));
+        let second = outputs_with_build(&first, json!({"id": "b2", "path": "/i/b2"}), |_| true);
+        assert_eq!(current_build(&second), Some("b2"));
+        assert_eq!(
+            second["builds"],
+            json!([{"id": "b2", "path": "/i/b2", "current": true}, {"id": "b1", "path": "/i/b1", "current": false}])
+        );
+        // What the provider no longer keeps leaves the list; the same build
+        // adopted again is listed once.
+        let third = outputs_with_build(&second, json!({"id": "b3"}), |id| id != "b1");
+        let ids: Vec<&str> = third["builds"].as_array().unwrap().iter().map(|b| b["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["b3", "b2"]);
+        let again = outputs_with_build(&third, json!({"id": "b3"}), |_| true);
+        assert_eq!(again["builds"].as_array().unwrap().len(), 2);
     }
 
     #[test]

@@ -490,6 +490,8 @@ impl AwsClusters {
             "stack_status": info.status,
             "count": r.parameters["Count"].parse::<u32>().unwrap_or(0),
             "stack_outputs": info.outputs,
+            // The build new instances start from (one AMI per image build).
+            "ami_id": r.parameters.get("ImageId"),
             "instances": instances,
         })
     }

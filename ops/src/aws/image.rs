@@ -10,8 +10,10 @@
 //!   for an image of that name and adopts it. A retried or reclaimed run
 //!   never makes a second builder or image.
 //! - Builder, image and snapshots carry `drover:resource` and `drover:run`.
-//! - `destroy` deregisters every image tagged with the resource and deletes
-//!   their snapshots; what is already gone counts as done.
+//! - Every bake is its own AMI, listed in the image's `builds`; a rebake
+//!   leaves the earlier AMIs alone (running stacks' launch templates name
+//!   them). `destroy` deregisters every image tagged with the resource and
+//!   deletes their snapshots; what is already gone counts as done.
 //!
 //! # Assumptions
 //! - With `builder_shutdown` (the default), the build script powers the
@@ -335,12 +337,17 @@ impl AwsImages {
             ctx.event(NewEvent::info("builder", format!("terminated builder {b}"))).await;
         }
         ctx.event(NewEvent::info("image", format!("image {image_id} is available"))).await;
-        Ok(json!({
+        let build = json!({
+            "id": job.run_id,
             "ami_id": image_id,
             "image_name": name,
             "snapshots": snaps,
             "region": self.clients.ec2().await.config().region().map(|r| r.to_string()),
-        }))
+            "built_at": chrono::Utc::now(),
+        });
+        // Every AMI stays until the image is destroyed: launch templates
+        // of running stacks name them.
+        Ok(drover_domain::kinds::image::outputs_with_build(&job.resource.outputs, build, |_| true))
     }
 
     async fn destroy(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {

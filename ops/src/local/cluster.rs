@@ -28,6 +28,12 @@ struct Instance {
     port: u16,
     started_at: DateTime<Utc>,
     log: PathBuf,
+    /// The image build it runs (`None` in state written before builds had
+    /// ids) and that build's directory, its working directory.
+    #[serde(default)]
+    build: Option<String>,
+    #[serde(default)]
+    image_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -79,7 +85,17 @@ impl LocalClusters {
         let image_dir = image.outputs.get("path").and_then(Value::as_str).map(PathBuf::from).ok_or_else(|| {
             ProviderError::fatal("image_not_built", format!("image {} has no build output", image.name))
         })?;
-        let start = image.spec.get("start_command").and_then(Value::as_str).unwrap_or_default().to_string();
+        // New instances run the image's current build, with the start
+        // command it was built with; running ones keep the build they run.
+        let build = image::current_build(&image.outputs).map(str::to_string);
+        let start = image
+            .outputs
+            .get("start_command")
+            .or_else(|| image.spec.get("start_command"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let build_name = build.clone().unwrap_or_else(|| "(from before build ids)".into());
         let r = &job.resource;
         let mut state = self.load(r)?;
 
@@ -113,11 +129,15 @@ impl LocalClusters {
             }
             ctx.check_cancel()?;
             let log = logs.join(format!("instance-{index}.log"));
-            let inst = spawn(&image_dir, &start, r, index, &job.settings, &log)?;
-            ctx.event(NewEvent::info(
-                "instances",
-                format!("started instance {index}: pid {}, port {}", inst.pid, inst.port),
-            ))
+            let mut inst = spawn(&image_dir, &start, r, index, &job.settings, &log)?;
+            inst.build = build.clone();
+            ctx.event(
+                NewEvent::info(
+                    "instances",
+                    format!("started instance {index} from build {build_name}: pid {}, port {}", inst.pid, inst.port),
+                )
+                .with_data(json!({ "index": index, "build": build, "image": image.name })),
+            )
             .await;
             state.instances.push(inst);
             state.instances.sort_by_key(|i| i.index);
@@ -178,7 +198,16 @@ fn spawn(
     let pid = child.id().ok_or_else(|| ProviderError::fatal("instance_exited", "instance exited at once"))?;
     let start_ticks =
         start_ticks(pid).ok_or_else(|| ProviderError::fatal("instance_exited", "instance exited at once"))?;
-    Ok(Instance { index, pid, start_ticks, port, started_at: Utc::now(), log: log.to_path_buf() })
+    Ok(Instance {
+        index,
+        pid,
+        start_ticks,
+        port,
+        started_at: Utc::now(),
+        log: log.to_path_buf(),
+        build: None,
+        image_dir: Some(image_dir.to_path_buf()),
+    })
 }
 
 async fn wait_healthy(
@@ -218,9 +247,37 @@ fn outputs(state: &State) -> Value {
     let instances: Vec<Value> = state
         .instances
         .iter()
-        .map(|i| json!({ "index": i.index, "pid": i.pid, "port": i.port, "url": format!("http://127.0.0.1:{}", i.port), "started_at": i.started_at }))
+        .map(|i| {
+            json!({ "index": i.index, "pid": i.pid, "port": i.port, "url": format!("http://127.0.0.1:{}", i.port),
+                "started_at": i.started_at, "build": i.build })
+        })
         .collect();
     json!({ "count": instances.len(), "instances": instances })
+}
+
+/// The image build directories that live instances of any local cluster
+/// under `root` run from; `None` when that cannot be told (a state file
+/// that cannot be read, or a live instance started before builds had ids),
+/// so that the caller removes nothing.
+pub(super) fn dirs_in_use(root: &Path) -> Option<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(dirs),
+        Err(_) => return None,
+    };
+    for e in entries {
+        let file = e.ok()?.path().join(STATE);
+        let state: State = match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).ok()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => return None,
+        };
+        for i in state.instances.iter().filter(|i| alive(i.pid, i.start_ticks)) {
+            dirs.push(i.image_dir.clone()?);
+        }
+    }
+    Some(dirs)
 }
 
 #[async_trait]
@@ -281,7 +338,8 @@ impl Provider for LocalClusters {
             if let Some(why) = &failing {
                 problems.push(format!("instance {} (pid {}, port {}): {why}", i.index, i.pid, i.port));
             }
-            instances.push(json!({ "index": i.index, "pid": i.pid, "port": i.port, "running": running, "healthy": failing.is_none() }));
+            instances.push(json!({ "index": i.index, "pid": i.pid, "port": i.port, "build": i.build,
+                "running": running, "healthy": failing.is_none() }));
         }
         let missing = (spec.count as usize).saturating_sub(state.instances.len());
         if missing > 0 {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use drover_domain::kinds::image::Spec;
+use drover_domain::kinds::image::{self, Spec};
 use drover_domain::model::{Level, NewEvent};
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
 use serde_json::{json, Value};
@@ -18,11 +18,13 @@ const MARKER: &str = ".drover-build.json";
 
 pub struct LocalImages {
     root: PathBuf,
+    /// The local clusters' directory, to see which builds instances run from.
+    clusters: PathBuf,
 }
 
 impl LocalImages {
-    pub fn new(root: PathBuf) -> LocalImages {
-        LocalImages { root }
+    pub fn new(root: PathBuf, clusters: PathBuf) -> LocalImages {
+        LocalImages { root, clusters }
     }
 
     fn dir_of(&self, job: &Job) -> PathBuf {
@@ -34,9 +36,9 @@ impl LocalImages {
         let dir = base.join(job.run_id.to_string());
         let log = base.join(format!("{}.log", job.run_id));
         if let Ok(done) = std::fs::read(dir.join(MARKER)) {
-            if let Ok(outputs) = serde_json::from_slice::<Value>(&done) {
+            if let Ok(build) = serde_json::from_slice::<Value>(&done) {
                 ctx.event(NewEvent::info("build", format!("adopting the finished build in {}", dir.display()))).await;
-                return Ok(outputs);
+                return Ok(self.finish(ctx, job, &base, build).await);
             }
         }
         // A directory without the marker is a build that died half-way.
@@ -93,29 +95,59 @@ impl LocalImages {
                 .await;
             return Err(ProviderError::fatal("build_failed", message).with_detail(detail));
         }
-        let outputs = json!({
+        // The build as it stays: what it runs (the start command is the
+        // build's, not the spec's of the day) and where.
+        let build = json!({
+            "id": job.run_id,
             "path": dir,
             "log": log,
             "start_command": spec.start_command,
             "built_at": Utc::now(),
             "run_id": job.run_id,
         });
-        std::fs::write(dir.join(MARKER), outputs.to_string()).map_err(io("mark the build finished"))?;
+        std::fs::write(dir.join(MARKER), build.to_string()).map_err(io("mark the build finished"))?;
         ctx.event(NewEvent::info("build", "build finished").with_data(json!({ "output_tail": output_tail }))).await;
-        remove_other_builds(&base, &job.run_id.to_string());
-        Ok(outputs)
+        Ok(self.finish(ctx, job, &base, build).await)
     }
-}
 
-/// Keeps only the current build (and the logs) of an image.
-fn remove_other_builds(base: &Path, keep: &str) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for e in entries.flatten() {
-        if e.path().is_dir() && e.file_name() != keep {
-            let _ = std::fs::remove_dir_all(e.path());
+    /// Makes `build` the current one and removes the builds nothing needs:
+    /// a build stays while a live instance runs from it, and so does the
+    /// build that was current until now (a scale that read it a moment ago
+    /// may be starting instances from it).
+    async fn finish(&self, ctx: &dyn RunContext, job: &Job, base: &Path, build: Value) -> Value {
+        let current = job.run_id.to_string();
+        let previous = image::current_build(&job.resource.outputs).map(str::to_string);
+        match super::cluster::dirs_in_use(&self.clusters) {
+            Some(in_use) => {
+                let entries = std::fs::read_dir(base).into_iter().flatten().flatten();
+                for e in entries.filter(|e| e.path().is_dir()) {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let path = e.path();
+                    if name == current
+                        || Some(&name) == previous.as_ref()
+                        || in_use.iter().any(|d| d.starts_with(&path))
+                    {
+                        continue;
+                    }
+                    match std::fs::remove_dir_all(&path) {
+                        Ok(()) => {
+                            ctx.event(NewEvent::info("build", format!("removed build {name}: nothing runs from it")))
+                                .await
+                        }
+                        Err(e) => {
+                            let msg = format!("could not remove build {name}: {e}");
+                            ctx.event(NewEvent::info("build", msg).with_level(Level::Warn)).await
+                        }
+                    }
+                    let _ = std::fs::remove_file(base.join(format!("{name}.log")));
+                }
+            }
+            None => {
+                let msg = "kept every earlier build: an instance's state does not say which build it runs";
+                ctx.event(NewEvent::info("build", msg).with_level(Level::Warn)).await;
+            }
         }
+        image::outputs_with_build(&job.resource.outputs, build, |id| base.join(id).join(MARKER).exists())
     }
 }
 
@@ -135,6 +167,23 @@ impl Provider for LocalImages {
             "build" => self.build(ctx, job, &spec).await,
             "destroy" => {
                 let dir = self.dir_of(job);
+                // Never from under running instances, whichever build they run.
+                match super::cluster::dirs_in_use(&self.clusters) {
+                    Some(in_use) => {
+                        if let Some(d) = in_use.iter().find(|d| d.starts_with(&dir)) {
+                            return Err(ProviderError::fatal(
+                                "in_use",
+                                format!("instances still run from {}: stop their cluster first", d.display()),
+                            ));
+                        }
+                    }
+                    None => {
+                        return Err(ProviderError::retryable(
+                            "instances_unknown",
+                            "cannot tell which builds instances run from (an unreadable instance state)",
+                        ))
+                    }
+                }
                 match std::fs::remove_dir_all(&dir) {
                     Ok(()) => ctx.event(NewEvent::info("destroy", format!("removed {}", dir.display()))).await,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -5,6 +5,9 @@
 //! # Guarantees
 //! - A build that ran to completion for a run id is adopted, not rebuilt,
 //!   when the run is tried again (a reclaimed lease).
+//! - Every build is its own directory, kept while a live instance runs from
+//!   it (and the build current before it); a rebuild never removes what
+//!   runs, and an image is not destroyed while anything runs from it.
 //! - Instance processes outlive drover. Their pids, ports and kernel start
 //!   times are kept in a state file, so that after a restart they are
 //!   adopted again, and those that vanished are reported, never forgotten.
@@ -33,6 +36,10 @@ pub const NAME: &str = "local";
 /// Registers the local provider for every kind, keeping its files under
 /// `data_dir`.
 pub fn register(providers: &mut Providers, data_dir: &Path) {
-    providers.register(NAME, kinds::image::KIND, Arc::new(LocalImages::new(data_dir.join("images"))));
+    providers.register(
+        NAME,
+        kinds::image::KIND,
+        Arc::new(LocalImages::new(data_dir.join("images"), data_dir.join("clusters"))),
+    );
     providers.register(NAME, kinds::cluster::KIND, Arc::new(LocalClusters::new(data_dir.join("clusters"))));
 }
