@@ -302,14 +302,10 @@ pub fn parse_wait(s: Option<&str>) -> ApiResult<Duration> {
     let Some(s) = s else {
         return Ok(Duration::ZERO);
     };
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| Problem::invalid("wait", "a duration like 30s, 500ms or 2m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        // Checked: a huge count of minutes must be refused, not overflow.
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(Problem::invalid("wait", "a duration like 30s, 500ms or 2m")),
+    let bad = || Problem::invalid("wait", "a duration like 30s, 500ms or 1m (a bare number is seconds)");
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|_| bad())?,
     };
     if d > Duration::from_secs(60) {
         return Err(Problem::invalid("wait", "at most 60s"));
@@ -327,6 +323,7 @@ mod tests {
         assert_eq!(parse_wait(Some("250ms")).unwrap(), Duration::from_millis(250));
         assert_eq!(parse_wait(Some("1m")).unwrap(), Duration::from_secs(60));
         assert_eq!(parse_wait(Some("5")).unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_wait(Some("1m 30s")).unwrap_err().status, 422, "past the limit");
         assert_eq!(parse_wait(None).unwrap(), Duration::ZERO);
         assert!(parse_wait(Some("2h")).is_err());
         assert!(parse_wait(Some("90s")).is_err());

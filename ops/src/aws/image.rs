@@ -31,7 +31,10 @@ use drover_domain::model::{Level, NewEvent};
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
 use serde_json::{json, Value};
 
-use super::{b64, AwsError, Clients, TAG_IMAGE, TAG_RESOURCE, TAG_ROLE, TAG_RUN};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
+use super::{AwsError, Clients, TAG_IMAGE, TAG_RESOURCE, TAG_ROLE, TAG_RUN};
 
 pub struct AwsImages {
     clients: Arc<Clients>,
@@ -182,7 +185,7 @@ impl AwsImages {
             .instance_type(InstanceType::from(itype.as_str()))
             .min_count(1)
             .max_count(1)
-            .user_data(b64::encode(spec.build_script.as_deref().unwrap_or("").as_bytes()))
+            .user_data(STANDARD.encode(spec.build_script.as_deref().unwrap_or("")))
             .client_token(format!("drover-{}", job.run_id))
             .instance_initiated_shutdown_behavior(ShutdownBehavior::Stop)
             .tag_specifications(
@@ -524,6 +527,22 @@ mod moto_tests {
         let b = builders(&clients, &job).await;
         assert_eq!(b.len(), 1, "one builder, adopted on the second run");
         assert!(matches!(instance_state(&b[0]), "terminated" | "shutting-down"));
+        // The builder got the build script as its user-data.
+        let attr = clients
+            .ec2()
+            .await
+            .describe_instance_attribute()
+            .instance_id(b[0].instance_id().unwrap())
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+            .send()
+            .await
+            .unwrap();
+        let sent = attr.user_data().and_then(|u| u.value()).expect("user-data");
+        assert_eq!(STANDARD.decode(sent).unwrap(), b"#!/bin/sh\necho baked > /etc/motd");
+        // Its outputs list the build, current.
+        assert_eq!(first["build"], job.run_id.to_string());
+        assert_eq!(first["builds"][0]["ami_id"], first["ami_id"]);
+        assert_eq!(first["builds"][0]["current"], true);
         // Snapshots are tagged too.
         let snaps = snapshots(img);
         assert!(!snaps.is_empty());

@@ -21,7 +21,6 @@
 //! - The SDK configuration loads lazily, at the first call: a server without
 //!   AWS credentials starts and serves `local` resources.
 
-mod b64;
 mod cluster;
 mod image;
 mod stacks;
