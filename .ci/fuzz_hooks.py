@@ -100,8 +100,8 @@ _TRACE = os.environ.get("DROVER_FUZZ_TRACE")
 @schemathesis.hook
 def after_call(context, case, response):
     """With DROVER_FUZZ_TRACE=FILE, one line per call: phase, generation
-    mode, operation, status and the problem's type (for looking into the
-    fuzzer's warnings)."""
+    mode, operation, status, the problem's type and detail, and If-Match:
+    what it takes to see why schemathesis warns about an operation."""
     if not _TRACE:
         return
     meta = case.meta
@@ -110,7 +110,8 @@ def after_call(context, case, response):
     kind = ""
     if response.status_code >= 400:
         try:
-            kind = response.json().get("type", "") + " " + (response.json().get("detail") or "")[:120]
+            body = response.json()
+            kind = body.get("type", "") + " " + (body.get("detail") or "")[:120]
         except Exception:
             pass
     with open(_TRACE, "a") as f:

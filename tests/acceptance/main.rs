@@ -484,16 +484,20 @@ async fn every_bad_request_is_a_problem_naming_what_is_wrong() {
         StatusCode::OK
     );
 
-    // Previewing add-instances without `n` named `params`, not the parameter.
+    // A preview's bad parameter is named as the query parameter it came
+    // as, not as the action's `params` (and add-instances adds one by default).
     let image = json!({"name": "ami", "spec": {"provider": "aws", "base_ami": "ami-0abcdef1234567890",
         "instance_type": "t3.micro", "build_script": "#!/bin/sh"}});
     assert_eq!(app.post("/v1/images", image).await.status, StatusCode::CREATED);
     let cluster = json!({"name": "core", "spec": {"provider": "aws", "image": "ami", "count": 1,
         "instance_type": "m5.large", "subnets": ["subnet-0abc1234"]}});
     assert_eq!(app.post("/v1/clusters", cluster).await.status, StatusCode::CREATED);
-    let r = app.get("/v1/clusters/core/template?action=add-instances").await;
+    let r = app.get("/v1/clusters/core/template?action=add-instances&n=64").await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
     assert_eq!(r.body["errors"][0]["field"], "n", "{}", r.body);
+    let r = app.get("/v1/clusters/core/template?action=destroy").await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["field"], "action", "{}", r.body);
 
     // The cancel body is documented as optional and nullable: `null` means no reason.
     create_image(&app, "slow", "sleep 30").await;
@@ -530,7 +534,8 @@ async fn every_bad_request_is_a_problem_naming_what_is_wrong() {
 async fn an_unknown_provider_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("drover.db");
-    let mut cfg = drover_tests::test_config(dir.path(), &format!("sqlite://{}", db.display()), &Default::default(), true);
+    let mut cfg =
+        drover_tests::test_config(dir.path(), &format!("sqlite://{}", db.display()), &Default::default(), true);
     cfg.engine.providers = Some(vec!["local".into(), "gcp".into()]);
     let err = drover_api::start(cfg).await.err().expect("refused").to_string();
     assert!(err.contains("\"gcp\"") && err.contains("aws, builtin, local"), "{err}");

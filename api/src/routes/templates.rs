@@ -75,7 +75,18 @@ async fn preview_cluster_template(
         "add-instances" => json!({"n": q.n.unwrap_or(1)}),
         _ => json!({}),
     };
-    let v = s.service.preview(cluster::KIND, &id, &action, &params).await?;
+    // The parameters came as query parameters: errors name them so.
+    let v = s.service.preview(cluster::KIND, &id, &action, &params).await.map_err(|e| match e {
+        drover_domain::Error::Invalid(mut errors) => {
+            for e in &mut errors {
+                if let Some(name) = e.field.strip_prefix("params.") {
+                    e.field = name.to_string();
+                }
+            }
+            drover_domain::Error::Invalid(errors)
+        }
+        other => other,
+    })?;
     let provider = cluster::KIND.provider_of(&cluster.spec);
     TemplatePreview::from_value(&cluster.name, &provider, v).map(Json).ok_or_else(|| {
         tracing::error!("provider preview does not have the expected shape");
