@@ -72,8 +72,10 @@ pub struct Auth {
     recent: Mutex<HashMap<String, (Principal, Instant)>>,
 }
 
-/// How long a read may use a principal read for an earlier request.
-pub const RECENT_FOR: Duration = Duration::from_secs(2);
+/// How long a read may use a principal read for an earlier request: so a
+/// token revoked (or a user disabled, a role changed) through another
+/// replica stops working for reads here within a second.
+pub const RECENT_FOR: Duration = Duration::from_secs(1);
 
 /// Past this many remembered tokens, forget them all rather than grow.
 const RECENT_MAX: usize = 10_000;

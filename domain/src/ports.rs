@@ -54,6 +54,14 @@ pub trait Store: Send + Sync + 'static {
     async fn active_run(&self, resource: Uuid) -> Result<Option<Run>>;
     /// The newest run of a resource that ended `failed` or `cancelled`.
     async fn last_unsuccessful_run(&self, resource: Uuid) -> Result<Option<Run>>;
+    /// A resource's `limit` newest runs, newest first, and its active run
+    /// (one of them, unless replicas' clocks disagree): what its view shows,
+    /// in one statement where the store can.
+    async fn recent_runs(&self, resource: Uuid, limit: u32) -> Result<(Vec<Run>, Option<Run>)> {
+        let filter = RunFilter { resource: Some(resource), ..Default::default() };
+        let recent = self.list_runs(&filter, PageRequest { after: None, limit }).await?;
+        Ok((recent, self.active_run(resource).await?))
+    }
     /// Claims up to `limit` due runs for `worker`, moving each resource to
     /// its working state and recording each attempt's start in its events,
     /// in one transaction. Each run comes with its resource as the claim
@@ -91,6 +99,12 @@ pub trait Store: Send + Sync + 'static {
     /// Cancels a queued run at once; marks a running one for its worker.
     async fn request_cancel(&self, run: Uuid, actor: &str, reason: Option<&str>, now: Time) -> Result<Run>;
     async fn list_events(&self, run: Uuid, after: i64, limit: u32) -> Result<Vec<RunEvent>>;
+    /// A run's `n` latest events, oldest first.
+    async fn last_events(&self, run: Uuid, n: u32) -> Result<Vec<RunEvent>> {
+        let all = self.list_events(run, 0, u32::MAX).await?;
+        let skip = all.len().saturating_sub(n as usize);
+        Ok(all.into_iter().skip(skip).collect())
+    }
     async fn queue_depth(&self, now: Time) -> Result<QueueDepth>;
 
     // History.

@@ -206,19 +206,13 @@ impl Service {
     }
 
     pub async fn overview(&self, kind: Kind, key: &str) -> Result<Overview> {
+        // Two statements, three while a run is active.
         let resource = self.get(kind, key).await?;
-        let active_run = self.store.active_run(resource.id).await?;
+        let (recent_runs, active_run) = self.store.recent_runs(resource.id, 5).await?;
         let active_events = match &active_run {
-            Some(run) => last_n(self.store.list_events(run.id, 0, 10_000).await?, 5),
+            Some(run) => self.store.last_events(run.id, 5).await?,
             None => Vec::new(),
         };
-        let recent_runs = self
-            .store
-            .list_runs(
-                &RunFilter { resource: Some(resource.id), ..Default::default() },
-                PageRequest { after: None, limit: 5 },
-            )
-            .await?;
         let problem =
             diagnose(&resource, active_run.as_ref(), active_events.last(), &recent_runs, self.stuck_after, Utc::now());
         let members = match kind.holds_resources() {
@@ -638,12 +632,6 @@ fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> Uuid) -> Option<Uu
     }
 }
 
-fn last_n<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
-    let skip = v.len().saturating_sub(n);
-    v.drain(..skip);
-    v
-}
-
 /// The key a client's `Idempotency-Key` is stored under: per caller, so
 /// that two users may pick the same key. The client's key is 1 to 255
 /// visible ASCII characters (what the OpenAPI document says of it).
@@ -784,11 +772,5 @@ mod tests {
         for bad in ["", &"k".repeat(256), "tab\there", "é"] {
             assert!(idempotency_key(Some(user), bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn last_n_keeps_the_tail() {
-        assert_eq!(last_n(vec![1, 2, 3, 4], 2), vec![3, 4]);
-        assert_eq!(last_n(vec![1], 5), vec![1]);
     }
 }

@@ -40,6 +40,7 @@ both_backends!(
     the_queue_holds_exactly_the_active_runs,
     a_run_due_before_the_claim_cursor_waits_a_second_at_most,
     a_claim_naming_providers_takes_only_their_runs,
+    a_view_reads_recent_runs_the_active_one_and_the_last_events,
 );
 
 both_backends_with_url!(
@@ -798,6 +799,41 @@ async fn a_claim_naming_providers_takes_only_their_runs(store: Arc<dyn Store>) {
     let waiting = store.get_run(ids["d"]).await.unwrap().unwrap();
     assert_eq!((waiting.status, waiting.attempt), (RunStatus::Queued, 0), "untouched by the others' claims");
     assert_eq!(claim(&["builtin"], 10).await, vec![ids["d"]]);
+}
+
+/// What a resource's view reads: its newest runs with the active one
+/// marked, even when a replica's clock put the active run's id behind
+/// runs that ended before it, and the active run's last events.
+async fn a_view_reads_recent_runs_the_active_one_and_the_last_events(store: Arc<dyn Store>) {
+    let r = cluster(&store, "web").await;
+    let mut ended = Vec::new();
+    for _ in 0..3 {
+        let run = store.insert_run(&new_run(&r, "create", "pending", "creating", "pending")).await.unwrap();
+        let claimed = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+        store.complete_run(claimed.lease().unwrap(), &done(RunStatus::Succeeded, "pending")).await.unwrap();
+        ended.push(run.id);
+    }
+    let (recent, active) = store.recent_runs(r.id, 2).await.unwrap();
+    assert_eq!(recent.iter().map(|r| r.id).collect::<Vec<_>>(), [ended[2], ended[1]]);
+    assert!(active.is_none());
+
+    // Queued by a replica whose clock is behind: its id sorts first of all.
+    let mut late = new_run(&r, "create", "pending", "creating", "up");
+    late.id = uuid::Uuid::from_u128(ended[0].as_u128() - (1 << 80));
+    let late = store.insert_run(&late).await.unwrap();
+    let (recent, active) = store.recent_runs(r.id, 2).await.unwrap();
+    assert_eq!(recent.iter().map(|r| r.id).collect::<Vec<_>>(), [ended[2], ended[1]]);
+    assert_eq!(active.map(|a| a.id), Some(late.id));
+    let (recent, active) = store.recent_runs(r.id, 10).await.unwrap();
+    assert_eq!(recent.len(), 4);
+    assert_eq!(active.map(|a| (a.id, a.status)), Some((late.id, RunStatus::Queued)));
+
+    let claimed = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+    for i in 0..7 {
+        store.append_event(claimed.lease().unwrap(), &NewEvent::info("step", format!("step {i}"))).await.unwrap();
+    }
+    let last: Vec<String> = store.last_events(late.id, 3).await.unwrap().into_iter().map(|e| e.message).collect();
+    assert_eq!(last, ["step 4", "step 5", "step 6"], "the latest, oldest first");
 }
 
 /// An installation upgraded from before `run_queue` (migration 0004) keeps

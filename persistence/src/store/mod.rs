@@ -173,6 +173,10 @@ impl<B: Backend> Store for SqlStore<B> {
         runs::last_unsuccessful(self, resource).await
     }
 
+    async fn recent_runs(&self, resource: Uuid, limit: u32) -> Result<(Vec<Run>, Option<Run>)> {
+        runs::recent_and_active(self, resource, limit).await
+    }
+
     async fn claim_jobs(
         &self,
         worker: &str,
@@ -215,6 +219,10 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn list_events(&self, run: Uuid, after: i64, limit: u32) -> Result<Vec<RunEvent>> {
         runs::list_events(self, run, after, limit).await
+    }
+
+    async fn last_events(&self, run: Uuid, n: u32) -> Result<Vec<RunEvent>> {
+        runs::last_events(self, run, n).await
     }
 
     async fn queue_depth(&self, now: Time) -> Result<QueueDepth> {

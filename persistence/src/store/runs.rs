@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::queue::{insert_event_unfenced, leave_working_state, record_finished};
 use super::{commit, db, is_unique, SqlStore};
-use crate::rows::{runs, EventRow, RunRow};
+use crate::rows::{runs, ActiveRunRow, EventRow, RunRow};
 use crate::sql::{Backend, Exec, Sql};
 use crate::time::Ts;
 
@@ -160,6 +160,38 @@ pub(super) async fn active<B: Backend>(s: &SqlStore<B>, resource: Uuid) -> Resul
     row.map(TryInto::try_into).transpose()
 }
 
+/// A resource's `limit` newest runs and its active run, in one statement:
+/// the active one is almost always among the newest (no run can be asked
+/// for while it is active), but ids come from the clocks of the replicas
+/// that made them, so it is asked for in its own right.
+pub(super) async fn recent_and_active<B: Backend>(
+    s: &SqlStore<B>,
+    resource: Uuid,
+    limit: u32,
+) -> Result<(Vec<Run>, Option<Run>)> {
+    let sql = Sql::new(
+        "SELECT runs.*, runs.id IN (SELECT run_id FROM run_queue WHERE resource_id = $1) AS active FROM runs
+         WHERE runs.id IN (SELECT id FROM runs WHERE resource_id = $1 ORDER BY id DESC LIMIT $2)
+            OR runs.id IN (SELECT run_id FROM run_queue WHERE resource_id = $1)
+         ORDER BY runs.id DESC",
+    )
+    .bind(resource)
+    .bind(i64::from(limit));
+    let rows = s.fetch_all::<ActiveRunRow>("list recent runs", sql).await?;
+    let mut recent = Vec::with_capacity(rows.len());
+    let mut active = None;
+    for row in rows {
+        let run = Run::try_from(row.run)?;
+        if row.active {
+            active = Some(run.clone());
+        }
+        if recent.len() < limit as usize {
+            recent.push(run);
+        }
+    }
+    Ok((recent, active))
+}
+
 pub(super) async fn last_unsuccessful<B: Backend>(s: &SqlStore<B>, resource: Uuid) -> Result<Option<Run>> {
     let sql = Sql::new(
         "SELECT * FROM runs WHERE resource_id = $1 AND status IN ('failed', 'cancelled') ORDER BY id DESC LIMIT 1",
@@ -180,6 +212,16 @@ pub(super) async fn list_events<B: Backend>(
         .bind(after)
         .bind(i64::from(limit));
     let rows = s.fetch_all::<EventRow>("list events", sql).await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+pub(super) async fn last_events<B: Backend>(s: &SqlStore<B>, run: Uuid, n: u32) -> Result<Vec<RunEvent>> {
+    let sql = Sql::new(
+        "SELECT * FROM (SELECT * FROM run_events WHERE run_id = $1 ORDER BY seq DESC LIMIT $2) AS last ORDER BY seq",
+    )
+    .bind(run)
+    .bind(i64::from(n));
+    let rows = s.fetch_all::<EventRow>("list last events", sql).await?;
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
