@@ -431,9 +431,25 @@ impl Engine {
     }
 
     async fn observe(&self, r: &Resource) {
+        if r.state == r.kind.final_state() {
+            return;
+        }
         let Some(provider) = self.providers.get(&r.kind.provider_of(&r.spec), r.kind) else {
             return;
         };
+        // One replica observes a resource at a time: the one holding its
+        // lease, renewed each round and lapsing after two, so that a
+        // replica gone quiet hands its resources on within two rounds.
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(self.cfg.observe_every * 2).unwrap_or(chrono::Duration::MAX);
+        match self.store.lease_observation(r.id, &self.cfg.worker_id, now, until).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!(error = %e, resource = %r.id, "could not lease the observation");
+                return;
+            }
+        }
         if let Some(seen) = provider.observe(r).await {
             if r.observed.as_ref() != Some(&seen) {
                 if seen.get("healthy") == Some(&Value::Bool(false)) {

@@ -45,6 +45,11 @@ pub trait Store: Send + Sync + 'static {
     /// queued or running; its runs stay.
     async fn delete_resource(&self, id: Uuid, state: &str, now: Time) -> Result<()>;
     async fn set_observed(&self, id: Uuid, observed: &Value) -> Result<()>;
+    /// Takes or renews `observer`'s lease on observing a resource until
+    /// `until`: true when it holds it (nobody did, the last holder's lease
+    /// had lapsed by `now`, or it was this observer's), false while another
+    /// observer holds it.
+    async fn lease_observation(&self, resource: Uuid, observer: &str, now: Time, until: Time) -> Result<bool>;
 
     // Runs.
     /// Enqueues a run if the resource is still in `from_state`.

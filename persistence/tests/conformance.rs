@@ -41,6 +41,7 @@ both_backends!(
     a_run_due_before_the_claim_cursor_waits_a_second_at_most,
     a_claim_naming_providers_takes_only_their_runs,
     a_view_reads_recent_runs_the_active_one_and_the_last_events,
+    an_observation_is_leased_to_one_observer_at_a_time,
 );
 
 both_backends_with_url!(
@@ -834,6 +835,22 @@ async fn a_view_reads_recent_runs_the_active_one_and_the_last_events(store: Arc<
     }
     let last: Vec<String> = store.last_events(late.id, 3).await.unwrap().into_iter().map(|e| e.message).collect();
     assert_eq!(last, ["step 4", "step 5", "step 6"], "the latest, oldest first");
+}
+
+/// Observing a resource is leased: one observer at a time, renewed by its
+/// holder, taken over once it lapses.
+async fn an_observation_is_leased_to_one_observer_at_a_time(store: Arc<dyn Store>) {
+    let r = cluster(&store, "web").await;
+    let t0 = Utc::now();
+    let at = |s: i64| t0 + chrono::Duration::seconds(s);
+    assert!(store.lease_observation(r.id, "a", at(0), at(30)).await.unwrap());
+    assert!(!store.lease_observation(r.id, "b", at(10), at(40)).await.unwrap(), "a holds it");
+    assert!(store.lease_observation(r.id, "a", at(15), at(45)).await.unwrap(), "a renews");
+    assert!(!store.lease_observation(r.id, "b", at(40), at(70)).await.unwrap(), "renewed until 45");
+    assert!(store.lease_observation(r.id, "b", at(45), at(75)).await.unwrap(), "lapsed: b takes it over");
+    assert!(!store.lease_observation(r.id, "a", at(50), at(80)).await.unwrap(), "and a no longer has it");
+    let other = cluster(&store, "api").await;
+    assert!(store.lease_observation(other.id, "a", at(50), at(80)).await.unwrap(), "one lease per resource");
 }
 
 /// An installation upgraded from before `run_queue` (migration 0004) keeps

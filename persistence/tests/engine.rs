@@ -137,6 +137,7 @@ both_backends!(
     a_panicking_provider_fails_the_run,
     a_stopping_engine_puts_unfinished_runs_back_at_once,
     an_engine_runs_only_the_providers_it_serves,
+    replicas_share_the_observing_out,
 );
 
 /// A run queued through one connection wakes an idle worker on another at
@@ -344,6 +345,60 @@ async fn an_engine_runs_only_the_providers_it_serves(store: Arc<dyn Store>) {
     assert_eq!((fin.status, fin.worker.as_deref()), (RunStatus::Succeeded, Some("test")));
 }
 
+/// Counts its probes, per resource.
+#[derive(Default)]
+struct Probes(Mutex<HashMap<Uuid, u32>>);
+
+#[async_trait]
+impl Provider for Probes {
+    async fn apply(&self, _ctx: &dyn RunContext, _job: &Job) -> Result<Value, ProviderError> {
+        Ok(json!({}))
+    }
+    fn observes(&self) -> bool {
+        true
+    }
+    async fn observe(&self, r: &Resource) -> Option<Value> {
+        *self.0.lock().unwrap().entry(r.id).or_default() += 1;
+        Some(json!({"healthy": true, "summary": "seen"}))
+    }
+}
+
+/// Two replicas observing the same resources probe each once a round, not
+/// twice; when the one holding the leases goes quiet, the other takes its
+/// resources over once they lapse (two rounds).
+async fn replicas_share_the_observing_out(store: Arc<dyn Store>) {
+    let probes = Arc::new(Probes::default());
+    let replica = |name: &str| {
+        let mut providers = Providers::default();
+        // The clusters of `common::cluster` name no provider: `local`.
+        providers.register("local", drover_domain::kinds::cluster::KIND, probes.clone());
+        let cfg = EngineConfig { observe_every: Duration::from_millis(200), ..config(name) };
+        Engine::new(store.clone(), providers, cfg)
+    };
+    let (a, b) = (replica("a"), replica("b"));
+    let mut ids = Vec::new();
+    for name in ["one", "two", "three"] {
+        ids.push(cluster(&store, name).await.id);
+    }
+    let probed = |ids: &[Uuid]| -> Vec<u32> {
+        let seen = probes.0.lock().unwrap();
+        ids.iter().map(|id| seen.get(id).copied().unwrap_or(0)).collect()
+    };
+    a.observe_all().await;
+    b.observe_all().await;
+    assert_eq!(probed(&ids), [1, 1, 1], "one probe each, by a");
+    a.observe_all().await;
+    b.observe_all().await;
+    assert_eq!(probed(&ids), [2, 2, 2], "a renews its leases; b still probes nothing");
+    let seen = store.get_resource_by_id(ids[0]).await.unwrap().unwrap().observed;
+    assert_eq!(seen, Some(json!({"healthy": true, "summary": "seen"})));
+    // a goes quiet: past its leases (two rounds), b takes over.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    b.observe_all().await;
+    a.observe_all().await;
+    assert_eq!(probed(&ids), [3, 3, 3], "b now, and a no longer");
+}
+
 /// Shutting down, an engine waits for quick runs, then queues the others
 /// again at once (not after their leases lapse), for another worker to
 /// finish; its own late completion is fenced out.
@@ -529,6 +584,15 @@ impl Store for SlowClaims {
     }
     async fn set_observed(&self, id: Uuid, observed: &Value) -> drover_domain::Result<()> {
         self.0.set_observed(id, observed).await
+    }
+    async fn lease_observation(
+        &self,
+        resource: Uuid,
+        observer: &str,
+        now: Time,
+        until: Time,
+    ) -> drover_domain::Result<bool> {
+        self.0.lease_observation(resource, observer, now, until).await
     }
     async fn insert_run(&self, run: &NewRun) -> drover_domain::Result<Run> {
         self.0.insert_run(run).await

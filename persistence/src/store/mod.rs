@@ -153,6 +153,10 @@ impl<B: Backend> Store for SqlStore<B> {
         resources::set_observed(self, id, observed).await
     }
 
+    async fn lease_observation(&self, resource: Uuid, observer: &str, now: Time, until: Time) -> Result<bool> {
+        resources::lease_observation(self, resource, observer, now, until).await
+    }
+
     async fn insert_run(&self, run: &NewRun) -> Result<Run> {
         runs::insert(self, run).await
     }

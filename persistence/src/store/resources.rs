@@ -188,6 +188,28 @@ pub(super) async fn delete<B: Backend>(s: &SqlStore<B>, id: Uuid, state: &str, n
     }
 }
 
+/// One statement: insert the lease, or take it over when it lapsed or is
+/// already the observer's; nothing comes back while another holds it.
+pub(super) async fn lease_observation<B: Backend>(
+    s: &SqlStore<B>,
+    resource: Uuid,
+    observer: &str,
+    now: Time,
+    until: Time,
+) -> Result<bool> {
+    let sql = Sql::new(
+        "INSERT INTO observer_leases (resource_id, observer, expires_at) VALUES ($1, $2, $3)
+         ON CONFLICT (resource_id) DO UPDATE SET observer = excluded.observer, expires_at = excluded.expires_at
+         WHERE observer_leases.expires_at <= $4 OR observer_leases.observer = excluded.observer
+         RETURNING resource_id",
+    )
+    .bind(resource)
+    .bind(observer)
+    .bind(Ts(until))
+    .bind(Ts(now));
+    Ok(s.fetch_optional::<(Uuid,)>("lease an observation", sql).await?.is_some())
+}
+
 pub(super) async fn set_observed<B: Backend>(s: &SqlStore<B>, id: Uuid, observed: &Value) -> Result<()> {
     let sql = Sql::new("UPDATE resources SET observed = $2 WHERE id = $1").bind(id).bind(observed);
     s.execute("record observation", sql).await?;
