@@ -91,9 +91,19 @@ pub fn resource(v: &Value) -> String {
         "actions    {}\n",
         v["allowed_actions"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()
     ));
+    if let Some(builds) = v["outputs"]["builds"].as_array() {
+        out.push_str(&format!("builds     {}, current {}\n", builds.len(), s(&v["outputs"]["build"])));
+    }
     if let Some(instances) = v["outputs"]["instances"].as_array() {
         let list: Vec<String> = instances.iter().map(|i| format!("{}:{}", s(&i["pid"]), s(&i["port"]))).collect();
         out.push_str(&format!("instances  {} ({})\n", instances.len(), list.join(" ")));
+        let mut builds: Vec<String> =
+            instances.iter().filter_map(|i| i["build"].as_str().map(str::to_string)).collect();
+        builds.sort();
+        builds.dedup();
+        if !builds.is_empty() {
+            out.push_str(&format!("running    build {}\n", builds.join(", build ")));
+        }
     }
     if let Some(summary) = v["observed"]["summary"].as_str() {
         out.push_str(&format!("observed   {summary}\n"));
@@ -186,6 +196,17 @@ mod tests {
         let out = resource(&v);
         assert!(out.contains("spec v3 (running v1)"), "{out}");
         assert!(out.contains("PENDING    spec.image: \"web\" -> \"web2\" (applied by create, start)"), "{out}");
+    }
+
+    #[test]
+    fn builds_show_in_the_view() {
+        let image = json!({"kind": "image", "name": "web", "id": "01", "state": "built",
+            "outputs": {"build": "b2", "builds": [{"id": "b2", "current": true}, {"id": "b1", "current": false}]}});
+        assert!(resource(&image).contains("builds     2, current b2"), "{}", resource(&image));
+        let cluster = json!({"kind": "cluster", "name": "web-qa", "id": "02", "state": "up",
+            "outputs": {"instances": [{"pid": 1, "port": 80, "build": "b1"}, {"pid": 2, "port": 81, "build": "b2"},
+                {"pid": 3, "port": 82, "build": "b1"}]}});
+        assert!(resource(&cluster).contains("running    build b1, build b2"), "{}", resource(&cluster));
     }
 
     #[test]
