@@ -541,3 +541,40 @@ async fn an_unknown_provider_is_refused_at_start() {
     assert!(err.contains("\"gcp\"") && err.contains("aws, builtin, local"), "{err}");
     assert!(!db.exists(), "nothing was created");
 }
+
+/// Role metadata is the machines' on local clusters too (services'
+/// constraints will match it): each instance gets it as
+/// `DROVER_ROLE_METADATA`, and a cluster without any is `cluster=NAME`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_instances_carry_their_role_metadata() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let start = "echo \"$DROVER_ROLE_METADATA\" > meta-$DROVER_CLUSTER-$DROVER_INSTANCE.txt; \
+                 exec python3 -m http.server $PORT --bind 127.0.0.1";
+    let r =
+        app.post("/v1/images", json!({"name": "web", "spec": {"build_command": "true", "start_command": start}})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(app.run("image", "web", json!({"action": "build"})).await["status"], "succeeded");
+    let bad = app
+        .post(
+            "/v1/clusters",
+            json!({"name": "w", "spec": {"image": "web", "count": 1, "role_metadata": "role worker"}}),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    assert_eq!(bad.body["errors"][0]["field"], "spec.role_metadata");
+    for (name, metadata) in [("workers", Some("role=worker,tier=web")), ("plain", None)] {
+        let mut spec = json!({"image": "web", "count": 2});
+        if let Some(m) = metadata {
+            spec["role_metadata"] = m.into();
+        }
+        let r = app.post("/v1/clusters", json!({"name": name, "spec": spec})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        assert_eq!(app.run("cluster", name, json!({"action": "create"})).await["status"], "succeeded");
+        let cluster = app.get(&format!("/v1/clusters/{name}")).await.body;
+        for i in cluster["outputs"]["instances"].as_array().unwrap() {
+            let url = format!("{}/meta-{name}-{}.txt", i["url"].as_str().unwrap(), i["index"]);
+            let got = app.client.get(&url).send().await.unwrap().text().await.unwrap();
+            assert_eq!(got.trim(), metadata.map_or(format!("cluster={name}"), str::to_string));
+        }
+    }
+}

@@ -230,8 +230,10 @@ pub struct Spec {
     /// aws: tags for the stack and every instance.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
-    /// aws: role metadata handed to each instance in its cloud-config,
-    /// `key=value` pairs separated by commas: `role=worker,instancetype=r3`.
+    /// Role metadata of the cluster's machines, `key=value` pairs separated
+    /// by commas: `role=worker,instancetype=r3` (default `cluster=NAME`).
+    /// An aws instance gets it in its cloud-config, a local one as
+    /// `DROVER_ROLE_METADATA`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role_metadata: Option<String>,
     /// aws: the leader cluster (name) this worker group joins; it must be `up`.
@@ -251,10 +253,11 @@ fn provider_rules(schema: &mut schemars::Schema) {
     let word = json!({"type": "string", "pattern": "^[!-+\\--~]{1,255}$"});
     let id = |prefix: &str| json!({"type": "string", "pattern": format!("^{prefix}[0-9a-fA-F]{{8,32}}$")});
     let pair = "[A-Za-z0-9_./:-]{1,64}=[A-Za-z0-9_./:-]{1,64}";
+    let metadata = json!({"type": ["string", "null"], "maxLength": 1024, "pattern": format!("^{pair}(,{pair})*$")});
     // Refused on local, unless empty (as validation has it).
     let local = json!({
         "provider": {"const": "local"},
-        "instance_type": {"type": "null"}, "key_name": {"type": "null"}, "role_metadata": {"type": "null"},
+        "instance_type": {"type": "null"}, "key_name": {"type": "null"}, "role_metadata": metadata,
         "join": {"type": "null"}, "subnets": {"maxItems": 0}, "security_groups": {"maxItems": 0},
         "tags": {"maxProperties": 0}, "termination_protection": {"const": false},
     });
@@ -271,7 +274,7 @@ fn provider_rules(schema: &mut schemars::Schema) {
                 "tags": {"type": "object", "maxProperties": 40,
                     "propertyNames": {"minLength": 1, "maxLength": 127, "pattern": "^(?![dD][rR][oO][vV][eE][rR]:|[aA][wW][sS]:)"},
                     "additionalProperties": {"type": "string", "maxLength": 255}},
-                "role_metadata": {"type": ["string", "null"], "maxLength": 1024, "pattern": format!("^{pair}(,{pair})*$")}}},
+                "role_metadata": metadata}},
         ]),
     );
 }
@@ -308,6 +311,11 @@ fn default_start_timeout() -> u64 {
 }
 
 impl Spec {
+    /// The role metadata its machines carry: as given, else `cluster=NAME`.
+    pub fn machine_metadata(&self, cluster: &str) -> String {
+        self.role_metadata.clone().unwrap_or_else(|| format!("cluster={cluster}"))
+    }
+
     /// Checks a spec and returns it typed.
     pub fn from_value(v: &Value) -> Result<Spec> {
         super::read_spec::<Cluster>(v)
@@ -324,7 +332,6 @@ impl Spec {
                     ("subnets", !spec.subnets.is_empty()),
                     ("security_groups", !spec.security_groups.is_empty()),
                     ("tags", !spec.tags.is_empty()),
-                    ("role_metadata", spec.role_metadata.is_some()),
                     ("join", spec.join.is_some()),
                     ("termination_protection", spec.termination_protection),
                 ];
@@ -337,6 +344,12 @@ impl Spec {
             "aws" => spec.check_aws(&mut errors),
             _ => errors
                 .push(FieldError::new("spec.provider", format!("unknown provider; known: {}", PROVIDERS.join(", ")))),
+        }
+        if spec.role_metadata.as_deref().is_some_and(|m| !valid_metadata(m)) {
+            errors.push(FieldError::new(
+                "spec.role_metadata",
+                "must be key=value pairs separated by commas, like role=worker,instancetype=r3",
+            ));
         }
         if spec.image.trim().is_empty() {
             errors.push(FieldError::new("spec.image", "must name an image"));
@@ -416,12 +429,6 @@ impl Spec {
                     "keys are 1-127 characters and may not start with drover: or aws:; values at most 255",
                 ));
             }
-        }
-        if self.role_metadata.as_deref().is_some_and(|m| !valid_metadata(m)) {
-            errors.push(FieldError::new(
-                "spec.role_metadata",
-                "must be key=value pairs separated by commas, like role=worker,instancetype=r3",
-            ));
         }
         if let Some(leader) = &self.join {
             if !is_name(leader) {

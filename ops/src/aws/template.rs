@@ -64,7 +64,7 @@ pub fn stack_name(cluster: &Resource) -> String {
 
 /// `key=value,…` as given, or `cluster=<name>` when the spec has none.
 pub fn role_metadata(cluster: &Resource, spec: &Spec) -> String {
-    spec.role_metadata.clone().unwrap_or_else(|| format!("cluster={}", cluster.name))
+    spec.machine_metadata(&cluster.name)
 }
 
 fn param(kind: &str, description: &str) -> Value {

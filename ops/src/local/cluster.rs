@@ -96,6 +96,7 @@ impl LocalClusters {
             .unwrap_or_default()
             .to_string();
         let build_name = build.clone().unwrap_or_else(|| "(from before build ids)".into());
+        let role_metadata = spec.machine_metadata(&job.resource.name);
         let r = &job.resource;
         let mut state = self.load(r)?;
 
@@ -129,7 +130,7 @@ impl LocalClusters {
             }
             ctx.check_cancel()?;
             let log = logs.join(format!("instance-{index}.log"));
-            let mut inst = spawn(&image_dir, &start, r, index, &job.settings, &log)?;
+            let mut inst = spawn(&image_dir, &start, &role_metadata, r, index, &job.settings, &log)?;
             inst.build = build.clone();
             ctx.event(
                 NewEvent::info(
@@ -171,6 +172,7 @@ impl LocalClusters {
 fn spawn(
     image_dir: &Path,
     start: &str,
+    role_metadata: &str,
     r: &Resource,
     index: u32,
     settings: &BTreeMap<String, String>,
@@ -187,6 +189,7 @@ fn spawn(
         .env("PORT", port.to_string())
         .env("DROVER_INSTANCE", index.to_string())
         .env("DROVER_CLUSTER", &r.name)
+        .env("DROVER_ROLE_METADATA", role_metadata)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
