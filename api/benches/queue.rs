@@ -72,7 +72,8 @@ impl Provider for Slow {
 async fn load(conn: &mut PgConnection, n: i64, provider: &str, tag: &str) {
     let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     // Parameters: `$1` n, `$2` the millisecond stamp, then `$3` the name
-    // prefix and `$4` the provider where a statement needs them.
+    // prefix and `$4` the provider where a statement needs them (the
+    // queue's own statement takes the provider as `$3`).
     let id = |nibble: char| {
         format!("(lpad(to_hex($2::bigint), 12, '0') || '700{nibble}8' || lpad(to_hex(g), 15, '0'))::uuid")
     };
@@ -94,8 +95,8 @@ async fn load(conn: &mut PgConnection, n: i64, provider: &str, tag: &str) {
              FROM generate_series(1, $1) g"
         ),
         format!(
-            "INSERT INTO run_queue (run_id, resource_id, run_after)
-             SELECT {run}, {resource}, now() FROM generate_series(1, $1) g"
+            "INSERT INTO run_queue (run_id, resource_id, run_after, provider)
+             SELECT {run}, {resource}, now(), $3 FROM generate_series(1, $1) g"
         ),
         format!(
             "INSERT INTO run_events (run_id, at, attempt, level, step, message)
@@ -107,7 +108,7 @@ async fn load(conn: &mut PgConnection, n: i64, provider: &str, tag: &str) {
         if i < 2 {
             q = q.bind(format!("{tag}-"));
         }
-        if i == 1 {
+        if i == 1 || i == 2 {
             q = q.bind(provider);
         }
         q.execute(&mut *conn).await.unwrap();

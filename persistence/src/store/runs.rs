@@ -169,10 +169,14 @@ pub(super) async fn recent_and_active<B: Backend>(
     resource: Uuid,
     limit: u32,
 ) -> Result<(Vec<Run>, Option<Run>)> {
+    // The ids first (a few, each by an index), then their rows by primary
+    // key: an `OR` of two `IN`s here made Postgres scan every run.
     let sql = Sql::new(
-        "SELECT runs.*, runs.id IN (SELECT run_id FROM run_queue WHERE resource_id = $1) AS active FROM runs
-         WHERE runs.id IN (SELECT id FROM runs WHERE resource_id = $1 ORDER BY id DESC LIMIT $2)
-            OR runs.id IN (SELECT run_id FROM run_queue WHERE resource_id = $1)
+        "SELECT runs.*, q.run_id IS NOT NULL AS active
+         FROM runs LEFT JOIN run_queue q ON q.run_id = runs.id
+         WHERE runs.id IN (
+             SELECT id FROM (SELECT id FROM runs WHERE resource_id = $1 ORDER BY id DESC LIMIT $2) AS newest
+             UNION SELECT run_id FROM run_queue WHERE resource_id = $1)
          ORDER BY runs.id DESC",
     )
     .bind(resource)
