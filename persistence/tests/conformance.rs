@@ -853,6 +853,39 @@ async fn an_observation_is_leased_to_one_observer_at_a_time(store: Arc<dyn Store
     assert!(store.lease_observation(other.id, "a", at(50), at(80)).await.unwrap(), "one lease per resource");
 }
 
+/// A resource's view reads by index, never by scanning every run: checked
+/// on the plans, since no test is large or timed enough to see a scan.
+/// Every scan in them must be bounded by an index condition: the first form
+/// of the runs statement walked the whole primary key with a filter (an
+/// `Index Scan` without `Index Cond`), and fell to 53 requests a second
+/// with 100k runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_views_statements_use_indexes() {
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    drover_persistence::open(&url).await.unwrap();
+    for (name, plan) in drover_persistence::testing::view_plans(&url).await {
+        let unbounded = unbounded_scans(&plan);
+        assert!(unbounded.is_empty(), "{name} scans {unbounded:?}:\n{plan}");
+    }
+}
+
+/// The scan nodes of a text plan that no index condition bounds.
+fn unbounded_scans(plan: &str) -> Vec<String> {
+    let lines: Vec<&str> = plan.lines().map(str::trim).collect();
+    let is_node = |l: &str| l.starts_with("->") || l.starts_with("SubPlan") || l.starts_with("InitPlan");
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.contains(" Scan") && !line.starts_with("Seq Scan") {
+            continue;
+        }
+        let props = lines[i + 1..].iter().take_while(|l| !is_node(l));
+        if !props.clone().any(|l| l.starts_with("Index Cond:") || l.starts_with("Recheck Cond:")) {
+            out.push(line.trim_start_matches("->").trim().to_string());
+        }
+    }
+    out
+}
+
 /// An installation upgraded from before `run_queue` (migration 0004) keeps
 /// its queue: the queued run is claimable, the running one is reaped when
 /// its lease lapses, and the one-active-run rule still holds for both.

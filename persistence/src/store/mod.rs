@@ -29,7 +29,7 @@ mod idempotency;
 mod identity;
 pub(crate) mod queue;
 mod resources;
-mod runs;
+pub(crate) mod runs;
 mod settings;
 mod stats;
 

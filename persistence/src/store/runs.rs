@@ -160,6 +160,23 @@ pub(super) async fn active<B: Backend>(s: &SqlStore<B>, resource: Uuid) -> Resul
     row.map(TryInto::try_into).transpose()
 }
 
+/// The statements of a resource's view, each with `$1` a resource or run id
+/// and `$2` a count, for the query-plan check (`testing::view_plans`).
+pub(crate) const VIEW_STATEMENTS: &[(&str, &str)] =
+    &[("recent and active runs", RECENT_AND_ACTIVE), ("last events", LAST_EVENTS)];
+
+/// The ids first (a few, each by an index), then their rows by primary
+/// key: an `OR` of two `IN`s here made Postgres scan every run.
+const RECENT_AND_ACTIVE: &str = "SELECT runs.*, q.run_id IS NOT NULL AS active
+     FROM runs LEFT JOIN run_queue q ON q.run_id = runs.id
+     WHERE runs.id IN (
+         SELECT id FROM (SELECT id FROM runs WHERE resource_id = $1 ORDER BY id DESC LIMIT $2) AS newest
+         UNION SELECT run_id FROM run_queue WHERE resource_id = $1)
+     ORDER BY runs.id DESC";
+
+const LAST_EVENTS: &str =
+    "SELECT * FROM (SELECT * FROM run_events WHERE run_id = $1 ORDER BY seq DESC LIMIT $2) AS last ORDER BY seq";
+
 /// A resource's `limit` newest runs and its active run, in one statement:
 /// the active one is almost always among the newest (no run can be asked
 /// for while it is active), but ids come from the clocks of the replicas
@@ -169,18 +186,7 @@ pub(super) async fn recent_and_active<B: Backend>(
     resource: Uuid,
     limit: u32,
 ) -> Result<(Vec<Run>, Option<Run>)> {
-    // The ids first (a few, each by an index), then their rows by primary
-    // key: an `OR` of two `IN`s here made Postgres scan every run.
-    let sql = Sql::new(
-        "SELECT runs.*, q.run_id IS NOT NULL AS active
-         FROM runs LEFT JOIN run_queue q ON q.run_id = runs.id
-         WHERE runs.id IN (
-             SELECT id FROM (SELECT id FROM runs WHERE resource_id = $1 ORDER BY id DESC LIMIT $2) AS newest
-             UNION SELECT run_id FROM run_queue WHERE resource_id = $1)
-         ORDER BY runs.id DESC",
-    )
-    .bind(resource)
-    .bind(i64::from(limit));
+    let sql = Sql::new(RECENT_AND_ACTIVE).bind(resource).bind(i64::from(limit));
     let rows = s.fetch_all::<ActiveRunRow>("list recent runs", sql).await?;
     let mut recent = Vec::with_capacity(rows.len());
     let mut active = None;
@@ -220,11 +226,7 @@ pub(super) async fn list_events<B: Backend>(
 }
 
 pub(super) async fn last_events<B: Backend>(s: &SqlStore<B>, run: Uuid, n: u32) -> Result<Vec<RunEvent>> {
-    let sql = Sql::new(
-        "SELECT * FROM (SELECT * FROM run_events WHERE run_id = $1 ORDER BY seq DESC LIMIT $2) AS last ORDER BY seq",
-    )
-    .bind(run)
-    .bind(i64::from(n));
+    let sql = Sql::new(LAST_EVENTS).bind(run).bind(i64::from(n));
     let rows = s.fetch_all::<EventRow>("list last events", sql).await?;
     Ok(rows.into_iter().map(Into::into).collect())
 }
