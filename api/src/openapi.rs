@@ -56,8 +56,10 @@ fn id_param() -> Value {
         "schema": {"type": "string", "minLength": 1}})
 }
 
-fn is_idempotency_key(name: &str) -> bool {
-    name.eq_ignore_ascii_case("idempotency-key")
+/// Whether the parameter `p` is the header `name` (header names are
+/// case-insensitive).
+fn is_header(p: &Value, name: &str) -> bool {
+    p["in"] == "header" && p["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name))
 }
 
 fn idempotency_param() -> Value {
@@ -431,9 +433,7 @@ fn link_item_operations(doc: &mut Value, kinds: &mut Map<String, Value>) {
             for method in METHODS {
                 let Some(op) = item.get(method) else { continue };
                 if let Some(id) = op["operationId"].as_str() {
-                    let if_match = op["parameters"].as_array().into_iter().flatten().any(|p| {
-                        p["in"] == "header" && p["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case("if-match"))
-                    });
+                    let if_match = op["parameters"].as_array().into_iter().flatten().any(|p| is_header(p, "if-match"));
                     out.push((id.to_string(), params.clone(), if_match));
                 }
             }
@@ -478,10 +478,8 @@ pub fn add_common_responses(doc: &mut Value) {
                     // The middleware reads the key on every POST
                     // (`crate::idempotency`), so every POST documents it, alike.
                     let params = op["parameters"].as_array_mut().map(std::mem::take).unwrap_or_default();
-                    let mut params: Vec<Value> = params
-                        .into_iter()
-                        .filter(|p| !(p["in"] == "header" && p["name"].as_str().is_some_and(is_idempotency_key)))
-                        .collect();
+                    let mut params: Vec<Value> =
+                        params.into_iter().filter(|p| !is_header(p, "idempotency-key")).collect();
                     params.push(idempotency_param());
                     op["parameters"] = Value::Array(params);
                 }
@@ -509,7 +507,7 @@ fn document(op: &mut Value) {
                 p["schema"]["type"] = one.clone();
             }
         }
-        if p["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case("if-match")) {
+        if is_header(p, "if-match") {
             p["schema"]["pattern"] = json!(IF_MATCH_PATTERN);
             p["schema"]["minLength"] = json!(1);
         }

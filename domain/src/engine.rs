@@ -297,10 +297,7 @@ impl Engine {
             }
             let want = (permits.len() + self.slots.available_permits()).min(CLAIM_BATCH) as u32;
             self.claiming.store(true, Ordering::SeqCst);
-            let claimed = self
-                .store
-                .claim_jobs(&self.cfg.worker_id, self.cfg.lease, want, Utc::now(), self.cfg.providers.as_deref())
-                .await;
+            let claimed = self.claim(want).await;
             if let Ok(claimed) = &claimed {
                 // In flight from the moment the claim returns, before any
                 // task starts: a shutdown now finds them to put back.
@@ -371,13 +368,16 @@ impl Engine {
         released
     }
 
+    /// Claims up to `limit` due runs of the providers this engine serves.
+    async fn claim(&self, limit: u32) -> Result<Vec<(Run, Resource)>> {
+        let only = self.cfg.providers.as_deref();
+        self.store.claim_jobs(&self.cfg.worker_id, self.cfg.lease, limit, Utc::now(), only).await
+    }
+
     /// Claims one due run and executes it to the end; `None` when the queue
     /// had nothing due. Lets tests drive the engine step by step.
     pub async fn run_one(&self) -> Result<Option<Uuid>> {
-        let mut runs = self
-            .store
-            .claim_jobs(&self.cfg.worker_id, self.cfg.lease, 1, Utc::now(), self.cfg.providers.as_deref())
-            .await?;
+        let mut runs = self.claim(1).await?;
         match runs.pop() {
             Some((run, resource)) => {
                 let id = run.id;

@@ -85,14 +85,6 @@ impl TryFrom<ResourceRow> for Resource {
     }
 }
 
-/// A run and whether it is its resource's active one.
-#[derive(sqlx::FromRow)]
-pub(crate) struct ActiveRunRow {
-    #[sqlx(flatten)]
-    pub(crate) run: RunRow,
-    pub(crate) active: bool,
-}
-
 #[derive(sqlx::FromRow)]
 pub(crate) struct RunRow {
     pub(crate) id: Uuid,

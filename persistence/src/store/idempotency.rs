@@ -62,12 +62,13 @@ pub(super) async fn begin<B: Backend>(
         }));
     }
     if now - row.updated_at.0 > ABANDONED_AFTER {
-        let taken = s.execute("take over idempotency key", Sql::new(
-                    "UPDATE idempotency_keys SET updated_at = $2 WHERE key = $1 AND state = 'pending' AND updated_at = $3",
-                )
-                .bind(key)
-                .bind(Ts(now))
-                .bind(row.updated_at),).await?;
+        let sql = Sql::new(
+            "UPDATE idempotency_keys SET updated_at = $2 WHERE key = $1 AND state = 'pending' AND updated_at = $3",
+        )
+        .bind(key)
+        .bind(Ts(now))
+        .bind(row.updated_at);
+        let taken = s.execute("take over idempotency key", sql).await?;
         if taken == 1 {
             return Ok(IdempotencyBegin::Proceed);
         }

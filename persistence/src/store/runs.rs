@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::queue::{insert_event_unfenced, leave_working_state, record_finished};
 use super::{commit, db, is_unique, SqlStore};
-use crate::rows::{runs, ActiveRunRow, EventRow, RunRow};
+use crate::rows::{runs, EventRow, RunRow};
 use crate::sql::{Backend, Exec, Sql};
 use crate::time::Ts;
 
@@ -167,12 +167,11 @@ pub(crate) const VIEW_STATEMENTS: &[(&str, &str)] =
 
 /// The ids first (a few, each by an index), then their rows by primary
 /// key: an `OR` of two `IN`s here made Postgres scan every run.
-const RECENT_AND_ACTIVE: &str = "SELECT runs.*, q.run_id IS NOT NULL AS active
-     FROM runs LEFT JOIN run_queue q ON q.run_id = runs.id
-     WHERE runs.id IN (
+const RECENT_AND_ACTIVE: &str = "SELECT * FROM runs
+     WHERE id IN (
          SELECT id FROM (SELECT id FROM runs WHERE resource_id = $1 ORDER BY id DESC LIMIT $2) AS newest
          UNION SELECT run_id FROM run_queue WHERE resource_id = $1)
-     ORDER BY runs.id DESC";
+     ORDER BY id DESC";
 
 const LAST_EVENTS: &str =
     "SELECT * FROM (SELECT * FROM run_events WHERE run_id = $1 ORDER BY seq DESC LIMIT $2) AS last ORDER BY seq";
@@ -187,12 +186,14 @@ pub(super) async fn recent_and_active<B: Backend>(
     limit: u32,
 ) -> Result<(Vec<Run>, Option<Run>)> {
     let sql = Sql::new(RECENT_AND_ACTIVE).bind(resource).bind(i64::from(limit));
-    let rows = s.fetch_all::<ActiveRunRow>("list recent runs", sql).await?;
+    let rows = s.fetch_all::<RunRow>("list recent runs", sql).await?;
     let mut recent = Vec::with_capacity(rows.len());
     let mut active = None;
     for row in rows {
-        let run = Run::try_from(row.run)?;
-        if row.active {
+        let run = Run::try_from(row)?;
+        // The queue holds exactly the runs not ended, so the one not ended
+        // is the one the queue gave.
+        if !run.status.is_terminal() {
             active = Some(run.clone());
         }
         if recent.len() < limit as usize {
