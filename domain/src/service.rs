@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::engine::Providers;
 use crate::error::{Error, FieldError, Result};
-use crate::kinds::{environment, validate_name, Kind, Reference, Step};
+use crate::kinds::{environment, validate_name, Kind, Referenced, Step};
 use crate::model::*;
 use crate::ports::{Job, ProviderError, Store};
 
@@ -170,7 +170,7 @@ impl Service {
     ) -> Result<Resource> {
         check_reason(reason.as_deref())?;
         let mut errors = validate_name(name).err().into_iter().collect::<Vec<_>>();
-        let spec = match self.validate_spec(kind, spec).await {
+        let spec = match self.validate_spec(kind, name, spec).await {
             Ok(s) => Some(s),
             Err(Error::Invalid(mut f)) => {
                 errors.append(&mut f);
@@ -263,22 +263,88 @@ impl Service {
     }
 
     /// The kind's own checks, and the references its spec makes: each must
-    /// name a live resource (422 naming the field otherwise).
-    async fn validate_spec(&self, kind: Kind, spec: &Value) -> Result<Value> {
+    /// name a live resource (422 naming the field otherwise), the kind's
+    /// checks against them must pass ([`Kind::check_with`]), and references
+    /// to resources of its own kind (a service's `after`, a worker group's
+    /// leader) may not lead back to `name` (422 naming the cycle).
+    async fn validate_spec(&self, kind: Kind, name: &str, spec: &Value) -> Result<Value> {
         let spec = kind.validate_spec(spec)?;
         let mut errors = Vec::new();
-        for Reference { kind: to, key, field } in kind.references(&spec) {
-            let found = self.store.get_resource(to, &ResourceKey::parse(&key)).await?;
+        let refs = kind.references(&spec);
+        let mut found_all = Vec::new();
+        for r in &refs {
+            let found = self.store.get_resource(r.kind, &ResourceKey::parse(&r.key)).await?;
             match found {
-                Some(r) if r.state != to.final_state() => {}
-                Some(r) => errors.push(FieldError::new(field, format!("{to} {key:?} is {}", r.state))),
-                None => errors.push(FieldError::new(field, format!("no {to} named {key:?}"))),
+                Some(found) if found.state != r.kind.final_state() => found_all.push((r, found)),
+                Some(found) => {
+                    errors.push(FieldError::new(&r.field, format!("{} {:?} is {}", r.kind, r.key, found.state)))
+                }
+                None => errors.push(FieldError::new(&r.field, format!("no {} named {:?}", r.kind, r.key))),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Error::Invalid(errors));
+        }
+        let named: Vec<Referenced> = found_all
+            .iter()
+            .map(|(r, f)| Referenced {
+                reference: r,
+                id: f.id,
+                name: &f.name,
+                state: &f.state,
+                spec: &f.spec,
+                outputs: &f.outputs,
+            })
+            .collect();
+        errors.extend(kind.check_with(&spec, &named));
+        for (r, found) in found_all.iter().filter(|(r, _)| r.kind == kind) {
+            if let Some(cycle) = self.cycle_through(kind, name, found).await? {
+                errors.push(FieldError::new(&r.field, format!("a cycle: {name} -> {}", cycle.join(" -> "))));
             }
         }
         if !errors.is_empty() {
             return Err(Error::Invalid(errors));
         }
         Ok(spec)
+    }
+
+    /// The path from `from` back to the resource named `name` through the
+    /// references of its own kind, if there is one.
+    async fn cycle_through(&self, kind: Kind, name: &str, from: &Resource) -> Result<Option<Vec<String>>> {
+        // Depth first, each resource visited once: the graph is small (a
+        // cluster's services), and a cycle not through `name` was refused
+        // when it was written.
+        let mut stack = vec![(from.clone(), vec![from.name.clone()])];
+        let mut seen = std::collections::HashSet::new();
+        while let Some((r, path)) = stack.pop() {
+            if r.name == name {
+                return Ok(Some(path));
+            }
+            if !seen.insert(r.id) || seen.len() > 1000 {
+                continue;
+            }
+            for next in kind.references(&r.spec).into_iter().filter(|x| x.kind == kind) {
+                if next.key == name {
+                    let mut p = path.clone();
+                    p.push(name.to_string());
+                    return Ok(Some(p));
+                }
+                if let Some(n) = self.store.get_resource(kind, &ResourceKey::parse(&next.key)).await? {
+                    let mut p = path.clone();
+                    p.push(n.name.clone());
+                    stack.push((n, p));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The resource `r` lives on ([`Kind::parent`]), if it names one that exists.
+    async fn parent_of(&self, kind: Kind, r: &Resource) -> Result<Option<Resource>> {
+        match kind.parent(&r.spec) {
+            Some(p) => self.store.get_resource(p.kind, &ResourceKey::parse(&p.key)).await,
+            None => Ok(None),
+        }
     }
 
     /// The live resources whose specs name `target`, as `kind/name`.
@@ -339,7 +405,7 @@ impl Service {
         }
         let mut spec = current.spec.clone();
         crate::merge::apply(&mut spec, patch);
-        let spec = self.validate_spec(kind, &spec).await?;
+        let spec = self.validate_spec(kind, &current.name, &spec).await?;
         let patch = crate::merge::diff(&current.spec, &spec);
         if patch.as_object().is_some_and(|m| m.is_empty()) {
             return Ok(current);
@@ -447,7 +513,12 @@ impl Service {
             return Err(Error::Busy { kind: kind.as_str(), resource: resource.id, run: run.id });
         }
         check_reason(req.reason.as_deref())?;
-        self.guard_protected(kind, &resource, &req).await?;
+        // A service takes its cluster's settings and environment.
+        let lives_on = self.parent_of(kind, &resource).await?;
+        let environment = kind
+            .environment_of(&resource.spec)
+            .or_else(|| lives_on.as_ref().and_then(|p| p.kind.environment_of(&p.spec)));
+        self.guard_protected(environment.as_deref(), &req).await?;
         let (action, params, working, ok, err, parent) = match kind.next(&resource.state, &req.action)? {
             Step::Go { working, ok, err } => {
                 let params = kind.validate_params(&req.action, &req.params)?;
@@ -469,6 +540,7 @@ impl Service {
                 (failed.action, params, failed.working_state, failed.ok_state, failed.err_state, Some(failed.id))
             }
         };
+        kind.check_action(&resource.spec, &action, &params)?;
         for dep in kind.dependencies(&resource.spec, &action) {
             let found = self.store.get_resource(dep.kind, &ResourceKey::parse(&dep.key)).await?;
             match found {
@@ -493,7 +565,7 @@ impl Service {
         }
         let timeout = kind.timeout_secs(&resource.spec, &action);
         let settings = match kind.takes_settings(&action) {
-            true => self.settings.refs_for(&resource).await?,
+            true => self.settings.refs_for(lives_on.as_ref().unwrap_or(&resource)).await?,
             false => Value::Array(Vec::new()),
         };
         let run = NewRun {
@@ -515,7 +587,7 @@ impl Service {
             provider: kind.provider_of(&resource.spec),
             timeout_secs: timeout as i64,
             settings,
-            environment: kind.environment_of(&resource.spec),
+            environment,
             now: Utc::now(),
         };
         self.store.insert_run(&run).await
@@ -523,11 +595,11 @@ impl Service {
 
     /// A resource in a protected environment changes only with a reason
     /// and [`environment::OPERATE_PROTECTED`].
-    async fn guard_protected(&self, kind: Kind, resource: &Resource, req: &TransitionRequest) -> Result<()> {
-        let Some(env) = kind.environment_of(&resource.spec) else {
+    async fn guard_protected(&self, environment: Option<&str>, req: &TransitionRequest) -> Result<()> {
+        let Some(env) = environment else {
             return Ok(());
         };
-        let found = self.store.get_resource(environment::KIND, &ResourceKey::Name(env)).await?;
+        let found = self.store.get_resource(environment::KIND, &ResourceKey::Name(env.to_string())).await?;
         if !found.is_some_and(|e| environment::is_protected(&e.spec)) {
             return Ok(());
         }

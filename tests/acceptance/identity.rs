@@ -13,12 +13,13 @@ fn body_for(operation: &str) -> Option<Value> {
     Some(match operation {
         "create_image" => json!({"name": "walk-image", "spec": {"build_command": "true", "start_command": "true"}}),
         "create_cluster" => json!({"name": "walk-cluster", "spec": {"image": "walk", "count": 1}}),
+        "create_service" => json!({"name": "walk-service", "spec": {"cluster": "walk", "image": "walk", "count": 1}}),
         "create_user" => json!({"name": "walk-user", "spec": {"roles": []}}),
         "create_role" => json!({"name": "walk-role", "spec": {"permissions": []}}),
         "create_environment" => json!({"name": "walk-env", "spec": {"description": "walked"}}),
         op if op.starts_with("patch_") => json!({"spec": {}}),
         "request_image_transition" => json!({"action": "destroy"}),
-        "request_cluster_transition" => json!({"action": "destroy"}),
+        "request_cluster_transition" | "request_service_transition" => json!({"action": "destroy"}),
         "request_user_transition" | "request_role_transition" | "request_environment_transition" => {
             json!({"action": "delete"})
         }
@@ -45,6 +46,7 @@ async fn every_route_demands_its_permission() {
     assert_eq!(r.status, StatusCode::CREATED);
     let run = app.transition("image", "walk", json!({"action": "build"})).await;
     app.post("/v1/clusters", json!({"name": "walk", "spec": {"image": "walk", "count": 1}})).await;
+    app.post("/v1/services", json!({"name": "walk", "spec": {"cluster": "walk", "image": "walk", "count": 1}})).await;
     app.post("/v1/roles", json!({"name": "walk", "spec": {"permissions": []}})).await;
     app.post("/v1/environments", json!({"name": "walk", "spec": {}})).await;
     app.send(&app.client, "PUT", "/v1/settings/global/WALK", Some(json!({"value": "1"}))).await;

@@ -9,6 +9,7 @@ use std::time::Duration;
 mod history;
 mod identity;
 mod kinds;
+mod services;
 mod settings;
 
 use drover_tests::{alive, spawn_app, Backend, TestApp};
@@ -402,7 +403,7 @@ async fn the_api_describes_itself() {
 
     let kinds = app.get("/v1/kinds").await.body;
     let names: Vec<_> = kinds["items"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["image", "cluster", "environment", "user", "role"]);
+    assert_eq!(names, ["image", "cluster", "service", "environment", "user", "role"]);
     let cluster = app.get("/v1/kinds/clusters").await.body;
     let scale_action = cluster["actions"].as_array().unwrap().iter().find(|a| a["name"] == "scale").unwrap();
     assert_eq!(scale_action["permission"], "cluster:scale");

@@ -265,12 +265,11 @@ impl Drop for TestApp {
     }
 }
 
-/// Pids of the instances on record under a data directory.
+/// Pids of the cluster and service instances on record under a data directory.
 pub fn recorded_pids(data_dir: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
-    let Ok(dirs) = std::fs::read_dir(data_dir.join("clusters")) else {
-        return pids;
-    };
+    let dirs =
+        ["clusters", "services"].into_iter().flat_map(|d| std::fs::read_dir(data_dir.join(d)).into_iter().flatten());
     for d in dirs.flatten() {
         if let Ok(b) = std::fs::read(d.path().join("instances.json")) {
             if let Ok(v) = serde_json::from_slice::<Value>(&b) {

@@ -25,6 +25,7 @@ pub mod environment;
 pub mod image;
 pub mod record;
 pub mod role;
+pub mod service;
 pub mod user;
 
 use std::fmt;
@@ -41,7 +42,7 @@ use crate::error::{Error, FieldError, Result};
 
 /// Every kind, in the order the API lists them. Adding a kind is a module
 /// that implements [`Declaration`] and one line here.
-pub const REGISTRY: &[Kind] = &[image::KIND, cluster::KIND, environment::KIND, user::KIND, role::KIND];
+pub const REGISTRY: &[Kind] = &[image::KIND, cluster::KIND, service::KIND, environment::KIND, user::KIND, role::KIND];
 
 /// The provider of kinds whose transitions only touch drover's own records.
 pub const BUILTIN_PROVIDER: &str = "builtin";
@@ -106,6 +107,25 @@ pub trait Declaration: Send + Sync + 'static {
     /// destroyed or deleted while this one is live.
     fn references(_spec: &Self::Spec) -> Vec<Reference> {
         Vec::new()
+    }
+
+    /// Checks against the resources the spec names, found live, in the
+    /// order of [`Declaration::references`] (a service's pinned build must
+    /// be one its image keeps); each error names its field.
+    fn check_with(_spec: &Self::Spec, _named: &[Referenced]) -> Vec<FieldError> {
+        Vec::new()
+    }
+
+    /// Checks of an action's parameters against the resource's spec (a
+    /// global service has no count to scale); each names its field.
+    fn check_action(_spec: &Self::Spec, _action: Self::Action, _params: &Value) -> Vec<FieldError> {
+        Vec::new()
+    }
+
+    /// The resource this one lives on (a service's cluster): its settings
+    /// are the parent's, and so is its environment when it names none.
+    fn parent(_spec: &Self::Spec) -> Option<Reference> {
+        None
     }
 
     /// Resources that must be in a given state for `action` to run.
@@ -274,6 +294,18 @@ impl Reference {
     pub fn new(kind: Kind, key: impl Into<String>, field: impl Into<String>) -> Reference {
         Reference { kind, key: key.into(), field: field.into() }
     }
+}
+
+/// A resource a spec names, as the store has it (see
+/// [`Declaration::check_with`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Referenced<'a> {
+    pub reference: &'a Reference,
+    pub id: Uuid,
+    pub name: &'a str,
+    pub state: &'a str,
+    pub spec: &'a Value,
+    pub outputs: &'a Value,
 }
 
 /// A resource that must be in a state for an action to run.
@@ -461,6 +493,25 @@ impl Kind {
         self.0.references(spec)
     }
 
+    /// Checks a (validated) spec against the live resources it names.
+    pub fn check_with(self, spec: &Value, named: &[Referenced]) -> Vec<FieldError> {
+        self.0.check_with(spec, named)
+    }
+
+    /// Checks an action's (validated) parameters against a resource's spec
+    /// ([`Declaration::check_action`]).
+    pub fn check_action(self, spec: &Value, action: &str, params: &Value) -> Result<()> {
+        match self.0.check_action(spec, action, params) {
+            errors if errors.is_empty() => Ok(()),
+            errors => Err(Error::Invalid(errors)),
+        }
+    }
+
+    /// The resource this one lives on ([`Declaration::parent`]).
+    pub fn parent(self, spec: &Value) -> Option<Reference> {
+        self.0.parent(spec)
+    }
+
     /// Other resources that must be in a given state before `action` runs.
     pub fn dependencies(self, spec: &Value, action: &str) -> Vec<Dependency> {
         self.0.requires(spec, action)
@@ -609,6 +660,9 @@ trait Erased: Send + Sync + 'static {
     fn examples(&self) -> Vec<Value>;
     fn provider(&self, spec: &Value) -> String;
     fn references(&self, spec: &Value) -> Vec<Reference>;
+    fn check_with(&self, spec: &Value, named: &[Referenced]) -> Vec<FieldError>;
+    fn parent(&self, spec: &Value) -> Option<Reference>;
+    fn check_action(&self, spec: &Value, action: &str, params: &Value) -> Vec<FieldError>;
     fn requires(&self, spec: &Value, action: &str) -> Vec<Dependency>;
     fn spec_after(&self, spec: &Value, action: &str, params: &Value) -> Option<Value>;
     fn applies_whole(&self, spec: &Value, action: &str) -> bool;
@@ -679,6 +733,18 @@ impl<D: Declaration> Erased for Decl<D> {
     }
     fn references(&self, spec: &Value) -> Vec<Reference> {
         stored::<D>(spec).map(|s| D::references(&s)).unwrap_or_default()
+    }
+    fn check_with(&self, spec: &Value, named: &[Referenced]) -> Vec<FieldError> {
+        stored::<D>(spec).map(|s| D::check_with(&s, named)).unwrap_or_default()
+    }
+    fn parent(&self, spec: &Value) -> Option<Reference> {
+        stored::<D>(spec).and_then(|s| D::parent(&s))
+    }
+    fn check_action(&self, spec: &Value, action: &str, params: &Value) -> Vec<FieldError> {
+        match (stored::<D>(spec), D::Action::parse(action)) {
+            (Some(s), Some(a)) => D::check_action(&s, a, params),
+            _ => Vec::new(),
+        }
     }
     fn requires(&self, spec: &Value, action: &str) -> Vec<Dependency> {
         let Some(a) = D::Action::parse(action) else {

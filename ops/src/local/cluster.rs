@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::image::io;
-use super::process::{alive, check, free_port, start_ticks, stop_group, tail};
+use super::process::{alive, check, free_port, spawn_group, stop_group, wait_healthy, Probe};
 
 const STATE: &str = "instances.json";
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -104,6 +103,7 @@ impl LocalClusters {
         for i in &gone {
             let msg = format!("instance {} (pid {}, port {}) is gone; it will be replaced", i.index, i.pid, i.port);
             ctx.event(NewEvent::info("instances", msg).with_level(Level::Warn)).await;
+            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index)).await;
         }
         for i in &live {
             if i.index < count {
@@ -119,6 +119,7 @@ impl LocalClusters {
         self.save(r, &state)?;
         for i in extra {
             ctx.check_cancel()?;
+            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index)).await;
             stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
             ctx.event(NewEvent::info("instances", format!("stopped instance {} (pid {})", i.index, i.pid))).await;
         }
@@ -148,8 +149,15 @@ impl LocalClusters {
             HealthCheck::Http { path } => Some(path.as_str()),
             HealthCheck::Tcp => None,
         };
-        for inst in &state.instances {
-            wait_healthy(ctx, inst, path, Duration::from_secs(spec.start_timeout_secs)).await?;
+        for i in &state.instances {
+            let probe = Probe {
+                what: format!("instance {}", i.index),
+                pid: i.pid,
+                start_ticks: i.start_ticks,
+                port: i.port,
+                log: &i.log,
+            };
+            wait_healthy(ctx, &probe, path, Duration::from_secs(spec.start_timeout_secs)).await?;
         }
         ctx.event(NewEvent::info("instances", format!("{count} instance(s) healthy"))).await;
         Ok(outputs(&state))
@@ -159,6 +167,7 @@ impl LocalClusters {
         let mut state = self.load(r)?;
         while let Some(i) = state.instances.pop() {
             ctx.check_cancel()?;
+            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index)).await;
             stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
             ctx.event(NewEvent::info("instances", format!("stopped instance {} (pid {})", i.index, i.pid))).await;
             self.save(r, &state)?;
@@ -179,28 +188,14 @@ fn spawn(
     log: &Path,
 ) -> Result<Instance, ProviderError> {
     let port = free_port().map_err(io("find a free port"))?;
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io("open the instance log"))?;
-    let err = out.try_clone().map_err(io("open the instance log"))?;
-    let child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(start)
-        .current_dir(image_dir)
-        .envs(settings)
-        .env("PORT", port.to_string())
-        .env("DROVER_INSTANCE", index.to_string())
-        .env("DROVER_CLUSTER", &r.name)
-        .env("DROVER_ROLE_METADATA", role_metadata)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .process_group(0)
-        .spawn()
-        .map_err(io("start an instance"))?;
-    // The child is not waited on here: it outlives this run, and tokio
-    // reaps it if it exits while drover runs.
-    let pid = child.id().ok_or_else(|| ProviderError::fatal("instance_exited", "instance exited at once"))?;
-    let start_ticks =
-        start_ticks(pid).ok_or_else(|| ProviderError::fatal("instance_exited", "instance exited at once"))?;
+    let mut env: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    env.extend([
+        ("PORT".to_string(), port.to_string()),
+        ("DROVER_INSTANCE".to_string(), index.to_string()),
+        ("DROVER_CLUSTER".to_string(), r.name.clone()),
+        ("DROVER_ROLE_METADATA".to_string(), role_metadata.to_string()),
+    ]);
+    let (pid, start_ticks) = spawn_group(image_dir, start, &env, log)?;
     Ok(Instance {
         index,
         pid,
@@ -211,39 +206,6 @@ fn spawn(
         build: None,
         image_dir: Some(image_dir.to_path_buf()),
     })
-}
-
-async fn wait_healthy(
-    ctx: &dyn RunContext,
-    inst: &Instance,
-    path: Option<&str>,
-    limit: Duration,
-) -> Result<(), ProviderError> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        ctx.check_cancel()?;
-        if !alive(inst.pid, inst.start_ticks) {
-            let output = tail(&inst.log, 20);
-            let last = output.last().cloned().unwrap_or_default();
-            return Err(ProviderError::fatal(
-                "instance_exited",
-                format!("instance {} (pid {}) exited before it was healthy: {last}", inst.index, inst.pid),
-            )
-            .with_detail(json!({ "output_tail": output, "log": inst.log })));
-        }
-        let why = match check(inst.port, path).await {
-            None => return Ok(()),
-            Some(why) => why,
-        };
-        if tokio::time::Instant::now() >= deadline {
-            return Err(ProviderError::fatal(
-                "unhealthy",
-                format!("instance {} on port {} not healthy after {}s: {why}", inst.index, inst.port, limit.as_secs()),
-            )
-            .with_detail(json!({ "output_tail": tail(&inst.log, 20), "log": inst.log })));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn outputs(state: &State) -> Value {
@@ -258,29 +220,103 @@ fn outputs(state: &State) -> Value {
     json!({ "count": instances.len(), "instances": instances })
 }
 
-/// The image build directories that live instances of any local cluster
-/// under `root` run from; `None` when that cannot be told (a state file
-/// that cannot be read, or a live instance started before builds had ids),
-/// so that the caller removes nothing.
-pub(super) fn dirs_in_use(root: &Path) -> Option<Vec<PathBuf>> {
+/// What [`dirs_in_use`] reads of any state file of live processes (a
+/// cluster's instances, a service's).
+#[derive(Deserialize)]
+struct Running {
+    instances: Vec<RunningInstance>,
+}
+
+#[derive(Deserialize)]
+struct RunningInstance {
+    pid: u32,
+    start_ticks: u64,
+    #[serde(default)]
+    image_dir: Option<PathBuf>,
+}
+
+/// The image build directories that live instances run from, read from
+/// the state files of every local cluster and service under `roots`;
+/// `None` when that cannot be told (a state file that cannot be read, or a
+/// live instance started before builds had ids), so that the caller
+/// removes nothing.
+pub(super) fn dirs_in_use(roots: &[PathBuf]) -> Option<Vec<PathBuf>> {
     let mut dirs = Vec::new();
-    let entries = match std::fs::read_dir(root) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(dirs),
-        Err(_) => return None,
-    };
-    for e in entries {
-        let file = e.ok()?.path().join(STATE);
-        let state: State = match std::fs::read(&file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).ok()?,
+    for root in roots {
+        let entries = match std::fs::read_dir(root) {
+            Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(_) => return None,
         };
-        for i in state.instances.iter().filter(|i| alive(i.pid, i.start_ticks)) {
-            dirs.push(i.image_dir.clone()?);
+        for e in entries {
+            let file = e.ok()?.path().join(STATE);
+            let state: Running = match std::fs::read(&file) {
+                Ok(bytes) => serde_json::from_slice(&bytes).ok()?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(_) => return None,
+            };
+            for i in state.instances.iter().filter(|i| alive(i.pid, i.start_ticks)) {
+                dirs.push(i.image_dir.clone()?);
+            }
         }
     }
     Some(dirs)
+}
+
+/// One of a local cluster's machines (an instance), as its state file has it.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Machine {
+    pub index: u32,
+    pub pid: u32,
+    pub start_ticks: u64,
+}
+
+/// The live machines of the cluster with id `cluster` under `root`, by index.
+pub(super) fn machines(root: &Path, cluster: uuid::Uuid) -> Result<Vec<Machine>, ProviderError> {
+    let state: State = match std::fs::read(root.join(cluster.to_string()).join(STATE)) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            ProviderError::fatal("corrupt_state", format!("the cluster's state file is unreadable: {e}"))
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+        Err(e) => return Err(io("read the cluster's instance state")(e)),
+    };
+    let mut out: Vec<Machine> = state
+        .instances
+        .into_iter()
+        .filter(|i| alive(i.pid, i.start_ticks))
+        .map(|i| Machine { index: i.index, pid: i.pid, start_ticks: i.start_ticks })
+        .collect();
+    out.sort_by_key(|m| m.index);
+    Ok(out)
+}
+
+/// Where machine `index` of the cluster with id `cluster` keeps what runs on it.
+pub(super) fn machine_dir(root: &Path, cluster: uuid::Uuid, index: u32) -> PathBuf {
+    root.join(cluster.to_string()).join("machines").join(index.to_string())
+}
+
+/// The file a service instance's directory records its process in, so that
+/// stopping its machine stops it too.
+pub(super) const PROCESS: &str = "process.json";
+
+/// Stops every service instance on a machine (each recorded in a
+/// [`PROCESS`] file under the machine's directory) and removes what they
+/// left there: a machine that stops takes its services with it.
+async fn stop_machine_services(ctx: &dyn RunContext, machine: &Path) {
+    let services = std::fs::read_dir(machine.join("services")).into_iter().flatten().flatten();
+    for svc in services {
+        for inst in std::fs::read_dir(svc.path()).into_iter().flatten().flatten() {
+            let Ok(bytes) = std::fs::read(inst.path().join(PROCESS)) else { continue };
+            let Ok(p) = serde_json::from_slice::<RunningInstance>(&bytes) else { continue };
+            if alive(p.pid, p.start_ticks) {
+                stop_group(p.pid, p.start_ticks, STOP_GRACE).await;
+                let msg =
+                    format!("stopped service instance {} (pid {}) with its machine", inst.path().display(), p.pid);
+                ctx.event(NewEvent::info("instances", msg)).await;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(machine);
 }
 
 #[async_trait]

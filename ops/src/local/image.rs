@@ -18,13 +18,14 @@ const MARKER: &str = ".drover-build.json";
 
 pub struct LocalImages {
     root: PathBuf,
-    /// The local clusters' directory, to see which builds instances run from.
-    clusters: PathBuf,
+    /// The directories of the local clusters' and services' state, to see
+    /// which builds instances run from.
+    running: Vec<PathBuf>,
 }
 
 impl LocalImages {
-    pub fn new(root: PathBuf, clusters: PathBuf) -> LocalImages {
-        LocalImages { root, clusters }
+    pub fn new(root: PathBuf, running: Vec<PathBuf>) -> LocalImages {
+        LocalImages { root, running }
     }
 
     fn dir_of(&self, job: &Job) -> PathBuf {
@@ -117,7 +118,7 @@ impl LocalImages {
     async fn finish(&self, ctx: &dyn RunContext, job: &Job, base: &Path, build: Value) -> Value {
         let current = job.run_id.to_string();
         let previous = image::current_build(&job.resource.outputs).map(str::to_string);
-        match super::cluster::dirs_in_use(&self.clusters) {
+        match super::cluster::dirs_in_use(&self.running) {
             Some(in_use) => {
                 let entries = std::fs::read_dir(base).into_iter().flatten().flatten();
                 for e in entries.filter(|e| e.path().is_dir()) {
@@ -168,12 +169,15 @@ impl Provider for LocalImages {
             "destroy" => {
                 let dir = self.dir_of(job);
                 // Never from under running instances, whichever build they run.
-                match super::cluster::dirs_in_use(&self.clusters) {
+                match super::cluster::dirs_in_use(&self.running) {
                     Some(in_use) => {
                         if let Some(d) = in_use.iter().find(|d| d.starts_with(&dir)) {
                             return Err(ProviderError::fatal(
                                 "in_use",
-                                format!("instances still run from {}: stop their cluster first", d.display()),
+                                format!(
+                                    "instances still run from {}: stop their cluster or service first",
+                                    d.display()
+                                ),
                             ));
                         }
                     }

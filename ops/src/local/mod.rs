@@ -1,6 +1,9 @@
 //! The `local` provider: the embedded default. An image is a directory made
 //! by running its build command; a cluster's instances are real processes
-//! started from the image, each with its own `PORT` and health check.
+//! started from the image, each with its own `PORT` and health check; a
+//! cluster's instances are the machines services are placed on, and a
+//! service instance is a process whose working directory (a copy of its
+//! build) lives under its machine's.
 //!
 //! # Guarantees
 //! - A build that ran to completion for a run id is adopted, not rebuilt,
@@ -21,6 +24,7 @@
 mod cluster;
 mod image;
 mod process;
+mod service;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,6 +34,7 @@ use drover_domain::kinds;
 
 pub use cluster::LocalClusters;
 pub use image::LocalImages;
+pub use service::LocalServices;
 
 pub const NAME: &str = "local";
 
@@ -39,7 +44,12 @@ pub fn register(providers: &mut Providers, data_dir: &Path) {
     providers.register(
         NAME,
         kinds::image::KIND,
-        Arc::new(LocalImages::new(data_dir.join("images"), data_dir.join("clusters"))),
+        Arc::new(LocalImages::new(data_dir.join("images"), vec![data_dir.join("clusters"), data_dir.join("services")])),
     );
     providers.register(NAME, kinds::cluster::KIND, Arc::new(LocalClusters::new(data_dir.join("clusters"))));
+    providers.register(
+        NAME,
+        kinds::service::KIND,
+        Arc::new(LocalServices::new(data_dir.join("services"), data_dir.join("clusters"))),
+    );
 }

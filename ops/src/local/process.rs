@@ -5,8 +5,12 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
 
+use drover_domain::ports::{ProviderError, RunContext};
+
+use super::image::io;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -104,4 +108,80 @@ pub fn tail(path: &Path, n: usize) -> Vec<String> {
         lines.push_back(line.chars().take(500).collect());
     }
     lines.into()
+}
+
+/// A started process to health-check.
+pub struct Probe<'a> {
+    /// What to call it in messages: `instance 2`.
+    pub what: String,
+    pub pid: u32,
+    pub start_ticks: u64,
+    pub port: u16,
+    pub log: &'a Path,
+}
+
+/// Waits until the process answers its health check on its port (`GET
+/// path`, or a TCP connection without one), failing fatally when it exits
+/// first or is not healthy within `limit`, with the tail of its log.
+pub async fn wait_healthy(
+    ctx: &dyn RunContext,
+    p: &Probe<'_>,
+    path: Option<&str>,
+    limit: Duration,
+) -> Result<(), ProviderError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        ctx.check_cancel()?;
+        if !alive(p.pid, p.start_ticks) {
+            let output = tail(p.log, 20);
+            let last = output.last().cloned().unwrap_or_default();
+            return Err(ProviderError::fatal(
+                "instance_exited",
+                format!("{} (pid {}) exited before it was healthy: {last}", p.what, p.pid),
+            )
+            .with_detail(json!({ "output_tail": output, "log": p.log })));
+        }
+        let why = match check(p.port, path).await {
+            None => return Ok(()),
+            Some(why) => why,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ProviderError::fatal(
+                "unhealthy",
+                format!("{} on port {} not healthy after {}s: {why}", p.what, p.port, limit.as_secs()),
+            )
+            .with_detail(json!({ "output_tail": tail(p.log, 20), "log": p.log })));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts `sh -c command` in `dir` as the leader of a new process group,
+/// with `env` added to drover's environment and its output appended to
+/// `log`; returns its pid and kernel start time. The child is not waited
+/// on: it outlives the run that started it (tokio reaps it if it exits
+/// while drover runs).
+pub fn spawn_group(
+    dir: &Path,
+    command: &str,
+    env: &[(String, String)],
+    log: &Path,
+) -> Result<(u32, u64), ProviderError> {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io("open the instance log"))?;
+    let err = out.try_clone().map_err(io("open the instance log"))?;
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(out))
+        .stderr(std::process::Stdio::from(err))
+        .process_group(0)
+        .spawn()
+        .map_err(io("start an instance"))?;
+    let exited = || ProviderError::fatal("instance_exited", "instance exited at once");
+    let pid = child.id().ok_or_else(exited)?;
+    let ticks = start_ticks(pid).ok_or_else(exited)?;
+    Ok((pid, ticks))
 }

@@ -1,0 +1,592 @@
+//! Services: long-running processes placed on a cluster's machines.
+//!
+//! ```text
+//! pending --start--> starting --ok--> running  --err--> failed
+//! running --scale{count}--> scaling --ok--> running --err--> failed
+//! running --stop--> stopping --ok--> stopped   --err--> failed
+//! stopped --start--> starting --ok--> running  --err--> failed
+//! pending|running|stopped|failed --destroy--> destroying --ok--> destroyed --err--> failed
+//! failed --retry--> the working state of the action that failed
+//! ```
+//!
+//! A service lives on a cluster (its *parent*: it takes the cluster's
+//! settings and environment) and runs on the cluster's machines, its
+//! instances spread over those whose role metadata matches `constraints`:
+//! `count` instances, fewest per machine first, or with `global` one on
+//! every matching machine. `after` names the services of the same cluster
+//! that must be `running` before this one starts; they may not form a
+//! cycle.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::cluster::HealthCheck;
+use super::{
+    cluster, image, is_name, named_enum, ActionDecl, ActionParams, Declaration, Dependency, Kind, NotAllowed, Params,
+    Reference, Referenced, TypedStep,
+};
+use crate::error::{FieldError, Result};
+
+/// Instances a service may have (and machines a global one may cover).
+pub const MAX_COUNT: u32 = 64;
+
+/// This kind's handle.
+pub const KIND: Kind = Kind::declare::<Service>();
+
+/// The service kind's declaration.
+pub struct Service;
+
+named_enum!(State {
+    Pending => "pending",
+    Starting => "starting",
+    Running => "running",
+    Scaling => "scaling",
+    Stopping => "stopping",
+    Stopped => "stopped",
+    Failed => "failed",
+    Destroying => "destroying",
+    Destroyed => "destroyed",
+});
+
+named_enum!(Action {
+    Start => "start",
+    Scale => "scale",
+    Stop => "stop",
+    Destroy => "destroy",
+    Retry => "retry",
+});
+
+/// Providers services run on: for now the local one (an aws cluster's
+/// services need SSM Run Command, still to come).
+pub const PROVIDERS: &[&str] = &["local"];
+
+impl Declaration for Service {
+    const NAME: &'static str = "service";
+    const PLURAL: &'static str = "services";
+    const DESCRIPTION: &'static str =
+        "A long-running process with a count (or one per machine), placed on a cluster's machines.";
+    type State = State;
+    type Action = Action;
+    type Spec = Spec;
+    const INITIAL: State = State::Pending;
+    const FINAL: State = State::Destroyed;
+    const DELETABLE_UNSTARTED: bool = true;
+
+    fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
+        next(state, action)
+    }
+
+    fn action(action: Action) -> ActionDecl {
+        match action {
+            Action::Start => ActionDecl::new(
+                "Starts the service's instances on the cluster's matching machines (again, when stopped), \
+                 each healthy before the run succeeds.",
+                600,
+            )
+            .with_settings()
+            .applying_spec(),
+            Action::Scale => ActionDecl::new(
+                "Brings the service to `count` instances: new ones on the machines with fewest, the highest \
+                 indexes stopped first.",
+                600,
+            )
+            .params(Params::of::<ScaleParams>())
+            .with_settings()
+            .changing_spec(&["count"]),
+            Action::Stop => ActionDecl::new("Stops every instance; the service stays, `stopped`.", 300),
+            Action::Destroy => ActionDecl::new("Stops the instances and removes their files.", 300),
+            Action::Retry => ActionDecl::new("Repeats the action that failed.", 600),
+        }
+    }
+
+    fn check(spec: &Spec) -> Vec<FieldError> {
+        spec.check()
+    }
+
+    fn check_with(spec: &Spec, named: &[Referenced]) -> Vec<FieldError> {
+        spec.check_with(named)
+    }
+
+    fn check_action(spec: &Spec, action: Action, _params: &Value) -> Vec<FieldError> {
+        match (action, spec.global) {
+            (Action::Scale, true) => vec![FieldError::new(
+                "params.count",
+                "a global service runs one instance on every matching machine: it has no count to scale",
+            )],
+            _ => Vec::new(),
+        }
+    }
+
+    fn provider(spec: &Spec) -> String {
+        spec.provider.clone()
+    }
+
+    fn references(spec: &Spec) -> Vec<Reference> {
+        let mut refs = vec![
+            Reference::new(cluster::KIND, &spec.cluster, "spec.cluster"),
+            Reference::new(image::KIND, &spec.image, "spec.image"),
+        ];
+        for (i, s) in spec.after.iter().enumerate() {
+            refs.push(Reference::new(KIND, s, format!("spec.after[{i}]")));
+        }
+        refs
+    }
+
+    fn parent(spec: &Spec) -> Option<Reference> {
+        Some(Reference::new(cluster::KIND, &spec.cluster, "spec.cluster"))
+    }
+
+    fn requires(spec: &Spec, action: Action) -> Vec<Dependency> {
+        if !Service::action(action).takes_settings {
+            return Vec::new();
+        }
+        let mut deps = vec![
+            Dependency {
+                kind: cluster::KIND,
+                key: spec.cluster.clone(),
+                field: "spec.cluster",
+                required_state: cluster::State::Up.as_str(),
+            },
+            Dependency {
+                kind: image::KIND,
+                key: spec.image.clone(),
+                field: "spec.image",
+                required_state: image::State::Built.as_str(),
+            },
+        ];
+        for s in &spec.after {
+            deps.push(Dependency {
+                kind: KIND,
+                key: s.clone(),
+                field: "spec.after",
+                required_state: State::Running.as_str(),
+            });
+        }
+        deps
+    }
+
+    fn spec_after(spec: &Spec, action: Action, params: &Value) -> Option<Spec> {
+        match action {
+            Action::Scale => {
+                let count = params.get("count").and_then(Value::as_u64).map(|c| c as u32)?;
+                Some(Spec { count: Some(count), ..spec.clone() })
+            }
+            Action::Start | Action::Stop | Action::Destroy | Action::Retry => None,
+        }
+    }
+
+    fn examples() -> Vec<Value> {
+        vec![
+            json!({"cluster": "web-qa", "image": "web", "count": 3, "after": ["cache"]}),
+            json!({"cluster": "web-qa", "image": "agent", "global": true, "constraints": "role=worker",
+                "command": "./agent --port $PORT", "health_check": {"type": "tcp"}, "env": {"LOG_LEVEL": "info"},
+                "start_timeout_secs": 20}),
+            json!({"cluster": "web-qa", "image": "web", "build": "0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b", "count": 2,
+                "port": 8080, "max_surge": 1, "max_unavailable": 0}),
+        ]
+    }
+}
+
+/// The service transition table.
+pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
+    use Action as A;
+    use State as S;
+    let go = |working, ok| Ok(TypedStep::Go { working, ok, err: S::Failed });
+    match (state, action) {
+        (S::Pending | S::Stopped, A::Start) => go(S::Starting, S::Running),
+        (S::Running, A::Scale) => go(S::Scaling, S::Running),
+        (S::Running, A::Stop) => go(S::Stopping, S::Stopped),
+        (S::Pending | S::Running | S::Stopped | S::Failed, A::Destroy) => go(S::Destroying, S::Destroyed),
+        (S::Failed, A::Retry) => Ok(TypedStep::Retry),
+        (S::Pending, A::Scale | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Running, A::Start | A::Retry) => Err(NotAllowed),
+        (S::Stopped, A::Scale | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Failed, A::Start | A::Scale | A::Stop) => Err(NotAllowed),
+        (
+            S::Starting | S::Scaling | S::Stopping | S::Destroying | S::Destroyed,
+            A::Start | A::Scale | A::Stop | A::Destroy | A::Retry,
+        ) => Err(NotAllowed),
+    }
+}
+
+/// What a service runs, and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(transform = count_or_global)]
+pub struct Spec {
+    /// Provider: the cluster's (`local`; services on aws clusters are still to come).
+    #[serde(default = "default_provider")]
+    #[schemars(extend("enum" = PROVIDERS))]
+    pub provider: String,
+    /// The cluster (name or id) whose machines run it.
+    #[schemars(regex(pattern = r"\S"))]
+    pub cluster: String,
+    /// The image (name or id) its instances run.
+    #[schemars(regex(pattern = r"\S"))]
+    pub image: String,
+    /// A build of the image (its id, from the image's `builds`); default:
+    /// the image's current build when the service starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[0-9a-fA-F-]{36}$"))]
+    pub build: Option<String>,
+    /// The command an instance runs (`sh -c`, in its own copy of the build);
+    /// default: the image's `start_command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096), regex(pattern = r"\S"))]
+    pub command: Option<String>,
+    /// The port instances listen on. Locally the machines share one host,
+    /// so instance `i` gets `port + i` (in `PORT`); without it each instance
+    /// gets a free port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: Option<u16>,
+    /// Number of instances (or `global`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub count: Option<u32>,
+    /// One instance on every matching machine (instead of `count`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub global: bool,
+    /// Role metadata a machine must carry to run it: `key=value` pairs
+    /// separated by commas (`role=worker,instancetype=r3`), all required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraints: Option<String>,
+    /// Services of the same cluster (names) that must be running, healthy,
+    /// before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")))]
+    pub after: Vec<String>,
+    /// Default: `{"type": "http", "path": "/"}` on the instance's port.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+    /// How long one instance may take to pass its health check (seconds, default 30).
+    #[serde(default = "default_start_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub start_timeout_secs: u64,
+    /// Environment variables of every instance (after the settings, before
+    /// drover's own, which they cannot override).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// A deploy's extra instances at a time (default 1).
+    #[serde(default = "default_surge")]
+    #[schemars(range(min = 0, max = 64))]
+    pub max_surge: u32,
+    /// Instances a deploy may have unhealthy at a time (default 0).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 64))]
+    pub max_unavailable: u32,
+}
+
+/// What [`Spec::check`] asks across fields, said in the schema: `count`
+/// or `global`, not both; a deploy that may neither add nor take away an
+/// instance could never move; the shapes of `constraints` and `env`.
+fn count_or_global(schema: &mut schemars::Schema) {
+    let pair = "[A-Za-z0-9_./:-]{1,64}=[A-Za-z0-9_./:-]{1,64}";
+    if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        props.insert(
+            "constraints".into(),
+            json!({"description": "Role metadata a machine must carry to run it: `key=value` pairs separated by \
+                commas (`role=worker,instancetype=r3`), all required.",
+                "type": ["string", "null"], "maxLength": 1024, "pattern": format!("^{pair}(,{pair})*$")}),
+        );
+        props.insert(
+            "env".into(),
+            json!({"description": "Environment variables of every instance (after the settings, before drover's \
+                own, which they cannot override).",
+                "type": "object", "maxProperties": MAX_ENV,
+                "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
+                "additionalProperties": {"type": "string", "maxLength": 4096}}),
+        );
+    }
+    schema.insert(
+        "oneOf".into(),
+        json!([
+            {"title": "count", "required": ["count"], "properties": {"global": {"const": false}, "count": {"type": "integer"}}},
+            {"title": "global", "required": ["global"], "properties": {"global": {"const": true}, "count": {"type": "null"}}},
+        ]),
+    );
+    schema.insert(
+        "not".into(),
+        json!({"required": ["max_surge"], "properties": {"max_surge": {"const": 0}, "max_unavailable": {"const": 0}}}),
+    );
+}
+
+const MAX_ENV: usize = 100;
+
+fn default_provider() -> String {
+    "local".to_string()
+}
+
+fn default_start_timeout() -> u64 {
+    30
+}
+
+fn default_surge() -> u32 {
+    1
+}
+
+/// `role=worker,instancetype=r3` as pairs; `None` when it is not that shape.
+pub fn parse_metadata(s: &str) -> Option<Vec<(&str, &str)>> {
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.len() <= 64
+            && w.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b':'))
+    };
+    if s.len() > 1024 {
+        return None;
+    }
+    s.split(',').map(|pair| pair.split_once('=').filter(|(k, v)| word(k) && word(v))).collect()
+}
+
+/// Whether a machine carrying `metadata` satisfies `constraints`: every
+/// pair of the constraints is one of the machine's.
+pub fn matches(constraints: Option<&str>, metadata: &str) -> bool {
+    let Some(c) = constraints else { return true };
+    let have = parse_metadata(metadata).unwrap_or_default();
+    parse_metadata(c).is_some_and(|want| want.iter().all(|p| have.contains(p)))
+}
+
+impl Spec {
+    /// Checks a spec and returns it typed.
+    pub fn from_value(v: &Value) -> Result<Spec> {
+        super::read_spec::<Service>(v)
+    }
+
+    /// The instances it wants on `machines` matching machines: its count,
+    /// or one per machine when global.
+    pub fn wanted(&self, machines: usize) -> u32 {
+        match (self.global, self.count) {
+            (true, _) => machines as u32,
+            (false, count) => count.unwrap_or(0),
+        }
+    }
+
+    fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let mut bad = |field: &str, why: &str| errors.push(FieldError::new(format!("spec.{field}"), why));
+        if !PROVIDERS.contains(&self.provider.as_str()) {
+            bad("provider", "services run on provider local (aws clusters' services are still to come)");
+        }
+        if self.cluster.trim().is_empty() {
+            bad("cluster", "must name a cluster");
+        }
+        if self.image.trim().is_empty() {
+            bad("image", "must name an image");
+        }
+        if self
+            .build
+            .as_deref()
+            .is_some_and(|b| b.len() != 36 || !b.bytes().all(|c| c.is_ascii_hexdigit() || c == b'-'))
+        {
+            bad("build", "must be a build id from the image's builds");
+        }
+        if self.command.as_deref().is_some_and(|c| c.trim().is_empty() || c.chars().count() > 4096) {
+            bad("command", "must be a non-empty command of at most 4096 characters");
+        }
+        if self.port.is_some_and(|p| p < 1024) {
+            bad("port", "must be between 1024 and 65535");
+        }
+        match (self.global, self.count) {
+            (true, Some(_)) => bad("count", "give count or global: true, not both"),
+            (false, None) => bad("count", "required unless global is true"),
+            (false, Some(c)) if c == 0 || c > MAX_COUNT => bad("count", "must be between 1 and 64"),
+            _ => {}
+        }
+        if self.constraints.as_deref().is_some_and(|c| parse_metadata(c).is_none()) {
+            bad("constraints", "must be key=value pairs separated by commas, like role=worker,instancetype=r3");
+        }
+        if self.after.len() > 32 {
+            bad("after", "at most 32 services");
+        }
+        for (i, s) in self.after.iter().enumerate() {
+            if !is_name(s) {
+                errors.push(FieldError::new(format!("spec.after[{i}]"), "must name a service"));
+            }
+        }
+        let mut bad = |field: &str, why: &str| errors.push(FieldError::new(format!("spec.{field}"), why));
+        if let HealthCheck::Http { path } = &self.health_check {
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                bad("health_check.path", "must be an absolute path without spaces");
+            }
+        }
+        if self.start_timeout_secs == 0 || self.start_timeout_secs > 3600 {
+            bad("start_timeout_secs", "must be between 1 and 3600");
+        }
+        if self.env.len() > MAX_ENV {
+            bad("env", "at most 100 variables");
+        }
+        if self.max_surge > MAX_COUNT {
+            bad("max_surge", "must be between 0 and 64");
+        }
+        if self.max_unavailable > MAX_COUNT {
+            bad("max_unavailable", "must be between 0 and 64");
+        }
+        if self.max_surge == 0 && self.max_unavailable == 0 {
+            bad("max_surge", "max_surge and max_unavailable cannot both be 0: a deploy could not move");
+        }
+        for (k, v) in &self.env {
+            let name = !k.is_empty()
+                && k.len() <= 128
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !name || v.chars().count() > 4096 {
+                errors.push(FieldError::new(
+                    format!("spec.env.{k}"),
+                    "names are letters, digits and _ (not starting with a digit), values at most 4096 characters",
+                ));
+            }
+        }
+        errors
+    }
+
+    /// Checks against what the spec names, in the order of its references:
+    /// the cluster (same provider; its machines' metadata must satisfy the
+    /// constraints), the image (a pinned build must be one it keeps), the
+    /// services of `after` (on the same cluster).
+    fn check_with(&self, named: &[Referenced]) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        for r in named {
+            if r.reference.kind == cluster::KIND {
+                let Ok(c) = serde_json::from_value::<cluster::Spec>(r.spec.clone()) else { continue };
+                if c.provider != self.provider {
+                    errors.push(FieldError::new(
+                        "spec.cluster",
+                        format!(
+                            "cluster {} runs on provider {}; services run on local clusters only, for now",
+                            r.name, c.provider
+                        ),
+                    ));
+                }
+                let metadata = c.machine_metadata(r.name);
+                if !matches(self.constraints.as_deref(), &metadata) {
+                    errors.push(FieldError::new(
+                        "spec.constraints",
+                        format!("no machine of cluster {} matches: its machines carry {metadata}", r.name),
+                    ));
+                }
+            } else if r.reference.kind == image::KIND {
+                if let Some(build) = &self.build {
+                    let kept = r.outputs["builds"].as_array().into_iter().flatten().any(|b| b["id"] == build.as_str());
+                    if !kept {
+                        errors.push(FieldError::new(
+                            "spec.build",
+                            format!("image {} has no build {build} (see its builds)", r.name),
+                        ));
+                    }
+                }
+            } else if r.reference.kind == KIND {
+                let same = r.spec["cluster"].as_str().is_some_and(|c| {
+                    named.iter().any(|n| n.reference.kind == cluster::KIND && (c == n.name || c == n.id.to_string()))
+                });
+                if !same {
+                    errors.push(FieldError::new(
+                        r.reference.field.clone(),
+                        format!("service {} runs on another cluster", r.name),
+                    ));
+                }
+            }
+        }
+        errors
+    }
+}
+
+/// `scale`: the new number of instances.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleParams {
+    /// Instances after the scale.
+    #[schemars(range(min = 1, max = 64))]
+    pub count: u32,
+}
+
+impl ActionParams for ScaleParams {
+    fn check(&self) -> Vec<FieldError> {
+        match self.count {
+            1..=MAX_COUNT => Vec::new(),
+            _ => vec![FieldError::new("params.count", format!("must be between 1 and {MAX_COUNT}"))],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+    use Action as A;
+    use State as S;
+
+    fn go(w: S, ok: S) -> Result<TypedStep<S>, NotAllowed> {
+        Ok(TypedStep::Go { working: w, ok, err: S::Failed })
+    }
+
+    #[test]
+    fn every_entry_of_the_table() {
+        let no = Err(NotAllowed);
+        let destroy = go(S::Destroying, S::Destroyed);
+        let start = go(S::Starting, S::Running);
+        // columns: start, scale, stop, destroy, retry
+        let expected = [
+            (S::Pending, [start, no, no, destroy, no]),
+            (S::Starting, [no; 5]),
+            (S::Running, [no, go(S::Scaling, S::Running), go(S::Stopping, S::Stopped), destroy, no]),
+            (S::Scaling, [no; 5]),
+            (S::Stopping, [no; 5]),
+            (S::Stopped, [start, no, no, destroy, no]),
+            (S::Failed, [no, no, no, destroy, Ok(TypedStep::Retry)]),
+            (S::Destroying, [no; 5]),
+            (S::Destroyed, [no; 5]),
+        ];
+        assert_eq!(expected.len(), State::ALL.len());
+        assert_eq!(Action::ALL.len(), 5);
+        for (state, row) in expected {
+            for (action, want) in [A::Start, A::Scale, A::Stop, A::Destroy, A::Retry].into_iter().zip(row) {
+                assert_eq!(next(state, action), want, "{state:?} --{action:?}-->");
+            }
+        }
+    }
+
+    #[test]
+    fn count_or_global_not_both() {
+        let ok = Spec::from_value(&json!({"cluster": "c", "image": "i", "count": 2})).unwrap();
+        assert_eq!(ok.wanted(5), 2);
+        assert_eq!(ok.max_surge, 1);
+        let g = Spec::from_value(&json!({"cluster": "c", "image": "i", "global": true})).unwrap();
+        assert_eq!(g.wanted(5), 5);
+        for (bad, field) in [
+            (json!({"cluster": "c", "image": "i"}), "spec.count"),
+            (json!({"cluster": "c", "image": "i", "global": true, "count": 1}), "spec.count"),
+            (json!({"cluster": "c", "image": "i", "count": 1, "max_surge": 0}), "spec.max_surge"),
+            (json!({"cluster": "c", "image": "i", "count": 1, "constraints": "role"}), "spec.constraints"),
+            (json!({"cluster": "c", "image": "i", "count": 1, "env": {"1X": "y"}}), "spec.env.1X"),
+            (json!({"cluster": "c", "image": "i", "count": 3, "port": 80}), "spec.port"),
+            (json!({"cluster": "c", "image": "i", "count": 1, "after": ["Bad"]}), "spec.after[0]"),
+            (json!({"cluster": "c", "image": "i", "count": 1, "provider": "aws"}), "spec.provider"),
+        ] {
+            let e = Spec::from_value(&bad).unwrap_err();
+            assert!(matches!(&e, Error::Invalid(f) if f[0].field == field), "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn constraints_match_every_pair() {
+        assert!(matches(None, "cluster=c1"));
+        assert!(matches(Some("role=worker"), "role=worker,instancetype=r3"));
+        assert!(matches(Some("instancetype=r3,role=worker"), "role=worker,instancetype=r3"));
+        assert!(!matches(Some("role=worker,disk=ssd"), "role=worker,instancetype=r3"));
+        assert!(!matches(Some("role=work"), "role=worker"));
+    }
+
+    #[test]
+    fn scale_sets_the_count_and_start_depends_on_what_it_runs_on() {
+        let spec = json!({"cluster": "c1", "image": "web", "count": 2, "after": ["cache"]});
+        let after = KIND.spec_after_success("scale", &json!({"count": 5}), &spec).unwrap();
+        assert_eq!(after["count"], 5);
+        let deps = KIND.dependencies(&spec, "start");
+        let got: Vec<_> = deps.iter().map(|d| (d.kind.as_str(), d.key.as_str(), d.required_state)).collect();
+        assert_eq!(got, [("cluster", "c1", "up"), ("image", "web", "built"), ("service", "cache", "running")]);
+        assert!(KIND.dependencies(&spec, "stop").is_empty());
+    }
+}
