@@ -81,6 +81,11 @@ fn transition_request(kind: Kind) -> Value {
         .filter_map(|a| {
             let decl = kind.action(a)?;
             let (params, required) = match decl.params.schema() {
+                // Parameters that are all optional may be left out.
+                Some(mut schema) if schema["required"].as_array().is_none_or(|r| r.is_empty()) => {
+                    schema["type"] = json!(["object", "null"]);
+                    (schema, json!(["action"]))
+                }
                 Some(schema) => (schema, json!(["action", "params"])),
                 None => (
                     json!({"description": "This action takes no parameters.", "type": ["object", "null"],

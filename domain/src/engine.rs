@@ -532,7 +532,7 @@ impl Engine {
             )
         })?;
         let mut dependencies = Vec::new();
-        for dep in run.kind.dependencies(&resource.spec, &run.action) {
+        for dep in run.kind.run_dependencies(&resource.spec, &run.action, &run.params) {
             let found =
                 self.store.get_resource(dep.kind, &ResourceKey::parse(&dep.key)).await.map_err(store_err)?.ok_or_else(
                     || ProviderError::fatal("dependency_missing", format!("{} {:?} does not exist", dep.kind, dep.key)),

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::engine::Providers;
 use crate::error::{Error, FieldError, Result};
-use crate::kinds::{environment, validate_name, Kind, Referenced, Step};
+use crate::kinds::{environment, validate_name, Kind, Reference, Referenced, Step};
 use crate::model::*;
 use crate::ports::{Job, ProviderError, Store};
 
@@ -109,8 +109,9 @@ impl Service {
             return Err(Error::invalid("action", format!("one of: {}", kind.actions().join(", "))));
         }
         let params = kind.validate_params(action, params)?;
+        let params = kind.complete_params(&resource.spec, &resource.outputs, action, params)?;
         let mut dependencies = Vec::new();
-        for dep in kind.dependencies(&resource.spec, action) {
+        for dep in kind.run_dependencies(&resource.spec, action, &params) {
             let found = self
                 .store
                 .get_resource(dep.kind, &ResourceKey::parse(&dep.key))
@@ -285,18 +286,8 @@ impl Service {
         if !errors.is_empty() {
             return Err(Error::Invalid(errors));
         }
-        let named: Vec<Referenced> = found_all
-            .iter()
-            .map(|(r, f)| Referenced {
-                reference: r,
-                id: f.id,
-                name: &f.name,
-                state: &f.state,
-                spec: &f.spec,
-                outputs: &f.outputs,
-            })
-            .collect();
-        errors.extend(kind.check_with(&spec, &named));
+        let pairs: Vec<(Reference, Resource)> = found_all.iter().map(|(r, f)| ((*r).clone(), f.clone())).collect();
+        errors.extend(kind.check_with(&spec, &referenced(&pairs)));
         for (r, found) in found_all.iter().filter(|(r, _)| r.kind == kind) {
             if let Some(cycle) = self.cycle_through(kind, name, found).await? {
                 errors.push(FieldError::new(&r.field, format!("a cycle: {name} -> {}", cycle.join(" -> "))));
@@ -522,6 +513,7 @@ impl Service {
         let (action, params, working, ok, err, parent) = match kind.next(&resource.state, &req.action)? {
             Step::Go { working, ok, err } => {
                 let params = kind.validate_params(&req.action, &req.params)?;
+                let params = kind.complete_params(&resource.spec, &resource.outputs, &req.action, params)?;
                 (req.action.clone(), params, working.to_string(), ok.to_string(), err.to_string(), None)
             }
             Step::Retry => {
@@ -541,7 +533,9 @@ impl Service {
             }
         };
         kind.check_action(&resource.spec, &action, &params)?;
-        for dep in kind.dependencies(&resource.spec, &action) {
+        let dependencies = kind.run_dependencies(&resource.spec, &action, &params);
+        let mut found_deps = Vec::new();
+        for dep in &dependencies {
             let found = self.store.get_resource(dep.kind, &ResourceKey::parse(&dep.key)).await?;
             match found {
                 None => return Err(Error::invalid(dep.field, format!("no {} named {:?}", dep.kind, dep.key))),
@@ -554,9 +548,11 @@ impl Service {
                         required: dep.required_state,
                     })
                 }
-                Some(_) => {}
+                Some(d) => found_deps.push((Reference::new(dep.kind, &dep.key, dep.field), d)),
             }
         }
+        let target = kind.spec_after_success(&action, &params, &resource.spec).unwrap_or_else(|| resource.spec.clone());
+        kind.check_run(&target, &action, &referenced(&found_deps))?;
         if kind.retires(&action) {
             let users = self.users_of(&resource).await?;
             if !users.is_empty() {
@@ -694,6 +690,21 @@ impl Service {
     pub async fn idempotency_abandon(&self, key: &str) -> Result<()> {
         self.store.idempotency_abandon(key).await
     }
+}
+
+/// The resources found for references (or dependencies), as the kinds see them.
+fn referenced(found: &[(Reference, Resource)]) -> Vec<Referenced<'_>> {
+    found
+        .iter()
+        .map(|(r, f)| Referenced {
+            reference: r,
+            id: f.id,
+            name: &f.name,
+            state: &f.state,
+            spec: &f.spec,
+            outputs: &f.outputs,
+        })
+        .collect()
 }
 
 fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> Uuid) -> Option<Uuid> {

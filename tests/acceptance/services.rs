@@ -68,20 +68,23 @@ async fn services_are_placed_on_the_clusters_machines_in_order() {
         app.post("/v1/services", json!({"name": "x", "spec": {"cluster": "nope", "image": "web", "count": 1}})).await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
     assert_eq!(fields(&bad), ["spec.cluster"]);
-    let bad = app
-        .post(
-            "/v1/services",
-            json!({"name": "x", "spec": {"cluster": "c1", "image": "web", "count": 1, "constraints": "role=db"}}),
-        )
-        .await;
+    assert_eq!(app.get("/v1/services/x").await.status, StatusCode::NOT_FOUND);
+    // What depends on the cluster and image as they are is checked when a
+    // run is asked for, before anything starts.
+    service(&app, "x", json!({"cluster": "c1", "image": "web", "count": 1, "constraints": "role=db"})).await;
+    let bad = app.post("/v1/services/x/transitions", json!({"action": "start"})).await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
     assert_eq!(fields(&bad), ["spec.constraints"]);
     assert!(bad.body["errors"][0]["message"].as_str().unwrap().contains("role=worker,disk=ssd"), "{}", bad.body);
-    let bad = app
-        .post("/v1/services", json!({"name": "x", "spec": {"cluster": "c1", "image": "web", "build": "0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b", "count": 1}}))
-        .await;
-    assert_eq!(fields(&bad), ["spec.build"]);
-    assert_eq!(app.get("/v1/services/x").await.status, StatusCode::NOT_FOUND);
+    let pin = json!({"spec": {"constraints": null, "build": "0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b"}});
+    let r = app.patch("/v1/services/x", pin, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let bad = app.post("/v1/services/x/transitions", json!({"action": "start"})).await;
+    assert_eq!(fields(&bad), ["spec.build"], "{}", bad.body);
+    let x = app.get("/v1/services/x").await.body;
+    assert_eq!(x["state"], "pending");
+    assert_eq!(x["recent_transitions"], json!([]), "nothing was asked for");
+    assert_eq!(app.delete("/v1/services/x").await.status, StatusCode::NO_CONTENT);
 
     service(&app, "cache", json!({"cluster": "c1", "image": "web", "count": 1, "constraints": "role=worker"})).await;
     let app_spec = json!({"cluster": "c1", "image": "web", "count": 3, "after": ["cache"], "env": {"MODE": "test"}});
@@ -121,8 +124,9 @@ async fn services_are_placed_on_the_clusters_machines_in_order() {
         }
         // Its working directory is its own copy of the build, under its machine's.
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
-        let want = format!("clusters/{cluster_id}/machines/{machine}/services/{svc_id}/{index}");
-        assert!(cwd.ends_with(&want), "{cwd:?} is not under {want}");
+        let want = format!("clusters/{cluster_id}/machines/{machine}/services/{svc_id}");
+        assert!(cwd.parent().unwrap().ends_with(&want), "{cwd:?} is not under {want}");
+        assert!(cwd.file_name().unwrap().to_str().unwrap().starts_with(&format!("{index}-")), "{cwd:?}");
         assert!(cwd.join("index.html").exists());
     }
     for i in svc["outputs"]["instances"].as_array().unwrap() {
@@ -197,4 +201,147 @@ async fn a_global_service_runs_once_on_every_matching_machine() {
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
     assert_eq!(ok(&app, "agent", json!({"action": "destroy"})).await["state"], "destroyed");
     assert!(placed.iter().all(|p| !alive(p.2)));
+}
+
+/// What a sampler saw of a service's instances while a run ran: the most
+/// instance processes alive at once, and the fewest answering.
+#[derive(Debug, Default)]
+struct Bounds {
+    samples: usize,
+    most_alive: usize,
+    fewest_healthy: usize,
+}
+
+/// Samples the instances on record for a service until `stop` is set.
+async fn sample(state_file: std::path::PathBuf, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Bounds {
+    let mut b = Bounds { fewest_healthy: usize::MAX, ..Default::default() };
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        if let Ok(v) = std::fs::read(&state_file).map(|bytes| serde_json::from_slice::<Value>(&bytes).unwrap()) {
+            let instances = v["instances"].as_array().cloned().unwrap_or_default();
+            let live: Vec<&Value> = instances.iter().filter(|i| alive(i["pid"].as_u64().unwrap())).collect();
+            let mut healthy = 0;
+            for i in &live {
+                let port = i["port"].as_u64().unwrap() as u16;
+                let url = format!("http://127.0.0.1:{port}/index.html");
+                let answer =
+                    reqwest::Client::new().get(url).timeout(std::time::Duration::from_millis(500)).send().await;
+                healthy += answer.is_ok_and(|r| r.status().is_success()) as usize;
+            }
+            b.samples += 1;
+            b.most_alive = b.most_alive.max(live.len());
+            b.fewest_healthy = b.fewest_healthy.min(healthy);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    b
+}
+
+/// Runs a service transition while sampling its instances.
+async fn run_sampled(app: &TestApp, svc_id: &str, body: Value) -> (Value, Bounds) {
+    let file = app.data_dir.path().join("services").join(svc_id).join("instances.json");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn(sample(file, stop.clone()));
+    let run = app.run("service", "app", body).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    (run, sampler.await.unwrap())
+}
+
+fn builds(service: &Value) -> Vec<String> {
+    let instances = service["outputs"]["instances"].as_array().unwrap();
+    instances.iter().map(|i| i["build"].as_str().unwrap().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_deploy_keeps_its_bounds_and_a_failing_build_is_put_back() {
+    let app = spawn_app(Backend::Sqlite).await;
+    // Instances take a moment to answer, so that a deploy has moments to sample.
+    let start = "sleep 0.3; exec python3 -m http.server $PORT --bind 127.0.0.1";
+    let r = app
+        .post("/v1/images", json!({"name": "web", "spec": {"build_command": "echo $DROVER_RUN_ID > index.html", "start_command": start}}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let b1 = app.run("image", "web", json!({"action": "build"})).await["id"].as_str().unwrap().to_string();
+    let r = app.post("/v1/clusters", json!({"name": "c1", "spec": {"image": "web", "count": 2}})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(app.run("cluster", "c1", json!({"action": "create"})).await["status"], "succeeded");
+    let svc = service(
+        &app,
+        "app",
+        json!({"cluster": "c1", "image": "web", "count": 4, "health_check": {"type": "http", "path": "/index.html"}}),
+    )
+    .await;
+    let svc_id = svc["id"].as_str().unwrap().to_string();
+    let svc = ok(&app, "app", json!({"action": "start"})).await;
+    assert_eq!(builds(&svc), [b1.as_str(); 4]);
+    let r = app.post("/v1/services/app/transitions", json!({"action": "rollback"})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "nothing to roll back to yet: {}", r.body);
+
+    // Deploy the next build: surge-first, one at a time (max_surge 1,
+    // max_unavailable 0): never more than 5 instances, never fewer than 4
+    // answering.
+    let b2 = app.run("image", "web", json!({"action": "build"})).await["id"].as_str().unwrap().to_string();
+    let (run, bounds) = run_sampled(&app, &svc_id, json!({"action": "deploy", "reason": "release 2"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(bounds.samples > 10, "{bounds:?}");
+    assert!(bounds.most_alive <= 5, "more than count + max_surge: {bounds:?}");
+    assert!(bounds.fewest_healthy >= 4, "fewer than count - max_unavailable healthy: {bounds:?}");
+    let svc = app.get("/v1/services/app").await.body;
+    assert_eq!(builds(&svc), [b2.as_str(); 4]);
+    assert_eq!(svc["outputs"]["previous"], json!({"image": "web", "build": b1}));
+    let events = app.get(&format!("/v1/transitions/{}/events", run["id"].as_str().unwrap())).await.body;
+    let plan = events["events"].as_array().unwrap().iter().find(|e| e["step"] == "plan").expect("a plan event");
+    assert_eq!(plan["data"]["max_surge"], 1);
+    assert_eq!(plan["data"]["indexes"], json!([0, 1, 2, 3]));
+    let on_b2 = placement(&svc);
+
+    // A build whose instance 2 never comes up: the deploy replaces 0 and 1,
+    // halts at 2, and puts 0 and 1 back on build 2; 2 and 3 never stopped.
+    let failing = "if [ \"$DROVER_INSTANCE\" = 2 ]; then echo broken >&2; exit 3; fi; exec python3 -m http.server $PORT --bind 127.0.0.1";
+    let r = app.patch("/v1/images/web", json!({"spec": {"start_command": failing}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    app.run("image", "web", json!({"action": "build"})).await;
+    let (run, bounds) = run_sampled(&app, &svc_id, json!({"action": "deploy"})).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["error"]["code"], "deploy_halted", "{run}");
+    assert!(run["error"]["message"].as_str().unwrap().contains("instance 2"), "{run}");
+    assert!(bounds.most_alive <= 5 && bounds.fewest_healthy >= 4, "{bounds:?}");
+    let svc = app.get("/v1/services/app").await.body;
+    assert_eq!(svc["state"], "failed");
+    let now: Vec<(u64, u64, u64)> = placement(&svc);
+    let live = std::fs::read(app.data_dir.path().join("services").join(&svc_id).join("instances.json")).unwrap();
+    let live: Value = serde_json::from_slice(&live).unwrap();
+    let on_record: Vec<(u64, String, u64)> = live["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["index"].as_u64().unwrap(), i["build"].as_str().unwrap().to_string(), i["pid"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        on_record.iter().map(|i| (i.0, i.1.as_str())).collect::<Vec<_>>(),
+        [(0, b2.as_str()), (1, b2.as_str()), (2, b2.as_str()), (3, b2.as_str())]
+    );
+    assert!(on_record.iter().all(|i| alive(i.2)));
+    assert_eq!((on_record[2].2, on_record[3].2), (on_b2[2].2, on_b2[3].2), "2 and 3 were never stopped");
+    assert_ne!((on_record[0].2, on_record[1].2), (on_b2[0].2, on_b2[1].2), "0 and 1 were replaced and put back");
+    let _ = now;
+
+    // Roll back to the build before the last successful deploy: build 1.
+    let (run, bounds) = run_sampled(&app, &svc_id, json!({"action": "rollback", "reason": "back to 1"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["params"], json!({"image": "web", "build": b1}), "the run records what it went back to");
+    assert!(bounds.most_alive <= 5 && bounds.fewest_healthy >= 4, "{bounds:?}");
+    let svc = app.get("/v1/services/app").await.body;
+    assert_eq!((svc["state"].as_str(), svc["spec"]["build"].as_str()), (Some("running"), Some(b1.as_str())));
+    assert_eq!(builds(&svc), [b1.as_str(); 4]);
+    assert_eq!(svc["outputs"]["previous"], json!({"image": "web", "build": b2}), "a second rollback swaps back");
+
+    // A restart replaces every process, same build, same gates.
+    let before = placement(&svc);
+    let (run, bounds) = run_sampled(&app, &svc_id, json!({"action": "restart"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(bounds.most_alive <= 5 && bounds.fewest_healthy >= 4, "{bounds:?}");
+    let svc = app.get("/v1/services/app").await.body;
+    assert_eq!(builds(&svc), [b1.as_str(); 4]);
+    let after = placement(&svc);
+    assert!(before.iter().zip(&after).all(|(b, a)| b.0 == a.0 && b.2 != a.2 && !alive(b.2)), "{before:?} {after:?}");
 }

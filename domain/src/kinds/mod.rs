@@ -116,10 +116,32 @@ pub trait Declaration: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Checks, when a run is asked for, of the spec as the action's success
+    /// would leave it against the resources it depends on, found in the
+    /// states it needs (a service's constraints against its cluster's
+    /// machines, its build against those its image keeps): refused with
+    /// 422 naming the field before anything starts.
+    fn check_run(_spec: &Self::Spec, _action: Self::Action, _dependencies: &[Referenced]) -> Vec<FieldError> {
+        Vec::new()
+    }
+
     /// Checks of an action's parameters against the resource's spec (a
     /// global service has no count to scale); each names its field.
     fn check_action(_spec: &Self::Spec, _action: Self::Action, _params: &Value) -> Vec<FieldError> {
         Vec::new()
+    }
+
+    /// Completes an action's (validated) parameters from what the provider
+    /// reported (`outputs`) when the request is made, so that the run
+    /// records what it acts on: a service's `rollback` gets the build it
+    /// returns to. Errors name their field.
+    fn complete_params(
+        _spec: &Self::Spec,
+        _outputs: &Value,
+        _action: Self::Action,
+        params: Value,
+    ) -> Result<Value, Vec<FieldError>> {
+        Ok(params)
     }
 
     /// The resource this one lives on (a service's cluster): its settings
@@ -507,6 +529,30 @@ impl Kind {
         }
     }
 
+    /// Checks a run's target spec against its dependencies ([`Declaration::check_run`]).
+    pub fn check_run(self, spec: &Value, action: &str, dependencies: &[Referenced]) -> Result<()> {
+        match self.0.check_run(spec, action, dependencies) {
+            errors if errors.is_empty() => Ok(()),
+            errors => Err(Error::Invalid(errors)),
+        }
+    }
+
+    /// An action's parameters completed from the resource's outputs
+    /// ([`Declaration::complete_params`]).
+    pub fn complete_params(self, spec: &Value, outputs: &Value, action: &str, params: Value) -> Result<Value> {
+        self.0.complete_params(spec, outputs, action, params).map_err(Error::Invalid)
+    }
+
+    /// What a run of `action` with `params` depends on: the dependencies of
+    /// the spec as the action's success leaves it (a deploy needs the
+    /// image it deploys built, not the one it replaces).
+    pub fn run_dependencies(self, spec: &Value, action: &str, params: &Value) -> Vec<Dependency> {
+        match self.spec_after_success(action, params, spec) {
+            Some(after) => self.dependencies(&after, action),
+            None => self.dependencies(spec, action),
+        }
+    }
+
     /// The resource this one lives on ([`Declaration::parent`]).
     pub fn parent(self, spec: &Value) -> Option<Reference> {
         self.0.parent(spec)
@@ -663,6 +709,14 @@ trait Erased: Send + Sync + 'static {
     fn check_with(&self, spec: &Value, named: &[Referenced]) -> Vec<FieldError>;
     fn parent(&self, spec: &Value) -> Option<Reference>;
     fn check_action(&self, spec: &Value, action: &str, params: &Value) -> Vec<FieldError>;
+    fn check_run(&self, spec: &Value, action: &str, dependencies: &[Referenced]) -> Vec<FieldError>;
+    fn complete_params(
+        &self,
+        spec: &Value,
+        outputs: &Value,
+        action: &str,
+        params: Value,
+    ) -> Result<Value, Vec<FieldError>>;
     fn requires(&self, spec: &Value, action: &str) -> Vec<Dependency>;
     fn spec_after(&self, spec: &Value, action: &str, params: &Value) -> Option<Value>;
     fn applies_whole(&self, spec: &Value, action: &str) -> bool;
@@ -744,6 +798,24 @@ impl<D: Declaration> Erased for Decl<D> {
         match (stored::<D>(spec), D::Action::parse(action)) {
             (Some(s), Some(a)) => D::check_action(&s, a, params),
             _ => Vec::new(),
+        }
+    }
+    fn check_run(&self, spec: &Value, action: &str, dependencies: &[Referenced]) -> Vec<FieldError> {
+        match (stored::<D>(spec), D::Action::parse(action)) {
+            (Some(s), Some(a)) => D::check_run(&s, a, dependencies),
+            _ => Vec::new(),
+        }
+    }
+    fn complete_params(
+        &self,
+        spec: &Value,
+        outputs: &Value,
+        action: &str,
+        params: Value,
+    ) -> Result<Value, Vec<FieldError>> {
+        match (stored::<D>(spec), D::Action::parse(action)) {
+            (Some(s), Some(a)) => D::complete_params(&s, outputs, a, params),
+            _ => Ok(params),
         }
     }
     fn requires(&self, spec: &Value, action: &str) -> Vec<Dependency> {
@@ -838,8 +910,11 @@ fn no_params(params: &Value) -> Result<Value> {
     }
 }
 
+/// Typed parameters; left out (`null`), they are `{}`, which a type whose
+/// fields are all optional accepts.
 fn typed_params<P: ActionParams>(params: &Value) -> Result<Value> {
-    let p: P = from_json("params", params)?;
+    let empty = Value::Object(Default::default());
+    let p: P = from_json("params", if params.is_null() { &empty } else { params })?;
     let errors = p.check();
     if !errors.is_empty() {
         return Err(Error::Invalid(errors));

@@ -3,6 +3,9 @@
 //! ```text
 //! pending --start--> starting --ok--> running  --err--> failed
 //! running --scale{count}--> scaling --ok--> running --err--> failed
+//! running|failed --deploy{image?,build?}--> deploying --ok--> running --err--> failed
+//! running|failed --rollback--> rolling-back --ok--> running --err--> failed
+//! running --restart--> restarting --ok--> running --err--> failed
 //! running --stop--> stopping --ok--> stopped   --err--> failed
 //! stopped --start--> starting --ok--> running  --err--> failed
 //! pending|running|stopped|failed --destroy--> destroying --ok--> destroyed --err--> failed
@@ -16,6 +19,13 @@
 //! every matching machine. `after` names the services of the same cluster
 //! that must be `running` before this one starts; they may not form a
 //! cycle.
+//!
+//! `deploy`, `rollback` and `restart` replace instances surge-first, in
+//! batches bounded by `max_surge` and `max_unavailable`: a new instance
+//! starts and is healthy before the old one it replaces stops. A deploy
+//! sets the spec's `image` and `build`; a rollback deploys the build that
+//! ran before the last deploy (the provider's outputs say which, and the
+//! run's parameters record it).
 
 use std::collections::BTreeMap;
 
@@ -44,6 +54,9 @@ named_enum!(State {
     Starting => "starting",
     Running => "running",
     Scaling => "scaling",
+    Deploying => "deploying",
+    RollingBack => "rolling-back",
+    Restarting => "restarting",
     Stopping => "stopping",
     Stopped => "stopped",
     Failed => "failed",
@@ -54,6 +67,9 @@ named_enum!(State {
 named_enum!(Action {
     Start => "start",
     Scale => "scale",
+    Deploy => "deploy",
+    Rollback => "rollback",
+    Restart => "restart",
     Stop => "stop",
     Destroy => "destroy",
     Retry => "retry",
@@ -96,6 +112,29 @@ impl Declaration for Service {
             .params(Params::of::<ScaleParams>())
             .with_settings()
             .changing_spec(&["count"]),
+            Action::Deploy => ActionDecl::new(
+                "Replaces the instances with ones of another build (default: the image's current build), \
+                 surge-first in batches bounded by max_surge and max_unavailable; a new instance that fails its \
+                 health check halts the deploy and, unless rollback_on_failure is false, the instances already \
+                 replaced go back to the build they ran.",
+                1800,
+            )
+            .params(Params::of::<DeployParams>())
+            .with_settings()
+            .applying_spec()
+            .changing_spec(&["image", "build"]),
+            Action::Rollback => {
+                ActionDecl::new("Deploys the build that ran before the last deploy, with the same gates.", 1800)
+                    .with_settings()
+                    .applying_spec()
+                    .changing_spec(&["image", "build"])
+            }
+            Action::Restart => ActionDecl::new(
+                "Replaces every instance with a fresh process of the same build, with the deploy's gates.",
+                1800,
+            )
+            .with_settings()
+            .applying_spec(),
             Action::Stop => ActionDecl::new("Stops every instance; the service stays, `stopped`.", 300),
             Action::Destroy => ActionDecl::new("Stops the instances and removes their files.", 300),
             Action::Retry => ActionDecl::new("Repeats the action that failed.", 600),
@@ -110,6 +149,10 @@ impl Declaration for Service {
         spec.check_with(named)
     }
 
+    fn check_run(spec: &Spec, action: Action, dependencies: &[Referenced]) -> Vec<FieldError> {
+        spec.check_run(action, dependencies)
+    }
+
     fn check_action(spec: &Spec, action: Action, _params: &Value) -> Vec<FieldError> {
         match (action, spec.global) {
             (Action::Scale, true) => vec![FieldError::new(
@@ -117,6 +160,18 @@ impl Declaration for Service {
                 "a global service runs one instance on every matching machine: it has no count to scale",
             )],
             _ => Vec::new(),
+        }
+    }
+
+    /// A rollback's target is the build that ran before the last deploy,
+    /// as the provider's outputs have it (`previous`); the run records it.
+    fn complete_params(_spec: &Spec, outputs: &Value, action: Action, params: Value) -> Result<Value, Vec<FieldError>> {
+        match action {
+            Action::Rollback => match (outputs["previous"]["image"].as_str(), outputs["previous"]["build"].as_str()) {
+                (Some(image), Some(build)) => Ok(json!({ "image": image, "build": build })),
+                _ => Err(vec![FieldError::new("action", "nothing to roll back to: no deploy has succeeded yet")]),
+            },
+            _ => Ok(params),
         }
     }
 
@@ -157,7 +212,7 @@ impl Declaration for Service {
                 required_state: image::State::Built.as_str(),
             },
         ];
-        for s in &spec.after {
+        for s in spec.after.iter().filter(|_| action == Action::Start) {
             deps.push(Dependency {
                 kind: KIND,
                 key: s.clone(),
@@ -174,7 +229,12 @@ impl Declaration for Service {
                 let count = params.get("count").and_then(Value::as_u64).map(|c| c as u32)?;
                 Some(Spec { count: Some(count), ..spec.clone() })
             }
-            Action::Start | Action::Stop | Action::Destroy | Action::Retry => None,
+            Action::Deploy | Action::Rollback => Some(Spec {
+                image: params["image"].as_str().unwrap_or(&spec.image).to_string(),
+                build: params["build"].as_str().map(str::to_string),
+                ..spec.clone()
+            }),
+            Action::Start | Action::Restart | Action::Stop | Action::Destroy | Action::Retry => None,
         }
     }
 
@@ -198,16 +258,26 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
     match (state, action) {
         (S::Pending | S::Stopped, A::Start) => go(S::Starting, S::Running),
         (S::Running, A::Scale) => go(S::Scaling, S::Running),
+        (S::Running | S::Failed, A::Deploy) => go(S::Deploying, S::Running),
+        (S::Running | S::Failed, A::Rollback) => go(S::RollingBack, S::Running),
+        (S::Running, A::Restart) => go(S::Restarting, S::Running),
         (S::Running, A::Stop) => go(S::Stopping, S::Stopped),
         (S::Pending | S::Running | S::Stopped | S::Failed, A::Destroy) => go(S::Destroying, S::Destroyed),
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
-        (S::Pending, A::Scale | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Pending, A::Scale | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Retry) => Err(NotAllowed),
         (S::Running, A::Start | A::Retry) => Err(NotAllowed),
-        (S::Stopped, A::Scale | A::Stop | A::Retry) => Err(NotAllowed),
-        (S::Failed, A::Start | A::Scale | A::Stop) => Err(NotAllowed),
+        (S::Stopped, A::Scale | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Failed, A::Start | A::Scale | A::Restart | A::Stop) => Err(NotAllowed),
         (
-            S::Starting | S::Scaling | S::Stopping | S::Destroying | S::Destroyed,
-            A::Start | A::Scale | A::Stop | A::Destroy | A::Retry,
+            S::Starting
+            | S::Scaling
+            | S::Deploying
+            | S::RollingBack
+            | S::Restarting
+            | S::Stopping
+            | S::Destroying
+            | S::Destroyed,
+            A::Start | A::Scale | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Destroy | A::Retry,
         ) => Err(NotAllowed),
     }
 }
@@ -290,7 +360,8 @@ fn count_or_global(schema: &mut schemars::Schema) {
             "constraints".into(),
             json!({"description": "Role metadata a machine must carry to run it: `key=value` pairs separated by \
                 commas (`role=worker,instancetype=r3`), all required.",
-                "type": ["string", "null"], "maxLength": 1024, "pattern": format!("^{pair}(,{pair})*$")}),
+                "type": ["string", "null"], "maxLength": 1024, "pattern": format!("^{pair}(,{pair})*$"),
+                "examples": ["role=worker"]}),
         );
         props.insert(
             "env".into(),
@@ -442,10 +513,8 @@ impl Spec {
         errors
     }
 
-    /// Checks against what the spec names, in the order of its references:
-    /// the cluster (same provider; its machines' metadata must satisfy the
-    /// constraints), the image (a pinned build must be one it keeps), the
-    /// services of `after` (on the same cluster).
+    /// Checks against what the spec names: the cluster runs on the same
+    /// provider, and the services of `after` run on the same cluster.
     fn check_with(&self, named: &[Referenced]) -> Vec<FieldError> {
         let mut errors = Vec::new();
         for r in named {
@@ -460,6 +529,29 @@ impl Spec {
                         ),
                     ));
                 }
+            } else if r.reference.kind == KIND {
+                let same = r.spec["cluster"].as_str().is_some_and(|c| {
+                    named.iter().any(|n| n.reference.kind == cluster::KIND && (c == n.name || c == n.id.to_string()))
+                });
+                if !same {
+                    errors.push(FieldError::new(
+                        r.reference.field.clone(),
+                        format!("service {} runs on another cluster", r.name),
+                    ));
+                }
+            }
+        }
+        errors
+    }
+
+    /// Checks, before instances are placed, against the cluster and image
+    /// as they are: some machine carries the metadata the constraints ask
+    /// for, and the build to run is one the image keeps.
+    fn check_run(&self, action: Action, deps: &[Referenced]) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        for r in deps {
+            if r.reference.kind == cluster::KIND {
+                let Ok(c) = serde_json::from_value::<cluster::Spec>(r.spec.clone()) else { continue };
                 let metadata = c.machine_metadata(r.name);
                 if !matches(self.constraints.as_deref(), &metadata) {
                     errors.push(FieldError::new(
@@ -471,21 +563,15 @@ impl Spec {
                 if let Some(build) = &self.build {
                     let kept = r.outputs["builds"].as_array().into_iter().flatten().any(|b| b["id"] == build.as_str());
                     if !kept {
+                        let field = match action {
+                            Action::Deploy => "params.build",
+                            _ => "spec.build",
+                        };
                         errors.push(FieldError::new(
-                            "spec.build",
+                            field,
                             format!("image {} has no build {build} (see its builds)", r.name),
                         ));
                     }
-                }
-            } else if r.reference.kind == KIND {
-                let same = r.spec["cluster"].as_str().is_some_and(|c| {
-                    named.iter().any(|n| n.reference.kind == cluster::KIND && (c == n.name || c == n.id.to_string()))
-                });
-                if !same {
-                    errors.push(FieldError::new(
-                        r.reference.field.clone(),
-                        format!("service {} runs on another cluster", r.name),
-                    ));
                 }
             }
         }
@@ -511,6 +597,45 @@ impl ActionParams for ScaleParams {
     }
 }
 
+/// `deploy`: what to deploy.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployParams {
+    /// The image (name) to deploy; default: the spec's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
+    pub image: Option<String>,
+    /// A build of it (id, from the image's `builds`); default: its current build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[0-9a-fA-F-]{36}$"))]
+    pub build: Option<String>,
+    /// Whether a failed deploy puts the instances it replaced back on the
+    /// build they ran (default true).
+    #[serde(default = "yes")]
+    pub rollback_on_failure: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ActionParams for DeployParams {
+    fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.image.as_deref().is_some_and(|i| !is_name(i)) {
+            errors.push(FieldError::new("params.image", "must name an image"));
+        }
+        if self
+            .build
+            .as_deref()
+            .is_some_and(|b| b.len() != 36 || !b.bytes().all(|c| c.is_ascii_hexdigit() || c == b'-'))
+        {
+            errors.push(FieldError::new("params.build", "must be a build id from the image's builds"));
+        }
+        errors
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,25 +652,59 @@ mod tests {
         let no = Err(NotAllowed);
         let destroy = go(S::Destroying, S::Destroyed);
         let start = go(S::Starting, S::Running);
-        // columns: start, scale, stop, destroy, retry
+        let deploy = go(S::Deploying, S::Running);
+        let rollback = go(S::RollingBack, S::Running);
+        // columns: start, scale, deploy, rollback, restart, stop, destroy, retry
         let expected = [
-            (S::Pending, [start, no, no, destroy, no]),
-            (S::Starting, [no; 5]),
-            (S::Running, [no, go(S::Scaling, S::Running), go(S::Stopping, S::Stopped), destroy, no]),
-            (S::Scaling, [no; 5]),
-            (S::Stopping, [no; 5]),
-            (S::Stopped, [start, no, no, destroy, no]),
-            (S::Failed, [no, no, no, destroy, Ok(TypedStep::Retry)]),
-            (S::Destroying, [no; 5]),
-            (S::Destroyed, [no; 5]),
+            (S::Pending, [start, no, no, no, no, no, destroy, no]),
+            (S::Starting, [no; 8]),
+            (
+                S::Running,
+                [
+                    no,
+                    go(S::Scaling, S::Running),
+                    deploy,
+                    rollback,
+                    go(S::Restarting, S::Running),
+                    go(S::Stopping, S::Stopped),
+                    destroy,
+                    no,
+                ],
+            ),
+            (S::Scaling, [no; 8]),
+            (S::Deploying, [no; 8]),
+            (S::RollingBack, [no; 8]),
+            (S::Restarting, [no; 8]),
+            (S::Stopping, [no; 8]),
+            (S::Stopped, [start, no, no, no, no, no, destroy, no]),
+            (S::Failed, [no, no, deploy, rollback, no, no, destroy, Ok(TypedStep::Retry)]),
+            (S::Destroying, [no; 8]),
+            (S::Destroyed, [no; 8]),
         ];
         assert_eq!(expected.len(), State::ALL.len());
-        assert_eq!(Action::ALL.len(), 5);
+        assert_eq!(Action::ALL.len(), 8);
+        let actions = [A::Start, A::Scale, A::Deploy, A::Rollback, A::Restart, A::Stop, A::Destroy, A::Retry];
         for (state, row) in expected {
-            for (action, want) in [A::Start, A::Scale, A::Stop, A::Destroy, A::Retry].into_iter().zip(row) {
+            for (action, want) in actions.into_iter().zip(row) {
                 assert_eq!(next(state, action), want, "{state:?} --{action:?}-->");
             }
         }
+    }
+
+    #[test]
+    fn a_deploy_sets_image_and_build_and_a_rollback_needs_a_previous_build() {
+        let spec =
+            json!({"cluster": "c1", "image": "web", "count": 2, "build": "0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b"});
+        let after = KIND.spec_after_success("deploy", &json!({"image": "web2"}), &spec).unwrap();
+        assert_eq!((after["image"].as_str(), after.get("build")), (Some("web2"), None));
+        // What it deploys is what it depends on.
+        let deps = KIND.run_dependencies(&spec, "deploy", &json!({"image": "web2"}));
+        assert_eq!(deps.iter().map(|d| d.key.as_str()).collect::<Vec<_>>(), ["c1", "web2"]);
+        let e = KIND.complete_params(&spec, &json!({}), "rollback", json!({})).unwrap_err();
+        assert!(matches!(e, crate::Error::Invalid(f) if f[0].field == "action"));
+        let outputs = json!({"previous": {"image": "web", "build": "b1"}});
+        let p = KIND.complete_params(&spec, &outputs, "rollback", json!({})).unwrap();
+        assert_eq!(p, json!({"image": "web", "build": "b1"}));
     }
 
     #[test]

@@ -225,6 +225,9 @@ fn outputs(state: &State) -> Value {
 #[derive(Deserialize)]
 struct Running {
     instances: Vec<RunningInstance>,
+    /// Build directories kept for a service's rollback.
+    #[serde(default)]
+    keep: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -258,6 +261,7 @@ pub(super) fn dirs_in_use(roots: &[PathBuf]) -> Option<Vec<PathBuf>> {
             for i in state.instances.iter().filter(|i| alive(i.pid, i.start_ticks)) {
                 dirs.push(i.image_dir.clone()?);
             }
+            dirs.extend(state.keep);
         }
     }
     Some(dirs)

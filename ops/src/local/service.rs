@@ -2,18 +2,31 @@
 //! cluster's machines (its instances).
 //!
 //! An instance's working directory is its own copy of the build, under its
-//! machine's directory (`clusters/<cluster>/machines/<m>/services/<service>/<i>/`),
+//! machine's directory (`clusters/<cluster>/machines/<m>/services/<service>/<i>-<random>/`),
 //! where a [`PROCESS`] file names its process: stopping, replacing or
 //! destroying the machine stops it (`cluster.rs`). The service's own state
 //! file (`services/<service>/instances.json`, written atomically before any
 //! health check) records every instance it started: index, machine (and
-//! which process was that machine), pid and start time, port, build.
+//! which process was that machine), pid and start time, port, build, and
+//! the rolling plan it belongs to.
 //!
 //! Placement: `count` instances with indexes `0..count`, each new one on
 //! the matching machine with fewest of them (the lowest index on a tie);
 //! `global`: one on every matching machine, with the machine's index. An
 //! instance whose machine went away, or whose process is gone, is placed
 //! again, and the move is an event on the run.
+//!
+//! Rolling replacement (`deploy`, `rollback`, `restart`): a [`Plan`] fixes,
+//! when the run starts, the indexes to replace, the build to start and the
+//! batch bounds (`max_surge`, `max_unavailable` as absolute numbers), and is
+//! saved in the state file before anything changes, so that the same run
+//! tried again after a crash of drover carries out the same plan: an
+//! instance of the plan that runs is kept, an old one it replaced is
+//! stopped. Per batch: stop at most `unavailable` old instances, start the
+//! new ones (the old still serving), wait until each is healthy, then stop
+//! the old ones. A new instance that fails halts the plan; a deploy then
+//! puts the indexes it replaced back on the build they ran, with a second
+//! plan under the same gates, and fails.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,30 +64,91 @@ struct Instance {
     port: u16,
     started_at: DateTime<Utc>,
     log: PathBuf,
+    /// What it runs: the image, its build, the build directory it was
+    /// copied from (kept while it runs: a scale starts more from it) and
+    /// the command.
+    #[serde(default)]
+    image: Option<String>,
     build: Option<String>,
-    /// The build directory it was copied from (kept while it runs: a scale
-    /// starts more from it).
     image_dir: Option<PathBuf>,
+    #[serde(default)]
+    command: Option<String>,
     /// Its working directory, under its machine's.
     dir: PathBuf,
+    /// The rolling plan that started it, if one did.
+    #[serde(default)]
+    plan: Option<Uuid>,
 }
 
 impl Instance {
     fn on(&self, m: &Machine) -> bool {
         self.machine == m.index && self.machine_pid == m.pid && self.machine_ticks == m.start_ticks
     }
+
+    fn alive(&self) -> bool {
+        alive(self.pid, self.start_ticks)
+    }
+
+    fn source(&self) -> Option<Source> {
+        Some(Source {
+            image: self.image.clone().unwrap_or_default(),
+            build: self.build.clone(),
+            dir: self.image_dir.clone()?,
+            command: self.command.clone()?,
+        })
+    }
+}
+
+/// What instances start from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Source {
+    image: String,
+    build: Option<String>,
+    dir: PathBuf,
+    command: String,
+}
+
+/// A rolling replacement, fixed when its run starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Plan {
+    id: Uuid,
+    run: Uuid,
+    /// What replaces the old instances.
+    to: Source,
+    /// The indexes to replace, in order.
+    indexes: Vec<u32>,
+    /// New instances at a time beyond the count, and old ones that may be
+    /// down at a time.
+    surge: u32,
+    unavailable: u32,
+    /// Set on the plan that puts a halted deploy back: why it halted.
+    #[serde(default)]
+    halted: Option<String>,
+    /// What the instances ran before (for the deploy's rollback, and the
+    /// service's `previous`).
+    #[serde(default)]
+    from: Option<Source>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     instances: Vec<Instance>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    plan: Option<Plan>,
+    /// Build directories to keep although nothing runs from them: the one a
+    /// rollback returns to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    keep: Vec<PathBuf>,
 }
 
-/// What new instances start from.
-struct Source {
-    build: Option<String>,
-    dir: PathBuf,
-    command: String,
+/// The cluster a run places instances on, as it is now.
+struct Site {
+    cluster_id: Uuid,
+    cluster: String,
+    metadata: String,
+    /// Its live machines, and those that match the constraints.
+    all: Vec<Machine>,
+    eligible: Vec<Machine>,
 }
 
 pub struct LocalServices {
@@ -109,65 +183,69 @@ impl LocalServices {
         std::fs::rename(&tmp, dir.join(STATE)).map_err(io("write the instance state"))
     }
 
-    /// Brings the service to the instances its spec wants on the cluster's
-    /// matching machines (`count` or one per machine), adopting those that
-    /// run on a machine that is still there, and waits until all are healthy.
-    async fn ensure(
-        &self,
-        ctx: &dyn RunContext,
-        job: &Job,
-        spec: &Spec,
-        count: Option<u32>,
-    ) -> Result<Value, ProviderError> {
-        let dep = |kind| {
-            job.dependencies.iter().find(|d| d.kind == kind).ok_or_else(|| {
-                ProviderError::fatal("dependency_missing", format!("the service's {kind} was not resolved"))
-            })
-        };
-        let (cluster_r, image_r) = (dep(cluster::KIND)?, dep(image::KIND)?);
-        let cluster_spec = cluster::Spec::from_value(&cluster_r.spec)
-            .map_err(|e| ProviderError::fatal("invalid_spec", format!("cluster {}: {e:?}", cluster_r.name)))?;
-        let metadata = cluster_spec.machine_metadata(&cluster_r.name);
-        let r = &job.resource;
-        let mut state = self.load(r)?;
-        let all = machines(&self.clusters, cluster_r.id)?;
-        let eligible: Vec<Machine> = match matches(spec.constraints.as_deref(), &metadata) {
+    fn site(&self, job: &Job, spec: &Spec) -> Result<Site, ProviderError> {
+        let c = dependency(job, cluster::KIND)?;
+        let cluster_spec = cluster::Spec::from_value(&c.spec)
+            .map_err(|e| ProviderError::fatal("invalid_spec", format!("cluster {}: {e:?}", c.name)))?;
+        let metadata = cluster_spec.machine_metadata(&c.name);
+        let all = machines(&self.clusters, c.id)?;
+        let eligible = match matches(spec.constraints.as_deref(), &metadata) {
             true => all.clone(),
             false => Vec::new(),
         };
         if eligible.is_empty() {
             let why = match all.is_empty() {
-                true => format!("cluster {} has no running machine", cluster_r.name),
+                true => format!("cluster {} has no running machine", c.name),
                 false => format!(
                     "no machine of cluster {} matches the constraints {:?} (its machines carry {metadata})",
-                    cluster_r.name,
+                    c.name,
                     spec.constraints.as_deref().unwrap_or_default()
                 ),
             };
             return Err(ProviderError::fatal("no_machine", why));
         }
-        let source = self.source(job, spec, image_r, &state)?;
-        let wanted: Vec<u32> = match (spec.global, count) {
-            (true, _) => eligible.iter().map(|m| m.index).collect(),
-            (false, n) => (0..n.unwrap_or_else(|| spec.wanted(eligible.len()))).collect(),
-        };
+        Ok(Site { cluster_id: c.id, cluster: c.name.clone(), metadata, all, eligible })
+    }
 
-        // Keep what runs on a machine that is still there and still wanted.
-        let mut moved: BTreeMap<u32, (u32, String)> = BTreeMap::new();
+    /// The indexes the service wants on the site: `0..count`, or one per
+    /// matching machine when global.
+    fn wanted(spec: &Spec, site: &Site, count: Option<u32>) -> Vec<u32> {
+        match spec.global {
+            true => site.eligible.iter().map(|m| m.index).collect(),
+            false => (0..count.or(spec.count).unwrap_or(0)).collect(),
+        }
+    }
+
+    /// Stops and forgets the instances that are gone, whose machine went
+    /// away (or no longer matches), or that are not wanted; returns the
+    /// indexes placed again and why.
+    async fn prune(
+        &self,
+        ctx: &dyn RunContext,
+        r: &Resource,
+        state: &mut State,
+        site: &Site,
+        wanted: &[u32],
+        global: bool,
+    ) -> Result<BTreeMap<u32, (u32, String)>, ProviderError> {
+        let mut moved = BTreeMap::new();
+        let all = std::mem::take(&mut state.instances);
         let mut keep = Vec::new();
-        for i in std::mem::take(&mut state.instances) {
-            let machine = eligible.iter().find(|m| i.on(m));
-            let why = match (machine, alive(i.pid, i.start_ticks)) {
-                (Some(_), true) if wanted.contains(&i.index) && (!spec.global || i.machine == i.index) => {
-                    keep.push(i);
+        for (n, i) in all.iter().enumerate() {
+            let machine = site.eligible.iter().find(|m| i.on(m));
+            // Two of one index (a plan that ended half way): the first stays.
+            let twin = keep.iter().any(|k: &Instance| k.index == i.index);
+            let why = match (machine, i.alive()) {
+                (Some(_), true) if !twin && wanted.contains(&i.index) && (!global || i.machine == i.index) => {
+                    keep.push(i.clone());
                     continue;
                 }
                 (Some(_), true) => None,
                 (Some(_), false) => Some("its process is gone"),
-                (None, _) if all.iter().any(|m| i.on(m)) => Some("its machine no longer matches the constraints"),
+                (None, _) if site.all.iter().any(|m| i.on(m)) => Some("its machine no longer matches the constraints"),
                 (None, _) => Some("its machine is gone"),
             };
-            self.stop_instance(ctx, &i).await;
+            self.stop_instance(ctx, i).await;
             match why {
                 Some(why) => {
                     let msg =
@@ -180,117 +258,127 @@ impl LocalServices {
                     ctx.event(NewEvent::info("instances", msg)).await;
                 }
             }
-            state.instances = keep.clone();
-            self.save(r, &state)?;
+            state.instances = keep.iter().cloned().chain(all[n + 1..].iter().cloned()).collect();
+            self.save(r, state)?;
         }
         state.instances = keep;
+        self.save(r, state)?;
+        Ok(moved)
+    }
+
+    /// Brings the service to the instances its spec wants on the cluster's
+    /// matching machines (`count` or one per machine), adopting those that
+    /// run on a machine that is still there, and waits until all are healthy.
+    async fn ensure(
+        &self,
+        ctx: &dyn RunContext,
+        job: &Job,
+        spec: &Spec,
+        count: Option<u32>,
+    ) -> Result<Value, ProviderError> {
+        let r = &job.resource;
+        let site = self.site(job, spec)?;
+        let mut state = self.load(r)?;
+        let wanted = Self::wanted(spec, &site, count);
+        let moved = self.prune(ctx, r, &mut state, &site, &wanted, spec.global).await?;
         for i in &state.instances {
             let msg =
                 format!("adopting instance {} on machine {} (pid {}, port {})", i.index, i.machine, i.pid, i.port);
             ctx.event(NewEvent::info("instances", msg)).await;
         }
-        self.save(r, &state)?;
-
-        let logs = self.dir(r).join("logs");
-        std::fs::create_dir_all(&logs).map_err(io("create the log directory"))?;
-        let build_name = source.build.clone().unwrap_or_else(|| "(from before build ids)".into());
+        // A scale deploys nothing: new instances run what the others run.
+        let running = match job.action.as_str() {
+            "scale" => state.instances.iter().find(|i| i.alive()).and_then(Instance::source),
+            _ => None,
+        };
+        let source = match running {
+            Some(s) => s,
+            None => source(job, spec, spec.build.as_deref())?,
+        };
         for &index in &wanted {
             if state.instances.iter().any(|i| i.index == index) {
                 continue;
             }
             ctx.check_cancel()?;
-            let machine = match spec.global {
-                true => eligible.iter().find(|m| m.index == index),
-                false => eligible.iter().min_by_key(|m| (state.instances.iter().filter(|i| i.on(m)).count(), m.index)),
-            }
-            .cloned()
-            .expect("eligible machines are not empty");
-            let inst =
-                self.spawn(job, spec, &source, (cluster_r.id, &cluster_r.name), &metadata, &machine, index, &logs)?;
-            let mut data = json!({ "index": index, "machine": machine.index, "build": source.build, "pid": inst.pid,
-                "port": inst.port });
-            let mut msg = format!(
-                "placed instance {index} on machine {} from build {build_name}: pid {}, port {}",
-                machine.index, inst.pid, inst.port
-            );
-            if let Some((from, why)) = moved.get(&index) {
-                data["moved_from"] = json!(from);
-                data["reason"] = json!(why);
-                msg.push_str(&format!(" (moved from machine {from}: {why})"));
-            }
-            ctx.event(NewEvent::info("placement", msg).with_data(data)).await;
+            let inst = self.place(ctx, job, spec, &site, &state, &source, index, None, moved.get(&index)).await?;
             state.instances.push(inst);
             state.instances.sort_by_key(|i| i.index);
             self.save(r, &state)?;
         }
-        let path = match &spec.health_check {
-            HealthCheck::Http { path } => Some(path.as_str()),
-            HealthCheck::Tcp => None,
-        };
         for i in &state.instances {
-            let probe = Probe {
-                what: format!("instance {}", i.index),
-                pid: i.pid,
-                start_ticks: i.start_ticks,
-                port: i.port,
-                log: &i.log,
-            };
-            wait_healthy(ctx, &probe, path, Duration::from_secs(spec.start_timeout_secs)).await?;
+            wait_healthy(ctx, &probe(i), health_path(spec), Duration::from_secs(spec.start_timeout_secs)).await?;
         }
         let n = state.instances.len();
-        ctx.event(NewEvent::info("instances", format!("{n} instance(s) healthy on {} machine(s)", eligible.len())))
-            .await;
-        Ok(outputs(&state, &cluster_r.name, source.build.as_deref()))
+        let machines = site.eligible.len();
+        ctx.event(NewEvent::info("instances", format!("{n} instance(s) healthy on {machines} machine(s)"))).await;
+        Ok(outputs(&state, &site.cluster, &source, &job.resource.outputs["previous"]))
     }
 
-    /// The build new instances start from: the spec's pinned one; for a
-    /// scale, the one the running instances run (a scale deploys nothing);
-    /// else the image's current build.
-    fn source(&self, job: &Job, spec: &Spec, image_r: &Resource, state: &State) -> Result<Source, ProviderError> {
-        let builds = image_r.outputs["builds"].as_array().cloned().unwrap_or_default();
-        let running = state.instances.iter().find(|i| alive(i.pid, i.start_ticks)).and_then(|i| i.build.clone());
-        let wanted = match (&spec.build, job.action.as_str()) {
-            (Some(b), _) => Some(b.clone()),
-            (None, "scale") => running.or_else(|| image::current_build(&image_r.outputs).map(str::to_string)),
-            (None, _) => image::current_build(&image_r.outputs).map(str::to_string),
-        };
-        let entry = match &wanted {
-            Some(id) => builds.iter().find(|b| b["id"] == id.as_str()).cloned().ok_or_else(|| {
-                ProviderError::fatal("no_such_build", format!("image {} keeps no build {id}", image_r.name))
-            })?,
-            // An image built before builds had ids: its outputs are the build.
-            None => image_r.outputs.clone(),
-        };
-        let dir = entry["path"].as_str().map(PathBuf::from).ok_or_else(|| {
-            ProviderError::fatal("image_not_built", format!("image {} has no build output", image_r.name))
-        })?;
-        let command = spec
-            .command
-            .clone()
-            .or_else(|| entry["start_command"].as_str().map(str::to_string))
-            .or_else(|| image_r.spec["start_command"].as_str().map(str::to_string))
-            .unwrap_or_default();
-        Ok(Source { build: wanted, dir, command })
+    /// Starts one instance on a machine (the one `index` must run on for a
+    /// global service, the old instance's when it is still there, else the
+    /// matching machine with fewest), in a fresh copy of the build, and
+    /// records it. `plan`: the rolling plan it belongs to.
+    #[allow(clippy::too_many_arguments)]
+    async fn place(
+        &self,
+        ctx: &dyn RunContext,
+        job: &Job,
+        spec: &Spec,
+        site: &Site,
+        state: &State,
+        source: &Source,
+        index: u32,
+        plan: Option<Uuid>,
+        moved: Option<&(u32, String)>,
+    ) -> Result<Instance, ProviderError> {
+        let old = state.instances.iter().find(|i| i.index == index && site.eligible.iter().any(|m| i.on(m)));
+        let machine = match (spec.global, old) {
+            (true, _) => site.eligible.iter().find(|m| m.index == index),
+            (false, Some(old)) => site.eligible.iter().find(|m| old.on(m)),
+            (false, None) => site
+                .eligible
+                .iter()
+                .min_by_key(|m| (state.instances.iter().filter(|i| i.on(m) && i.alive()).count(), m.index)),
+        }
+        .cloned()
+        .ok_or_else(|| ProviderError::fatal("no_machine", format!("no machine for instance {index}")))?;
+        let inst = self.spawn(job, spec, source, site, &machine, index, plan)?;
+        let build_name = source.build.clone().unwrap_or_else(|| "(from before build ids)".into());
+        let mut data = json!({ "index": index, "machine": machine.index, "build": source.build, "pid": inst.pid,
+            "port": inst.port });
+        let mut msg = format!(
+            "placed instance {index} on machine {} from build {build_name}: pid {}, port {}",
+            machine.index, inst.pid, inst.port
+        );
+        if let Some((from, why)) = moved {
+            data["moved_from"] = json!(from);
+            data["reason"] = json!(why);
+            msg.push_str(&format!(" (moved from machine {from}: {why})"));
+        }
+        ctx.event(NewEvent::info("placement", msg).with_data(data)).await;
+        Ok(inst)
     }
 
-    /// Starts one instance on `machine`, in a fresh copy of the build.
+    /// Starts one instance's process in a fresh copy of the build.
     #[allow(clippy::too_many_arguments)]
     fn spawn(
         &self,
         job: &Job,
         spec: &Spec,
         source: &Source,
-        (cluster_id, cluster): (Uuid, &str),
-        metadata: &str,
+        site: &Site,
         machine: &Machine,
         index: u32,
-        logs: &Path,
+        plan: Option<Uuid>,
     ) -> Result<Instance, ProviderError> {
         let r = &job.resource;
-        let dir = machine_dir(&self.clusters, cluster_id, machine.index)
+        // Every instance its own directory: a plan's runs beside the one it
+        // replaces, which keeps serving from its own.
+        let name = format!("{index}-{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let dir = machine_dir(&self.clusters, site.cluster_id, machine.index)
             .join("services")
             .join(r.id.to_string())
-            .join(index.to_string());
+            .join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(io("create the instance directory"))?;
         copy_dir(&source.dir, &dir).map_err(io("copy the build into the instance directory"))?;
@@ -309,6 +397,8 @@ impl LocalServices {
             }
             None => free_port().map_err(io("find a free port"))?,
         };
+        let logs = self.dir(r).join("logs");
+        std::fs::create_dir_all(&logs).map_err(io("create the log directory"))?;
         let log = logs.join(format!("instance-{index}.log"));
         let mut env: Vec<(String, String)> = job.settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -316,9 +406,9 @@ impl LocalServices {
             ("PORT".to_string(), port.to_string()),
             ("DROVER_SERVICE".to_string(), r.name.clone()),
             ("DROVER_INSTANCE".to_string(), index.to_string()),
-            ("DROVER_MACHINE".to_string(), format!("{cluster}-{}", machine.index)),
-            ("DROVER_CLUSTER".to_string(), cluster.to_string()),
-            ("DROVER_ROLE_METADATA".to_string(), metadata.to_string()),
+            ("DROVER_MACHINE".to_string(), format!("{}-{}", site.cluster, machine.index)),
+            ("DROVER_CLUSTER".to_string(), site.cluster.clone()),
+            ("DROVER_ROLE_METADATA".to_string(), site.metadata.clone()),
             ("DROVER_BUILD".to_string(), source.build.clone().unwrap_or_default()),
         ]);
         let (pid, start_ticks) = spawn_group(&dir, &source.command, &env, &log)?;
@@ -334,23 +424,255 @@ impl LocalServices {
             port,
             started_at: Utc::now(),
             log,
+            image: Some(source.image.clone()),
             build: source.build.clone(),
             image_dir: Some(source.dir.clone()),
+            command: Some(source.command.clone()),
             dir,
+            plan,
         })
     }
 
+    /// `deploy`, `rollback` and `restart`: replaces instances by a plan
+    /// (resumed when this run made one already), and for a deploy that
+    /// halts, puts the replaced ones back.
+    async fn roll(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
+        let r = &job.resource;
+        let site = self.site(job, spec)?;
+        let mut state = self.load(r)?;
+        let plan = match state.plan.clone().filter(|p| p.run == job.run_id) {
+            Some(p) => {
+                let msg = format!("resuming the plan of this run: {} instance(s) to replace", p.indexes.len());
+                ctx.event(NewEvent::info("plan", msg).with_data(json!({ "plan": p.id }))).await;
+                p
+            }
+            None => {
+                let wanted = Self::wanted(spec, &site, None);
+                let moved = self.prune(ctx, r, &mut state, &site, &wanted, spec.global).await?;
+                for (index, (from, why)) in &moved {
+                    let msg = format!("instance {index} (was on machine {from}: {why}) will be started by the plan");
+                    ctx.event(NewEvent::info("placement", msg)).await;
+                }
+                let from = state.instances.iter().find(|i| i.alive()).and_then(Instance::source);
+                let to = match (job.action.as_str(), &from) {
+                    ("restart", Some(running)) => running.clone(),
+                    ("restart", None) => source(job, spec, spec.build.as_deref())?,
+                    _ => source(job, spec, job.params["build"].as_str())?,
+                };
+                // Instances already on the target build stay (unless restarted).
+                let indexes: Vec<u32> = wanted
+                    .iter()
+                    .copied()
+                    .filter(|&ix| {
+                        let current = state.instances.iter().find(|i| i.index == ix);
+                        job.action == "restart" || current.is_none_or(|i| i.build != to.build || i.build.is_none())
+                    })
+                    .collect();
+                let n = wanted.len() as u32;
+                let plan = Plan {
+                    id: Uuid::now_v7(),
+                    run: job.run_id,
+                    surge: spec.max_surge.min(n),
+                    unavailable: spec.max_unavailable.min(n),
+                    to,
+                    indexes,
+                    halted: None,
+                    from,
+                };
+                state.plan = Some(plan.clone());
+                state.keep = plan.from.iter().map(|f| f.dir.clone()).collect();
+                self.save(r, &state)?;
+                let skipped = wanted.len() - plan.indexes.len();
+                let msg = format!(
+                    "plan: replace {} of {} instance(s) with build {} in batches of {} (max_surge {}, max_unavailable {}){}",
+                    plan.indexes.len(),
+                    wanted.len(),
+                    plan.to.build.as_deref().unwrap_or("?"),
+                    (plan.surge + plan.unavailable).max(1),
+                    plan.surge,
+                    plan.unavailable,
+                    match skipped {
+                        0 => String::new(),
+                        k => format!("; {k} already run it"),
+                    }
+                );
+                let data = json!({ "plan": plan.id, "indexes": plan.indexes, "max_surge": plan.surge,
+                    "max_unavailable": plan.unavailable, "build": plan.to.build, "image": plan.to.image,
+                    "from_build": plan.from.as_ref().and_then(|f| f.build.clone()) });
+                ctx.event(NewEvent::info("plan", msg).with_data(data)).await;
+                plan
+            }
+        };
+        let outcome = self.execute(ctx, job, spec, &site, &mut state, &plan).await;
+        let deploy = matches!(job.action.as_str(), "deploy" | "rollback");
+        match (outcome, plan.halted.clone()) {
+            (Ok(()), None) => {
+                state.plan = None;
+                self.save(r, &state)?;
+                let previous = match (&plan.from, deploy) {
+                    (Some(f), true) if f.build != plan.to.build || f.image != plan.to.image => {
+                        json!({ "image": f.image, "build": f.build })
+                    }
+                    _ => job.resource.outputs["previous"].clone(),
+                };
+                let n = state.instances.len();
+                ctx.event(NewEvent::info("instances", format!("{n} instance(s) healthy on the new build"))).await;
+                Ok(outputs(&state, &site.cluster, &plan.to, &previous))
+            }
+            // The plan that put a halted deploy back is done: the deploy failed.
+            (Ok(()), Some(why)) => {
+                state.plan = None;
+                self.save(r, &state)?;
+                Err(ProviderError::fatal("deploy_halted", format!("{why}; the instances it replaced were put back")))
+            }
+            (Err(e), Some(why)) => Err(ProviderError::fatal(
+                "rollback_failed",
+                format!("{why}; putting the replaced instances back failed too: {e}"),
+            )),
+            (Err(ProviderError::Cancelled), None) => Err(ProviderError::Cancelled),
+            (Err(e), None) => {
+                let why = match &e {
+                    ProviderError::Failed { message, .. } => message.clone(),
+                    ProviderError::Cancelled => "cancelled".into(),
+                };
+                let back = plan.from.clone().filter(|_| job.action == "deploy" && rollback_on_failure(job));
+                let Some(from) = back else {
+                    state.plan = None;
+                    self.save(r, &state)?;
+                    return Err(e);
+                };
+                // Every index now on the new build, or with nothing
+                // running, goes back to the old build.
+                let indexes: Vec<u32> = plan
+                    .indexes
+                    .iter()
+                    .copied()
+                    .filter(|&ix| {
+                        !state.instances.iter().any(|i| i.index == ix && i.alive() && i.plan != Some(plan.id))
+                    })
+                    .collect();
+                let back = Plan {
+                    id: Uuid::now_v7(),
+                    run: job.run_id,
+                    to: from,
+                    indexes,
+                    surge: plan.surge,
+                    unavailable: plan.unavailable,
+                    halted: Some(format!("deploy halted: {why}")),
+                    from: None,
+                };
+                state.plan = Some(back.clone());
+                self.save(r, &state)?;
+                let msg = format!(
+                    "deploy halted ({why}); putting {} instance(s) back on build {}",
+                    back.indexes.len(),
+                    back.to.build.as_deref().unwrap_or("?")
+                );
+                let data = json!({ "plan": back.id, "indexes": back.indexes, "build": back.to.build });
+                ctx.event(NewEvent::info("plan", msg).with_level(Level::Warn).with_data(data)).await;
+                match self.execute(ctx, job, spec, &site, &mut state, &back).await {
+                    Ok(()) => {
+                        state.plan = None;
+                        self.save(r, &state)?;
+                        Err(ProviderError::fatal(
+                            "deploy_halted",
+                            format!("deploy halted: {why}; the instances it replaced were put back"),
+                        ))
+                    }
+                    Err(e2) => Err(ProviderError::fatal(
+                        "rollback_failed",
+                        format!("deploy halted: {why}; putting the replaced instances back failed too: {e2}"),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Carries out a plan from wherever it stands, batch by batch.
+    async fn execute(
+        &self,
+        ctx: &dyn RunContext,
+        job: &Job,
+        spec: &Spec,
+        site: &Site,
+        state: &mut State,
+        plan: &Plan,
+    ) -> Result<(), ProviderError> {
+        let r = &job.resource;
+        let batch = (plan.surge + plan.unavailable).max(1) as usize;
+        let limit = Duration::from_secs(spec.start_timeout_secs);
+        for chunk in plan.indexes.chunks(batch) {
+            ctx.check_cancel()?;
+            let is_new = |i: &Instance| i.plan == Some(plan.id) && i.alive();
+            // Down already: indexes of the batch with nothing running.
+            let mut down =
+                chunk.iter().filter(|&&ix| !state.instances.iter().any(|i| i.index == ix && i.alive())).count();
+            // First the old instances that may be down, then the new ones
+            // beside the others.
+            for &ix in chunk {
+                if state.instances.iter().any(|i| i.index == ix && is_new(i)) || down >= plan.unavailable as usize {
+                    continue;
+                }
+                if let Some(old) = state.instances.iter().find(|i| i.index == ix && i.alive()).cloned() {
+                    self.stop_instance(ctx, &old).await;
+                    state.instances.retain(|i| i.pid != old.pid);
+                    self.save(r, state)?;
+                    down += 1;
+                }
+            }
+            for &ix in chunk {
+                if state.instances.iter().any(|i| i.index == ix && is_new(i)) {
+                    continue;
+                }
+                ctx.check_cancel()?;
+                let inst = self.place(ctx, job, spec, site, state, &plan.to, ix, Some(plan.id), None).await?;
+                state.instances.push(inst);
+                state.instances.sort_by_key(|i| i.index);
+                self.save(r, state)?;
+            }
+            for &ix in chunk {
+                let Some(new) = state.instances.iter().find(|i| i.index == ix && i.plan == Some(plan.id)).cloned()
+                else {
+                    continue;
+                };
+                if let Err(e) = wait_healthy(ctx, &probe(&new), health_path(spec), limit).await {
+                    // The failed instance goes; whatever it was to replace stays.
+                    self.stop_instance(ctx, &new).await;
+                    state.instances.retain(|i| i.pid != new.pid);
+                    self.save(r, state)?;
+                    return Err(e);
+                }
+                let msg = format!("instance {ix} healthy on build {}", plan.to.build.as_deref().unwrap_or("?"));
+                ctx.event(NewEvent::info("instances", msg).with_data(json!({ "index": ix, "pid": new.pid }))).await;
+            }
+            // Now the old ones of the batch go.
+            let old: Vec<Instance> = state
+                .instances
+                .iter()
+                .filter(|i| chunk.contains(&i.index) && i.plan != Some(plan.id))
+                .cloned()
+                .collect();
+            for o in old {
+                self.stop_instance(ctx, &o).await;
+                state.instances.retain(|i| i.pid != o.pid);
+                self.save(r, state)?;
+            }
+        }
+        Ok(())
+    }
+
     async fn stop_instance(&self, ctx: &dyn RunContext, i: &Instance) {
-        if alive(i.pid, i.start_ticks) {
+        if i.alive() {
             stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
             let msg = format!("stopped instance {} (pid {}) on machine {}", i.index, i.pid, i.machine);
-            ctx.event(NewEvent::info("instances", msg)).await;
+            ctx.event(NewEvent::info("instances", msg).with_data(json!({ "index": i.index, "pid": i.pid }))).await;
         }
         let _ = std::fs::remove_dir_all(&i.dir);
     }
 
     async fn stop_all(&self, ctx: &dyn RunContext, r: &Resource) -> Result<(), ProviderError> {
         let mut state = self.load(r)?;
+        state.plan = None;
         while let Some(i) = state.instances.pop() {
             ctx.check_cancel()?;
             self.stop_instance(ctx, &i).await;
@@ -358,6 +680,58 @@ impl LocalServices {
         }
         Ok(())
     }
+}
+
+fn dependency(job: &Job, kind: drover_domain::kinds::Kind) -> Result<&Resource, ProviderError> {
+    job.dependencies
+        .iter()
+        .find(|d| d.kind == kind)
+        .ok_or_else(|| ProviderError::fatal("dependency_missing", format!("the service's {kind} was not resolved")))
+}
+
+fn rollback_on_failure(job: &Job) -> bool {
+    job.params["rollback_on_failure"].as_bool().unwrap_or(true)
+}
+
+/// The build new instances start from: `build` (pinned in the spec, or a
+/// deploy's), else the image's current build.
+fn source(job: &Job, spec: &Spec, build: Option<&str>) -> Result<Source, ProviderError> {
+    let image_r = dependency(job, image::KIND)?;
+    let wanted = build.map(str::to_string).or_else(|| image::current_build(&image_r.outputs).map(str::to_string));
+    let entry = match &wanted {
+        Some(id) => image_r.outputs["builds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["id"] == id.as_str())
+            .cloned()
+            .ok_or_else(|| {
+                ProviderError::fatal("no_such_build", format!("image {} keeps no build {id}", image_r.name))
+            })?,
+        // An image built before builds had ids: its outputs are the build.
+        None => image_r.outputs.clone(),
+    };
+    let dir = entry["path"].as_str().map(PathBuf::from).ok_or_else(|| {
+        ProviderError::fatal("image_not_built", format!("image {} has no build output", image_r.name))
+    })?;
+    let command = spec
+        .command
+        .clone()
+        .or_else(|| entry["start_command"].as_str().map(str::to_string))
+        .or_else(|| image_r.spec["start_command"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    Ok(Source { image: image_r.name.clone(), build: wanted, dir, command })
+}
+
+fn health_path(spec: &Spec) -> Option<&str> {
+    match &spec.health_check {
+        HealthCheck::Http { path } => Some(path.as_str()),
+        HealthCheck::Tcp => None,
+    }
+}
+
+fn probe(i: &Instance) -> Probe<'_> {
+    Probe { what: format!("instance {}", i.index), pid: i.pid, start_ticks: i.start_ticks, port: i.port, log: &i.log }
 }
 
 /// Copies a build's files (a plain tree: files, directories, symlinks).
@@ -378,7 +752,7 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn outputs(state: &State, cluster: &str, build: Option<&str>) -> Value {
+fn outputs(state: &State, cluster: &str, source: &Source, previous: &Value) -> Value {
     let instances: Vec<Value> = state
         .instances
         .iter()
@@ -388,7 +762,12 @@ fn outputs(state: &State, cluster: &str, build: Option<&str>) -> Value {
                 "started_at": i.started_at, "build": i.build })
         })
         .collect();
-    json!({ "count": instances.len(), "build": build, "instances": instances })
+    let mut out = json!({ "count": instances.len(), "image": source.image, "build": source.build,
+        "instances": instances });
+    if previous.is_object() {
+        out["previous"] = previous.clone();
+    }
+    out
 }
 
 #[async_trait]
@@ -402,9 +781,10 @@ impl Provider for LocalServices {
                 let count = job.params.get("count").and_then(Value::as_u64).map(|c| c as u32);
                 self.ensure(ctx, job, &spec, count.or(spec.count)).await
             }
+            "deploy" | "rollback" | "restart" => self.roll(ctx, job, &spec).await,
             "stop" => {
                 self.stop_all(ctx, &job.resource).await?;
-                Ok(json!({ "count": 0, "instances": [] }))
+                Ok(json!({ "count": 0, "instances": [], "previous": job.resource.outputs["previous"] }))
             }
             "destroy" => {
                 self.stop_all(ctx, &job.resource).await?;
@@ -431,20 +811,15 @@ impl Provider for LocalServices {
             return None;
         }
         let spec = Spec::from_value(&r.spec).ok()?;
-        let path = match &spec.health_check {
-            HealthCheck::Http { path } => Some(path.clone()),
-            HealthCheck::Tcp => None,
-        };
         let state = self.load(r).ok()?;
         let mut instances = Vec::new();
         let mut problems = Vec::new();
         for i in &state.instances {
-            let running = alive(i.pid, i.start_ticks);
-            let machine_up = alive(i.machine_pid, i.machine_ticks);
-            let failing = match (running, machine_up) {
+            let running = i.alive();
+            let failing = match (running, alive(i.machine_pid, i.machine_ticks)) {
                 (_, false) => Some(format!("machine {} is gone", i.machine)),
                 (false, true) => Some("process is gone".to_string()),
-                (true, true) => check(i.port, path.as_deref()).await,
+                (true, true) => check(i.port, health_path(&spec)).await,
             };
             if let Some(why) = &failing {
                 problems.push(format!("instance {} (pid {}, port {}): {why}", i.index, i.pid, i.port));
