@@ -443,3 +443,127 @@ async fn a_database_crash_loses_nothing() {
     fleet.until_all_finished().await;
     fleet.assert_exactly_once().await;
 }
+
+/// A request to one drover, with the chaos token; panics unless it succeeds.
+async fn call(http: &reqwest::Client, base: &str, method: &str, path: &str, body: Option<Value>) -> Value {
+    let mut req = http.request(method.parse().unwrap(), format!("{base}{path}")).bearer_auth(TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert!(status.is_success(), "{method} {path}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+/// Asks for a transition and long-polls it until it ends (or `limit`).
+async fn transition(
+    http: &reqwest::Client,
+    base: &str,
+    plural: &str,
+    name: &str,
+    body: Value,
+    limit: Duration,
+) -> Value {
+    let run = call(http, base, "POST", &format!("/v1/{plural}/{name}/transitions"), Some(body)).await;
+    ended(http, base, run["id"].as_str().unwrap(), limit).await
+}
+
+async fn ended(http: &reqwest::Client, base: &str, run: &str, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let r = call(http, base, "GET", &format!("/v1/transitions/{run}?wait=5s"), None).await;
+        if matches!(r["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            return r;
+        }
+        assert!(start.elapsed() < limit, "run {run} did not end within {limit:?}: {r}");
+    }
+}
+
+/// SIGKILL of drover in the middle of a service's rolling deploy. Sampled
+/// from outside throughout, the instances never exceed `count + max_surge`
+/// nor fall below `count - max_unavailable` answering; the next drover on
+/// the same database and data directory takes the run over once its lease
+/// lapses, resumes the same plan, and the deploy ends on the new build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_resumes_after_drover_is_killed() {
+    let pg = OwnPostgres::start();
+    let url = pg.url("postgres");
+    let dirs = tempfile::tempdir().unwrap();
+    let data = dirs.path().join("replica-0");
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            drover_ops::local::testing::kill_everything_under(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(data.clone());
+    let drover = spawn_replica(&pg, &url, dirs.path(), 0);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let (h, base) = (&http, drover.base.clone());
+    let minute = Duration::from_secs(60);
+
+    // Instances take a second to answer: the deploy of four lasts a while.
+    let start = "sleep 1; exec python3 -m http.server $PORT --bind 127.0.0.1";
+    let spec = json!({"build_command": "echo $DROVER_RUN_ID > index.html", "start_command": start});
+    call(h, &base, "POST", "/v1/images", Some(json!({"name": "web", "spec": spec}))).await;
+    assert_eq!(transition(h, &base, "images", "web", json!({"action": "build"}), minute).await["status"], "succeeded");
+    let spec = json!({"image": "web", "count": 2, "health_check": {"type": "tcp"}});
+    call(h, &base, "POST", "/v1/clusters", Some(json!({"name": "c1", "spec": spec}))).await;
+    assert_eq!(
+        transition(h, &base, "clusters", "c1", json!({"action": "create"}), minute).await["status"],
+        "succeeded"
+    );
+    let spec =
+        json!({"cluster": "c1", "image": "web", "count": 4, "health_check": {"type": "http", "path": "/index.html"}});
+    let svc = call(h, &base, "POST", "/v1/services", Some(json!({"name": "app", "spec": spec}))).await;
+    let svc_id = svc["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        transition(h, &base, "services", "app", json!({"action": "start"}), minute).await["status"],
+        "succeeded"
+    );
+    let b2 = transition(h, &base, "images", "web", json!({"action": "build"}), minute).await;
+    let b2 = b2["id"].as_str().unwrap().to_string();
+
+    let sampler = drover_ops::local::testing::Sampler::start(&data, &svc_id, Some("/index.html"));
+    let run = call(h, &base, "POST", "/v1/services/app/transitions", Some(json!({"action": "deploy"}))).await;
+    let run_id = run["id"].as_str().unwrap().to_string();
+    // Kill it once the plan has started its second new instance.
+    let state_file = data.join("services").join(&svc_id).join("instances.json");
+    let deadline = Instant::now() + minute;
+    loop {
+        let state: Value =
+            std::fs::read(&state_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let planned = state["instances"].as_array().into_iter().flatten().filter(|i| !i["plan"].is_null()).count();
+        if planned >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the deploy never got going: {state}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill(drover.pid(), Signal::SIGKILL).unwrap();
+    drop(drover);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let drover = spawn_replica(&pg, &url, dirs.path(), 0);
+    let run = ended(h, &drover.base, &run_id, reclaim_bound() + minute).await;
+    let bounds = sampler.finish().await;
+    println!("deploy across SIGKILL: {bounds:?}, {} attempts", run["attempt"]);
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(run["attempt"].as_i64().unwrap() >= 2, "{run}");
+    assert!(bounds.samples > 20, "{bounds:?}");
+    assert!(bounds.most_alive <= 5, "more than count + max_surge at some moment: {bounds:?}");
+    assert!(bounds.fewest_healthy >= 4, "fewer than count - max_unavailable answering at some moment: {bounds:?}");
+    let svc = call(h, &drover.base, "GET", "/v1/services/app", None).await;
+    let on: Vec<&str> =
+        svc["outputs"]["instances"].as_array().unwrap().iter().map(|i| i["build"].as_str().unwrap()).collect();
+    assert_eq!(on, [b2.as_str(); 4]);
+    let events = call(h, &drover.base, "GET", &format!("/v1/transitions/{run_id}/events"), None).await;
+    let resumed = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["message"].as_str().unwrap().starts_with("resuming the plan"));
+    assert!(resumed, "{events}");
+}

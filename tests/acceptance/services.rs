@@ -1,6 +1,7 @@
 //! Services on a local cluster: instances are real processes placed on the
 //! cluster's machines, started in the order `after` gives.
 
+use drover_ops::local::testing::{Bounds, Sampler};
 use drover_tests::{alive, spawn_app, Backend, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -203,47 +204,11 @@ async fn a_global_service_runs_once_on_every_matching_machine() {
     assert!(placed.iter().all(|p| !alive(p.2)));
 }
 
-/// What a sampler saw of a service's instances while a run ran: the most
-/// instance processes alive at once, and the fewest answering.
-#[derive(Debug, Default)]
-struct Bounds {
-    samples: usize,
-    most_alive: usize,
-    fewest_healthy: usize,
-}
-
-/// Samples the instances on record for a service until `stop` is set.
-async fn sample(state_file: std::path::PathBuf, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Bounds {
-    let mut b = Bounds { fewest_healthy: usize::MAX, ..Default::default() };
-    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        if let Ok(v) = std::fs::read(&state_file).map(|bytes| serde_json::from_slice::<Value>(&bytes).unwrap()) {
-            let instances = v["instances"].as_array().cloned().unwrap_or_default();
-            let live: Vec<&Value> = instances.iter().filter(|i| alive(i["pid"].as_u64().unwrap())).collect();
-            let mut healthy = 0;
-            for i in &live {
-                let port = i["port"].as_u64().unwrap() as u16;
-                let url = format!("http://127.0.0.1:{port}/index.html");
-                let answer =
-                    reqwest::Client::new().get(url).timeout(std::time::Duration::from_millis(500)).send().await;
-                healthy += answer.is_ok_and(|r| r.status().is_success()) as usize;
-            }
-            b.samples += 1;
-            b.most_alive = b.most_alive.max(live.len());
-            b.fewest_healthy = b.fewest_healthy.min(healthy);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    b
-}
-
-/// Runs a service transition while sampling its instances.
+/// Runs a service transition while sampling its instances from outside.
 async fn run_sampled(app: &TestApp, svc_id: &str, body: Value) -> (Value, Bounds) {
-    let file = app.data_dir.path().join("services").join(svc_id).join("instances.json");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = tokio::spawn(sample(file, stop.clone()));
+    let sampler = Sampler::start(app.data_dir.path(), svc_id, Some("/index.html"));
     let run = app.run("service", "app", body).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    (run, sampler.await.unwrap())
+    (run, sampler.finish().await)
 }
 
 fn builds(service: &Value) -> Vec<String> {

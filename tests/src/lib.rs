@@ -259,27 +259,8 @@ impl Drop for TestApp {
     /// Whatever a failing test left running is stopped: every instance
     /// process group on record under the data directory.
     fn drop(&mut self) {
-        for pid in recorded_pids(self.data_dir.path()) {
-            let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).output();
-        }
+        drover_ops::local::testing::kill_everything_under(self.data_dir.path());
     }
-}
-
-/// Pids of the cluster and service instances on record under a data directory.
-pub fn recorded_pids(data_dir: &Path) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let dirs =
-        ["clusters", "services"].into_iter().flat_map(|d| std::fs::read_dir(data_dir.join(d)).into_iter().flatten());
-    for d in dirs.flatten() {
-        if let Ok(b) = std::fs::read(d.path().join("instances.json")) {
-            if let Ok(v) = serde_json::from_slice::<Value>(&b) {
-                for i in v["instances"].as_array().into_iter().flatten() {
-                    pids.extend(i["pid"].as_u64().map(|p| p as u32));
-                }
-            }
-        }
-    }
-    pids
 }
 
 /// Whether a process is alive (and not a zombie).

@@ -25,6 +25,8 @@ mod cluster;
 mod image;
 mod process;
 mod service;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 use std::path::Path;
 use std::sync::Arc;
