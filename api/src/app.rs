@@ -241,6 +241,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let metrics = Arc::new(crate::metrics::Registry::default());
     engine.set_metrics(metrics.clone());
     let service = Arc::new(Service::new(store, settings.clone()).with_providers(providers));
+    engine.set_requester(service.clone());
     let (stop, stop_rx) = watch::channel(false);
     let tasks = if cfg.workers { engine.spawn(stop_rx.clone()) } else { Vec::new() };
 

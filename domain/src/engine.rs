@@ -113,6 +113,8 @@ impl Providers {
 pub struct Engine {
     store: Arc<dyn Store>,
     settings: std::sync::OnceLock<Arc<Settings>>,
+    /// Asks for the child runs of fan-out actions (`crate::fanout`).
+    requester: std::sync::OnceLock<Arc<dyn crate::fanout::Requester>>,
     metrics: std::sync::OnceLock<Arc<dyn Metrics>>,
     providers: Providers,
     cfg: EngineConfig,
@@ -193,6 +195,7 @@ impl Engine {
         Arc::new(Engine {
             store,
             settings: Default::default(),
+            requester: Default::default(),
             metrics: Default::default(),
             providers,
             cfg,
@@ -201,6 +204,11 @@ impl Engine {
             in_flight: Default::default(),
             claiming: AtomicBool::new(false),
         })
+    }
+
+    /// Lets fan-out actions (a cluster's `initialize`) ask for child runs.
+    pub fn set_requester(&self, requester: Arc<dyn crate::fanout::Requester>) {
+        let _ = self.requester.set(requester);
     }
 
     /// Lets runs hand their recorded settings to providers.
@@ -496,6 +504,11 @@ impl Engine {
             self.cfg.heartbeat,
             self.cfg.lease,
         ));
+        // A fan-out run waits for child runs, which need slots of their own.
+        let slot = match run.kind.fan_out(&run.action) {
+            Some(_) => None,
+            None => slot,
+        };
         let prepared = self.prepare(&run, resource).await;
         let outcome = match &prepared {
             Ok((provider, job)) => {
@@ -525,12 +538,22 @@ impl Engine {
     /// resource as the claim left it).
     async fn prepare(&self, run: &Run, resource: Resource) -> Result<(Arc<dyn Provider>, Job), ProviderError> {
         let store_err = |e: Error| ProviderError::retryable("store_unavailable", e.to_string());
-        let provider = self.providers.get(&run.provider, run.kind).cloned().ok_or_else(|| {
-            ProviderError::fatal(
-                "unknown_provider",
-                format!("no provider {:?} for {} resources", run.provider, run.kind),
-            )
-        })?;
+        let provider: Arc<dyn Provider> = match (run.kind.fan_out(&run.action), self.requester.get()) {
+            (Some(fan_out), Some(requester)) => Arc::new(crate::fanout::FanOutRunner {
+                store: self.store.clone(),
+                requester: requester.clone(),
+                fan_out,
+            }),
+            (Some(_), None) => {
+                return Err(ProviderError::fatal("no_requester", "this engine cannot ask for child runs"));
+            }
+            (None, _) => self.providers.get(&run.provider, run.kind).cloned().ok_or_else(|| {
+                ProviderError::fatal(
+                    "unknown_provider",
+                    format!("no provider {:?} for {} resources", run.provider, run.kind),
+                )
+            })?,
+        };
         let mut dependencies = Vec::new();
         for dep in run.kind.run_dependencies(&resource.spec, &run.action, &run.params) {
             let found =

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod engine;
 pub mod error;
+pub mod fanout;
 pub mod kinds;
 pub mod merge;
 pub mod model;

@@ -31,6 +31,9 @@ pub struct TransitionRequest {
     pub idempotency_key: Option<String>,
     /// Whether the caller holds [`environment::OPERATE_PROTECTED`].
     pub may_operate_protected: bool,
+    /// The run that asked for this one (a cluster's `initialize` asks for
+    /// each service's `start`): its lineage in the ledger.
+    pub parent: Option<Uuid>,
 }
 
 /// Everything `GET /v1/{kind}s/{id}` shows: the 3 a.m. view.
@@ -514,7 +517,7 @@ impl Service {
             Step::Go { working, ok, err } => {
                 let params = kind.validate_params(&req.action, &req.params)?;
                 let params = kind.complete_params(&resource.spec, &resource.outputs, &req.action, params)?;
-                (req.action.clone(), params, working.to_string(), ok.to_string(), err.to_string(), None)
+                (req.action.clone(), params, working.to_string(), ok.to_string(), err.to_string(), req.parent)
             }
             Step::Retry => {
                 let failed = self

@@ -310,3 +310,68 @@ async fn a_rolling_deploy_keeps_its_bounds_and_a_failing_build_is_put_back() {
     let after = placement(&svc);
     assert!(before.iter().zip(&after).all(|(b, a)| b.0 == a.0 && b.2 != a.2 && !alive(b.2)), "{before:?} {after:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initialize_starts_a_clusters_services_in_order() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let cluster = cluster_of_two(&app).await;
+    // Declared in an order other than the one they start in.
+    service(&app, "db", json!({"cluster": "c1", "image": "web", "count": 1})).await;
+    service(&app, "app", json!({"cluster": "c1", "image": "web", "count": 2, "after": ["db"]})).await;
+    service(&app, "cache", json!({"cluster": "c1", "image": "web", "count": 1, "after": ["db"]})).await;
+    let r = app.patch("/v1/services/app", json!({"spec": {"after": ["cache"]}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    service(&app, "agent", json!({"cluster": "c1", "image": "web", "global": true})).await;
+
+    let run = app.run("cluster", "c1", json!({"action": "initialize", "reason": "bring up"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let c1 = app.get("/v1/clusters/c1").await.body;
+    assert_eq!(c1["state"], "up");
+    assert_eq!(c1["outputs"], cluster["outputs"], "the cluster's own outputs stay");
+
+    // One child run per service, each a start asked for by the initialize.
+    let children = app.get(&format!("/v1/transitions?parent={}", run["id"].as_str().unwrap())).await.body;
+    let children = children["items"].as_array().unwrap().clone();
+    let by_name =
+        |n: &str| children.iter().find(|c| c["resource"]["name"] == n).unwrap_or_else(|| panic!("{n}: {children:?}"));
+    assert_eq!(children.len(), 4, "{children:?}");
+    for c in &children {
+        assert_eq!((c["action"].as_str(), c["status"].as_str()), (Some("start"), Some("succeeded")), "{c}");
+        assert_eq!(c["reason"], "initialize of cluster c1");
+        assert_eq!(c["actor"], run["actor"]);
+    }
+    // Each starts only once what it waits for is running (healthy).
+    let at = |c: &Value, f: &str| chrono::DateTime::parse_from_rfc3339(c[f].as_str().unwrap()).unwrap();
+    assert!(at(by_name("cache"), "started_at") >= at(by_name("db"), "finished_at"));
+    assert!(at(by_name("app"), "started_at") >= at(by_name("cache"), "finished_at"));
+    for name in ["db", "cache", "app", "agent"] {
+        assert_eq!(app.get(&format!("/v1/services/{name}")).await.body["state"], "running", "{name}");
+    }
+    // The instances' start times say the same.
+    let mut first = Vec::new();
+    for name in ["db", "cache", "app"] {
+        let s = app.get(&format!("/v1/services/{name}")).await.body;
+        let times = s["outputs"]["instances"].as_array().unwrap().iter().map(|i| at(i, "started_at"));
+        first.push(times.min().unwrap());
+    }
+    assert!(first[0] < first[1] && first[1] < first[2], "{first:?}");
+
+    // Again: everything runs, nothing is asked for.
+    let again = app.run("cluster", "c1", json!({"action": "initialize"})).await;
+    assert_eq!(again["status"], "succeeded", "{again}");
+    let none = app.get(&format!("/v1/transitions?parent={}", again["id"].as_str().unwrap())).await.body;
+    assert_eq!(none["items"], json!([]));
+
+    // A service that fails to start fails the initialize, naming it; the
+    // cluster stays up, and what started before it runs.
+    assert_eq!(ok(&app, "app", json!({"action": "stop"})).await["state"], "stopped");
+    let r = app.patch("/v1/services/app", json!({"spec": {"command": "echo no-such-thing >&2; exit 4"}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let failed = app.run("cluster", "c1", json!({"action": "initialize"})).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "child_failed");
+    assert!(failed["error"]["message"].as_str().unwrap().starts_with("service app: start failed"), "{failed}");
+    assert_eq!(app.get("/v1/clusters/c1").await.body["state"], "up");
+    assert_eq!(app.get("/v1/services/app").await.body["state"], "failed");
+    assert_eq!(app.get("/v1/services/db").await.body["state"], "running");
+}

@@ -288,6 +288,7 @@ async fn transition(
                 actor: caller.actor(),
                 idempotency_key: idempotency_key(headers),
                 may_operate_protected: caller.0.can(environment::OPERATE_PROTECTED),
+                parent: None,
             },
         )
         .await?;

@@ -4,6 +4,7 @@
 //! pending --create--> creating --ok--> up   --err--> failed
 //! up --scale{count}--> scaling --ok--> up   --err--> failed
 //! up --add-instances{n}--> scaling --ok--> up (count + n) --err--> failed
+//! up --initialize--> up (starting its services) --ok--> up --err--> up
 //! up --stop--> stopping --ok--> down        --err--> failed
 //! down --start--> starting --ok--> up       --err--> failed
 //! pending|up|down|failed --destroy--> destroying --ok--> destroyed --err--> failed
@@ -22,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{
-    environment, image, is_name, named_enum, ActionDecl, ActionParams, Declaration, Dependency, Kind, NotAllowed,
-    Params, Reference, TypedStep,
+    environment, image, is_name, named_enum, service, ActionDecl, ActionParams, Declaration, Dependency, FanOut, Kind,
+    NotAllowed, Params, Reference, TypedStep,
 };
 use crate::error::{FieldError, Result};
 
@@ -52,6 +53,7 @@ named_enum!(Action {
     Create => "create",
     Scale => "scale",
     AddInstances => "add-instances",
+    Initialize => "initialize",
     Stop => "stop",
     Start => "start",
     Destroy => "destroy",
@@ -86,6 +88,12 @@ impl Declaration for Cluster {
                 .params(Params::of::<AddParams>())
                 .with_settings()
                 .changing_spec(&["count"]),
+            Action::Initialize => ActionDecl::new(
+                "Starts every service of the cluster that is not running, in the order their `after` gives (each \
+                 running, healthy, before those that wait for it start): one child run per service. A service that \
+                 fails to start fails this run; the cluster stays up.",
+                3600,
+            ),
             Action::Stop => ActionDecl::new("Stops every instance; the cluster stays, `down`.", 300),
             Action::Start => {
                 ActionDecl::new("Starts a stopped cluster's instances again.", 600).with_settings().applying_spec()
@@ -122,6 +130,13 @@ impl Declaration for Cluster {
         spec_after_success(spec, action, params)
     }
 
+    fn fan_out(action: Action) -> Option<FanOut> {
+        match action {
+            Action::Initialize => Some(FanOut { kind: service::KIND, action: "start", done: &["running"] }),
+            _ => None,
+        }
+    }
+
     /// Locally, a scale starts or stops instances and leaves the others as
     /// they run; on `aws` it sends the whole rendered stack.
     fn applies_whole(spec: &Spec, _action: Action) -> bool {
@@ -153,17 +168,20 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
     match (state, action) {
         (S::Pending, A::Create) => go(S::Creating, S::Up),
         (S::Up, A::Scale | A::AddInstances) => go(S::Scaling, S::Up),
+        // The cluster stays up while its services start (they need it up),
+        // and a service that fails to start is the service's failure.
+        (S::Up, A::Initialize) => Ok(TypedStep::Go { working: S::Up, ok: S::Up, err: S::Up }),
         (S::Up, A::Stop) => go(S::Stopping, S::Down),
         (S::Down, A::Start) => go(S::Starting, S::Up),
         (S::Pending | S::Up | S::Down | S::Failed, A::Destroy) => go(S::Destroying, S::Destroyed),
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
-        (S::Pending, A::Scale | A::AddInstances | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
+        (S::Pending, A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
         (S::Up, A::Create | A::Start | A::Retry) => Err(NotAllowed),
-        (S::Down, A::Create | A::Scale | A::AddInstances | A::Stop | A::Retry) => Err(NotAllowed),
-        (S::Failed, A::Create | A::Scale | A::AddInstances | A::Stop | A::Start) => Err(NotAllowed),
+        (S::Down, A::Create | A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Failed, A::Create | A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Start) => Err(NotAllowed),
         (
             S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying | S::Destroyed,
-            A::Create | A::Scale | A::AddInstances | A::Stop | A::Start | A::Destroy | A::Retry,
+            A::Create | A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Start | A::Destroy | A::Retry,
         ) => Err(NotAllowed),
     }
 }
@@ -174,8 +192,8 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
 pub enum HealthCheck {
     /// `GET path` on the instance's port answers 2xx or 3xx.
     Http {
-        /// An absolute path without spaces.
-        #[schemars(regex(pattern = r"^/[^\s]*$"))]
+        /// An absolute path without spaces or control characters.
+        #[schemars(regex(pattern = r"^/[^\s\x00-\x1f\x7f-\x9f]*$"))]
         path: String,
     },
     /// A TCP connection to the instance's port succeeds.
@@ -446,7 +464,7 @@ impl Spec {
             Action::Scale => Some(n("count").unwrap_or(self.count)),
             Action::AddInstances => Some(self.count.saturating_add(n("n").unwrap_or(0))),
             Action::Stop => Some(0),
-            Action::Destroy | Action::Retry => None,
+            Action::Initialize | Action::Destroy | Action::Retry => None,
         }
     }
 }
@@ -496,7 +514,7 @@ fn spec_after_success(spec: &Spec, action: Action, params: &Value) -> Option<Spe
     let count = spec.target_count(action.as_str(), params)?;
     match action {
         Action::Scale | Action::AddInstances => Some(Spec { count, ..spec.clone() }),
-        Action::Create | Action::Stop | Action::Start | Action::Destroy | Action::Retry => None,
+        Action::Create | Action::Initialize | Action::Stop | Action::Start | Action::Destroy | Action::Retry => None,
     }
 }
 
@@ -515,25 +533,28 @@ mod tests {
     fn every_entry_of_the_table() {
         let no = Err(NotAllowed);
         let destroy = go(S::Destroying, S::Destroyed);
-        // columns: create, scale, add-instances, stop, start, destroy, retry
+        let init = Ok(TypedStep::Go { working: S::Up, ok: S::Up, err: S::Up });
+        // columns: create, scale, add-instances, initialize, stop, start, destroy, retry
         let expected = [
-            (S::Pending, [go(S::Creating, S::Up), no, no, no, no, destroy, no]),
-            (S::Creating, [no; 7]),
-            (S::Up, [no, go(S::Scaling, S::Up), go(S::Scaling, S::Up), go(S::Stopping, S::Down), no, destroy, no]),
-            (S::Scaling, [no; 7]),
-            (S::Stopping, [no; 7]),
-            (S::Down, [no, no, no, no, go(S::Starting, S::Up), destroy, no]),
-            (S::Starting, [no; 7]),
-            (S::Failed, [no, no, no, no, no, destroy, Ok(TypedStep::Retry)]),
-            (S::Destroying, [no; 7]),
-            (S::Destroyed, [no; 7]),
+            (S::Pending, [go(S::Creating, S::Up), no, no, no, no, no, destroy, no]),
+            (S::Creating, [no; 8]),
+            (
+                S::Up,
+                [no, go(S::Scaling, S::Up), go(S::Scaling, S::Up), init, go(S::Stopping, S::Down), no, destroy, no],
+            ),
+            (S::Scaling, [no; 8]),
+            (S::Stopping, [no; 8]),
+            (S::Down, [no, no, no, no, no, go(S::Starting, S::Up), destroy, no]),
+            (S::Starting, [no; 8]),
+            (S::Failed, [no, no, no, no, no, no, destroy, Ok(TypedStep::Retry)]),
+            (S::Destroying, [no; 8]),
+            (S::Destroyed, [no; 8]),
         ];
         assert_eq!(expected.len(), State::ALL.len());
-        assert_eq!(Action::ALL.len(), 7);
+        assert_eq!(Action::ALL.len(), 8);
+        let actions = [A::Create, A::Scale, A::AddInstances, A::Initialize, A::Stop, A::Start, A::Destroy, A::Retry];
         for (state, row) in expected {
-            for (action, want) in
-                [A::Create, A::Scale, A::AddInstances, A::Stop, A::Start, A::Destroy, A::Retry].into_iter().zip(row)
-            {
+            for (action, want) in actions.into_iter().zip(row) {
                 assert_eq!(next(state, action), want, "{state:?} --{action:?}-->");
             }
         }

@@ -144,6 +144,13 @@ pub trait Declaration: Send + Sync + 'static {
         Ok(params)
     }
 
+    /// Whether drover carries `action` out itself, as child transitions of
+    /// the resources that live on this one (a cluster's `initialize`), and
+    /// how; `None` (the default): the provider does.
+    fn fan_out(_action: Self::Action) -> Option<FanOut> {
+        None
+    }
+
     /// The resource this one lives on (a service's cluster): its settings
     /// are the parent's, and so is its environment when it names none.
     fn parent(_spec: &Self::Spec) -> Option<Reference> {
@@ -328,6 +335,16 @@ pub struct Referenced<'a> {
     pub state: &'a str,
     pub spec: &'a Value,
     pub outputs: &'a Value,
+}
+
+/// An action drover carries out as child transitions (see
+/// `crate::fanout`): `action` on every live resource of `kind` that lives
+/// on this one, dependencies first, except those already in a `done` state.
+#[derive(Debug, Clone, Copy)]
+pub struct FanOut {
+    pub kind: Kind,
+    pub action: &'static str,
+    pub done: &'static [&'static str],
 }
 
 /// A resource that must be in a state for an action to run.
@@ -553,6 +570,11 @@ impl Kind {
         }
     }
 
+    /// How drover carries `action` out itself, if it does ([`Declaration::fan_out`]).
+    pub fn fan_out(self, action: &str) -> Option<FanOut> {
+        self.0.fan_out(action)
+    }
+
     /// The resource this one lives on ([`Declaration::parent`]).
     pub fn parent(self, spec: &Value) -> Option<Reference> {
         self.0.parent(spec)
@@ -708,6 +730,7 @@ trait Erased: Send + Sync + 'static {
     fn references(&self, spec: &Value) -> Vec<Reference>;
     fn check_with(&self, spec: &Value, named: &[Referenced]) -> Vec<FieldError>;
     fn parent(&self, spec: &Value) -> Option<Reference>;
+    fn fan_out(&self, action: &str) -> Option<FanOut>;
     fn check_action(&self, spec: &Value, action: &str, params: &Value) -> Vec<FieldError>;
     fn check_run(&self, spec: &Value, action: &str, dependencies: &[Referenced]) -> Vec<FieldError>;
     fn complete_params(
@@ -793,6 +816,9 @@ impl<D: Declaration> Erased for Decl<D> {
     }
     fn parent(&self, spec: &Value) -> Option<Reference> {
         stored::<D>(spec).and_then(|s| D::parent(&s))
+    }
+    fn fan_out(&self, action: &str) -> Option<FanOut> {
+        D::Action::parse(action).and_then(D::fan_out)
     }
     fn check_action(&self, spec: &Value, action: &str, params: &Value) -> Vec<FieldError> {
         match (stored::<D>(spec), D::Action::parse(action)) {
@@ -1008,6 +1034,11 @@ mod tests {
             assert!(k.actions().iter().any(|a| k.retires(a)), "{k}");
             for a in k.actions() {
                 assert!(k.action(a).is_some_and(|d| !d.description.is_empty()), "{k} {a}");
+                // A fan-out names an action and states its children have.
+                if let Some(f) = k.fan_out(a) {
+                    assert!(f.kind.actions().contains(&f.action), "{k} {a}");
+                    assert!(f.done.iter().all(|s| f.kind.states().contains(s)), "{k} {a}");
+                }
             }
             let examples = k.examples();
             assert!(!examples.is_empty(), "{k} has no examples");
