@@ -568,8 +568,8 @@ impl Engine {
             }
             dependencies.push(found);
         }
-        let settings = match (self.settings.get(), run.settings.as_array().is_some_and(|a| !a.is_empty())) {
-            (Some(s), true) => s.resolve(&run.settings).await.map_err(|e| match e {
+        let (settings, secrets) = match (self.settings.get(), run.settings.as_array().is_some_and(|a| !a.is_empty())) {
+            (Some(s), true) => s.resolve_marking_secrets(&run.settings).await.map_err(|e| match e {
                 Error::Store { .. } => ProviderError::retryable("store_unavailable", e.to_string()),
                 other => ProviderError::fatal("settings_unavailable", other.to_string()),
             })?,
@@ -584,6 +584,7 @@ impl Engine {
             resource,
             dependencies,
             settings,
+            secrets,
         };
         Ok((provider, job))
     }

@@ -200,6 +200,9 @@ pub struct Job {
     pub dependencies: Vec<Resource>,
     /// The settings the run was asked with, opened: key → value.
     pub settings: std::collections::BTreeMap<String, String>,
+    /// The values of the secret ones among them: a provider masks them in
+    /// whatever it reports (a job's output).
+    pub secrets: Vec<String>,
 }
 
 /// A provider's failure, classified.

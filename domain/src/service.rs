@@ -135,6 +135,7 @@ impl Service {
             resource,
             dependencies,
             settings: Default::default(),
+            secrets: Vec::new(),
         };
         let no_preview = |why: String| Error::NoPreview {
             kind: kind.as_str(),

@@ -332,7 +332,14 @@ impl Settings {
 
     /// Opens the exact versions a run recorded, for its provider.
     pub async fn resolve(&self, refs: &Value) -> Result<BTreeMap<String, String>> {
+        Ok(self.resolve_marking_secrets(refs).await?.0)
+    }
+
+    /// [`Settings::resolve`], and the values of the secret ones among them
+    /// (for providers to mask in what they report).
+    pub async fn resolve_marking_secrets(&self, refs: &Value) -> Result<(BTreeMap<String, String>, Vec<String>)> {
         let mut out = BTreeMap::new();
+        let mut secrets = Vec::new();
         for r in refs.as_array().into_iter().flatten() {
             let (Some(scope), Some(key), Some(version)) =
                 (r["scope"].as_str(), r["key"].as_str(), r["version"].as_i64())
@@ -344,11 +351,15 @@ impl Settings {
                 .setting(scope, key, Some(version))
                 .await?
                 .ok_or_else(|| Error::Internal(format!("setting {scope}/{key} v{version} is missing")))?;
+            let secret = v.secret;
             if let Some(value) = self.shown(v, true)?.value {
+                if secret {
+                    secrets.push(value.clone());
+                }
                 out.insert(key.to_string(), value);
             }
         }
-        Ok(out)
+        Ok((out, secrets))
     }
 
     fn shown(&self, v: SettingVersion, reveal: bool) -> Result<Setting> {

@@ -14,12 +14,15 @@ fn body_for(operation: &str) -> Option<Value> {
         "create_image" => json!({"name": "walk-image", "spec": {"build_command": "true", "start_command": "true"}}),
         "create_cluster" => json!({"name": "walk-cluster", "spec": {"image": "walk", "count": 1}}),
         "create_service" => json!({"name": "walk-service", "spec": {"cluster": "walk", "image": "walk", "count": 1}}),
+        "create_job" => json!({"name": "walk-job", "spec": {"cluster": "walk", "command": "true"}}),
         "create_user" => json!({"name": "walk-user", "spec": {"roles": []}}),
         "create_role" => json!({"name": "walk-role", "spec": {"permissions": []}}),
         "create_environment" => json!({"name": "walk-env", "spec": {"description": "walked"}}),
         op if op.starts_with("patch_") => json!({"spec": {}}),
         "request_image_transition" => json!({"action": "destroy"}),
-        "request_cluster_transition" | "request_service_transition" => json!({"action": "destroy"}),
+        "request_cluster_transition" | "request_service_transition" | "request_job_transition" => {
+            json!({"action": "destroy"})
+        }
         "request_user_transition" | "request_role_transition" | "request_environment_transition" => {
             json!({"action": "delete"})
         }
@@ -47,6 +50,7 @@ async fn every_route_demands_its_permission() {
     let run = app.transition("image", "walk", json!({"action": "build"})).await;
     app.post("/v1/clusters", json!({"name": "walk", "spec": {"image": "walk", "count": 1}})).await;
     app.post("/v1/services", json!({"name": "walk", "spec": {"cluster": "walk", "image": "walk", "count": 1}})).await;
+    app.post("/v1/jobs", json!({"name": "walk", "spec": {"cluster": "walk", "command": "true"}})).await;
     app.post("/v1/roles", json!({"name": "walk", "spec": {"permissions": []}})).await;
     app.post("/v1/environments", json!({"name": "walk", "spec": {}})).await;
     app.send(&app.client, "PUT", "/v1/settings/global/WALK", Some(json!({"value": "1"}))).await;

@@ -23,6 +23,7 @@
 pub mod cluster;
 pub mod environment;
 pub mod image;
+pub mod job;
 pub mod record;
 pub mod role;
 pub mod service;
@@ -42,7 +43,8 @@ use crate::error::{Error, FieldError, Result};
 
 /// Every kind, in the order the API lists them. Adding a kind is a module
 /// that implements [`Declaration`] and one line here.
-pub const REGISTRY: &[Kind] = &[image::KIND, cluster::KIND, service::KIND, environment::KIND, user::KIND, role::KIND];
+pub const REGISTRY: &[Kind] =
+    &[image::KIND, cluster::KIND, service::KIND, job::KIND, environment::KIND, user::KIND, role::KIND];
 
 /// The provider of kinds whose transitions only touch drover's own records.
 pub const BUILTIN_PROVIDER: &str = "builtin";

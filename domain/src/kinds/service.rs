@@ -354,24 +354,7 @@ pub struct Spec {
 /// or `global`, not both; a deploy that may neither add nor take away an
 /// instance could never move; the shapes of `constraints` and `env`.
 fn count_or_global(schema: &mut schemars::Schema) {
-    let pair = "[A-Za-z0-9_./:-]{1,64}=[A-Za-z0-9_./:-]{1,64}";
-    if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
-        props.insert(
-            "constraints".into(),
-            json!({"description": "Role metadata a machine must carry to run it: `key=value` pairs separated by \
-                commas (`role=worker,instancetype=r3`), all required.",
-                "type": ["string", "null"], "maxLength": 1024, "pattern": format!("^{pair}(,{pair})*$"),
-                "examples": ["role=worker"]}),
-        );
-        props.insert(
-            "env".into(),
-            json!({"description": "Environment variables of every instance (after the settings, before drover's \
-                own, which they cannot override).",
-                "type": "object", "maxProperties": MAX_ENV,
-                "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
-                "additionalProperties": {"type": "string", "maxLength": 4096}}),
-        );
-    }
+    constraints_and_env(schema, "Environment variables of every instance");
     schema.insert(
         "oneOf".into(),
         json!([
@@ -383,6 +366,80 @@ fn count_or_global(schema: &mut schemars::Schema) {
         "not".into(),
         json!({"required": ["max_surge"], "properties": {"max_surge": {"const": 0}, "max_unavailable": {"const": 0}}}),
     );
+}
+
+/// The schemas of `constraints` and `env`, shared by the kinds that run
+/// processes on a cluster's machines (services, jobs).
+pub(super) fn constraints_and_env(schema: &mut schemars::Schema, env: &str) {
+    let pair = "[A-Za-z0-9_./:-]{1,64}=[A-Za-z0-9_./:-]{1,64}";
+    if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        props.insert(
+            "constraints".into(),
+            json!({"description": "Role metadata a machine must carry to run it: `key=value` pairs separated by \
+                commas (`role=worker,instancetype=r3`), all required.",
+                "type": ["string", "null"], "maxLength": 1024, "pattern": format!("^{pair}(,{pair})*$"),
+                "examples": ["role=worker"]}),
+        );
+        props.insert(
+            "env".into(),
+            json!({"description": format!("{env} (after the settings, before drover's own, which they cannot \
+                override)."),
+                "type": "object", "maxProperties": MAX_ENV,
+                "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
+                "additionalProperties": {"type": "string", "maxLength": 4096}}),
+        );
+    }
+}
+
+/// Checks environment variables (`spec.env`) as [`constraints_and_env`] says them.
+pub(super) fn check_env(env: &BTreeMap<String, String>, errors: &mut Vec<FieldError>) {
+    if env.len() > MAX_ENV {
+        errors.push(FieldError::new("spec.env", "at most 100 variables"));
+    }
+    for (k, v) in env {
+        let name = !k.is_empty()
+            && k.len() <= 128
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !name || v.chars().count() > 4096 {
+            errors.push(FieldError::new(
+                format!("spec.env.{k}"),
+                "names are letters, digits and _ (not starting with a digit), values at most 4096 characters",
+            ));
+        }
+    }
+}
+
+/// The cluster a spec names runs on `provider` (services and jobs run on
+/// local clusters only, for now).
+pub(super) fn check_cluster_provider(provider: &str, named: &[Referenced], errors: &mut Vec<FieldError>) {
+    for r in named.iter().filter(|r| r.reference.kind == cluster::KIND) {
+        let Ok(c) = serde_json::from_value::<cluster::Spec>(r.spec.clone()) else { continue };
+        if c.provider != provider {
+            errors.push(FieldError::new(
+                "spec.cluster",
+                format!(
+                    "cluster {} runs on provider {}; this runs on local clusters only, for now",
+                    r.name, c.provider
+                ),
+            ));
+        }
+    }
+}
+
+/// Some machine of the cluster among `deps` carries what `constraints`
+/// ask for.
+pub(super) fn check_machines(constraints: Option<&str>, deps: &[Referenced], errors: &mut Vec<FieldError>) {
+    for r in deps.iter().filter(|r| r.reference.kind == cluster::KIND) {
+        let Ok(c) = serde_json::from_value::<cluster::Spec>(r.spec.clone()) else { continue };
+        let metadata = c.machine_metadata(r.name);
+        if !matches(constraints, &metadata) {
+            errors.push(FieldError::new(
+                "spec.constraints",
+                format!("no machine of cluster {} matches: its machines carry {metadata}", r.name),
+            ));
+        }
+    }
 }
 
 const MAX_ENV: usize = 100;
@@ -486,9 +543,6 @@ impl Spec {
         if self.start_timeout_secs == 0 || self.start_timeout_secs > 3600 {
             bad("start_timeout_secs", "must be between 1 and 3600");
         }
-        if self.env.len() > MAX_ENV {
-            bad("env", "at most 100 variables");
-        }
         if self.max_surge > MAX_COUNT {
             bad("max_surge", "must be between 0 and 64");
         }
@@ -498,18 +552,7 @@ impl Spec {
         if self.max_surge == 0 && self.max_unavailable == 0 {
             bad("max_surge", "max_surge and max_unavailable cannot both be 0: a deploy could not move");
         }
-        for (k, v) in &self.env {
-            let name = !k.is_empty()
-                && k.len() <= 128
-                && !k.starts_with(|c: char| c.is_ascii_digit())
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !name || v.chars().count() > 4096 {
-                errors.push(FieldError::new(
-                    format!("spec.env.{k}"),
-                    "names are letters, digits and _ (not starting with a digit), values at most 4096 characters",
-                ));
-            }
-        }
+        check_env(&self.env, &mut errors);
         errors
     }
 
@@ -517,28 +560,16 @@ impl Spec {
     /// provider, and the services of `after` run on the same cluster.
     fn check_with(&self, named: &[Referenced]) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        for r in named {
-            if r.reference.kind == cluster::KIND {
-                let Ok(c) = serde_json::from_value::<cluster::Spec>(r.spec.clone()) else { continue };
-                if c.provider != self.provider {
-                    errors.push(FieldError::new(
-                        "spec.cluster",
-                        format!(
-                            "cluster {} runs on provider {}; services run on local clusters only, for now",
-                            r.name, c.provider
-                        ),
-                    ));
-                }
-            } else if r.reference.kind == KIND {
-                let same = r.spec["cluster"].as_str().is_some_and(|c| {
-                    named.iter().any(|n| n.reference.kind == cluster::KIND && (c == n.name || c == n.id.to_string()))
-                });
-                if !same {
-                    errors.push(FieldError::new(
-                        r.reference.field.clone(),
-                        format!("service {} runs on another cluster", r.name),
-                    ));
-                }
+        check_cluster_provider(&self.provider, named, &mut errors);
+        for r in named.iter().filter(|r| r.reference.kind == KIND) {
+            let same = r.spec["cluster"].as_str().is_some_and(|c| {
+                named.iter().any(|n| n.reference.kind == cluster::KIND && (c == n.name || c == n.id.to_string()))
+            });
+            if !same {
+                errors.push(FieldError::new(
+                    r.reference.field.clone(),
+                    format!("service {} runs on another cluster", r.name),
+                ));
             }
         }
         errors
@@ -549,29 +580,19 @@ impl Spec {
     /// for, and the build to run is one the image keeps.
     fn check_run(&self, action: Action, deps: &[Referenced]) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        for r in deps {
-            if r.reference.kind == cluster::KIND {
-                let Ok(c) = serde_json::from_value::<cluster::Spec>(r.spec.clone()) else { continue };
-                let metadata = c.machine_metadata(r.name);
-                if !matches(self.constraints.as_deref(), &metadata) {
+        check_machines(self.constraints.as_deref(), deps, &mut errors);
+        for r in deps.iter().filter(|r| r.reference.kind == image::KIND) {
+            if let Some(build) = &self.build {
+                let kept = r.outputs["builds"].as_array().into_iter().flatten().any(|b| b["id"] == build.as_str());
+                if !kept {
+                    let field = match action {
+                        Action::Deploy => "params.build",
+                        _ => "spec.build",
+                    };
                     errors.push(FieldError::new(
-                        "spec.constraints",
-                        format!("no machine of cluster {} matches: its machines carry {metadata}", r.name),
+                        field,
+                        format!("image {} has no build {build} (see its builds)", r.name),
                     ));
-                }
-            } else if r.reference.kind == image::KIND {
-                if let Some(build) = &self.build {
-                    let kept = r.outputs["builds"].as_array().into_iter().flatten().any(|b| b["id"] == build.as_str());
-                    if !kept {
-                        let field = match action {
-                            Action::Deploy => "params.build",
-                            _ => "spec.build",
-                        };
-                        errors.push(FieldError::new(
-                            field,
-                            format!("image {} has no build {build} (see its builds)", r.name),
-                        ));
-                    }
                 }
             }
         }

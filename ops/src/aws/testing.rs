@@ -184,6 +184,7 @@ pub fn job(
         resource: resource(kind, name, spec, "pending", serde_json::json!({})),
         dependencies,
         settings: Default::default(),
+        secrets: Vec::new(),
     }
 }
 

@@ -303,12 +303,16 @@ pub(super) fn machine_dir(root: &Path, cluster: uuid::Uuid, index: u32) -> PathB
 /// stopping its machine stops it too.
 pub(super) const PROCESS: &str = "process.json";
 
-/// Stops every service instance on a machine (each recorded in a
-/// [`PROCESS`] file under the machine's directory) and removes what they
-/// left there: a machine that stops takes its services with it.
+/// Stops every process on a machine (each service instance and job run
+/// recorded in a [`PROCESS`] file, `services/<service>/<instance>/` and
+/// `jobs/<job>/<run>/` under the machine's directory) and removes what they
+/// left there: a machine that stops takes them with it.
 async fn stop_machine_services(ctx: &dyn RunContext, machine: &Path) {
-    let services = std::fs::read_dir(machine.join("services")).into_iter().flatten().flatten();
-    for svc in services {
+    let mut owners = Vec::new();
+    for d in ["services", "jobs"] {
+        owners.extend(std::fs::read_dir(machine.join(d)).into_iter().flatten().flatten());
+    }
+    for svc in owners {
         for inst in std::fs::read_dir(svc.path()).into_iter().flatten().flatten() {
             let Ok(bytes) = std::fs::read(inst.path().join(PROCESS)) else { continue };
             let Ok(p) = serde_json::from_slice::<RunningInstance>(&bytes) else { continue };

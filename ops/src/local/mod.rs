@@ -23,6 +23,7 @@
 
 mod cluster;
 mod image;
+mod job;
 mod process;
 mod service;
 #[cfg(feature = "test-support")]
@@ -36,6 +37,7 @@ use drover_domain::kinds;
 
 pub use cluster::LocalClusters;
 pub use image::LocalImages;
+pub use job::LocalJobs;
 pub use service::LocalServices;
 
 pub const NAME: &str = "local";
@@ -49,6 +51,7 @@ pub fn register(providers: &mut Providers, data_dir: &Path) {
         Arc::new(LocalImages::new(data_dir.join("images"), vec![data_dir.join("clusters"), data_dir.join("services")])),
     );
     providers.register(NAME, kinds::cluster::KIND, Arc::new(LocalClusters::new(data_dir.join("clusters"))));
+    providers.register(NAME, kinds::job::KIND, Arc::new(LocalJobs::new(data_dir.join("clusters"))));
     providers.register(
         NAME,
         kinds::service::KIND,

@@ -735,7 +735,7 @@ fn probe(i: &Instance) -> Probe<'_> {
 }
 
 /// Copies a build's files (a plain tree: files, directories, symlinks).
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(super) fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     for e in std::fs::read_dir(from)? {
         let e = e?;
         let (src, dst) = (e.path(), to.join(e.file_name()));
