@@ -415,7 +415,7 @@ async fn the_api_describes_itself() {
     let request = &served["components"]["schemas"]["ClusterTransitionRequest"]["oneOf"];
     let actions: Vec<_> =
         request.as_array().unwrap().iter().map(|b| b["properties"]["action"]["const"].clone()).collect();
-    assert_eq!(actions, ["create", "scale", "add-instances", "stop", "start", "destroy", "retry"]);
+    assert_eq!(actions, ["create", "scale", "add-instances", "initialize", "stop", "start", "destroy", "retry"]);
     assert_eq!(request[1]["properties"]["params"]["properties"]["count"]["minimum"], 1);
     assert_eq!(
         served["paths"]["/v1/environments/{id}/transitions"]["post"]["security"][0]["bearer"][0],
