@@ -135,6 +135,7 @@ async fn bench() {
         results.len(),
         wall / slowest
     );
+    api.run("jobs", "fan", json!({"action": "destroy"})).await;
     api.run("services", "app", json!({"action": "destroy"})).await;
     api.run("clusters", "c1", json!({"action": "destroy"})).await;
     server.stop().await;

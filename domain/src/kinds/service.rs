@@ -41,7 +41,7 @@ use super::{
 use crate::error::{FieldError, Result};
 
 /// Instances a service may have (and machines a global one may cover).
-pub const MAX_COUNT: u32 = 64;
+pub const MAX_COUNT: u32 = cluster::MAX_COUNT;
 
 /// This kind's handle.
 pub const KIND: Kind = Kind::declare::<Service>();
@@ -109,7 +109,7 @@ impl Declaration for Service {
                  indexes stopped first.",
                 600,
             )
-            .params(Params::of::<ScaleParams>())
+            .params(Params::of::<cluster::ScaleParams>())
             .with_settings()
             .changing_spec(&["count"]),
             Action::Deploy => ActionDecl::new(
@@ -597,24 +597,6 @@ impl Spec {
             }
         }
         errors
-    }
-}
-
-/// `scale`: the new number of instances.
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ScaleParams {
-    /// Instances after the scale.
-    #[schemars(range(min = 1, max = 64))]
-    pub count: u32,
-}
-
-impl ActionParams for ScaleParams {
-    fn check(&self) -> Vec<FieldError> {
-        match self.count {
-            1..=MAX_COUNT => Vec::new(),
-            _ => vec![FieldError::new("params.count", format!("must be between 1 and {MAX_COUNT}"))],
-        }
     }
 }
 

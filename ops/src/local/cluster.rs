@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 
 use super::image::io;
 use super::process::{alive, check, free_port, spawn_group, stop_group, wait_healthy, Probe};
+use super::state;
 
-const STATE: &str = "instances.json";
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,23 +54,11 @@ impl LocalClusters {
     }
 
     fn load(&self, r: &Resource) -> Result<State, ProviderError> {
-        match std::fs::read(self.dir(r).join(STATE)) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| ProviderError::fatal("corrupt_state", format!("instance state file is unreadable: {e}"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(io("read the instance state")(e)),
-        }
+        state::read(&self.dir(r))
     }
 
-    /// Written before an instance is health-checked, atomically, so that a
-    /// crash at any point leaves every started process on record.
     fn save(&self, r: &Resource, s: &State) -> Result<(), ProviderError> {
-        let dir = self.dir(r);
-        std::fs::create_dir_all(&dir).map_err(io("create the cluster directory"))?;
-        let tmp = dir.join(format!("{STATE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(s).expect("state serialises"))
-            .map_err(io("write the instance state"))?;
-        std::fs::rename(&tmp, dir.join(STATE)).map_err(io("write the instance state"))
+        state::write(&self.dir(r), s)
     }
 
     /// Brings the cluster to `count` healthy instances, adopting those that
@@ -252,7 +240,7 @@ pub(super) fn dirs_in_use(roots: &[PathBuf]) -> Option<Vec<PathBuf>> {
             Err(_) => return None,
         };
         for e in entries {
-            let file = e.ok()?.path().join(STATE);
+            let file = e.ok()?.path().join(state::STATE);
             let state: Running = match std::fs::read(&file) {
                 Ok(bytes) => serde_json::from_slice(&bytes).ok()?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -277,13 +265,7 @@ pub(super) struct Machine {
 
 /// The live machines of the cluster with id `cluster` under `root`, by index.
 pub(super) fn machines(root: &Path, cluster: uuid::Uuid) -> Result<Vec<Machine>, ProviderError> {
-    let state: State = match std::fs::read(root.join(cluster.to_string()).join(STATE)) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-            ProviderError::fatal("corrupt_state", format!("the cluster's state file is unreadable: {e}"))
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-        Err(e) => return Err(io("read the cluster's instance state")(e)),
-    };
+    let state: State = state::read(&root.join(cluster.to_string()))?;
     let mut out: Vec<Machine> = state
         .instances
         .into_iter()
@@ -350,11 +332,7 @@ impl Provider for LocalClusters {
             }
             "destroy" => {
                 self.stop_all(ctx, &job.resource).await?;
-                match std::fs::remove_dir_all(self.dir(&job.resource)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io("remove the cluster directory")(e)),
-                }
+                state::remove(&self.dir(&job.resource), "remove the cluster directory")?;
                 ctx.event(NewEvent::info("destroy", "all instances stopped and files removed")).await;
                 Ok(json!({ "count": 0, "instances": [] }))
             }

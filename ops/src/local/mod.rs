@@ -26,6 +26,7 @@ mod image;
 mod job;
 mod process;
 mod service;
+mod state;
 #[cfg(feature = "test-support")]
 pub mod testing;
 

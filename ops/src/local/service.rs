@@ -46,8 +46,8 @@ use uuid::Uuid;
 use super::cluster::{machine_dir, machines, Machine, PROCESS};
 use super::image::io;
 use super::process::{alive, check, free_port, spawn_group, stop_group, wait_healthy, Probe};
+use super::state;
 
-const STATE: &str = "instances.json";
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,21 +166,11 @@ impl LocalServices {
     }
 
     fn load(&self, r: &Resource) -> Result<State, ProviderError> {
-        match std::fs::read(self.dir(r).join(STATE)) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| ProviderError::fatal("corrupt_state", format!("instance state file is unreadable: {e}"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(io("read the instance state")(e)),
-        }
+        state::read(&self.dir(r))
     }
 
     fn save(&self, r: &Resource, s: &State) -> Result<(), ProviderError> {
-        let dir = self.dir(r);
-        std::fs::create_dir_all(&dir).map_err(io("create the service directory"))?;
-        let tmp = dir.join(format!("{STATE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(s).expect("state serialises"))
-            .map_err(io("write the instance state"))?;
-        std::fs::rename(&tmp, dir.join(STATE)).map_err(io("write the instance state"))
+        state::write(&self.dir(r), s)
     }
 
     fn site(&self, job: &Job, spec: &Spec) -> Result<Site, ProviderError> {
@@ -788,11 +778,7 @@ impl Provider for LocalServices {
             }
             "destroy" => {
                 self.stop_all(ctx, &job.resource).await?;
-                match std::fs::remove_dir_all(self.dir(&job.resource)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io("remove the service directory")(e)),
-                }
+                state::remove(&self.dir(&job.resource), "remove the service directory")?;
                 ctx.event(NewEvent::info("destroy", "all instances stopped and files removed")).await;
                 Ok(json!({ "count": 0, "instances": [] }))
             }
