@@ -334,6 +334,30 @@ impl Service {
         Ok(None)
     }
 
+    /// The live resources of `r`'s kind whose specs name it (a leader
+    /// cluster's worker groups).
+    async fn members_of(&self, r: &Resource) -> Result<Vec<Resource>> {
+        let kind = r.kind;
+        let id = r.id.to_string();
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page =
+                self.store.list_resources(kind, &ResourceFilter::default(), PageRequest { after, limit: 500 }).await?;
+            for m in &page {
+                let joins = kind.references(&m.spec).iter().any(|x| x.kind == kind && (x.key == r.name || x.key == id));
+                if joins && m.state != kind.final_state() && m.id != r.id {
+                    out.push(m.clone());
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == 500 => after = Some(last.id),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// The resource `r` lives on ([`Kind::parent`]), if it names one that exists.
     async fn parent_of(&self, kind: Kind, r: &Resource) -> Result<Option<Resource>> {
         match kind.parent(&r.spec) {
@@ -555,6 +579,15 @@ impl Service {
                 Some(d) => found_deps.push((Reference::new(dep.kind, &dep.key, dep.field), d)),
             }
         }
+        // With each dependency come the resources that join it (a leader
+        // cluster's worker groups: their machines are its machines too).
+        let mut members = Vec::new();
+        for (_, d) in &found_deps {
+            for m in self.members_of(d).await? {
+                members.push((Reference::new(m.kind, &m.name, "members"), m));
+            }
+        }
+        found_deps.extend(members);
         let target = kind.spec_after_success(&action, &params, &resource.spec).unwrap_or_else(|| resource.spec.clone());
         kind.check_run(&target, &action, &referenced(&found_deps))?;
         if kind.retires(&action) {

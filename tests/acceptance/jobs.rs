@@ -146,3 +146,62 @@ async fn failures_time_outs_and_cancel_are_bounded() {
     assert_eq!(app.wait(&id).await["status"], "cancelled");
     assert!(pids.iter().all(|&p| !alive(p)), "{pids:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_groups_lend_their_machines_to_the_leaders_jobs_and_services() {
+    let app = spawn_app(Backend::Sqlite).await;
+    create_image(&app, "web", "echo built > index.html").await;
+    assert_eq!(app.run("image", "web", json!({"action": "build"})).await["status"], "succeeded");
+    let leader = json!({"image": "web", "count": 1, "role_metadata": "role=leader"});
+    assert_eq!(app.post("/v1/clusters", json!({"name": "c1", "spec": leader})).await.status, StatusCode::CREATED);
+    let workers = json!({"image": "web", "count": 2, "join": "c1", "role_metadata": "role=worker,disk=ssd"});
+    assert_eq!(app.post("/v1/clusters", json!({"name": "w1", "spec": workers})).await.status, StatusCode::CREATED);
+    // A worker group needs its leader up.
+    let r = app.post("/v1/clusters/w1/transitions", json!({"action": "create"})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(app.run("cluster", "c1", json!({"action": "create"})).await["status"], "succeeded");
+    assert_eq!(app.run("cluster", "w1", json!({"action": "create"})).await["status"], "succeeded");
+    // Joins may not go round.
+    let r = app.patch("/v1/clusters/c1", json!({"spec": {"join": "w1"}}), None).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert!(r.body["errors"][0]["message"].as_str().unwrap().contains("c1 -> w1 -> c1"), "{}", r.body);
+
+    // A job of the leader with the workers' role runs on the workers only.
+    let cmd = "echo $DROVER_MACHINE $DROVER_ROLE_METADATA";
+    job(&app, "warm", json!({"cluster": "c1", "command": cmd, "constraints": "role=worker"})).await;
+    let run = app.run("job", "warm", json!({"action": "run"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let mut out: Vec<String> =
+        results(&run["outputs"]).iter().map(|r| r["stdout_tail"][0].as_str().unwrap().to_string()).collect();
+    out.sort();
+    assert_eq!(out, ["w1-0 role=worker,disk=ssd", "w1-1 role=worker,disk=ssd"]);
+    // Without constraints: every machine of the leader and its workers.
+    job(&app, "all", json!({"cluster": "c1", "command": "true"})).await;
+    let run = app.run("job", "all", json!({"action": "run"})).await;
+    let mut names: Vec<String> =
+        results(&run["outputs"]).iter().map(|r| r["machine_name"].as_str().unwrap().to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["c1-0", "w1-0", "w1-1"]);
+    // Constraints nothing carries are refused before anything runs, naming what the machines carry.
+    job(&app, "none", json!({"cluster": "c1", "command": "true", "constraints": "disk=hdd"})).await;
+    let r = app.post("/v1/jobs/none/transitions", json!({"action": "run"})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    let why = r.body["errors"][0]["message"].as_str().unwrap();
+    assert!(why.contains("c1: role=leader") && why.contains("w1: role=worker,disk=ssd"), "{why}");
+
+    // A global service with the workers' role: one instance on each worker.
+    let spec = json!({"cluster": "c1", "image": "web", "global": true, "constraints": "role=worker"});
+    assert_eq!(app.post("/v1/services", json!({"name": "agent", "spec": spec})).await.status, StatusCode::CREATED);
+    let run = app.run("service", "agent", json!({"action": "start"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let svc = app.get("/v1/services/agent").await.body;
+    let instances = svc["outputs"]["instances"].as_array().unwrap().clone();
+    let placed: Vec<(u64, &str)> =
+        instances.iter().map(|i| (i["index"].as_u64().unwrap(), i["machine_name"].as_str().unwrap())).collect();
+    assert_eq!(placed, [(0, "w1-0"), (1, "w1-1")]);
+    // Stopping the worker group stops what runs on its machines.
+    let pids: Vec<u64> = instances.iter().map(|i| i["pid"].as_u64().unwrap()).collect();
+    assert!(pids.iter().all(|&p| alive(p)));
+    assert_eq!(app.run("cluster", "w1", json!({"action": "stop"})).await["status"], "succeeded");
+    assert!(pids.iter().all(|&p| !alive(p)), "{pids:?}");
+}

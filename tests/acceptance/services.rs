@@ -168,7 +168,7 @@ async fn services_are_placed_on_the_clusters_machines_in_order() {
     let events = app.get(&format!("/v1/transitions/{}/events", run["id"].as_str().unwrap())).await.body;
     let moved = events["events"].as_array().unwrap().iter().any(|e| {
         e["data"]["index"] == 1
-            && e["data"]["moved_from"] == 1
+            && e["data"]["moved_from"] == "c1-1"
             && e["data"]["machine"] == 0
             && e["data"]["reason"] == "its machine is gone"
     });

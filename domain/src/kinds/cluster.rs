@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use super::{
     environment, image, is_name, named_enum, service, ActionDecl, ActionParams, Declaration, Dependency, FanOut, Kind,
-    NotAllowed, Params, Reference, TypedStep,
+    NotAllowed, Params, Reference, Referenced, TypedStep,
 };
 use crate::error::{FieldError, Result};
 
@@ -124,6 +124,15 @@ impl Declaration for Cluster {
 
     fn requires(spec: &Spec, action: Action) -> Vec<Dependency> {
         dependencies(spec, action)
+    }
+
+    /// A worker group's leader runs on its provider.
+    fn check_with(spec: &Spec, named: &[Referenced]) -> Vec<FieldError> {
+        named
+            .iter()
+            .filter(|r| r.reference.kind == KIND && r.spec["provider"].as_str().unwrap_or("local") != spec.provider)
+            .map(|r| FieldError::new("spec.join", format!("cluster {} runs on another provider", r.name)))
+            .collect()
     }
 
     fn spec_after(spec: &Spec, action: Action, params: &Value) -> Option<Spec> {
@@ -254,7 +263,9 @@ pub struct Spec {
     /// `DROVER_ROLE_METADATA`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role_metadata: Option<String>,
-    /// aws: the leader cluster (name) this worker group joins; it must be `up`.
+    /// The leader cluster (name) this worker group joins; it must be `up`,
+    /// on the same provider. Its machines are the leader's too: services
+    /// and jobs of the leader are placed on them (by their role metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub join: Option<String>,
@@ -276,7 +287,7 @@ fn provider_rules(schema: &mut schemars::Schema) {
     let local = json!({
         "provider": {"const": "local"},
         "instance_type": {"type": "null"}, "key_name": {"type": "null"}, "role_metadata": metadata,
-        "join": {"type": "null"}, "subnets": {"maxItems": 0}, "security_groups": {"maxItems": 0},
+        "subnets": {"maxItems": 0}, "security_groups": {"maxItems": 0},
         "tags": {"maxProperties": 0}, "termination_protection": {"const": false},
     });
     schema.insert(
@@ -350,7 +361,6 @@ impl Spec {
                     ("subnets", !spec.subnets.is_empty()),
                     ("security_groups", !spec.security_groups.is_empty()),
                     ("tags", !spec.tags.is_empty()),
-                    ("join", spec.join.is_some()),
                     ("termination_protection", spec.termination_protection),
                 ];
                 for (field, set) in aws_only {
@@ -638,8 +648,10 @@ mod tests {
         let fields: Vec<_> = f.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["spec.instance_type", "spec.subnets[0]", "spec.tags.drover:run", "spec.role_metadata"]);
         // aws fields on a local cluster are refused, so local specs stay as they were.
-        let e = Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "join": "x"})).unwrap_err();
-        assert!(matches!(e, Error::Invalid(f) if f[0].field == "spec.join"));
+        let e = Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "key_name": "x"})).unwrap_err();
+        assert!(matches!(e, Error::Invalid(f) if f[0].field == "spec.key_name"));
+        // A local worker group joins a local leader.
+        assert!(Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "join": "x"})).is_ok());
         let local = Spec::from_value(&serde_json::json!({"image": "web", "count": 1})).unwrap();
         assert_eq!(
             serde_json::to_value(&local).unwrap(),

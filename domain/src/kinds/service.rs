@@ -427,18 +427,23 @@ pub(super) fn check_cluster_provider(provider: &str, named: &[Referenced], error
     }
 }
 
-/// Some machine of the cluster among `deps` carries what `constraints`
-/// ask for.
+/// Some machine of the cluster among `deps`, or of a worker group joined
+/// to it (also among them), carries what `constraints` ask for.
 pub(super) fn check_machines(constraints: Option<&str>, deps: &[Referenced], errors: &mut Vec<FieldError>) {
+    let mut carried = Vec::new();
     for r in deps.iter().filter(|r| r.reference.kind == cluster::KIND) {
         let Ok(c) = serde_json::from_value::<cluster::Spec>(r.spec.clone()) else { continue };
         let metadata = c.machine_metadata(r.name);
-        if !matches(constraints, &metadata) {
-            errors.push(FieldError::new(
-                "spec.constraints",
-                format!("no machine of cluster {} matches: its machines carry {metadata}", r.name),
-            ));
+        if matches(constraints, &metadata) {
+            return;
         }
+        carried.push(format!("{}: {metadata}", r.name));
+    }
+    if !carried.is_empty() {
+        errors.push(FieldError::new(
+            "spec.constraints",
+            format!("no machine matches: the cluster's machines carry {}", carried.join("; ")),
+        ));
     }
 }
 

@@ -38,6 +38,15 @@ struct Instance {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     instances: Vec<Instance>,
+    /// Who the machines are, for the services and jobs placed on them:
+    /// the cluster's name, the leader it joins, its machines' role
+    /// metadata (absent in state written before worker groups were local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    join: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    metadata: Option<String>,
 }
 
 pub struct LocalClusters {
@@ -86,6 +95,9 @@ impl LocalClusters {
         let role_metadata = spec.machine_metadata(&job.resource.name);
         let r = &job.resource;
         let mut state = self.load(r)?;
+        state.name = Some(r.name.clone());
+        state.join = spec.join.clone();
+        state.metadata = Some(role_metadata.clone());
 
         let (live, gone): (Vec<_>, Vec<_>) = state.instances.drain(..).partition(|i| alive(i.pid, i.start_ticks));
         for i in &gone {
@@ -255,24 +267,72 @@ pub(super) fn dirs_in_use(roots: &[PathBuf]) -> Option<Vec<PathBuf>> {
     Some(dirs)
 }
 
-/// One of a local cluster's machines (an instance), as its state file has it.
+/// A machine services and jobs run on: an instance of a local cluster, or
+/// of a worker group joined to it.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Machine {
+    /// The cluster it is an instance of, and that cluster's name.
+    pub cluster: uuid::Uuid,
+    pub cluster_name: String,
     pub index: u32,
     pub pid: u32,
     pub start_ticks: u64,
+    /// Its role metadata.
+    pub metadata: String,
 }
 
-/// The live machines of the cluster with id `cluster` under `root`, by index.
-pub(super) fn machines(root: &Path, cluster: uuid::Uuid) -> Result<Vec<Machine>, ProviderError> {
-    let state: State = state::read(&root.join(cluster.to_string()))?;
-    let mut out: Vec<Machine> = state
-        .instances
-        .into_iter()
-        .filter(|i| alive(i.pid, i.start_ticks))
-        .map(|i| Machine { index: i.index, pid: i.pid, start_ticks: i.start_ticks })
-        .collect();
-    out.sort_by_key(|m| m.index);
+impl Machine {
+    /// `web-qa-2`: what `DROVER_MACHINE` says.
+    pub fn name(&self) -> String {
+        format!("{}-{}", self.cluster_name, self.index)
+    }
+}
+
+/// The live machines of `leader` (a local cluster: its id, name and its
+/// machines' metadata) and of every local worker group whose state says it
+/// joins it: the leader's first, each cluster's by index.
+pub(super) fn machines(
+    root: &Path,
+    leader: uuid::Uuid,
+    leader_name: &str,
+    leader_metadata: &str,
+) -> Result<Vec<Machine>, ProviderError> {
+    let mut groups: Vec<(uuid::Uuid, State)> = vec![(leader, state::read(&root.join(leader.to_string()))?)];
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let Some(id) = e.file_name().to_str().and_then(|n| uuid::Uuid::parse_str(n).ok()) else { continue };
+        if id == leader {
+            continue;
+        }
+        // A worker group's state that cannot be read is not one of ours to place on.
+        let Ok(s) = state::read::<State>(&e.path()) else { continue };
+        if s.join.as_deref().is_some_and(|j| j == leader_name || j == leader.to_string()) {
+            groups.push((id, s));
+        }
+    }
+    groups[1..].sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    let mut out = Vec::new();
+    for (n, (id, s)) in groups.into_iter().enumerate() {
+        let name = s.name.clone().unwrap_or_else(|| if n == 0 { leader_name.to_string() } else { id.to_string() });
+        let metadata = match n {
+            0 => leader_metadata.to_string(),
+            _ => s.metadata.clone().unwrap_or_else(|| format!("cluster={name}")),
+        };
+        let mut ms: Vec<Machine> = s
+            .instances
+            .iter()
+            .filter(|i| alive(i.pid, i.start_ticks))
+            .map(|i| Machine {
+                cluster: id,
+                cluster_name: name.clone(),
+                index: i.index,
+                pid: i.pid,
+                start_ticks: i.start_ticks,
+                metadata: metadata.clone(),
+            })
+            .collect();
+        ms.sort_by_key(|m| m.index);
+        out.extend(ms);
+    }
     Ok(out)
 }
 

@@ -54,17 +54,18 @@ impl LocalJobs {
         let cluster_spec = cluster::Spec::from_value(&c.spec)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("cluster {}: {e:?}", c.name)))?;
         let metadata = cluster_spec.machine_metadata(&c.name);
-        let mut targets: Vec<Machine> = match matches(spec.constraints.as_deref(), &metadata) {
-            true => machines(&self.clusters, c.id)?,
-            false => Vec::new(),
-        };
+        // The cluster's machines and its worker groups', those whose role
+        // metadata matches.
+        let all = machines(&self.clusters, c.id, &c.name, &metadata)?;
+        let mut targets: Vec<Machine> =
+            all.iter().filter(|m| matches(spec.constraints.as_deref(), &m.metadata)).cloned().collect();
         if spec.target == Target::Once {
             targets.truncate(1);
         }
         if targets.is_empty() {
             return Err(ProviderError::fatal(
                 "no_target",
-                format!("no running machine of cluster {} matches the job (its machines carry {metadata})", c.name),
+                format!("no running machine of cluster {} (or its worker groups) matches the job", c.name),
             ));
         }
         let build = match job.dependencies.iter().find(|d| d.kind == image::KIND) {
@@ -73,7 +74,7 @@ impl LocalJobs {
             })?),
             None => None,
         };
-        let names: Vec<String> = targets.iter().map(|m| format!("{}-{}", c.name, m.index)).collect();
+        let names: Vec<String> = targets.iter().map(Machine::name).collect();
         let msg = format!(
             "running on {} machine(s), {} at a time, up to {} failure(s): {}",
             targets.len(),
@@ -134,8 +135,8 @@ impl LocalJobs {
         build: Option<&Path>,
         failures: &AtomicUsize,
     ) -> Outcome {
-        let name = format!("{}-{}", c.name, m.index);
-        let dir = machine_dir(&self.clusters, c.id, m.index)
+        let name = m.name();
+        let dir = machine_dir(&self.clusters, m.cluster, m.index)
             .join("jobs")
             .join(job.resource.id.to_string())
             .join(job.run_id.to_string());
@@ -263,14 +264,15 @@ impl LocalJobs {
         env.extend([
             ("DROVER_JOB".to_string(), job.resource.name.clone()),
             ("DROVER_RUN_ID".to_string(), job.run_id.to_string()),
-            ("DROVER_MACHINE".to_string(), format!("{}-{}", c.name, m.index)),
+            ("DROVER_MACHINE".to_string(), m.name()),
+            ("DROVER_ROLE_METADATA".to_string(), m.metadata.clone()),
             ("DROVER_CLUSTER".to_string(), c.name.clone()),
             ("DROVER_JOB_COMMAND".to_string(), spec.command.clone()),
         ]);
         let (pid, ticks) = spawn_group(&work, WRAPPER, &env, &dir.join("wrapper.log"))?;
         let record = json!({ "pid": pid, "start_ticks": ticks, "job": job.resource.name, "run": job.run_id });
         std::fs::write(dir.join(PROCESS), record.to_string()).map_err(io("record the job's process"))?;
-        let msg = format!("{}-{}: started (pid {pid})", c.name, m.index);
+        let msg = format!("{}: started (pid {pid})", m.name());
         ctx.event(NewEvent::info("target", msg)).await;
         Ok((pid, ticks))
     }

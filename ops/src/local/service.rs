@@ -59,6 +59,12 @@ struct Instance {
     machine: u32,
     machine_pid: u32,
     machine_ticks: u64,
+    /// The cluster the machine is an instance of (the service's, or a
+    /// worker group joined to it), and the machine's name (`w1-0`).
+    #[serde(default)]
+    machine_cluster: Option<Uuid>,
+    #[serde(default)]
+    machine_name: Option<String>,
     pid: u32,
     start_ticks: u64,
     port: u16,
@@ -81,8 +87,14 @@ struct Instance {
 }
 
 impl Instance {
+    /// Whether it runs on `m`: the machine's process (pid and start time)
+    /// names the machine, whichever cluster it is in.
     fn on(&self, m: &Machine) -> bool {
-        self.machine == m.index && self.machine_pid == m.pid && self.machine_ticks == m.start_ticks
+        self.machine_pid == m.pid && self.machine_ticks == m.start_ticks
+    }
+
+    fn machine_label(&self) -> String {
+        self.machine_name.clone().unwrap_or_else(|| self.machine.to_string())
     }
 
     fn alive(&self) -> bool {
@@ -143,12 +155,13 @@ struct State {
 
 /// The cluster a run places instances on, as it is now.
 struct Site {
-    cluster_id: Uuid,
     cluster: String,
-    metadata: String,
-    /// Its live machines, and those that match the constraints.
+    /// Its live machines (its own and its worker groups'), and those that
+    /// match the constraints.
     all: Vec<Machine>,
     eligible: Vec<Machine>,
+    /// A global service's machine for each index.
+    assigned: BTreeMap<u32, Machine>,
 }
 
 pub struct LocalServices {
@@ -177,33 +190,56 @@ impl LocalServices {
         let c = dependency(job, cluster::KIND)?;
         let cluster_spec = cluster::Spec::from_value(&c.spec)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("cluster {}: {e:?}", c.name)))?;
-        let metadata = cluster_spec.machine_metadata(&c.name);
-        let all = machines(&self.clusters, c.id)?;
-        let eligible = match matches(spec.constraints.as_deref(), &metadata) {
-            true => all.clone(),
-            false => Vec::new(),
-        };
+        let all = machines(&self.clusters, c.id, &c.name, &cluster_spec.machine_metadata(&c.name))?;
+        let eligible: Vec<Machine> =
+            all.iter().filter(|m| matches(spec.constraints.as_deref(), &m.metadata)).cloned().collect();
         if eligible.is_empty() {
             let why = match all.is_empty() {
                 true => format!("cluster {} has no running machine", c.name),
-                false => format!(
-                    "no machine of cluster {} matches the constraints {:?} (its machines carry {metadata})",
-                    c.name,
-                    spec.constraints.as_deref().unwrap_or_default()
-                ),
+                false => {
+                    let mut carried: Vec<String> =
+                        all.iter().map(|m| format!("{}: {}", m.name(), m.metadata)).collect();
+                    carried.dedup();
+                    format!(
+                        "no machine of cluster {} matches the constraints {:?} ({})",
+                        c.name,
+                        spec.constraints.as_deref().unwrap_or_default(),
+                        carried.join("; ")
+                    )
+                }
             };
             return Err(ProviderError::fatal("no_machine", why));
         }
-        Ok(Site { cluster_id: c.id, cluster: c.name.clone(), metadata, all, eligible })
+        Ok(Site { cluster: c.name.clone(), all, eligible, assigned: BTreeMap::new() })
     }
 
-    /// The indexes the service wants on the site: `0..count`, or one per
-    /// matching machine when global.
-    fn wanted(spec: &Spec, site: &Site, count: Option<u32>) -> Vec<u32> {
-        match spec.global {
-            true => site.eligible.iter().map(|m| m.index).collect(),
-            false => (0..count.or(spec.count).unwrap_or(0)).collect(),
+    /// The indexes the service wants on the site: `0..count`; or, when
+    /// global, one per matching machine: an instance that runs on one keeps
+    /// its index, a machine without one gets the lowest index free (kept in
+    /// `site.assigned`).
+    fn wanted(spec: &Spec, site: &mut Site, state: &State, count: Option<u32>) -> Vec<u32> {
+        if !spec.global {
+            return (0..count.or(spec.count).unwrap_or(0)).collect();
         }
+        let mut assigned = BTreeMap::new();
+        let mut bare = Vec::new();
+        for m in &site.eligible {
+            match state.instances.iter().find(|i| i.on(m) && i.alive() && !assigned.contains_key(&i.index)) {
+                Some(i) => {
+                    assigned.insert(i.index, m.clone());
+                }
+                None => bare.push(m.clone()),
+            }
+        }
+        let mut next = 0;
+        for m in bare {
+            while assigned.contains_key(&next) {
+                next += 1;
+            }
+            assigned.insert(next, m);
+        }
+        site.assigned = assigned;
+        site.assigned.keys().copied().collect()
     }
 
     /// Stops and forgets the instances that are gone, whose machine went
@@ -217,7 +253,7 @@ impl LocalServices {
         site: &Site,
         wanted: &[u32],
         global: bool,
-    ) -> Result<BTreeMap<u32, (u32, String)>, ProviderError> {
+    ) -> Result<BTreeMap<u32, (String, String)>, ProviderError> {
         let mut moved = BTreeMap::new();
         let all = std::mem::take(&mut state.instances);
         let mut keep = Vec::new();
@@ -226,7 +262,11 @@ impl LocalServices {
             // Two of one index (a plan that ended half way): the first stays.
             let twin = keep.iter().any(|k: &Instance| k.index == i.index);
             let why = match (machine, i.alive()) {
-                (Some(_), true) if !twin && wanted.contains(&i.index) && (!global || i.machine == i.index) => {
+                (Some(m), true)
+                    if !twin
+                        && wanted.contains(&i.index)
+                        && (!global || site.assigned.get(&i.index).is_some_and(|a| a == m)) =>
+                {
                     keep.push(i.clone());
                     continue;
                 }
@@ -238,13 +278,16 @@ impl LocalServices {
             self.stop_instance(ctx, i).await;
             match why {
                 Some(why) => {
-                    let msg =
-                        format!("instance {} was on machine {}: {why}; it will be placed again", i.index, i.machine);
+                    let msg = format!(
+                        "instance {} was on machine {}: {why}; it will be placed again",
+                        i.index,
+                        i.machine_label()
+                    );
                     ctx.event(NewEvent::info("placement", msg).with_level(Level::Warn)).await;
-                    moved.insert(i.index, (i.machine, why.to_string()));
+                    moved.insert(i.index, (i.machine_label(), why.to_string()));
                 }
                 None => {
-                    let msg = format!("stopped instance {} (pid {}) on machine {}", i.index, i.pid, i.machine);
+                    let msg = format!("stopped instance {} (pid {}) on machine {}", i.index, i.pid, i.machine_label());
                     ctx.event(NewEvent::info("instances", msg)).await;
                 }
             }
@@ -267,13 +310,18 @@ impl LocalServices {
         count: Option<u32>,
     ) -> Result<Value, ProviderError> {
         let r = &job.resource;
-        let site = self.site(job, spec)?;
+        let mut site = self.site(job, spec)?;
         let mut state = self.load(r)?;
-        let wanted = Self::wanted(spec, &site, count);
+        let wanted = Self::wanted(spec, &mut site, &state, count);
         let moved = self.prune(ctx, r, &mut state, &site, &wanted, spec.global).await?;
         for i in &state.instances {
-            let msg =
-                format!("adopting instance {} on machine {} (pid {}, port {})", i.index, i.machine, i.pid, i.port);
+            let msg = format!(
+                "adopting instance {} on machine {} (pid {}, port {})",
+                i.index,
+                i.machine_label(),
+                i.pid,
+                i.port
+            );
             ctx.event(NewEvent::info("instances", msg)).await;
         }
         // A scale deploys nothing: new instances run what the others run.
@@ -319,26 +367,30 @@ impl LocalServices {
         source: &Source,
         index: u32,
         plan: Option<Uuid>,
-        moved: Option<&(u32, String)>,
+        moved: Option<&(String, String)>,
     ) -> Result<Instance, ProviderError> {
         let old = state.instances.iter().find(|i| i.index == index && site.eligible.iter().any(|m| i.on(m)));
         let machine = match (spec.global, old) {
-            (true, _) => site.eligible.iter().find(|m| m.index == index),
+            (true, _) => site.assigned.get(&index),
             (false, Some(old)) => site.eligible.iter().find(|m| old.on(m)),
             (false, None) => site
                 .eligible
                 .iter()
-                .min_by_key(|m| (state.instances.iter().filter(|i| i.on(m) && i.alive()).count(), m.index)),
+                .enumerate()
+                .min_by_key(|(n, m)| (state.instances.iter().filter(|i| i.on(m) && i.alive()).count(), *n))
+                .map(|(_, m)| m),
         }
         .cloned()
         .ok_or_else(|| ProviderError::fatal("no_machine", format!("no machine for instance {index}")))?;
         let inst = self.spawn(job, spec, source, site, &machine, index, plan)?;
         let build_name = source.build.clone().unwrap_or_else(|| "(from before build ids)".into());
-        let mut data = json!({ "index": index, "machine": machine.index, "build": source.build, "pid": inst.pid,
-            "port": inst.port });
+        let mut data = json!({ "index": index, "machine": machine.index, "machine_name": machine.name(),
+            "build": source.build, "pid": inst.pid, "port": inst.port });
         let mut msg = format!(
             "placed instance {index} on machine {} from build {build_name}: pid {}, port {}",
-            machine.index, inst.pid, inst.port
+            machine.name(),
+            inst.pid,
+            inst.port
         );
         if let Some((from, why)) = moved {
             data["moved_from"] = json!(from);
@@ -365,7 +417,7 @@ impl LocalServices {
         // Every instance its own directory: a plan's runs beside the one it
         // replaces, which keeps serving from its own.
         let name = format!("{index}-{}", &Uuid::new_v4().simple().to_string()[..12]);
-        let dir = machine_dir(&self.clusters, site.cluster_id, machine.index)
+        let dir = machine_dir(&self.clusters, machine.cluster, machine.index)
             .join("services")
             .join(r.id.to_string())
             .join(name);
@@ -396,9 +448,9 @@ impl LocalServices {
             ("PORT".to_string(), port.to_string()),
             ("DROVER_SERVICE".to_string(), r.name.clone()),
             ("DROVER_INSTANCE".to_string(), index.to_string()),
-            ("DROVER_MACHINE".to_string(), format!("{}-{}", site.cluster, machine.index)),
+            ("DROVER_MACHINE".to_string(), machine.name()),
             ("DROVER_CLUSTER".to_string(), site.cluster.clone()),
-            ("DROVER_ROLE_METADATA".to_string(), site.metadata.clone()),
+            ("DROVER_ROLE_METADATA".to_string(), machine.metadata.clone()),
             ("DROVER_BUILD".to_string(), source.build.clone().unwrap_or_default()),
         ]);
         let (pid, start_ticks) = spawn_group(&dir, &source.command, &env, &log)?;
@@ -409,6 +461,8 @@ impl LocalServices {
             machine: machine.index,
             machine_pid: machine.pid,
             machine_ticks: machine.start_ticks,
+            machine_cluster: Some(machine.cluster),
+            machine_name: Some(machine.name()),
             pid,
             start_ticks,
             port,
@@ -428,8 +482,9 @@ impl LocalServices {
     /// halts, puts the replaced ones back.
     async fn roll(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
         let r = &job.resource;
-        let site = self.site(job, spec)?;
+        let mut site = self.site(job, spec)?;
         let mut state = self.load(r)?;
+        let wanted = Self::wanted(spec, &mut site, &state, None);
         let plan = match state.plan.clone().filter(|p| p.run == job.run_id) {
             Some(p) => {
                 let msg = format!("resuming the plan of this run: {} instance(s) to replace", p.indexes.len());
@@ -437,7 +492,6 @@ impl LocalServices {
                 p
             }
             None => {
-                let wanted = Self::wanted(spec, &site, None);
                 let moved = self.prune(ctx, r, &mut state, &site, &wanted, spec.global).await?;
                 for (index, (from, why)) in &moved {
                     let msg = format!("instance {index} (was on machine {from}: {why}) will be started by the plan");
@@ -654,7 +708,7 @@ impl LocalServices {
     async fn stop_instance(&self, ctx: &dyn RunContext, i: &Instance) {
         if i.alive() {
             stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
-            let msg = format!("stopped instance {} (pid {}) on machine {}", i.index, i.pid, i.machine);
+            let msg = format!("stopped instance {} (pid {}) on machine {}", i.index, i.pid, i.machine_label());
             ctx.event(NewEvent::info("instances", msg).with_data(json!({ "index": i.index, "pid": i.pid }))).await;
         }
         let _ = std::fs::remove_dir_all(&i.dir);
@@ -747,7 +801,8 @@ fn outputs(state: &State, cluster: &str, source: &Source, previous: &Value) -> V
         .instances
         .iter()
         .map(|i| {
-            json!({ "index": i.index, "machine": i.machine, "machine_name": format!("{cluster}-{}", i.machine),
+            let name = i.machine_name.clone().unwrap_or_else(|| format!("{cluster}-{}", i.machine));
+            json!({ "index": i.index, "machine": i.machine, "machine_name": name,
                 "pid": i.pid, "port": i.port, "url": format!("http://127.0.0.1:{}", i.port),
                 "started_at": i.started_at, "build": i.build })
         })
@@ -803,7 +858,7 @@ impl Provider for LocalServices {
         for i in &state.instances {
             let running = i.alive();
             let failing = match (running, alive(i.machine_pid, i.machine_ticks)) {
-                (_, false) => Some(format!("machine {} is gone", i.machine)),
+                (_, false) => Some(format!("machine {} is gone", i.machine_label())),
                 (false, true) => Some("process is gone".to_string()),
                 (true, true) => check(i.port, health_path(&spec)).await,
             };
