@@ -309,6 +309,12 @@ async fn a_rolling_deploy_keeps_its_bounds_and_a_failing_build_is_put_back() {
     assert_eq!(builds(&svc), [b1.as_str(); 4]);
     let after = placement(&svc);
     assert!(before.iter().zip(&after).all(|(b, a)| b.0 == a.0 && b.2 != a.2 && !alive(b.2)), "{before:?} {after:?}");
+
+    // Stop and start: the build that ran last runs again, not the image's
+    // current one (the broken build 3): only a deploy changes the build.
+    assert_eq!(ok(&app, "app", json!({"action": "stop"})).await["state"], "stopped");
+    let svc = ok(&app, "app", json!({"action": "start"})).await;
+    assert_eq!(builds(&svc), [b1.as_str(); 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

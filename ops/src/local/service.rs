@@ -325,13 +325,25 @@ impl LocalServices {
             ctx.event(NewEvent::info("instances", msg)).await;
         }
         // A scale deploys nothing: new instances run what the others run.
+        // Nor does a start after a stop: it runs the build that ran last,
+        // unless the spec pins one or names another image (then it applies
+        // the spec); a newer build of the image waits for a deploy.
         let running = match job.action.as_str() {
             "scale" => state.instances.iter().find(|i| i.alive()).and_then(Instance::source),
             _ => None,
         };
-        let source = match running {
-            Some(s) => s,
-            None => source(job, spec, spec.build.as_deref())?,
+        let last = job.resource.outputs["build"].as_str().filter(|_| {
+            spec.build.is_none()
+                && dependency(job, image::KIND).is_ok_and(|i| job.resource.outputs["image"] == i.name.as_str())
+        });
+        let source = match (running, last) {
+            (Some(s), _) => s,
+            (None, Some(last)) => match source(job, spec, Some(last)) {
+                Ok(s) => s,
+                // No longer kept: the image's current build it is.
+                Err(_) => source(job, spec, None)?,
+            },
+            (None, None) => source(job, spec, spec.build.as_deref())?,
         };
         for &index in &wanted {
             if state.instances.iter().any(|i| i.index == index) {
@@ -829,7 +841,10 @@ impl Provider for LocalServices {
             "deploy" | "rollback" | "restart" => self.roll(ctx, job, &spec).await,
             "stop" => {
                 self.stop_all(ctx, &job.resource).await?;
-                Ok(json!({ "count": 0, "instances": [], "previous": job.resource.outputs["previous"] }))
+                // What ran stays on record: the next start runs it again.
+                let o = &job.resource.outputs;
+                Ok(json!({ "count": 0, "instances": [], "image": o["image"], "build": o["build"],
+                    "previous": o["previous"] }))
             }
             "destroy" => {
                 self.stop_all(ctx, &job.resource).await?;
