@@ -158,6 +158,17 @@ async fn services_are_placed_on_the_clusters_machines_in_order() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // The observer reports the loss on the service's view.
+    let mut seen = Value::Null;
+    for _ in 0..100 {
+        seen = app.get("/v1/services/app").await.body;
+        if seen["observed"]["healthy"] == false {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen["observed"]["healthy"], false, "{seen}");
+    assert!(seen["observed"]["summary"].as_str().unwrap().contains("machine c1-1 is gone"), "{seen}");
     let run = app.run("service", "app", json!({"action": "scale", "params": {"count": 2}})).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     let svc = app.get("/v1/services/app").await.body;
