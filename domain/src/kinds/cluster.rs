@@ -385,6 +385,9 @@ impl Spec {
         if spec.environment.as_deref().is_some_and(|e| !is_name(e)) {
             errors.push(FieldError::new("spec.environment", "not an environment name"));
         }
+        if spec.join.as_deref().is_some_and(|j| !is_name(j)) {
+            errors.push(FieldError::new("spec.join", "must name the leader cluster"));
+        }
         if spec.count == 0 || spec.count > MAX_COUNT {
             errors.push(FieldError::new("spec.count", format!("must be between 1 and {MAX_COUNT}")));
         }
@@ -456,11 +459,6 @@ impl Spec {
                     format!("spec.tags.{k}"),
                     "keys are 1-127 characters and may not start with drover: or aws:; values at most 255",
                 ));
-            }
-        }
-        if let Some(leader) = &self.join {
-            if !is_name(leader) {
-                errors.push(FieldError::new("spec.join", "must name the leader cluster"));
             }
         }
     }
