@@ -72,13 +72,28 @@ fn param(kind: &str, description: &str) -> Value {
 }
 
 /// The cloud-config each instance boots with. `${…}` are the stack's
-/// parameters, substituted by CloudFormation (`Fn::Sub`).
+/// parameters, substituted by CloudFormation (`Fn::Sub`). A worker group's
+/// instances join the leader's fleet the way CoreOS clusters on AWS did: a
+/// local etcd in proxy mode whose peers are the leader's instances, and
+/// fleet talking to that proxy.
 fn cloud_config(worker: bool) -> String {
     let mut s = String::from(
         "#cloud-config\n\
          # Rendered by drover for cluster ${ClusterName} (${ResourceId}).\n\
-         coreos:\n  fleet:\n    metadata: \"${RoleMetadata}\"\n\
-         write_files:\n  - path: /etc/drover/cluster.env\n    permissions: \"0644\"\n    content: |\n\
+         coreos:\n",
+    );
+    if worker {
+        s.push_str(
+            "  etcd2:\n    proxy: \"on\"\n    initial-cluster: \"${LeaderEtcdPeers}\"\n\
+             \x20   listen-client-urls: \"http://127.0.0.1:2379\"\n",
+        );
+    }
+    s.push_str("  fleet:\n    metadata: \"${RoleMetadata}\"\n");
+    if worker {
+        s.push_str("    etcd_servers: \"http://127.0.0.1:2379\"\n");
+    }
+    s.push_str(
+        "write_files:\n  - path: /etc/drover/cluster.env\n    permissions: \"0644\"\n    content: |\n\
          \x20     DROVER_CLUSTER=${ClusterName}\n\
          \x20     DROVER_RESOURCE=${ResourceId}\n\
          \x20     DROVER_ROLE_METADATA=${RoleMetadata}\n",
@@ -90,6 +105,13 @@ fn cloud_config(worker: bool) -> String {
         );
     }
     s
+}
+
+/// `leader-0=http://10.0.0.4:2380,…`: the leader's instances as etcd peers.
+fn etcd_peers(endpoints: &[String]) -> String {
+    let peers: Vec<String> =
+        endpoints.iter().enumerate().map(|(i, ip)| format!("leader-{i}=http://{ip}:2380")).collect();
+    peers.join(",")
 }
 
 /// Renders the stack for `count` instances of `ami`.
@@ -121,6 +143,7 @@ pub fn render(cluster: &Resource, spec: &Spec, ami: &str, count: u32, leader: Op
     if let Some(l) = leader {
         add("LeaderName", "String", "The leader cluster joined", l.name.clone());
         add("LeaderEndpoints", "String", "Private IPs of the leader's instances", l.endpoints.join(","));
+        add("LeaderEtcdPeers", "String", "The leader's instances as etcd peers (name=URL,…)", etcd_peers(&l.endpoints));
     }
 
     let mut lt_data = Map::new();
@@ -308,6 +331,12 @@ mod tests {
         assert!(text.starts_with("#cloud-config\n"), "{text}");
         assert!(text.contains("metadata: \"${RoleMetadata}\""), "{text}");
         assert!(text.contains("DROVER_LEADER_ENDPOINTS=${LeaderEndpoints}"), "{text}");
+        // The endpoints are used: an etcd proxy to the leader, which fleet talks to.
+        assert_eq!(out.parameters["LeaderEtcdPeers"], "leader-0=http://10.0.0.4:2380,leader-1=http://10.0.0.5:2380");
+        assert!(text.contains("  etcd2:\n    proxy: \"on\"\n    initial-cluster: \"${LeaderEtcdPeers}\"\n"), "{text}");
+        assert!(text.contains("    etcd_servers: \"http://127.0.0.1:2379\"\n"), "{text}");
+        let declared = out.template["Parameters"].as_object().unwrap();
+        assert!(declared.contains_key("LeaderEtcdPeers"));
         // Without a leader, no leader parameters are referenced.
         let alone = render(&r, &s, "ami-0123abcd", 2, None);
         let text = alone.template["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
