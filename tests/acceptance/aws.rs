@@ -296,10 +296,10 @@ async fn template_preview_needs_an_aws_cluster() {
     let r = app.get("/v1/clusters/nope/template").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
     // aws fields on a local cluster are refused by name.
-    let r =
-        app.post("/v1/clusters", json!({"name": "mixed", "spec": {"image": "web", "count": 1, "join": "plain"}})).await;
+    let spec = json!({"image": "web", "count": 1, "subnets": ["subnet-0abc1234"]});
+    let r = app.post("/v1/clusters", json!({"name": "mixed", "spec": spec})).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
-    assert!(r.body.to_string().contains("spec.join"), "{}", r.body);
+    assert!(r.body.to_string().contains("spec.subnets"), "{}", r.body);
 }
 
 /// Termination protection is honoured by destroy with a clear error.
