@@ -95,7 +95,14 @@ pub fn resource(v: &Value) -> String {
         out.push_str(&format!("builds     {}, current {}\n", builds.len(), s(&v["outputs"]["build"])));
     }
     if let Some(instances) = v["outputs"]["instances"].as_array() {
-        let list: Vec<String> = instances.iter().map(|i| format!("{}:{}", s(&i["pid"]), s(&i["port"]))).collect();
+        // A service's instances say which machine each runs on.
+        let list: Vec<String> = instances
+            .iter()
+            .map(|i| match i["machine_name"].as_str() {
+                Some(m) => format!("{}@{m}={}:{}", s(&i["index"]), s(&i["pid"]), s(&i["port"])),
+                None => format!("{}:{}", s(&i["pid"]), s(&i["port"])),
+            })
+            .collect();
         out.push_str(&format!("instances  {} ({})\n", instances.len(), list.join(" ")));
         let mut builds: Vec<String> =
             instances.iter().filter_map(|i| i["build"].as_str().map(str::to_string)).collect();
@@ -207,6 +214,9 @@ mod tests {
             "outputs": {"instances": [{"pid": 1, "port": 80, "build": "b1"}, {"pid": 2, "port": 81, "build": "b2"},
                 {"pid": 3, "port": 82, "build": "b1"}]}});
         assert!(resource(&cluster).contains("running    build b1, build b2"), "{}", resource(&cluster));
+        let service = json!({"kind": "service", "name": "app", "id": "03", "state": "running",
+            "outputs": {"instances": [{"index": 0, "machine_name": "web-qa-1", "pid": 7, "port": 90, "build": "b1"}]}});
+        assert!(resource(&service).contains("instances  1 (0@web-qa-1=7:90)"), "{}", resource(&service));
     }
 
     #[test]

@@ -195,7 +195,7 @@ fn spawn(
         ("DROVER_CLUSTER".to_string(), r.name.clone()),
         ("DROVER_ROLE_METADATA".to_string(), role_metadata.to_string()),
     ]);
-    let (pid, start_ticks) = spawn_group(image_dir, start, &env, log)?;
+    let (pid, start_ticks) = spawn_group(image_dir, start, &env, log, &format!("instance {index}"))?;
     Ok(Instance {
         index,
         pid,

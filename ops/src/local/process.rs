@@ -156,7 +156,7 @@ pub async fn wait_healthy(
     }
 }
 
-/// Starts `sh -c command` in `dir` as the leader of a new process group,
+/// Starts `sh -c command` in `dir` (`what` names it in errors) as the leader of a new process group,
 /// with `env` added to drover's environment and its output appended to
 /// `log`; returns its pid and kernel start time. The child is not waited
 /// on: it outlives the run that started it (tokio reaps it if it exits
@@ -166,6 +166,7 @@ pub fn spawn_group(
     command: &str,
     env: &[(String, String)],
     log: &Path,
+    what: &str,
 ) -> Result<(u32, u64), ProviderError> {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io("open the instance log"))?;
     let err = out.try_clone().map_err(io("open the instance log"))?;
@@ -180,7 +181,13 @@ pub fn spawn_group(
         .process_group(0)
         .spawn()
         .map_err(io("start an instance"))?;
-    let exited = || ProviderError::fatal("instance_exited", "instance exited at once");
+    // One that exits before its start time is read is named, with its output.
+    let exited = || {
+        let output = tail(log, 20);
+        let last = output.last().cloned().unwrap_or_default();
+        ProviderError::fatal("instance_exited", format!("{what} exited at once: {last}"))
+            .with_detail(json!({ "output_tail": output, "log": log }))
+    };
     let pid = child.id().ok_or_else(exited)?;
     let ticks = start_ticks(pid).ok_or_else(exited)?;
     Ok((pid, ticks))

@@ -45,7 +45,7 @@ use uuid::Uuid;
 
 use super::cluster::{machine_dir, machines, Machine, PROCESS};
 use super::image::io;
-use super::process::{alive, check, free_port, spawn_group, stop_group, tail, wait_healthy, Probe};
+use super::process::{alive, check, free_port, spawn_group, stop_group, wait_healthy, Probe};
 use super::state;
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -465,15 +465,7 @@ impl LocalServices {
             ("DROVER_ROLE_METADATA".to_string(), machine.metadata.clone()),
             ("DROVER_BUILD".to_string(), source.build.clone().unwrap_or_default()),
         ]);
-        let (pid, start_ticks) = spawn_group(&dir, &source.command, &env, &log).map_err(|e| match e {
-            ProviderError::Failed { code, .. } if code == "instance_exited" => {
-                let output = tail(&log, 20);
-                let last = output.last().cloned().unwrap_or_default();
-                ProviderError::fatal("instance_exited", format!("instance {index} exited at once: {last}"))
-                    .with_detail(json!({ "output_tail": output, "log": log }))
-            }
-            other => other,
-        })?;
+        let (pid, start_ticks) = spawn_group(&dir, &source.command, &env, &log, &format!("instance {index}"))?;
         let record = json!({ "pid": pid, "start_ticks": start_ticks, "service": r.name, "index": index });
         std::fs::write(dir.join(PROCESS), record.to_string()).map_err(io("record the instance's process"))?;
         Ok(Instance {

@@ -162,6 +162,7 @@ pub(super) async fn active<B: Backend>(s: &SqlStore<B>, resource: Uuid) -> Resul
 
 /// The statements of a resource's view, each with `$1` a resource or run id
 /// and `$2` a count, for the query-plan check (`testing::view_plans`).
+#[cfg(feature = "test-support")]
 pub(crate) const VIEW_STATEMENTS: &[(&str, &str)] =
     &[("recent and active runs", RECENT_AND_ACTIVE), ("last events", LAST_EVENTS)];
 
