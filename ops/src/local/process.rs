@@ -62,8 +62,35 @@ impl Drop for GroupGuard {
     }
 }
 
+/// A port for an instance to listen on: free now, and below the kernel's
+/// ephemeral range, so that no outgoing connection (a health check's, a
+/// client's) can take it between this check and the instance's own bind
+/// (a port the kernel hands out for `bind(0)` is in that range, and it did
+/// happen). Ports are handed out in turn within this process, from an offset
+/// that differs between processes, so two instances started at once never
+/// get the same one.
 pub fn free_port() -> std::io::Result<u16> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let high = ephemeral_start().clamp(LOW + 1_000, 65_536);
+    let span = high - LOW;
+    let offset = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span.min(2_000) {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (LOW + (offset + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The first port of the kernel's ephemeral range (32768 by default).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32_768)
 }
 
 /// `None` when healthy, else why not.
