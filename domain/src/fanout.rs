@@ -58,27 +58,11 @@ impl FanOutRunner {
         let store_err = |e: crate::Error| ProviderError::retryable("store_unavailable", e.to_string());
         let kind = self.fan_out.kind;
         let id = parent.id.to_string();
-        let mut found = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self
-                .store
-                .list_resources(kind, &ResourceFilter::default(), PageRequest { after, limit: 500 })
-                .await
-                .map_err(store_err)?;
-            for r in &page {
-                let lives_on = kind
-                    .parent(&r.spec)
-                    .is_some_and(|p| p.kind == parent.kind && (p.key == parent.name || p.key == id));
-                if lives_on && r.state != kind.final_state() {
-                    found.push(r.clone());
-                }
-            }
-            match page.last() {
-                Some(last) if page.len() == 500 => after = Some(last.id),
-                _ => break,
-            }
-        }
+        let mut found = crate::service::live_where(self.store.as_ref(), kind, |r| {
+            kind.parent(&r.spec).is_some_and(|p| p.kind == parent.kind && (p.key == parent.name || p.key == id))
+        })
+        .await
+        .map_err(store_err)?;
         // Dependencies first: take, round after round, those whose
         // references to their siblings are all taken.
         let names = |r: &Resource| -> Vec<String> {

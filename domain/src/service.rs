@@ -337,25 +337,11 @@ impl Service {
     /// The live resources of `r`'s kind whose specs name it (a leader
     /// cluster's worker groups).
     async fn members_of(&self, r: &Resource) -> Result<Vec<Resource>> {
-        let kind = r.kind;
-        let id = r.id.to_string();
-        let mut out = Vec::new();
-        let mut after = None;
-        loop {
-            let page =
-                self.store.list_resources(kind, &ResourceFilter::default(), PageRequest { after, limit: 500 }).await?;
-            for m in &page {
-                let joins = kind.references(&m.spec).iter().any(|x| x.kind == kind && (x.key == r.name || x.key == id));
-                if joins && m.state != kind.final_state() && m.id != r.id {
-                    out.push(m.clone());
-                }
-            }
-            match page.last() {
-                Some(last) if page.len() == 500 => after = Some(last.id),
-                _ => break,
-            }
-        }
-        Ok(out)
+        let (kind, id) = (r.kind, r.id.to_string());
+        live_where(self.store.as_ref(), kind, |m| {
+            m.id != r.id && kind.references(&m.spec).iter().any(|x| x.kind == kind && (x.key == r.name || x.key == id))
+        })
+        .await
     }
 
     /// The resource `r` lives on ([`Kind::parent`]), if it names one that exists.
@@ -371,31 +357,17 @@ impl Service {
         let id = target.id.to_string();
         let mut users = Vec::new();
         for kind in Kind::all() {
-            let mut after = None;
-            loop {
-                let page = self
-                    .store
-                    .list_resources(kind, &ResourceFilter::default(), PageRequest { after, limit: 500 })
-                    .await?;
-                for r in &page {
-                    // What its spec names, and what it runs now: a cluster
-                    // patched to another image still runs the old one until
-                    // the change is applied.
-                    let named = |spec: &Value| {
-                        kind.references(spec)
-                            .iter()
-                            .any(|x| x.kind == target.kind && (x.key == target.name || x.key == id))
-                    };
-                    let names_it = named(&r.spec) || r.applied_spec.as_ref().is_some_and(named);
-                    if names_it && r.state != kind.final_state() && r.id != target.id {
-                        users.push(format!("{kind}/{}", r.name));
-                    }
-                }
-                match page.last() {
-                    Some(last) if page.len() == 500 => after = Some(last.id),
-                    _ => break,
-                }
-            }
+            // What its spec names, and what it runs now: a cluster patched
+            // to another image still runs the old one until the change is
+            // applied.
+            let named = |spec: &Value| {
+                kind.references(spec).iter().any(|x| x.kind == target.kind && (x.key == target.name || x.key == id))
+            };
+            let found = live_where(self.store.as_ref(), kind, |r| {
+                r.id != target.id && (named(&r.spec) || r.applied_spec.as_ref().is_some_and(named))
+            })
+            .await?;
+            users.extend(found.into_iter().map(|r| format!("{kind}/{}", r.name)));
         }
         Ok(users)
     }
@@ -727,6 +699,26 @@ impl Service {
     pub async fn idempotency_abandon(&self, key: &str) -> Result<()> {
         self.store.idempotency_abandon(key).await
     }
+}
+
+/// The live resources of `kind` that `keep` accepts, paging through them
+/// all (a scan: fine for the hundreds of resources an installation has).
+pub(crate) async fn live_where(
+    store: &dyn Store,
+    kind: Kind,
+    keep: impl Fn(&Resource) -> bool,
+) -> Result<Vec<Resource>> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_resources(kind, &ResourceFilter::default(), PageRequest { after, limit: 500 }).await?;
+        out.extend(page.iter().filter(|r| r.state != kind.final_state() && keep(r)).cloned());
+        match page.last() {
+            Some(last) if page.len() == 500 => after = Some(last.id),
+            _ => break,
+        }
+    }
+    Ok(out)
 }
 
 /// The resources found for references (or dependencies), as the kinds see them.
