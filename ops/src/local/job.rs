@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 
 use super::cluster::{machine_dir, machines, Machine, PROCESS};
 use super::image::io;
-use super::process::{alive, spawn_group, stop_group, tail};
+use super::process::{alive, spawn_once, stop_group, tail};
 
 /// The wrapper each target runs: the command, its output and exit code
 /// kept beside its working directory.
@@ -269,7 +269,7 @@ impl LocalJobs {
             ("DROVER_CLUSTER".to_string(), c.name.clone()),
             ("DROVER_JOB_COMMAND".to_string(), spec.command.clone()),
         ]);
-        let (pid, ticks) = spawn_group(&work, WRAPPER, &env, &dir.join("wrapper.log"), "the job")?;
+        let (pid, ticks) = spawn_once(&work, WRAPPER, &env, &dir.join("wrapper.log"))?;
         let record = json!({ "pid": pid, "start_ticks": ticks, "job": job.resource.name, "run": job.run_id });
         std::fs::write(dir.join(PROCESS), record.to_string()).map_err(io("record the job's process"))?;
         let msg = format!("{}: started (pid {pid})", m.name());

@@ -17,14 +17,22 @@ use tokio::net::TcpStream;
 /// The kernel's start time of a process (clock ticks since boot), which
 /// together with the pid names one process, even after pid reuse.
 pub fn start_ticks(pid: u32) -> Option<u64> {
+    let (state, ticks) = stat(pid)?;
+    (state != "Z").then_some(ticks) // a zombie has exited, not yet reaped
+}
+
+/// The start time of a process even when it has exited and is not yet reaped.
+fn start_ticks_of_any(pid: u32) -> Option<u64> {
+    stat(pid).map(|(_, ticks)| ticks)
+}
+
+/// A process's state letter and start time, from `/proc/{pid}/stat`.
+fn stat(pid: u32) -> Option<(String, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    if fields.first() == Some(&"Z") {
-        return None; // exited, not yet reaped
-    }
-    fields.get(19)?.parse().ok()
+    Some((fields.first()?.to_string(), fields.get(19)?.parse().ok()?))
 }
 
 pub fn alive(pid: u32, ticks: u64) -> bool {
@@ -195,19 +203,7 @@ pub fn spawn_group(
     log: &Path,
     what: &str,
 ) -> Result<(u32, u64), ProviderError> {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io("open the instance log"))?;
-    let err = out.try_clone().map_err(io("open the instance log"))?;
-    let child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .current_dir(dir)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::from(out))
-        .stderr(std::process::Stdio::from(err))
-        .process_group(0)
-        .spawn()
-        .map_err(io("start an instance"))?;
+    let child = spawn(dir, command, env, log)?;
     // One that exits before its start time is read is named, with its output.
     let exited = || {
         let output = tail(log, 20);
@@ -218,4 +214,62 @@ pub fn spawn_group(
     let pid = child.id().ok_or_else(exited)?;
     let ticks = start_ticks(pid).ok_or_else(exited)?;
     Ok((pid, ticks))
+}
+
+/// Starts a one-shot command in its own process group. Unlike a service's
+/// process, one that is over at once is no error: its pid and start time
+/// are read even from the exited (not yet reaped) process, and a start time
+/// of 0 (never alive) stands for one already reaped.
+pub fn spawn_once(
+    dir: &Path,
+    command: &str,
+    env: &[(String, String)],
+    log: &Path,
+) -> Result<(u32, u64), ProviderError> {
+    let child = spawn(dir, command, env, log)?;
+    let Some(pid) = child.id() else { return Ok((0, 0)) };
+    Ok((pid, start_ticks_of_any(pid).unwrap_or(0)))
+}
+
+fn spawn(
+    dir: &Path,
+    command: &str,
+    env: &[(String, String)],
+    log: &Path,
+) -> Result<tokio::process::Child, ProviderError> {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io("open the instance log"))?;
+    let err = out.try_clone().map_err(io("open the instance log"))?;
+    tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(out))
+        .stderr(std::process::Stdio::from(err))
+        .process_group(0)
+        .spawn()
+        .map_err(io("start an instance"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-shot command may be over before its start time is read (a
+    /// fresh-clone CI run saw `echo ok` do so); that is its result, not an
+    /// error. Many tries make the race likely; none may fail.
+    #[tokio::test]
+    async fn a_one_shot_command_over_at_once_is_no_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..200 {
+            let log = dir.path().join(format!("{i}.log"));
+            let (pid, ticks) = spawn_once(dir.path(), "exit 0", &[], &log).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while alive(pid, ticks) {
+                assert!(std::time::Instant::now() < deadline, "try {i}: pid {pid} still runs");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
 }
