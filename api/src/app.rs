@@ -71,6 +71,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "transitions", description = "The ledger of changes"),
         (name = "kinds", description = "Resource kinds and their state machines"),
         (name = "settings", description = "Versioned settings and secrets"),
+        (name = "discovery", description = "Where healthy service instances can be reached, and their changes"),
         (name = "health", description = "Liveness and readiness"),
     ),
     // The generic shapes the kinds' operations are written from.
@@ -95,6 +96,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(routes::kinds::router())
         .merge(routes::identity::router())
         .merge(routes::settings::router())
+        .merge(routes::discovery::router())
         .merge(routes::stats::router())
         .merge(routes::health::router())
 }
@@ -242,12 +244,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     engine.set_metrics(metrics.clone());
     let service = Arc::new(Service::new(store, settings.clone()).with_providers(providers));
     engine.set_requester(service.clone());
+    engine.set_discovery(stores.discovery.clone());
     let (stop, stop_rx) = watch::channel(false);
     let tasks = if cfg.workers { engine.spawn(stop_rx.clone()) } else { Vec::new() };
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(AppState { service, auth, settings, metrics });
+    let app = router(AppState { service, auth, settings, metrics, discovery: stores.discovery.clone() });
     let mut stop_http = stop_rx;
     let http = tokio::spawn(async move {
         axum::serve(listener, app)

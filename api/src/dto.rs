@@ -839,3 +839,117 @@ pub struct TransitionStats {
     pub bucket: Option<String>,
     pub groups: Vec<StatsGroup>,
 }
+
+/// Where one healthy service instance can be reached.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DiscoveryEntry {
+    #[schema(example = "app")]
+    pub service: String,
+    pub service_id: Uuid,
+    /// Unique for the service's life: two instances of one index run side
+    /// by side during a rolling deploy.
+    #[schema(example = "2-4f1c9a0b7e2d")]
+    pub instance: String,
+    /// The instance's stable index.
+    pub index: u32,
+    #[schema(example = "c1-0")]
+    pub machine: String,
+    #[schema(example = "127.0.0.1")]
+    pub address: String,
+    pub port: u16,
+    /// The image build it runs.
+    pub build: Option<String>,
+    /// `http` when its health check speaks HTTP, else `tcp`.
+    #[schema(example = "http")]
+    pub scheme: String,
+    /// The port on the machine's host, where it differs from `port`.
+    pub host_port: Option<u16>,
+    pub registered_at: DateTime<Utc>,
+    pub renewed_at: DateTime<Utc>,
+    /// When it leaves unless drover renews it.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl From<drover_domain::discovery::Entry> for DiscoveryEntry {
+    fn from(e: drover_domain::discovery::Entry) -> Self {
+        let n = e.entry;
+        DiscoveryEntry {
+            service: n.service,
+            service_id: n.service_id,
+            instance: n.instance,
+            index: n.index,
+            machine: n.machine,
+            address: n.address,
+            port: n.port,
+            build: n.build,
+            scheme: scheme(n.scheme),
+            host_port: n.host_port,
+            registered_at: e.registered_at,
+            renewed_at: e.renewed_at,
+            expires_at: e.expires_at,
+        }
+    }
+}
+
+fn scheme(s: drover_domain::discovery::Scheme) -> String {
+    match s {
+        drover_domain::discovery::Scheme::Http => "http".into(),
+        drover_domain::discovery::Scheme::Tcp => "tcp".into(),
+    }
+}
+
+/// The registry (or one service's entries) at an index.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DiscoveryList {
+    /// The index of the last change this reflects (also in `X-Drover-Index`):
+    /// pass it as `index` to wait for the next one.
+    pub index: i64,
+    pub entries: Vec<DiscoveryEntry>,
+}
+
+/// An instance entering or leaving the registry, and why.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DiscoveryChange {
+    pub index: i64,
+    /// `enter` or `leave`.
+    #[schema(example = "leave")]
+    pub change: String,
+    pub service: String,
+    pub service_id: Uuid,
+    pub instance: String,
+    #[schema(example = "replaced by build 01a2…")]
+    pub reason: String,
+    /// Who: a transition's id, `observer` or `sweep` (a lapsed TTL).
+    pub by: String,
+    pub address: String,
+    pub port: u16,
+    pub machine: String,
+    pub build: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+impl From<drover_domain::discovery::Change> for DiscoveryChange {
+    fn from(c: drover_domain::discovery::Change) -> Self {
+        DiscoveryChange {
+            index: c.index,
+            change: c.change.as_str().into(),
+            service: c.service,
+            service_id: c.service_id,
+            instance: c.instance,
+            reason: c.reason,
+            by: c.by,
+            address: c.entry.address,
+            port: c.entry.port,
+            machine: c.entry.machine,
+            build: c.entry.build,
+            at: c.at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DiscoveryChangePage {
+    pub changes: Vec<DiscoveryChange>,
+    /// Pass as `after` to read on.
+    pub next_after: i64,
+}

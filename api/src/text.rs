@@ -165,6 +165,27 @@ pub fn transitions(items: &[Value]) -> String {
 }
 
 /// Renders a DTO with `render` when the caller asked for text, as JSON otherwise.
+/// The discovery registry: one line per instance.
+pub fn discovery(v: &Value) -> String {
+    let rows = v["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                s(&e["service"]),
+                s(&e["instance"]),
+                format!("{}:{}", s(&e["address"]), s(&e["port"])),
+                s(&e["scheme"]),
+                s(&e["machine"]),
+                s(&e["build"]),
+                time(&e["expires_at"]),
+            ]
+        })
+        .collect();
+    table(&["SERVICE", "INSTANCE", "ADDRESS", "SCHEME", "MACHINE", "BUILD", "EXPIRES"], rows)
+}
+
 pub fn respond<T: Serialize>(headers: &HeaderMap, extra: HeaderMap, body: T, render: fn(&Value) -> String) -> Response {
     if wants_text(headers) {
         let v = serde_json::to_value(&body).unwrap_or(Value::Null);

@@ -14,7 +14,7 @@
 //! - Providers are idempotent per run id (see [`Provider`]).
 //! - Clocks of replicas sharing a database agree to well within a lease.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,10 +28,11 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 use tracing::{info, warn, Instrument};
 use uuid::Uuid;
 
+use crate::discovery::{NewEntry, Presence};
 use crate::error::{Error, Result};
 use crate::kinds::Kind;
 use crate::model::*;
-use crate::ports::{Job, Metrics, Provider, ProviderError, RunContext, Store};
+use crate::ports::{DiscoveryStore, Job, Metrics, Provider, ProviderError, RunContext, Store};
 use crate::settings::Settings;
 
 #[derive(Debug, Clone)]
@@ -115,6 +116,7 @@ pub struct Engine {
     settings: std::sync::OnceLock<Arc<Settings>>,
     /// Asks for the child runs of fan-out actions (`crate::fanout`).
     requester: std::sync::OnceLock<Arc<dyn crate::fanout::Requester>>,
+    discovery: std::sync::OnceLock<Arc<dyn DiscoveryStore>>,
     metrics: std::sync::OnceLock<Arc<dyn Metrics>>,
     providers: Providers,
     cfg: EngineConfig,
@@ -196,6 +198,7 @@ impl Engine {
             store,
             settings: Default::default(),
             requester: Default::default(),
+            discovery: Default::default(),
             metrics: Default::default(),
             providers,
             cfg,
@@ -209,6 +212,18 @@ impl Engine {
     /// Lets fan-out actions (a cluster's `initialize`) ask for child runs.
     pub fn set_requester(&self, requester: Arc<dyn crate::fanout::Requester>) {
         let _ = self.requester.set(requester);
+    }
+
+    /// The discovery registry runs write to and the observer keeps (see
+    /// [`crate::discovery`]); without one, both leave it alone.
+    pub fn set_discovery(&self, discovery: Arc<dyn DiscoveryStore>) {
+        let _ = self.discovery.set(discovery);
+    }
+
+    /// How long a registry entry lives unless renewed.
+    fn discovery_ttl(&self) -> chrono::Duration {
+        let ttl = crate::discovery::ttl(self.cfg.observe_every);
+        chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(45))
     }
 
     /// Lets runs hand their recorded settings to providers.
@@ -266,6 +281,7 @@ impl Engine {
             tokio::spawn(async move {
                 loop {
                     engine.observe_all().await;
+                    engine.sweep_discovery().await;
                     if sleep_or_stop(engine.cfg.observe_every, &mut stop).await {
                         break;
                     }
@@ -458,7 +474,11 @@ impl Engine {
                 return;
             }
         }
-        if let Some(seen) = provider.observe(r).await {
+        let (seen, presence) = provider.observe_presence(r).await;
+        if let Some(presence) = presence {
+            self.keep_presence(r, presence).await;
+        }
+        if let Some(seen) = seen {
             if r.observed.as_ref() != Some(&seen) {
                 if seen.get("healthy") == Some(&Value::Bool(false)) {
                     warn!(resource = %r.id, kind = %r.kind, name = %r.name, summary = %seen["summary"], "resource is not healthy");
@@ -467,6 +487,68 @@ impl Engine {
                     warn!(error = %e, resource = %r.id, "could not record observation");
                 }
             }
+        }
+    }
+
+    /// Brings a service's registry entries to what its provider sees:
+    /// renews the healthy ones, takes out those failing or gone (with why),
+    /// and puts back a healthy one that is missing, unless a run of the
+    /// service is under way (it enters and takes out instances itself, and
+    /// one it just took out to stop must not come back).
+    async fn keep_presence(&self, r: &Resource, presence: Presence) {
+        let Some(registry) = self.discovery.get() else { return };
+        let now = Utc::now();
+        let until = now + self.discovery_ttl();
+        let result: Result<()> = async {
+            let current = registry.discovery_snapshot(None, Some(r.id)).await?;
+            let listed: BTreeSet<&str> = current.entries.iter().map(|e| e.entry.instance.as_str()).collect();
+            let healthy: BTreeSet<&str> = presence.healthy.iter().map(|e| e.instance.as_str()).collect();
+            let renew: Vec<String> = listed.intersection(&healthy).map(|i| i.to_string()).collect();
+            registry.discovery_renew(r.id, &renew, now, until).await?;
+            for gone in listed.difference(&healthy) {
+                let why = presence
+                    .failing
+                    .iter()
+                    .find(|(i, _)| i == gone)
+                    .map(|(_, why)| why.clone())
+                    .unwrap_or_else(|| "the instance no longer runs".into());
+                if registry.discovery_leave(r.id, gone, &why, "observer", now, None).await?.is_some() {
+                    warn!(service = %r.name, instance = %gone, why = %why, "instance left the discovery registry");
+                }
+            }
+            let missing: Vec<&NewEntry> =
+                presence.healthy.iter().filter(|e| !listed.contains(e.instance.as_str())).collect();
+            if !missing.is_empty() && self.store.active_run(r.id).await?.is_none() {
+                for e in missing {
+                    let why = "healthy, and not in the registry (seen by the observer)";
+                    registry.discovery_enter(e, why, "observer", now, until).await?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(error = %e, resource = %r.id, "could not keep the discovery registry");
+        }
+    }
+
+    /// Takes out registry entries whose TTL lapsed, and forgets old changes.
+    pub async fn sweep_discovery(&self) {
+        let Some(registry) = self.discovery.get() else { return };
+        let now = Utc::now();
+        let result: Result<()> = async {
+            for (service, instance) in registry.discovery_lapsed(now).await? {
+                let why = "its TTL lapsed: nobody renewed it (is drover's observer running?)";
+                if registry.discovery_leave(service, &instance, why, "sweep", now, Some(now)).await?.is_some() {
+                    warn!(service = %service, instance = %instance, "discovery entry lapsed");
+                }
+            }
+            registry.discovery_prune(now - crate::discovery::KEEP_CHANGES).await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(error = %e, "could not sweep the discovery registry");
         }
     }
 
@@ -488,6 +570,8 @@ impl Engine {
         let _in_flight = InFlight(self.in_flight.clone(), run.id);
         let ctx = Arc::new(Ctx {
             store: self.store.clone(),
+            discovery: self.discovery.get().cloned(),
+            ttl: self.discovery_ttl(),
             lease,
             attempt: run.attempt,
             cancel: AtomicBool::new(run.cancel_requested_at.is_some()),
@@ -839,6 +923,8 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 
 struct Ctx {
     store: Arc<dyn Store>,
+    discovery: Option<Arc<dyn DiscoveryStore>>,
+    ttl: chrono::Duration,
     lease: Lease,
     attempt: i32,
     cancel: AtomicBool,
@@ -862,5 +948,43 @@ impl RunContext for Ctx {
 
     fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    async fn discovery_enter(&self, entry: &NewEntry, reason: &str) -> Result<(), ProviderError> {
+        let Some(registry) = &self.discovery else { return Ok(()) };
+        let now = Utc::now();
+        let by = self.lease.run.to_string();
+        let idx = registry.discovery_enter(entry, reason, &by, now, now + self.ttl).await.map_err(|e| {
+            ProviderError::retryable("discovery_unavailable", format!("could not enter {}: {e}", entry.instance))
+        })?;
+        if let Some(idx) = idx {
+            let msg = format!(
+                "{}/{} entered the discovery registry at {}:{} ({reason})",
+                entry.service, entry.instance, entry.address, entry.port
+            );
+            let data = serde_json::json!({ "discovery_index": idx, "entry": entry });
+            self.event(NewEvent::info("discovery", msg).with_data(data)).await;
+        }
+        Ok(())
+    }
+
+    async fn discovery_leave(
+        &self,
+        service: &str,
+        service_id: Uuid,
+        instance: &str,
+        reason: &str,
+    ) -> Result<(), ProviderError> {
+        let Some(registry) = &self.discovery else { return Ok(()) };
+        let by = self.lease.run.to_string();
+        let idx = registry.discovery_leave(service_id, instance, reason, &by, Utc::now(), None).await.map_err(|e| {
+            ProviderError::retryable("discovery_unavailable", format!("could not take {instance} out: {e}"))
+        })?;
+        if let Some(idx) = idx {
+            let msg = format!("{service}/{instance} left the discovery registry ({reason})");
+            let data = serde_json::json!({ "discovery_index": idx, "instance": instance });
+            self.event(NewEvent::info("discovery", msg).with_data(data)).await;
+        }
+        Ok(())
     }
 }

@@ -7,6 +7,7 @@
 //! change is allowed; storage only carries out fenced writes.
 
 pub mod auth;
+pub mod discovery;
 pub mod engine;
 pub mod error;
 pub mod fanout;

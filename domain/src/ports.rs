@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::discovery::{Change, NewEntry, Presence, Snapshot};
 use crate::error::Result;
 use crate::kinds::Kind;
 use crate::model::*;
@@ -175,6 +176,53 @@ pub trait SettingsStore: Send + Sync + 'static {
     async fn current_settings(&self, scopes: &[String]) -> Result<Vec<SettingVersion>>;
 }
 
+/// The discovery registry (see [`crate::discovery`]). Every write that
+/// changes it appends a [`Change`] under the next index, in the same
+/// transaction, and wakes watchers (on every replica) after it commits.
+#[async_trait]
+pub trait DiscoveryStore: Send + Sync + 'static {
+    /// Puts an entry in (or updates one whose address, port or build
+    /// changed) until `until`; an entry already there as it is is only
+    /// renewed. The change's index when it entered or changed.
+    async fn discovery_enter(
+        &self,
+        entry: &NewEntry,
+        reason: &str,
+        by: &str,
+        now: Time,
+        until: Time,
+    ) -> Result<Option<i64>>;
+    /// Extends the given instances' entries of a service to `until`
+    /// (those still there); how many.
+    async fn discovery_renew(&self, service: Uuid, instances: &[String], now: Time, until: Time) -> Result<u64>;
+    /// Takes an instance's entry out; with `lapsed_by`, only if it had
+    /// expired by then (a renewal meanwhile wins). The change's index
+    /// when there was one to take out.
+    async fn discovery_leave(
+        &self,
+        service: Uuid,
+        instance: &str,
+        reason: &str,
+        by: &str,
+        now: Time,
+        lapsed_by: Option<Time>,
+    ) -> Result<Option<i64>>;
+    /// Entries whose TTL lapsed by `now`: `(service, instance)`.
+    async fn discovery_lapsed(&self, now: Time) -> Result<Vec<(Uuid, String)>>;
+    /// Forgets changes older than `before`.
+    async fn discovery_prune(&self, before: Time) -> Result<u64>;
+    /// The registry, or one service's entries (by name or id), with the
+    /// index of its last change; read index first, so that a watcher never
+    /// misses a change the entries do not show yet.
+    async fn discovery_snapshot(&self, service: Option<&str>, service_id: Option<Uuid>) -> Result<Snapshot>;
+    /// Changes after `after` (of one service, by name), oldest first.
+    async fn discovery_changes(&self, after: i64, service: Option<&str>, limit: u32) -> Result<Vec<Change>>;
+    /// Ticks (with the newest index heard of) after each change this
+    /// replica or, on Postgres, any replica made: subscribe, then read, then
+    /// wait for a tick.
+    fn discovery_watch(&self) -> tokio::sync::watch::Receiver<i64>;
+}
+
 /// Counters and histograms the engine reports to (Prometheus, in `api`).
 pub trait Metrics: Send + Sync + 'static {
     /// An attempt started, `pickup` after it became due.
@@ -252,6 +300,23 @@ pub trait RunContext: Send + Sync {
             Ok(())
         }
     }
+
+    /// Puts a healthy instance in the discovery registry, or renews its
+    /// entry; recorded in the run's events when it changed the registry.
+    async fn discovery_enter(&self, _entry: &NewEntry, _reason: &str) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    /// Takes an instance out of the registry (before it is stopped).
+    async fn discovery_leave(
+        &self,
+        _service: &str,
+        _service_id: Uuid,
+        _instance: &str,
+        _reason: &str,
+    ) -> Result<(), ProviderError> {
+        Ok(())
+    }
 }
 
 /// Carries out actions of one kind for one provider name.
@@ -273,6 +338,13 @@ pub trait Provider: Send + Sync + 'static {
     /// page through resources of a kind none of whose providers look.
     fn observes(&self) -> bool {
         false
+    }
+
+    /// [`Provider::observe`], and for a resource whose instances belong in
+    /// the discovery registry, which of them pass their checks now (one
+    /// look for both).
+    async fn observe_presence(&self, resource: &Resource) -> (Option<Value>, Option<Presence>) {
+        (self.observe(resource).await, None)
     }
 
     /// What `apply` would send for this job, without sending it (for `aws`

@@ -17,7 +17,7 @@ pub mod testing;
 
 use std::sync::Arc;
 
-use drover_domain::ports::{SettingsStore, Store, TokenStore};
+use drover_domain::ports::{DiscoveryStore, SettingsStore, Store, TokenStore};
 use drover_domain::{Error, Result};
 
 pub use postgres::{PgBackend, PgStore, IDLE_IN_TRANSACTION};
@@ -36,11 +36,12 @@ pub struct Stores {
     pub store: Arc<dyn Store>,
     pub tokens: Arc<dyn TokenStore>,
     pub settings: Arc<dyn SettingsStore>,
+    pub discovery: Arc<dyn DiscoveryStore>,
 }
 
-fn stores<T: Store + TokenStore + SettingsStore>(s: T) -> Stores {
+fn stores<T: Store + TokenStore + SettingsStore + DiscoveryStore>(s: T) -> Stores {
     let s = Arc::new(s);
-    Stores { store: s.clone(), tokens: s.clone(), settings: s }
+    Stores { store: s.clone(), tokens: s.clone(), settings: s.clone(), discovery: s }
 }
 
 /// Opens the database a URL names (`postgres://…` or `sqlite://…`) and runs

@@ -196,6 +196,7 @@ impl Exec for PgConnection {
 impl Backend for PgBackend {
     const NAME: &'static str = "postgres";
     const NOTIFY: Option<&'static str> = Some("SELECT pg_notify('drover_runs', '')");
+    const NOTIFY_DISCOVERY: Option<&'static str> = Some("SELECT pg_notify('drover_discovery', $1)");
     /// A transaction-scoped advisory lock, the key being "drover rollups"
     /// as a number.
     const FOLD_LOCK: &'static str = "SELECT pg_advisory_xact_lock(7378429001)";
@@ -320,18 +321,23 @@ impl SqlStore<PgBackend> {
             .map_err(db("connect to Postgres"))?;
         sqlx::migrate!("../migrations/postgres").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
         let wakeup = Arc::new(Notify::new());
+        let discovery = Arc::new(tokio::sync::watch::channel(0).0);
         // The listener reconnects by itself; if it cannot start at all,
-        // workers still poll.
+        // workers still poll, and registry watchers wake on this replica's
+        // changes and at their deadline.
         match PgListener::connect_with(&pool).await {
             Ok(mut listener) => {
-                let wake = wakeup.clone();
+                let (wake, heard) = (wakeup.clone(), discovery.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = listener.listen("drover_runs").await {
+                    if let Err(e) = listener.listen_all(["drover_runs", "drover_discovery"]).await {
                         tracing::warn!(error = %e, "LISTEN failed; relying on polling");
                         return;
                     }
                     loop {
                         match listener.recv().await {
+                            Ok(n) if n.channel() == "drover_discovery" => {
+                                crate::store::discovery_heard(&heard, n.payload().parse().unwrap_or(0));
+                            }
                             Ok(_) => wake.notify_one(),
                             Err(e) => {
                                 tracing::warn!(error = %e, "notification listener lost; reconnecting");
@@ -343,6 +349,6 @@ impl SqlStore<PgBackend> {
             }
             Err(e) => tracing::warn!(error = %e, "could not start LISTEN; relying on polling"),
         }
-        Ok(SqlStore::new(PgBackend { pool }, wakeup))
+        Ok(SqlStore::new(PgBackend { pool }, wakeup, discovery))
     }
 }

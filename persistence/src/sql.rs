@@ -239,6 +239,9 @@ pub(crate) trait Backend: Send + Sync + Sized + 'static {
     const NAME: &'static str;
     /// Run in the transaction that queues a run, to wake other replicas.
     const NOTIFY: Option<&'static str>;
+    /// Run in the transaction of a discovery change, its index bound as
+    /// text, to wake other replicas' watchers.
+    const NOTIFY_DISCOVERY: Option<&'static str>;
     /// Run first in a rollup fold's transaction, so that folders take
     /// turns.
     const FOLD_LOCK: &'static str;

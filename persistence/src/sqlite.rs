@@ -77,7 +77,7 @@ impl SqlStore<SqliteBackend> {
             .await
             .map_err(db("open SQLite"))?;
         sqlx::migrate!("../migrations/sqlite").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
-        Ok(SqlStore::new(SqliteBackend { pool }, Arc::new(Notify::new())))
+        Ok(SqlStore::new(SqliteBackend { pool }, Arc::new(Notify::new()), Arc::new(tokio::sync::watch::channel(0).0)))
     }
 }
 
@@ -147,6 +147,7 @@ fn push_ids_in(q: &mut QueryBuilder<'_, Sqlite>, column: &str, ids: &[Uuid]) {
 impl Backend for SqliteBackend {
     const NAME: &'static str = "sqlite";
     const NOTIFY: Option<&'static str> = None;
+    const NOTIFY_DISCOVERY: Option<&'static str> = None;
     /// Transactions on the one connection are serial already.
     const FOLD_LOCK: &'static str = "SELECT 1";
 

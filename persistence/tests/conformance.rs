@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::*;
+use drover_domain::discovery::{NewEntry, Scheme};
 use drover_domain::model::*;
 use drover_domain::ports::Store;
 use drover_domain::Error;
 use serde_json::json;
+use uuid::Uuid;
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -42,6 +44,8 @@ both_backends!(
     a_claim_naming_providers_takes_only_their_runs,
     a_view_reads_recent_runs_the_active_one_and_the_last_events,
     an_observation_is_leased_to_one_observer_at_a_time,
+    discovery_changes_are_ordered_and_a_renewal_is_no_change,
+    a_discovery_entry_leaves_when_its_ttl_lapses_unless_renewed,
 );
 
 both_backends_with_url!(
@@ -1055,4 +1059,146 @@ async fn a_frozen_session_cannot_stall_the_reaper() {
     // The frozen session wakes to find itself ended: its write never lands.
     assert!(tx.commit().await.is_err());
     assert_eq!(store.get_run(run.id).await.unwrap().unwrap().status, RunStatus::Queued);
+}
+
+fn entry(service: (Uuid, &str), instance: &str, port: u16) -> NewEntry {
+    NewEntry {
+        service_id: service.0,
+        service: service.1.into(),
+        instance: instance.into(),
+        index: 0,
+        machine: "c1-0".into(),
+        address: "127.0.0.1".into(),
+        port,
+        build: Some("b1".into()),
+        scheme: Scheme::Http,
+        host_port: None,
+    }
+}
+
+/// Every change of the registry takes the next index, in the order the
+/// changes happened; a renewal of an entry as it is changes nothing a
+/// watcher sees (no index, no log row) but its expiry; a watcher's ticks
+/// follow the changes.
+async fn discovery_changes_are_ordered_and_a_renewal_is_no_change(stores: Stores) {
+    let d = stores.discovery;
+    let (app, db) = ((Uuid::now_v7(), "app"), (Uuid::now_v7(), "db"));
+    let now = Utc::now();
+    let ttl = chrono::Duration::seconds(30);
+    let mut ticks = d.discovery_watch();
+    assert_eq!(d.discovery_snapshot(None, None).await.unwrap().index, 0);
+
+    assert_eq!(d.discovery_enter(&entry(app, "0-a", 4000), "healthy", "run-1", now, now + ttl).await.unwrap(), Some(1));
+    assert!(ticks.has_changed().unwrap(), "a watcher is woken");
+    assert_eq!(*ticks.borrow_and_update(), 1);
+    let later = now + chrono::Duration::seconds(5);
+    assert_eq!(
+        d.discovery_enter(&entry(app, "0-a", 4000), "healthy", "observer", later, later + ttl).await.unwrap(),
+        None
+    );
+    assert!(!ticks.has_changed().unwrap(), "a renewal wakes nobody");
+    let snap = d.discovery_snapshot(None, None).await.unwrap();
+    assert_eq!(snap.index, 1);
+    assert_eq!(snap.entries.len(), 1);
+    assert_eq!(snap.entries[0].expires_at.timestamp(), (later + ttl).timestamp(), "renewed");
+    assert_eq!(snap.entries[0].registered_at.timestamp(), now.timestamp(), "not entered again");
+    // A moved instance is a change.
+    assert_eq!(d.discovery_enter(&entry(app, "0-a", 4001), "moved", "run-1", now, now + ttl).await.unwrap(), Some(2));
+    assert_eq!(d.discovery_enter(&entry(app, "1-b", 4002), "healthy", "run-1", now, now + ttl).await.unwrap(), Some(3));
+    assert_eq!(d.discovery_enter(&entry(db, "0-c", 5000), "healthy", "run-2", now, now + ttl).await.unwrap(), Some(4));
+    assert_eq!(d.discovery_leave(app.0, "0-a", "replaced by build b2", "run-3", now, None).await.unwrap(), Some(5));
+    assert_eq!(d.discovery_leave(app.0, "0-a", "again", "run-3", now, None).await.unwrap(), None, "gone already");
+    assert_eq!(*ticks.borrow_and_update(), 5);
+
+    let changes = d.discovery_changes(0, None, 100).await.unwrap();
+    let seen: Vec<(i64, &str, &str, &str)> =
+        changes.iter().map(|c| (c.index, c.change.as_str(), c.instance.as_str(), c.reason.as_str())).collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "enter", "0-a", "healthy"),
+            (2, "enter", "0-a", "moved"),
+            (3, "enter", "1-b", "healthy"),
+            (4, "enter", "0-c", "healthy"),
+            (5, "leave", "0-a", "replaced by build b2"),
+        ]
+    );
+    assert_eq!((changes[4].by.as_str(), changes[4].entry.port), ("run-3", 4001), "what left, as it was");
+    let of_app: Vec<i64> = d.discovery_changes(2, Some("app"), 100).await.unwrap().iter().map(|c| c.index).collect();
+    assert_eq!(of_app, [3, 5]);
+    assert_eq!(d.discovery_changes(0, None, 2).await.unwrap().len(), 2, "limited");
+
+    // A service's index is its own last change.
+    let app_now = d.discovery_snapshot(Some("app"), None).await.unwrap();
+    assert_eq!((app_now.index, app_now.entries.len()), (5, 1));
+    assert_eq!(app_now.entries[0].entry.instance, "1-b");
+    let db_now = d.discovery_snapshot(None, Some(db.0)).await.unwrap();
+    assert_eq!((db_now.index, db_now.entries[0].entry.port), (4, 5000));
+    assert_eq!(d.discovery_snapshot(None, None).await.unwrap().entries.len(), 2);
+
+    // Old changes are forgotten, but the newest stays: it carries the index.
+    assert_eq!(d.discovery_prune(now + chrono::Duration::days(1)).await.unwrap(), 4);
+    let kept: Vec<i64> = d.discovery_changes(0, None, 100).await.unwrap().iter().map(|c| c.index).collect();
+    assert_eq!(kept, [5]);
+    assert_eq!(d.discovery_snapshot(None, None).await.unwrap().index, 5);
+}
+
+/// An entry whose TTL lapsed is found by the sweep and taken out, but not
+/// one renewed between the sweep's look and its delete.
+async fn a_discovery_entry_leaves_when_its_ttl_lapses_unless_renewed(stores: Stores) {
+    let d = stores.discovery;
+    let svc = (Uuid::now_v7(), "app");
+    let now = Utc::now();
+    let s = chrono::Duration::seconds;
+    d.discovery_enter(&entry(svc, "0-a", 4000), "healthy", "run", now, now + s(10)).await.unwrap();
+    d.discovery_enter(&entry(svc, "1-b", 4001), "healthy", "run", now, now + s(10)).await.unwrap();
+    assert!(d.discovery_lapsed(now + s(5)).await.unwrap().is_empty());
+    let lapsed = d.discovery_lapsed(now + s(11)).await.unwrap();
+    assert_eq!(lapsed.len(), 2);
+    // 1-b is renewed meanwhile: the sweep's delete passes it over.
+    assert_eq!(d.discovery_renew(svc.0, &["1-b".to_string()], now + s(10), now + s(40)).await.unwrap(), 1);
+    let sweep = now + s(11);
+    assert!(d.discovery_leave(svc.0, "0-a", "ttl lapsed", "sweep", sweep, Some(sweep)).await.unwrap().is_some());
+    assert!(d.discovery_leave(svc.0, "1-b", "ttl lapsed", "sweep", sweep, Some(sweep)).await.unwrap().is_none());
+    let left: Vec<String> =
+        d.discovery_snapshot(None, None).await.unwrap().entries.into_iter().map(|e| e.entry.instance).collect();
+    assert_eq!(left, ["1-b"]);
+    assert_eq!(d.discovery_renew(svc.0, &["0-a".to_string()], sweep, sweep + s(30)).await.unwrap(), 0, "gone");
+}
+
+/// On Postgres a change made through one replica's store wakes watchers on
+/// another's (LISTEN/NOTIFY), with the change's index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_change_on_one_replica_wakes_watchers_on_another() {
+    let url = drover_persistence::testing::fresh_postgres_database().await;
+    let a = drover_persistence::open(&url).await.unwrap();
+    let b = drover_persistence::open(&url).await.unwrap();
+    let mut ticks = b.discovery.discovery_watch();
+    let now = Utc::now();
+    let svc = (Uuid::now_v7(), "app");
+    // The listener connects in the background: enter until b hears of it.
+    let mut heard = None;
+    for attempt in 0..50 {
+        let idx = a
+            .discovery
+            .discovery_enter(
+                &entry(svc, &format!("{attempt}-x"), 4000),
+                "healthy",
+                "run",
+                now,
+                now + chrono::Duration::seconds(30),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        if tokio::time::timeout(Duration::from_millis(200), ticks.changed()).await.is_ok() {
+            heard = Some((idx, *ticks.borrow_and_update()));
+            break;
+        }
+    }
+    let (idx, value) = heard.expect("b heard of a's change within 10 s");
+    assert_eq!(value, idx);
+    let idx = a.discovery.discovery_leave(svc.0, "0-x", "stopped", "run", now, None).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), ticks.changed()).await.expect("woken").unwrap();
+    assert_eq!(*ticks.borrow(), idx);
 }

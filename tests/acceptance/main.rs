@@ -3,6 +3,7 @@
 
 mod aws;
 mod builds;
+mod discovery;
 
 use std::time::Duration;
 

@@ -23,14 +23,14 @@ fn environ(pid: u64) -> Vec<String> {
     raw.split(|&b| b == 0).map(|s| String::from_utf8_lossy(s).to_string()).collect()
 }
 
-async fn service(app: &TestApp, name: &str, spec: Value) -> Value {
+pub(super) async fn service(app: &TestApp, name: &str, spec: Value) -> Value {
     let r = app.post("/v1/services", json!({"name": name, "spec": spec})).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     assert_eq!(r.body["state"], "pending");
     r.body
 }
 
-async fn ok(app: &TestApp, name: &str, body: Value) -> Value {
+pub(super) async fn ok(app: &TestApp, name: &str, body: Value) -> Value {
     let run = app.run("service", name, body).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     app.get(&format!("/v1/services/{name}")).await.body
@@ -40,7 +40,7 @@ fn fields(r: &drover_tests::Reply) -> Vec<String> {
     r.body["errors"].as_array().into_iter().flatten().map(|e| e["field"].as_str().unwrap().to_string()).collect()
 }
 
-async fn cluster_of_two(app: &TestApp) -> Value {
+pub(super) async fn cluster_of_two(app: &TestApp) -> Value {
     create_image(app, "web", "echo $DROVER_RUN_ID > index.html").await;
     assert_eq!(app.run("image", "web", json!({"action": "build"})).await["status"], "succeeded");
     let spec = json!({"image": "web", "count": 2, "role_metadata": "role=worker,disk=ssd"});

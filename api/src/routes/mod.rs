@@ -1,6 +1,7 @@
 //! HTTP routes. Each resource module owns its `router()`; handlers are thin:
 //! parse, call the domain service, map to DTOs.
 
+pub mod discovery;
 pub mod health;
 pub mod identity;
 pub mod kinds;
@@ -22,4 +23,5 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub settings: Arc<Settings>,
     pub metrics: Arc<crate::metrics::Registry>,
+    pub discovery: Arc<dyn drover_domain::ports::DiscoveryStore>,
 }

@@ -54,6 +54,7 @@ pub const SCOPES: &[(&str, &str)] = &[
     ("transitions:read", "Read transitions, their events and statistics."),
     ("kinds:read", "Read the kinds and their state machines."),
     ("settings:read", "Read settings (secret values stay redacted)."),
+    ("discovery:read", "Read the discovery registry and its changes."),
     ("settings:write", "Write, delete and roll back settings."),
     ("settings:reveal", "Read secret values."),
     ("users:admin", "Manage users, roles and API tokens."),

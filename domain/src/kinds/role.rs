@@ -127,7 +127,7 @@ pub fn builtin_roles() -> Vec<(&'static str, &'static str, Vec<String>)> {
     operator.extend(access_control().map(|k| k.permission("read")));
     let mut viewer: Vec<String> = Kind::all().map(|k| k.permission("read")).collect();
     for (scope, _) in SCOPES {
-        if ["transitions:read", "kinds:read", "settings:read", "metrics:read"].contains(scope) {
+        if ["transitions:read", "kinds:read", "settings:read", "metrics:read", "discovery:read"].contains(scope) {
             viewer.push(scope.to_string());
             operator.push(scope.to_string());
         }

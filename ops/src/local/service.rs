@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use drover_domain::discovery::{NewEntry, Presence, Scheme};
 use drover_domain::kinds::cluster::{self, HealthCheck};
 use drover_domain::kinds::image;
 use drover_domain::kinds::service::{matches, Spec};
@@ -99,6 +100,12 @@ impl Instance {
 
     fn alive(&self) -> bool {
         alive(self.pid, self.start_ticks)
+    }
+
+    /// Its id in the discovery registry: its directory's name
+    /// (`{index}-{random}`), unique while the service lives.
+    fn id(&self) -> String {
+        self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| self.index.to_string())
     }
 
     fn source(&self) -> Option<Source> {
@@ -275,7 +282,8 @@ impl LocalServices {
                 (None, _) if site.all.iter().any(|m| i.on(m)) => Some("its machine no longer matches the constraints"),
                 (None, _) => Some("its machine is gone"),
             };
-            self.stop_instance(ctx, i).await;
+            let reason = why.unwrap_or("the service no longer wants it (scaled down, or a twin)");
+            self.stop_instance(ctx, r, i, reason).await?;
             match why {
                 Some(why) => {
                     let msg = format!(
@@ -357,6 +365,7 @@ impl LocalServices {
         }
         for i in &state.instances {
             wait_healthy(ctx, &probe(i), health_path(spec), Duration::from_secs(spec.start_timeout_secs)).await?;
+            ctx.discovery_enter(&entry(r, spec, i), "healthy").await?;
         }
         let n = state.instances.len();
         let machines = site.eligible.len();
@@ -670,7 +679,7 @@ impl LocalServices {
                     continue;
                 }
                 if let Some(old) = state.instances.iter().find(|i| i.index == ix && i.alive()).cloned() {
-                    self.stop_instance(ctx, &old).await;
+                    self.stop_instance(ctx, r, &old, &replaced(plan)).await?;
                     state.instances.retain(|i| i.pid != old.pid);
                     self.save(r, state)?;
                     down += 1;
@@ -693,13 +702,14 @@ impl LocalServices {
                 };
                 if let Err(e) = wait_healthy(ctx, &probe(&new), health_path(spec), limit).await {
                     // The failed instance goes; whatever it was to replace stays.
-                    self.stop_instance(ctx, &new).await;
+                    self.stop_instance(ctx, r, &new, "it failed its health check").await?;
                     state.instances.retain(|i| i.pid != new.pid);
                     self.save(r, state)?;
                     return Err(e);
                 }
                 let msg = format!("instance {ix} healthy on build {}", plan.to.build.as_deref().unwrap_or("?"));
                 ctx.event(NewEvent::info("instances", msg).with_data(json!({ "index": ix, "pid": new.pid }))).await;
+                ctx.discovery_enter(&entry(r, spec, &new), "healthy").await?;
             }
             // Now the old ones of the batch go.
             let old: Vec<Instance> = state
@@ -709,7 +719,7 @@ impl LocalServices {
                 .cloned()
                 .collect();
             for o in old {
-                self.stop_instance(ctx, &o).await;
+                self.stop_instance(ctx, r, &o, &replaced(plan)).await?;
                 state.instances.retain(|i| i.pid != o.pid);
                 self.save(r, state)?;
             }
@@ -717,21 +727,31 @@ impl LocalServices {
         Ok(())
     }
 
-    async fn stop_instance(&self, ctx: &dyn RunContext, i: &Instance) {
+    /// Takes an instance out of the discovery registry, then stops it and
+    /// removes its directory.
+    async fn stop_instance(
+        &self,
+        ctx: &dyn RunContext,
+        r: &Resource,
+        i: &Instance,
+        reason: &str,
+    ) -> Result<(), ProviderError> {
+        ctx.discovery_leave(&r.name, r.id, &i.id(), reason).await?;
         if i.alive() {
             stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
             let msg = format!("stopped instance {} (pid {}) on machine {}", i.index, i.pid, i.machine_label());
             ctx.event(NewEvent::info("instances", msg).with_data(json!({ "index": i.index, "pid": i.pid }))).await;
         }
         let _ = std::fs::remove_dir_all(&i.dir);
+        Ok(())
     }
 
-    async fn stop_all(&self, ctx: &dyn RunContext, r: &Resource) -> Result<(), ProviderError> {
+    async fn stop_all(&self, ctx: &dyn RunContext, r: &Resource, reason: &str) -> Result<(), ProviderError> {
         let mut state = self.load(r)?;
         state.plan = None;
         while let Some(i) = state.instances.pop() {
             ctx.check_cancel()?;
-            self.stop_instance(ctx, &i).await;
+            self.stop_instance(ctx, r, &i, reason).await?;
             self.save(r, &state)?;
         }
         Ok(())
@@ -777,6 +797,32 @@ fn source(job: &Job, spec: &Spec, build: Option<&str>) -> Result<Source, Provide
         .or_else(|| image_r.spec["start_command"].as_str().map(str::to_string))
         .unwrap_or_default();
     Ok(Source { image: image_r.name.clone(), build: wanted, dir, command })
+}
+
+/// Why instances of a plan's batch go: they are replaced.
+fn replaced(plan: &Plan) -> String {
+    format!("replaced by build {}", plan.to.build.as_deref().unwrap_or("?"))
+}
+
+/// An instance's entry in the discovery registry. Locally every machine
+/// shares the host's loopback, so the address is 127.0.0.1 and the port is
+/// the host's; `http` when its health check speaks HTTP.
+fn entry(r: &Resource, spec: &Spec, i: &Instance) -> NewEntry {
+    NewEntry {
+        service_id: r.id,
+        service: r.name.clone(),
+        instance: i.id(),
+        index: i.index,
+        machine: i.machine_label(),
+        address: "127.0.0.1".into(),
+        port: i.port,
+        build: i.build.clone(),
+        scheme: match spec.health_check {
+            HealthCheck::Http { .. } => Scheme::Http,
+            HealthCheck::Tcp => Scheme::Tcp,
+        },
+        host_port: None,
+    }
 }
 
 fn health_path(spec: &Spec) -> Option<&str> {
@@ -840,14 +886,14 @@ impl Provider for LocalServices {
             }
             "deploy" | "rollback" | "restart" => self.roll(ctx, job, &spec).await,
             "stop" => {
-                self.stop_all(ctx, &job.resource).await?;
+                self.stop_all(ctx, &job.resource, "the service is stopping").await?;
                 // What ran stays on record: the next start runs it again.
                 let o = &job.resource.outputs;
                 Ok(json!({ "count": 0, "instances": [], "image": o["image"], "build": o["build"],
                     "previous": o["previous"] }))
             }
             "destroy" => {
-                self.stop_all(ctx, &job.resource).await?;
+                self.stop_all(ctx, &job.resource, "the service is being destroyed").await?;
                 state::remove(&self.dir(&job.resource), "remove the service directory")?;
                 ctx.event(NewEvent::info("destroy", "all instances stopped and files removed")).await;
                 Ok(json!({ "count": 0, "instances": [] }))
@@ -860,16 +906,20 @@ impl Provider for LocalServices {
         true
     }
 
-    /// Reports on the instances of a `running` service: alive, on a machine
-    /// that is still there, answering?
     async fn observe(&self, r: &Resource) -> Option<Value> {
-        if r.state != "running" {
-            return None;
-        }
-        let spec = Spec::from_value(&r.spec).ok()?;
-        let state = self.load(r).ok()?;
+        self.observe_presence(r).await.0
+    }
+
+    /// Looks at every instance on record (in any state: a deploy's too):
+    /// alive, on a machine that is still there, answering its check? The
+    /// report is for a `running` service; the presence for the registry.
+    async fn observe_presence(&self, r: &Resource) -> (Option<Value>, Option<Presence>) {
+        let (Ok(spec), Ok(state)) = (Spec::from_value(&r.spec), self.load(r)) else {
+            return (None, None);
+        };
         let mut instances = Vec::new();
         let mut problems = Vec::new();
+        let mut presence = Presence::default();
         for i in &state.instances {
             let running = i.alive();
             let failing = match (running, alive(i.machine_pid, i.machine_ticks)) {
@@ -877,11 +927,18 @@ impl Provider for LocalServices {
                 (false, true) => Some("process is gone".to_string()),
                 (true, true) => check(i.port, health_path(&spec)).await,
             };
-            if let Some(why) = &failing {
-                problems.push(format!("instance {} (pid {}, port {}): {why}", i.index, i.pid, i.port));
+            match &failing {
+                Some(why) => {
+                    problems.push(format!("instance {} (pid {}, port {}): {why}", i.index, i.pid, i.port));
+                    presence.failing.push((i.id(), format!("instance {}: {why}", i.index)));
+                }
+                None => presence.healthy.push(entry(r, &spec, i)),
             }
             instances.push(json!({ "index": i.index, "machine": i.machine, "pid": i.pid, "port": i.port,
                 "build": i.build, "running": running, "healthy": failing.is_none() }));
+        }
+        if r.state != "running" {
+            return (None, Some(presence));
         }
         let expected = r.outputs["count"].as_u64().unwrap_or(state.instances.len() as u64) as usize;
         let missing = expected.saturating_sub(state.instances.len());
@@ -892,6 +949,7 @@ impl Provider for LocalServices {
             true => format!("{} instance(s) healthy", instances.len()),
             false => format!("{} problem(s): {}", problems.len(), problems.join("; ")),
         };
-        Some(json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances }))
+        let seen = json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances });
+        (Some(seen), Some(presence))
     }
 }

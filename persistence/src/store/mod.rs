@@ -25,6 +25,7 @@
 //! run's row while waiting for a queued one's, so the two orders cannot
 //! deadlock.
 
+mod discovery;
 mod idempotency;
 mod identity;
 pub(crate) mod queue;
@@ -53,16 +54,25 @@ pub struct SqlStore<B> {
     db: B,
     wakeup: Arc<Notify>,
     cursor: ClaimCursor,
+    /// Ticks after each change of the discovery registry (see
+    /// [`drover_domain::ports::DiscoveryStore::discovery_watch`]).
+    discovery: Arc<tokio::sync::watch::Sender<i64>>,
 }
 
 // `Backend` is the crate's seam, not an interface: users name `PgStore`
 // and `SqliteStore`.
 #[allow(private_bounds)]
 impl<B: Backend> SqlStore<B> {
-    /// A store on `db`; `wakeup` is notified when work may be waiting (a
-    /// Postgres listener notifies it for other replicas' runs).
-    pub(crate) fn new(db: B, wakeup: Arc<Notify>) -> SqlStore<B> {
-        SqlStore { db, wakeup, cursor: ClaimCursor::default() }
+    /// A store on `db`; `wakeup` is notified when work may be waiting, and
+    /// `discovery` ticks when the registry changed (a Postgres listener does
+    /// both for other replicas).
+    pub(crate) fn new(db: B, wakeup: Arc<Notify>, discovery: Arc<tokio::sync::watch::Sender<i64>>) -> SqlStore<B> {
+        SqlStore { db, wakeup, cursor: ClaimCursor::default(), discovery }
+    }
+
+    /// Tells this replica's watchers that the registry reached `idx`.
+    fn discovery_changed(&self, idx: i64) {
+        discovery_heard(&self.discovery, idx);
     }
 
     /// A connection from the pool.
@@ -99,6 +109,12 @@ impl<B: Backend> SqlStore<B> {
     fn wake(&self) {
         self.wakeup.notify_one();
     }
+}
+
+/// Ticks the registry's watchers with `idx` (always: a tick makes them
+/// read again, and the index they compare with is the store's).
+pub(crate) fn discovery_heard(tx: &tokio::sync::watch::Sender<i64>, idx: i64) {
+    tx.send_modify(|v| *v = (*v).max(idx));
 }
 
 /// Commits `tx`; `op` names what it did.
