@@ -17,6 +17,11 @@ does:
   `minLength` refuse it, and the server answers 400), yet schemathesis
   4.32's coverage phase sends it in cases it counts as valid data; such a
   header is dropped from those cases (the negative cases keep it).
+- A watch of the discovery registry (`index` and `wait`) is a long-poll
+  that answers at its deadline when nothing changes, and the fuzzer
+  changes nothing there: a valid `wait` is cut to 100ms, so that a few
+  hundred such cases do not spend the run's time limit waiting (an
+  invalid one is kept: it must be refused at once).
 - The fuzzer must not lock itself out: revoking its own token, or
   disabling, deleting or stripping the roles of the user it acts as, turns
   every later request into a 401 or 403. Cases that would do that are
@@ -28,6 +33,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 
 import schemathesis
 
@@ -75,6 +81,13 @@ def map_case(context, case):
         and "expires_at" in case.body
     ):
         case.body["expires_at"] = _in_the_future(case.body["expires_at"])
+    if (
+        case.operation.path in ("/v1/discovery", "/v1/discovery/{service}")
+        and isinstance(case.query, dict)
+        and isinstance(case.query.get("wait"), str)
+        and re.fullmatch(r"[0-9]+(ms|s|m)?", case.query["wait"])
+    ):
+        case.query["wait"] = "100ms"
     if case.headers and case.headers.get("If-Match") == "" and _positive(case):
         del case.headers["If-Match"]
     # Last: the key digests the request as it is sent.

@@ -9,6 +9,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderName;
 use axum::{middleware, Router};
 use drover_domain::auth::Auth;
+use drover_domain::discovery::Registry;
 use drover_domain::engine::{Engine, EngineConfig, Providers};
 use drover_domain::service::Service;
 use drover_domain::settings::{SecretKey, Settings};
@@ -250,7 +251,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(AppState { service, auth, settings, metrics, discovery: stores.discovery.clone() });
+    let app = router(AppState {
+        service,
+        auth,
+        settings,
+        metrics,
+        discovery: Arc::new(Registry::new(stores.discovery.clone())),
+    });
     let mut stop_http = stop_rx;
     let http = tokio::spawn(async move {
         axum::serve(listener, app)

@@ -109,6 +109,10 @@ pub struct Presence {
     pub healthy: Vec<NewEntry>,
     /// `(instance, reason)`.
     pub failing: Vec<(String, String)>,
+    /// Why the instances should be placed again (a machine gone; a global
+    /// service's machines changed), when they should: the observer asks
+    /// for the kind's `place` action.
+    pub misplaced: Option<String>,
 }
 
 /// How long an entry lives unless renewed: three observer rounds, so that
@@ -120,26 +124,42 @@ pub fn ttl(observe_every: std::time::Duration) -> std::time::Duration {
 /// How long changes are kept for watchers and readers of the log.
 pub const KEEP_CHANGES: chrono::Duration = chrono::Duration::days(30);
 
-/// The registry (or one service's entries, by id) once its index differs
-/// from `after` (a change since, or a reset), or at `wait`'s end as it is;
-/// at once without `after`. Wakes on the change itself: it subscribes to
-/// the store's ticks before it reads, so a change between the read and the
-/// wait is not missed.
-pub async fn watch(
-    store: &dyn crate::ports::DiscoveryStore,
-    service: Option<Uuid>,
-    after: Option<i64>,
-    wait: std::time::Duration,
-) -> crate::Result<Snapshot> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let mut ticks = store.discovery_watch();
-        let snapshot = store.discovery_snapshot(None, service).await?;
-        if after.is_none_or(|a| a != snapshot.index) {
-            return Ok(snapshot);
+/// What the API reads of the registry (handlers never touch the store).
+pub struct Registry {
+    store: std::sync::Arc<dyn crate::ports::DiscoveryStore>,
+}
+
+impl Registry {
+    pub fn new(store: std::sync::Arc<dyn crate::ports::DiscoveryStore>) -> Registry {
+        Registry { store }
+    }
+
+    /// The registry (or one service's entries, by id) once its index
+    /// differs from `after` (a change since, or a reset), or at `wait`'s
+    /// end as it is; at once without `after`. Wakes on the change itself:
+    /// it subscribes to the store's ticks before it reads, so a change
+    /// between the read and the wait is not missed.
+    pub async fn watch(
+        &self,
+        service: Option<Uuid>,
+        after: Option<i64>,
+        wait: std::time::Duration,
+    ) -> crate::Result<Snapshot> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut ticks = self.store.discovery_watch();
+            let snapshot = self.store.discovery_snapshot(None, service).await?;
+            if after.is_none_or(|a| a != snapshot.index) {
+                return Ok(snapshot);
+            }
+            if tokio::time::timeout_at(deadline, ticks.changed()).await.is_err() {
+                return Ok(snapshot);
+            }
         }
-        if tokio::time::timeout_at(deadline, ticks.changed()).await.is_err() {
-            return Ok(snapshot);
-        }
+    }
+
+    /// Changes after `after` (of one service, by name), oldest first.
+    pub async fn changes(&self, after: i64, service: Option<&str>, limit: u32) -> crate::Result<Vec<Change>> {
+        self.store.discovery_changes(after, service, limit).await
     }
 }

@@ -111,6 +111,9 @@ impl Providers {
     }
 }
 
+/// Who the runs the observer asks for are by, in the ledger.
+pub const OBSERVER_ACTOR: &str = "observer";
+
 pub struct Engine {
     store: Arc<dyn Store>,
     settings: std::sync::OnceLock<Arc<Settings>>,
@@ -476,7 +479,11 @@ impl Engine {
         }
         let (seen, presence) = provider.observe_presence(r).await;
         if let Some(presence) = presence {
+            let misplaced = presence.misplaced.clone();
             self.keep_presence(r, presence).await;
+            if let Some(why) = misplaced {
+                self.ask_to_place(r, &why).await;
+            }
         }
         if let Some(seen) = seen {
             if r.observed.as_ref() != Some(&seen) {
@@ -529,6 +536,41 @@ impl Engine {
         .await;
         if let Err(e) = result {
             warn!(error = %e, resource = %r.id, "could not keep the discovery registry");
+        }
+    }
+
+    /// Asks for a `place` run of a running resource whose provider sees
+    /// instances to place again, as the observer (with why); not while a
+    /// run of it is active, nor when its kind has no such action. A request
+    /// refused (its cluster busy scaling, not up) is asked again next round.
+    async fn ask_to_place(&self, r: &Resource, why: &str) {
+        const PLACE: &str = "place";
+        let Some(requester) = self.requester.get() else { return };
+        if !matches!(r.kind.next(&r.state, PLACE), Ok(crate::kinds::Step::Go { .. })) {
+            return;
+        }
+        match self.store.active_run(r.id).await {
+            Ok(None) => {}
+            Ok(Some(_)) => return,
+            Err(e) => {
+                warn!(error = %e, resource = %r.id, "could not read the active run");
+                return;
+            }
+        }
+        let req = crate::service::TransitionRequest {
+            action: PLACE.into(),
+            params: json!({}),
+            reason: Some(why.to_string()),
+            actor: OBSERVER_ACTOR.into(),
+            idempotency_key: None,
+            may_operate_protected: true,
+            parent: None,
+        };
+        match requester.request(r.kind, &r.id.to_string(), req).await {
+            Ok(run) => {
+                info!(run = %run.id, kind = %r.kind, name = %r.name, why = %why, "asked to place instances again")
+            }
+            Err(e) => info!(kind = %r.kind, name = %r.name, error = %e, "could not ask to place instances yet"),
         }
     }
 

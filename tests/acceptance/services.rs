@@ -145,33 +145,20 @@ async fn services_are_placed_on_the_clusters_machines_in_order() {
     assert_eq!(placement(&svc), [placed[0]]);
     assert!(!alive(placed[1].2) && !alive(placed[2].2));
 
-    // A machine killed by hand: the next action places its instances
-    // elsewhere, says so, and stops what was left on the dead machine.
+    // A machine killed by hand: the observer sees the loss, reports it on
+    // the view, and asks for a `place` run itself, which moves the instance
+    // to the machine that is left, says so, and stops what was left on the
+    // dead machine.
     let svc = ok(&app, "app", json!({"action": "scale", "params": {"count": 2}})).await;
     let before = placement(&svc);
     assert_eq!(before.iter().map(|p| p.1).collect::<Vec<_>>(), [0, 1]);
     let machine1 = pids(&cluster)[1];
     std::process::Command::new("kill").args(["-KILL", &machine1.to_string()]).status().unwrap();
-    for _ in 0..50 {
-        if !alive(machine1) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    // The observer reports the loss on the service's view.
-    let mut seen = Value::Null;
-    for _ in 0..100 {
-        seen = app.get("/v1/services/app").await.body;
-        if seen["observed"]["healthy"] == false {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(seen["observed"]["healthy"], false, "{seen}");
-    assert!(seen["observed"]["summary"].as_str().unwrap().contains("machine c1-1 is gone"), "{seen}");
-    let run = app.run("service", "app", json!({"action": "scale", "params": {"count": 2}})).await;
+    let run = placed_by_observer(&app, "app").await;
     assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(run["reason"].as_str().unwrap().contains("machine c1-1 of instance 1 is gone"), "{run}");
     let svc = app.get("/v1/services/app").await.body;
+    assert_eq!(svc["state"], "running");
     let after = placement(&svc);
     assert_eq!(after.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(), [(0, 0), (1, 0)]);
     assert_eq!(after[0].2, before[0].2, "instance 0 stays where it was");
@@ -184,6 +171,10 @@ async fn services_are_placed_on_the_clusters_machines_in_order() {
             && e["data"]["reason"] == "its machine is gone"
     });
     assert!(moved, "{events}");
+    // Once placed, nothing more is asked for.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let places = app.get("/v1/transitions?kind=service&resource=app&action=place").await.body;
+    assert_eq!(places["items"].as_array().unwrap().len(), 1, "{places}");
 
     // Stopping the cluster stops the services on its machines with them.
     let running: Vec<u64> = placement(&svc).iter().chain(placement(&cache).iter()).map(|p| p.2).collect();
@@ -196,6 +187,20 @@ async fn services_are_placed_on_the_clusters_machines_in_order() {
         assert_eq!(ok(&app, name, json!({"action": "destroy"})).await["state"], "destroyed");
     }
     assert_eq!(app.run("cluster", "c1", json!({"action": "destroy"})).await["status"], "succeeded");
+}
+
+/// Waits for the `place` run the observer asks for on its own, and for it
+/// to end.
+async fn placed_by_observer(app: &TestApp, name: &str) -> Value {
+    let path = format!("/v1/transitions?kind=service&resource={name}&action=place&actor=observer");
+    for _ in 0..300 {
+        let page = app.get(&path).await.body;
+        if let Some(run) = page["items"].as_array().and_then(|i| i.first()) {
+            return app.wait(run["id"].as_str().unwrap()).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the observer asked for no place run of {name}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +216,44 @@ async fn a_global_service_runs_once_on_every_matching_machine() {
     // A scale of a global service is refused: its count is its machines'.
     let r = app.post("/v1/services/agent/transitions", json!({"action": "scale", "params": {"count": 3}})).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+
+    // The cluster scales up: the observer has the new machine get one, and
+    // the two that run stay as they are.
+    assert_eq!(
+        app.run("cluster", "c1", json!({"action": "scale", "params": {"count": 3}})).await["status"],
+        "succeeded"
+    );
+    let run = placed_by_observer(&app, "agent").await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(run["reason"].as_str().unwrap().contains("c1-2 run no instance"), "{run}");
+    let svc = app.get("/v1/services/agent").await.body;
+    let grown = placement(&svc);
+    assert_eq!(grown.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(), [(0, 0), (1, 1), (2, 2)]);
+    assert_eq!(&grown[..2], &placed[..], "the instances that ran were left alone");
+    let registry = app.get("/v1/discovery/agent").await.body;
+    assert_eq!(registry["entries"].as_array().unwrap().len(), 3, "{registry}");
+
+    // And down again: the third machine's instance goes with it, out of
+    // the registry, and the service is brought back to two.
+    assert_eq!(
+        app.run("cluster", "c1", json!({"action": "scale", "params": {"count": 2}})).await["status"],
+        "succeeded"
+    );
+    assert!(!alive(grown[2].2), "the removed machine's instance stopped with it");
+    let mut svc = Value::Null;
+    for _ in 0..300 {
+        svc = app.get("/v1/services/agent").await.body;
+        let runs = app.get("/v1/transitions?kind=service&resource=agent&action=place").await.body;
+        let done = runs["items"].as_array().unwrap().len() == 2 && runs["items"][0]["status"] == "succeeded";
+        if done && svc["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(placement(&svc).iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(), [(0, 0), (1, 1)], "{svc}");
+    let registry = app.get("/v1/discovery/agent").await.body;
+    assert_eq!(registry["entries"].as_array().unwrap().len(), 2, "{registry}");
+
     assert_eq!(ok(&app, "agent", json!({"action": "destroy"})).await["state"], "destroyed");
     assert!(placed.iter().all(|p| !alive(p.2)));
 }

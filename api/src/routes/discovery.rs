@@ -58,7 +58,7 @@ async fn watch(s: &AppState, headers: &HeaderMap, service: Option<uuid::Uuid>, q
         return Err(Problem::invalid("index", "must be 0 or more"));
     }
     let wait = parse_wait(q.wait.as_deref())?;
-    let snapshot = drover_domain::discovery::watch(&*s.discovery, service, q.index, wait).await?;
+    let snapshot = s.discovery.watch(service, q.index, wait).await?;
     let mut extra = HeaderMap::new();
     extra.insert(INDEX, HeaderValue::from(snapshot.index));
     let body = DiscoveryList { index: snapshot.index, entries: snapshot.entries.into_iter().map(Into::into).collect() };
@@ -139,7 +139,7 @@ async fn discovery_changes(
         l @ 1..=1000 => l,
         _ => return Err(Problem::invalid("limit", "must be between 1 and 1000")),
     };
-    let changes = s.discovery.discovery_changes(after, q.service.as_deref(), limit).await?;
+    let changes = s.discovery.changes(after, q.service.as_deref(), limit).await?;
     let next_after = changes.last().map_or(after, |c| c.index);
     Ok(Json(DiscoveryChangePage { changes: changes.into_iter().map(Into::into).collect(), next_after }))
 }

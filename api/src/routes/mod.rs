@@ -23,5 +23,5 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub settings: Arc<Settings>,
     pub metrics: Arc<crate::metrics::Registry>,
-    pub discovery: Arc<dyn drover_domain::ports::DiscoveryStore>,
+    pub discovery: Arc<drover_domain::discovery::Registry>,
 }

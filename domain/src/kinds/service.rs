@@ -54,6 +54,7 @@ named_enum!(State {
     Starting => "starting",
     Running => "running",
     Scaling => "scaling",
+    Placing => "placing",
     Deploying => "deploying",
     RollingBack => "rolling-back",
     Restarting => "restarting",
@@ -67,6 +68,7 @@ named_enum!(State {
 named_enum!(Action {
     Start => "start",
     Scale => "scale",
+    Place => "place",
     Deploy => "deploy",
     Rollback => "rollback",
     Restart => "restart",
@@ -112,6 +114,14 @@ impl Declaration for Service {
             .params(Params::of::<cluster::ScaleParams>())
             .with_settings()
             .changing_spec(&["count"]),
+            Action::Place => ActionDecl::new(
+                "Places instances again: those whose machine went away go to the matching machines that are \
+                 left, and a global service gets one on every matching machine there is now (none on those \
+                 gone or no longer matching). Drover's observer asks for it when it sees a machine gone, or a \
+                 global service's machines change; each move is an event with where from and why.",
+                600,
+            )
+            .with_settings(),
             Action::Deploy => ActionDecl::new(
                 "Replaces the instances with ones of another build (default: the image's current build), \
                  surge-first in batches bounded by max_surge and max_unavailable; a new instance that fails its \
@@ -234,7 +244,7 @@ impl Declaration for Service {
                 build: params["build"].as_str().map(str::to_string),
                 ..spec.clone()
             }),
-            Action::Start | Action::Restart | Action::Stop | Action::Destroy | Action::Retry => None,
+            Action::Start | Action::Place | Action::Restart | Action::Stop | Action::Destroy | Action::Retry => None,
         }
     }
 
@@ -258,26 +268,32 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
     match (state, action) {
         (S::Pending | S::Stopped, A::Start) => go(S::Starting, S::Running),
         (S::Running, A::Scale) => go(S::Scaling, S::Running),
+        (S::Running, A::Place) => go(S::Placing, S::Running),
         (S::Running | S::Failed, A::Deploy) => go(S::Deploying, S::Running),
         (S::Running | S::Failed, A::Rollback) => go(S::RollingBack, S::Running),
         (S::Running, A::Restart) => go(S::Restarting, S::Running),
         (S::Running, A::Stop) => go(S::Stopping, S::Stopped),
         (S::Pending | S::Running | S::Stopped | S::Failed, A::Destroy) => go(S::Destroying, S::Destroyed),
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
-        (S::Pending, A::Scale | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Pending, A::Scale | A::Place | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Retry) => {
+            Err(NotAllowed)
+        }
         (S::Running, A::Start | A::Retry) => Err(NotAllowed),
-        (S::Stopped, A::Scale | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Retry) => Err(NotAllowed),
-        (S::Failed, A::Start | A::Scale | A::Restart | A::Stop) => Err(NotAllowed),
+        (S::Stopped, A::Scale | A::Place | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Retry) => {
+            Err(NotAllowed)
+        }
+        (S::Failed, A::Start | A::Scale | A::Place | A::Restart | A::Stop) => Err(NotAllowed),
         (
             S::Starting
             | S::Scaling
+            | S::Placing
             | S::Deploying
             | S::RollingBack
             | S::Restarting
             | S::Stopping
             | S::Destroying
             | S::Destroyed,
-            A::Start | A::Scale | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Destroy | A::Retry,
+            A::Start | A::Scale | A::Place | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Destroy | A::Retry,
         ) => Err(NotAllowed),
     }
 }

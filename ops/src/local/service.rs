@@ -158,11 +158,25 @@ struct State {
     /// rollback returns to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     keep: Vec<PathBuf>,
+    /// The cluster the last run placed on, for the observer to find its
+    /// machines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    site: Option<SiteRef>,
+}
+
+/// A cluster as placement sees it: its id, name and its own machines'
+/// role metadata (its worker groups' come from their state).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SiteRef {
+    cluster: Uuid,
+    name: String,
+    metadata: String,
 }
 
 /// The cluster a run places instances on, as it is now.
 struct Site {
     cluster: String,
+    at: SiteRef,
     /// Its live machines (its own and its worker groups'), and those that
     /// match the constraints.
     all: Vec<Machine>,
@@ -197,7 +211,8 @@ impl LocalServices {
         let c = dependency(job, cluster::KIND)?;
         let cluster_spec = cluster::Spec::from_value(&c.spec)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("cluster {}: {e:?}", c.name)))?;
-        let all = machines(&self.clusters, c.id, &c.name, &cluster_spec.machine_metadata(&c.name))?;
+        let at = SiteRef { cluster: c.id, name: c.name.clone(), metadata: cluster_spec.machine_metadata(&c.name) };
+        let all = machines(&self.clusters, at.cluster, &at.name, &at.metadata)?;
         let eligible: Vec<Machine> =
             all.iter().filter(|m| matches(spec.constraints.as_deref(), &m.metadata)).cloned().collect();
         if eligible.is_empty() {
@@ -217,7 +232,7 @@ impl LocalServices {
             };
             return Err(ProviderError::fatal("no_machine", why));
         }
-        Ok(Site { cluster: c.name.clone(), all, eligible, assigned: BTreeMap::new() })
+        Ok(Site { cluster: c.name.clone(), at, all, eligible, assigned: BTreeMap::new() })
     }
 
     /// The indexes the service wants on the site: `0..count`; or, when
@@ -285,7 +300,7 @@ impl LocalServices {
             let reason = why.unwrap_or("the service no longer wants it (scaled down, or a twin)");
             self.stop_instance(ctx, r, i, reason).await?;
             match why {
-                Some(why) => {
+                Some(why) if wanted.contains(&i.index) => {
                     let msg = format!(
                         "instance {} was on machine {}: {why}; it will be placed again",
                         i.index,
@@ -293,6 +308,13 @@ impl LocalServices {
                     );
                     ctx.event(NewEvent::info("placement", msg).with_level(Level::Warn)).await;
                     moved.insert(i.index, (i.machine_label(), why.to_string()));
+                }
+                // A global service's instance whose machine is gone for good.
+                Some(why) => {
+                    let msg =
+                        format!("instance {} was on machine {}: {why}; it is not needed", i.index, i.machine_label());
+                    let data = json!({ "index": i.index, "machine_name": i.machine_label(), "reason": why });
+                    ctx.event(NewEvent::info("placement", msg).with_level(Level::Warn).with_data(data)).await;
                 }
                 None => {
                     let msg = format!("stopped instance {} (pid {}) on machine {}", i.index, i.pid, i.machine_label());
@@ -320,6 +342,7 @@ impl LocalServices {
         let r = &job.resource;
         let mut site = self.site(job, spec)?;
         let mut state = self.load(r)?;
+        state.site = Some(site.at.clone());
         let wanted = Self::wanted(spec, &mut site, &state, count);
         let moved = self.prune(ctx, r, &mut state, &site, &wanted, spec.global).await?;
         for i in &state.instances {
@@ -505,6 +528,7 @@ impl LocalServices {
         let r = &job.resource;
         let mut site = self.site(job, spec)?;
         let mut state = self.load(r)?;
+        state.site = Some(site.at.clone());
         let wanted = Self::wanted(spec, &mut site, &state, None);
         let plan = match state.plan.clone().filter(|p| p.run == job.run_id) {
             Some(p) => {
@@ -799,6 +823,40 @@ fn source(job: &Job, spec: &Spec, build: Option<&str>) -> Result<Source, Provide
     Ok(Source { image: image_r.name.clone(), build: wanted, dir, command })
 }
 
+impl LocalServices {
+    /// Why the instances should be placed again, if they should: one whose
+    /// machine is gone; for a global service, a matching machine without
+    /// one, or one on a machine that no longer matches. (A dead instance on
+    /// a live machine is the drift issue's to repair, not placement's.)
+    fn misplaced(&self, spec: &Spec, state: &State) -> Option<String> {
+        let gone: Vec<String> = state
+            .instances
+            .iter()
+            .filter(|i| !alive(i.machine_pid, i.machine_ticks))
+            .map(|i| format!("machine {} of instance {} is gone", i.machine_label(), i.index))
+            .collect();
+        if !gone.is_empty() {
+            return Some(gone.join("; "));
+        }
+        let at = state.site.as_ref().filter(|_| spec.global)?;
+        let all = machines(&self.clusters, at.cluster, &at.name, &at.metadata).ok()?;
+        let eligible: Vec<&Machine> =
+            all.iter().filter(|m| matches(spec.constraints.as_deref(), &m.metadata)).collect();
+        let bare: Vec<String> =
+            eligible.iter().filter(|m| !state.instances.iter().any(|i| i.on(m))).map(|m| m.name()).collect();
+        if !bare.is_empty() {
+            return Some(format!("matching machine(s) {} run no instance of this global service", bare.join(", ")));
+        }
+        let astray: Vec<String> = state
+            .instances
+            .iter()
+            .filter(|i| !eligible.iter().any(|m| i.on(m)))
+            .map(|i| format!("instance {} on {}", i.index, i.machine_label()))
+            .collect();
+        (!astray.is_empty()).then(|| format!("{} no longer on a matching machine", astray.join(", ")))
+    }
+}
+
 /// Why instances of a plan's batch go: they are replaced.
 fn replaced(plan: &Plan) -> String {
     format!("replaced by build {}", plan.to.build.as_deref().unwrap_or("?"))
@@ -879,7 +937,7 @@ impl Provider for LocalServices {
         let spec = Spec::from_value(&job.resource.spec)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}")))?;
         match job.action.as_str() {
-            "start" => self.ensure(ctx, job, &spec, spec.count).await,
+            "start" | "place" => self.ensure(ctx, job, &spec, spec.count).await,
             "scale" => {
                 let count = job.params.get("count").and_then(Value::as_u64).map(|c| c as u32);
                 self.ensure(ctx, job, &spec, count.or(spec.count)).await
@@ -937,6 +995,7 @@ impl Provider for LocalServices {
             instances.push(json!({ "index": i.index, "machine": i.machine, "pid": i.pid, "port": i.port,
                 "build": i.build, "running": running, "healthy": failing.is_none() }));
         }
+        presence.misplaced = self.misplaced(&spec, &state);
         if r.state != "running" {
             return (None, Some(presence));
         }
