@@ -565,6 +565,24 @@ async fn a_deploy_resumes_after_drover_is_killed() {
     let on: Vec<&str> =
         svc["outputs"]["instances"].as_array().unwrap().iter().map(|i| i["build"].as_str().unwrap()).collect();
     assert_eq!(on, [b2.as_str(); 4]);
+    // The registry lists exactly the instances that run, all on the new
+    // build: none was lost or left behind across the kill.
+    let registry = call(h, &drover.base, "GET", "/v1/discovery/app", None).await;
+    let mut listed: Vec<(u64, String)> = registry["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["port"].as_u64().unwrap(), e["build"].as_str().unwrap().to_string()))
+        .collect();
+    let mut running: Vec<(u64, String)> = svc["outputs"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["port"].as_u64().unwrap(), b2.clone()))
+        .collect();
+    listed.sort();
+    running.sort();
+    assert_eq!(listed, running, "{registry}");
     let events = call(h, &drover.base, "GET", &format!("/v1/transitions/{run_id}/events"), None).await;
     let resumed = events["events"]
         .as_array()
