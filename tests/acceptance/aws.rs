@@ -446,3 +446,147 @@ async fn a_cancelled_bake_leaves_no_builder_running() {
     let events = app.get(&format!("/v1/transitions/{run}/events")).await.body;
     assert!(events.to_string().contains("terminated builder"), "{events}");
 }
+
+/// The SSM commands moto holds whose comment names `run`.
+async fn commands_of(aws: &Aws, run: &str) -> Vec<drover_ops::aws::testing::ssm::types::Command> {
+    let out = aws.clients.ssm().await.list_commands().send().await.unwrap();
+    let comment = format!("drover run {run}");
+    out.commands().iter().filter(|c| c.comment() == Some(comment.as_str())).cloned().collect()
+}
+
+/// A job on an aws cluster goes to its running instances through SSM Run
+/// Command: the command, its bounds and the non-secret settings as sent,
+/// every instance's result read back, `once` to one instance, and the same
+/// run tried again adopts the command instead of sending it twice.
+#[tokio::test]
+async fn aws_jobs_run_through_ssm_run_command() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let aws = aws().await;
+    let (image_name, _) = built_image(&app, &aws).await;
+    let name = unique("ops");
+    let cluster = create(&app, "cluster", &name, aws.cluster_spec(&image_name, 2)).await;
+    let cluster_id = cluster["id"].as_str().unwrap().to_string();
+    assert_eq!(app.run("cluster", &name, json!({"action": "create"})).await["status"], "succeeded");
+    let instances: Vec<String> =
+        aws.running_instances(&cluster_id).await.iter().map(|i| i.instance_id().unwrap().to_string()).collect();
+    assert_eq!(instances.len(), 2);
+    for (key, body) in
+        [("LOG_LEVEL", json!({"value": "debug"})), ("DB_PASSWORD", json!({"value": "hunter2-aws", "secret": true}))]
+    {
+        let r = app.send(&app.client, "PUT", &format!("/v1/settings/cluster:{name}/{key}"), Some(body)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+
+    // Bad specs are named: an image cannot travel to an AMI's machines, the
+    // provider must be the cluster's, constraints must match at request time.
+    let job_name = unique("vacuum");
+    let bad = app
+        .post("/v1/jobs", json!({"name": job_name, "spec": {"provider": "aws", "cluster": name, "command": "x", "image": image_name}}))
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    assert_eq!(bad.body["errors"][0]["field"], "spec.image");
+    let bad = app.post("/v1/jobs", json!({"name": job_name, "spec": {"cluster": name, "command": "x"}})).await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    assert!(
+        bad.body["errors"][0]["message"].as_str().unwrap().contains("set spec.provider to \"aws\""),
+        "{}",
+        bad.body
+    );
+
+    let spec = json!({"provider": "aws", "cluster": name, "command": "df -h / && echo it's fine",
+        "max_concurrency": 1, "max_errors": 1, "timeout_secs": 120, "env": {"REASON": "maintenance"}});
+    create(&app, "job", &job_name, spec).await;
+    let run = app.run("job", &job_name, json!({"action": "run", "reason": "weekly"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let mut by: Vec<(String, String)> = run["outputs"]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["instance_id"].as_str().unwrap().to_string(), r["status"].as_str().unwrap().to_string()))
+        .collect();
+    by.sort();
+    let mut want: Vec<(String, String)> = instances.iter().map(|i| (i.clone(), "succeeded".to_string())).collect();
+    want.sort();
+    assert_eq!(by, want, "{run}");
+    assert_eq!(run["outputs"]["results"][0]["exit_code"], 0);
+
+    // What SSM was sent: one command, to the cluster's instances, with the
+    // job's bounds, its command and environment, and no secret.
+    let run_id = run["id"].as_str().unwrap();
+    let sent = commands_of(&aws, run_id).await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let c = &sent[0];
+    assert_eq!(c.document_name(), Some("AWS-RunShellScript"));
+    // moto adds every instance it has to a command sent without targets
+    // (AWS keeps the ids it was given): what drover asked for is in its event.
+    assert!(instances.iter().all(|i| c.instance_ids().contains(i)), "{c:?}");
+    let events = app.get(&format!("/v1/transitions/{run_id}/events")).await.body;
+    let asked = events["events"].as_array().unwrap().iter().find(|e| e["step"] == "command").expect("sent");
+    let mut to: Vec<String> = serde_json::from_value(asked["data"]["instances"].clone()).unwrap();
+    to.sort();
+    let mut all = instances.clone();
+    all.sort();
+    assert_eq!(to, all);
+    assert_eq!((c.max_concurrency(), c.max_errors()), (Some("1"), Some("1")));
+    let params = c.parameters().expect("parameters");
+    assert_eq!(params["executionTimeout"], ["120"]);
+    let script = params["commands"].join("\n");
+    assert!(script.contains("sh -c 'df -h / && echo it'\\''s fine'"), "{script}");
+    assert!(script.contains("export LOG_LEVEL='debug'"), "{script}");
+    assert!(script.contains("export REASON='maintenance'"), "{script}");
+    assert!(script.contains(&format!("export DROVER_RUN_ID='{run_id}'")), "{script}");
+    assert!(
+        !script.contains("hunter2-aws") && !script.contains("DB_PASSWORD"),
+        "a secret never goes into SSM: {script}"
+    );
+    let said = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["step"] == "settings" && e["message"].as_str().unwrap().contains("DB_PASSWORD"));
+    assert!(said, "the run says which secret settings were left out: {events}");
+
+    // `once`: one instance.
+    let r = app.patch(&format!("/v1/jobs/{job_name}"), json!({"spec": {"target": "once"}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let run = app.run("job", &job_name, json!({"action": "run"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["outputs"]["targets"], 1);
+    assert_eq!(run["outputs"]["results"].as_array().unwrap().len(), 1);
+
+    // Constraints no instance carries: refused when the run is asked for.
+    let r = app.patch(&format!("/v1/jobs/{job_name}"), json!({"spec": {"constraints": "role=db"}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = app.post(&format!("/v1/jobs/{job_name}/transitions"), json!({"action": "run"})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["field"], "spec.constraints");
+
+    // The same run tried again (drover died after sending) adopts the
+    // command its first attempt sent.
+    let jobs = drover_ops::aws::AwsJobs::new(
+        aws.clients.clone(),
+        Arc::new(drover_ops::aws::SdkStacks::new(aws.clients.clone())),
+        moto_settings().poll,
+    );
+    let spec = json!({"provider": "aws", "cluster": name, "command": "uptime"});
+    let cluster_r = app.get(&format!("/v1/clusters/{name}")).await.body;
+    let mut c = drover_ops::aws::testing::resource(
+        drover_domain::kinds::cluster::KIND,
+        &name,
+        cluster_r["spec"].clone(),
+        "up",
+        json!({}),
+    );
+    c.id = cluster_id.parse().unwrap();
+    let job = drover_ops::aws::testing::job(drover_domain::kinds::job::KIND, "again", spec, "run", json!({}), vec![c]);
+    let ctx = drover_ops::aws::testing::RecordingCtx::new(job.run_id);
+    let first = jobs.apply(&ctx, &job).await.expect("first attempt");
+    let second = jobs.apply(&ctx, &job).await.expect("second attempt");
+    assert_eq!(first["succeeded"], 2);
+    assert_eq!(second["succeeded"], 2);
+    assert_eq!(commands_of(&aws, &job.run_id.to_string()).await.len(), 1, "sent once");
+    assert!(ctx.messages().iter().any(|m| m.starts_with("command: adopting command")), "{:?}", ctx.messages());
+
+    assert_eq!(app.run("job", &job_name, json!({"action": "destroy"})).await["status"], "succeeded");
+    assert_eq!(app.run("cluster", &name, json!({"action": "destroy"})).await["status"], "succeeded");
+}

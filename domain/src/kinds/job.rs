@@ -51,8 +51,8 @@ named_enum!(Action {
     Destroy => "destroy",
 });
 
-/// Providers jobs run on: the local one for now.
-pub const PROVIDERS: &[&str] = &["local"];
+/// Providers jobs run on: the cluster's (`aws`: through SSM Run Command).
+pub const PROVIDERS: &[&str] = &["local", "aws"];
 
 impl Declaration for Job {
     const NAME: &'static str = "job";
@@ -102,7 +102,7 @@ impl Declaration for Job {
 
     fn check_with(spec: &Spec, named: &[Referenced]) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        check_cluster_provider(&spec.provider, named, &mut errors);
+        check_cluster_provider(&spec.provider, PROVIDERS, named, &mut errors);
         errors
     }
 
@@ -191,7 +191,8 @@ pub enum Target {
 #[serde(deny_unknown_fields)]
 #[schemars(transform = job_schema)]
 pub struct Spec {
-    /// Provider: the cluster's (`local`; jobs on aws clusters are still to come).
+    /// Provider: the cluster's (`local`, or `aws`: SSM Run Command on the
+    /// cluster's EC2 instances).
     #[serde(default = "default_provider")]
     #[schemars(extend("enum" = PROVIDERS))]
     pub provider: String,
@@ -201,7 +202,8 @@ pub struct Spec {
     /// The command (`sh -c`), run in the job's directory on each machine.
     #[schemars(length(min = 1, max = 4096), regex(pattern = r"\S"))]
     pub command: String,
-    /// An image whose current build is copied into that directory first.
+    /// An image whose current build is copied into that directory first
+    /// (local only: an aws machine runs its cluster's AMI).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"\S"))]
     pub image: Option<String>,
@@ -230,6 +232,9 @@ pub struct Spec {
 
 fn job_schema(schema: &mut schemars::Schema) {
     constraints_and_env(schema, "Environment variables of the command");
+    // On aws a machine runs its cluster's AMI: no image to bring.
+    schema.insert("if".into(), json!({"properties": {"provider": {"const": "aws"}}, "required": ["provider"]}));
+    schema.insert("then".into(), json!({"properties": {"image": {"type": "null"}}}));
 }
 
 fn default_provider() -> String {
@@ -254,7 +259,10 @@ impl Spec {
         let mut errors = Vec::new();
         let mut bad = |field: &str, why: &str| errors.push(FieldError::new(format!("spec.{field}"), why));
         if !PROVIDERS.contains(&self.provider.as_str()) {
-            bad("provider", "jobs run on provider local (aws clusters' jobs are still to come)");
+            bad("provider", "jobs run on provider local or aws");
+        }
+        if self.provider == "aws" && self.image.is_some() {
+            bad("image", "an aws machine runs its cluster's AMI: a job there cannot bring an image's build");
         }
         if self.cluster.trim().is_empty() {
             bad("cluster", "must name a cluster");
@@ -280,6 +288,43 @@ impl Spec {
         check_env(&self.env, &mut errors);
         errors
     }
+}
+
+/// How many lines of each output a target's result keeps.
+pub const OUTPUT_TAIL: usize = 20;
+
+/// A line of output with every secret value in it replaced by `***`.
+pub fn masked(line: &str, secrets: &[String]) -> String {
+    let mut out = line.to_string();
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(s.as_str(), "***");
+    }
+    out
+}
+
+/// A run's end from its targets' results (each with `machine_name` and
+/// `status`: `succeeded`, `failed`, `timed_out`, `skipped`, …): the
+/// summary as outputs, or `job_failed` with it as detail when more than
+/// `max_errors` failed. The same for every provider.
+pub fn conclude(results: Vec<Value>, max_errors: u32) -> std::result::Result<Value, crate::ports::ProviderError> {
+    let failed = results.iter().filter(|r| r["status"] != "succeeded" && r["status"] != "skipped").count();
+    let skipped = results.iter().filter(|r| r["status"] == "skipped").count();
+    let which: Vec<String> = results
+        .iter()
+        .filter(|r| r["status"] != "succeeded" && r["status"] != "skipped")
+        .map(|r| format!("{} ({})", r["machine_name"].as_str().unwrap_or("?"), r["status"].as_str().unwrap_or("?")))
+        .collect();
+    let targets = results.len();
+    let summary = json!({ "targets": targets, "succeeded": targets - failed - skipped,
+        "failed": failed, "skipped": skipped, "results": results });
+    if failed > max_errors as usize {
+        return Err(crate::ports::ProviderError::fatal(
+            "job_failed",
+            format!("{failed} of {targets} target(s) failed, more than max_errors {max_errors}: {}", which.join(", ")),
+        )
+        .with_detail(summary));
+    }
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -309,6 +354,7 @@ mod tests {
             (json!({"cluster": "c", "command": "x", "target": "twice"}), "spec.target"),
             (json!({"cluster": "c", "command": "x", "constraints": "role"}), "spec.constraints"),
             (json!({"cluster": "c", "command": "x", "env": {"A B": "1"}}), "spec.env.A B"),
+            (json!({"cluster": "c", "command": "x", "provider": "aws", "image": "web"}), "spec.image"),
         ] {
             let e = Spec::from_value(&bad).unwrap_err();
             assert!(matches!(&e, Error::Invalid(f) if f[0].field == field), "{bad}: {e:?}");

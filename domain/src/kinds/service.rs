@@ -428,18 +428,29 @@ pub(super) fn check_env(env: &BTreeMap<String, String>, errors: &mut Vec<FieldEr
 
 /// The cluster a spec names runs on `provider` (services and jobs run on
 /// local clusters only, for now).
-pub(super) fn check_cluster_provider(provider: &str, named: &[Referenced], errors: &mut Vec<FieldError>) {
+pub(super) fn check_cluster_provider(
+    provider: &str,
+    providers: &[&str],
+    named: &[Referenced],
+    errors: &mut Vec<FieldError>,
+) {
     for r in named.iter().filter(|r| r.reference.kind == cluster::KIND) {
         let Ok(c) = serde_json::from_value::<cluster::Spec>(r.spec.clone()) else { continue };
-        if c.provider != provider {
-            errors.push(FieldError::new(
-                "spec.cluster",
-                format!(
-                    "cluster {} runs on provider {}; this runs on local clusters only, for now",
-                    r.name, c.provider
-                ),
-            ));
+        if c.provider == provider {
+            continue;
         }
+        let why = match providers.contains(&c.provider.as_str()) {
+            true => {
+                format!("cluster {} runs on provider {}: set spec.provider to {:?}", r.name, c.provider, c.provider)
+            }
+            false => format!(
+                "cluster {} runs on provider {}; this runs on {} clusters only, for now",
+                r.name,
+                c.provider,
+                providers.join(" or ")
+            ),
+        };
+        errors.push(FieldError::new("spec.cluster", why));
     }
 }
 
@@ -581,7 +592,7 @@ impl Spec {
     /// provider, and the services of `after` run on the same cluster.
     fn check_with(&self, named: &[Referenced]) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        check_cluster_provider(&self.provider, named, &mut errors);
+        check_cluster_provider(&self.provider, PROVIDERS, named, &mut errors);
         for r in named.iter().filter(|r| r.reference.kind == KIND) {
             let same = r.spec["cluster"].as_str().is_some_and(|c| {
                 named.iter().any(|n| n.reference.kind == cluster::KIND && (c == n.name || c == n.id.to_string()))
@@ -678,15 +689,16 @@ mod tests {
         let start = go(S::Starting, S::Running);
         let deploy = go(S::Deploying, S::Running);
         let rollback = go(S::RollingBack, S::Running);
-        // columns: start, scale, deploy, rollback, restart, stop, destroy, retry
+        // columns: start, scale, place, deploy, rollback, restart, stop, destroy, retry
         let expected = [
-            (S::Pending, [start, no, no, no, no, no, destroy, no]),
-            (S::Starting, [no; 8]),
+            (S::Pending, [start, no, no, no, no, no, no, destroy, no]),
+            (S::Starting, [no; 9]),
             (
                 S::Running,
                 [
                     no,
                     go(S::Scaling, S::Running),
+                    go(S::Placing, S::Running),
                     deploy,
                     rollback,
                     go(S::Restarting, S::Running),
@@ -695,19 +707,20 @@ mod tests {
                     no,
                 ],
             ),
-            (S::Scaling, [no; 8]),
-            (S::Deploying, [no; 8]),
-            (S::RollingBack, [no; 8]),
-            (S::Restarting, [no; 8]),
-            (S::Stopping, [no; 8]),
-            (S::Stopped, [start, no, no, no, no, no, destroy, no]),
-            (S::Failed, [no, no, deploy, rollback, no, no, destroy, Ok(TypedStep::Retry)]),
-            (S::Destroying, [no; 8]),
-            (S::Destroyed, [no; 8]),
+            (S::Scaling, [no; 9]),
+            (S::Placing, [no; 9]),
+            (S::Deploying, [no; 9]),
+            (S::RollingBack, [no; 9]),
+            (S::Restarting, [no; 9]),
+            (S::Stopping, [no; 9]),
+            (S::Stopped, [start, no, no, no, no, no, no, destroy, no]),
+            (S::Failed, [no, no, no, deploy, rollback, no, no, destroy, Ok(TypedStep::Retry)]),
+            (S::Destroying, [no; 9]),
+            (S::Destroyed, [no; 9]),
         ];
         assert_eq!(expected.len(), State::ALL.len());
-        assert_eq!(Action::ALL.len(), 8);
-        let actions = [A::Start, A::Scale, A::Deploy, A::Rollback, A::Restart, A::Stop, A::Destroy, A::Retry];
+        assert_eq!(Action::ALL.len(), 9);
+        let actions = [A::Start, A::Scale, A::Place, A::Deploy, A::Rollback, A::Restart, A::Stop, A::Destroy, A::Retry];
         for (state, row) in expected {
             for (action, want) in actions.into_iter().zip(row) {
                 assert_eq!(next(state, action), want, "{state:?} --{action:?}-->");

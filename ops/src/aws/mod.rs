@@ -1,5 +1,6 @@
 //! The `aws` provider: images baked on EC2, clusters as CloudFormation
-//! stacks that drover renders from the cluster spec.
+//! stacks that drover renders from the cluster spec, jobs through SSM Run
+//! Command on a cluster's instances.
 //!
 //! # Guarantees
 //! - Every step tolerates running twice. AWS idempotency tokens
@@ -23,6 +24,7 @@
 
 mod cluster;
 mod image;
+mod job;
 mod stacks;
 pub mod template;
 #[cfg(any(test, feature = "test-support"))]
@@ -43,6 +45,7 @@ use tokio::sync::OnceCell;
 
 pub use cluster::AwsClusters;
 pub use image::AwsImages;
+pub use job::AwsJobs;
 pub use stacks::{SdkStacks, StackApi, StackEvent, StackInfo, StackRequest};
 
 pub const NAME: &str = "aws";
@@ -123,7 +126,13 @@ impl Backoff {
 /// The SDK clients, made at the first call.
 pub struct Clients {
     settings: Settings,
-    cell: OnceCell<(aws_sdk_ec2::Client, aws_sdk_cloudformation::Client)>,
+    cell: OnceCell<Sdk>,
+}
+
+struct Sdk {
+    ec2: aws_sdk_ec2::Client,
+    cloudformation: aws_sdk_cloudformation::Client,
+    ssm: aws_sdk_ssm::Client,
 }
 
 impl Clients {
@@ -135,7 +144,7 @@ impl Clients {
         &self.settings
     }
 
-    async fn both(&self) -> &(aws_sdk_ec2::Client, aws_sdk_cloudformation::Client) {
+    async fn sdk(&self) -> &Sdk {
         self.cell
             .get_or_init(|| async {
                 let s = &self.settings;
@@ -164,17 +173,25 @@ impl Clients {
                     ));
                 }
                 let cfg = loader.load().await;
-                (aws_sdk_ec2::Client::new(&cfg), aws_sdk_cloudformation::Client::new(&cfg))
+                Sdk {
+                    ec2: aws_sdk_ec2::Client::new(&cfg),
+                    cloudformation: aws_sdk_cloudformation::Client::new(&cfg),
+                    ssm: aws_sdk_ssm::Client::new(&cfg),
+                }
             })
             .await
     }
 
     pub async fn ec2(&self) -> aws_sdk_ec2::Client {
-        self.both().await.0.clone()
+        self.sdk().await.ec2.clone()
     }
 
     pub async fn cloudformation(&self) -> aws_sdk_cloudformation::Client {
-        self.both().await.1.clone()
+        self.sdk().await.cloudformation.clone()
+    }
+
+    pub async fn ssm(&self) -> aws_sdk_ssm::Client {
+        self.sdk().await.ssm.clone()
     }
 }
 
@@ -184,7 +201,9 @@ pub fn register(providers: &mut Providers, settings: Settings) {
     let poll = settings.poll;
     let clients = Clients::new(settings);
     providers.register(NAME, kinds::image::KIND, Arc::new(AwsImages::new(clients.clone())));
-    providers.register(NAME, kinds::cluster::KIND, Arc::new(AwsClusters::new(Arc::new(SdkStacks::new(clients)), poll)));
+    let stacks = Arc::new(SdkStacks::new(clients.clone()));
+    providers.register(NAME, kinds::cluster::KIND, Arc::new(AwsClusters::new(stacks.clone(), poll)));
+    providers.register(NAME, kinds::job::KIND, Arc::new(AwsJobs::new(clients, stacks, poll)));
 }
 
 /// An AWS call that failed, classified.

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 pub use aws_sdk_cloudformation as cloudformation;
 pub use aws_sdk_ec2 as ec2;
+pub use aws_sdk_ssm as ssm;
 
 use super::{Backoff, Clients, Settings};
 

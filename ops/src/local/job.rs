@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use drover_domain::kinds::cluster;
 use drover_domain::kinds::image;
-use drover_domain::kinds::job::{Spec, Target};
+use drover_domain::kinds::job::{masked, Spec, Target, OUTPUT_TAIL as TAIL};
 use drover_domain::kinds::service::matches;
 use drover_domain::model::{Level, NewEvent, Resource};
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
@@ -31,7 +31,6 @@ use super::process::{alive, spawn_once, stop_group, tail};
 /// The wrapper each target runs: the command, its output and exit code
 /// kept beside its working directory.
 const WRAPPER: &str = r#"sh -c "$DROVER_JOB_COMMAND" > ../stdout 2> ../stderr; echo $? > ../exit_code"#;
-const TAIL: usize = 20;
 
 pub struct LocalJobs {
     clusters: PathBuf,
@@ -40,7 +39,6 @@ pub struct LocalJobs {
 /// One target's end.
 struct Outcome {
     result: Value,
-    failed: bool,
     cancelled: bool,
 }
 
@@ -97,30 +95,7 @@ impl LocalJobs {
         if outcomes.iter().any(|o| o.cancelled) {
             return Err(ProviderError::Cancelled);
         }
-        let failed = outcomes.iter().filter(|o| o.failed).count();
-        let skipped = results.iter().filter(|r| r["status"] == "skipped").count();
-        let summary = json!({ "targets": results.len(), "succeeded": results.len() - failed - skipped,
-            "failed": failed, "skipped": skipped, "results": results });
-        if failed > spec.max_errors as usize {
-            let which: Vec<String> = results
-                .iter()
-                .filter(|r| r["status"] != "succeeded" && r["status"] != "skipped")
-                .map(|r| {
-                    format!("{} ({})", r["machine_name"].as_str().unwrap_or("?"), r["status"].as_str().unwrap_or("?"))
-                })
-                .collect();
-            return Err(ProviderError::fatal(
-                "job_failed",
-                format!(
-                    "{failed} of {} target(s) failed, more than max_errors {}: {}",
-                    results.len(),
-                    spec.max_errors,
-                    which.join(", ")
-                ),
-            )
-            .with_detail(summary));
-        }
-        Ok(summary)
+        drover_domain::kinds::job::conclude(results, spec.max_errors)
     }
 
     /// Runs (or adopts) the job on one machine and reports its end.
@@ -157,7 +132,7 @@ impl LocalJobs {
                     failures.fetch_add(1, Ordering::SeqCst);
                 }
                 ctx.event(NewEvent::info("target", format!("{name}: result of an earlier attempt adopted"))).await;
-                return Outcome { result, failed, cancelled: false };
+                return Outcome { result, cancelled: false };
             }
         }
         if failures.load(Ordering::SeqCst) > spec.max_errors as usize {
@@ -166,10 +141,10 @@ impl LocalJobs {
                 NewEvent::info("target", format!("{name}: skipped, too many failures")).with_data(result.clone()),
             )
             .await;
-            return Outcome { result, failed: false, cancelled: false };
+            return Outcome { result, cancelled: false };
         }
         if ctx.cancel_requested() {
-            return Outcome { result: end("cancelled", json!({})), failed: false, cancelled: true };
+            return Outcome { result: end("cancelled", json!({})), cancelled: true };
         }
         let started = Instant::now();
         let process = match self.start_or_adopt(ctx, job, spec, c, m, &dir, build).await {
@@ -179,7 +154,7 @@ impl LocalJobs {
                 let result = end("failed", json!({ "error": e.to_string() }));
                 ctx.event(NewEvent::info("target", format!("{name}: could not start: {e}")).with_level(Level::Error))
                     .await;
-                return Outcome { result, failed: true, cancelled: false };
+                return Outcome { result, cancelled: false };
             }
         };
         let (pid, ticks) = process;
@@ -226,7 +201,7 @@ impl LocalJobs {
         let code = exit_code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
         let msg = format!("{name}: {status} (exit code {code}) in {:.1}s", started.elapsed().as_secs_f64());
         ctx.event(NewEvent::info("target", msg).with_level(level).with_data(result.clone())).await;
-        Outcome { result, failed, cancelled }
+        Outcome { result, cancelled }
     }
 
     /// The target's process: the one an earlier attempt of this run started
@@ -286,15 +261,6 @@ impl LocalJobs {
             }
         }
     }
-}
-
-/// `line` with every secret value in it replaced by `***`.
-fn masked(line: &str, secrets: &[String]) -> String {
-    let mut out = line.to_string();
-    for s in secrets.iter().filter(|s| !s.is_empty()) {
-        out = out.replace(s.as_str(), "***");
-    }
-    out
 }
 
 fn dependency(job: &Job, kind: drover_domain::kinds::Kind) -> Result<&Resource, ProviderError> {
