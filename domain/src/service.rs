@@ -1,11 +1,12 @@
 //! The application layer the API calls: every use case in one place, so
 //! that handlers stay thin and never touch storage.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use serde_json::Value;
+use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::engine::Providers;
@@ -126,6 +127,15 @@ impl Service {
         let Some(provider) = self.providers.get(&provider_name, kind) else {
             return Err(Error::NoProvider { kind: kind.as_str(), provider: provider_name });
         };
+        // The settings a run asked for now would get (their values: what
+        // the provider renders is what it would send).
+        let (settings, secrets) = match kind.takes_settings(action) {
+            true => {
+                let refs = self.settings.refs_for(&resource).await?;
+                self.settings.resolve_marking_secrets(&refs).await?
+            }
+            false => Default::default(),
+        };
         let job = Job {
             run_id: Uuid::nil(),
             attempt: 0,
@@ -134,8 +144,8 @@ impl Service {
             params,
             resource,
             dependencies,
-            settings: Default::default(),
-            secrets: Vec::new(),
+            settings,
+            secrets,
         };
         let no_preview = |why: String| Error::NoPreview {
             kind: kind.as_str(),
@@ -202,6 +212,42 @@ impl Service {
         }
     }
 
+    /// The settings that changed since the last successful run that gave
+    /// the cluster's instances their settings (among its recent runs): each
+    /// as `settings.KEY`, with the scope and version it runs with and the
+    /// one it would get (versions only: no value, secret or not).
+    async fn pending_settings(&self, kind: Kind, cluster: &Resource, recent: &[Run]) -> Result<Vec<PendingChange>> {
+        let Some(applied) = recent.iter().find(|r| r.status == RunStatus::Succeeded && kind.takes_settings(&r.action))
+        else {
+            return Ok(Vec::new());
+        };
+        let by_key = |refs: &Value| -> BTreeMap<String, Value> {
+            refs.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| {
+                    let key = r["key"].as_str()?.to_string();
+                    Some((key, json!({ "scope": r["scope"], "version": r["version"] })))
+                })
+                .collect()
+        };
+        let was = by_key(&applied.settings);
+        let now = by_key(&self.settings.refs_for(cluster).await?);
+        let applied_by: Vec<&'static str> =
+            kind.actions().into_iter().filter(|a| kind.takes_settings(a) && !kind.retires(a)).collect();
+        let keys: BTreeSet<&String> = was.keys().chain(now.keys()).collect();
+        Ok(keys
+            .into_iter()
+            .filter(|k| was.get(*k) != now.get(*k))
+            .map(|k| PendingChange {
+                field: format!("settings.{k}"),
+                applied: was.get(k).cloned(),
+                wanted: now.get(k).cloned(),
+                applied_by: applied_by.clone(),
+            })
+            .collect())
+    }
+
     /// Looks a resource up by name or id.
     pub async fn get(&self, kind: Kind, key: &str) -> Result<Resource> {
         self.store
@@ -231,7 +277,10 @@ impl Service {
             }
             false => None,
         };
-        let pending_changes = pending_changes(kind, &resource);
+        let mut pending_changes = pending_changes(kind, &resource);
+        if kind == crate::kinds::cluster::KIND && resource.state != kind.final_state() {
+            pending_changes.extend(self.pending_settings(kind, &resource, &recent_runs).await?);
+        }
         Ok(Overview {
             members,
             pending_changes,

@@ -590,3 +590,112 @@ async fn aws_jobs_run_through_ssm_run_command() {
     assert_eq!(app.run("job", &job_name, json!({"action": "destroy"})).await["status"], "succeeded");
     assert_eq!(app.run("cluster", &name, json!({"action": "destroy"})).await["status"], "succeeded");
 }
+
+/// The parameters under `path` in moto's Parameter Store: name → (type, value).
+async fn parameters_under(aws: &Aws, path: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    let out = aws.clients.ssm().await.get_parameters_by_path().path(path).with_decryption(true).send().await.unwrap();
+    out.parameters()
+        .iter()
+        .map(|p| {
+            let kind = p.r#type().map(|t| t.as_str().to_string()).unwrap_or_default();
+            (p.name().unwrap().to_string(), (kind, p.value().unwrap_or_default().to_string()))
+        })
+        .collect()
+}
+
+/// An aws cluster's instances get their settings: the non-secret ones in
+/// the cloud-config (a file only root reads), the secret ones in SSM
+/// Parameter Store as SecureString, never in the template or user-data; a
+/// changed setting is a pending change of the cluster until a run applies
+/// it; destroy takes the parameters away.
+#[tokio::test]
+async fn aws_clusters_deliver_settings_and_keep_secrets_out_of_user_data() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let aws = aws().await;
+    let (image_name, _) = built_image(&app, &aws).await;
+    let name = unique("set");
+    let cluster = create(&app, "cluster", &name, aws.cluster_spec(&image_name, 1)).await;
+    let id = cluster["id"].as_str().unwrap().to_string();
+    let put = |key: &'static str, body: Value| {
+        let (app, name) = (&app, name.clone());
+        async move {
+            let r = app.send(&app.client, "PUT", &format!("/v1/settings/cluster:{name}/{key}"), Some(body)).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        }
+    };
+    put("LOG_LEVEL", json!({"value": "debug"})).await;
+    put("DB_PASSWORD", json!({"value": "hunter2-in-ssm", "secret": true})).await;
+    put("API_KEY", json!({"value": "k-0123456789", "secret": true})).await;
+
+    // The preview is what will be sent: the non-secret value, the secret
+    // ones named only.
+    let preview = app.get(&format!("/v1/clusters/{name}/template")).await.body;
+    let path = format!("/drover/clusters/{id}/");
+    assert_eq!(preview["parameters"]["SecretsPath"], path.as_str());
+    let body = preview["template"].to_string();
+    assert!(body.contains(r#"LOG_LEVEL=\"debug\""#), "{body}");
+    assert!(body.contains("drover-secrets.service"), "{body}");
+    assert!(!body.contains("hunter2-in-ssm") && !body.contains("k-0123456789"), "no secret in the template");
+
+    let run = app.run("cluster", &name, json!({"action": "create"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let sent = aws
+        .clients
+        .cloudformation()
+        .await
+        .get_template()
+        .stack_name(preview["stack_name"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let sent = sent.template_body().unwrap_or_default().to_string();
+    assert!(sent.contains("/etc/drover/settings.env") && sent.contains("LOG_LEVEL"), "{sent}");
+    assert!(!sent.contains("hunter2-in-ssm") && !sent.contains("k-0123456789"), "no secret in the stack: {sent}");
+    let stored = parameters_under(&aws, &path).await;
+    assert_eq!(
+        stored,
+        [
+            (format!("{path}API_KEY"), ("SecureString".to_string(), "k-0123456789".to_string())),
+            (format!("{path}DB_PASSWORD"), ("SecureString".to_string(), "hunter2-in-ssm".to_string())),
+        ]
+        .into_iter()
+        .collect()
+    );
+    let events = app.get(&format!("/v1/transitions/{}/events", run["id"].as_str().unwrap())).await.body;
+    assert!(!events.to_string().contains("hunter2-in-ssm"), "no secret in the run's events");
+    assert_eq!(app.get(&format!("/v1/clusters/{name}")).await.body["pending_changes"], json!([]));
+
+    // Changed settings wait for a run, and the view says which.
+    put("LOG_LEVEL", json!({"value": "info"})).await;
+    let r = app.send(&app.client, "DELETE", &format!("/v1/settings/cluster:{name}/API_KEY"), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let view = app.get(&format!("/v1/clusters/{name}")).await.body;
+    let pending: Vec<(String, Value, Value)> = view["pending_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (p["field"].as_str().unwrap().to_string(), p["applied"]["version"].clone(), p["wanted"]["version"].clone())
+        })
+        .collect();
+    assert_eq!(
+        pending,
+        [
+            ("settings.API_KEY".to_string(), json!(1), Value::Null),
+            ("settings.LOG_LEVEL".to_string(), json!(1), json!(2)),
+        ],
+        "{view}"
+    );
+    assert!(view["pending_changes"][0]["applied_by"].as_array().unwrap().contains(&json!("scale")), "{view}");
+    assert!(!view.to_string().contains("hunter2-in-ssm"));
+
+    // A scale applies them: the deleted secret leaves Parameter Store.
+    let run = app.run("cluster", &name, json!({"action": "scale", "params": {"count": 2}})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let stored: Vec<String> = parameters_under(&aws, &path).await.into_keys().collect();
+    assert_eq!(stored, [format!("{path}DB_PASSWORD")]);
+    assert_eq!(app.get(&format!("/v1/clusters/{name}")).await.body["pending_changes"], json!([]));
+
+    assert_eq!(app.run("cluster", &name, json!({"action": "destroy"})).await["status"], "succeeded");
+    assert!(parameters_under(&aws, &path).await.is_empty(), "destroy takes the secrets away");
+}

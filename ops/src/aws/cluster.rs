@@ -18,7 +18,7 @@
 //! # Assumptions
 //! - Nobody else edits drover's stacks by hand.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use tracing::warn;
 
 use super::stacks::{InstanceInfo, StackApi, StackInfo, StackRequest};
-use super::template::{self, Leader, Rendered};
+use super::template::{self, Delivery, Leader, Rendered};
 use super::{AwsError, Backoff, TAG_RESOURCE};
 
 pub struct AwsClusters {
@@ -153,7 +153,24 @@ impl AwsClusters {
         }
         let ami = Self::ami(job, spec)?;
         let leader = self.leader(job, spec).await?;
-        Ok(template::render(&job.resource, spec, &ami, count, leader.as_ref()))
+        let (delivery, _) = delivery(job);
+        Ok(template::render(&job.resource, spec, &ami, count, leader.as_ref(), &delivery))
+    }
+
+    /// Puts the run's secret settings where its instances read them
+    /// (Parameter Store), and takes out those no longer set.
+    async fn put_secrets(&self, ctx: &dyn RunContext, job: &Job) -> Result<(), ProviderError> {
+        let (delivery, secrets) = delivery(job);
+        let path = template::parameter_path(&job.resource);
+        self.api.put_parameters(&path, &secrets).await?;
+        if !delivery.secret_keys.is_empty() {
+            let msg = format!(
+                "secret settings {} put in SSM Parameter Store under {path} (SecureString)",
+                delivery.secret_keys.join(", ")
+            );
+            ctx.event(NewEvent::info("settings", msg)).await;
+        }
+        Ok(())
     }
 
     fn request(r: &Rendered, token: String) -> StackRequest {
@@ -476,6 +493,7 @@ impl AwsClusters {
         }
         ctx.event(NewEvent::info("delete-stack", format!("DeleteStack {name} ({})", info.status))).await;
         self.delete_and_wait(ctx, &name, token("delete", job, None)).await?;
+        self.api.put_parameters(&template::parameter_path(&job.resource), &BTreeMap::new()).await?;
         Ok(json!({"stack_name": name, "stack_id": info.id, "deleted": true}))
     }
 
@@ -508,6 +526,7 @@ impl Provider for AwsClusters {
             return Err(ProviderError::fatal("unsupported_action", format!("aws clusters cannot {}", job.action)));
         };
         let rendered = self.render(job, &spec, count).await?;
+        self.put_secrets(ctx, job).await?;
         let info = if job.action == "create" {
             self.create(ctx, job, &rendered).await?
         } else {
@@ -560,6 +579,22 @@ impl Provider for AwsClusters {
         .await;
         Some(result)
     }
+}
+
+/// What a run's settings give its instances: the non-secret ones for the
+/// cloud-config, and the secret ones (key → value) for Parameter Store.
+fn delivery(job: &Job) -> (Delivery, BTreeMap<String, String>) {
+    let mut d = Delivery::default();
+    let mut secrets = BTreeMap::new();
+    for (k, v) in &job.settings {
+        if job.secrets.contains(v) {
+            d.secret_keys.push(k.clone());
+            secrets.insert(k.clone(), v.clone());
+        } else {
+            d.env.insert(k.clone(), v.clone());
+        }
+    }
+    (d, secrets)
 }
 
 /// The provider against a scripted fake of CloudFormation, for what moto

@@ -15,9 +15,9 @@
 //!   sending them again.
 //! - **Settings.** The non-secret settings and the spec's `env` are
 //!   exported by the script. Secret settings are *not* sent: a command's
-//!   parameters stay readable in SSM's history; they are to reach
-//!   instances through Parameter Store (issue #14, item 2), and the run
-//!   says which were left out.
+//!   parameters stay readable in SSM's history; the instances have them
+//!   from Parameter Store since boot (`/etc/drover/secrets.env`, see
+//!   `template.rs`), and the run says which it left out.
 //! - **Cancel** sends `CancelCommand` for the commands under way.
 //!
 //! What moto cannot show (the tests run against it): moto runs nothing. Its

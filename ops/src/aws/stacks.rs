@@ -77,6 +77,13 @@ pub trait StackApi: Send + Sync + 'static {
     async fn events(&self, name: &str) -> Result<Vec<StackEvent>, AwsError>;
     /// Instances carrying tag `key=value`, except terminated ones.
     async fn instances(&self, key: &str, value: &str) -> Result<Vec<InstanceInfo>, AwsError>;
+    /// Makes the SSM parameters under `path` exactly `values`, each a
+    /// `SecureString` named `path` + key (the others under it deleted):
+    /// where a cluster's secret settings wait for its instances. The
+    /// default does nothing (the scripted fake).
+    async fn put_parameters(&self, _path: &str, _values: &BTreeMap<String, String>) -> Result<(), AwsError> {
+        Ok(())
+    }
 }
 
 /// [`StackApi`] on the AWS SDK.
@@ -268,5 +275,40 @@ impl StackApi for SdkStacks {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    async fn put_parameters(&self, path: &str, values: &BTreeMap<String, String>) -> Result<(), AwsError> {
+        let ssm = self.clients.ssm().await;
+        for (key, value) in values {
+            ssm.put_parameter()
+                .name(format!("{path}{key}"))
+                .value(value)
+                .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+                .overwrite(true)
+                .description("a drover secret setting")
+                .send()
+                .await
+                .map_err(|e| AwsError::from_sdk("PutParameter", &e))?;
+        }
+        let mut stale = Vec::new();
+        let mut pages = ssm.get_parameters_by_path().path(path).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| AwsError::from_sdk("GetParametersByPath", &e))?;
+            for p in page.parameters() {
+                let name = p.name().unwrap_or_default();
+                if !values.contains_key(name.strip_prefix(path).unwrap_or(name)) {
+                    stale.push(name.to_string());
+                }
+            }
+        }
+        // At most ten names per call.
+        for names in stale.chunks(10) {
+            ssm.delete_parameters()
+                .set_names(Some(names.to_vec()))
+                .send()
+                .await
+                .map_err(|e| AwsError::from_sdk("DeleteParameters", &e))?;
+        }
+        Ok(())
     }
 }

@@ -28,6 +28,41 @@ pub struct Leader {
     pub endpoints: Vec<String>,
 }
 
+/// The settings a cluster's instances get (resolved global → environment
+/// → cluster): the non-secret ones written into the cloud-config, the
+/// secret ones only named, by the Parameter Store path the instances read
+/// them from at boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivery {
+    pub env: BTreeMap<String, String>,
+    /// Keys of the secret settings (their values are in Parameter Store).
+    pub secret_keys: Vec<String>,
+}
+
+/// Where a cluster's secret settings live in SSM Parameter Store: one
+/// `SecureString` per key under it.
+pub fn parameter_path(cluster: &Resource) -> String {
+    format!("/drover/clusters/{}/", cluster.id)
+}
+
+/// A value as one line of a systemd environment file, double-quoted, with
+/// `\`, `"` and newlines escaped (systemd reads them back, and expands no
+/// `$` in an environment file), and `${` escaped for `Fn::Sub`.
+fn env_line(key: &str, value: &str) -> String {
+    let mut v = String::with_capacity(value.len() + 2);
+    for ch in value.chars() {
+        match ch {
+            '\\' => v.push_str("\\\\"),
+            '"' => v.push_str("\\\""),
+            '\n' => v.push_str("\\n"),
+            '\r' => v.push_str("\\r"),
+            c => v.push(c),
+        }
+    }
+    // `Fn::Sub` reads `${…}`; `${!` is its literal `${`.
+    format!("{key}=\"{}\"", v.replace("${", "${!"))
+}
+
 /// A stack as drover would send it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {
@@ -76,7 +111,7 @@ fn param(kind: &str, description: &str) -> Value {
 /// instances join the leader's fleet the way CoreOS clusters on AWS did: a
 /// local etcd in proxy mode whose peers are the leader's instances, and
 /// fleet talking to that proxy.
-fn cloud_config(worker: bool) -> String {
+fn cloud_config(worker: bool, delivery: &Delivery) -> String {
     let mut s = String::from(
         "#cloud-config\n\
          # Rendered by drover for cluster ${ClusterName} (${ResourceId}).\n\
@@ -92,6 +127,30 @@ fn cloud_config(worker: bool) -> String {
     if worker {
         s.push_str("    etcd_servers: \"http://127.0.0.1:2379\"\n");
     }
+    if !delivery.secret_keys.is_empty() {
+        // Secret settings never travel in user-data (instance metadata
+        // shows it to anything on the instance): the instance reads them
+        // from Parameter Store at boot, with its instance profile, into a
+        // file only root reads. Units read both env files.
+        s.push_str(
+            "  units:\n    - name: drover-secrets.service\n      command: start\n      content: |\n\
+             \x20       [Unit]\n\
+             \x20       Description=drover: the cluster's secret settings from SSM Parameter Store\n\
+             \x20       Wants=network-online.target docker.service\n\
+             \x20       After=network-online.target docker.service\n\
+             \x20       [Service]\n\
+             \x20       Type=oneshot\n\
+             \x20       RemainAfterExit=yes\n\
+             \x20       UMask=0077\n\
+             \x20       ExecStart=/bin/sh -c 'for try in 1 2 3 4 5 6 7 8 9 10; do \\\n\
+             \x20         docker run --rm amazon/aws-cli ssm get-parameters-by-path \\\n\
+             \x20           --region ${AWS::Region} --path ${SecretsPath} --with-decryption \\\n\
+             \x20           --query \"Parameters[].[Name,Value]\" --output text > /etc/drover/secrets.raw \\\n\
+             \x20         && sed -e \"s|^${SecretsPath}||\" -e \"s|\\t|=|\" /etc/drover/secrets.raw > /etc/drover/secrets.env.new \\\n\
+             \x20         && mv /etc/drover/secrets.env.new /etc/drover/secrets.env && rm -f /etc/drover/secrets.raw \\\n\
+             \x20         && exit 0; sleep 6; done; exit 1'\n",
+        );
+    }
     s.push_str(
         "write_files:\n  - path: /etc/drover/cluster.env\n    permissions: \"0644\"\n    content: |\n\
          \x20     DROVER_CLUSTER=${ClusterName}\n\
@@ -104,6 +163,21 @@ fn cloud_config(worker: bool) -> String {
              \x20     DROVER_LEADER_ENDPOINTS=${LeaderEndpoints}\n",
         );
     }
+    // The non-secret settings, for the units (`EnvironmentFile=`): only
+    // root reads them.
+    s.push_str("  - path: /etc/drover/settings.env\n    permissions: \"0600\"\n    content: |\n");
+    if delivery.env.is_empty() {
+        s.push_str("      # no settings\n");
+    }
+    for (k, v) in &delivery.env {
+        s.push_str(&format!("      {}\n", env_line(k, v)));
+    }
+    if !delivery.secret_keys.is_empty() {
+        s.push_str(&format!(
+            "  - path: /etc/drover/secrets.keys\n    permissions: \"0644\"\n    content: |\n      # In Parameter Store under ${{SecretsPath}}, not here:\n{}",
+            delivery.secret_keys.iter().map(|k| format!("      {k}\n")).collect::<String>()
+        ));
+    }
     s
 }
 
@@ -115,7 +189,14 @@ fn etcd_peers(endpoints: &[String]) -> String {
 }
 
 /// Renders the stack for `count` instances of `ami`.
-pub fn render(cluster: &Resource, spec: &Spec, ami: &str, count: u32, leader: Option<&Leader>) -> Rendered {
+pub fn render(
+    cluster: &Resource,
+    spec: &Spec,
+    ami: &str,
+    count: u32,
+    leader: Option<&Leader>,
+    delivery: &Delivery,
+) -> Rendered {
     let mut parameters = BTreeMap::new();
     let mut declared = Map::new();
     let mut add = |key: &str, kind: &str, desc: &str, value: String| {
@@ -140,6 +221,9 @@ pub fn render(cluster: &Resource, spec: &Spec, ami: &str, count: u32, leader: Op
             spec.security_groups.join(","),
         );
     }
+    if !delivery.secret_keys.is_empty() {
+        add("SecretsPath", "String", "Where the secret settings are in SSM Parameter Store", parameter_path(cluster));
+    }
     if let Some(l) = leader {
         add("LeaderName", "String", "The leader cluster joined", l.name.clone());
         add("LeaderEndpoints", "String", "Private IPs of the leader's instances", l.endpoints.join(","));
@@ -157,7 +241,7 @@ pub fn render(cluster: &Resource, spec: &Spec, ami: &str, count: u32, leader: Op
     }
     // `Fn::Base64` of `Fn::Sub`: the other nesting upsets some
     // implementations (moto answers 500).
-    lt_data.insert("UserData".into(), json!({"Fn::Base64": {"Fn::Sub": cloud_config(leader.is_some())}}));
+    lt_data.insert("UserData".into(), json!({"Fn::Base64": {"Fn::Sub": cloud_config(leader.is_some(), delivery)}}));
 
     let tags = stack_tags(cluster, spec);
     let asg_tags: Vec<Value> = tags
@@ -255,7 +339,7 @@ mod tests {
     #[test]
     fn parameters_carry_the_spec() {
         let (r, s) = cluster("workers", spec());
-        let out = render(&r, &s, "ami-0123abcd", 3, None);
+        let out = render(&r, &s, "ami-0123abcd", 3, None, &Delivery::default());
         assert_eq!(out.stack_name, "drover-workers-2f4a5e6d7c8b");
         let p = &out.parameters;
         assert_eq!(p["ImageId"], "ami-0123abcd");
@@ -285,7 +369,7 @@ mod tests {
     #[test]
     fn parameters_are_typed_for_cloudformation_to_check() {
         let (r, s) = cluster("workers", spec());
-        let out = render(&r, &s, "ami-0123abcd", 3, None);
+        let out = render(&r, &s, "ami-0123abcd", 3, None, &Delivery::default());
         let types: BTreeMap<&str, &str> = out.template["Parameters"]
             .as_object()
             .unwrap()
@@ -305,7 +389,7 @@ mod tests {
     #[test]
     fn tags_hold_the_resource_and_the_specs_tags() {
         let (r, s) = cluster("workers", spec());
-        let out = render(&r, &s, "ami-0123abcd", 3, None);
+        let out = render(&r, &s, "ami-0123abcd", 3, None, &Delivery::default());
         assert_eq!(out.tags["team"], "web");
         assert_eq!(out.tags[TAG_RESOURCE], r.id.to_string());
         assert_eq!(out.tags[TAG_CLUSTER], "workers");
@@ -323,7 +407,7 @@ mod tests {
             auto_scaling_group: "asg-1".into(),
             endpoints: vec!["10.0.0.4".into(), "10.0.0.5".into()],
         };
-        let out = render(&r, &s, "ami-0123abcd", 2, Some(&leader));
+        let out = render(&r, &s, "ami-0123abcd", 2, Some(&leader), &Delivery::default());
         assert_eq!(out.parameters["LeaderEndpoints"], "10.0.0.4,10.0.0.5");
         assert_eq!(out.parameters["LeaderName"], "core");
         let ud = &out.template["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"];
@@ -338,7 +422,7 @@ mod tests {
         let declared = out.template["Parameters"].as_object().unwrap();
         assert!(declared.contains_key("LeaderEtcdPeers"));
         // Without a leader, no leader parameters are referenced.
-        let alone = render(&r, &s, "ami-0123abcd", 2, None);
+        let alone = render(&r, &s, "ami-0123abcd", 2, None, &Delivery::default());
         let text = alone.template["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
             ["Fn::Base64"]["Fn::Sub"]
             .as_str()
@@ -350,8 +434,8 @@ mod tests {
     #[test]
     fn a_scale_changes_only_count() {
         let (r, s) = cluster("workers", spec());
-        let a = render(&r, &s, "ami-0123abcd", 3, None);
-        let b = render(&r, &s, "ami-0123abcd", 5, None);
+        let a = render(&r, &s, "ami-0123abcd", 3, None, &Delivery::default());
+        let b = render(&r, &s, "ami-0123abcd", 5, None, &Delivery::default());
         assert_eq!(a.template, b.template);
         let diff: Vec<_> =
             a.parameters.iter().filter(|(k, v)| b.parameters[*k] != **v).map(|(k, _)| k.as_str()).collect();
@@ -363,6 +447,53 @@ mod tests {
         let mut v = spec();
         v.as_object_mut().unwrap().remove("role_metadata");
         let (r, s) = cluster("core", v);
-        assert_eq!(render(&r, &s, "ami-0123abcd", 1, None).parameters["RoleMetadata"], "cluster=core");
+        assert_eq!(
+            render(&r, &s, "ami-0123abcd", 1, None, &Delivery::default()).parameters["RoleMetadata"],
+            "cluster=core"
+        );
+    }
+
+    fn user_data(out: &Rendered) -> String {
+        let lt = &out.template["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"];
+        lt["UserData"]["Fn::Base64"]["Fn::Sub"].as_str().unwrap().to_string()
+    }
+
+    /// Non-secret settings are in the cloud-config, in a file only root
+    /// reads, quoted for systemd and escaped for `Fn::Sub`; secret ones are
+    /// only named, and fetched from Parameter Store at boot.
+    #[test]
+    fn settings_reach_the_instances_and_secrets_stay_out_of_user_data() {
+        let (r, s) = cluster("workers", spec());
+        let delivery = Delivery {
+            env: BTreeMap::from([
+                ("LOG_LEVEL".to_string(), "debug".to_string()),
+                ("GREETING".to_string(), "say \"hi\" ${USER}\\n".to_string()),
+            ]),
+            secret_keys: vec!["DB_PASSWORD".into()],
+        };
+        let out = render(&r, &s, "ami-0123abcd", 3, None, &delivery);
+        let ud = user_data(&out);
+        assert!(ud.contains("  - path: /etc/drover/settings.env\n    permissions: \"0600\"\n"), "{ud}");
+        assert!(ud.contains("      LOG_LEVEL=\"debug\"\n"), "{ud}");
+        assert!(ud.contains(r#"      GREETING="say \"hi\" ${!USER}\\n""#), "{ud}");
+        assert!(ud.contains("drover-secrets.service"), "{ud}");
+        assert!(ud.contains("--path ${SecretsPath} --with-decryption"), "{ud}");
+        assert!(ud.contains("      DB_PASSWORD\n"), "named as kept elsewhere: {ud}");
+        assert_eq!(out.parameters["SecretsPath"], "/drover/clusters/0190d5e4-7b6c-7a3e-8c1b-2f4a5e6d7c8b/");
+        // Every `${…}` left is one of the stack's parameters or a pseudo one.
+        let mut rest = ud.as_str();
+        while let Some(i) = rest.find("${") {
+            let name = &rest[i + 2..i + 2 + rest[i + 2..].find('}').unwrap()];
+            assert!(
+                name.starts_with('!') || name == "AWS::Region" || out.parameters.contains_key(name),
+                "{name} is not a parameter"
+            );
+            rest = &rest[i + 2..];
+        }
+        // Without secrets, no fetch and no path.
+        let plain = render(&r, &s, "ami-0123abcd", 3, None, &Delivery::default());
+        assert!(!user_data(&plain).contains("drover-secrets"));
+        assert!(!plain.parameters.contains_key("SecretsPath"));
+        assert!(user_data(&plain).contains("      # no settings\n"));
     }
 }
