@@ -169,6 +169,22 @@ async fn aws_image_and_cluster_through_the_api() {
     let itags = running[0].tags().iter().map(|t| (t.key().unwrap(), t.value().unwrap()));
     assert_eq!(tag(itags, "team"), Some("acceptance".into()));
     assert_eq!(running[0].image_id(), Some(ami.as_str()));
+    // The group checks its instances, with the cluster's start timeout as
+    // grace, and the run waited for them to be InService and Healthy.
+    let group = aws.clients.autoscaling().await.describe_auto_scaling_groups().send().await.unwrap();
+    let group = group
+        .auto_scaling_groups()
+        .iter()
+        .find(|g| g.tags().iter().any(|t| t.key() == Some("drover:resource") && t.value() == Some(id.as_str())))
+        .expect("the cluster's group");
+    assert_eq!((group.health_check_type(), group.health_check_grace_period()), (Some("EC2"), Some(30)));
+    let events = app.get(&format!("/v1/transitions/{}/events", run["id"].as_str().unwrap())).await.body;
+    let waited = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["message"].as_str().unwrap().ends_with("2 of 2 instance(s) InService and Healthy"));
+    assert!(waited, "{events}");
 
     // The 3 a.m. view lists the instances EC2 shows.
     let mut seen = Value::Null;

@@ -497,6 +497,66 @@ impl AwsClusters {
         Ok(json!({"stack_name": name, "stack_id": info.id, "deleted": true}))
     }
 
+    /// Waits until the stack's auto-scaling group has `count` instances
+    /// `InService` and `Healthy`: a stack is complete once the group exists,
+    /// not once its instances boot. Bounded by the cluster's
+    /// `start_timeout_secs` (the group's grace period) and the time an
+    /// instance takes to launch.
+    async fn wait_in_service(
+        &self,
+        ctx: &dyn RunContext,
+        spec: &Spec,
+        info: &StackInfo,
+        count: u32,
+    ) -> Result<(), ProviderError> {
+        let Some(group) = info.outputs.get("AutoScalingGroupName").filter(|_| count > 0) else {
+            return Ok(());
+        };
+        let limit = std::time::Duration::from_secs(spec.start_timeout_secs) + LAUNCH_ALLOWANCE;
+        let started = tokio::time::Instant::now();
+        let mut delays = self.poll.delays();
+        let mut last = String::new();
+        loop {
+            ctx.check_cancel()?;
+            let Some(health) = self.api.group_health(group).await? else {
+                return Ok(()); // nothing to ask (the scripted fake)
+            };
+            let ready = health.in_service();
+            let summary = format!("auto-scaling group {group}: {ready} of {count} instance(s) InService and Healthy");
+            if summary != last {
+                ctx.event(NewEvent::info("instances", summary.clone()).with_data(json!({
+                    "instances": health.instances.iter().map(|(id, life, h)| json!({
+                        "id": id, "lifecycle_state": life, "health_status": h })).collect::<Vec<_>>(),
+                })))
+                .await;
+                last = summary;
+            }
+            if ready >= count as usize {
+                return Ok(());
+            }
+            if started.elapsed() > limit {
+                let not: Vec<String> = health
+                    .instances
+                    .iter()
+                    .filter(|(_, life, h)| life != "InService" || h != "Healthy")
+                    .map(|(id, life, h)| format!("{id} ({life}, {h})"))
+                    .collect();
+                return Err(ProviderError::fatal(
+                    "instances_not_healthy",
+                    format!(
+                        "{ready} of {count} instance(s) of auto-scaling group {group} InService and Healthy after {}s{}",
+                        limit.as_secs(),
+                        match not.is_empty() {
+                            true => String::new(),
+                            false => format!(": {}", not.join(", ")),
+                        }
+                    ),
+                ));
+            }
+            tokio::time::sleep(delays.next().unwrap_or(self.poll.max)).await;
+        }
+    }
+
     async fn instances(&self, r: &Resource) -> Result<Vec<InstanceInfo>, AwsError> {
         self.api.instances(TAG_RESOURCE, &r.id.to_string()).await
     }
@@ -532,6 +592,7 @@ impl Provider for AwsClusters {
         } else {
             self.update(ctx, job, &rendered).await?
         };
+        self.wait_in_service(ctx, &spec, &info, count).await?;
         let instances = self.instances(&job.resource).await.unwrap_or_else(|e| {
             warn!(error = %e, "could not list instances");
             Vec::new()
@@ -580,6 +641,10 @@ impl Provider for AwsClusters {
         Some(result)
     }
 }
+
+/// Beyond `start_timeout_secs`, how long an instance may take to launch and
+/// boot before a run stops waiting for its group to report it in service.
+const LAUNCH_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What a run's settings give its instances: the non-secret ones for the
 /// cloud-config, and the secret ones (key → value) for Parameter Store.
@@ -632,6 +697,9 @@ mod scripted {
         /// `CreateStack` answers `AlreadyExistsException` (a duplicate
         /// token or a create that raced another attempt).
         create_conflicts: bool,
+        /// What the stack's auto-scaling group reports, when set (the
+        /// stack then has the group as its output).
+        group: Option<crate::aws::stacks::GroupHealth>,
     }
 
     const GONE: &str = "GONE";
@@ -697,7 +765,15 @@ mod scripted {
                     st.status = status.into();
                 }
             }
-            Ok(s.stack.clone())
+            let mut stack = s.stack.clone();
+            if let (Some(st), Some(_)) = (stack.as_mut(), &s.group) {
+                st.outputs.insert("AutoScalingGroupName".into(), "asg-web".into());
+            }
+            Ok(stack)
+        }
+        async fn group_health(&self, group: &str) -> Result<Option<crate::aws::stacks::GroupHealth>, AwsError> {
+            let s = self.st.lock().unwrap();
+            Ok(s.group.clone().filter(|_| group == "asg-web"))
         }
         async fn create(&self, req: &StackRequest) -> Result<String, AwsError> {
             let mut s = self.st.lock().unwrap();
@@ -809,6 +885,42 @@ mod scripted {
         assert!(fake.st.lock().unwrap().describes >= 5);
         let streamed = ctx.messages().iter().filter(|m| m.starts_with("stack-event")).count();
         assert_eq!(streamed, 4, "{:?}", ctx.messages());
+    }
+
+    /// Real AWS (moto reports every instance InService and Healthy at once):
+    /// a stack is complete when its group exists, while instances still
+    /// launch or fail their status checks. The run waits for them, then
+    /// fails naming the laggards.
+    #[tokio::test(start_paused = true)]
+    async fn a_create_waits_for_the_groups_instances_and_names_those_not_healthy() {
+        use crate::aws::stacks::GroupHealth;
+        let fake = Fake::new(&[("CREATE_COMPLETE", None)], &[]);
+        let group = |second: &str| GroupHealth {
+            desired: 2,
+            health_check_type: Some("EC2".into()),
+            grace_period_secs: Some(30),
+            instances: vec![
+                ("i-1".into(), "InService".into(), "Healthy".into()),
+                ("i-2".into(), second.into(), "Healthy".into()),
+            ],
+        };
+        fake.st.lock().unwrap().group = Some(group("Pending"));
+        let p = provider(fake.clone());
+        let job = cluster_job("create", json!({}));
+        let ctx = RecordingCtx::new(job.run_id);
+        match p.apply(&ctx, &job).await {
+            Err(ProviderError::Failed { code, message, .. }) => {
+                assert_eq!(code, "instances_not_healthy");
+                assert!(message.contains("1 of 2") && message.contains("i-2 (Pending, Healthy)"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(ctx.messages().iter().any(|m| m.ends_with("1 of 2 instance(s) InService and Healthy")));
+        // Once both are in service, the same create succeeds.
+        fake.st.lock().unwrap().group = Some(group("InService"));
+        let ctx = RecordingCtx::new(job.run_id);
+        p.apply(&ctx, &job).await.expect("create");
+        assert!(ctx.messages().iter().any(|m| m.ends_with("2 of 2 instance(s) InService and Healthy")));
     }
 
     /// Real AWS: a failed create rolls back to ROLLBACK_COMPLETE and the

@@ -133,6 +133,7 @@ struct Sdk {
     ec2: aws_sdk_ec2::Client,
     cloudformation: aws_sdk_cloudformation::Client,
     ssm: aws_sdk_ssm::Client,
+    autoscaling: aws_sdk_autoscaling::Client,
 }
 
 impl Clients {
@@ -177,6 +178,7 @@ impl Clients {
                     ec2: aws_sdk_ec2::Client::new(&cfg),
                     cloudformation: aws_sdk_cloudformation::Client::new(&cfg),
                     ssm: aws_sdk_ssm::Client::new(&cfg),
+                    autoscaling: aws_sdk_autoscaling::Client::new(&cfg),
                 }
             })
             .await
@@ -192,6 +194,10 @@ impl Clients {
 
     pub async fn ssm(&self) -> aws_sdk_ssm::Client {
         self.sdk().await.ssm.clone()
+    }
+
+    pub async fn autoscaling(&self) -> aws_sdk_autoscaling::Client {
+        self.sdk().await.autoscaling.clone()
     }
 }
 

@@ -63,6 +63,23 @@ pub struct InstanceInfo {
     pub instance_type: Option<String>,
 }
 
+/// What an auto-scaling group reports of its instances.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupHealth {
+    pub desired: u32,
+    pub health_check_type: Option<String>,
+    pub grace_period_secs: Option<i32>,
+    /// `(instance id, lifecycle state, health status)`.
+    pub instances: Vec<(String, String, String)>,
+}
+
+impl GroupHealth {
+    /// Instances `InService` and `Healthy`.
+    pub fn in_service(&self) -> usize {
+        self.instances.iter().filter(|(_, life, health)| life == "InService" && health == "Healthy").count()
+    }
+}
+
 #[async_trait]
 pub trait StackApi: Send + Sync + 'static {
     /// `None` when no stack of that name exists (or it was deleted).
@@ -83,6 +100,12 @@ pub trait StackApi: Send + Sync + 'static {
     /// default does nothing (the scripted fake).
     async fn put_parameters(&self, _path: &str, _values: &BTreeMap<String, String>) -> Result<(), AwsError> {
         Ok(())
+    }
+    /// The auto-scaling group's instances and their health; `None` when
+    /// there is no such group (or, the default, nothing to ask: the
+    /// scripted fake).
+    async fn group_health(&self, _group: &str) -> Result<Option<GroupHealth>, AwsError> {
+        Ok(None)
     }
 }
 
@@ -275,6 +298,32 @@ impl StackApi for SdkStacks {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    async fn group_health(&self, group: &str) -> Result<Option<GroupHealth>, AwsError> {
+        let asg = self.clients.autoscaling().await;
+        let out = asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("DescribeAutoScalingGroups", &e))?;
+        Ok(out.auto_scaling_groups().first().map(|g| GroupHealth {
+            desired: g.desired_capacity().unwrap_or(0).max(0) as u32,
+            health_check_type: g.health_check_type().map(str::to_string),
+            grace_period_secs: g.health_check_grace_period(),
+            instances: g
+                .instances()
+                .iter()
+                .map(|i| {
+                    (
+                        i.instance_id().unwrap_or_default().to_string(),
+                        i.lifecycle_state().map(|l| l.as_str().to_string()).unwrap_or_default(),
+                        i.health_status().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect(),
+        }))
     }
 
     async fn put_parameters(&self, path: &str, values: &BTreeMap<String, String>) -> Result<(), AwsError> {

@@ -208,6 +208,12 @@ pub fn render(
     add("ImageId", "AWS::EC2::Image::Id", "The AMI the instances start from", ami.to_string());
     add("InstanceType", "String", "EC2 instance type", spec.instance_type.clone().unwrap_or_default());
     add("Count", "Number", "Instances: min, max and desired capacity", count.to_string());
+    add(
+        "HealthCheckGracePeriod",
+        "Number",
+        "Seconds a new instance has before the group's health checks count (start_timeout_secs)",
+        spec.start_timeout_secs.to_string(),
+    );
     add("Subnets", "List<AWS::EC2::Subnet::Id>", "Subnets of the auto-scaling group", spec.subnets.join(","));
     add("RoleMetadata", "String", "Role metadata for the instances (key=value,…)", role_metadata(cluster, spec));
     if let Some(key) = &spec.key_name {
@@ -279,6 +285,11 @@ pub fn render(
                     "MinSize": {"Ref": "Count"},
                     "MaxSize": {"Ref": "Count"},
                     "DesiredCapacity": {"Ref": "Count"},
+                    // EC2 status checks: without a load balancer the group
+                    // has no other check (a router's target group brings
+                    // the cluster's HTTP/TCP check; see the routers issue).
+                    "HealthCheckType": "EC2",
+                    "HealthCheckGracePeriod": {"Ref": "HealthCheckGracePeriod"},
                     "VPCZoneIdentifier": {"Ref": "Subnets"},
                     "Tags": asg_tags,
                 },

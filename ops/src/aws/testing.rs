@@ -19,6 +19,7 @@ use drover_domain::model::NewEvent;
 use drover_domain::ports::RunContext;
 use uuid::Uuid;
 
+pub use aws_sdk_autoscaling as autoscaling;
 pub use aws_sdk_cloudformation as cloudformation;
 pub use aws_sdk_ec2 as ec2;
 pub use aws_sdk_ssm as ssm;
