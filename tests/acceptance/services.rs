@@ -235,11 +235,14 @@ async fn a_global_service_runs_once_on_every_matching_machine() {
 
     // And down again: the third machine's instance goes with it, out of
     // the registry, and the service is brought back to two.
-    assert_eq!(
-        app.run("cluster", "c1", json!({"action": "scale", "params": {"count": 2}})).await["status"],
-        "succeeded"
-    );
+    let down = app.run("cluster", "c1", json!({"action": "scale", "params": {"count": 2}})).await;
+    assert_eq!(down["status"], "succeeded", "{down}");
     assert!(!alive(grown[2].2), "the removed machine's instance stopped with it");
+    // It left the registry before it stopped, by the cluster's run.
+    let changes = app.get("/v1/discovery-changes?service=agent").await.body;
+    let left = changes["changes"].as_array().unwrap().iter().find(|c| c["change"] == "leave").expect("a leave");
+    assert_eq!(left["by"], down["id"], "{changes}");
+    assert_eq!(left["reason"], "its machine c1-2 is being removed (the cluster scales down)");
     let mut svc = Value::Null;
     for _ in 0..300 {
         svc = app.get("/v1/services/agent").await.body;

@@ -103,7 +103,8 @@ impl LocalClusters {
         for i in &gone {
             let msg = format!("instance {} (pid {}, port {}) is gone; it will be replaced", i.index, i.pid, i.port);
             ctx.event(NewEvent::info("instances", msg).with_level(Level::Warn)).await;
-            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index)).await;
+            let why = format!("its machine {}-{} is gone", r.name, i.index);
+            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index), &why).await;
         }
         for i in &live {
             if i.index < count {
@@ -119,7 +120,8 @@ impl LocalClusters {
         self.save(r, &state)?;
         for i in extra {
             ctx.check_cancel()?;
-            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index)).await;
+            let why = format!("its machine {}-{} is being removed (the cluster scales down)", r.name, i.index);
+            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index), &why).await;
             stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
             ctx.event(NewEvent::info("instances", format!("stopped instance {} (pid {})", i.index, i.pid))).await;
         }
@@ -167,7 +169,8 @@ impl LocalClusters {
         let mut state = self.load(r)?;
         while let Some(i) = state.instances.pop() {
             ctx.check_cancel()?;
-            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index)).await;
+            let why = format!("its machine {}-{} is stopping with its cluster", r.name, i.index);
+            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index), &why).await;
             stop_group(i.pid, i.start_ticks, STOP_GRACE).await;
             ctx.event(NewEvent::info("instances", format!("stopped instance {} (pid {})", i.index, i.pid))).await;
             self.save(r, &state)?;
@@ -234,6 +237,9 @@ struct Running {
 struct RunningInstance {
     pid: u32,
     start_ticks: u64,
+    /// A service instance's service (name).
+    #[serde(default)]
+    service: Option<String>,
     #[serde(default)]
     image_dir: Option<PathBuf>,
 }
@@ -349,7 +355,7 @@ pub(super) const PROCESS: &str = "process.json";
 /// recorded in a [`PROCESS`] file, `services/<service>/<instance>/` and
 /// `jobs/<job>/<run>/` under the machine's directory) and removes what they
 /// left there: a machine that stops takes them with it.
-async fn stop_machine_services(ctx: &dyn RunContext, machine: &Path) {
+async fn stop_machine_services(ctx: &dyn RunContext, machine: &Path, why: &str) {
     let mut owners = Vec::new();
     for d in ["services", "jobs"] {
         owners.extend(std::fs::read_dir(machine.join(d)).into_iter().flatten().flatten());
@@ -358,6 +364,16 @@ async fn stop_machine_services(ctx: &dyn RunContext, machine: &Path) {
         for inst in std::fs::read_dir(svc.path()).into_iter().flatten().flatten() {
             let Ok(bytes) = std::fs::read(inst.path().join(PROCESS)) else { continue };
             let Ok(p) = serde_json::from_slice::<RunningInstance>(&bytes) else { continue };
+            // A service instance leaves the discovery registry before it
+            // stops, as in a deploy: nothing is sent to it while it goes.
+            let service_id = svc.file_name().to_str().and_then(|n| uuid::Uuid::parse_str(n).ok());
+            if let (Some(name), Some(id)) = (&p.service, service_id) {
+                let instance = inst.file_name().to_string_lossy().into_owned();
+                if let Err(e) = ctx.discovery_leave(name, id, &instance, why).await {
+                    let msg = format!("could not take {name}/{instance} out of the discovery registry: {e}");
+                    ctx.event(NewEvent::info("discovery", msg).with_level(Level::Warn)).await;
+                }
+            }
             if alive(p.pid, p.start_ticks) {
                 stop_group(p.pid, p.start_ticks, STOP_GRACE).await;
                 let msg =
