@@ -70,16 +70,7 @@ async fn the_registry_follows_a_services_instances_and_wakes_watchers() {
     let all = app.get("/v1/discovery").await.body;
     assert_eq!(entries(&all).len(), 2);
     // For curl: one line per instance.
-    let text = app
-        .client
-        .get(app.url("/v1/discovery/app"))
-        .header("accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.get_text("/v1/discovery/app", "text/plain").await;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(lines[0].starts_with("SERVICE"), "{text}");

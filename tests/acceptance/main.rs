@@ -363,16 +363,7 @@ async fn events_stream_live_and_long_poll() {
     create_image(&app, "web", "sleep 1; echo done > index.html").await;
     let id = app.transition("image", "web", json!({"action": "build"})).await;
     // The stream follows the run as it happens and ends with the transition.
-    let text = app
-        .client
-        .get(app.url(&format!("/v1/transitions/{id}/events")))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.get_text(&format!("/v1/transitions/{id}/events"), "text/event-stream").await;
     let kinds: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
     assert_eq!(kinds.last(), Some(&"end"), "{text}");
     assert!(kinds.iter().filter(|k| **k == "event").count() >= 4, "{text}");

@@ -183,6 +183,13 @@ impl TestApp {
         Self::reply(self.client.get(self.url(path)).send().await.expect("GET")).await
     }
 
+    /// `GET path` asking for `accept` (`text/plain`, `text/event-stream`):
+    /// the body as text.
+    pub async fn get_text(&self, path: &str, accept: &str) -> String {
+        let r = self.client.get(self.url(path)).header("accept", accept).send().await.expect("GET");
+        r.text().await.expect("a text body")
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> Reply {
         Self::reply(self.client.post(self.url(path)).json(&body).send().await.expect("POST")).await
     }
