@@ -148,7 +148,7 @@ impl Registry {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let mut ticks = self.store.discovery_watch();
-            let snapshot = self.store.discovery_snapshot(None, service).await?;
+            let snapshot = self.store.discovery_snapshot(service).await?;
             if after.is_none_or(|a| a != snapshot.index) {
                 return Ok(snapshot);
             }

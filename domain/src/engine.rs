@@ -507,7 +507,7 @@ impl Engine {
         let now = Utc::now();
         let until = now + self.discovery_ttl();
         let result: Result<()> = async {
-            let current = registry.discovery_snapshot(None, Some(r.id)).await?;
+            let current = registry.discovery_snapshot(Some(r.id)).await?;
             let listed: BTreeSet<&str> = current.entries.iter().map(|e| e.entry.instance.as_str()).collect();
             let healthy: BTreeSet<&str> = presence.healthy.iter().map(|e| e.instance.as_str()).collect();
             let renew: Vec<String> = listed.intersection(&healthy).map(|i| i.to_string()).collect();

@@ -3,6 +3,7 @@
 //! `persistence` implements [`Store`] for Postgres and SQLite; `ops`
 //! implements [`Provider`]. The domain depends on these traits only.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -211,10 +212,11 @@ pub trait DiscoveryStore: Send + Sync + 'static {
     async fn discovery_lapsed(&self, now: Time) -> Result<Vec<(Uuid, String)>>;
     /// Forgets changes older than `before`.
     async fn discovery_prune(&self, before: Time) -> Result<u64>;
-    /// The registry, or one service's entries (by name or id), with the
-    /// index of its last change; read index first, so that a watcher never
-    /// misses a change the entries do not show yet.
-    async fn discovery_snapshot(&self, service: Option<&str>, service_id: Option<Uuid>) -> Result<Snapshot>;
+    /// The registry, or one service's entries (by id), with the index of
+    /// its last change; read index first, so that a watcher never misses a
+    /// change the entries do not show yet. Entries by service, index and
+    /// instance.
+    async fn discovery_snapshot(&self, service: Option<Uuid>) -> Result<Snapshot>;
     /// Changes after `after` (of one service, by name), oldest first.
     async fn discovery_changes(&self, after: i64, service: Option<&str>, limit: u32) -> Result<Vec<Change>>;
     /// Ticks (with the newest index heard of) after each change this
@@ -251,6 +253,14 @@ pub struct Job {
     /// The values of the secret ones among them: a provider masks them in
     /// whatever it reports (a job's output).
     pub secrets: Vec<String>,
+}
+
+impl Job {
+    /// The run's settings split in two: the non-secret ones and the secret
+    /// ones (a setting is secret when its value is among [`Job::secrets`]).
+    pub fn split_settings(&self) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+        self.settings.iter().map(|(k, v)| (k.clone(), v.clone())).partition(|(_, v)| !self.secrets.contains(v))
+    }
 }
 
 /// A provider's failure, classified.

@@ -10,7 +10,6 @@ CREATE TABLE discovery_entries (
     expires_at    TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (service_id, instance)
 );
-CREATE INDEX discovery_entries_service ON discovery_entries (service);
 CREATE INDEX discovery_entries_expires ON discovery_entries (expires_at);
 
 -- Every entry entering or leaving, with why, under an index from the one
@@ -29,6 +28,7 @@ CREATE TABLE discovery_log (
     at         TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX discovery_log_service ON discovery_log (service, idx);
+CREATE INDEX discovery_log_service_id ON discovery_log (service_id, idx);
 CREATE INDEX discovery_log_at ON discovery_log (at);
 
 CREATE TABLE discovery_index (

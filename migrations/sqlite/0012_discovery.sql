@@ -9,7 +9,6 @@ CREATE TABLE discovery_entries (
     expires_at    INTEGER NOT NULL,
     PRIMARY KEY (service_id, instance)
 );
-CREATE INDEX discovery_entries_service ON discovery_entries (service);
 CREATE INDEX discovery_entries_expires ON discovery_entries (expires_at);
 
 CREATE TABLE discovery_log (
@@ -24,6 +23,7 @@ CREATE TABLE discovery_log (
     at         INTEGER NOT NULL
 );
 CREATE INDEX discovery_log_service ON discovery_log (service, idx);
+CREATE INDEX discovery_log_service_id ON discovery_log (service_id, idx);
 CREATE INDEX discovery_log_at ON discovery_log (at);
 
 CREATE TABLE discovery_index (

@@ -1086,7 +1086,7 @@ async fn discovery_changes_are_ordered_and_a_renewal_is_no_change(stores: Stores
     let now = Utc::now();
     let ttl = chrono::Duration::seconds(30);
     let mut ticks = d.discovery_watch();
-    assert_eq!(d.discovery_snapshot(None, None).await.unwrap().index, 0);
+    assert_eq!(d.discovery_snapshot(None).await.unwrap().index, 0);
 
     assert_eq!(d.discovery_enter(&entry(app, "0-a", 4000), "healthy", "run-1", now, now + ttl).await.unwrap(), Some(1));
     assert!(ticks.has_changed().unwrap(), "a watcher is woken");
@@ -1097,7 +1097,7 @@ async fn discovery_changes_are_ordered_and_a_renewal_is_no_change(stores: Stores
         None
     );
     assert!(!ticks.has_changed().unwrap(), "a renewal wakes nobody");
-    let snap = d.discovery_snapshot(None, None).await.unwrap();
+    let snap = d.discovery_snapshot(None).await.unwrap();
     assert_eq!(snap.index, 1);
     assert_eq!(snap.entries.len(), 1);
     assert_eq!(snap.entries[0].expires_at.timestamp(), (later + ttl).timestamp(), "renewed");
@@ -1129,18 +1129,18 @@ async fn discovery_changes_are_ordered_and_a_renewal_is_no_change(stores: Stores
     assert_eq!(d.discovery_changes(0, None, 2).await.unwrap().len(), 2, "limited");
 
     // A service's index is its own last change.
-    let app_now = d.discovery_snapshot(Some("app"), None).await.unwrap();
+    let app_now = d.discovery_snapshot(Some(app.0)).await.unwrap();
     assert_eq!((app_now.index, app_now.entries.len()), (5, 1));
     assert_eq!(app_now.entries[0].entry.instance, "1-b");
-    let db_now = d.discovery_snapshot(None, Some(db.0)).await.unwrap();
+    let db_now = d.discovery_snapshot(Some(db.0)).await.unwrap();
     assert_eq!((db_now.index, db_now.entries[0].entry.port), (4, 5000));
-    assert_eq!(d.discovery_snapshot(None, None).await.unwrap().entries.len(), 2);
+    assert_eq!(d.discovery_snapshot(None).await.unwrap().entries.len(), 2);
 
     // Old changes are forgotten, but the newest stays: it carries the index.
     assert_eq!(d.discovery_prune(now + chrono::Duration::days(1)).await.unwrap(), 4);
     let kept: Vec<i64> = d.discovery_changes(0, None, 100).await.unwrap().iter().map(|c| c.index).collect();
     assert_eq!(kept, [5]);
-    assert_eq!(d.discovery_snapshot(None, None).await.unwrap().index, 5);
+    assert_eq!(d.discovery_snapshot(None).await.unwrap().index, 5);
 }
 
 /// An entry whose TTL lapsed is found by the sweep and taken out, but not
@@ -1161,7 +1161,7 @@ async fn a_discovery_entry_leaves_when_its_ttl_lapses_unless_renewed(stores: Sto
     assert!(d.discovery_leave(svc.0, "0-a", "ttl lapsed", "sweep", sweep, Some(sweep)).await.unwrap().is_some());
     assert!(d.discovery_leave(svc.0, "1-b", "ttl lapsed", "sweep", sweep, Some(sweep)).await.unwrap().is_none());
     let left: Vec<String> =
-        d.discovery_snapshot(None, None).await.unwrap().entries.into_iter().map(|e| e.entry.instance).collect();
+        d.discovery_snapshot(None).await.unwrap().entries.into_iter().map(|e| e.entry.instance).collect();
     assert_eq!(left, ["1-b"]);
     assert_eq!(d.discovery_renew(svc.0, &["0-a".to_string()], sweep, sweep + s(30)).await.unwrap(), 0, "gone");
 }

@@ -649,17 +649,8 @@ const LAUNCH_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(600
 /// What a run's settings give its instances: the non-secret ones for the
 /// cloud-config, and the secret ones (key → value) for Parameter Store.
 fn delivery(job: &Job) -> (Delivery, BTreeMap<String, String>) {
-    let mut d = Delivery::default();
-    let mut secrets = BTreeMap::new();
-    for (k, v) in &job.settings {
-        if job.secrets.contains(v) {
-            d.secret_keys.push(k.clone());
-            secrets.insert(k.clone(), v.clone());
-        } else {
-            d.env.insert(k.clone(), v.clone());
-        }
-    }
-    (d, secrets)
+    let (env, secrets) = job.split_settings();
+    (Delivery { env, secret_keys: secrets.keys().cloned().collect() }, secrets)
 }
 
 /// The provider against a scripted fake of CloudFormation, for what moto

@@ -106,10 +106,9 @@ impl AwsJobs {
             ids.join(", ")
         );
         ctx.event(NewEvent::info("plan", msg).with_data(json!({ "targets": ids }))).await;
-        let left_out: Vec<&String> =
-            job.settings.keys().filter(|k| job.secrets.iter().any(|s| Some(s) == job.settings.get(*k))).collect();
+        let (_, left_out) = job.split_settings();
         if !left_out.is_empty() {
-            let names: Vec<&str> = left_out.iter().map(|k| k.as_str()).collect();
+            let names: Vec<&str> = left_out.keys().map(String::as_str).collect();
             let msg =
                 format!("secret settings not sent (a command's parameters stay readable in SSM): {}", names.join(", "));
             ctx.event(NewEvent::info("settings", msg).with_level(Level::Warn)).await;
@@ -278,8 +277,7 @@ impl AwsJobs {
 /// then the spec's `env`, then drover's own), a directory of its own, and
 /// the command.
 fn script(job: &Job, spec: &Spec, cluster: &str) -> String {
-    let mut env: Vec<(String, String)> =
-        job.settings.iter().filter(|(_, v)| !job.secrets.contains(v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut env: Vec<(String, String)> = job.split_settings().0.into_iter().collect();
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend([
         ("DROVER_JOB".to_string(), job.resource.name.clone()),

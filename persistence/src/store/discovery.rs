@@ -214,30 +214,24 @@ impl<B: Backend> DiscoveryStore for SqlStore<B> {
         self.execute("forget old discovery changes", sql).await
     }
 
-    async fn discovery_snapshot(&self, service: Option<&str>, service_id: Option<Uuid>) -> Result<Snapshot> {
+    async fn discovery_snapshot(&self, service: Option<Uuid>) -> Result<Snapshot> {
         let mut conn = self.conn().await?;
-        let index = match (service, service_id) {
-            (None, None) => Sql::new("SELECT value FROM discovery_index WHERE id = 1"),
-            (Some(name), _) => {
-                Sql::new("SELECT COALESCE(MAX(idx), 0) FROM discovery_log WHERE service = $1").bind(name)
-            }
-            (None, Some(id)) => {
-                Sql::new("SELECT COALESCE(MAX(idx), 0) FROM discovery_log WHERE service_id = $1").bind(id)
-            }
+        let (index, listed) = match service {
+            None => (
+                Sql::new("SELECT value FROM discovery_index WHERE id = 1"),
+                Sql::new("SELECT entry, registered_at, renewed_at, expires_at FROM discovery_entries"),
+            ),
+            Some(id) => (
+                Sql::new("SELECT COALESCE(MAX(idx), 0) FROM discovery_log WHERE service_id = $1").bind(id),
+                Sql::new(
+                    "SELECT entry, registered_at, renewed_at, expires_at FROM discovery_entries WHERE service_id = $1",
+                )
+                .bind(id),
+            ),
         };
         let (index,) = conn.fetch_one::<(i64,)>(index).await.map_err(db("read the discovery index"))?;
-        let mut sql = Sql::new("SELECT entry, registered_at, renewed_at, expires_at FROM discovery_entries");
-        match (service, service_id) {
-            (Some(name), _) => {
-                sql.push(" WHERE service = ").push_bind(name);
-            }
-            (None, Some(id)) => {
-                sql.push(" WHERE service_id = ").push_bind(id);
-            }
-            (None, None) => {}
-        }
-        sql.push(" ORDER BY service, instance");
-        let rows = conn.fetch_all::<EntryRow>(sql).await.map_err(db("read the discovery registry"))?;
+        let rows = conn.fetch_all::<EntryRow>(listed).await.map_err(db("read the discovery registry"))?;
+        // The index is inside the entry: sorted here, not by the database.
         let mut entries = rows.into_iter().map(Entry::try_from).collect::<Result<Vec<_>>>()?;
         entries.sort_by(|a, b| {
             (&a.entry.service, a.entry.index, &a.entry.instance).cmp(&(
