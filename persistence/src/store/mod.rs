@@ -111,10 +111,15 @@ impl<B: Backend> SqlStore<B> {
     }
 }
 
-/// Ticks the registry's watchers with `idx` (always: a tick makes them
-/// read again, and the index they compare with is the store's).
+/// Ticks the registry's watchers when `idx` is newer than any index heard
+/// of. On Postgres a replica hears its own changes twice (its commit, then
+/// its `NOTIFY` coming back through the listener): the echo wakes nobody.
 pub(crate) fn discovery_heard(tx: &tokio::sync::watch::Sender<i64>, idx: i64) {
-    tx.send_modify(|v| *v = (*v).max(idx));
+    tx.send_if_modified(|v| {
+        let newer = idx > *v;
+        *v = (*v).max(idx);
+        newer
+    });
 }
 
 /// Commits `tx`; `op` names what it did.
