@@ -11,6 +11,8 @@ use axum::{middleware, Router};
 use drover_domain::auth::Auth;
 use drover_domain::discovery::Registry;
 use drover_domain::engine::{Engine, EngineConfig, Providers};
+use drover_domain::kinds::router;
+use drover_domain::routing::{RouterRuns, Routing};
 use drover_domain::service::Service;
 use drover_domain::settings::{SecretKey, Settings};
 use tokio::sync::watch;
@@ -98,6 +100,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(routes::identity::router())
         .merge(routes::settings::router())
         .merge(routes::discovery::router())
+        .merge(routes::routers::router())
         .merge(routes::stats::router())
         .merge(routes::health::router())
 }
@@ -228,6 +231,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let stores = drover_persistence::open(&url).await.map_err(|e| anyhow::anyhow!("{}", chain(&e)))?;
     let store = stores.store.clone();
     let backend = store.backend();
+    let routing = Arc::new(
+        Routing::new(
+            store.clone(),
+            stores.discovery.clone(),
+            stores.routers.clone(),
+            drover_ops::local::balancers(&data_dir),
+        )
+        .only(cfg.engine.providers.clone()),
+    );
+    for provider in routing.providers() {
+        providers.register(&provider, router::KIND, Arc::new(RouterRuns { routing: routing.clone() }));
+    }
     let key = match &cfg.secret_key {
         Some(hex) => SecretKey::from_hex(hex),
         None => SecretKey::load_or_create(&data_dir.join("secret.key")),
@@ -247,7 +262,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     engine.set_requester(service.clone());
     engine.set_discovery(stores.discovery.clone());
     let (stop, stop_rx) = watch::channel(false);
-    let tasks = if cfg.workers { engine.spawn(stop_rx.clone()) } else { Vec::new() };
+    let mut tasks = if cfg.workers { engine.spawn(stop_rx.clone()) } else { Vec::new() };
+    if cfg.workers {
+        let every = cfg.engine.observe_every;
+        let worker = cfg.engine.worker_id.clone();
+        tasks.push(tokio::spawn(routing.clone().run(worker, every, stop_rx.clone())));
+    }
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
@@ -257,6 +277,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         settings,
         metrics,
         discovery: Arc::new(Registry::new(stores.discovery.clone())),
+        routing,
     });
     let mut stop_http = stop_rx;
     let http = tokio::spawn(async move {

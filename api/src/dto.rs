@@ -953,3 +953,90 @@ pub struct DiscoveryChangePage {
     /// Pass as `after` to read on.
     pub next_after: i64,
 }
+
+/// A backend kept as it was instead of being emptied.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouterHold {
+    pub backend: String,
+    pub reason: String,
+}
+
+/// One server of a backend, as the configuration had it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouterServer {
+    #[schema(example = "0-3fa2c1")]
+    pub name: String,
+    #[schema(example = "127.0.0.1")]
+    pub address: String,
+    pub port: u16,
+}
+
+/// A configuration a router's load balancer was given.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouterConfigSummary {
+    /// 1, 2, … per router.
+    pub version: i64,
+    /// `applied` (validated and serving until the next), `invalid` (refused
+    /// by the load balancer's own validation: never loaded) or `held`
+    /// (a render that would have emptied a backend, kept back).
+    #[schema(example = "applied")]
+    pub outcome: String,
+    /// What made drover render it: a transition's id, `registry` (a change
+    /// in the discovery registry) or `observer` (a periodic look).
+    pub by: String,
+    pub at: DateTime<Utc>,
+    /// Why it was refused (`invalid`).
+    pub reason: Option<String>,
+    pub holds: Vec<RouterHold>,
+    /// Each backend's servers.
+    pub servers: BTreeMap<String, Vec<RouterServer>>,
+    /// A unified diff from the configuration that served before it.
+    pub diff: String,
+}
+
+/// A configuration version with its full text.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouterConfigVersion {
+    #[serde(flatten)]
+    pub summary: RouterConfigSummary,
+    /// The load balancer's configuration, as rendered (HAProxy's syntax).
+    pub config: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouterConfigPage {
+    /// Newest first.
+    pub configs: Vec<RouterConfigSummary>,
+    /// Pass as `before` for older versions; absent at the oldest.
+    pub next_before: Option<i64>,
+}
+
+impl From<&drover_domain::routing::RouterConfig> for RouterConfigSummary {
+    fn from(c: &drover_domain::routing::RouterConfig) -> Self {
+        RouterConfigSummary {
+            version: c.version,
+            outcome: c.outcome.as_str().to_string(),
+            by: c.by.clone(),
+            at: c.at,
+            reason: c.reason.clone(),
+            holds: c
+                .holds
+                .iter()
+                .map(|h| RouterHold { backend: h.backend.clone(), reason: h.reason.clone() })
+                .collect(),
+            servers: c
+                .table
+                .servers
+                .iter()
+                .map(|(b, list)| {
+                    let list = list
+                        .iter()
+                        .map(|s| RouterServer { name: s.name.clone(), address: s.address.clone(), port: s.port })
+                        .collect();
+                    (b.clone(), list)
+                })
+                .collect(),
+            diff: c.diff.clone(),
+        }
+    }
+}

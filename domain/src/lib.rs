@@ -15,6 +15,7 @@ pub mod kinds;
 pub mod merge;
 pub mod model;
 pub mod ports;
+pub mod routing;
 pub mod service;
 pub mod settings;
 pub mod stats;

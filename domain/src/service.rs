@@ -341,6 +341,7 @@ impl Service {
         }
         let pairs: Vec<(Reference, Resource)> = found_all.iter().map(|(r, f)| ((*r).clone(), f.clone())).collect();
         errors.extend(kind.check_with(&spec, &referenced(&pairs)));
+        errors.extend(self.claimed_by_others(kind, name, &spec).await?);
         for (r, found) in found_all.iter().filter(|(r, _)| r.kind == kind) {
             if let Some(cycle) = self.cycle_through(kind, name, found).await? {
                 errors.push(FieldError::new(&r.field, format!("a cycle: {name} -> {}", cycle.join(" -> "))));
@@ -350,6 +351,36 @@ impl Service {
             return Err(Error::Invalid(errors));
         }
         Ok(spec)
+    }
+
+    /// The claims of `spec` ([`Kind::claims`]) that another live resource
+    /// of the kind holds, each naming its field and the holder.
+    async fn claimed_by_others(&self, kind: Kind, name: &str, spec: &Value) -> Result<Vec<FieldError>> {
+        let wanted = kind.claims(spec);
+        let mut errors = Vec::new();
+        if wanted.is_empty() {
+            return Ok(errors);
+        }
+        let mut after = None;
+        loop {
+            let page =
+                self.store.list_resources(kind, &ResourceFilter::default(), PageRequest { after, limit: 500 }).await?;
+            for other in page.iter().filter(|o| o.name != name && o.state != kind.final_state()) {
+                let held = kind.claims(&other.spec);
+                for (claim, field) in &wanted {
+                    if let Some((_, theirs)) = held.iter().find(|(c, _)| c == claim) {
+                        errors.push(FieldError::new(
+                            field,
+                            format!("{claim} is taken by {} {} ({theirs})", kind, other.name),
+                        ));
+                    }
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == 500 => after = Some(last.id),
+                _ => return Ok(errors),
+            }
+        }
     }
 
     /// The path from `from` back to the resource named `name` through the

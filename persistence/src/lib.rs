@@ -18,6 +18,7 @@ pub mod testing;
 use std::sync::Arc;
 
 use drover_domain::ports::{DiscoveryStore, SettingsStore, Store, TokenStore};
+use drover_domain::routing::RouterConfigStore;
 use drover_domain::{Error, Result};
 
 pub use postgres::{PgBackend, PgStore, IDLE_IN_TRANSACTION};
@@ -37,11 +38,12 @@ pub struct Stores {
     pub tokens: Arc<dyn TokenStore>,
     pub settings: Arc<dyn SettingsStore>,
     pub discovery: Arc<dyn DiscoveryStore>,
+    pub routers: Arc<dyn RouterConfigStore>,
 }
 
-fn stores<T: Store + TokenStore + SettingsStore + DiscoveryStore>(s: T) -> Stores {
+fn stores<T: Store + TokenStore + SettingsStore + DiscoveryStore + RouterConfigStore>(s: T) -> Stores {
     let s = Arc::new(s);
-    Stores { store: s.clone(), tokens: s.clone(), settings: s.clone(), discovery: s }
+    Stores { store: s.clone(), tokens: s.clone(), settings: s.clone(), discovery: s.clone(), routers: s }
 }
 
 /// Opens the database a URL names (`postgres://…` or `sqlite://…`) and runs

@@ -46,6 +46,7 @@ both_backends!(
     an_observation_is_leased_to_one_observer_at_a_time,
     discovery_changes_are_ordered_and_a_renewal_is_no_change,
     a_discovery_entry_leaves_when_its_ttl_lapses_unless_renewed,
+    router_configs_are_numbered_per_router_and_the_serving_one_is_found,
 );
 
 both_backends_with_url!(
@@ -1201,4 +1202,50 @@ async fn a_discovery_change_on_one_replica_wakes_watchers_on_another() {
     let idx = a.discovery.discovery_leave(svc.0, "0-x", "stopped", "run", now, None).await.unwrap().unwrap();
     tokio::time::timeout(Duration::from_secs(10), ticks.changed()).await.expect("woken").unwrap();
     assert_eq!(*ticks.borrow(), idx);
+}
+
+/// Router configuration versions count from 1 per router, list newest
+/// first by keyset, and the newest applied one is found past refusals and
+/// holds.
+async fn router_configs_are_numbered_per_router_and_the_serving_one_is_found(stores: Stores) {
+    use drover_domain::routing::{Hold, NewRouterConfig, Outcome, RouteTable};
+    let store = stores.store.clone();
+    let configs = stores.routers.clone();
+    let a = cluster(&store, "edge-a").await;
+    let b = cluster(&store, "edge-b").await;
+    let spec = drover_domain::kinds::router::Spec::from_value(&json!({"environment": "prod",
+        "frontends": [{"name": "web", "mode": "http", "port": 8080, "backend": "site"}],
+        "backends": [{"name": "site", "target": {"service": "app"}}]}))
+    .unwrap();
+    let table = RouteTable { spec, servers: Default::default() };
+    let new = |router: Uuid, outcome: Outcome, text: &str| NewRouterConfig {
+        router_id: router,
+        outcome,
+        by: "registry".into(),
+        config: text.into(),
+        table: table.clone(),
+        diff: String::new(),
+        reason: (outcome == Outcome::Invalid).then(|| "bad".to_string()),
+        holds: match outcome {
+            Outcome::Held => vec![Hold { backend: "site".into(), reason: "kept".into() }],
+            _ => Vec::new(),
+        },
+        at: Utc::now(),
+    };
+    assert_eq!(configs.last_router_configs(a.id).await.unwrap().0.map(|c| c.version), None);
+    let v1 = configs.insert_router_config(&new(a.id, Outcome::Applied, "one")).await.unwrap();
+    assert_eq!((v1.version, v1.config.as_str()), (1, "one"));
+    assert_eq!(configs.insert_router_config(&new(b.id, Outcome::Applied, "b")).await.unwrap().version, 1);
+    configs.insert_router_config(&new(a.id, Outcome::Invalid, "two")).await.unwrap();
+    let v3 = configs.insert_router_config(&new(a.id, Outcome::Held, "one")).await.unwrap();
+    assert_eq!((v3.version, v3.holds.len(), v3.table.clone()), (3, 1, table.clone()));
+    let (last, applied) = configs.last_router_configs(a.id).await.unwrap();
+    assert_eq!((last.unwrap().version, applied.unwrap().version), (3, 1));
+    let page = configs.list_router_configs(a.id, None, 2).await.unwrap();
+    assert_eq!(page.iter().map(|c| c.version).collect::<Vec<_>>(), [3, 2]);
+    assert_eq!(page[1].reason.as_deref(), Some("bad"));
+    let rest = configs.list_router_configs(a.id, Some(2), 2).await.unwrap();
+    assert_eq!(rest.iter().map(|c| c.version).collect::<Vec<_>>(), [1]);
+    assert_eq!(configs.router_config(a.id, 2).await.unwrap().unwrap().outcome, Outcome::Invalid);
+    assert!(configs.router_config(a.id, 9).await.unwrap().is_none());
 }

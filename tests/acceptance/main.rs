@@ -11,6 +11,7 @@ mod history;
 mod identity;
 mod jobs;
 mod kinds;
+mod routers;
 mod services;
 mod settings;
 
@@ -396,7 +397,7 @@ async fn the_api_describes_itself() {
 
     let kinds = app.get("/v1/kinds").await.body;
     let names: Vec<_> = kinds["items"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["image", "cluster", "service", "job", "environment", "user", "role"]);
+    assert_eq!(names, ["image", "cluster", "service", "job", "router", "environment", "user", "role"]);
     let cluster = app.get("/v1/kinds/clusters").await.body;
     let scale_action = cluster["actions"].as_array().unwrap().iter().find(|a| a["name"] == "scale").unwrap();
     assert_eq!(scale_action["permission"], "cluster:scale");

@@ -30,6 +30,8 @@ pub struct TestApp {
     database_url: String,
     aws: drover_ops::aws::Settings,
     workers: bool,
+    /// The observer's round, when a test wants its own (see [`TestApp::set_observe_every`]).
+    observe_every: Option<Duration>,
     server: Option<Server>,
 }
 
@@ -109,7 +111,7 @@ async fn spawn_app_with(backend: Backend, aws: drover_ops::aws::Settings) -> Tes
         Backend::Sqlite => format!("sqlite://{}", data_dir.path().join("drover.db").display()),
         Backend::Postgres => drover_persistence::testing::fresh_postgres_database().await,
     };
-    let server = start(data_dir.path(), &database_url, &aws, true).await;
+    let server = start(data_dir.path(), &database_url, &aws, true, None).await;
     TestApp {
         addr: server.addr,
         client: client_with(Some(ADMIN_TOKEN)),
@@ -118,6 +120,7 @@ async fn spawn_app_with(backend: Backend, aws: drover_ops::aws::Settings) -> Tes
         database_url,
         aws,
         workers: true,
+        observe_every: None,
         server: Some(server),
     }
 }
@@ -145,8 +148,18 @@ pub fn test_config(data_dir: &Path, database_url: &str, aws: &drover_ops::aws::S
     }
 }
 
-async fn start(data_dir: &Path, database_url: &str, aws: &drover_ops::aws::Settings, workers: bool) -> Server {
-    drover_api::start(test_config(data_dir, database_url, aws, workers)).await.expect("server starts")
+async fn start(
+    data_dir: &Path,
+    database_url: &str,
+    aws: &drover_ops::aws::Settings,
+    workers: bool,
+    observe_every: Option<Duration>,
+) -> Server {
+    let mut cfg = test_config(data_dir, database_url, aws, workers);
+    if let Some(every) = observe_every {
+        cfg.engine.observe_every = every;
+    }
+    drover_api::start(cfg).await.expect("server starts")
 }
 
 impl TestApp {
@@ -159,13 +172,21 @@ impl TestApp {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Restarts the server with the observer's round set to `every`: a test
+    /// that writes the registry behind the observer's back slows it down
+    /// (the observer would put the registry right within a round).
+    pub async fn set_observe_every(&mut self, every: Duration) {
+        self.observe_every = Some(every);
+        self.restart().await;
+    }
+
     /// Stops the server (runs in flight are left to their leases) and starts
     /// a new one on the same database and data directory.
     pub async fn restart(&mut self) {
         if let Some(s) = self.server.take() {
             s.stop().await;
         }
-        let server = start(self.data_dir.path(), &self.database_url, &self.aws, self.workers).await;
+        let server = start(self.data_dir.path(), &self.database_url, &self.aws, self.workers, self.observe_every).await;
         self.addr = server.addr;
         self.server = Some(server);
     }

@@ -6,6 +6,7 @@ pub mod health;
 pub mod identity;
 pub mod kinds;
 pub mod resources;
+pub mod routers;
 pub mod settings;
 pub mod stats;
 pub mod templates;
@@ -24,4 +25,5 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub metrics: Arc<crate::metrics::Registry>,
     pub discovery: Arc<drover_domain::discovery::Registry>,
+    pub routing: Arc<drover_domain::routing::Routing>,
 }

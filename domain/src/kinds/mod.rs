@@ -26,6 +26,7 @@ pub mod image;
 pub mod job;
 pub mod record;
 pub mod role;
+pub mod router;
 pub mod service;
 pub mod user;
 
@@ -44,7 +45,7 @@ use crate::error::{Error, FieldError, Result};
 /// Every kind, in the order the API lists them. Adding a kind is a module
 /// that implements [`Declaration`] and one line here.
 pub const REGISTRY: &[Kind] =
-    &[image::KIND, cluster::KIND, service::KIND, job::KIND, environment::KIND, user::KIND, role::KIND];
+    &[image::KIND, cluster::KIND, service::KIND, job::KIND, router::KIND, environment::KIND, user::KIND, role::KIND];
 
 /// The provider of kinds whose transitions only touch drover's own records.
 pub const BUILTIN_PROVIDER: &str = "builtin";
@@ -109,6 +110,14 @@ pub trait Declaration: Send + Sync + 'static {
     /// the spec is written, and keeps the resource it names from being
     /// destroyed or deleted while this one is live.
     fn references(_spec: &Self::Spec) -> Vec<Reference> {
+        Vec::new()
+    }
+
+    /// What a live resource of this kind holds alone on its provider (a
+    /// local router's ports): `(claim, field)`. A spec whose claim another
+    /// live resource of the kind holds is refused with 422 naming the field
+    /// and the holder.
+    fn claims(_spec: &Self::Spec) -> Vec<(String, String)> {
         Vec::new()
     }
 
@@ -535,6 +544,11 @@ impl Kind {
         self.0.references(spec)
     }
 
+    /// What a live resource with this spec holds alone ([`Declaration::claims`]).
+    pub fn claims(self, spec: &Value) -> Vec<(String, String)> {
+        self.0.claims(spec)
+    }
+
     /// Checks a (validated) spec against the live resources it names.
     pub fn check_with(self, spec: &Value, named: &[Referenced]) -> Vec<FieldError> {
         self.0.check_with(spec, named)
@@ -732,6 +746,7 @@ trait Erased: Send + Sync + 'static {
     fn provider(&self, spec: &Value) -> String;
     fn references(&self, spec: &Value) -> Vec<Reference>;
     fn check_with(&self, spec: &Value, named: &[Referenced]) -> Vec<FieldError>;
+    fn claims(&self, spec: &Value) -> Vec<(String, String)>;
     fn parent(&self, spec: &Value) -> Option<Reference>;
     fn fan_out(&self, action: &str) -> Option<FanOut>;
     fn check_action(&self, spec: &Value, action: &str, params: &Value) -> Vec<FieldError>;
@@ -816,6 +831,9 @@ impl<D: Declaration> Erased for Decl<D> {
     }
     fn check_with(&self, spec: &Value, named: &[Referenced]) -> Vec<FieldError> {
         stored::<D>(spec).map(|s| D::check_with(&s, named)).unwrap_or_default()
+    }
+    fn claims(&self, spec: &Value) -> Vec<(String, String)> {
+        stored::<D>(spec).map(|s| D::claims(&s)).unwrap_or_default()
     }
     fn parent(&self, spec: &Value) -> Option<Reference> {
         stored::<D>(spec).and_then(|s| D::parent(&s))

@@ -3,7 +3,8 @@
 //! started from the image, each with its own `PORT` and health check; a
 //! cluster's instances are the machines services are placed on, and a
 //! service instance is a process whose working directory (a copy of its
-//! build) lives under its machine's.
+//! build) lives under its machine's. A router is a real HAProxy (the
+//! [`LocalHaproxy`] balancer), a daemon that outlives drover.
 //!
 //! # Guarantees
 //! - A build that ran to completion for a run id is adopted, not rebuilt,
@@ -25,20 +26,24 @@ mod cluster;
 mod image;
 mod job;
 mod process;
+mod router;
 mod service;
 mod state;
 #[cfg(feature = "test-support")]
 pub mod testing;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use drover_domain::engine::Providers;
 use drover_domain::kinds;
+use drover_domain::routing::Balancer;
 
 pub use cluster::LocalClusters;
 pub use image::LocalImages;
 pub use job::LocalJobs;
+pub use router::{haproxy_binary, LocalHaproxy};
 pub use service::LocalServices;
 
 pub const NAME: &str = "local";
@@ -58,4 +63,10 @@ pub fn register(providers: &mut Providers, data_dir: &Path) {
         kinds::service::KIND,
         Arc::new(LocalServices::new(data_dir.join("services"), data_dir.join("clusters"))),
     );
+}
+
+/// The local provider's load balancer for routers: a real HAProxy per
+/// router, its files under `data_dir/routers`.
+pub fn balancers(data_dir: &Path) -> BTreeMap<String, Arc<dyn Balancer>> {
+    BTreeMap::from([(NAME.to_string(), Arc::new(LocalHaproxy::new(data_dir.join("routers"))) as Arc<dyn Balancer>)])
 }

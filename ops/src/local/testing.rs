@@ -72,9 +72,22 @@ impl Sampler {
 }
 
 /// Kills (SIGKILL, the whole group) every cluster and service instance
-/// process on record under a data directory: what a test leaves running
-/// when it fails half way, or after it killed the drover that ran them.
+/// process on record under a data directory, and every router's HAProxy:
+/// what a test leaves running when it fails half way, or after it killed
+/// the drover that ran them.
 pub fn kill_everything_under(data_dir: &std::path::Path) {
+    for d in std::fs::read_dir(data_dir.join("routers")).into_iter().flatten().flatten() {
+        let Some(pid) =
+            std::fs::read_to_string(d.path().join("haproxy.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&*d.path().to_string_lossy()) {
+            // The master's session holds its workers: -D makes it a group leader.
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
     for kind in ["clusters", "services"] {
         for d in std::fs::read_dir(data_dir.join(kind)).into_iter().flatten().flatten() {
             let Ok(bytes) = std::fs::read(d.path().join("instances.json")) else { continue };

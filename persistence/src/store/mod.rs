@@ -30,6 +30,7 @@ mod idempotency;
 mod identity;
 pub(crate) mod queue;
 mod resources;
+mod routers;
 pub(crate) mod runs;
 mod settings;
 mod stats;

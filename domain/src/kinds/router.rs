@@ -1,0 +1,582 @@
+//! Routers: a load balancer in an environment, its backends fed from the
+//! discovery registry (a service's healthy instances) or a cluster's
+//! instances.
+//!
+//! ```text
+//! pending --create--> creating --ok--> up --err--> failed
+//! up --apply--> applying --ok--> up --err--> failed
+//! up --stop--> stopping --ok--> stopped --err--> failed
+//! stopped --start--> starting --ok--> up --err--> failed
+//! pending|up|stopped|failed --destroy--> destroying --ok--> destroyed --err--> failed
+//! failed --retry--> the working state of the action that failed
+//! ```
+//!
+//! A router has frontends (`http` on a port, routing by host and path
+//! prefix; `tcp` on a port) and backends, each naming its target: a
+//! service (its servers are the service's entries in the discovery
+//! registry) or a cluster (its instances). While it is `up`, drover renders
+//! its configuration again whenever the registry changes (see
+//! `crate::routing`); a spec change takes effect with `apply`.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{
+    cluster, environment, named_enum, service, ActionDecl, Declaration, Kind, NotAllowed, Reference, TypedStep,
+};
+use crate::error::{FieldError, Result};
+
+/// This kind's handle.
+pub const KIND: Kind = Kind::declare::<Router>();
+
+/// The router kind's declaration.
+pub struct Router;
+
+named_enum!(State {
+    Pending => "pending",
+    Creating => "creating",
+    Up => "up",
+    Applying => "applying",
+    Stopping => "stopping",
+    Stopped => "stopped",
+    Starting => "starting",
+    Failed => "failed",
+    Destroying => "destroying",
+    Destroyed => "destroyed",
+});
+
+named_enum!(Action {
+    Create => "create",
+    Apply => "apply",
+    Stop => "stop",
+    Start => "start",
+    Destroy => "destroy",
+    Retry => "retry",
+});
+
+/// Providers routers run on: `local`, a real HAProxy on drover's host.
+pub const PROVIDERS: &[&str] = &["local"];
+
+/// The most frontends and backends one router has.
+pub const MAX_FRONTENDS: usize = 16;
+pub const MAX_BACKENDS: usize = 64;
+pub const MAX_RULES: usize = 128;
+
+impl Declaration for Router {
+    const NAME: &'static str = "router";
+    const PLURAL: &'static str = "routers";
+    const DESCRIPTION: &'static str = "A load balancer in an environment (locally a real HAProxy): frontends by port, \
+         host and path, backends fed from the discovery registry or a cluster's instances.";
+    type State = State;
+    type Action = Action;
+    type Spec = Spec;
+    const INITIAL: State = State::Pending;
+    const FINAL: State = State::Destroyed;
+    const DELETABLE_UNSTARTED: bool = true;
+
+    fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
+        next(state, action)
+    }
+
+    fn action(action: Action) -> ActionDecl {
+        match action {
+            Action::Create => ActionDecl::new(
+                "Renders the configuration from the registry, validates it with the load balancer itself and \
+                 starts serving it.",
+                120,
+            )
+            .applying_spec(),
+            Action::Apply => ActionDecl::new(
+                "Puts the spec as it is written now in service: renders, validates and reloads without dropping \
+                 connections.",
+                120,
+            )
+            .applying_spec(),
+            Action::Stop => ActionDecl::new("Stops serving (connections in flight finish); the router stays.", 120),
+            Action::Start => {
+                ActionDecl::new("Serves again, from a configuration rendered afresh.", 120).applying_spec()
+            }
+            Action::Destroy => ActionDecl::new("Stops serving and removes the router's files.", 120),
+            Action::Retry => ActionDecl::new("Repeats the action that failed.", 120),
+        }
+    }
+
+    fn check(spec: &Spec) -> Vec<FieldError> {
+        spec.check()
+    }
+
+    fn provider(spec: &Spec) -> String {
+        spec.provider.clone()
+    }
+
+    fn references(spec: &Spec) -> Vec<Reference> {
+        let mut refs = vec![Reference::new(environment::KIND, &spec.environment, "spec.environment")];
+        for (i, b) in spec.backends.iter().enumerate() {
+            refs.push(b.target.reference(&format!("spec.backends[{i}].target")));
+        }
+        refs
+    }
+
+    /// A local router's ports: two HAProxies cannot listen on one.
+    fn claims(spec: &Spec) -> Vec<(String, String)> {
+        match spec.provider.as_str() {
+            "local" => spec
+                .frontends
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (format!("port {}", f.port), format!("spec.frontends[{i}].port")))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn environment(spec: &Spec) -> Option<String> {
+        Some(spec.environment.clone())
+    }
+
+    fn examples() -> Vec<Value> {
+        vec![
+            json!({"environment": "prod",
+                "frontends": [{"name": "web", "mode": "http", "port": 8080, "backend": "site",
+                    "rules": [{"host": "api.example.com", "backend": "api"}, {"path_prefix": "/api", "backend": "api"}]}],
+                "backends": [{"name": "site", "target": {"service": "app"}},
+                    {"name": "api", "target": {"service": "api"}, "check": {"type": "http", "path": "/health"}}]}),
+            json!({"environment": "prod",
+                "frontends": [{"name": "pg", "mode": "tcp", "port": 15432, "backend": "db"}],
+                "backends": [{"name": "db", "target": {"cluster": "db-blue"}, "check": {"type": "tcp"}}]}),
+        ]
+    }
+}
+
+/// The router transition table.
+pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed> {
+    use Action as A;
+    use State as S;
+    let go = |working, ok| Ok(TypedStep::Go { working, ok, err: S::Failed });
+    match (state, action) {
+        (S::Pending, A::Create) => go(S::Creating, S::Up),
+        (S::Up, A::Apply) => go(S::Applying, S::Up),
+        (S::Up, A::Stop) => go(S::Stopping, S::Stopped),
+        (S::Stopped, A::Start) => go(S::Starting, S::Up),
+        (S::Pending | S::Up | S::Stopped | S::Failed, A::Destroy) => go(S::Destroying, S::Destroyed),
+        (S::Failed, A::Retry) => Ok(TypedStep::Retry),
+        (S::Pending, A::Apply | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
+        (S::Up, A::Create | A::Start | A::Retry) => Err(NotAllowed),
+        (S::Stopped, A::Create | A::Apply | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Failed, A::Create | A::Apply | A::Stop | A::Start) => Err(NotAllowed),
+        (
+            S::Creating | S::Applying | S::Stopping | S::Starting | S::Destroying | S::Destroyed,
+            A::Create | A::Apply | A::Stop | A::Start | A::Destroy | A::Retry,
+        ) => Err(NotAllowed),
+    }
+}
+
+/// A router: where it listens and where it sends what it receives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Provider: `local` (a real HAProxy on drover's host).
+    #[serde(default = "default_provider")]
+    #[schemars(extend("enum" = PROVIDERS))]
+    pub provider: String,
+    /// The environment (name or id) it serves.
+    #[schemars(regex(pattern = r"\S"))]
+    pub environment: String,
+    /// The address its frontends listen on (an IP address; default `127.0.0.1`).
+    #[serde(default = "default_address")]
+    #[schemars(length(min = 2, max = 45), regex(pattern = "^[0-9a-fA-F.:]+$"))]
+    pub address: String,
+    #[schemars(length(min = 1, max = 16))]
+    pub frontends: Vec<Frontend>,
+    #[schemars(length(min = 1, max = 64))]
+    pub backends: Vec<Backend>,
+}
+
+/// How a frontend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// HTTP: requests are routed by host and path prefix.
+    Http,
+    /// TCP: every connection goes to the frontend's backend.
+    Tcp,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Http => "http",
+            Mode::Tcp => "tcp",
+        }
+    }
+}
+
+/// A port the router listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Frontend {
+    #[schemars(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
+    pub name: String,
+    pub mode: Mode,
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: u16,
+    /// `http` only: the first rule that matches a request picks its backend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    pub rules: Vec<Rule>,
+    /// The backend of requests no rule matches (`http`), or of every
+    /// connection (`tcp`, required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// An `http` rule: a request whose host is `host` and/or whose path starts
+/// with `path_prefix` goes to `backend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// A host name, matched without its port and case (`app.example.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"))]
+    pub host: Option<String>,
+    /// A path prefix (`/app`): matches `/app` and `/app/...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$"))]
+    pub path_prefix: Option<String>,
+    pub backend: String,
+}
+
+/// Where a backend's servers come from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Target {
+    /// A service (name or id): its healthy instances, from the discovery registry.
+    Service(String),
+    /// A cluster (name or id): its instances.
+    Cluster(String),
+}
+
+impl Target {
+    fn reference(&self, field: &str) -> Reference {
+        match self {
+            Target::Service(s) => Reference::new(service::KIND, s, format!("{field}.service")),
+            Target::Cluster(c) => Reference::new(cluster::KIND, c, format!("{field}.cluster")),
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Target::Service(_) => service::KIND,
+            Target::Cluster(_) => cluster::KIND,
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        match self {
+            Target::Service(k) | Target::Cluster(k) => k,
+        }
+    }
+}
+
+/// A pool of servers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    #[schemars(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
+    pub name: String,
+    pub target: Target,
+    /// The load balancer's own health check of each server (default: `http`
+    /// `GET /` for backends of `http` frontends, `tcp` for the others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+}
+
+/// A load balancer health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Check {
+    /// `GET path` answers 2xx or 3xx.
+    Http {
+        #[serde(default = "default_path")]
+        #[schemars(regex(pattern = r"^/[!-~]*$"), length(max = 256))]
+        path: String,
+    },
+    /// A TCP connection succeeds.
+    Tcp,
+}
+
+fn default_provider() -> String {
+    "local".to_string()
+}
+
+fn default_address() -> String {
+    "127.0.0.1".to_string()
+}
+
+fn default_path() -> String {
+    "/".to_string()
+}
+
+impl Spec {
+    /// Checks a spec and returns it typed.
+    pub fn from_value(v: &Value) -> Result<Spec> {
+        super::read_spec::<Router>(v)
+    }
+
+    /// The mode of each backend's servers: that of the frontends that use it
+    /// (a backend no frontend uses is `http`).
+    pub fn backend_modes(&self) -> BTreeMap<&str, Mode> {
+        let mut modes: BTreeMap<&str, Mode> = BTreeMap::new();
+        for f in &self.frontends {
+            for b in f.rules.iter().map(|r| r.backend.as_str()).chain(f.backend.as_deref()) {
+                modes.entry(b).or_insert(f.mode);
+            }
+        }
+        for b in &self.backends {
+            modes.entry(b.name.as_str()).or_insert(Mode::Http);
+        }
+        modes
+    }
+
+    /// A backend's health check, its default filled in.
+    pub fn check_of(&self, backend: &Backend) -> Check {
+        match (&backend.check, self.backend_modes().get(backend.name.as_str())) {
+            (Some(c), _) => c.clone(),
+            (None, Some(Mode::Tcp)) => Check::Tcp,
+            (None, _) => Check::Http { path: default_path() },
+        }
+    }
+
+    fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !PROVIDERS.contains(&self.provider.as_str()) {
+            errors.push(FieldError::new("spec.provider", format!("one of: {}", PROVIDERS.join(", "))));
+        }
+        if self.environment.trim().is_empty() {
+            errors.push(FieldError::new("spec.environment", "names the environment the router serves"));
+        }
+        if self.address.len() > 45 || self.address.parse::<std::net::IpAddr>().is_err() {
+            errors.push(FieldError::new("spec.address", "an IP address (IPv4 or IPv6), such as 127.0.0.1"));
+        }
+        if self.frontends.is_empty() || self.frontends.len() > MAX_FRONTENDS {
+            errors.push(FieldError::new("spec.frontends", format!("between 1 and {MAX_FRONTENDS} frontends")));
+        }
+        if self.backends.is_empty() || self.backends.len() > MAX_BACKENDS {
+            errors.push(FieldError::new("spec.backends", format!("between 1 and {MAX_BACKENDS} backends")));
+        }
+        let mut backends = BTreeMap::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            if !super::is_name(&b.name) {
+                errors.push(FieldError::new(format!("spec.backends[{i}].name"), "a name: a-z, 0-9 and -"));
+            }
+            if let Some(first) = backends.insert(b.name.as_str(), i) {
+                errors.push(FieldError::new(
+                    format!("spec.backends[{i}].name"),
+                    format!("backend {:?} is already spec.backends[{first}]", b.name),
+                ));
+            }
+            if b.target.key().trim().is_empty() {
+                errors.push(FieldError::new(format!("spec.backends[{i}].target"), "names a service or a cluster"));
+            }
+            if let Some(Check::Http { path }) = &b.check {
+                if !path.starts_with('/') || path.len() > 256 || !path.bytes().all(|c| c.is_ascii_graphic()) {
+                    errors.push(FieldError::new(
+                        format!("spec.backends[{i}].check.path"),
+                        "an absolute path of visible ASCII characters",
+                    ));
+                }
+            }
+        }
+        let mut names = BTreeMap::new();
+        let mut ports = BTreeMap::new();
+        let mut used: BTreeMap<&str, (Mode, String)> = BTreeMap::new();
+        for (i, f) in self.frontends.iter().enumerate() {
+            let at = format!("spec.frontends[{i}]");
+            if !super::is_name(&f.name) {
+                errors.push(FieldError::new(format!("{at}.name"), "a name: a-z, 0-9 and -"));
+            }
+            if let Some(first) = names.insert(f.name.as_str(), i) {
+                errors.push(FieldError::new(
+                    format!("{at}.name"),
+                    format!("frontend {:?} is already spec.frontends[{first}]", f.name),
+                ));
+            }
+            if f.port < 1024 {
+                errors.push(FieldError::new(format!("{at}.port"), "a port from 1024 to 65535"));
+            }
+            if let Some(first) = ports.insert(f.port, i) {
+                errors.push(FieldError::new(
+                    format!("{at}.port"),
+                    format!("port {} is taken by spec.frontends[{first}]", f.port),
+                ));
+            }
+            let mut uses = Vec::new();
+            match f.mode {
+                Mode::Tcp => {
+                    if !f.rules.is_empty() {
+                        errors.push(FieldError::new(
+                            format!("{at}.rules"),
+                            "a tcp frontend sends every connection to its backend: it has no rules",
+                        ));
+                    }
+                    if f.backend.is_none() {
+                        errors.push(FieldError::new(format!("{at}.backend"), "a tcp frontend needs its backend"));
+                    }
+                }
+                Mode::Http => {
+                    if f.rules.is_empty() && f.backend.is_none() {
+                        errors.push(FieldError::new(
+                            format!("{at}.backend"),
+                            "an http frontend needs rules or a backend",
+                        ));
+                    }
+                    if f.rules.len() > MAX_RULES {
+                        errors.push(FieldError::new(format!("{at}.rules"), format!("at most {MAX_RULES} rules")));
+                    }
+                    let mut seen: BTreeMap<(Option<String>, Option<&str>), usize> = BTreeMap::new();
+                    for (j, r) in f.rules.iter().enumerate() {
+                        let rat = format!("{at}.rules[{j}]");
+                        if r.host.is_none() && r.path_prefix.is_none() {
+                            errors.push(FieldError::new(rat.clone(), "a rule matches a host, a path_prefix or both"));
+                        }
+                        if let Some(h) = &r.host {
+                            if !is_host(h) {
+                                errors.push(FieldError::new(
+                                    format!("{rat}.host"),
+                                    "a host name (letters, digits, - and .)",
+                                ));
+                            }
+                        }
+                        if let Some(p) = &r.path_prefix {
+                            if !is_path_prefix(p) {
+                                errors.push(FieldError::new(
+                                    format!("{rat}.path_prefix"),
+                                    "a path starting with /, without spaces, quotes or control characters",
+                                ));
+                            }
+                        }
+                        let key = (r.host.as_ref().map(|h| h.to_ascii_lowercase()), r.path_prefix.as_deref());
+                        if let Some(first) = seen.insert(key, j) {
+                            let what = match (&r.host, &r.path_prefix) {
+                                (Some(h), None) => format!("host {h}"),
+                                (None, Some(p)) => format!("path prefix {p}"),
+                                (Some(h), Some(p)) => format!("host {h} and path prefix {p}"),
+                                (None, None) => "nothing".into(),
+                            };
+                            let field =
+                                if r.host.is_some() { format!("{rat}.host") } else { format!("{rat}.path_prefix") };
+                            errors.push(FieldError::new(
+                                field,
+                                format!("two rules for {what}: {at}.rules[{first}] has it"),
+                            ));
+                        }
+                        uses.push((format!("{rat}.backend"), r.backend.as_str()));
+                    }
+                }
+            }
+            if let Some(b) = &f.backend {
+                uses.push((format!("{at}.backend"), b.as_str()));
+            }
+            for (field, b) in uses {
+                if !backends.contains_key(b) {
+                    errors.push(FieldError::new(field, format!("no backend named {b:?} in spec.backends")));
+                    continue;
+                }
+                match used.get(b) {
+                    Some((mode, by)) if *mode != f.mode => errors.push(FieldError::new(
+                        field,
+                        format!(
+                            "backend {b:?} serves a {} frontend ({by}); a {} frontend needs its own",
+                            mode.as_str(),
+                            f.mode.as_str()
+                        ),
+                    )),
+                    Some(_) => {}
+                    None => {
+                        used.insert(b, (f.mode, at.clone()));
+                    }
+                }
+            }
+        }
+        errors
+    }
+}
+
+fn is_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+fn is_path_prefix(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() <= 256
+        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~!$&()*+,;=:@%/-".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(spec: Value) -> Vec<String> {
+        match Spec::from_value(&spec) {
+            Ok(_) => Vec::new(),
+            Err(crate::error::Error::Invalid(e)) => {
+                e.into_iter().map(|f| format!("{}: {}", f.field, f.message)).collect()
+            }
+            Err(other) => vec![other.to_string()],
+        }
+    }
+
+    #[test]
+    fn examples_are_valid() {
+        for e in Router::examples() {
+            assert_eq!(errors(e.clone()), Vec::<String>::new(), "{e}");
+        }
+    }
+
+    #[test]
+    fn bad_specs_name_their_field() {
+        let base = json!({"environment": "prod",
+            "frontends": [{"name": "web", "mode": "http", "port": 8080, "backend": "site",
+                "rules": [{"host": "a.example.com", "backend": "site"}, {"host": "A.example.com", "backend": "api"}]},
+                {"name": "web2", "mode": "http", "port": 8080, "backend": "nope"},
+                {"name": "pg", "mode": "tcp", "port": 9000, "backend": "site", "rules": [{"host": "x", "backend": "site"}]}],
+            "backends": [{"name": "site", "target": {"service": "app"}}, {"name": "api", "target": {"service": "api"}},
+                {"name": "api", "target": {"cluster": "c1"}}]});
+        let got = errors(base);
+        let fields: Vec<&str> = got.iter().map(|e| e.split(':').next().unwrap()).collect();
+        for want in [
+            "spec.backends[2].name",
+            "spec.frontends[0].rules[1].host",
+            "spec.frontends[1].port",
+            "spec.frontends[1].backend",
+            "spec.frontends[2].rules",
+            "spec.frontends[2].backend",
+        ] {
+            assert!(fields.contains(&want), "{want} not in {got:#?}");
+        }
+        assert!(got.iter().any(|e| e.contains("two rules for host A.example.com")), "{got:#?}");
+        assert!(got.iter().any(|e| e.contains("port 8080 is taken by spec.frontends[0]")), "{got:#?}");
+    }
+
+    #[test]
+    fn every_state_and_action_is_decided() {
+        for s in State::ALL {
+            for a in Action::ALL {
+                let _ = next(*s, *a);
+            }
+        }
+        assert!(next(State::Up, Action::Apply).is_ok());
+        assert!(next(State::Stopped, Action::Apply).is_err());
+    }
+}

@@ -1,0 +1,780 @@
+//! Routing: what each router's backends hold, and keeping its load
+//! balancer's configuration in step with it.
+//!
+//! A router's [`RouteTable`] is its applied spec and, for each backend, its
+//! servers: the entries of its service in the discovery registry, or its
+//! cluster's instances. The [`Routing`] keeper renders it again whenever
+//! the registry changes (debounced) and on every observer round, and hands
+//! it to the router's [`Balancer`] (locally a real HAProxy), which
+//! validates the configuration with the load balancer itself before it
+//! loads it. Every configuration that changed what runs, was refused, or
+//! was held is kept as a [`RouterConfig`] version with its diff.
+//!
+//! # Guarantees
+//! - A configuration the balancer refuses is never loaded: the last good
+//!   one keeps serving, and the router is `degraded` with the reason.
+//! - A render that would empty a backend that had servers keeps those
+//!   servers (a *hold*, recorded), unless its target was stopped on
+//!   purpose (a stopped or destroyed service or cluster) or changed.
+//! - A router is rendered by one process at a time (a lock per router) and
+//!   by one replica at a time (the holder of its observation lease); the
+//!   keeper leaves a router alone while a run of it is under way (the run
+//!   renders it itself).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::kinds::router::{self, Spec, Target};
+use crate::kinds::{cluster, service};
+use crate::model::{NewEvent, PageRequest, Resource, ResourceFilter, ResourceKey, Time};
+use crate::ports::{DiscoveryStore, Job, Provider, ProviderError, RunContext, Store};
+
+/// How long the keeper lets a burst of registry changes settle before it
+/// renders: one render for a deploy's enter-then-leave.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// One server of a backend.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Server {
+    /// Unique in its backend: the instance's id (`0-3fa2c1`), or the
+    /// cluster instance's `{cluster}-{index}`.
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+}
+
+/// What a router's balancer is told to serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTable {
+    pub spec: Spec,
+    /// Each backend's servers, by backend name.
+    pub servers: BTreeMap<String, Vec<Server>>,
+}
+
+/// A backend kept as it was instead of being emptied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub backend: String,
+    pub reason: String,
+}
+
+/// What became of a rendered configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Validated and serving.
+    Applied,
+    /// Refused by the balancer's validation; the last good one serves on.
+    Invalid,
+    /// Nothing changed but a backend that would have been emptied was kept.
+    Held,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Invalid => "invalid",
+            Outcome::Held => "held",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Outcome> {
+        match s {
+            "applied" => Some(Outcome::Applied),
+            "invalid" => Some(Outcome::Invalid),
+            "held" => Some(Outcome::Held),
+            _ => None,
+        }
+    }
+}
+
+/// A configuration version to record.
+#[derive(Debug, Clone)]
+pub struct NewRouterConfig {
+    pub router_id: Uuid,
+    pub outcome: Outcome,
+    /// What made drover render: a run's id, `registry` or `observer`.
+    pub by: String,
+    /// The configuration text as the balancer rendered it.
+    pub config: String,
+    pub table: RouteTable,
+    /// A unified diff from the configuration serving before.
+    pub diff: String,
+    /// Why it was refused (`invalid`).
+    pub reason: Option<String>,
+    pub holds: Vec<Hold>,
+    pub at: Time,
+}
+
+/// A recorded configuration version.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouterConfig {
+    pub router_id: Uuid,
+    /// 1, 2, … per router.
+    pub version: i64,
+    pub outcome: Outcome,
+    pub by: String,
+    pub config: String,
+    pub table: RouteTable,
+    pub diff: String,
+    pub reason: Option<String>,
+    pub holds: Vec<Hold>,
+    pub at: Time,
+}
+
+/// Where router configurations are kept.
+#[async_trait]
+pub trait RouterConfigStore: Send + Sync + 'static {
+    /// Records a version (the next number of its router).
+    async fn insert_router_config(&self, c: &NewRouterConfig) -> Result<RouterConfig>;
+    /// Newest first, below `before`.
+    async fn list_router_configs(&self, router: Uuid, before: Option<i64>, limit: u32) -> Result<Vec<RouterConfig>>;
+    async fn router_config(&self, router: Uuid, version: i64) -> Result<Option<RouterConfig>>;
+    /// The newest version, and the newest that was applied.
+    async fn last_router_configs(&self, router: Uuid) -> Result<(Option<RouterConfig>, Option<RouterConfig>)>;
+}
+
+/// Why a balancer did not put a configuration in place.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BalancerError {
+    /// The load balancer's own validation refused it.
+    #[error("the configuration is invalid: {0}")]
+    Invalid(String),
+    #[error("{message}")]
+    Failed { code: String, message: String, retryable: bool },
+}
+
+impl BalancerError {
+    pub fn fatal(code: &str, message: impl Into<String>) -> BalancerError {
+        BalancerError::Failed { code: code.into(), message: message.into(), retryable: false }
+    }
+}
+
+impl From<BalancerError> for ProviderError {
+    fn from(e: BalancerError) -> ProviderError {
+        match e {
+            BalancerError::Invalid(why) => ProviderError::fatal("invalid_config", why),
+            BalancerError::Failed { code, message, retryable: true } => ProviderError::retryable(&code, message),
+            BalancerError::Failed { code, message, .. } => ProviderError::fatal(&code, message),
+        }
+    }
+}
+
+/// A server as the load balancer's own health checks see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerHealth {
+    pub backend: String,
+    pub server: String,
+    /// `UP`, `DOWN`, `MAINT`, … as the balancer says it.
+    pub status: String,
+    /// The last check's result, as the balancer says it (`L7OK`, `L4CON`…).
+    pub check: String,
+}
+
+/// What a balancer sees of itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalancerStatus {
+    pub running: bool,
+    /// Why it is not running, or what is wrong, if it knows.
+    pub problem: Option<String>,
+    pub servers: Vec<ServerHealth>,
+}
+
+/// A load balancer a provider runs for routers.
+#[async_trait]
+pub trait Balancer: Send + Sync + 'static {
+    /// The configuration text for `table` (no side effect).
+    fn render(&self, router: &Resource, table: &RouteTable) -> String;
+
+    /// Validates `config` with the load balancer itself, and puts it in
+    /// place: starts the balancer if it is not running, or reloads it
+    /// without dropping connections. A refused configuration is
+    /// [`BalancerError::Invalid`] and changes nothing.
+    async fn apply(&self, router: &Resource, config: &str) -> Result<(), BalancerError>;
+
+    async fn status(&self, router: &Resource) -> BalancerStatus;
+
+    /// Stops serving; connections in flight finish (bounded).
+    async fn stop(&self, router: &Resource) -> Result<(), BalancerError>;
+
+    /// Stops and removes what the router left on the machine.
+    async fn remove(&self, router: &Resource) -> Result<(), BalancerError>;
+}
+
+/// What [`Routing::render`] did.
+#[derive(Debug, Clone)]
+pub enum Rendered {
+    /// The balancer serves this (new) version.
+    Applied(Box<RouterConfig>),
+    /// Nothing to change: what serves is what the registry says.
+    Unchanged,
+    /// The balancer refused it; the last good configuration serves on.
+    Invalid(String),
+}
+
+/// The routing keeper (see the module's documentation).
+pub struct Routing {
+    store: Arc<dyn Store>,
+    discovery: Arc<dyn DiscoveryStore>,
+    configs: Arc<dyn RouterConfigStore>,
+    balancers: BTreeMap<String, Arc<dyn Balancer>>,
+    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// How each router's last render went, in this process (the renderer
+    /// of a router is the holder of its observation lease, so this is
+    /// where its observer looks).
+    status: Mutex<HashMap<Uuid, RenderStatus>>,
+    /// Wakes the keeper (a router's run ended).
+    wake: Notify,
+    /// The providers whose routers this process keeps (`None`: all).
+    only: Option<Vec<String>>,
+}
+
+/// How a router's last render went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RenderStatus {
+    Serving,
+    Held(Vec<Hold>),
+    Refused { version: i64, reason: String },
+}
+
+impl Routing {
+    pub fn new(
+        store: Arc<dyn Store>,
+        discovery: Arc<dyn DiscoveryStore>,
+        configs: Arc<dyn RouterConfigStore>,
+        balancers: BTreeMap<String, Arc<dyn Balancer>>,
+    ) -> Routing {
+        Routing {
+            store,
+            discovery,
+            configs,
+            balancers,
+            locks: Mutex::default(),
+            status: Mutex::default(),
+            wake: Notify::new(),
+            only: None,
+        }
+    }
+
+    /// Keeps only the routers of these providers (a replica started with
+    /// `--providers`).
+    pub fn only(mut self, providers: Option<Vec<String>>) -> Routing {
+        self.only = providers;
+        self
+    }
+
+    /// The provider names that have a balancer.
+    pub fn providers(&self) -> Vec<String> {
+        self.balancers.keys().cloned().collect()
+    }
+
+    fn balancer(&self, provider: &str) -> std::result::Result<&Arc<dyn Balancer>, BalancerError> {
+        self.balancers
+            .get(provider)
+            .ok_or_else(|| BalancerError::fatal("unknown_provider", format!("no balancer for provider {provider:?}")))
+    }
+
+    fn lock(&self, router: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().expect("not poisoned").entry(router).or_default().clone()
+    }
+
+    /// The configuration versions of a router, newest first.
+    pub async fn configs(&self, router: Uuid, before: Option<i64>, limit: u32) -> Result<Vec<RouterConfig>> {
+        self.configs.list_router_configs(router, before, limit).await
+    }
+
+    pub async fn config(&self, router: Uuid, version: i64) -> Result<Option<RouterConfig>> {
+        self.configs.router_config(router, version).await
+    }
+
+    /// Each backend's servers as drover sees them now, and for each backend
+    /// whose target is stopped on purpose (or gone), why it may be empty.
+    async fn servers(&self, spec: &Spec) -> Result<(BTreeMap<String, Vec<Server>>, BTreeMap<String, String>)> {
+        let mut servers = BTreeMap::new();
+        let mut may_empty = BTreeMap::new();
+        for b in &spec.backends {
+            let found = self.store.get_resource(b.target.kind(), &ResourceKey::parse(b.target.key())).await?;
+            let Some(r) = found else {
+                may_empty.insert(b.name.clone(), format!("{} {} does not exist", b.target.kind(), b.target.key()));
+                servers.insert(b.name.clone(), Vec::new());
+                continue;
+            };
+            let (list, resting) = match &b.target {
+                Target::Service(_) => {
+                    let snap = self.discovery.discovery_snapshot(Some(r.id)).await?;
+                    let list = snap
+                        .entries
+                        .into_iter()
+                        .map(|e| Server {
+                            name: e.entry.instance.clone(),
+                            address: e.entry.address.clone(),
+                            port: e.entry.host_port.unwrap_or(e.entry.port),
+                        })
+                        .collect();
+                    let resting = [service::State::Pending, service::State::Stopping, service::State::Stopped]
+                        .iter()
+                        .map(|s| s.as_str())
+                        .chain([service::State::Destroying.as_str(), service::State::Destroyed.as_str()])
+                        .any(|s| s == r.state);
+                    (list, resting)
+                }
+                Target::Cluster(_) => {
+                    let list = cluster_servers(&r);
+                    let resting = [
+                        cluster::State::Pending,
+                        cluster::State::Stopping,
+                        cluster::State::Down,
+                        cluster::State::Destroying,
+                        cluster::State::Destroyed,
+                    ]
+                    .iter()
+                    .any(|s| s.as_str() == r.state);
+                    (list, resting)
+                }
+            };
+            if resting {
+                may_empty.insert(b.name.clone(), format!("{} {} is {}", b.target.kind(), r.name, r.state));
+            }
+            let mut list: Vec<Server> = list;
+            list.sort();
+            servers.insert(b.name.clone(), list);
+        }
+        Ok((servers, may_empty))
+    }
+
+    /// Renders `router` with `spec` from what the registry holds now and,
+    /// when that differs from what serves (or `force`: a run's), puts it in
+    /// place; records what it did. `by`: a run's id, `registry`, `observer`.
+    pub async fn render(&self, router: &Resource, spec: &Spec, by: &str, force: bool) -> Result<Rendered, RenderError> {
+        let lock = self.lock(router.id);
+        let _held = lock.lock().await;
+        let balancer = self.balancer(&spec.provider)?.clone();
+        let (servers, may_empty) = self.servers(spec).await?;
+        let (last, last_applied) = self.configs.last_router_configs(router.id).await?;
+        let mut table = RouteTable { spec: spec.clone(), servers };
+        let holds = hold(last_applied.as_ref().map(|c| &c.table), &mut table, &may_empty);
+        let serving = last_applied.as_ref().is_some_and(|c| c.table == table);
+        let now = Utc::now();
+        let previous_text = last_applied.as_ref().map(|c| c.config.as_str()).unwrap_or("");
+        if serving && !force {
+            // Only a hold to say, if it is new.
+            let known = last.as_ref().is_some_and(|l| l.holds == holds);
+            if !holds.is_empty() && !known {
+                for h in &holds {
+                    warn!(router = %router.name, backend = %h.backend, reason = %h.reason, "render held");
+                }
+                let config = last_applied.as_ref().map(|c| c.config.clone()).unwrap_or_default();
+                self.record(router, Outcome::Held, by, config, table, String::new(), None, holds.clone(), now).await?;
+            }
+            let status = if holds.is_empty() { RenderStatus::Serving } else { RenderStatus::Held(holds) };
+            self.settle(router, status).await?;
+            return Ok(Rendered::Unchanged);
+        }
+        let config = balancer.render(router, &table);
+        let diff = text_diff(previous_text, &config);
+        match balancer.apply(router, &config).await {
+            Ok(()) => {
+                for h in &holds {
+                    warn!(router = %router.name, backend = %h.backend, reason = %h.reason, "render held");
+                }
+                let status = if holds.is_empty() { RenderStatus::Serving } else { RenderStatus::Held(holds.clone()) };
+                let version = self.record(router, Outcome::Applied, by, config, table, diff, None, holds, now).await?;
+                info!(router = %router.name, version = version.version, by = %by, "router configuration applied");
+                self.settle(router, status).await?;
+                Ok(Rendered::Applied(Box::new(version)))
+            }
+            Err(BalancerError::Invalid(reason)) => {
+                let known = last.as_ref().is_some_and(|l| {
+                    l.outcome == Outcome::Invalid && l.reason.as_deref() == Some(&reason) && l.table == table
+                });
+                let version = match (known, last) {
+                    (true, Some(l)) => l.version,
+                    _ => {
+                        warn!(router = %router.name, reason = %reason, "router configuration refused; the last good one serves on");
+                        self.record(router, Outcome::Invalid, by, config, table, diff, Some(reason.clone()), holds, now)
+                            .await?
+                            .version
+                    }
+                };
+                self.settle(router, RenderStatus::Refused { version, reason: reason.clone() }).await?;
+                Ok(Rendered::Invalid(reason))
+            }
+            Err(e) => Err(RenderError::Balancer(e)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record(
+        &self,
+        router: &Resource,
+        outcome: Outcome,
+        by: &str,
+        config: String,
+        table: RouteTable,
+        diff: String,
+        reason: Option<String>,
+        holds: Vec<Hold>,
+        at: Time,
+    ) -> Result<RouterConfig> {
+        let c = NewRouterConfig {
+            router_id: router.id,
+            outcome,
+            by: by.to_string(),
+            config,
+            table,
+            diff,
+            reason,
+            holds,
+            at,
+        };
+        self.configs.insert_router_config(&c).await
+    }
+
+    /// Keeps how the render went, and shows it in the router's view.
+    async fn settle(&self, router: &Resource, status: RenderStatus) -> Result<()> {
+        self.status.lock().expect("not poisoned").insert(router.id, status);
+        let seen = self.observation(router).await;
+        if router.observed.as_ref() != Some(&seen) {
+            self.store.set_observed(router.id, &seen).await?;
+        }
+        Ok(())
+    }
+
+    /// What the router's view shows of it: whether it serves, the last
+    /// configuration's outcome, and its servers as the balancer sees them.
+    pub async fn observation(&self, router: &Resource) -> Value {
+        let Ok(spec) = Spec::from_value(router.applied_spec.as_ref().unwrap_or(&router.spec)) else {
+            return json!({ "healthy": false, "status": "unknown", "summary": "the router's spec is invalid" });
+        };
+        let Ok(balancer) = self.balancer(&spec.provider) else {
+            return json!({ "healthy": false, "status": "unknown", "summary": "no balancer for its provider" });
+        };
+        let status = balancer.status(router).await;
+        let (last, applied) = self.configs.last_router_configs(router.id).await.unwrap_or_default();
+        // How the last render went: as this process saw it, or (after a
+        // restart, before its first render) as the last version says.
+        let render =
+            self.status.lock().expect("not poisoned").get(&router.id).cloned().unwrap_or_else(|| match &last {
+                Some(l) if l.outcome == Outcome::Invalid => {
+                    RenderStatus::Refused { version: l.version, reason: l.reason.clone().unwrap_or_default() }
+                }
+                Some(l) if !l.holds.is_empty() => RenderStatus::Held(l.holds.clone()),
+                _ => RenderStatus::Serving,
+            });
+        let should_run = router.state == router::State::Up.as_str();
+        let (state, summary) = match (render, status.running) {
+            (_, false) if should_run => {
+                ("down", format!("the load balancer is not running: {}", status.problem.clone().unwrap_or_default()))
+            }
+            (_, false) => ("stopped", "not serving".to_string()),
+            (RenderStatus::Refused { version, reason }, true) => (
+                "degraded",
+                format!(
+                    "configuration version {version} was refused: {reason}; version {} serves on",
+                    applied.as_ref().map(|a| a.version).unwrap_or(0)
+                ),
+            ),
+            (RenderStatus::Held(holds), true) => (
+                "held",
+                format!("serving, holding: {}", holds.iter().map(|h| h.reason.as_str()).collect::<Vec<_>>().join("; ")),
+            ),
+            (RenderStatus::Serving, true) => ("serving", "serving".to_string()),
+        };
+        let down: Vec<&ServerHealth> = status.servers.iter().filter(|s| s.status != "UP").collect();
+        json!({
+            "healthy": matches!(state, "serving" | "held" | "stopped"),
+            "status": state,
+            "summary": summary,
+            "config_version": applied.as_ref().map(|a| a.version),
+            "servers": status.servers,
+            "servers_not_up": down.len(),
+        })
+    }
+
+    /// One round: renders every `up` router this replica holds the lease
+    /// of and no run is working on.
+    pub async fn keep_all(&self, worker: &str, lease_for: Duration, by: &str) {
+        let mut after = None;
+        loop {
+            let page = match self
+                .store
+                .list_resources(router::KIND, &ResourceFilter::default(), PageRequest { after, limit: 200 })
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "routing keeper could not list routers");
+                    return;
+                }
+            };
+            for r in &page {
+                self.keep(r, worker, lease_for, by).await;
+            }
+            match page.last() {
+                Some(last) if page.len() == 200 => after = Some(last.id),
+                _ => break,
+            }
+        }
+    }
+
+    async fn keep(&self, r: &Resource, worker: &str, lease_for: Duration, by: &str) {
+        if r.state != router::State::Up.as_str() {
+            return;
+        }
+        let Some(applied) = r.applied_spec.as_ref() else { return };
+        let provider = r.kind.provider_of(applied);
+        if self.only.as_ref().is_some_and(|only| !only.contains(&provider)) {
+            return;
+        }
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::MAX);
+        let result: Result<(), RenderError> = async {
+            if !self.store.lease_observation(r.id, worker, now, until).await? {
+                return Ok(());
+            }
+            if self.store.active_run(r.id).await?.is_some() {
+                return Ok(());
+            }
+            let spec = Spec::from_value(applied)?;
+            self.render(r, &spec, by, false).await.map(|_| ())
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(router = %r.name, error = %e, "could not render the router");
+        }
+    }
+
+    /// Wakes the keeper at once (a router's run ended).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Renders on every registry change (debounced), when woken, and every
+    /// `every`, until `stop`.
+    pub async fn run(self: Arc<Self>, worker: String, every: Duration, mut stop: watch::Receiver<bool>) {
+        let mut ticks = self.discovery.discovery_watch();
+        loop {
+            let by = tokio::select! {
+                r = ticks.changed() => match r { Ok(()) => "registry", Err(_) => return },
+                _ = self.wake.notified() => "registry",
+                _ = tokio::time::sleep(every) => "observer",
+                _ = stop.changed() => return,
+            };
+            if *stop.borrow() {
+                return;
+            }
+            tokio::time::sleep(DEBOUNCE).await;
+            ticks.borrow_and_update();
+            self.keep_all(&worker, every * 2, by).await;
+        }
+    }
+}
+
+/// Why a render could not be done at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error(transparent)]
+    Store(#[from] Error),
+    #[error(transparent)]
+    Balancer(#[from] BalancerError),
+}
+
+impl From<RenderError> for ProviderError {
+    fn from(e: RenderError) -> ProviderError {
+        match e {
+            RenderError::Store(e @ Error::Store { .. }) => ProviderError::retryable("store_unavailable", e.to_string()),
+            RenderError::Store(e) => ProviderError::fatal("render_failed", e.to_string()),
+            RenderError::Balancer(b) => b.into(),
+        }
+    }
+}
+
+/// A local cluster's instances, from its outputs.
+fn cluster_servers(r: &Resource) -> Vec<Server> {
+    r.outputs["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            let index = i["index"].as_u64()?;
+            let port = u16::try_from(i["port"].as_u64()?).ok()?;
+            let address = i["address"].as_str().unwrap_or("127.0.0.1").to_string();
+            Some(Server { name: format!("{}-{index}", r.name), address, port })
+        })
+        .collect()
+}
+
+/// Keeps the servers of each backend `next` would empty that had servers
+/// in `applied`, the same target, and no reason to be empty; returns what
+/// it kept, with why.
+pub fn hold(applied: Option<&RouteTable>, next: &mut RouteTable, may_empty: &BTreeMap<String, String>) -> Vec<Hold> {
+    let Some(applied) = applied else { return Vec::new() };
+    let mut holds = Vec::new();
+    for b in &next.spec.backends {
+        let empty = next.servers.get(&b.name).is_none_or(|s| s.is_empty());
+        let before = applied.spec.backends.iter().find(|a| a.name == b.name);
+        let had = applied.servers.get(&b.name).filter(|s| !s.is_empty());
+        let (Some(before), Some(had)) = (before, had) else { continue };
+        if !empty || before.target != b.target || may_empty.contains_key(&b.name) {
+            continue;
+        }
+        holds.push(Hold {
+            backend: b.name.clone(),
+            reason: format!(
+                "backend {} would be emptied ({} {} has no servers, and was not stopped): its {} server(s) are kept",
+                b.name,
+                b.target.kind(),
+                b.target.key(),
+                had.len()
+            ),
+        });
+        next.servers.insert(b.name.clone(), had.clone());
+    }
+    holds
+}
+
+/// A unified diff of two configurations (empty when equal).
+pub fn text_diff(from: &str, to: &str) -> String {
+    if from == to {
+        return String::new();
+    }
+    similar::TextDiff::from_lines(from, to).unified_diff().context_radius(2).header("serving", "rendered").to_string()
+}
+
+/// The router kind's runs, on a provider that has a [`Balancer`]: they
+/// render through the keeper (so their configurations are versions like
+/// any other) and start, stop or remove the balancer.
+pub struct RouterRuns {
+    pub routing: Arc<Routing>,
+}
+
+#[async_trait]
+impl Provider for RouterRuns {
+    async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+        let spec = Spec::from_value(&job.resource.spec)
+            .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e}")))?;
+        let balancer = self.routing.balancer(&spec.provider)?.clone();
+        let result = match job.action.as_str() {
+            "create" | "apply" | "start" => {
+                let by = job.run_id.to_string();
+                match self.routing.render(&job.resource, &spec, &by, true).await? {
+                    Rendered::Applied(c) => {
+                        let holds = c.holds.iter().map(|h| h.reason.as_str()).collect::<Vec<_>>().join("; ");
+                        let servers: usize = c.table.servers.values().map(Vec::len).sum();
+                        let mut msg = format!("configuration version {} serving, {servers} server(s)", c.version);
+                        if !holds.is_empty() {
+                            msg.push_str(&format!("; held: {holds}"));
+                        }
+                        ctx.event(NewEvent::info("config", msg).with_data(json!({ "version": c.version }))).await;
+                        Ok(outputs(&spec, Some(c.version)))
+                    }
+                    Rendered::Unchanged => Ok(outputs(&spec, None)),
+                    Rendered::Invalid(reason) => Err(ProviderError::fatal(
+                        "invalid_config",
+                        format!("the load balancer refused the configuration: {reason}"),
+                    )),
+                }
+            }
+            "stop" => {
+                balancer.stop(&job.resource).await?;
+                ctx.event(NewEvent::info("stop", "the load balancer stopped")).await;
+                Ok(json!({ "frontends": [] }))
+            }
+            "destroy" => {
+                balancer.remove(&job.resource).await?;
+                ctx.event(NewEvent::info("destroy", "the load balancer stopped and its files removed")).await;
+                Ok(json!({ "frontends": [] }))
+            }
+            other => Err(ProviderError::fatal("unsupported_action", format!("routers cannot {other}"))),
+        };
+        self.routing.wake();
+        result
+    }
+
+    fn observes(&self) -> bool {
+        true
+    }
+
+    async fn observe(&self, resource: &Resource) -> Option<Value> {
+        Some(self.routing.observation(resource).await)
+    }
+}
+
+/// A router's outputs: where its frontends listen.
+fn outputs(spec: &Spec, version: Option<i64>) -> Value {
+    let host = match spec.address.contains(':') {
+        true => format!("[{}]", spec.address),
+        false => spec.address.clone(),
+    };
+    let frontends: Vec<Value> = spec
+        .frontends
+        .iter()
+        .map(|f| {
+            let url = match f.mode {
+                router::Mode::Http => format!("http://{host}:{}", f.port),
+                router::Mode::Tcp => format!("tcp://{host}:{}", f.port),
+            };
+            json!({ "name": f.name, "mode": f.mode, "port": f.port, "url": url })
+        })
+        .collect();
+    json!({ "frontends": frontends, "config_version": version })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(servers: &[(&str, usize)]) -> RouteTable {
+        let spec = Spec::from_value(&json!({"environment": "prod",
+            "frontends": [{"name": "web", "mode": "http", "port": 8080, "backend": "site"}],
+            "backends": [{"name": "site", "target": {"service": "app"}}, {"name": "api", "target": {"service": "api"}}]}))
+        .unwrap();
+        let servers = servers
+            .iter()
+            .map(|(b, n)| {
+                let list = (0..*n)
+                    .map(|i| Server { name: format!("{i}-x"), address: "127.0.0.1".into(), port: 9000 + i as u16 })
+                    .collect();
+                (b.to_string(), list)
+            })
+            .collect();
+        RouteTable { spec, servers }
+    }
+
+    #[test]
+    fn a_render_that_would_empty_a_backend_keeps_its_servers() {
+        let applied = table(&[("site", 2), ("api", 1)]);
+        let mut next = table(&[("site", 0), ("api", 0)]);
+        let may_empty = BTreeMap::from([("api".to_string(), "service api is stopped".to_string())]);
+        let holds = hold(Some(&applied), &mut next, &may_empty);
+        assert_eq!(holds.len(), 1, "{holds:?}");
+        assert_eq!(holds[0].backend, "site");
+        assert_eq!(next.servers["site"], applied.servers["site"], "kept");
+        assert!(next.servers["api"].is_empty(), "a stopped service's backend empties");
+        // Nothing before: nothing to hold.
+        let mut fresh = table(&[("site", 0)]);
+        assert!(hold(None, &mut fresh, &BTreeMap::new()).is_empty());
+        // Another target: a swap, not a loss.
+        let mut moved = table(&[("site", 0), ("api", 1)]);
+        moved.spec.backends[0].target = Target::Service("app-green".into());
+        assert!(hold(Some(&applied), &mut moved, &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn diffs_say_what_changed() {
+        assert_eq!(text_diff("a\nb\n", "a\nb\n"), "");
+        let d = text_diff("a\nb\n", "a\nc\n");
+        assert!(d.contains("-b\n") && d.contains("+c\n"), "{d}");
+    }
+}
