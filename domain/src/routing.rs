@@ -35,7 +35,6 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::kinds::router::{self, Spec, Target};
-use crate::kinds::{cluster, service};
 use crate::model::{NewEvent, PageRequest, Resource, ResourceFilter, ResourceKey, Time};
 use crate::ports::{DiscoveryStore, Job, Provider, ProviderError, RunContext, Store};
 
@@ -182,6 +181,14 @@ pub struct ServerHealth {
     pub check: String,
 }
 
+/// Requests through a backend, and how many of them failed (5xx answers
+/// and broken responses; for TCP, failed connections and responses).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub requests: u64,
+    pub failed: u64,
+}
+
 /// What a balancer sees of itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalancerStatus {
@@ -204,6 +211,10 @@ pub trait Balancer: Send + Sync + 'static {
     async fn apply(&self, router: &Resource, config: &str) -> Result<(), BalancerError>;
 
     async fn status(&self, router: &Resource) -> BalancerStatus;
+
+    /// A backend's request counters since the balancer started (a reload
+    /// starts them again): `None` when it cannot say.
+    async fn counters(&self, router: &Resource, backend: &str) -> Option<Counters>;
 
     /// Stops serving; connections in flight finish (bounded).
     async fn stop(&self, router: &Resource) -> Result<(), BalancerError>;
@@ -304,53 +315,43 @@ impl Routing {
         let mut servers = BTreeMap::new();
         let mut may_empty = BTreeMap::new();
         for b in &spec.backends {
-            let found = self.store.get_resource(b.target.kind(), &ResourceKey::parse(b.target.key())).await?;
-            let Some(r) = found else {
-                may_empty.insert(b.name.clone(), format!("{} {} does not exist", b.target.kind(), b.target.key()));
-                servers.insert(b.name.clone(), Vec::new());
-                continue;
-            };
-            let (list, resting) = match &b.target {
-                Target::Service(_) => {
-                    let snap = self.discovery.discovery_snapshot(Some(r.id)).await?;
-                    let list = snap
-                        .entries
-                        .into_iter()
-                        .map(|e| Server {
-                            name: e.entry.instance.clone(),
-                            address: e.entry.address.clone(),
-                            port: e.entry.host_port.unwrap_or(e.entry.port),
-                        })
-                        .collect();
-                    let resting = [service::State::Pending, service::State::Stopping, service::State::Stopped]
-                        .iter()
-                        .map(|s| s.as_str())
-                        .chain([service::State::Destroying.as_str(), service::State::Destroyed.as_str()])
-                        .any(|s| s == r.state);
-                    (list, resting)
-                }
-                Target::Cluster(_) => {
-                    let list = cluster_servers(&r);
-                    let resting = [
-                        cluster::State::Pending,
-                        cluster::State::Stopping,
-                        cluster::State::Down,
-                        cluster::State::Destroying,
-                        cluster::State::Destroyed,
-                    ]
-                    .iter()
-                    .any(|s| s.as_str() == r.state);
-                    (list, resting)
-                }
-            };
-            if resting {
-                may_empty.insert(b.name.clone(), format!("{} {} is {}", b.target.kind(), r.name, r.state));
+            let seen = self.target(&b.target).await?;
+            if let Some(why) = seen.resting {
+                may_empty.insert(b.name.clone(), why);
             }
-            let mut list: Vec<Server> = list;
-            list.sort();
-            servers.insert(b.name.clone(), list);
+            servers.insert(b.name.clone(), seen.servers);
         }
         Ok((servers, may_empty))
+    }
+
+    /// A target's servers as drover sees them now, and whether it rests on
+    /// purpose (stopped, destroyed, gone: why).
+    async fn target(&self, target: &Target) -> Result<TargetSeen> {
+        let found = self.store.get_resource(target.kind(), &ResourceKey::parse(target.key())).await?;
+        let Some(r) = found else {
+            let why = format!("{} {} does not exist", target.kind(), target.key());
+            return Ok(TargetSeen { servers: Vec::new(), resting: Some(why), state: None });
+        };
+        let (mut servers, resting_states): (Vec<Server>, &[&str]) = match target {
+            Target::Service(_) => {
+                let snap = self.discovery.discovery_snapshot(Some(r.id)).await?;
+                let list = snap
+                    .entries
+                    .into_iter()
+                    .map(|e| Server {
+                        name: e.entry.instance.clone(),
+                        address: e.entry.address.clone(),
+                        port: e.entry.host_port.unwrap_or(e.entry.port),
+                    })
+                    .collect();
+                (list, &["pending", "stopping", "stopped", "destroying", "destroyed"])
+            }
+            Target::Cluster(_) => (cluster_servers(&r), &["pending", "stopping", "down", "destroying", "destroyed"]),
+        };
+        servers.sort();
+        let resting =
+            resting_states.contains(&r.state.as_str()).then(|| format!("{} {} is {}", r.kind, r.name, r.state));
+        Ok(TargetSeen { servers, resting, state: Some(r.state) })
     }
 
     /// Renders `router` with `spec` from what the registry holds now and,
@@ -581,6 +582,15 @@ impl Routing {
     }
 }
 
+/// A target as drover sees it.
+struct TargetSeen {
+    servers: Vec<Server>,
+    /// Why it may be empty: stopped on purpose, or gone.
+    resting: Option<String>,
+    /// Its resource's state (`None`: it does not exist).
+    state: Option<String>,
+}
+
 /// Why a render could not be done at all.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -677,15 +687,16 @@ impl Provider for RouterRuns {
                             msg.push_str(&format!("; held: {holds}"));
                         }
                         ctx.event(NewEvent::info("config", msg).with_data(json!({ "version": c.version }))).await;
-                        Ok(outputs(&spec, Some(c.version)))
+                        Ok(keeping_swaps(outputs(&spec, Some(c.version)), job))
                     }
-                    Rendered::Unchanged => Ok(outputs(&spec, None)),
+                    Rendered::Unchanged => Ok(keeping_swaps(outputs(&spec, None), job)),
                     Rendered::Invalid(reason) => Err(ProviderError::fatal(
                         "invalid_config",
                         format!("the load balancer refused the configuration: {reason}"),
                     )),
                 }
             }
+            "swap" | "swap-back" => self.swap(ctx, job, &spec, balancer.as_ref()).await,
             "stop" => {
                 balancer.stop(&job.resource).await?;
                 ctx.event(NewEvent::info("stop", "the load balancer stopped")).await;
@@ -709,6 +720,186 @@ impl Provider for RouterRuns {
     async fn observe(&self, resource: &Resource) -> Option<Value> {
         Some(self.routing.observation(resource).await)
     }
+}
+
+/// How often a swap looks at the load balancer's checks and counters.
+const LOOK_EVERY: Duration = Duration::from_millis(100);
+/// Fewer requests than this in the verify window say nothing of an error
+/// rate: the guard needs at least these many to swap back.
+const GUARD_MIN_REQUESTS: u64 = 10;
+
+impl RouterRuns {
+    /// `swap` and `swap-back`: the new target must be up, then every one of
+    /// its servers pass the balancer's own checks (a shadow backend that
+    /// no frontend routes to), then traffic moves, then the guard watches
+    /// the error rate and moves it back when it crosses the threshold. A
+    /// second attempt (a crash, a lost lease) goes through the same steps:
+    /// it finishes the swap, or swaps back.
+    async fn swap(
+        &self,
+        ctx: &dyn RunContext,
+        job: &Job,
+        spec: &Spec,
+        balancer: &dyn Balancer,
+    ) -> Result<Value, ProviderError> {
+        let router = &job.resource;
+        let by = job.run_id.to_string();
+        let m: router::Move = serde_json::from_value(job.params.clone())
+            .map_err(|e| ProviderError::fatal("invalid_params", format!("the run's parameters are invalid: {e}")))?;
+        let Some(backend) = spec.backends.iter().find(|b| b.name == m.backend) else {
+            return Err(ProviderError::fatal("no_backend", format!("the router has no backend {:?}", m.backend)));
+        };
+        let from = backend.target.clone();
+        let what = |t: &Target| format!("{} {}", t.kind(), t.key());
+        let after = router::KIND
+            .spec_after_success(&job.action, &job.params, &job.resource.spec)
+            .and_then(|v| Spec::from_value(&v).ok())
+            .ok_or_else(|| ProviderError::fatal("invalid_params", "the swap's parameters leave no valid spec"))?;
+
+        // 1. The new target is up, with servers, as drover sees it.
+        let seen = self.routing.target(&m.to).await.map_err(RenderError::from)?;
+        let up = matches!(seen.state.as_deref(), Some("running" | "up"));
+        if !up || seen.servers.is_empty() {
+            let state = seen.state.unwrap_or_else(|| "missing".into());
+            return Err(ProviderError::fatal(
+                "target_not_ready",
+                format!(
+                    "{} is {state} with {} server(s): traffic stays on {}",
+                    what(&m.to),
+                    seen.servers.len(),
+                    what(&from)
+                ),
+            ));
+        }
+        ctx.event(NewEvent::info(
+            "gate",
+            format!("{} is {} with {} server(s)", what(&m.to), seen.state.unwrap_or_default(), seen.servers.len()),
+        ))
+        .await;
+
+        // 2. Every server of it passes the balancer's own health checks.
+        let shadow_name = router::shadow_name(&m.backend);
+        let mut shadowed = spec.clone();
+        shadowed.backends.push(router::Backend {
+            name: shadow_name.clone(),
+            target: m.to.clone(),
+            check: Some(spec.check_of(backend)),
+            standby: None,
+            keep_until: None,
+        });
+        self.render_or_fail(router, &shadowed, &by).await?;
+        let gate = Duration::from_secs(m.health_timeout_secs);
+        let deadline = tokio::time::Instant::now() + gate;
+        loop {
+            ctx.check_cancel()?;
+            let status = balancer.status(router).await;
+            let shadow: Vec<&ServerHealth> = status.servers.iter().filter(|s| s.backend == shadow_name).collect();
+            let down: Vec<String> = shadow
+                .iter()
+                .filter(|s| s.status != "UP")
+                .map(|s| format!("{} {} ({})", s.server, s.status, s.check))
+                .collect();
+            if !shadow.is_empty() && down.is_empty() {
+                let msg =
+                    format!("the load balancer's own checks pass on all {} server(s) of {}", shadow.len(), what(&m.to));
+                ctx.event(NewEvent::info("gate", msg)).await;
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.render_or_fail(router, spec, &by).await?;
+                return Err(ProviderError::fatal(
+                    "target_unhealthy",
+                    format!(
+                        "not every server of {} passes the load balancer's health check after {}s: {}; traffic stays on {}",
+                        what(&m.to),
+                        gate.as_secs(),
+                        if down.is_empty() { "none seen yet".to_string() } else { down.join(", ") },
+                        what(&from)
+                    ),
+                ));
+            }
+            tokio::time::sleep(LOOK_EVERY).await;
+        }
+
+        // 3. Traffic moves.
+        let moved_at = Utc::now();
+        self.render_or_fail(router, &after, &by).await?;
+        let before = balancer.counters(router, &m.backend).await.unwrap_or_default();
+        ctx.event(
+            NewEvent::info(
+                "traffic",
+                format!("backend {}'s traffic moved from {} to {}", m.backend, what(&from), what(&m.to)),
+            )
+            .with_data(json!({ "from": from, "to": m.to, "at": moved_at })),
+        )
+        .await;
+
+        // 4. The guard.
+        let verify = Duration::from_secs(m.verify_secs);
+        let until = tokio::time::Instant::now() + verify;
+        let mut last = Counters::default();
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(LOOK_EVERY.min(verify)).await;
+            let now = balancer.counters(router, &m.backend).await.unwrap_or(last);
+            last = Counters {
+                requests: now.requests.saturating_sub(before.requests),
+                failed: now.failed.saturating_sub(before.failed),
+            };
+            let rate = last.failed as f64 / last.requests.max(1) as f64;
+            let crossed = last.requests >= GUARD_MIN_REQUESTS && rate > m.max_error_rate;
+            if crossed || ctx.cancel_requested() {
+                self.render_or_fail(router, spec, &by).await?;
+                let back = format!("traffic is back on {}", what(&from));
+                ctx.event(NewEvent::info("traffic", back.clone()).with_level(crate::model::Level::Warn)).await;
+                if !crossed {
+                    return Err(ProviderError::Cancelled);
+                }
+                return Err(ProviderError::fatal(
+                    "swapped_back",
+                    format!(
+                        "{} of {} requests through backend {} failed after the swap to {} ({:.1}%, more than {:.1}%): {back}",
+                        last.failed,
+                        last.requests,
+                        m.backend,
+                        what(&m.to),
+                        rate * 100.0,
+                        m.max_error_rate * 100.0
+                    ),
+                )
+                .with_detail(json!({ "requests": last.requests, "failed": last.failed, "swapped_back_at": Utc::now() })));
+            }
+        }
+        let msg = format!(
+            "verified for {}s: {} of {} requests failed through backend {}",
+            m.verify_secs, last.failed, last.requests, m.backend
+        );
+        ctx.event(NewEvent::info("verify", msg)).await;
+        let mut out = outputs(&after, None);
+        let mut swaps = job.resource.outputs.get("swaps").cloned().unwrap_or_else(|| json!({}));
+        swaps[&m.backend] = json!({ "run": job.run_id, "action": job.action, "from": from, "to": m.to,
+            "moved_at": moved_at, "undoes": m.undoes, "requests": last.requests, "failed": last.failed });
+        out["swaps"] = swaps;
+        Ok(out)
+    }
+
+    /// Renders `spec` through the keeper; a refusal is the run's failure.
+    async fn render_or_fail(&self, router: &Resource, spec: &Spec, by: &str) -> Result<(), ProviderError> {
+        match self.routing.render(router, spec, by, true).await? {
+            Rendered::Applied(_) | Rendered::Unchanged => Ok(()),
+            Rendered::Invalid(reason) => Err(ProviderError::fatal(
+                "invalid_config",
+                format!("the load balancer refused the configuration: {reason}"),
+            )),
+        }
+    }
+}
+
+/// Outputs that keep the record of the last swap of each backend.
+fn keeping_swaps(mut out: Value, job: &Job) -> Value {
+    if let Some(swaps) = job.resource.outputs.get("swaps") {
+        out["swaps"] = swaps.clone();
+    }
+    out
 }
 
 /// A router's outputs: where its frontends listen.

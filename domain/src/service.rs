@@ -452,6 +452,34 @@ impl Service {
         Ok(users)
     }
 
+    /// The live resources that refuse `action` on `target` now
+    /// ([`Kind::guards`]), each with what it guards. A `scale` that takes no
+    /// instance away (to as many or more) is refused by nothing.
+    async fn guarding(&self, target: &Resource, action: &str, params: &Value) -> Result<Vec<String>> {
+        let count = |v: &Value| v.get("count").and_then(Value::as_u64);
+        if action == "scale" && count(params) >= count(&target.spec) {
+            return Ok(Vec::new());
+        }
+        let id = target.id.to_string();
+        let now = chrono::Utc::now();
+        let mut out = Vec::new();
+        for kind in Kind::all().filter(|k| k.has_guards()) {
+            let applies = |g: &crate::kinds::Guard| {
+                g.kind == target.kind
+                    && (g.key == target.name || g.key == id)
+                    && g.actions.contains(&action)
+                    && g.until.is_none_or(|u| u > now)
+            };
+            for r in live_where(self.store.as_ref(), kind, |r| kind.guards(&r.spec).iter().any(applies)).await? {
+                for g in kind.guards(&r.spec).iter().filter(|g| applies(g)) {
+                    let until = g.until.map(|u| format!(" until {}", u.to_rfc3339())).unwrap_or_default();
+                    out.push(format!("{kind}/{} ({}{until})", r.name, g.why));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Applies a JSON merge patch (RFC 7396) to the spec, as a new spec
     /// version. `if_match` is the spec version the caller last read (412
     /// otherwise); a patch that changes nothing writes no version.
@@ -647,6 +675,10 @@ impl Service {
             if !users.is_empty() {
                 return Err(Error::InUse { kind: kind.as_str(), name: resource.name, action, users });
             }
+        }
+        let guards = self.guarding(&resource, &action, &params).await?;
+        if !guards.is_empty() {
+            return Err(Error::InUse { kind: kind.as_str(), name: resource.name, action, users: guards });
         }
         let timeout = kind.timeout_secs(&resource.spec, &action);
         let settings = match kind.takes_settings(&action) {

@@ -15,12 +15,18 @@ fn body_for(operation: &str) -> Option<Value> {
         "create_cluster" => json!({"name": "walk-cluster", "spec": {"image": "walk", "count": 1}}),
         "create_service" => json!({"name": "walk-service", "spec": {"cluster": "walk", "image": "walk", "count": 1}}),
         "create_job" => json!({"name": "walk-job", "spec": {"cluster": "walk", "command": "true"}}),
+        "create_router" => json!({"name": "walk-router", "spec": {"environment": "walk",
+            "frontends": [{"name": "web", "mode": "http", "port": 18_099, "backend": "b"}],
+            "backends": [{"name": "b", "target": {"service": "walk"}}]}}),
         "create_user" => json!({"name": "walk-user", "spec": {"roles": []}}),
         "create_role" => json!({"name": "walk-role", "spec": {"permissions": []}}),
         "create_environment" => json!({"name": "walk-env", "spec": {"description": "walked"}}),
         op if op.starts_with("patch_") => json!({"spec": {}}),
         "request_image_transition" => json!({"action": "destroy"}),
-        "request_cluster_transition" | "request_service_transition" | "request_job_transition" => {
+        "request_cluster_transition"
+        | "request_service_transition"
+        | "request_job_transition"
+        | "request_router_transition" => {
             json!({"action": "destroy"})
         }
         "request_user_transition" | "request_role_transition" | "request_environment_transition" => {
@@ -53,6 +59,9 @@ async fn every_route_demands_its_permission() {
     app.post("/v1/jobs", json!({"name": "walk", "spec": {"cluster": "walk", "command": "true"}})).await;
     app.post("/v1/roles", json!({"name": "walk", "spec": {"permissions": []}})).await;
     app.post("/v1/environments", json!({"name": "walk", "spec": {}})).await;
+    let router = json!({"environment": "walk", "frontends": [{"name": "web", "mode": "http", "port": 18_098, "backend": "b"}],
+        "backends": [{"name": "b", "target": {"service": "walk"}}]});
+    assert_eq!(app.post("/v1/routers", json!({"name": "walk", "spec": router})).await.status, StatusCode::CREATED);
     app.send(&app.client, "PUT", "/v1/settings/global/WALK", Some(json!({"value": "1"}))).await;
     let nobody = app.user_with_roles("nobody", &[]).await;
     let viewer = app.user_with_roles("a-viewer", &["viewer"]).await;

@@ -365,3 +365,189 @@ async fn a_refused_render_keeps_the_last_good_config_and_an_emptying_render_is_h
     assert_eq!(get(url.clone()).await, Some(StatusCode::SERVICE_UNAVAILABLE));
     assert_eq!(router_until(&app, "edge", |r| r["observed"]["status"] == "serving").await["observed"]["healthy"], true);
 }
+
+/// A cluster `name` of two instances of image `web`'s current build, whose
+/// instances pass a TCP check (what HAProxy thinks is its own business).
+async fn cluster_of(app: &TestApp, name: &str, image: &str) {
+    let spec = json!({"image": image, "count": 2, "environment": "prod", "health_check": {"type": "tcp"}});
+    let r = app.post("/v1/clusters", json!({"name": name, "spec": spec})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let run = app.run("cluster", name, json!({"action": "create"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+}
+
+/// Blue/green with swap-back: a swap moves traffic only once HAProxy's own
+/// checks pass on every server of the new cluster, fails no request, keeps
+/// the old cluster warm as the standby; swap-back is one call that undoes
+/// it. A target HAProxy finds unhealthy never gets traffic, and one whose
+/// requests fail after the move is swapped back by the guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_swaps_gate_on_haproxys_checks_and_swap_back_by_hand_or_by_the_guard() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let image = |name: &str, start: &str| json!({"name": name, "spec": {"build_command": "echo $DROVER_RUN_ID > index.html", "start_command": start}});
+    let serve = "exec python3 -m http.server $PORT --bind 127.0.0.1";
+    assert_eq!(app.post("/v1/images", image("web", serve)).await.status, StatusCode::CREATED);
+    assert_eq!(app.post("/v1/environments", json!({"name": "prod", "spec": {}})).await.status, StatusCode::CREATED);
+    let blue = app.run("image", "web", json!({"action": "build"})).await["id"].as_str().unwrap().to_string();
+    cluster_of(&app, "blue", "web").await;
+    let green = app.run("image", "web", json!({"action": "build"})).await["id"].as_str().unwrap().to_string();
+    cluster_of(&app, "green", "web").await;
+    // Answers its health check (GET /index.html) and fails every other request.
+    let failing = r#"exec python3 -c 'import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.path == "/index.html"
+        self.send_response(200 if ok else 500); self.send_header("content-length", "2"); self.end_headers()
+        self.wfile.write(b"ok" if ok else b"no")
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()'"#;
+    assert_eq!(app.post("/v1/images", image("fails", failing)).await.status, StatusCode::CREATED);
+    assert_eq!(app.run("image", "fails", json!({"action": "build"})).await["status"], "succeeded");
+    cluster_of(&app, "bad", "fails").await;
+    // Serves nothing HAProxy's check asks for (404).
+    let empty = "mkdir -p empty && exec python3 -m http.server $PORT --bind 127.0.0.1 --directory empty";
+    assert_eq!(app.post("/v1/images", image("empty", empty)).await.status, StatusCode::CREATED);
+    assert_eq!(app.run("image", "empty", json!({"action": "build"})).await["status"], "succeeded");
+    cluster_of(&app, "hollow", "empty").await;
+
+    let port = free_port();
+    let spec = json!({"environment": "prod",
+        "frontends": [{"name": "web", "mode": "http", "port": port, "backend": "site"}],
+        "backends": [{"name": "site", "target": {"cluster": "blue"}, "check": {"type": "http", "path": "/index.html"}}]});
+    assert_eq!(app.post("/v1/routers", json!({"name": "edge", "spec": spec})).await.status, StatusCode::CREATED);
+    assert_eq!(app.run("router", "edge", json!({"action": "create"})).await["status"], "succeeded");
+    let url = format!("http://127.0.0.1:{port}/");
+    assert_eq!(reqwest::get(&url).await.unwrap().text().await.unwrap().trim(), blue);
+
+    // Bad requests name the field.
+    for (params, field) in [
+        (json!({"backend": "nope", "to": {"cluster": "green"}}), "params.backend"),
+        (json!({"backend": "site", "to": {"cluster": "blue"}}), "params.to"),
+        (json!({"backend": "site", "to": {"cluster": "green"}, "max_error_rate": 2}), "params.max_error_rate"),
+    ] {
+        let r = app.post("/v1/routers/edge/transitions", json!({"action": "swap", "params": params})).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{params}: {}", r.body);
+        assert!(r.body["errors"].to_string().contains(field), "{field}: {}", r.body);
+    }
+    let r =
+        app.post("/v1/routers/edge/transitions", json!({"action": "swap-back", "params": {"backend": "site"}})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "no standby yet: {}", r.body);
+
+    // The swap: no request fails, and the answers move from blue to green.
+    let load = Load::start(url.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let swap = app
+        .run(
+            "router",
+            "edge",
+            json!({"action": "swap", "reason": "release 2",
+            "params": {"backend": "site", "to": {"cluster": "green"}, "verify_secs": 2}}),
+        )
+        .await;
+    assert_eq!(swap["status"], "succeeded", "{swap}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (sent, failed, seen) = load.finish().await;
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed across the swap: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(seen, [blue.clone(), green.clone()], "one move, blue to green");
+    let events = app.get(&format!("/v1/transitions/{}/events", swap["id"].as_str().unwrap())).await.body;
+    let steps: Vec<&str> = events["events"].as_array().unwrap().iter().filter_map(|e| e["step"].as_str()).collect();
+    let (gate, moved) =
+        (steps.iter().rposition(|s| *s == "gate").unwrap(), steps.iter().position(|s| *s == "traffic").unwrap());
+    assert!(gate < moved, "HAProxy's checks passed before traffic moved: {steps:?}");
+    let edge = app.get("/v1/routers/edge").await.body;
+    let site = &edge["spec"]["backends"][0];
+    assert_eq!(
+        (site["target"].clone(), site["standby"].clone()),
+        (json!({"cluster": "green"}), json!({"cluster": "blue"}))
+    );
+    assert!(site["keep_until"].is_string(), "{site}");
+    assert_eq!(edge["outputs"]["swaps"]["site"]["run"], swap["id"]);
+
+    // The standby stays warm: no scale-down, no destroy.
+    for body in [json!({"action": "scale", "params": {"count": 1}}), json!({"action": "destroy"})] {
+        let r = app.post("/v1/clusters/blue/transitions", body.clone()).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{body}: {}", r.body);
+        assert!(r.body["detail"].as_str().unwrap().contains("router/edge (standby of backend site"), "{}", r.body);
+    }
+
+    // Swap-back: one call, the inverse run, linked to the swap.
+    let load = Load::start(url.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let back = app
+        .run("router", "edge", json!({"action": "swap-back", "params": {"backend": "site", "verify_secs": 1}}))
+        .await;
+    assert_eq!(back["status"], "succeeded", "{back}");
+    assert_eq!(
+        (back["params"]["to"].clone(), back["params"]["undoes"].clone()),
+        (json!({"cluster": "blue"}), swap["id"].clone())
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (sent, failed, seen) = load.finish().await;
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed across the swap-back: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(seen, [green.clone(), blue.clone()]);
+    let site = app.get("/v1/routers/edge").await.body["spec"]["backends"][0].clone();
+    assert_eq!(
+        (site["target"].clone(), site["standby"].clone()),
+        (json!({"cluster": "blue"}), json!({"cluster": "green"}))
+    );
+
+    // A target whose servers fail HAProxy's check never gets traffic.
+    let load = Load::start(url.clone());
+    let refused = app
+        .run(
+            "router",
+            "edge",
+            json!({"action": "swap",
+            "params": {"backend": "site", "to": {"cluster": "hollow"}, "health_timeout_secs": 3}}),
+        )
+        .await;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert_eq!(refused["error"]["code"], "target_unhealthy", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("traffic stays on cluster blue"), "{refused}");
+    let (_, failed, seen) = load.finish().await;
+    assert!(failed.is_empty() && seen == [blue.clone()], "{failed:?} {seen:?}");
+    assert_eq!(
+        app.get("/v1/routers/edge").await.body["state"],
+        "up",
+        "a swap that did not happen leaves the router up"
+    );
+
+    // A target whose requests fail after the move: the guard swaps back.
+    let load = Load::start(url.clone());
+    let guarded = app
+        .run(
+            "router",
+            "edge",
+            json!({"action": "swap",
+            "params": {"backend": "site", "to": {"cluster": "bad"}, "verify_secs": 20, "max_error_rate": 0.05}}),
+        )
+        .await;
+    assert_eq!(guarded["status"], "failed", "{guarded}");
+    assert_eq!(guarded["error"]["code"], "swapped_back", "{guarded}");
+    assert!(guarded["error"]["message"].as_str().unwrap().contains("traffic is back on cluster blue"), "{guarded}");
+    assert!(guarded["duration_ms"].as_u64().unwrap() < 15_000, "the guard did not wait out its window: {guarded}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (sent, failed, seen) = load.finish().await;
+    assert!(!failed.is_empty() && failed.len() < sent / 2, "{} of {sent} failed", failed.len());
+    assert_eq!(seen.last(), Some(&blue), "{seen:?}");
+    let edge = app.get("/v1/routers/edge").await.body;
+    assert_eq!(
+        (edge["state"].clone(), edge["spec"]["backends"][0]["target"].clone()),
+        (json!("up"), json!({"cluster": "blue"}))
+    );
+    assert_eq!(reqwest::get(&url).await.unwrap().text().await.unwrap().trim(), blue);
+    // The ledger has it all: the stats count swaps and swap-backs.
+    let swaps = app.get("/v1/transitions?kind=router&action=swap").await.body;
+    assert_eq!(swaps["items"].as_array().unwrap().len(), 3);
+    assert_eq!(app.run("router", "edge", json!({"action": "destroy"})).await["status"], "succeeded");
+}

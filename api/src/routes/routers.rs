@@ -18,7 +18,7 @@ use crate::extract::{ApiPath, ApiQuery};
 use crate::problem::{ApiResult, Problem};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list_configs)).routes(routes!(get_config))
+    OpenApiRouter::new().routes(routes!(list_router_configs)).routes(routes!(get_router_config))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -59,7 +59,7 @@ pub struct ConfigsQuery {
     security(("bearer" = ["router:read"])),
     responses((status = 200, body = RouterConfigPage),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
-async fn list_configs(
+async fn list_router_configs(
     State(s): State<AppState>,
     caller: Caller,
     ApiPath(RouterPath { id }): ApiPath<RouterPath>,
@@ -88,7 +88,7 @@ async fn list_configs(
     security(("bearer" = ["router:read"])),
     responses((status = 200, body = RouterConfigVersion),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
-async fn get_config(
+async fn get_router_config(
     State(s): State<AppState>,
     caller: Caller,
     ApiPath(ConfigPath { id, version }): ApiPath<ConfigPath>,

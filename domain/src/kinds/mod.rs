@@ -113,6 +113,17 @@ pub trait Declaration: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Whether resources of this kind guard others ([`Declaration::guards`]):
+    /// only such kinds are read when an action might be guarded.
+    const GUARDS: bool = false;
+
+    /// Actions on other resources that a live resource of this kind refuses
+    /// until a time (a router keeps its standby targets warm: no scale-down,
+    /// stop or destroy while they are standbys).
+    fn guards(_spec: &Self::Spec) -> Vec<Guard> {
+        Vec::new()
+    }
+
     /// What a live resource of this kind holds alone on its provider (a
     /// local router's ports): `(claim, field)`. A spec whose claim another
     /// live resource of the kind holds is refused with 422 naming the field
@@ -319,6 +330,21 @@ impl Params {
     pub fn schema(&self) -> Option<Value> {
         self.schema.map(|s| s())
     }
+}
+
+/// Actions on a resource that another refuses until a time (see
+/// [`Declaration::guards`]). A `scale` is refused only when it would take
+/// instances away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    pub kind: Kind,
+    /// Name or id, as the guarding spec has it.
+    pub key: String,
+    pub actions: &'static [&'static str],
+    /// Refused until then; `None`: as long as the guard is in the spec.
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// What the refusal says the guard is (`standby of backend site`).
+    pub why: String,
 }
 
 /// A resource a spec names.
@@ -544,6 +570,16 @@ impl Kind {
         self.0.references(spec)
     }
 
+    /// Whether resources of this kind guard others ([`Declaration::guards`]).
+    pub fn has_guards(self) -> bool {
+        self.0.has_guards()
+    }
+
+    /// What a resource with this spec guards ([`Declaration::guards`]).
+    pub fn guards(self, spec: &Value) -> Vec<Guard> {
+        self.0.guards(spec)
+    }
+
     /// What a live resource with this spec holds alone ([`Declaration::claims`]).
     pub fn claims(self, spec: &Value) -> Vec<(String, String)> {
         self.0.claims(spec)
@@ -747,6 +783,8 @@ trait Erased: Send + Sync + 'static {
     fn references(&self, spec: &Value) -> Vec<Reference>;
     fn check_with(&self, spec: &Value, named: &[Referenced]) -> Vec<FieldError>;
     fn claims(&self, spec: &Value) -> Vec<(String, String)>;
+    fn has_guards(&self) -> bool;
+    fn guards(&self, spec: &Value) -> Vec<Guard>;
     fn parent(&self, spec: &Value) -> Option<Reference>;
     fn fan_out(&self, action: &str) -> Option<FanOut>;
     fn check_action(&self, spec: &Value, action: &str, params: &Value) -> Vec<FieldError>;
@@ -834,6 +872,12 @@ impl<D: Declaration> Erased for Decl<D> {
     }
     fn claims(&self, spec: &Value) -> Vec<(String, String)> {
         stored::<D>(spec).map(|s| D::claims(&s)).unwrap_or_default()
+    }
+    fn has_guards(&self) -> bool {
+        D::GUARDS
+    }
+    fn guards(&self, spec: &Value) -> Vec<Guard> {
+        stored::<D>(spec).map(|s| D::guards(&s)).unwrap_or_default()
     }
     fn parent(&self, spec: &Value) -> Option<Reference> {
         stored::<D>(spec).and_then(|s| D::parent(&s))

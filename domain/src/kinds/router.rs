@@ -5,6 +5,8 @@
 //! ```text
 //! pending --create--> creating --ok--> up --err--> failed
 //! up --apply--> applying --ok--> up --err--> failed
+//! up --swap{backend,to}--> swapping --ok--> up --err--> up (traffic back where it was)
+//! up --swap-back{backend}--> swapping-back --ok--> up --err--> up
 //! up --stop--> stopping --ok--> stopped --err--> failed
 //! stopped --start--> starting --ok--> up --err--> failed
 //! pending|up|stopped|failed --destroy--> destroying --ok--> destroyed --err--> failed
@@ -17,6 +19,15 @@
 //! registry) or a cluster (its instances). While it is `up`, drover renders
 //! its configuration again whenever the registry changes (see
 //! `crate::routing`); a spec change takes effect with `apply`.
+//!
+//! Blue/green: a backend has a live `target` and may have a `standby`.
+//! `swap` moves a backend's traffic to another target once every server
+//! of it passes the load balancer's own health checks, then watches the
+//! error rate through the backend for `verify_secs` and swaps back by
+//! itself when it crosses `max_error_rate`. The old target becomes the
+//! standby, kept warm (no scale-down, stop or destroy) until `keep_until`.
+//! `swap-back` is the inverse run: traffic back to the standby, which
+//! becomes live again.
 
 use std::collections::BTreeMap;
 
@@ -25,7 +36,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{
-    cluster, environment, named_enum, service, ActionDecl, Declaration, Kind, NotAllowed, Reference, TypedStep,
+    cluster, environment, named_enum, service, ActionDecl, ActionParams, Declaration, Guard, Kind, NotAllowed, Params,
+    Reference, TypedStep,
 };
 use crate::error::{FieldError, Result};
 
@@ -40,6 +52,8 @@ named_enum!(State {
     Creating => "creating",
     Up => "up",
     Applying => "applying",
+    Swapping => "swapping",
+    SwappingBack => "swapping-back",
     Stopping => "stopping",
     Stopped => "stopped",
     Starting => "starting",
@@ -51,6 +65,8 @@ named_enum!(State {
 named_enum!(Action {
     Create => "create",
     Apply => "apply",
+    Swap => "swap",
+    SwapBack => "swap-back",
     Stop => "stop",
     Start => "start",
     Destroy => "destroy",
@@ -59,6 +75,19 @@ named_enum!(Action {
 
 /// Providers routers run on: `local`, a real HAProxy on drover's host.
 pub const PROVIDERS: &[&str] = &["local"];
+
+/// What a swap's shadow backend's name ends with (not a name a spec can
+/// give: `.` is not allowed in one).
+const SHADOW: &str = ".next";
+
+/// The shadow backend a swap checks a new target in before traffic moves:
+/// the load balancer health-checks its servers, and no frontend routes to it.
+pub fn shadow_name(backend: &str) -> String {
+    format!("{backend}{SHADOW}")
+}
+
+/// How long a swap keeps the old target warm by default.
+pub const DEFAULT_KEEP_HOURS: i64 = 1;
 
 /// The most frontends and backends one router has.
 pub const MAX_FRONTENDS: usize = 16;
@@ -95,6 +124,23 @@ impl Declaration for Router {
                 120,
             )
             .applying_spec(),
+            Action::Swap => ActionDecl::new(
+                "Moves a backend's traffic to another target (a service or a cluster): first every server of it \
+                 must pass the load balancer's own health checks, then traffic moves, then a guard watches the \
+                 share of failed requests through the backend for verify_secs and swaps back by itself when it \
+                 crosses max_error_rate (the run then fails, the router serving as before). The old target \
+                 becomes the backend's standby, kept warm until keep_until.",
+                1800,
+            )
+            .params(Params::of::<SwapParams>())
+            .changing_spec(&["backends"]),
+            Action::SwapBack => ActionDecl::new(
+                "Moves a backend's traffic back to its standby, with the swap's gates and guard: the inverse run \
+                 of the last swap, which its parameters name (`undoes`).",
+                1800,
+            )
+            .params(Params::of::<SwapBackParams>())
+            .changing_spec(&["backends"]),
             Action::Stop => ActionDecl::new("Stops serving (connections in flight finish); the router stays.", 120),
             Action::Start => {
                 ActionDecl::new("Serves again, from a configuration rendered afresh.", 120).applying_spec()
@@ -118,6 +164,102 @@ impl Declaration for Router {
             refs.push(b.target.reference(&format!("spec.backends[{i}].target")));
         }
         refs
+    }
+
+    fn check_action(spec: &Spec, action: Action, params: &Value) -> Vec<FieldError> {
+        let Some(name) = params.get("backend").and_then(Value::as_str) else { return Vec::new() };
+        let Some(b) = spec.backends.iter().find(|b| b.name == name) else {
+            return vec![FieldError::new("params.backend", format!("the router has no backend {name:?}"))];
+        };
+        match action {
+            Action::Swap => match serde_json::from_value::<Target>(params["to"].clone()) {
+                Ok(to) if to == b.target => {
+                    vec![FieldError::new(
+                        "params.to",
+                        format!("{} {} is already backend {name}'s target", to.kind(), to.key()),
+                    )]
+                }
+                _ => Vec::new(),
+            },
+            Action::SwapBack if b.standby.is_none() => vec![FieldError::new(
+                "params.backend",
+                format!("backend {name} has no standby to swap back to: no swap has left one"),
+            )],
+            _ => Vec::new(),
+        }
+    }
+
+    /// A swap records until when the old target is kept warm (an hour by
+    /// default); a swap-back records where it goes (the standby) and the
+    /// swap it undoes (the router's outputs say which).
+    fn complete_params(
+        spec: &Spec,
+        outputs: &Value,
+        action: Action,
+        mut params: Value,
+    ) -> Result<Value, Vec<FieldError>> {
+        match action {
+            Action::Swap => {
+                if params.get("keep_until").is_none_or(Value::is_null) {
+                    let until = chrono::Utc::now() + chrono::Duration::hours(DEFAULT_KEEP_HOURS);
+                    params["keep_until"] = json!(until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                }
+                Ok(params)
+            }
+            Action::SwapBack => {
+                let name = params["backend"].as_str().unwrap_or_default().to_string();
+                let Some(standby) = spec.backends.iter().find(|b| b.name == name).and_then(|b| b.standby.clone())
+                else {
+                    return Ok(params);
+                };
+                params["to"] = serde_json::to_value(&standby).expect("a target serializes");
+                if let Some(run) = outputs["swaps"][&name]["run"].as_str() {
+                    params["undoes"] = json!(run);
+                }
+                Ok(params)
+            }
+            _ => Ok(params),
+        }
+    }
+
+    fn spec_after(spec: &Spec, action: Action, params: &Value) -> Option<Spec> {
+        match action {
+            Action::Swap | Action::SwapBack => {
+                let name = params["backend"].as_str()?;
+                let to: Target = serde_json::from_value(params["to"].clone()).ok()?;
+                let keep_until = params["keep_until"].as_str().and_then(|t| t.parse().ok());
+                let mut after = spec.clone();
+                let b = after.backends.iter_mut().find(|b| b.name == name)?;
+                let from = std::mem::replace(&mut b.target, to);
+                b.standby = Some(from);
+                b.keep_until = match action {
+                    Action::Swap => keep_until,
+                    _ => b.keep_until,
+                };
+                Some(after)
+            }
+            _ => None,
+        }
+    }
+
+    const GUARDS: bool = true;
+
+    /// A standby is kept warm until its `keep_until`: its target is not
+    /// scaled down, stopped or destroyed meanwhile.
+    fn guards(spec: &Spec) -> Vec<Guard> {
+        spec.backends
+            .iter()
+            .filter_map(|b| {
+                let standby = b.standby.as_ref()?;
+                Some(Guard {
+                    kind: standby.kind(),
+                    key: standby.key().to_string(),
+                    actions: &["scale", "stop", "destroy"],
+                    until: b.keep_until,
+                    why: format!("standby of backend {}", b.name),
+                })
+            })
+            .collect()
     }
 
     /// A local router's ports: two HAProxies cannot listen on one.
@@ -159,17 +301,28 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
     match (state, action) {
         (S::Pending, A::Create) => go(S::Creating, S::Up),
         (S::Up, A::Apply) => go(S::Applying, S::Up),
+        // A swap that does not complete leaves (or puts) the traffic where
+        // it was: the router is up, serving as before.
+        (S::Up, A::Swap) => Ok(TypedStep::Go { working: S::Swapping, ok: S::Up, err: S::Up }),
+        (S::Up, A::SwapBack) => Ok(TypedStep::Go { working: S::SwappingBack, ok: S::Up, err: S::Up }),
         (S::Up, A::Stop) => go(S::Stopping, S::Stopped),
         (S::Stopped, A::Start) => go(S::Starting, S::Up),
         (S::Pending | S::Up | S::Stopped | S::Failed, A::Destroy) => go(S::Destroying, S::Destroyed),
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
-        (S::Pending, A::Apply | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
+        (S::Pending, A::Apply | A::Swap | A::SwapBack | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
         (S::Up, A::Create | A::Start | A::Retry) => Err(NotAllowed),
-        (S::Stopped, A::Create | A::Apply | A::Stop | A::Retry) => Err(NotAllowed),
-        (S::Failed, A::Create | A::Apply | A::Stop | A::Start) => Err(NotAllowed),
+        (S::Stopped, A::Create | A::Apply | A::Swap | A::SwapBack | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Failed, A::Create | A::Apply | A::Swap | A::SwapBack | A::Stop | A::Start) => Err(NotAllowed),
         (
-            S::Creating | S::Applying | S::Stopping | S::Starting | S::Destroying | S::Destroyed,
-            A::Create | A::Apply | A::Stop | A::Start | A::Destroy | A::Retry,
+            S::Creating
+            | S::Applying
+            | S::Swapping
+            | S::SwappingBack
+            | S::Stopping
+            | S::Starting
+            | S::Destroying
+            | S::Destroyed,
+            A::Create | A::Apply | A::Swap | A::SwapBack | A::Stop | A::Start | A::Destroy | A::Retry,
         ) => Err(NotAllowed),
     }
 }
@@ -292,6 +445,132 @@ pub struct Backend {
     /// `GET /` for backends of `http` frontends, `tcp` for the others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Check>,
+    /// The target traffic went to before the last swap (set by `swap` and
+    /// `swap-back`): where `swap-back` sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<Target>,
+    /// Until when the standby is kept warm: no scale-down, stop or destroy
+    /// of it before then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `swap`'s parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwapParams {
+    /// The backend whose traffic moves.
+    #[schemars(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
+    pub backend: String,
+    /// Where it moves: `{"cluster": "green"}` or `{"service": "app-green"}`.
+    pub to: Target,
+    /// How long the guard watches the error rate after the move (seconds, default 30).
+    #[serde(default = "default_verify")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub verify_secs: u64,
+    /// The share of failed requests (5xx answers, broken responses) through
+    /// the backend above which the guard swaps back (default 0.05).
+    #[serde(default = "default_error_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_error_rate: f64,
+    /// Until when the old target is kept warm as the standby (default: an hour from the request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// How long every server of the new target has to pass the load
+    /// balancer's health check before the swap gives up, traffic unmoved
+    /// (seconds, default 120).
+    #[serde(default = "default_health_timeout")]
+    #[schemars(range(min = 1, max = 1800))]
+    pub health_timeout_secs: u64,
+}
+
+impl ActionParams for SwapParams {
+    fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !super::is_name(&self.backend) {
+            errors.push(FieldError::new("params.backend", "a backend's name"));
+        }
+        if self.verify_secs > 3600 {
+            errors.push(FieldError::new("params.verify_secs", "at most 3600"));
+        }
+        if !(1..=1800).contains(&self.health_timeout_secs) {
+            errors.push(FieldError::new("params.health_timeout_secs", "from 1 to 1800"));
+        }
+        if !(0.0..=1.0).contains(&self.max_error_rate) {
+            errors.push(FieldError::new("params.max_error_rate", "a share between 0 and 1"));
+        }
+        if self.to.key().trim().is_empty() {
+            errors.push(FieldError::new("params.to", "names a service or a cluster"));
+        }
+        errors
+    }
+}
+
+/// `swap-back`'s parameters (the run completes them with `to`, the
+/// standby, and `undoes`, the swap it undoes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwapBackParams {
+    #[schemars(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
+    pub backend: String,
+    /// How long the guard watches the error rate after the move (seconds, default 30).
+    #[serde(default = "default_verify")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub verify_secs: u64,
+    /// As for `swap` (default 0.05).
+    #[serde(default = "default_error_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_error_rate: f64,
+    /// As for `swap` (seconds, default 120).
+    #[serde(default = "default_health_timeout")]
+    #[schemars(range(min = 1, max = 1800))]
+    pub health_timeout_secs: u64,
+}
+
+impl ActionParams for SwapBackParams {
+    fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !super::is_name(&self.backend) {
+            errors.push(FieldError::new("params.backend", "a backend's name"));
+        }
+        if self.verify_secs > 3600 {
+            errors.push(FieldError::new("params.verify_secs", "at most 3600"));
+        }
+        if !(0.0..=1.0).contains(&self.max_error_rate) {
+            errors.push(FieldError::new("params.max_error_rate", "a share between 0 and 1"));
+        }
+        if !(1..=1800).contains(&self.health_timeout_secs) {
+            errors.push(FieldError::new("params.health_timeout_secs", "from 1 to 1800"));
+        }
+        errors
+    }
+}
+
+/// What a swap or swap-back run works from: its parameters, completed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Move {
+    pub backend: String,
+    pub to: Target,
+    #[serde(default = "default_verify")]
+    pub verify_secs: u64,
+    #[serde(default = "default_error_rate")]
+    pub max_error_rate: f64,
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout_secs: u64,
+    #[serde(default)]
+    pub undoes: Option<String>,
+}
+
+fn default_health_timeout() -> u64 {
+    120
+}
+
+fn default_verify() -> u64 {
+    30
+}
+
+fn default_error_rate() -> f64 {
+    0.05
 }
 
 /// A load balancer health check.
@@ -327,7 +606,8 @@ impl Spec {
     }
 
     /// The mode of each backend's servers: that of the frontends that use it
-    /// (a backend no frontend uses is `http`).
+    /// (a swap's shadow backend has its backend's; one no frontend uses is
+    /// `http`).
     pub fn backend_modes(&self) -> BTreeMap<&str, Mode> {
         let mut modes: BTreeMap<&str, Mode> = BTreeMap::new();
         for f in &self.frontends {
@@ -336,7 +616,8 @@ impl Spec {
             }
         }
         for b in &self.backends {
-            modes.entry(b.name.as_str()).or_insert(Mode::Http);
+            let of = b.name.strip_suffix(SHADOW).and_then(|base| modes.get(base).copied());
+            modes.entry(b.name.as_str()).or_insert(of.unwrap_or(Mode::Http));
         }
         modes
     }
@@ -567,6 +848,37 @@ mod tests {
         }
         assert!(got.iter().any(|e| e.contains("two rules for host A.example.com")), "{got:#?}");
         assert!(got.iter().any(|e| e.contains("port 8080 is taken by spec.frontends[0]")), "{got:#?}");
+    }
+
+    #[test]
+    fn a_swap_makes_the_old_target_the_standby_and_swap_back_undoes_it() {
+        let spec = Spec::from_value(&Router::examples()[0]).unwrap();
+        let to_green = json!({"backend": "site", "to": {"service": "app-green"}});
+        assert!(Router::check_action(&spec, Action::Swap, &to_green).is_empty());
+        let same = json!({"backend": "site", "to": {"service": "app"}});
+        assert_eq!(Router::check_action(&spec, Action::Swap, &same)[0].field, "params.to");
+        let back = json!({"backend": "site"});
+        assert_eq!(Router::check_action(&spec, Action::SwapBack, &back)[0].field, "params.backend", "no standby yet");
+
+        let params = Router::complete_params(&spec, &json!({}), Action::Swap, to_green).unwrap();
+        let until: chrono::DateTime<chrono::Utc> = params["keep_until"].as_str().unwrap().parse().unwrap();
+        assert!(until > chrono::Utc::now() + chrono::Duration::minutes(59), "an hour by default: {params}");
+        let after = Router::spec_after(&spec, Action::Swap, &params).unwrap();
+        assert_eq!(after.backends[0].target, Target::Service("app-green".into()));
+        assert_eq!(after.backends[0].standby, Some(Target::Service("app".into())));
+        assert_eq!(after.backends[1], spec.backends[1], "the other backend is untouched");
+        let guards = Router::guards(&after);
+        assert_eq!((guards.len(), guards[0].key.as_str(), guards[0].until), (1, "app", Some(until)));
+        assert!(guards[0].actions.contains(&"scale") && guards[0].actions.contains(&"destroy"));
+
+        let outputs = json!({"swaps": {"site": {"run": "0190d5e4-0000-7000-8000-000000000001"}}});
+        let params = Router::complete_params(&after, &outputs, Action::SwapBack, back).unwrap();
+        assert_eq!(params["to"], json!({"service": "app"}));
+        assert_eq!(params["undoes"], "0190d5e4-0000-7000-8000-000000000001");
+        let again = Router::spec_after(&after, Action::SwapBack, &params).unwrap();
+        assert_eq!(again.backends[0].target, Target::Service("app".into()));
+        assert_eq!(again.backends[0].standby, Some(Target::Service("app-green".into())));
+        assert_eq!(again.backends[0].keep_until, Some(until));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use drover_domain::kinds::router::{Check, Mode};
 use drover_domain::model::Resource;
-use drover_domain::routing::{Balancer, BalancerError, BalancerStatus, RouteTable, ServerHealth};
+use drover_domain::routing::{Balancer, BalancerError, BalancerStatus, Counters, RouteTable, ServerHealth};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -353,6 +353,11 @@ impl Balancer for LocalHaproxy {
         BalancerStatus { running: true, problem: None, servers }
     }
 
+    async fn counters(&self, router: &Resource, backend: &str) -> Option<Counters> {
+        let csv = ask(&self.dir(router).join(ADMIN_SOCKET), "show stat").await.ok()?;
+        parse_counters(&csv, backend)
+    }
+
     async fn stop(&self, router: &Resource) -> Result<(), BalancerError> {
         let lock = self.lock(router);
         let _one = lock.lock().await;
@@ -417,6 +422,27 @@ fn parse_stat(csv: &str) -> Vec<ServerHealth> {
         .collect()
 }
 
+/// A backend's counters from its BACKEND row in a `show stat` CSV: HTTP
+/// requests and the 5xx answers and broken responses among them; for TCP,
+/// sessions and the failed connections and responses.
+fn parse_counters(csv: &str, backend: &str) -> Option<Counters> {
+    let mut lines = csv.lines();
+    let header = lines.next()?.strip_prefix("# ")?;
+    let cols: Vec<&str> = header.split(',').collect();
+    let px = backend_id(backend);
+    let row: Vec<&str> = lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&px.as_str()) && f.get(1) == Some(&"BACKEND"))?;
+    let n = |name: &str| -> Option<u64> {
+        let i = cols.iter().position(|c| *c == name)?;
+        row.get(i).and_then(|v| v.parse().ok())
+    };
+    Some(match n("req_tot") {
+        Some(requests) => Counters { requests, failed: n("hrsp_5xx").unwrap_or(0) + n("eresp").unwrap_or(0) },
+        None => Counters { requests: n("stot")?, failed: n("econ").unwrap_or(0) + n("eresp").unwrap_or(0) },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,5 +454,14 @@ mod tests {
         let got = parse_stat(csv);
         assert_eq!(got.len(), 2);
         assert_eq!((got[1].server.as_str(), got[1].status.as_str(), got[1].check.as_str()), ("1-cd", "DOWN", "L4CON"));
+    }
+
+    #[test]
+    fn counters_come_from_the_backend_row() {
+        let csv = "# pxname,svname,stot,econ,eresp,hrsp_5xx,req_tot\nb_site,0-ab,9,0,0,1,\n\
+                   b_site,BACKEND,10,1,2,3,40\nb_db,BACKEND,7,1,1,,\n";
+        assert_eq!(parse_counters(csv, "site"), Some(Counters { requests: 40, failed: 5 }));
+        assert_eq!(parse_counters(csv, "db"), Some(Counters { requests: 7, failed: 2 }));
+        assert_eq!(parse_counters(csv, "nope"), None);
     }
 }
