@@ -15,61 +15,13 @@
 //!
 //! Run: `cargo bench -p drover-api --bench services`.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use drover_api::Config;
-use drover_domain::engine::EngineConfig;
+use common::{at, secs, TOKEN};
 use serde_json::{json, Value};
-
-const TOKEN: &str = "drv_bench_0123456789abcdefghijklmnopqrstuvwxyz012345";
-
-struct Api {
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base)).bearer_auth(TOKEN);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.expect("request");
-        let status = r.status();
-        let text = r.text().await.unwrap();
-        assert!(status.is_success(), "{method} {path}: {status} {text}");
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-
-    /// Asks for a transition and waits for it; panics unless it succeeds.
-    async fn run(&self, plural: &str, name: &str, body: Value) -> Value {
-        let run = self.call("POST", &format!("/v1/{plural}/{name}/transitions"), Some(body)).await;
-        let id = run["id"].as_str().unwrap().to_string();
-        loop {
-            let r = self.call("GET", &format!("/v1/transitions/{id}?wait=10s"), None).await;
-            match r["status"].as_str() {
-                Some("succeeded") => return r,
-                Some("failed" | "cancelled") => panic!("{plural}/{name}: {r}"),
-                _ => {}
-            }
-        }
-    }
-
-    async fn events(&self, run: &Value) -> Vec<Value> {
-        let id = run["id"].as_str().unwrap();
-        let e = self.call("GET", &format!("/v1/transitions/{id}/events?limit=1000"), None).await;
-        e["events"].as_array().cloned().unwrap_or_default()
-    }
-}
-
-fn at(v: &Value) -> DateTime<Utc> {
-    v.as_str().unwrap().parse().unwrap()
-}
-
-fn secs(d: chrono::Duration) -> f64 {
-    d.num_microseconds().unwrap_or(0) as f64 / 1e6
-}
 
 /// When the watcher first held each instance's entry.
 static SEEN: std::sync::Mutex<BTreeMap<String, DateTime<Utc>>> = std::sync::Mutex::new(BTreeMap::new());
@@ -98,19 +50,7 @@ fn main() {
 
 async fn bench() {
     let dir = tempfile::tempdir().unwrap();
-    let server = drover_api::start(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        database_url: None,
-        engine: EngineConfig::default(),
-        workers: true,
-        bootstrap_token: Some(TOKEN.to_string()),
-        secret_key: None,
-        aws: Default::default(),
-    })
-    .await
-    .expect("drover starts");
-    let api = Api { base: format!("http://{}", server.addr), http: reqwest::Client::new() };
+    let (server, api) = common::serve(dir.path()).await;
 
     // Instances take a moment to come up, as real ones do.
     let start = "sleep 0.5; exec python3 -m http.server $PORT --bind 127.0.0.1";

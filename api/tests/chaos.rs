@@ -591,3 +591,104 @@ async fn a_deploy_resumes_after_drover_is_killed() {
         .any(|e| e["message"].as_str().unwrap().starts_with("resuming the plan"));
     assert!(resumed, "{events}");
 }
+
+/// SIGKILL of drover in the middle of a blue/green swap, while requests go
+/// through the router: HAProxy (a daemon of its own) serves every one of
+/// them throughout, and the next drover takes the swap over once its lease
+/// lapses and finishes it (the gates again, then the guard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_finishes_after_drover_is_killed_and_haproxy_serves_throughout() {
+    let pg = OwnPostgres::start();
+    let url = pg.url("postgres");
+    let dirs = tempfile::tempdir().unwrap();
+    let data = dirs.path().join("replica-0");
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            drover_ops::local::testing::kill_everything_under(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(data.clone());
+    let drover = spawn_replica(&pg, &url, dirs.path(), 0);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let (h, base) = (&http, drover.base.clone());
+    let minute = Duration::from_secs(60);
+
+    let spec = json!({"build_command": "echo $DROVER_RUN_ID > index.html",
+        "start_command": "exec python3 -m http.server $PORT --bind 127.0.0.1"});
+    call(h, &base, "POST", "/v1/images", Some(json!({"name": "web", "spec": spec}))).await;
+    call(h, &base, "POST", "/v1/environments", Some(json!({"name": "prod", "spec": {}}))).await;
+    let mut builds = Vec::new();
+    for cluster in ["blue", "green"] {
+        let b = transition(h, &base, "images", "web", json!({"action": "build"}), minute).await;
+        builds.push(b["id"].as_str().unwrap().to_string());
+        let spec = json!({"image": "web", "count": 2, "health_check": {"type": "tcp"}});
+        call(h, &base, "POST", "/v1/clusters", Some(json!({"name": cluster, "spec": spec}))).await;
+        let created = transition(h, &base, "clusters", cluster, json!({"action": "create"}), minute).await;
+        assert_eq!(created["status"], "succeeded", "{created}");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let spec = json!({"environment": "prod",
+        "frontends": [{"name": "web", "mode": "http", "port": port, "backend": "site"}],
+        "backends": [{"name": "site", "target": {"cluster": "blue"}, "check": {"type": "http", "path": "/index.html"}}]});
+    call(h, &base, "POST", "/v1/routers", Some(json!({"name": "edge", "spec": spec}))).await;
+    let created = transition(h, &base, "routers", "edge", json!({"action": "create"}), minute).await;
+    assert_eq!(created["status"], "succeeded", "{created}");
+
+    // Requests through HAProxy, about 100 a second, from outside drover.
+    let going = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load = {
+        let (going, url) = (going.clone(), format!("http://127.0.0.1:{port}/"));
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+            let (mut sent, mut failed, mut seen) = (0usize, Vec::new(), Vec::<String>::new());
+            while going.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                match client.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let body = r.text().await.unwrap_or_default().trim().to_string();
+                        if seen.last() != Some(&body) {
+                            seen.push(body);
+                        }
+                    }
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (sent, failed, seen)
+        })
+    };
+    let params = json!({"backend": "site", "to": {"cluster": "green"}, "verify_secs": 5});
+    let run =
+        call(h, &base, "POST", "/v1/routers/edge/transitions", Some(json!({"action": "swap", "params": params}))).await;
+    let run_id = run["id"].as_str().unwrap().to_string();
+    // Kill it once traffic has moved, in the guard's window.
+    let deadline = Instant::now() + minute;
+    loop {
+        let events = call(h, &base, "GET", &format!("/v1/transitions/{run_id}/events"), None).await;
+        if events["events"].as_array().unwrap().iter().any(|e| e["step"] == "traffic") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "traffic never moved: {events}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill(drover.pid(), Signal::SIGKILL).unwrap();
+    drop(drover);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let drover = spawn_replica(&pg, &url, dirs.path(), 0);
+    let run = ended(h, &drover.base, &run_id, reclaim_bound() + minute).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    going.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed, seen) = load.await.unwrap();
+    println!("swap across SIGKILL: {sent} requests, {} attempts", run["attempt"]);
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(run["attempt"].as_i64().unwrap() >= 2, "{run}");
+    assert!(failed.is_empty(), "{} of {sent} requests failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert_eq!(seen.last(), Some(&builds[1]), "green serves: {seen:?}");
+    assert!(seen.iter().all(|b| builds.contains(b)), "{seen:?}");
+    let edge = call(h, &drover.base, "GET", "/v1/routers/edge", None).await;
+    assert_eq!(edge["spec"]["backends"][0]["target"], json!({"cluster": "green"}), "{edge}");
+    assert_eq!(edge["state"], "up");
+}

@@ -788,6 +788,11 @@ impl RouterRuns {
             keep_until: None,
         });
         self.render_or_fail(router, &shadowed, &by).await?;
+        let msg = format!(
+            "backend {shadow_name} loaded with {}'s servers: waiting for the load balancer's checks",
+            what(&m.to)
+        );
+        ctx.event(NewEvent::info("shadow", msg)).await;
         let gate = Duration::from_secs(m.health_timeout_secs);
         let deadline = tokio::time::Instant::now() + gate;
         loop {
@@ -796,7 +801,9 @@ impl RouterRuns {
             let shadow: Vec<&ServerHealth> = status.servers.iter().filter(|s| s.backend == shadow_name).collect();
             let down: Vec<String> = shadow
                 .iter()
-                .filter(|s| s.status != "UP")
+                // Passed a check of its own: a server that was just loaded
+                // shows UP before its first check.
+                .filter(|s| s.status != "UP" || !s.check.ends_with("OK"))
                 .map(|s| format!("{} {} ({})", s.server, s.status, s.check))
                 .collect();
             if !shadow.is_empty() && down.is_empty() {

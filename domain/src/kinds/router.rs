@@ -86,6 +86,11 @@ pub fn shadow_name(backend: &str) -> String {
     format!("{backend}{SHADOW}")
 }
 
+/// Whether a backend is a swap's shadow.
+pub fn is_shadow(backend: &str) -> bool {
+    backend.ends_with(SHADOW)
+}
+
 /// How long a swap keeps the old target warm by default.
 pub const DEFAULT_KEEP_HOURS: i64 = 1;
 

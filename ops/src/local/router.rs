@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_domain::kinds::router::{Check, Mode};
+use drover_domain::kinds::router::{self, Check, Mode};
 use drover_domain::model::Resource;
 use drover_domain::routing::{Balancer, BalancerError, BalancerStatus, Counters, RouteTable, ServerHealth};
 use nix::sys::signal::{kill, Signal};
@@ -176,6 +176,11 @@ impl Balancer for LocalHaproxy {
             let _ = writeln!(c, "    bind {host}:{}", f.port);
             if f.mode == Mode::Http {
                 c.push_str("    option forwardfor\n");
+                // During a reload, the old worker keeps an idle keep-alive
+                // connection until its next request, answers it with
+                // `Connection: close`: no client sends on a connection the
+                // worker is closing.
+                c.push_str("    option idle-close-on-response\n");
             }
             for (i, r) in f.rules.iter().enumerate() {
                 let mut conds = Vec::new();
@@ -215,12 +220,14 @@ impl Balancer for LocalHaproxy {
             if mode == Mode::Http {
                 c.push_str("    retry-on conn-failure empty-response response-timeout\n");
             }
+            // A swap waits on the shadow's checks: they run ten times as often.
+            let extra = if router::is_shadow(&b.name) { " inter 100ms" } else { "" };
             for s in table.servers.get(&b.name).into_iter().flatten() {
                 let addr = match s.address.contains(':') {
                     true => format!("[{}]", s.address),
                     false => s.address.clone(),
                 };
-                let _ = writeln!(c, "    server {} {addr}:{} check", s.name, s.port);
+                let _ = writeln!(c, "    server {} {addr}:{} check{extra}", s.name, s.port);
             }
         }
         c
