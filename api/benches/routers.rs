@@ -101,6 +101,7 @@ async fn router(api: &Api, name: &str, port: u16, target: Value) -> String {
 
 async fn bench() {
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = common::KillOnDrop(dir.path().to_path_buf());
     let (_server, api) = common::serve(dir.path()).await;
     let spec = json!({"build_command": "echo $DROVER_RUN_ID > index.html",
         "start_command": "exec python3 -m http.server $PORT --bind 127.0.0.1"});

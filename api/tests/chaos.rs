@@ -487,6 +487,38 @@ async fn ended(http: &reqwest::Client, base: &str, run: &str, limit: Duration) -
     }
 }
 
+/// One drover on a Postgres of its own, with the local provider; whatever
+/// it started (instances, HAProxies) is killed however the test ends.
+struct Local {
+    pg: OwnPostgres,
+    url: String,
+    dirs: tempfile::TempDir,
+    data: std::path::PathBuf,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        drover_ops::local::testing::kill_everything_under(&self.data);
+    }
+}
+
+impl Local {
+    fn start() -> (Local, Replica) {
+        let pg = OwnPostgres::start();
+        let url = pg.url("postgres");
+        let dirs = tempfile::tempdir().unwrap();
+        let data = dirs.path().join("replica-0");
+        let local = Local { pg, url, dirs, data };
+        let drover = local.spawn();
+        (local, drover)
+    }
+
+    /// A drover on the same database and data directory.
+    fn spawn(&self) -> Replica {
+        spawn_replica(&self.pg, &self.url, self.dirs.path(), 0)
+    }
+}
+
 /// SIGKILL of drover in the middle of a service's rolling deploy. Sampled
 /// from outside throughout, the instances never exceed `count + max_surge`
 /// nor fall below `count - max_unavailable` answering; the next drover on
@@ -494,18 +526,8 @@ async fn ended(http: &reqwest::Client, base: &str, run: &str, limit: Duration) -
 /// lapses, resumes the same plan, and the deploy ends on the new build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_resumes_after_drover_is_killed() {
-    let pg = OwnPostgres::start();
-    let url = pg.url("postgres");
-    let dirs = tempfile::tempdir().unwrap();
-    let data = dirs.path().join("replica-0");
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            drover_ops::local::testing::kill_everything_under(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(data.clone());
-    let drover = spawn_replica(&pg, &url, dirs.path(), 0);
+    let (local, drover) = Local::start();
+    let data = local.data.clone();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     let (h, base) = (&http, drover.base.clone());
     let minute = Duration::from_secs(60);
@@ -552,7 +574,7 @@ async fn a_deploy_resumes_after_drover_is_killed() {
     drop(drover);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let drover = spawn_replica(&pg, &url, dirs.path(), 0);
+    let drover = local.spawn();
     let run = ended(h, &drover.base, &run_id, reclaim_bound() + minute).await;
     let bounds = sampler.finish().await;
     println!("deploy across SIGKILL: {bounds:?}, {} attempts", run["attempt"]);
@@ -598,18 +620,7 @@ async fn a_deploy_resumes_after_drover_is_killed() {
 /// lapses and finishes it (the gates again, then the guard).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swap_finishes_after_drover_is_killed_and_haproxy_serves_throughout() {
-    let pg = OwnPostgres::start();
-    let url = pg.url("postgres");
-    let dirs = tempfile::tempdir().unwrap();
-    let data = dirs.path().join("replica-0");
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            drover_ops::local::testing::kill_everything_under(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(data.clone());
-    let drover = spawn_replica(&pg, &url, dirs.path(), 0);
+    let (local, drover) = Local::start();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     let (h, base) = (&http, drover.base.clone());
     let minute = Duration::from_secs(60);
@@ -677,7 +688,7 @@ async fn a_swap_finishes_after_drover_is_killed_and_haproxy_serves_throughout() 
     drop(drover);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let drover = spawn_replica(&pg, &url, dirs.path(), 0);
+    let drover = local.spawn();
     let run = ended(h, &drover.base, &run_id, reclaim_bound() + minute).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     going.store(false, std::sync::atomic::Ordering::Relaxed);

@@ -492,9 +492,33 @@ impl Routing {
             ),
             (RenderStatus::Serving, true) => ("serving", "serving".to_string()),
         };
-        let down: Vec<&ServerHealth> = status.servers.iter().filter(|s| s.status != "UP").collect();
+        // HAProxy's own view: servers its checks do not find up, and
+        // backends none of whose servers are (a swap's shadow aside).
+        let live: Vec<&ServerHealth> = status.servers.iter().filter(|s| !router::is_shadow(&s.backend)).collect();
+        let down: Vec<String> = live
+            .iter()
+            .filter(|s| s.status != "UP")
+            .map(|s| format!("{}/{} {} ({})", s.backend, s.server, s.status, s.check))
+            .collect();
+        let dark: Vec<&str> = spec
+            .backends
+            .iter()
+            .map(|b| b.name.as_str())
+            .filter(|b| {
+                let of: Vec<&&ServerHealth> = live.iter().filter(|s| s.backend == *b).collect();
+                !of.is_empty() && of.iter().all(|s| s.status != "UP")
+            })
+            .collect();
+        let mut summary = summary;
+        if !dark.is_empty() {
+            summary.push_str(&format!("; no server up in backend {}", dark.join(", ")));
+        }
+        if !down.is_empty() {
+            let first: Vec<&str> = down.iter().take(5).map(String::as_str).collect();
+            summary.push_str(&format!("; {} server(s) not up by HAProxy's checks: {}", down.len(), first.join(", ")));
+        }
         json!({
-            "healthy": matches!(state, "serving" | "held" | "stopped"),
+            "healthy": matches!(state, "serving" | "held" | "stopped") && dark.is_empty(),
             "status": state,
             "summary": summary,
             "config_version": applied.as_ref().map(|a| a.version),

@@ -234,6 +234,22 @@ async fn a_router_serves_a_service_through_haproxy_and_follows_a_deploy_without_
     let followed = &list[..list.len() - 1];
     assert!(followed.iter().all(|c| c["by"] == "registry" || c["by"] == "observer"), "{list:#?}");
 
+    // A port something else holds: the create fails saying so, the router
+    // is failed, and no HAProxy is left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut busy = json!({"environment": "prod", "backends": [{"name": "site", "target": {"service": "app"}}],
+        "frontends": [{"name": "web", "mode": "http", "port": taken.local_addr().unwrap().port(), "backend": "site"}]});
+    assert_eq!(app.post("/v1/routers", json!({"name": "busy", "spec": busy.take()})).await.status, StatusCode::CREATED);
+    let failed = app.run("router", "busy", json!({"action": "create"})).await;
+    assert_eq!(
+        (failed["status"].as_str(), failed["error"]["code"].as_str()),
+        (Some("failed"), Some("start_failed")),
+        "{failed}"
+    );
+    assert!(failed["error"]["message"].as_str().unwrap().contains("cannot bind"), "{failed}");
+    assert_eq!(app.get("/v1/routers/busy").await.body["state"], "failed");
+    assert_eq!(app.run("router", "busy", json!({"action": "destroy"})).await["status"], "succeeded");
+
     // Destroy stops HAProxy; the port is free again.
     let pid: i32 = std::fs::read_dir(app.data_dir.path().join("routers"))
         .unwrap()

@@ -76,3 +76,14 @@ pub async fn serve(dir: &Path) -> (drover_api::app::Server, Api) {
     let api = Api { base: format!("http://{}", server.addr), http: reqwest::Client::new() };
     (server, api)
 }
+
+/// Kills whatever a bench's drover started under its data directory
+/// (instances, HAProxies: daemons that outlive drover) when dropped, so
+/// that a bench, ended or panicking, leaves nothing running.
+pub struct KillOnDrop(pub std::path::PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        drover_ops::local::testing::kill_everything_under(&self.0);
+    }
+}

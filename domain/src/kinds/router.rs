@@ -491,24 +491,30 @@ pub struct SwapParams {
 
 impl ActionParams for SwapParams {
     fn check(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
-        if !super::is_name(&self.backend) {
-            errors.push(FieldError::new("params.backend", "a backend's name"));
-        }
-        if self.verify_secs > 3600 {
-            errors.push(FieldError::new("params.verify_secs", "at most 3600"));
-        }
-        if !(1..=1800).contains(&self.health_timeout_secs) {
-            errors.push(FieldError::new("params.health_timeout_secs", "from 1 to 1800"));
-        }
-        if !(0.0..=1.0).contains(&self.max_error_rate) {
-            errors.push(FieldError::new("params.max_error_rate", "a share between 0 and 1"));
-        }
+        let mut errors = check_move(&self.backend, self.verify_secs, self.max_error_rate, self.health_timeout_secs);
         if self.to.key().trim().is_empty() {
             errors.push(FieldError::new("params.to", "names a service or a cluster"));
         }
         errors
     }
+}
+
+/// The checks a swap's and a swap-back's parameters share.
+fn check_move(backend: &str, verify_secs: u64, max_error_rate: f64, health_timeout_secs: u64) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if !super::is_name(backend) {
+        errors.push(FieldError::new("params.backend", "a backend's name"));
+    }
+    if verify_secs > 3600 {
+        errors.push(FieldError::new("params.verify_secs", "at most 3600"));
+    }
+    if !(0.0..=1.0).contains(&max_error_rate) {
+        errors.push(FieldError::new("params.max_error_rate", "a share between 0 and 1"));
+    }
+    if !(1..=1800).contains(&health_timeout_secs) {
+        errors.push(FieldError::new("params.health_timeout_secs", "from 1 to 1800"));
+    }
+    errors
 }
 
 /// `swap-back`'s parameters (the run completes them with `to`, the
@@ -534,20 +540,7 @@ pub struct SwapBackParams {
 
 impl ActionParams for SwapBackParams {
     fn check(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
-        if !super::is_name(&self.backend) {
-            errors.push(FieldError::new("params.backend", "a backend's name"));
-        }
-        if self.verify_secs > 3600 {
-            errors.push(FieldError::new("params.verify_secs", "at most 3600"));
-        }
-        if !(0.0..=1.0).contains(&self.max_error_rate) {
-            errors.push(FieldError::new("params.max_error_rate", "a share between 0 and 1"));
-        }
-        if !(1..=1800).contains(&self.health_timeout_secs) {
-            errors.push(FieldError::new("params.health_timeout_secs", "from 1 to 1800"));
-        }
-        errors
+        check_move(&self.backend, self.verify_secs, self.max_error_rate, self.health_timeout_secs)
     }
 }
 
