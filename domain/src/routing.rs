@@ -142,7 +142,13 @@ pub trait RouterConfigStore: Send + Sync + 'static {
     async fn router_config(&self, router: Uuid, version: i64) -> Result<Option<RouterConfig>>;
     /// The newest version, and the newest that was applied.
     async fn last_router_configs(&self, router: Uuid) -> Result<(Option<RouterConfig>, Option<RouterConfig>)>;
+    /// Forgets the versions older than `before`, except each router's
+    /// serving one (its newest applied) and those after it.
+    async fn prune_router_configs(&self, before: Time) -> Result<u64>;
 }
+
+/// How long configuration versions are kept (the serving one always is).
+pub const KEEP_CONFIGS: chrono::Duration = chrono::Duration::days(30);
 
 /// Why a balancer did not put a configuration in place.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -602,6 +608,11 @@ impl Routing {
             tokio::time::sleep(DEBOUNCE).await;
             ticks.borrow_and_update();
             self.keep_all(&worker, every * 2, by).await;
+            if by == "observer" {
+                if let Err(e) = self.configs.prune_router_configs(Utc::now() - KEEP_CONFIGS).await {
+                    warn!(error = %e, "could not forget old router configurations");
+                }
+            }
         }
     }
 }

@@ -1248,4 +1248,21 @@ async fn router_configs_are_numbered_per_router_and_the_serving_one_is_found(sto
     assert_eq!(rest.iter().map(|c| c.version).collect::<Vec<_>>(), [1]);
     assert_eq!(configs.router_config(a.id, 2).await.unwrap().unwrap().outcome, Outcome::Invalid);
     assert!(configs.router_config(a.id, 9).await.unwrap().is_none());
+
+    // Old versions are forgotten, but never the serving one nor any after it.
+    let old = Utc::now() - chrono::Duration::days(40);
+    let c = cluster(&store, "edge-c").await;
+    for outcome in [Outcome::Applied, Outcome::Invalid, Outcome::Applied, Outcome::Held] {
+        configs.insert_router_config(&NewRouterConfig { at: old, ..new(c.id, outcome, "old") }).await.unwrap();
+    }
+    configs.insert_router_config(&new(c.id, Outcome::Applied, "now")).await.unwrap();
+    let d = cluster(&store, "edge-d").await;
+    for outcome in [Outcome::Applied, Outcome::Invalid] {
+        configs.insert_router_config(&NewRouterConfig { at: old, ..new(d.id, outcome, "old") }).await.unwrap();
+    }
+    assert_eq!(configs.prune_router_configs(Utc::now() - chrono::Duration::days(30)).await.unwrap(), 4);
+    let versions = |v: Vec<drover_domain::routing::RouterConfig>| v.iter().map(|c| c.version).collect::<Vec<_>>();
+    assert_eq!(versions(configs.list_router_configs(c.id, None, 10).await.unwrap()), [5]);
+    assert_eq!(versions(configs.list_router_configs(d.id, None, 10).await.unwrap()), [2, 1], "the serving one stays");
+    assert_eq!(versions(configs.list_router_configs(a.id, None, 10).await.unwrap()), [3, 2, 1], "recent ones stay");
 }

@@ -1,5 +1,6 @@
 //! Router configuration versions ([`RouterConfigStore`]).
 
+use drover_domain::model::Time;
 use drover_domain::routing::{Hold, NewRouterConfig, Outcome, RouteTable, RouterConfig, RouterConfigStore};
 use drover_domain::{Error, Result};
 use sqlx::types::Json;
@@ -100,5 +101,15 @@ impl<B: Backend> RouterConfigStore for SqlStore<B> {
         .bind(router);
         let applied = self.fetch_optional::<Row>("read the serving router configuration", applied).await?;
         Ok((last, applied.map(RouterConfig::try_from).transpose()?))
+    }
+
+    async fn prune_router_configs(&self, before: Time) -> Result<u64> {
+        let sql = Sql::new(
+            "DELETE FROM router_configs WHERE at < $1 AND version < (
+                SELECT MAX(s.version) FROM router_configs s
+                WHERE s.router_id = router_configs.router_id AND s.outcome = 'applied')",
+        )
+        .bind(Ts(before));
+        self.execute("forget old router configurations", sql).await
     }
 }
