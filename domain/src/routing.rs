@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::kinds::router::{self, Spec, Target};
-use crate::model::{NewEvent, PageRequest, Resource, ResourceFilter, ResourceKey, Time};
+use crate::model::{NewEvent, Resource, ResourceKey, Time};
 use crate::ports::{DiscoveryStore, Job, Provider, ProviderError, RunContext, Store};
 
 /// How long the keeper lets a burst of registry changes settle before it
@@ -246,7 +246,7 @@ pub struct Routing {
     discovery: Arc<dyn DiscoveryStore>,
     configs: Arc<dyn RouterConfigStore>,
     balancers: BTreeMap<String, Arc<dyn Balancer>>,
-    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Locks,
     /// How each router's last render went, in this process (the renderer
     /// of a router is the holder of its observation lease, so this is
     /// where its observer looks).
@@ -255,6 +255,19 @@ pub struct Routing {
     wake: Notify,
     /// The providers whose routers this process keeps (`None`: all).
     only: Option<Vec<String>>,
+}
+
+/// A lock per router: what works on one router (a render, a reload) does
+/// it one at a time.
+#[derive(Default)]
+pub struct Locks(Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Locks {
+    /// Waits for `router`'s lock; held until the guard drops.
+    pub async fn lock(&self, router: Uuid) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.0.lock().expect("not poisoned").entry(router).or_default().clone();
+        lock.lock_owned().await
+    }
 }
 
 /// How a router's last render went.
@@ -277,7 +290,7 @@ impl Routing {
             discovery,
             configs,
             balancers,
-            locks: Mutex::default(),
+            locks: Locks::default(),
             status: Mutex::default(),
             wake: Notify::new(),
             only: None,
@@ -300,10 +313,6 @@ impl Routing {
         self.balancers
             .get(provider)
             .ok_or_else(|| BalancerError::fatal("unknown_provider", format!("no balancer for provider {provider:?}")))
-    }
-
-    fn lock(&self, router: Uuid) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.lock().expect("not poisoned").entry(router).or_default().clone()
     }
 
     /// The configuration versions of a router, newest first.
@@ -364,8 +373,7 @@ impl Routing {
     /// when that differs from what serves (or `force`: a run's), puts it in
     /// place; records what it did. `by`: a run's id, `registry`, `observer`.
     pub async fn render(&self, router: &Resource, spec: &Spec, by: &str, force: bool) -> Result<Rendered, RenderError> {
-        let lock = self.lock(router.id);
-        let _held = lock.lock().await;
+        let _one = self.locks.lock(router.id).await;
         let balancer = self.balancer(&spec.provider)?.clone();
         let (servers, may_empty) = self.servers(spec).await?;
         let (last, last_applied) = self.configs.last_router_configs(router.id).await?;
@@ -536,33 +544,18 @@ impl Routing {
     /// One round: renders every `up` router this replica holds the lease
     /// of and no run is working on.
     pub async fn keep_all(&self, worker: &str, lease_for: Duration, by: &str) {
-        let mut after = None;
-        loop {
-            let page = match self
-                .store
-                .list_resources(router::KIND, &ResourceFilter::default(), PageRequest { after, limit: 200 })
-                .await
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(error = %e, "routing keeper could not list routers");
-                    return;
+        let up = router::State::Up.as_str();
+        match crate::service::live_where(self.store.as_ref(), router::KIND, |r| r.state == up).await {
+            Ok(routers) => {
+                for r in &routers {
+                    self.keep(r, worker, lease_for, by).await;
                 }
-            };
-            for r in &page {
-                self.keep(r, worker, lease_for, by).await;
             }
-            match page.last() {
-                Some(last) if page.len() == 200 => after = Some(last.id),
-                _ => break,
-            }
+            Err(e) => warn!(error = %e, "routing keeper could not list routers"),
         }
     }
 
     async fn keep(&self, r: &Resource, worker: &str, lease_for: Duration, by: &str) {
-        if r.state != router::State::Up.as_str() {
-            return;
-        }
         let Some(applied) = r.applied_spec.as_ref() else { return };
         let provider = r.kind.provider_of(applied);
         if self.only.as_ref().is_some_and(|only| !only.contains(&provider)) {

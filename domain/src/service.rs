@@ -357,30 +357,20 @@ impl Service {
     /// of the kind holds, each naming its field and the holder.
     async fn claimed_by_others(&self, kind: Kind, name: &str, spec: &Value) -> Result<Vec<FieldError>> {
         let wanted = kind.claims(spec);
-        let mut errors = Vec::new();
         if wanted.is_empty() {
-            return Ok(errors);
+            return Ok(Vec::new());
         }
-        let mut after = None;
-        loop {
-            let page =
-                self.store.list_resources(kind, &ResourceFilter::default(), PageRequest { after, limit: 500 }).await?;
-            for other in page.iter().filter(|o| o.name != name && o.state != kind.final_state()) {
-                let held = kind.claims(&other.spec);
-                for (claim, field) in &wanted {
-                    if let Some((_, theirs)) = held.iter().find(|(c, _)| c == claim) {
-                        errors.push(FieldError::new(
-                            field,
-                            format!("{claim} is taken by {} {} ({theirs})", kind, other.name),
-                        ));
-                    }
+        let mut errors = Vec::new();
+        for other in live_where(self.store.as_ref(), kind, |o| o.name != name).await? {
+            let held = kind.claims(&other.spec);
+            for (claim, field) in &wanted {
+                if let Some((_, theirs)) = held.iter().find(|(c, _)| c == claim) {
+                    errors
+                        .push(FieldError::new(field, format!("{claim} is taken by {kind} {} ({theirs})", other.name)));
                 }
             }
-            match page.last() {
-                Some(last) if page.len() == 500 => after = Some(last.id),
-                _ => return Ok(errors),
-            }
         }
+        Ok(errors)
     }
 
     /// The path from `from` back to the resource named `name` through the

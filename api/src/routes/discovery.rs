@@ -17,7 +17,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::resources::parse_wait;
+use super::resources::{page_limit, parse_wait};
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::*;
@@ -135,10 +135,7 @@ async fn discovery_changes(
     if after < 0 {
         return Err(Problem::invalid("after", "must be 0 or more"));
     }
-    let limit = match q.limit.unwrap_or(200) {
-        l @ 1..=1000 => l,
-        _ => return Err(Problem::invalid("limit", "must be between 1 and 1000")),
-    };
+    let limit = page_limit(q.limit, 200, 1000)?;
     let changes = s.discovery.changes(after, q.service.as_deref(), limit).await?;
     let next_after = changes.last().map_or(after, |c| c.index);
     Ok(Json(DiscoveryChangePage { changes: changes.into_iter().map(Into::into).collect(), next_after }))

@@ -169,9 +169,14 @@ pub struct ListQuery {
 }
 
 pub fn page(limit: Option<u32>, cursor: Option<Uuid>) -> ApiResult<PageRequest> {
-    match limit.unwrap_or(50) {
-        l @ 1..=500 => Ok(PageRequest { after: cursor, limit: l }),
-        _ => Err(Problem::invalid("limit", "must be between 1 and 500")),
+    Ok(PageRequest { after: cursor, limit: page_limit(limit, 50, 500)? })
+}
+
+/// A `limit` query parameter: `default` when absent, else from 1 to `max`.
+pub fn page_limit(limit: Option<u32>, default: u32, max: u32) -> ApiResult<u32> {
+    match limit.unwrap_or(default) {
+        l if (1..=max).contains(&l) => Ok(l),
+        _ => Err(Problem::invalid("limit", format!("must be between 1 and {max}"))),
     }
 }
 

@@ -11,6 +11,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::resources::page_limit;
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::*;
@@ -69,10 +70,7 @@ async fn list_router_configs(
     if q.before.is_some_and(|b| b < 1) {
         return Err(Problem::invalid("before", "must be 1 or more"));
     }
-    let limit = match q.limit.unwrap_or(20) {
-        l @ 1..=100 => l,
-        _ => return Err(Problem::invalid("limit", "must be between 1 and 100")),
-    };
+    let limit = page_limit(q.limit, 20, 100)?;
     let r = s.service.get(router::KIND, &id).await?;
     let configs = s.routing.configs(r.id, q.before, limit).await?;
     let next_before = match configs.last() {

@@ -18,7 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::resources::{page, parse_wait};
+use super::resources::{page, page_limit, parse_wait};
 use super::AppState;
 use crate::auth::Caller;
 use crate::dto::*;
@@ -202,10 +202,7 @@ async fn transition_events(
     ApiQuery(q): ApiQuery<EventQuery>,
 ) -> ApiResult<Response> {
     caller.require("transitions:read")?;
-    let limit = match q.limit.unwrap_or(200) {
-        l @ 1..=1000 => l,
-        _ => return Err(Problem::invalid("limit", "must be between 1 and 1000")),
-    };
+    let limit = page_limit(q.limit, 200, 1000)?;
     let wait = parse_wait(q.wait.as_deref())?;
     let wants_stream =
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/event-stream"));

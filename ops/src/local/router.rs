@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use drover_domain::kinds::router::{self, Check, Mode};
 use drover_domain::model::Resource;
-use drover_domain::routing::{Balancer, BalancerError, BalancerStatus, Counters, RouteTable, ServerHealth};
+use drover_domain::routing::{Balancer, BalancerError, BalancerStatus, Counters, Locks, RouteTable, ServerHealth};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,8 +43,8 @@ const STOP_WAIT: Duration = Duration::from_secs(15);
 /// The HAProxy balancer of the local provider.
 pub struct LocalHaproxy {
     root: PathBuf,
-    /// Reloads of one router go one at a time.
-    locks: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    /// Reloads and stops of one router go one at a time.
+    locks: Locks,
 }
 
 impl LocalHaproxy {
@@ -54,10 +54,6 @@ impl LocalHaproxy {
 
     fn dir(&self, router: &Resource) -> PathBuf {
         self.root.join(router.id.to_string())
-    }
-
-    fn lock(&self, router: &Resource) -> std::sync::Arc<tokio::sync::Mutex<()>> {
-        self.locks.lock().expect("not poisoned").entry(router.id).or_default().clone()
     }
 }
 
@@ -92,8 +88,28 @@ fn tidy(out: &[u8], dir: &Path) -> String {
     lines[start..].join("\n")
 }
 
+/// The tail of HAProxy's own log (its start-up messages).
+fn log_tail(dir: &Path) -> String {
+    tidy(&std::fs::read(dir.join(LOG)).unwrap_or_default(), dir)
+}
+
+/// Polls the master CLI's workers until `serving` says yes (true), or for
+/// [`RELOAD_WAIT`] (false).
+async fn until_workers(dir: &Path, every: Duration, serving: impl Fn(&[u32]) -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
+    loop {
+        if workers(dir).await.is_ok_and(|w| serving(&w)) {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// The master's pid, when one runs for this directory.
-fn master(dir: &Path) -> Option<u32> {
+pub(super) fn master(dir: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(dir.join(PIDFILE)).ok()?.trim().parse().ok()?;
     start_ticks(pid)?;
     // A reused pid runs something else: the master's command line names our config.
@@ -234,8 +250,7 @@ impl Balancer for LocalHaproxy {
     }
 
     async fn apply(&self, router: &Resource, config: &str) -> Result<(), BalancerError> {
-        let lock = self.lock(router);
-        let _one = lock.lock().await;
+        let _one = self.locks.lock(router.id).await;
         let binary = haproxy_binary()?;
         let dir = self.dir(router);
         std::fs::create_dir_all(&dir).map_err(io("create the router's directory"))?;
@@ -273,25 +288,18 @@ impl Balancer for LocalHaproxy {
                     retryable: true,
                 })?;
                 // Loaded once a worker that was not there before serves.
-                let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
-                loop {
-                    if let Ok(now) = workers(&dir).await {
-                        if now.iter().any(|w| !before.contains(w)) {
-                            return Ok(());
-                        }
-                    }
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(BalancerError::Failed {
-                            code: "reload_failed".into(),
-                            message: format!(
-                                "HAProxy did not start a worker on the new configuration within {}s: {}",
-                                RELOAD_WAIT.as_secs(),
-                                tidy(&std::fs::read(dir.join(LOG)).unwrap_or_default(), &dir)
-                            ),
-                            retryable: true,
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                let loaded = |now: &[u32]| now.iter().any(|w| !before.contains(w));
+                match until_workers(&dir, Duration::from_millis(10), loaded).await {
+                    true => Ok(()),
+                    false => Err(BalancerError::Failed {
+                        code: "reload_failed".into(),
+                        message: format!(
+                            "HAProxy did not start a worker on the new configuration within {}s: {}",
+                            RELOAD_WAIT.as_secs(),
+                            log_tail(&dir)
+                        ),
+                        retryable: true,
+                    }),
                 }
             }
             None => {
@@ -314,23 +322,23 @@ impl Balancer for LocalHaproxy {
                     .await
                     .map_err(io("start HAProxy"))?;
                 if !started.success() {
-                    let why = tidy(&std::fs::read(dir.join(LOG)).unwrap_or_default(), &dir);
-                    return Err(BalancerError::fatal("start_failed", format!("HAProxy did not start: {why}")));
+                    return Err(BalancerError::fatal(
+                        "start_failed",
+                        format!("HAProxy did not start: {}", log_tail(&dir)),
+                    ));
                 }
                 // Serving once its master answers with a worker.
-                let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
-                loop {
-                    if master(&dir).is_some() && workers(&dir).await.is_ok_and(|w| !w.is_empty()) {
-                        return Ok(());
-                    }
-                    if tokio::time::Instant::now() > deadline {
-                        let why = tidy(&std::fs::read(dir.join(LOG)).unwrap_or_default(), &dir);
-                        return Err(BalancerError::fatal(
-                            "start_failed",
-                            format!("HAProxy started but did not serve within {}s: {why}", RELOAD_WAIT.as_secs()),
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                let serving = |w: &[u32]| !w.is_empty() && master(&dir).is_some();
+                match until_workers(&dir, Duration::from_millis(20), serving).await {
+                    true => Ok(()),
+                    false => Err(BalancerError::fatal(
+                        "start_failed",
+                        format!(
+                            "HAProxy started but did not serve within {}s: {}",
+                            RELOAD_WAIT.as_secs(),
+                            log_tail(&dir)
+                        ),
+                    )),
                 }
             }
         }
@@ -340,9 +348,9 @@ impl Balancer for LocalHaproxy {
         let dir = self.dir(router);
         if master(&dir).is_none() {
             let problem = match dir.join(LOG).exists() {
-                true => Some(tidy(&std::fs::read(dir.join(LOG)).unwrap_or_default(), &dir))
-                    .filter(|s| !s.is_empty())
-                    .or(Some("HAProxy's master is not running".into())),
+                true => {
+                    Some(log_tail(&dir)).filter(|s| !s.is_empty()).or(Some("HAProxy's master is not running".into()))
+                }
                 false => Some("HAProxy was never started for this router".into()),
             };
             return BalancerStatus { running: false, problem, servers: Vec::new() };
@@ -366,8 +374,7 @@ impl Balancer for LocalHaproxy {
     }
 
     async fn stop(&self, router: &Resource) -> Result<(), BalancerError> {
-        let lock = self.lock(router);
-        let _one = lock.lock().await;
+        let _one = self.locks.lock(router.id).await;
         let dir = self.dir(router);
         let Some(pid) = master(&dir) else { return Ok(()) };
         let ticks = start_ticks(pid);

@@ -77,15 +77,9 @@ impl Sampler {
 /// the drover that ran them.
 pub fn kill_everything_under(data_dir: &std::path::Path) {
     for d in std::fs::read_dir(data_dir.join("routers")).into_iter().flatten().flatten() {
-        let Some(pid) =
-            std::fs::read_to_string(d.path().join("haproxy.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&*d.path().to_string_lossy()) {
+        if let Some(pid) = super::router::master(&d.path()) {
             // The master's session holds its workers: -D makes it a group leader.
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
     for kind in ["clusters", "services"] {
