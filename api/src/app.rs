@@ -236,7 +236,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             store.clone(),
             stores.discovery.clone(),
             stores.routers.clone(),
-            drover_ops::local::balancers(&data_dir),
+            drover_ops::local::balancers(&data_dir)
+                .into_iter()
+                .chain(drover_ops::aws::balancers(cfg.aws.clone()))
+                .collect(),
         )
         .only(cfg.engine.providers.clone()),
     );

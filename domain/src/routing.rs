@@ -227,6 +227,17 @@ pub trait Balancer: Send + Sync + 'static {
 
     /// Stops and removes what the router left on the machine.
     async fn remove(&self, router: &Resource) -> Result<(), BalancerError>;
+
+    /// Where clients reach the router's frontends, when the balancer
+    /// decides it (an ALB's DNS name); `None`: the spec's address.
+    async fn endpoint(&self, _router: &Resource) -> Option<String> {
+        None
+    }
+
+    /// How often a swap looks at the checks and counters.
+    fn look_every(&self) -> Duration {
+        Duration::from_millis(100)
+    }
 }
 
 /// What [`Routing::render`] did.
@@ -330,7 +341,7 @@ impl Routing {
         let mut servers = BTreeMap::new();
         let mut may_empty = BTreeMap::new();
         for b in &spec.backends {
-            let seen = self.target(&b.target).await?;
+            let seen = self.target(&b.target, b.port).await?;
             if let Some(why) = seen.resting {
                 may_empty.insert(b.name.clone(), why);
             }
@@ -340,8 +351,9 @@ impl Routing {
     }
 
     /// A target's servers as drover sees them now, and whether it rests on
-    /// purpose (stopped, destroyed, gone: why).
-    async fn target(&self, target: &Target) -> Result<TargetSeen> {
+    /// purpose (stopped, destroyed, gone: why). `port`: a cluster's
+    /// instances' port when they do not say (aws).
+    async fn target(&self, target: &Target, port: Option<u16>) -> Result<TargetSeen> {
         let found = self.store.get_resource(target.kind(), &ResourceKey::parse(target.key())).await?;
         let Some(r) = found else {
             let why = format!("{} {} does not exist", target.kind(), target.key());
@@ -361,7 +373,9 @@ impl Routing {
                     .collect();
                 (list, &["pending", "stopping", "stopped", "destroying", "destroyed"])
             }
-            Target::Cluster(_) => (cluster_servers(&r), &["pending", "stopping", "down", "destroying", "destroyed"]),
+            Target::Cluster(_) => {
+                (cluster_servers(&r, port), &["pending", "stopping", "down", "destroying", "destroyed"])
+            }
         };
         servers.sort();
         let resting =
@@ -506,7 +520,7 @@ impl Routing {
             ),
             (RenderStatus::Serving, true) => ("serving", "serving".to_string()),
         };
-        // HAProxy's own view: servers its checks do not find up, and
+        // The balancer's own view: servers its checks do not find up, and
         // backends none of whose servers are (a swap's shadow aside).
         let live: Vec<&ServerHealth> = status.servers.iter().filter(|s| !router::is_shadow(&s.backend)).collect();
         let down: Vec<String> = live
@@ -529,7 +543,11 @@ impl Routing {
         }
         if !down.is_empty() {
             let first: Vec<&str> = down.iter().take(5).map(String::as_str).collect();
-            summary.push_str(&format!("; {} server(s) not up by HAProxy's checks: {}", down.len(), first.join(", ")));
+            summary.push_str(&format!(
+                "; {} server(s) not up by the load balancer's checks: {}",
+                down.len(),
+                first.join(", ")
+            ));
         }
         json!({
             "healthy": matches!(state, "serving" | "held" | "stopped") && dark.is_empty(),
@@ -638,17 +656,28 @@ impl From<RenderError> for ProviderError {
     }
 }
 
-/// A local cluster's instances, from its outputs.
-fn cluster_servers(r: &Resource) -> Vec<Server> {
-    r.outputs["instances"]
-        .as_array()
+/// A cluster's instances: a local cluster's from its outputs (each says
+/// its port); an aws cluster's running ones as the observer last saw them
+/// (or its last run left them), on `port` (default 80).
+fn cluster_servers(r: &Resource, port: Option<u16>) -> Vec<Server> {
+    let local = r.outputs["instances"].as_array().into_iter().flatten().filter_map(|i| {
+        let index = i["index"].as_u64()?;
+        let port = u16::try_from(i["port"].as_u64()?).ok()?;
+        let address = i["address"].as_str().unwrap_or("127.0.0.1").to_string();
+        Some(Server { name: format!("{}-{index}", r.name), address, port })
+    });
+    let local: Vec<Server> = local.collect();
+    if !local.is_empty() {
+        return local;
+    }
+    let seen = r.observed.as_ref().and_then(|o| o["instances"].as_array()).filter(|l| !l.is_empty());
+    seen.or_else(|| r.outputs["instances"].as_array())
         .into_iter()
         .flatten()
+        .filter(|i| i["state"] == "running")
         .filter_map(|i| {
-            let index = i["index"].as_u64()?;
-            let port = u16::try_from(i["port"].as_u64()?).ok()?;
-            let address = i["address"].as_str().unwrap_or("127.0.0.1").to_string();
-            Some(Server { name: format!("{}-{index}", r.name), address, port })
+            let address = i["private_ip"].as_str()?.to_string();
+            Some(Server { name: i["id"].as_str()?.to_string(), address, port: port.unwrap_or(80) })
         })
         .collect()
 }
@@ -715,9 +744,13 @@ impl Provider for RouterRuns {
                             msg.push_str(&format!("; held: {holds}"));
                         }
                         ctx.event(NewEvent::info("config", msg).with_data(json!({ "version": c.version }))).await;
-                        Ok(keeping_swaps(outputs(&spec, Some(c.version)), job))
+                        let at = balancer.endpoint(&job.resource).await;
+                        Ok(keeping_swaps(outputs(&spec, Some(c.version), at.as_deref()), job))
                     }
-                    Rendered::Unchanged => Ok(keeping_swaps(outputs(&spec, None), job)),
+                    Rendered::Unchanged => {
+                        let at = balancer.endpoint(&job.resource).await;
+                        Ok(keeping_swaps(outputs(&spec, None, at.as_deref()), job))
+                    }
                     Rendered::Invalid(reason) => Err(ProviderError::fatal(
                         "invalid_config",
                         format!("the load balancer refused the configuration: {reason}"),
@@ -750,8 +783,6 @@ impl Provider for RouterRuns {
     }
 }
 
-/// How often a swap looks at the load balancer's checks and counters.
-const LOOK_EVERY: Duration = Duration::from_millis(100);
 /// Fewer requests than this in the verify window say nothing of an error
 /// rate: the guard needs at least these many to swap back.
 const GUARD_MIN_REQUESTS: u64 = 10;
@@ -785,7 +816,7 @@ impl RouterRuns {
             .ok_or_else(|| ProviderError::fatal("invalid_params", "the swap's parameters leave no valid spec"))?;
 
         // 1. The new target is up, with servers, as drover sees it.
-        let seen = self.routing.target(&m.to).await.map_err(RenderError::from)?;
+        let seen = self.routing.target(&m.to, backend.port).await.map_err(RenderError::from)?;
         let up = matches!(seen.state.as_deref(), Some("running" | "up"));
         if !up || seen.servers.is_empty() {
             let state = seen.state.unwrap_or_else(|| "missing".into());
@@ -806,12 +837,14 @@ impl RouterRuns {
         .await;
 
         // 2. Every server of it passes the balancer's own health checks.
+        let look = balancer.look_every();
         let shadow_name = router::shadow_name(&m.backend);
         let mut shadowed = spec.clone();
         shadowed.backends.push(router::Backend {
             name: shadow_name.clone(),
             target: m.to.clone(),
             check: Some(spec.check_of(backend)),
+            port: backend.port,
             standby: None,
             keep_until: None,
         });
@@ -853,13 +886,13 @@ impl RouterRuns {
                     ),
                 ));
             }
-            tokio::time::sleep(LOOK_EVERY).await;
+            tokio::time::sleep(look).await;
         }
 
         // 3. Traffic moves.
         let moved_at = Utc::now();
         self.render_or_fail(router, &after, &by).await?;
-        let before = balancer.counters(router, &m.backend).await.unwrap_or_default();
+        let counting = balancer.counters(router, &m.backend).await;
         ctx.event(
             NewEvent::info(
                 "traffic",
@@ -869,47 +902,93 @@ impl RouterRuns {
         )
         .await;
 
-        // 4. The guard.
+        // 4. The guard: the share of failed requests through the backend
+        // or, where the balancer does not count them as they happen, the
+        // share of its servers that fail the balancer's checks.
+        if counting.is_none() {
+            let msg = format!(
+                "the load balancer does not count requests as they happen: the guard watches its health checks of \
+                 backend {}'s servers instead, and swaps back when more than {:.1}% of them fail",
+                m.backend,
+                m.max_error_rate * 100.0
+            );
+            ctx.event(NewEvent::info("guard", msg)).await;
+        }
+        let before = counting.unwrap_or_default();
         let verify = Duration::from_secs(m.verify_secs);
         let until = tokio::time::Instant::now() + verify;
         let mut last = Counters::default();
+        let mut failing = (0, 0);
         while tokio::time::Instant::now() < until {
-            tokio::time::sleep(LOOK_EVERY.min(verify)).await;
-            let now = balancer.counters(router, &m.backend).await.unwrap_or(last);
-            last = Counters {
-                requests: now.requests.saturating_sub(before.requests),
-                failed: now.failed.saturating_sub(before.failed),
+            tokio::time::sleep(look.min(verify)).await;
+            let crossed = match counting {
+                Some(_) => {
+                    let now = balancer.counters(router, &m.backend).await.unwrap_or(last);
+                    last = Counters {
+                        requests: now.requests.saturating_sub(before.requests),
+                        failed: now.failed.saturating_sub(before.failed),
+                    };
+                    let rate = last.failed as f64 / last.requests.max(1) as f64;
+                    (last.requests >= GUARD_MIN_REQUESTS && rate > m.max_error_rate).then(|| {
+                        format!(
+                            "{} of {} requests through backend {} failed after the swap to {} ({:.1}%, more than {:.1}%)",
+                            last.failed,
+                            last.requests,
+                            m.backend,
+                            what(&m.to),
+                            rate * 100.0,
+                            m.max_error_rate * 100.0
+                        )
+                    })
+                }
+                None => {
+                    let status = balancer.status(router).await;
+                    let of: Vec<&ServerHealth> = status.servers.iter().filter(|s| s.backend == m.backend).collect();
+                    let down: Vec<String> = of
+                        .iter()
+                        .filter(|s| s.status != "UP")
+                        .map(|s| format!("{} {} ({})", s.server, s.status, s.check))
+                        .collect();
+                    failing = (down.len(), of.len());
+                    let rate = down.len() as f64 / of.len().max(1) as f64;
+                    (!of.is_empty() && rate > m.max_error_rate).then(|| {
+                        format!(
+                            "{} of {} servers of backend {} fail the load balancer's checks after the swap to {} \
+                             ({:.1}%, more than {:.1}%): {}",
+                            down.len(),
+                            of.len(),
+                            m.backend,
+                            what(&m.to),
+                            rate * 100.0,
+                            m.max_error_rate * 100.0,
+                            down.join(", ")
+                        )
+                    })
+                }
             };
-            let rate = last.failed as f64 / last.requests.max(1) as f64;
-            let crossed = last.requests >= GUARD_MIN_REQUESTS && rate > m.max_error_rate;
-            if crossed || ctx.cancel_requested() {
+            if crossed.is_some() || ctx.cancel_requested() {
                 self.render_or_fail(router, spec, &by).await?;
                 let back = format!("traffic is back on {}", what(&from));
                 ctx.event(NewEvent::info("traffic", back.clone()).with_level(crate::model::Level::Warn)).await;
-                if !crossed {
-                    return Err(ProviderError::Cancelled);
-                }
-                return Err(ProviderError::fatal(
-                    "swapped_back",
-                    format!(
-                        "{} of {} requests through backend {} failed after the swap to {} ({:.1}%, more than {:.1}%): {back}",
-                        last.failed,
-                        last.requests,
-                        m.backend,
-                        what(&m.to),
-                        rate * 100.0,
-                        m.max_error_rate * 100.0
-                    ),
-                )
-                .with_detail(json!({ "requests": last.requests, "failed": last.failed, "swapped_back_at": Utc::now() })));
+                let Some(why) = crossed else { return Err(ProviderError::Cancelled) };
+                return Err(ProviderError::fatal("swapped_back", format!("{why}: {back}")).with_detail(json!({
+                    "requests": last.requests, "failed": last.failed,
+                    "servers": failing.1, "servers_failing": failing.0, "swapped_back_at": Utc::now()
+                })));
             }
         }
-        let msg = format!(
-            "verified for {}s: {} of {} requests failed through backend {}",
-            m.verify_secs, last.failed, last.requests, m.backend
-        );
+        let msg = match counting {
+            Some(_) => format!(
+                "verified for {}s: {} of {} requests failed through backend {}",
+                m.verify_secs, last.failed, last.requests, m.backend
+            ),
+            None => format!(
+                "verified for {}s: {} of {} servers of backend {} failed the load balancer's checks",
+                m.verify_secs, failing.0, failing.1, m.backend
+            ),
+        };
         ctx.event(NewEvent::info("verify", msg)).await;
-        let mut out = outputs(&after, None);
+        let mut out = outputs(&after, None, balancer.endpoint(router).await.as_deref());
         let mut swaps = job.resource.outputs.get("swaps").cloned().unwrap_or_else(|| json!({}));
         swaps[&m.backend] = json!({ "run": job.run_id, "action": job.action, "from": from, "to": m.to,
             "moved_at": moved_at, "undoes": m.undoes, "requests": last.requests, "failed": last.failed });
@@ -937,11 +1016,13 @@ fn keeping_swaps(mut out: Value, job: &Job) -> Value {
     out
 }
 
-/// A router's outputs: where its frontends listen.
-fn outputs(spec: &Spec, version: Option<i64>) -> Value {
-    let host = match spec.address.contains(':') {
-        true => format!("[{}]", spec.address),
-        false => spec.address.clone(),
+/// A router's outputs: where its frontends listen (at `endpoint` when the
+/// balancer says, else at the spec's address).
+fn outputs(spec: &Spec, version: Option<i64>, endpoint: Option<&str>) -> Value {
+    let address = endpoint.unwrap_or(spec.address());
+    let host = match address.contains(':') {
+        true => format!("[{address}]"),
+        false => address.to_string(),
     };
     let frontends: Vec<Value> = spec
         .frontends

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use drover_domain::engine::{Engine, EngineConfig, Providers};
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
-use drover_ops::aws::testing::{base_ami, default_network, ec2, moto_clients, moto_settings, unique};
+use drover_ops::aws::testing::{base_ami, default_network, ec2, elbv2, moto_clients, moto_settings, unique};
 use drover_ops::aws::Clients;
 use drover_tests::{spawn_app_on_moto, spawn_app_on_moto_without_workers, Backend, TestApp};
 use reqwest::StatusCode;
@@ -714,4 +714,302 @@ async fn aws_clusters_deliver_settings_and_keep_secrets_out_of_user_data() {
 
     assert_eq!(app.run("cluster", &name, json!({"action": "destroy"})).await["status"], "succeeded");
     assert!(parameters_under(&aws, &path).await.is_empty(), "destroy takes the secrets away");
+}
+
+/// The router's load balancer, found by its drover tag.
+async fn alb_of(aws: &Aws, router_id: &str) -> Option<elbv2::types::LoadBalancer> {
+    let c = aws.clients.elb().await;
+    let all = c.describe_load_balancers().send().await.unwrap();
+    for lb in all.load_balancers() {
+        let arn = lb.load_balancer_arn().unwrap();
+        let tags = c.describe_tags().resource_arns(arn).send().await.unwrap();
+        let ours = tags
+            .tag_descriptions()
+            .iter()
+            .flat_map(|d| d.tags())
+            .any(|t| t.key() == Some("drover:resource") && t.value() == Some(router_id));
+        if ours {
+            return Some(lb.clone());
+        }
+    }
+    None
+}
+
+/// The router's target groups with their servers (`ip:port`, sorted), by arn.
+async fn groups_of(aws: &Aws, router_id: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let c = aws.clients.elb().await;
+    let mut out = std::collections::BTreeMap::new();
+    for g in c.describe_target_groups().send().await.unwrap().target_groups() {
+        let arn = g.target_group_arn().unwrap();
+        let tags = c.describe_tags().resource_arns(arn).send().await.unwrap();
+        let ours = tags
+            .tag_descriptions()
+            .iter()
+            .flat_map(|d| d.tags())
+            .any(|t| t.key() == Some("drover:resource") && t.value() == Some(router_id));
+        if !ours {
+            continue;
+        }
+        let health = c.describe_target_health().target_group_arn(arn).send().await.unwrap();
+        let mut servers: Vec<String> = health
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|t| t.target())
+            .map(|t| format!("{}:{}", t.id().unwrap(), t.port().unwrap()))
+            .collect();
+        servers.sort();
+        out.insert(arn.to_string(), servers);
+    }
+    out
+}
+
+/// `(priority, conditions, forwards)` of a listener's rules, the default's
+/// priority being `default`.
+async fn rules_of(aws: &Aws, listener: &str) -> Vec<(String, Vec<String>, Vec<(String, i32)>)> {
+    let c = aws.clients.elb().await;
+    let out = c.describe_rules().listener_arn(listener).send().await.unwrap();
+    let mut rules: Vec<_> = out
+        .rules()
+        .iter()
+        .map(|r| {
+            let conditions = r
+                .conditions()
+                .iter()
+                .map(|c| {
+                    let mut v: Vec<String> = c.values().to_vec();
+                    v.extend(c.host_header_config().map(|h| h.values().to_vec()).unwrap_or_default());
+                    v.extend(c.path_pattern_config().map(|p| p.values().to_vec()).unwrap_or_default());
+                    v.dedup();
+                    format!("{} {}", c.field().unwrap(), v.join(" "))
+                })
+                .collect();
+            let forwards = r
+                .actions()
+                .iter()
+                .flat_map(|a| a.forward_config().map(|f| f.target_groups().to_vec()).unwrap_or_default())
+                .map(|t| (t.target_group_arn().unwrap().to_string(), t.weight().unwrap_or(1)))
+                .collect();
+            (r.priority().unwrap().to_string(), conditions, forwards)
+        })
+        .collect();
+    rules.sort();
+    rules
+}
+
+/// The private `ip:port` of a cluster's running instances.
+async fn servers_of(aws: &Aws, cluster_id: &str, port: u16) -> Vec<String> {
+    let mut ips: Vec<String> = aws
+        .running_instances(cluster_id)
+        .await
+        .iter()
+        .map(|i| format!("{}:{port}", i.private_ip_address().unwrap()))
+        .collect();
+    ips.sort();
+    ips
+}
+
+/// Routers on aws through the API: an Application Load Balancer with a
+/// listener per frontend, a rule per host and path rule, a target group
+/// per backend fed from a cluster's instances (and following its scale),
+/// an apply that changes only the rules that differ, a blue/green swap
+/// and its swap-back, stop and start, destroy — cross-checked in moto.
+#[tokio::test]
+async fn aws_routers_are_application_load_balancers() {
+    let mut app = spawn_app_on_moto(Backend::Sqlite).await;
+    app.set_observe_every(Duration::from_millis(300)).await;
+    let aws = aws().await;
+    let (image, _) = built_image(&app, &aws).await;
+    let mut ids = std::collections::BTreeMap::new();
+    for (name, count) in [("blue", 2), ("green", 1)] {
+        let cluster = unique(name);
+        let created = create(&app, "cluster", &cluster, aws.cluster_spec(&image, count)).await;
+        let run = app.run("cluster", &cluster, json!({"action": "create"})).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        ids.insert(name, (cluster, created["id"].as_str().unwrap().to_string()));
+    }
+    let (blue, blue_id) = ids["blue"].clone();
+    let (green, green_id) = ids["green"].clone();
+    let env = unique("env");
+    create(&app, "environment", &env, json!({})).await;
+    // Two subnets of moto's default VPC, in two zones.
+    let subnets = aws.clients.ec2().await.describe_subnets().send().await.unwrap();
+    let mut zones = std::collections::BTreeMap::new();
+    for s in subnets.subnets() {
+        if s.default_for_az() == Some(true) {
+            zones.entry(s.availability_zone().unwrap().to_string()).or_insert(s.subnet_id().unwrap().to_string());
+        }
+    }
+    let two: Vec<String> = zones.into_values().take(2).collect();
+    assert_eq!(two.len(), 2, "moto's default VPC has subnets in two zones");
+
+    // Bad specs are refused naming the field, before anything is made.
+    let bad = json!({"environment": env, "provider": "aws", "subnets": [two[0]],
+        "frontends": [{"name": "pg", "mode": "tcp", "port": 5432, "backend": "db"}],
+        "backends": [{"name": "db", "target": {"cluster": blue}}]});
+    let r = app.post("/v1/routers", json!({"name": unique("bad"), "spec": bad})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    let text = r.body.to_string();
+    assert!(text.contains("spec.subnets") && text.contains("spec.frontends[0].mode"), "{text}");
+
+    let name = unique("edge");
+    let spec = json!({"environment": env, "provider": "aws", "subnets": two, "security_groups": [aws.sg],
+        "frontends": [{"name": "web", "mode": "http", "port": 80, "backend": "site",
+            "rules": [{"host": "api.example.com", "backend": "api"}, {"path_prefix": "/api", "backend": "api"}]}],
+        "backends": [{"name": "site", "target": {"cluster": blue}, "port": 8080},
+            {"name": "api", "target": {"cluster": green}, "port": 9090, "check": {"type": "http", "path": "/health"}}]});
+    let router = create(&app, "router", &name, spec).await;
+    let id = router["id"].as_str().unwrap().to_string();
+    let run = app.run("router", &name, json!({"action": "create"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    // The load balancer, its listener and rules, its target groups.
+    let lb = alb_of(&aws, &id).await.expect("the router's load balancer");
+    assert_eq!(lb.scheme().unwrap().as_str(), "internal");
+    assert_eq!(lb.security_groups(), std::slice::from_ref(&aws.sg));
+    let dns = lb.dns_name().unwrap().to_string();
+    let view = app.get(&format!("/v1/routers/{name}")).await.body;
+    assert_eq!(view["outputs"]["frontends"][0]["url"], format!("http://{dns}:80"), "{view}");
+    let elb = aws.clients.elb().await;
+    let listeners = elb.describe_listeners().load_balancer_arn(lb.load_balancer_arn().unwrap()).send().await.unwrap();
+    assert_eq!(listeners.listeners().len(), 1);
+    let listener = listeners.listeners()[0].clone();
+    assert_eq!(listener.port(), Some(80));
+    let listener_arn = listener.listener_arn().unwrap().to_string();
+    let groups = groups_of(&aws, &id).await;
+    assert_eq!(groups.len(), 2, "a group per backend: {groups:?}");
+    let group_with = |groups: &std::collections::BTreeMap<String, Vec<String>>, servers: &[String]| {
+        groups.iter().find(|(_, s)| s.as_slice() == servers).map(|(arn, _)| arn.clone())
+    };
+    let blue_servers = servers_of(&aws, &blue_id, 8080).await;
+    assert_eq!(blue_servers.len(), 2);
+    let site = group_with(&groups, &blue_servers).unwrap_or_else(|| panic!("blue's servers in a group: {groups:?}"));
+    let api = group_with(&groups, &servers_of(&aws, &green_id, 9090).await).expect("green's servers on 9090");
+    let api_group = elb.describe_target_groups().target_group_arns(&api).send().await.unwrap();
+    assert_eq!(api_group.target_groups()[0].health_check_path(), Some("/health"));
+    assert_eq!(api_group.target_groups()[0].target_type().unwrap().as_str(), "ip");
+    let rules = rules_of(&aws, &listener_arn).await;
+    assert_eq!(
+        rules,
+        [
+            ("1".into(), vec!["host-header api.example.com".into()], vec![(api.clone(), 1)]),
+            ("2".into(), vec!["path-pattern /api /api/*".into()], vec![(api.clone(), 1)]),
+            ("default".into(), vec![], vec![(site.clone(), 1)]),
+        ],
+        "first match wins, in the spec's order"
+    );
+
+    // The view: moto's health checks, and the configuration as a version.
+    let mut view = Value::Null;
+    for _ in 0..100 {
+        view = app.get(&format!("/v1/routers/{name}")).await.body;
+        if view["observed"]["servers"].as_array().is_some_and(|s| s.len() == 3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(view["observed"]["status"], "serving", "{view}");
+    assert_eq!(view["observed"]["healthy"], true, "{view}");
+    assert!(view["observed"]["servers"].as_array().unwrap().iter().all(|s| s["status"] == "UP"), "{view}");
+    let configs = app.get(&format!("/v1/routers/{name}/configs")).await.body;
+    let first = &configs["configs"].as_array().unwrap().last().unwrap();
+    assert_eq!(first["outcome"], "applied", "{configs}");
+    let text = app.get(&format!("/v1/routers/{name}/configs/{}", first["version"])).await.body;
+    let desired: Value = serde_json::from_str(text["config"].as_str().unwrap()).unwrap();
+    assert_eq!(desired["load_balancer"]["name"], lb.load_balancer_name().unwrap());
+
+    // A cluster that scales: its new instance is registered by the keeper.
+    let run = app.run("cluster", &blue, json!({"action": "add-instances", "params": {"n": 1}})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let blue_servers = servers_of(&aws, &blue_id, 8080).await;
+    assert_eq!(blue_servers.len(), 3);
+    let mut now = Vec::new();
+    for _ in 0..100 {
+        now = groups_of(&aws, &id).await.get(&site).cloned().unwrap_or_default();
+        if now == blue_servers {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(now, blue_servers, "the scaled cluster's servers, in the same group");
+
+    // apply: the host rule goes; the path rule takes its priority.
+    let frontends = json!([{"name": "web", "mode": "http", "port": 80, "backend": "site",
+        "rules": [{"path_prefix": "/api", "backend": "api"}]}]);
+    let r = app.patch(&format!("/v1/routers/{name}"), json!({"spec": {"frontends": frontends}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let run = app.run("router", &name, json!({"action": "apply"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let rules = rules_of(&aws, &listener_arn).await;
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert_eq!(rules[0], ("1".into(), vec!["path-pattern /api /api/*".into()], vec![(api.clone(), 1)]));
+
+    // Blue/green: site moves to green (on 8080), through a group of its own.
+    let green_servers = servers_of(&aws, &green_id, 8080).await;
+    let swap = app
+        .run(
+            "router",
+            &name,
+            json!({"action": "swap", "params": {"backend": "site", "to": {"cluster": green},
+            "verify_secs": 1, "health_timeout_secs": 30}}),
+        )
+        .await;
+    assert_eq!(swap["status"], "succeeded", "{swap}");
+    let events = app.get(&format!("/v1/transitions/{}/events", swap["id"].as_str().unwrap())).await.body;
+    let messages: Vec<&str> =
+        events["events"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(messages.iter().any(|m| m.contains("checks pass on all 1 server(s)")), "{messages:#?}");
+    assert!(messages.iter().any(|m| m.contains("the guard watches its health checks")), "{messages:#?}");
+    assert!(messages.iter().any(|m| m.starts_with("verified for 1s: 0 of 1 servers")), "{messages:#?}");
+    let groups = groups_of(&aws, &id).await;
+    let site_green = group_with(&groups, &green_servers).expect("green's servers on 8080 in a group");
+    assert!(!groups.contains_key(&site), "blue's group is gone once nothing forwards to it: {groups:?}");
+    let rules = rules_of(&aws, &listener_arn).await;
+    assert_eq!(rules.last().unwrap().2, [(site_green.clone(), 1)], "the default action forwards to green");
+    let view = app.get(&format!("/v1/routers/{name}")).await.body;
+    assert_eq!(view["spec"]["backends"][0]["target"], json!({"cluster": green}));
+    assert_eq!(view["spec"]["backends"][0]["standby"], json!({"cluster": blue}));
+
+    let back =
+        app.run("router", &name, json!({"action": "swap-back", "params": {"backend": "site", "verify_secs": 0}})).await;
+    assert_eq!(back["status"], "succeeded", "{back}");
+    let groups = groups_of(&aws, &id).await;
+    let site_blue = group_with(&groups, &blue_servers).expect("blue's servers again");
+    assert!(!groups.contains_key(&site_green));
+    assert_eq!(rules_of(&aws, &listener_arn).await.last().unwrap().2, [(site_blue, 1)]);
+
+    // stop deletes the listeners and keeps the load balancer; start makes them again.
+    let run = app.run("router", &name, json!({"action": "stop"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let arn = lb.load_balancer_arn().unwrap();
+    assert!(elb.describe_listeners().load_balancer_arn(arn).send().await.unwrap().listeners().is_empty());
+    let run = app.run("router", &name, json!({"action": "start"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let listeners = elb.describe_listeners().load_balancer_arn(arn).send().await.unwrap();
+    assert_eq!(listeners.listeners().len(), 1);
+    assert_eq!(alb_of(&aws, &id).await.unwrap().dns_name(), Some(dns.as_str()), "the same load balancer");
+
+    // A configuration AWS refuses (a subnet that does not exist) changes
+    // nothing: the run fails saying why, the version is kept as invalid.
+    let r = app
+        .patch(&format!("/v1/routers/{name}"), json!({"spec": {"subnets": [two[0], "subnet-0000dead"]}}), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let run = app.run("router", &name, json!({"action": "apply"})).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(run["error"]["message"].as_str().unwrap().contains("SubnetNotFound"), "{run}");
+    let configs = app.get(&format!("/v1/routers/{name}/configs")).await.body;
+    assert_eq!(configs["configs"][0]["outcome"], "invalid", "{configs}");
+    let lb = alb_of(&aws, &id).await.unwrap();
+    let mut zones: Vec<&str> = lb.availability_zones().iter().filter_map(|z| z.subnet_id()).collect();
+    zones.sort();
+    let mut want: Vec<&str> = two.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(zones, want, "the load balancer is as it was");
+    assert_eq!(elb.describe_listeners().load_balancer_arn(arn).send().await.unwrap().listeners().len(), 1);
+
+    // destroy removes the load balancer and every group.
+    let run = app.run("router", &name, json!({"action": "destroy"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(alb_of(&aws, &id).await.is_none());
+    assert!(groups_of(&aws, &id).await.is_empty());
 }

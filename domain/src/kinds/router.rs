@@ -73,8 +73,17 @@ named_enum!(Action {
     Retry => "retry",
 });
 
-/// Providers routers run on: `local`, a real HAProxy on drover's host.
-pub const PROVIDERS: &[&str] = &["local"];
+/// Providers routers run on: `local`, a real HAProxy on drover's host;
+/// `aws`, an Application Load Balancer.
+pub const PROVIDERS: &[&str] = &["local", "aws"];
+
+/// The most rules an Application Load Balancer's listener holds (AWS's
+/// default quota: 100 besides the default action).
+pub const MAX_AWS_RULES: usize = 100;
+
+/// The longest host or path pattern an ALB condition takes (a path
+/// prefix becomes `prefix` and `prefix/*`).
+pub const MAX_AWS_PATTERN: usize = 128;
 
 /// What a swap's shadow backend's name ends with (not a name a spec can
 /// give: `.` is not allowed in one).
@@ -102,8 +111,9 @@ pub const MAX_RULES: usize = 128;
 impl Declaration for Router {
     const NAME: &'static str = "router";
     const PLURAL: &'static str = "routers";
-    const DESCRIPTION: &'static str = "A load balancer in an environment (locally a real HAProxy): frontends by port, \
-         host and path, backends fed from the discovery registry or a cluster's instances.";
+    const DESCRIPTION: &'static str = "A load balancer in an environment (locally a real HAProxy, on aws an \
+         Application Load Balancer): frontends by port, host and path, backends fed from the discovery registry or a \
+         cluster's instances.";
     type State = State;
     type Action = Action;
     type Spec = Spec;
@@ -150,7 +160,11 @@ impl Declaration for Router {
             Action::Start => {
                 ActionDecl::new("Serves again, from a configuration rendered afresh.", 120).applying_spec()
             }
-            Action::Destroy => ActionDecl::new("Stops serving and removes the router's files.", 120),
+            Action::Destroy => ActionDecl::new(
+                "Stops serving and removes what the router made (its HAProxy's files; on aws the load balancer and \
+                 its target groups).",
+                600,
+            ),
             Action::Retry => ActionDecl::new("Repeats the action that failed.", 120),
         }
     }
@@ -294,6 +308,12 @@ impl Declaration for Router {
             json!({"environment": "prod",
                 "frontends": [{"name": "pg", "mode": "tcp", "port": 15432, "backend": "db"}],
                 "backends": [{"name": "db", "target": {"cluster": "db-blue"}, "check": {"type": "tcp"}}]}),
+            json!({"environment": "prod", "provider": "aws",
+                "subnets": ["subnet-0123abcd", "subnet-4567cdef"], "security_groups": ["sg-0123abcd"],
+                "frontends": [{"name": "web", "mode": "http", "port": 80, "backend": "site",
+                    "rules": [{"path_prefix": "/api", "backend": "api"}]}],
+                "backends": [{"name": "site", "target": {"cluster": "web-blue"}, "port": 8080},
+                    {"name": "api", "target": {"service": "api"}, "check": {"type": "http", "path": "/health"}}]}),
         ]
     }
 }
@@ -332,25 +352,57 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
     }
 }
 
-/// A router: where it listens and where it sends what it receives.
+/// A router: where it listens and where it sends what it receives. The
+/// `aws` fields are refused on `local` routers, `address` on `aws` ones.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = provider_rules)]
 pub struct Spec {
-    /// Provider: `local` (a real HAProxy on drover's host).
+    /// Provider: `local` (default: a real HAProxy on drover's host) or
+    /// `aws` (an Application Load Balancer).
     #[serde(default = "default_provider")]
     #[schemars(extend("enum" = PROVIDERS))]
     pub provider: String,
     /// The environment (name or id) it serves.
     #[schemars(regex(pattern = r"\S"))]
     pub environment: String,
-    /// The address its frontends listen on (an IP address; default `127.0.0.1`).
-    #[serde(default = "default_address")]
+    /// local: the address its frontends listen on (an IP address; default `127.0.0.1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 45), regex(pattern = "^[0-9a-fA-F.:]+$"))]
-    pub address: String,
+    pub address: Option<String>,
+    /// aws: the load balancer's subnets, in at least two availability
+    /// zones of one VPC (its target groups are made in that VPC).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<String>,
+    /// aws: the load balancer's security groups (default: the VPC's default group).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
+    /// aws: `internal` (default: reachable inside the VPC) or `internet-facing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<Scheme>,
     #[schemars(length(min = 1, max = 16))]
     pub frontends: Vec<Frontend>,
     #[schemars(length(min = 1, max = 64))]
     pub backends: Vec<Backend>,
+}
+
+/// Who can reach an aws router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheme {
+    /// Addresses inside the VPC only.
+    Internal,
+    /// Public addresses.
+    InternetFacing,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Internal => "internal",
+            Scheme::InternetFacing => "internet-facing",
+        }
+    }
 }
 
 /// How a frontend speaks.
@@ -379,7 +431,8 @@ pub struct Frontend {
     #[schemars(regex(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub name: String,
     pub mode: Mode,
-    #[schemars(range(min = 1024, max = 65535))]
+    /// From 1024 on `local`; any port on `aws`.
+    #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
     /// `http` only: the first rule that matches a request picks its backend.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -450,6 +503,12 @@ pub struct Backend {
     /// `GET /` for backends of `http` frontends, `tcp` for the others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Check>,
+    /// The port a cluster target's instances serve on, for clusters whose
+    /// instances do not say (`aws`; default 80). A service's instances
+    /// and a local cluster's say their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
     /// The target traffic went to before the last swap (set by `swap` and
     /// `swap-back`): where `swap-back` sends it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -589,8 +648,37 @@ fn default_provider() -> String {
     "local".to_string()
 }
 
-fn default_address() -> String {
-    "127.0.0.1".to_string()
+/// Where a local router listens unless its spec says.
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1";
+
+/// What [`Spec::check`] asks of each provider, said in the schema: one
+/// branch per provider, with the fields it requires and those it refuses.
+fn provider_rules(schema: &mut schemars::Schema) {
+    let subnet = json!({"type": "string", "pattern": "^subnet-[0-9a-fA-F]{8,32}$"});
+    let group = json!({"type": "string", "pattern": "^sg-[0-9a-fA-F]{8,32}$"});
+    schema.insert(
+        "oneOf".into(),
+        json!([
+            {"title": "local", "properties": {
+                "provider": {"const": "local"},
+                "subnets": {"maxItems": 0}, "security_groups": {"maxItems": 0}, "scheme": {"type": "null"},
+                "frontends": {"items": {"properties": {"port": {"minimum": 1024}}}},
+                "backends": {"items": {"properties": {"port": {"type": "null"}}}},
+            }},
+            {"title": "aws", "required": ["provider", "subnets"], "properties": {
+                "provider": {"const": "aws"},
+                "address": {"type": "null"},
+                "subnets": {"type": "array", "minItems": 2, "maxItems": 16, "uniqueItems": true, "items": subnet},
+                "security_groups": {"type": "array", "maxItems": 5, "uniqueItems": true, "items": group},
+                "frontends": {"items": {"properties": {
+                    "mode": {"const": "http"},
+                    "rules": {"maxItems": MAX_AWS_RULES},
+                }}},
+                "backends": {"items": {"properties": {"check": {"oneOf": [{"type": "null"}, {
+                    "type": "object", "properties": {"type": {"const": "http"}}}]}}}},
+            }},
+        ]),
+    );
 }
 
 fn default_path() -> String {
@@ -598,6 +686,11 @@ fn default_path() -> String {
 }
 
 impl Spec {
+    /// The address a local router's frontends listen on.
+    pub fn address(&self) -> &str {
+        self.address.as_deref().unwrap_or(DEFAULT_ADDRESS)
+    }
+
     /// Checks a spec and returns it typed.
     pub fn from_value(v: &Value) -> Result<Spec> {
         super::read_spec::<Router>(v)
@@ -629,6 +722,74 @@ impl Spec {
         }
     }
 
+    /// The provider's own fields: aws needs its subnets, local refuses them.
+    fn check_aws_fields(&self, aws: bool) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !aws {
+            for (field, set) in [
+                ("spec.subnets", !self.subnets.is_empty()),
+                ("spec.security_groups", !self.security_groups.is_empty()),
+                ("spec.scheme", self.scheme.is_some()),
+            ] {
+                if set {
+                    errors.push(FieldError::new(field, "only for provider aws"));
+                }
+            }
+            for (i, b) in self.backends.iter().enumerate() {
+                if b.port.is_some() {
+                    errors.push(FieldError::new(
+                        format!("spec.backends[{i}].port"),
+                        "only for provider aws: a local target's instances say their own port",
+                    ));
+                }
+            }
+            return errors;
+        }
+        if self.subnets.len() < 2 || self.subnets.len() > 16 {
+            errors.push(FieldError::new(
+                "spec.subnets",
+                "an Application Load Balancer needs subnets in at least two availability zones (2 to 16 subnet ids)",
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in self.subnets.iter().enumerate() {
+            if !cluster::aws_id(s, "subnet-") {
+                errors.push(FieldError::new(format!("spec.subnets[{i}]"), "must be a subnet id like subnet-0abc1234"));
+            } else if !seen.insert(s) {
+                errors.push(FieldError::new(format!("spec.subnets[{i}]"), format!("{s} is listed twice")));
+            }
+        }
+        if self.security_groups.len() > 5 {
+            errors.push(FieldError::new("spec.security_groups", "at most 5 security groups"));
+        }
+        for (i, g) in self.security_groups.iter().enumerate() {
+            if !cluster::aws_id(g, "sg-") {
+                errors.push(FieldError::new(
+                    format!("spec.security_groups[{i}]"),
+                    "must be a security group id like sg-0abc1234",
+                ));
+            }
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if matches!(b.check, Some(Check::Tcp)) {
+                errors.push(FieldError::new(
+                    format!("spec.backends[{i}].check"),
+                    "an Application Load Balancer checks its targets over http",
+                ));
+            }
+            if b.port == Some(0) {
+                errors.push(FieldError::new(format!("spec.backends[{i}].port"), "a port from 1 to 65535"));
+            }
+            if b.port.is_some() && matches!(b.target, Target::Service(_)) {
+                errors.push(FieldError::new(
+                    format!("spec.backends[{i}].port"),
+                    "a service's instances say their own port (in the discovery registry): only for cluster targets",
+                ));
+            }
+        }
+        errors
+    }
+
     fn check(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if !PROVIDERS.contains(&self.provider.as_str()) {
@@ -637,9 +798,18 @@ impl Spec {
         if self.environment.trim().is_empty() {
             errors.push(FieldError::new("spec.environment", "names the environment the router serves"));
         }
-        if self.address.len() > 45 || self.address.parse::<std::net::IpAddr>().is_err() {
-            errors.push(FieldError::new("spec.address", "an IP address (IPv4 or IPv6), such as 127.0.0.1"));
+        let aws = self.provider == "aws";
+        match (&self.address, aws) {
+            (Some(_), true) => errors.push(FieldError::new(
+                "spec.address",
+                "an aws router listens on its load balancer's own addresses (its view says which): no address",
+            )),
+            (Some(a), false) if a.len() > 45 || a.parse::<std::net::IpAddr>().is_err() => {
+                errors.push(FieldError::new("spec.address", "an IP address (IPv4 or IPv6), such as 127.0.0.1"))
+            }
+            _ => {}
         }
+        errors.extend(self.check_aws_fields(aws));
         if self.frontends.is_empty() || self.frontends.len() > MAX_FRONTENDS {
             errors.push(FieldError::new("spec.frontends", format!("between 1 and {MAX_FRONTENDS} frontends")));
         }
@@ -683,8 +853,11 @@ impl Spec {
                     format!("frontend {:?} is already spec.frontends[{first}]", f.name),
                 ));
             }
-            if f.port < 1024 {
-                errors.push(FieldError::new(format!("{at}.port"), "a port from 1024 to 65535"));
+            if f.port < 1024 && !aws {
+                errors.push(FieldError::new(format!("{at}.port"), "a port from 1024 to 65535 (local routers)"));
+            }
+            if f.port == 0 {
+                errors.push(FieldError::new(format!("{at}.port"), "a port from 1 to 65535"));
             }
             if let Some(first) = ports.insert(f.port, i) {
                 errors.push(FieldError::new(
@@ -695,6 +868,12 @@ impl Spec {
             let mut uses = Vec::new();
             match f.mode {
                 Mode::Tcp => {
+                    if aws {
+                        errors.push(FieldError::new(
+                            format!("{at}.mode"),
+                            "an aws router is an Application Load Balancer: its frontends speak http",
+                        ));
+                    }
                     if !f.rules.is_empty() {
                         errors.push(FieldError::new(
                             format!("{at}.rules"),
@@ -715,6 +894,12 @@ impl Spec {
                     if f.rules.len() > MAX_RULES {
                         errors.push(FieldError::new(format!("{at}.rules"), format!("at most {MAX_RULES} rules")));
                     }
+                    if aws && f.rules.len() > MAX_AWS_RULES {
+                        errors.push(FieldError::new(
+                            format!("{at}.rules"),
+                            format!("at most {MAX_AWS_RULES} rules on an Application Load Balancer's listener"),
+                        ));
+                    }
                     let mut seen: BTreeMap<(Option<String>, Option<&str>), usize> = BTreeMap::new();
                     for (j, r) in f.rules.iter().enumerate() {
                         let rat = format!("{at}.rules[{j}]");
@@ -727,6 +912,11 @@ impl Spec {
                                     format!("{rat}.host"),
                                     "a host name (letters, digits, - and .)",
                                 ));
+                            } else if aws && h.len() > MAX_AWS_PATTERN {
+                                errors.push(FieldError::new(
+                                    format!("{rat}.host"),
+                                    format!("at most {MAX_AWS_PATTERN} characters on an Application Load Balancer"),
+                                ));
                             }
                         }
                         if let Some(p) = &r.path_prefix {
@@ -734,6 +924,19 @@ impl Spec {
                                 errors.push(FieldError::new(
                                     format!("{rat}.path_prefix"),
                                     "a path starting with /, without spaces, quotes or control characters",
+                                ));
+                            } else if aws && !alb_literal(p) {
+                                errors.push(FieldError::new(
+                                    format!("{rat}.path_prefix"),
+                                    "on an Application Load Balancer: letters, digits and _ - . $ / ~ ' @ : + & only",
+                                ));
+                            } else if aws && alb_paths(p).iter().any(|v| v.len() > MAX_AWS_PATTERN) {
+                                errors.push(FieldError::new(
+                                    format!("{rat}.path_prefix"),
+                                    format!(
+                                        "at most {} characters on an Application Load Balancer (it matches {p} and {p}/*)",
+                                        MAX_AWS_PATTERN - 2
+                                    ),
                                 ));
                             }
                         }
@@ -782,6 +985,23 @@ impl Spec {
         }
         errors
     }
+}
+
+/// The ALB path patterns of a path prefix, matching what HAProxy matches
+/// locally: the path itself and what is under it (`/app` and `/app/` →
+/// `/app`, `/app/*`; `/` → `/*`).
+pub fn alb_paths(prefix: &str) -> Vec<String> {
+    let base = prefix.trim_end_matches('/');
+    if base.is_empty() {
+        return vec!["/*".to_string()];
+    }
+    vec![base.to_string(), format!("{base}/*")]
+}
+
+/// Whether an ALB path pattern takes `prefix` literally: only the
+/// characters it allows, without its wildcards `*` and `?`.
+fn alb_literal(prefix: &str) -> bool {
+    prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.$/~'@:+&".contains(&b))
 }
 
 fn is_host(h: &str) -> bool {
@@ -846,6 +1066,45 @@ mod tests {
         }
         assert!(got.iter().any(|e| e.contains("two rules for host A.example.com")), "{got:#?}");
         assert!(got.iter().any(|e| e.contains("port 8080 is taken by spec.frontends[0]")), "{got:#?}");
+    }
+
+    #[test]
+    fn aws_routers_are_application_load_balancers() {
+        let got = errors(json!({"environment": "prod", "provider": "aws", "address": "10.0.0.1",
+            "subnets": ["subnet-0123abcd"], "security_groups": ["nope"],
+            "frontends": [{"name": "web", "mode": "http", "port": 80, "backend": "site",
+                "rules": [{"path_prefix": "/a*b", "backend": "site"}, {"host": format!("{}.example.com", "a".repeat(120)), "backend": "site"}]},
+                {"name": "pg", "mode": "tcp", "port": 5432, "backend": "db"}],
+            "backends": [{"name": "site", "target": {"service": "app"}, "port": 8080},
+                {"name": "db", "target": {"cluster": "db"}, "check": {"type": "tcp"}}]}));
+        let fields: Vec<&str> = got.iter().map(|e| e.split(':').next().unwrap()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.address",
+                "spec.subnets",
+                "spec.security_groups[0]",
+                "spec.backends[0].port",
+                "spec.backends[1].check",
+                "spec.frontends[0].rules[0].path_prefix",
+                "spec.frontends[0].rules[1].host",
+                "spec.frontends[1].mode",
+            ],
+            "{got:#?}"
+        );
+        // The aws fields are refused on local routers.
+        let got = errors(json!({"environment": "prod", "subnets": ["subnet-0123abcd"], "scheme": "internal",
+            "frontends": [{"name": "web", "mode": "http", "port": 80, "backend": "site"}],
+            "backends": [{"name": "site", "target": {"cluster": "c1"}, "port": 8080}]}));
+        let fields: Vec<&str> = got.iter().map(|e| e.split(':').next().unwrap()).collect();
+        assert_eq!(
+            fields,
+            ["spec.subnets", "spec.scheme", "spec.backends[0].port", "spec.frontends[0].port"],
+            "{got:#?}"
+        );
+        assert_eq!(alb_paths("/app"), ["/app", "/app/*"]);
+        assert_eq!(alb_paths("/app/"), ["/app", "/app/*"]);
+        assert_eq!(alb_paths("/"), ["/*"]);
     }
 
     #[test]

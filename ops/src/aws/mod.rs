@@ -1,6 +1,6 @@
 //! The `aws` provider: images baked on EC2, clusters as CloudFormation
 //! stacks that drover renders from the cluster spec, jobs through SSM Run
-//! Command on a cluster's instances.
+//! Command on a cluster's instances, routers as Application Load Balancers.
 //!
 //! # Guarantees
 //! - Every step tolerates running twice. AWS idempotency tokens
@@ -25,11 +25,13 @@
 mod cluster;
 mod image;
 mod job;
+pub mod router;
 mod stacks;
 pub mod template;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,12 +42,14 @@ use aws_config::{BehaviorVersion, Region};
 use drover_domain::engine::Providers;
 use drover_domain::kinds;
 use drover_domain::ports::ProviderError;
+use drover_domain::routing::Balancer;
 use serde_json::json;
 use tokio::sync::OnceCell;
 
 pub use cluster::AwsClusters;
 pub use image::AwsImages;
 pub use job::AwsJobs;
+pub use router::AwsRouters;
 pub use stacks::{SdkStacks, StackApi, StackEvent, StackInfo, StackRequest};
 
 pub const NAME: &str = "aws";
@@ -134,6 +138,7 @@ struct Sdk {
     cloudformation: aws_sdk_cloudformation::Client,
     ssm: aws_sdk_ssm::Client,
     autoscaling: aws_sdk_autoscaling::Client,
+    elb: aws_sdk_elasticloadbalancingv2::Client,
 }
 
 impl Clients {
@@ -179,6 +184,7 @@ impl Clients {
                     cloudformation: aws_sdk_cloudformation::Client::new(&cfg),
                     ssm: aws_sdk_ssm::Client::new(&cfg),
                     autoscaling: aws_sdk_autoscaling::Client::new(&cfg),
+                    elb: aws_sdk_elasticloadbalancingv2::Client::new(&cfg),
                 }
             })
             .await
@@ -199,6 +205,10 @@ impl Clients {
     pub async fn autoscaling(&self) -> aws_sdk_autoscaling::Client {
         self.sdk().await.autoscaling.clone()
     }
+
+    pub async fn elb(&self) -> aws_sdk_elasticloadbalancingv2::Client {
+        self.sdk().await.elb.clone()
+    }
 }
 
 /// Registers the aws provider for images and clusters. Nothing is loaded
@@ -210,6 +220,14 @@ pub fn register(providers: &mut Providers, settings: Settings) {
     let stacks = Arc::new(SdkStacks::new(clients.clone()));
     providers.register(NAME, kinds::cluster::KIND, Arc::new(AwsClusters::new(stacks.clone(), poll)));
     providers.register(NAME, kinds::job::KIND, Arc::new(AwsJobs::new(clients, stacks, poll)));
+}
+
+/// The aws balancer routers run on (see [`router`]); nothing is loaded or
+/// called until the first aws router's run.
+pub fn balancers(settings: Settings) -> BTreeMap<String, Arc<dyn Balancer>> {
+    let poll = settings.poll;
+    let routers = AwsRouters::new(Clients::new(settings), poll);
+    BTreeMap::from([(NAME.to_string(), Arc::new(routers) as Arc<dyn Balancer>)])
 }
 
 /// An AWS call that failed, classified.

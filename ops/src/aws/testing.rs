@@ -22,6 +22,7 @@ use uuid::Uuid;
 pub use aws_sdk_autoscaling as autoscaling;
 pub use aws_sdk_cloudformation as cloudformation;
 pub use aws_sdk_ec2 as ec2;
+pub use aws_sdk_elasticloadbalancingv2 as elbv2;
 pub use aws_sdk_ssm as ssm;
 
 use super::{Backoff, Clients, Settings};

@@ -182,9 +182,9 @@ impl Balancer for LocalHaproxy {
         // change and the reload) costs a retry on another, not an error.
         c.push_str("    retries 3\n    option redispatch 1\n");
         c.push_str("    default-server inter 1s fall 2 rise 1\n");
-        let host = match spec.address.contains(':') {
-            true => format!("[{}]", spec.address),
-            false => spec.address.clone(),
+        let host = match spec.address().contains(':') {
+            true => format!("[{}]", spec.address()),
+            false => spec.address().to_string(),
         };
         for f in &spec.frontends {
             let _ = writeln!(c, "\nfrontend f_{}", f.name);
