@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod cli;
 pub mod dto;
 pub mod extract;
 pub mod idempotency;

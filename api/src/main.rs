@@ -4,14 +4,24 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use drover_api::app::{redact_url, Config};
+use drover_api::cli::{self, Change, CliError, ContextCommand, Do, Global, Output, Runs};
 use drover_domain::engine::EngineConfig;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "drover", version, about = "Drover: an operations service that records every change")]
+#[command(
+    name = "drover",
+    version,
+    about = "Drover: an operations service that records every change",
+    after_help = "The client commands talk to an installation: a context (`drover context add`), or $DROVER_URL and $DROVER_TOKEN."
+)]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Command,
 }
@@ -22,6 +32,104 @@ enum Command {
     Serve(Box<Serve>),
     /// Print the OpenAPI document.
     Openapi,
+    /// The installations this CLI talks to.
+    #[command(subcommand)]
+    Context(ContextCommand),
+    /// List a kind's resources, or show one.
+    #[command(
+        after_help = "Examples:\n  drover get clusters\n  drover get cluster web-qa -o yaml\n  drover get routers -o wide"
+    )]
+    Get {
+        /// The kind, singular or plural (`cluster`, `clusters`).
+        kind: String,
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// What a resource is doing and why it is stuck: state, active run and
+    /// its current step, last transitions, pending changes.
+    #[command(after_help = "Example:\n  drover describe cluster web-qa")]
+    Describe { kind: String, name: String },
+    /// Transitions, newest first, with the ledger's filters.
+    #[command(
+        after_help = "Examples:\n  drover runs --status failed --environment prod\n  drover runs --kind cluster --resource web-qa -o json"
+    )]
+    Runs(Runs),
+    /// A transition's events; with --follow, until it ends.
+    #[command(after_help = "Example:\n  drover events 0190d5e4-… --follow")]
+    Events {
+        run: String,
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Any action of any kind, its parameters typed by the server's schema.
+    #[command(
+        after_help = "Examples:\n  drover do cluster/web-qa scale -p count=3 --reason \"more traffic\" --wait\n  drover do service/app deploy -p image=web --wait"
+    )]
+    Do(Do),
+    /// Scale a resource to COUNT (its `scale` action).
+    #[command(after_help = "Example:\n  drover scale cluster/web-qa 3 --wait")]
+    Scale {
+        /// `KIND/NAME`.
+        target: String,
+        count: u32,
+        #[command(flatten)]
+        change: Change,
+    },
+    /// Deploy a service (its `deploy` action): the image's current build, or --build.
+    #[command(after_help = "Example:\n  drover deploy service/app --image web --wait")]
+    Deploy {
+        /// `KIND/NAME` (default kind: service).
+        target: String,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        build: Option<String>,
+        #[command(flatten)]
+        change: Change,
+    },
+    /// Back to what ran before the last deploy (the `rollback` action).
+    Rollback {
+        /// `KIND/NAME` (default kind: service).
+        target: String,
+        #[command(flatten)]
+        change: Change,
+    },
+    /// Move a router backend's traffic to another target (blue/green).
+    #[command(after_help = "Example:\n  drover swap edge site --to cluster/green --reason \"release 42\" --wait")]
+    Swap {
+        /// The router.
+        router: String,
+        backend: String,
+        /// `cluster/NAME` or `service/NAME`.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        change: Change,
+    },
+    /// Ask a running transition to stop.
+    Cancel {
+        run: String,
+        #[command(flatten)]
+        change: Change,
+    },
+    /// How long transitions take and how often they fail.
+    #[command(
+        after_help = "Examples:\n  drover stats\n  drover stats --group-by environment,action --since 2026-12-01T00:00:00Z"
+    )]
+    Stats {
+        /// Comma separated: kind, action, environment, actor, provider.
+        #[arg(long, default_value = "kind,action")]
+        group_by: String,
+        /// RFC 3339 (default: the last 7 days).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  drover completions bash > /etc/bash_completion.d/drover")]
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Parser)]
@@ -77,14 +185,62 @@ enum LogFormat {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let g = &cli.global;
+    let result: Result<ExitCode, CliError> = match cli.command {
         Command::Openapi => {
-            println!("{}", serde_json::to_string_pretty(&drover_api::openapi())?);
-            Ok(())
+            println!("{}", serde_json::to_string_pretty(&drover_api::openapi()).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Serve(s) => serve(*s).await,
+        Command::Serve(s) => {
+            return match serve(*s).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("Error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "drover", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Context(c) => cli::context(c),
+        Command::Get { kind, name, output } => cli::get(g, &kind, name.as_deref(), output).await,
+        Command::Describe { kind, name } => cli::describe(g, &kind, &name).await,
+        Command::Runs(r) => cli::runs(g, &r).await,
+        Command::Events { run, follow } => cli::events(g, &run, follow).await,
+        Command::Do(d) => cli::do_action(g, &d).await,
+        Command::Scale { target, count, change } => {
+            cli::short_form(g, &target, None, "scale", &[format!("count={count}")], &change).await
+        }
+        Command::Deploy { target, image, build, change } => {
+            let mut p = Vec::new();
+            p.extend(image.map(|i| format!("image={i}")));
+            p.extend(build.map(|b| format!("build={b}")));
+            cli::short_form(g, &target, Some("service"), "deploy", &p, &change).await
+        }
+        Command::Rollback { target, change } => {
+            cli::short_form(g, &target, Some("service"), "rollback", &[], &change).await
+        }
+        Command::Swap { router, backend, to, change } => match cli::split_target(&to) {
+            Ok((kind, name)) => {
+                let to = serde_json::json!({ kind: name }).to_string();
+                let p = [format!("backend={backend}"), format!("to={to}")];
+                cli::short_form(g, &format!("router/{router}"), None, "swap", &p, &change).await
+            }
+            Err(e) => Err(e),
+        },
+        Command::Cancel { run, change } => cli::cancel(g, &run, &change).await,
+        Command::Stats { group_by, since, output } => cli::stats(g, &group_by, since.as_deref(), output).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -39,8 +39,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct TransitionQuery {
     /// Resource id, or name together with `kind`.
     resource: Option<String>,
-    /// `image`, `cluster`, `user` or `role`.
-    #[param(pattern = "^(image|cluster|user|role)$")]
+    /// A kind's name, as `GET /v1/kinds` lists them (`cluster`, `service`, `router`, …).
+    #[param(pattern = "^[a-z]+$")]
     kind: Option<String>,
     action: Option<String>,
     /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.

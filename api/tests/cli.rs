@@ -1,0 +1,299 @@
+//! The CLI against a real `drover serve` (SQLite, the local provider),
+//! each command run as a user would: the binary, its stdout, stderr and
+//! exit code, with its own config directory.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+const TOKEN: &str = "cli-test-token-0123456789abcdef0123456789";
+
+struct Server {
+    child: Child,
+    url: String,
+    data: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        drover_ops::local::testing::kill_everything_under(self.data.path());
+    }
+}
+
+fn serve() -> Server {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("DROVER_BOOTSTRAP_TOKEN", TOKEN)
+        .env("DROVER_LOG", "warn")
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start drover serve");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("drover listening on http://") {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("drover serve started");
+    Server { child, url: format!("http://{addr}"), data }
+}
+
+/// A user of the CLI: a config directory of their own.
+struct User {
+    config: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl User {
+    fn new() -> User {
+        User { config: tempfile::tempdir().unwrap(), env: Vec::new() }
+    }
+
+    fn config_file(&self) -> PathBuf {
+        self.config.path().join("drover").join("config.toml")
+    }
+
+    fn drover(&self, args: &[&str]) -> Ran {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_drover"));
+        cmd.args(args)
+            .env("XDG_CONFIG_HOME", self.config.path())
+            .env_remove("DROVER_CONTEXT")
+            .env_remove("DROVER_URL")
+            .env_remove("DROVER_TOKEN")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let Output { status, stdout, stderr } = cmd.output().expect("run drover");
+        let ran = Ran {
+            code: status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        };
+        eprintln!("$ drover {}\n{}{}[exit {}]", args.join(" "), ran.stdout, ran.stderr, ran.code);
+        ran
+    }
+
+    /// Runs and expects exit 0.
+    fn ok(&self, args: &[&str]) -> String {
+        let r = self.drover(args);
+        assert_eq!(r.code, 0, "drover {args:?} failed: {}{}", r.stdout, r.stderr);
+        r.stdout
+    }
+}
+
+async fn post(server: &Server, path: &str, body: Value) -> Value {
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", server.url))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+async fn get(server: &Server, path: &str) -> Value {
+    let r = reqwest::Client::new().get(format!("{}{path}", server.url)).bearer_auth(TOKEN).send().await.unwrap();
+    r.json().await.unwrap()
+}
+
+fn token_file(dir: &Path) -> PathBuf {
+    let f = dir.join("token");
+    std::fs::write(&f, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    f
+}
+
+/// Replaces what changes from run to run: ids and times.
+fn normalize(text: &str) -> String {
+    let mut out = String::new();
+    for word in text.split_inclusive(|c: char| c.is_whitespace()) {
+        let w = word.trim_end();
+        let tail = &word[w.len()..];
+        let is_id = w.len() == 36 && w.chars().filter(|c| *c == '-').count() == 4;
+        let is_time =
+            w.len() >= 8 && w.chars().filter(|c| *c == ':').count() == 2 && w.starts_with(|c: char| c.is_ascii_digit());
+        let is_date = w.len() == 10 && w.chars().filter(|c| *c == '-').count() == 2 && w.starts_with("20");
+        match () {
+            _ if is_id => out.push_str("<id>"),
+            _ if is_time => out.push_str("<time>"),
+            _ if is_date => out.push_str("<date>"),
+            _ => out.push_str(w),
+        }
+        out.push_str(tail);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reads_acts_and_waits_through_a_context() {
+    let server = serve();
+    let user = User::new();
+    let token = token_file(user.config.path());
+    let token = token.to_str().unwrap();
+
+    // Contexts: the file is the user's only, and names no token.
+    let out = user.ok(&["context", "add", "local", "--url", &server.url, "--token-file", token]);
+    assert!(out.starts_with("context local saved in "), "{out}");
+    let mode = std::fs::metadata(user.config_file()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(!std::fs::read_to_string(user.config_file()).unwrap().contains(TOKEN), "the token stays in its file");
+    user.ok(&["context", "add", "prod", "--url", &server.url, "--token-file", token, "--protected"]);
+    assert_eq!(user.ok(&["context", "current"]), "local\n", "the first context added is current");
+    let list = user.ok(&["context", "list"]);
+    let want = format!(
+        "   NAME   URL{pad}TOKEN{tpad}PROTECTED\n*  local  {url}  file {token}\n   prod   {url}  file {token}  yes\n",
+        url = server.url,
+        pad = " ".repeat(server.url.len() - 1),
+        tpad = " ".repeat(token.len() + 5 - 3),
+    );
+    assert_eq!(list, want);
+
+    // Something to look at.
+    post(
+        &server,
+        "/v1/images",
+        json!({"name": "web", "spec": {"build_command": "echo hi > index.html",
+        "start_command": "exec python3 -m http.server $PORT --bind 127.0.0.1"}}),
+    )
+    .await;
+    post(&server, "/v1/clusters", json!({"name": "c1", "spec": {"image": "web", "count": 1}})).await;
+
+    // do --wait: the events stream, exit 0 on success.
+    let out = user.ok(&["do", "image/web", "build", "--wait", "--reason", "first build"]);
+    assert!(out.starts_with("transition ") && out.contains(": build of image/web\n"), "{out}");
+    assert!(out.contains("\nbuild of image/web succeeded in "), "{out}");
+    let out = user.ok(&["do", "cluster/c1", "create", "--wait"]);
+    assert!(out.contains("create of cluster/c1") && out.contains("succeeded"), "{out}");
+    assert!(out.lines().any(|l| l.contains("started instance 0")), "the events are printed: {out}");
+
+    // get and describe.
+    let out = user.ok(&["get", "clusters"]);
+    assert_eq!(normalize(&out), "NAME  STATE  UPDATED\nc1    up     <date> <time>\n");
+    let one: Value = serde_json::from_str(&user.ok(&["get", "cluster", "c1", "-o", "json"])).unwrap();
+    assert_eq!((one["name"].as_str(), one["state"].as_str()), (Some("c1"), Some("up")));
+    let yaml = user.ok(&["get", "clusters", "c1", "-o", "yaml"]);
+    assert!(yaml.lines().any(|l| l == "state: up"), "{yaml}");
+    let wide = user.ok(&["get", "images", "-o", "wide"]);
+    assert!(wide.starts_with("NAME  STATE  UPDATED") && wide.contains("PROVIDER") && wide.contains("local"), "{wide}");
+    let out = user.ok(&["describe", "cluster", "c1"]);
+    assert!(out.starts_with("cluster c1  (") && out.contains("state      up"), "{out}");
+
+    // Unknown names suggest; bad params are refused before anything is sent.
+    let r = user.drover(&["get", "clustr"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.starts_with("error: no kind named \"clustr\": did you mean cluster?"), "{}", r.stderr);
+    let before = get(&server, "/v1/transitions?limit=500").await["items"].as_array().unwrap().len();
+    for (args, says) in [
+        (vec!["do", "cluster/c1", "scale", "-p", "count=three"], "--param count: \"three\" is not a whole number"),
+        (
+            vec!["do", "cluster/c1", "scale", "-p", "count=100"],
+            "cluster scale: params.count: 100 is greater than the maximum of 64",
+        ),
+        (vec!["do", "cluster/c1", "scael"], "cluster has no action \"scael\": did you mean scale?"),
+        (vec!["do", "cluster/c1", "scale", "-p", "n=1"], "cluster scale has no parameter \"n\""),
+        (vec!["scale", "c1", "2"], "\"c1\": expected KIND/NAME"),
+    ] {
+        let r = user.drover(&args);
+        assert_eq!(r.code, 1, "{args:?}");
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+    // The server's refusals read as one line naming the field.
+    let r = user.drover(&["do", "cluster/c1", "create"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.starts_with("error: ") && r.stderr.contains("allowed now:") && r.stderr.lines().count() == 1,
+        "{}",
+        r.stderr
+    );
+    let after = get(&server, "/v1/transitions?limit=500").await["items"].as_array().unwrap().len();
+    assert_eq!(before, after, "nothing was asked");
+
+    // The short form, and the protected context's gates.
+    let r = user.drover(&["--context", "prod", "scale", "cluster/c1", "2"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("context prod is protected: scale of cluster/c1 needs --reason"), "{}", r.stderr);
+    let r = user.drover(&["--context", "prod", "scale", "cluster/c1", "2", "--reason", "traffic"]);
+    assert!(r.code == 1 && r.stderr.contains("needs --yes"), "{}", r.stderr);
+    assert_eq!(get(&server, "/v1/clusters/c1").await["spec"]["count"], 1, "a refused mutation sends nothing");
+    let out = user.ok(&["--context", "prod", "scale", "cluster/c1", "2", "--reason", "traffic", "--yes", "--wait"]);
+    assert!(out.contains("scale of cluster/c1") && out.contains("succeeded"), "{out}");
+    assert_eq!(get(&server, "/v1/clusters/c1").await["spec"]["count"], 2);
+
+    // A failed run exits 1 with its error; a cancelled one 3.
+    post(
+        &server,
+        "/v1/images",
+        json!({"name": "bad", "spec": {"build_command": "echo broken >&2; exit 3", "start_command": "true"}}),
+    )
+    .await;
+    let r = user.drover(&["do", "image/bad", "build", "--wait"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("build of image/bad") && r.stderr.contains("failed"), "{}", r.stderr);
+    post(
+        &server,
+        "/v1/images",
+        json!({"name": "slow", "spec": {"build_command": "sleep 60", "start_command": "true"}}),
+    )
+    .await;
+    let out = user.ok(&["do", "image/slow", "build"]);
+    let id = out.split_whitespace().nth(1).unwrap().trim_end_matches(':').to_string();
+    assert!(out.contains(&format!("drover events {id} --follow")), "{out}");
+    let r = user.drover(&["cancel", &id, "--wait"]);
+    assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("was cancelled"), "{}", r.stdout);
+
+    // The ledger.
+    let out = user.ok(&["runs", "--kind", "clusters", "--resource", "c1"]);
+    assert!(out.contains("scale") && out.contains("create"), "{out}");
+    let runs: Value = serde_json::from_str(&user.ok(&["runs", "--status", "failed", "-o", "json"])).unwrap();
+    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+    let out = user.ok(&["events", &id]);
+    assert!(out.ends_with("status: cancelled\n"), "{out}");
+    let out = user.ok(&["stats", "--group-by", "kind"]);
+    assert!(out.starts_with("KIND") && out.contains("cluster"), "{out}");
+
+    // Without a file: DROVER_URL and DROVER_TOKEN.
+    let mut bare = User::new();
+    bare.env = vec![("DROVER_URL".into(), server.url.clone()), ("DROVER_TOKEN".into(), TOKEN.into())];
+    assert!(bare.ok(&["get", "images"]).contains("slow"));
+    let none = User::new();
+    let r = none.drover(&["get", "images"]);
+    assert!(r.code == 1 && r.stderr.contains("no context: add one with `drover context add"), "{}", r.stderr);
+
+    // A network error names the URL and the context.
+    user.ok(&["context", "add", "gone", "--url", "http://127.0.0.1:9", "--token-file", token]);
+    let r = user.drover(&["--context", "gone", "get", "clusters"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("http://127.0.0.1:9/v1/kinds (context gone): cannot connect"), "{}", r.stderr);
+
+    // Completions.
+    assert!(user.ok(&["completions", "bash"]).contains("_drover()"));
+    user.ok(&["context", "remove", "gone"]);
+    assert!(!user.ok(&["context", "list"]).contains("gone"));
+}
