@@ -127,6 +127,29 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Compare resources in files with the installation: create / update /
+    /// unchanged, with diffs, in dependency order. Exit 0: nothing would
+    /// change; 2: something would.
+    #[command(
+        after_help = "Examples:\n  drover plan -f prod.yaml\n  drover plan -f envs.toml -f clusters.json\n\nA resource in a file is {kind, name, spec}, as the API has it; a file holds one, a list (TOML: [[resources]]) or, in YAML, several documents. A field the file leaves out keeps its value; null removes it."
+    )]
+    Plan {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
+    /// Make the installation match the files: the plan, a confirmation (or
+    /// --yes), then each change in order; a failure stops the rest.
+    #[command(after_help = "Example:\n  drover apply -f prod.yaml --reason \"release 42\" --yes")]
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<std::path::PathBuf>,
+        /// Don't ask.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Recorded with every change (protected contexts need one).
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Print a shell completion script.
     #[command(after_help = "Example:\n  drover completions bash > /etc/bash_completion.d/drover")]
     Completions { shell: clap_complete::Shell },
@@ -233,6 +256,8 @@ async fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Cancel { run, change } => cli::cancel(g, &run, &change).await,
+        Command::Plan { files } => cli::plan::plan(g, &files).await,
+        Command::Apply { files, yes, reason } => cli::plan::apply(g, &files, yes, reason.as_deref()).await,
         Command::Stats { group_by, since, output } => cli::stats(g, &group_by, since.as_deref(), output).await,
     };
     match result {

@@ -297,3 +297,103 @@ async fn the_cli_reads_acts_and_waits_through_a_context() {
     user.ok(&["context", "remove", "gone"]);
     assert!(!user.ok(&["context", "list"]).contains("gone"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_and_apply_converge_and_never_overwrite_a_change_made_in_between() {
+    let server = serve();
+    let user = User::new();
+    let token = token_file(user.config.path());
+    user.ok(&["context", "add", "local", "--url", &server.url, "--token-file", token.to_str().unwrap()]);
+    let file = user.config.path().join("qa.yaml");
+    let write = |count: u32| {
+        let text = format!(
+            "kind: environment\nname: qa\nspec: {{}}\n---\n\
+             kind: cluster\nname: c1\nspec:\n  image: web\n  count: {count}\n  environment: qa\n---\n\
+             kind: image\nname: web\nspec:\n  build_command: echo hi > index.html\n  start_command: exec python3 -m http.server $PORT --bind 127.0.0.1\n"
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write(1);
+    let f = file.to_str().unwrap();
+
+    let r = user.drover(&["plan", "-f", f]);
+    assert_eq!(r.code, 2, "changes to make: {}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().filter(|l| !l.starts_with("    ")).collect();
+    assert_eq!(
+        lines,
+        [
+            "+ environment qa: create",
+            "+ image web: create, then build (waited for)",
+            "+ cluster c1: create, then create (waited for)",
+            "Plan: 3 to create, 0 to update, 0 unchanged."
+        ],
+        "in dependency order: {}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("    +  \"count\": 1,"), "{}", r.stdout);
+    assert_eq!(get(&server, "/v1/clusters?limit=10").await["items"], json!([]), "a plan changes nothing");
+
+    let r = user.drover(&["apply", "-f", f]);
+    assert_eq!(r.code, 1, "no terminal, no --yes: {}", r.stderr);
+    assert!(r.stderr.contains("not confirmed (no terminal: pass --yes): nothing was changed"), "{}", r.stderr);
+
+    let out = user.ok(&["apply", "-f", f, "--yes", "--reason", "qa from a file"]);
+    assert!(out.contains("cluster c1: created, create succeeded"), "{out}");
+    assert!(out.ends_with("Applied: 3 created, 0 updated.\n"), "{out}");
+    let c1 = get(&server, "/v1/clusters/c1").await;
+    assert_eq!(c1["state"], "up");
+    let versions = get(&server, "/v1/clusters/c1/versions").await;
+    assert!(versions.to_string().contains("qa from a file"), "the reason is recorded: {versions}");
+    let r = user.drover(&["plan", "-f", f]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert!(
+        r.stdout.ends_with("Plan: 0 to create, 0 to update, 3 unchanged.\n"),
+        "defaults the server filled are no change: {}",
+        r.stdout
+    );
+
+    // An update shows its diff and what would apply it.
+    write(2);
+    let r = user.drover(&["plan", "-f", f]);
+    assert_eq!(r.code, 2);
+    assert!(r.stdout.contains("~ cluster c1: update spec v1 -> v2"), "{}", r.stdout);
+    assert!(r.stdout.contains("    -  \"count\": 1,\n    +  \"count\": 2,"), "{}", r.stdout);
+    assert!(r.stdout.contains("the change stays pending until one of") && r.stdout.contains("scale"), "{}", r.stdout);
+
+    // A change made between the plan and the confirmation fails the apply.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["apply", "-f", f])
+        .env("XDG_CONFIG_HOME", user.config.path())
+        .env_remove("DROVER_CONTEXT")
+        .env_remove("DROVER_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut shown = String::new();
+    while !shown.contains("Plan: ") {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the plan is shown first: {shown}");
+        shown.push_str(&line);
+    }
+    let r = reqwest::Client::new()
+        .patch(format!("{}/v1/clusters/c1", server.url))
+        .bearer_auth(TOKEN)
+        .json(&json!({"spec": {"count": 3}, "reason": "someone else"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"yes\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: cluster c1: it changed since the plan (the plan saw spec v1): nothing of it was written; run plan again"),
+        "{stderr}"
+    );
+    assert_eq!(get(&server, "/v1/clusters/c1").await["spec"]["count"], 3, "the change made in between stands");
+}

@@ -716,19 +716,21 @@ async fn aws_clusters_deliver_settings_and_keep_secrets_out_of_user_data() {
     assert!(parameters_under(&aws, &path).await.is_empty(), "destroy takes the secrets away");
 }
 
+/// Whether an ELB resource carries drover's tag for `resource_id`.
+async fn tagged_with(aws: &Aws, arn: &str, resource_id: &str) -> bool {
+    let tags = aws.clients.elb().await.describe_tags().resource_arns(arn).send().await.unwrap();
+    tags.tag_descriptions()
+        .iter()
+        .flat_map(|d| d.tags())
+        .any(|t| t.key() == Some("drover:resource") && t.value() == Some(resource_id))
+}
+
 /// The router's load balancer, found by its drover tag.
 async fn alb_of(aws: &Aws, router_id: &str) -> Option<elbv2::types::LoadBalancer> {
     let c = aws.clients.elb().await;
     let all = c.describe_load_balancers().send().await.unwrap();
     for lb in all.load_balancers() {
-        let arn = lb.load_balancer_arn().unwrap();
-        let tags = c.describe_tags().resource_arns(arn).send().await.unwrap();
-        let ours = tags
-            .tag_descriptions()
-            .iter()
-            .flat_map(|d| d.tags())
-            .any(|t| t.key() == Some("drover:resource") && t.value() == Some(router_id));
-        if ours {
+        if tagged_with(aws, lb.load_balancer_arn().unwrap(), router_id).await {
             return Some(lb.clone());
         }
     }
@@ -741,13 +743,7 @@ async fn groups_of(aws: &Aws, router_id: &str) -> std::collections::BTreeMap<Str
     let mut out = std::collections::BTreeMap::new();
     for g in c.describe_target_groups().send().await.unwrap().target_groups() {
         let arn = g.target_group_arn().unwrap();
-        let tags = c.describe_tags().resource_arns(arn).send().await.unwrap();
-        let ours = tags
-            .tag_descriptions()
-            .iter()
-            .flat_map(|d| d.tags())
-            .any(|t| t.key() == Some("drover:resource") && t.value() == Some(router_id));
-        if !ours {
+        if !tagged_with(aws, arn, router_id).await {
             continue;
         }
         let health = c.describe_target_health().target_group_arn(arn).send().await.unwrap();
