@@ -264,6 +264,30 @@ async fn the_cli_reads_acts_and_waits_through_a_context() {
     let out = user.ok(&["do", "image/slow", "build"]);
     let id = out.split_whitespace().nth(1).unwrap().trim_end_matches(':').to_string();
     assert!(out.contains(&format!("drover events {id} --follow")), "{out}");
+    // Ctrl-C while following, with no terminal to ask on: stop watching
+    // (130); the run goes on.
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["events", &id, "--follow"])
+        .env("XDG_CONFIG_HOME", user.config.path())
+        .env_remove("DROVER_CONTEXT")
+        .env_remove("DROVER_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once it prints the run's events it is in its loop, listening for Ctrl-C.
+    let mut lines = BufReader::new(follow.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("running the build command") {
+        assert!(lines.read_line(&mut seen).unwrap() > 0, "it follows the run: {seen}");
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(follow.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = follow.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains(&format!("stopped watching; the run goes on: drover events {id} --follow")), "{stderr}");
+    assert_eq!(get(&server, &format!("/v1/transitions/{id}")).await["status"], "running");
     let r = user.drover(&["cancel", &id, "--wait"]);
     assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("was cancelled"), "{}", r.stdout);
@@ -301,13 +325,16 @@ async fn the_cli_reads_acts_and_waits_through_a_context() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_and_apply_converge_and_never_overwrite_a_change_made_in_between() {
     let server = serve();
-    let user = User::new();
+    let mut user = User::new();
+    user.env = vec![("QA_DB_PASSWORD".into(), "hunter2-is-secret".into())];
     let token = token_file(user.config.path());
     user.ok(&["context", "add", "local", "--url", &server.url, "--token-file", token.to_str().unwrap()]);
     let file = user.config.path().join("qa.yaml");
     let write = |count: u32| {
         let text = format!(
             "kind: environment\nname: qa\nspec: {{}}\n---\n\
+             kind: setting\nname: LOG_LEVEL\nspec: {{scope: \"environment:qa\", value: debug}}\n---\n\
+             kind: setting\nname: DB_PASSWORD\nspec: {{value_env: QA_DB_PASSWORD, secret: true}}\n---\n\
              kind: cluster\nname: c1\nspec:\n  image: web\n  count: {count}\n  environment: qa\n---\n\
              kind: image\nname: web\nspec:\n  build_command: echo hi > index.html\n  start_command: exec python3 -m http.server $PORT --bind 127.0.0.1\n"
         );
@@ -323,14 +350,18 @@ async fn plan_and_apply_converge_and_never_overwrite_a_change_made_in_between() 
         lines,
         [
             "+ environment qa: create",
+            "+ setting environment:qa LOG_LEVEL: set",
+            "+ setting global DB_PASSWORD: set",
             "+ image web: create, then build (waited for)",
             "+ cluster c1: create, then create (waited for)",
-            "Plan: 3 to create, 0 to update, 0 unchanged."
+            "Plan: 5 to create, 0 to update, 0 unchanged."
         ],
         "in dependency order: {}",
         r.stdout
     );
     assert!(r.stdout.contains("    +  \"count\": 1,"), "{}", r.stdout);
+    assert!(r.stdout.contains("    +value *** (secret)"), "{}", r.stdout);
+    assert!(!r.stdout.contains("hunter2"), "a secret is never shown: {}", r.stdout);
     assert_eq!(get(&server, "/v1/clusters?limit=10").await["items"], json!([]), "a plan changes nothing");
 
     let r = user.drover(&["apply", "-f", f]);
@@ -339,7 +370,12 @@ async fn plan_and_apply_converge_and_never_overwrite_a_change_made_in_between() 
 
     let out = user.ok(&["apply", "-f", f, "--yes", "--reason", "qa from a file"]);
     assert!(out.contains("cluster c1: created, create succeeded"), "{out}");
-    assert!(out.ends_with("Applied: 3 created, 0 updated.\n"), "{out}");
+    assert!(out.ends_with("Applied: 5 created, 0 updated.\n"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    let level = get(&server, "/v1/settings/environment:qa/LOG_LEVEL").await;
+    assert_eq!(level["value"], "debug");
+    let password = get(&server, "/v1/settings/global/DB_PASSWORD?reveal=true").await;
+    assert_eq!((password["value"].as_str(), password["secret"].as_bool()), (Some("hunter2-is-secret"), Some(true)));
     let c1 = get(&server, "/v1/clusters/c1").await;
     assert_eq!(c1["state"], "up");
     let versions = get(&server, "/v1/clusters/c1/versions").await;
@@ -347,7 +383,7 @@ async fn plan_and_apply_converge_and_never_overwrite_a_change_made_in_between() 
     let r = user.drover(&["plan", "-f", f]);
     assert_eq!(r.code, 0, "{}", r.stdout);
     assert!(
-        r.stdout.ends_with("Plan: 0 to create, 0 to update, 3 unchanged.\n"),
+        r.stdout.ends_with("Plan: 0 to create, 0 to update, 5 unchanged.\n"),
         "defaults the server filled are no change: {}",
         r.stdout
     );
@@ -366,6 +402,7 @@ async fn plan_and_apply_converge_and_never_overwrite_a_change_made_in_between() 
         .env("XDG_CONFIG_HOME", user.config.path())
         .env_remove("DROVER_CONTEXT")
         .env_remove("DROVER_URL")
+        .env("QA_DB_PASSWORD", "hunter2-is-secret")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -35,7 +35,8 @@ use super::client::Client;
 use super::{connect, encode, find_kind, kinds, wait, CliError, Global, KindInfo};
 
 /// The order kinds are applied in: what others refer to first.
-const ORDER: &[&str] = &["environment", "role", "user", "image", "cluster", "service", "job", "router"];
+const ORDER: &[&str] =
+    &["environment", "setting", "role", "user", "image", "cluster", "cluster-setting", "service", "job", "router"];
 
 /// A resource from a file.
 #[derive(Debug, Clone)]
@@ -162,8 +163,23 @@ pub fn merged(v: &Value, patch: &Value) -> Value {
 /// What the plan does to one resource.
 #[derive(Debug)]
 enum Step {
-    Create { first: Option<String> },
-    Update { version: i64, patch: Value, pending_by: Vec<String> },
+    Create {
+        first: Option<String>,
+    },
+    Update {
+        version: i64,
+        patch: Value,
+        pending_by: Vec<String>,
+    },
+    /// A setting written (a new key, or another value): `PUT` with
+    /// `If-Match` of the version seen (`v0`: none).
+    Setting {
+        scope: String,
+        key: String,
+        version: i64,
+        body: Value,
+        new: bool,
+    },
     Unchanged,
 }
 
@@ -174,14 +190,20 @@ struct Planned {
     diff: String,
 }
 
-fn rank(kind: &str) -> usize {
+/// A setting of a cluster's scope comes once the cluster exists; the
+/// others before what reads them.
+fn rank(w: &Wanted) -> usize {
+    let kind = match w.kind.as_str() {
+        "setting" if w.spec["scope"].as_str().is_some_and(|s| s.starts_with("cluster:")) => "cluster-setting",
+        k => k,
+    };
     ORDER.iter().position(|k| *k == kind).unwrap_or(ORDER.len())
 }
 
 /// Orders resources: by kind, then so that what a resource names (a
 /// leader cluster by `join`, services by `after`) comes before it.
 fn order(mut wanted: Vec<Wanted>) -> Vec<Wanted> {
-    wanted.sort_by_key(|w| rank(&w.kind));
+    wanted.sort_by_key(rank);
     let mut out: Vec<Wanted> = Vec::with_capacity(wanted.len());
     let mut left = wanted;
     while !left.is_empty() {
@@ -216,7 +238,8 @@ async fn plan_all(client: &Client, files: &[PathBuf]) -> Result<Vec<Planned>, Cl
     }
     let mut seen = BTreeMap::new();
     for w in &wanted {
-        if let Some(first) = seen.insert((w.kind.clone(), w.name.clone()), w.from.clone()) {
+        let scope = w.spec["scope"].as_str().filter(|_| w.kind == "setting").unwrap_or("").to_string();
+        if let Some(first) = seen.insert((w.kind.clone(), scope, w.name.clone()), w.from.clone()) {
             return Err(CliError::usage(format!("{}: {} {} is also in {first}", w.from, w.kind, w.name)));
         }
     }
@@ -224,6 +247,10 @@ async fn plan_all(client: &Client, files: &[PathBuf]) -> Result<Vec<Planned>, Cl
     let table = client.get("/v1/kinds").await?;
     let mut out = Vec::new();
     for w in wanted {
+        if w.kind == "setting" {
+            out.push(plan_setting(client, w).await?);
+            continue;
+        }
         let kind = find_kind(&kinds, &w.kind).map_err(|e| CliError::usage(format!("{}: {e}", w.from)))?.clone();
         let initial = table["items"].as_array().into_iter().flatten().find(|k| k["name"] == kind.name).and_then(|k| {
             let init = k["initial_state"].as_str()?;
@@ -280,6 +307,74 @@ async fn plan_all(client: &Client, files: &[PathBuf]) -> Result<Vec<Planned>, Cl
     Ok(out)
 }
 
+/// A setting in a file: `{kind: setting, name: KEY, spec: {scope, value |
+/// value_env, secret}}` (`scope` `global` by default; `value_env` names an
+/// environment variable of the CLI holding the value, so a secret need
+/// not be in the file).
+async fn plan_setting(client: &Client, w: Wanted) -> Result<Planned, CliError> {
+    let bad = |m: &str| CliError::usage(format!("{}: setting {}: {m}", w.from, w.name));
+    let spec = w.spec.as_object().cloned().unwrap_or_default();
+    if let Some(k) = spec.keys().find(|k| !matches!(k.as_str(), "scope" | "value" | "value_env" | "secret")) {
+        return Err(bad(&format!("unknown field {k:?} (scope, value or value_env, secret)")));
+    }
+    let scope = spec.get("scope").and_then(Value::as_str).unwrap_or("global").to_string();
+    let secret = spec.get("secret").and_then(Value::as_bool).unwrap_or(false);
+    let value = match (spec.get("value"), spec.get("value_env").and_then(Value::as_str)) {
+        (Some(Value::String(v)), None) => v.clone(),
+        (Some(v @ (Value::Number(_) | Value::Bool(_))), None) => v.to_string(),
+        (None, Some(var)) => std::env::var(var).map_err(|_| bad(&format!("its value_env ${var} is not set")))?,
+        _ => return Err(bad("needs a value (a string) or value_env (a variable's name), not both")),
+    };
+    let path = format!("/v1/settings/{}/{}", encode(&scope), encode(&w.name));
+    let read = match client.send(Method::GET, &format!("{path}?reveal={secret}"), None, &[]).await {
+        Err(CliError::Api { status: 403, .. }) if secret => client.send(Method::GET, &path, None, &[]).await,
+        other => other,
+    };
+    let have = match read {
+        Ok(r) => Some(r.body),
+        Err(CliError::Api { status: 404, .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let live = have.as_ref().filter(|h| h["deleted"] != true);
+    let version = have.as_ref().and_then(|h| h["version"].as_i64()).unwrap_or(0);
+    let shown = |v: &str, secret: bool| if secret { "***".to_string() } else { format!("{v:?}") };
+    let label = format!("{scope} {}", w.name);
+    let (same, diff) = match live {
+        None => (false, format!("+value {}{}\n", shown(&value, secret), if secret { " (secret)" } else { "" })),
+        Some(h) => {
+            let was_secret = h["secret"] == true;
+            let old = h["value"].as_str();
+            let same = was_secret == secret && old == Some(value.as_str());
+            let before = match old {
+                Some(v) => shown(v, was_secret),
+                None => "*** (not readable without settings:reveal: written again)".to_string(),
+            };
+            (
+                same,
+                format!("-value {before}\n+value {}{}\n", shown(&value, secret), if secret { " (secret)" } else { "" }),
+            )
+        }
+    };
+    let kind = KindInfo { name: "setting".into(), plural: "settings".into(), actions: BTreeMap::new() };
+    let want = Wanted { name: label, ..w };
+    if same {
+        return Ok(Planned { want, kind, step: Step::Unchanged, diff: String::new() });
+    }
+    let step = Step::Setting {
+        scope,
+        key: spec_key(&want),
+        version,
+        body: json!({"value": value, "secret": secret}),
+        new: live.is_none(),
+    };
+    Ok(Planned { want, kind, step, diff })
+}
+
+/// A setting's key: what follows the scope in its label.
+fn spec_key(w: &Wanted) -> String {
+    w.name.rsplit(' ').next().unwrap_or(&w.name).to_string()
+}
+
 fn print_plan(plan: &[Planned]) -> (usize, usize, usize) {
     let (mut create, mut update, mut same) = (0, 0, 0);
     for p in plan {
@@ -303,6 +398,19 @@ fn print_plan(plan: &[Planned]) -> (usize, usize, usize) {
                         pending_by.join(", ")
                     );
                 }
+            }
+            Step::Setting { new, version, .. } => {
+                match new {
+                    true => {
+                        create += 1;
+                        println!("+ {label}: set");
+                    }
+                    false => {
+                        update += 1;
+                        println!("~ {label}: set, version {version} -> {}", version + 1);
+                    }
+                }
+                print!("{}", indent(&p.diff));
             }
             Step::Unchanged => {
                 same += 1;
@@ -396,6 +504,20 @@ async fn run_step(
     let item = format!("/v1/{}/{}", p.kind.plural, encode(&p.want.name));
     match &p.step {
         Step::Unchanged => Ok(None),
+        Step::Setting { scope, key, version, body, .. } => {
+            let mut body = body.clone();
+            if let Some(r) = reason {
+                body["reason"] = json!(r);
+            }
+            let path = format!("/v1/settings/{}/{}", encode(scope), encode(key));
+            match client.send(Method::PUT, &path, Some(&body), &[("if-match", format!("\"v{version}\""))]).await {
+                Ok(r) => Ok(Some(format!("version {}", r.body["version"].as_i64().unwrap_or(version + 1)))),
+                Err(CliError::Api { status: 412, .. }) => Err(CliError::usage(format!(
+                    "it changed since the plan (the plan saw version {version}): nothing of it was written; run plan again"
+                ))),
+                Err(e) => Err(e),
+            }
+        }
         Step::Create { first } => {
             let mut body = json!({"name": p.want.name, "spec": p.want.spec});
             if let Some(r) = reason {

@@ -44,6 +44,9 @@ async fn ask_on_interrupt() -> Interrupt {
 /// failed (with the error), 3 when it was cancelled, 130 when the watcher
 /// stopped watching.
 pub async fn follow(client: &Client, id: &str, just_asked: bool) -> Result<ExitCode, CliError> {
+    // Listening from the start: a Ctrl-C between two polls is kept for the next.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| CliError::usage(format!("cannot listen for Ctrl-C: {e}")))?;
     let run = client.get(&format!("/v1/transitions/{}", encode(id))).await?;
     let start = run["created_at"].as_str().and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok());
     let resource = format!(
@@ -72,7 +75,7 @@ pub async fn follow(client: &Client, id: &str, just_asked: bool) -> Result<ExitC
         let path = format!("/v1/transitions/{}/events?after={after}&limit=1000&wait=20s", encode(id));
         let page = tokio::select! {
             page = client.get(&path) => page?,
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupt.recv() => {
                 bar.suspend(|| ());
                 match ask_on_interrupt().await {
                     Interrupt::Cancel => {
