@@ -33,7 +33,10 @@ enum Command {
     /// Print the OpenAPI document.
     Openapi,
     /// The installations this CLI talks to.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  drover context add dev --url http://127.0.0.1:7070 --token-file ~/.drover/dev.token"
+    )]
     Context(ContextCommand),
     /// List a kind's resources, or show one.
     #[command(
@@ -89,6 +92,7 @@ enum Command {
         change: Change,
     },
     /// Back to what ran before the last deploy (the `rollback` action).
+    #[command(after_help = "Example:\n  drover rollback app --reason \"5xx after deploy\" --wait")]
     Rollback {
         /// `KIND/NAME` (default kind: service).
         target: String,
@@ -107,7 +111,16 @@ enum Command {
         #[command(flatten)]
         change: Change,
     },
+    /// Run a one-shot job on its machines (the job's `run` action).
+    #[command(after_help = "Example:\n  drover exec rotate-logs --reason \"disk at 90%\" --wait")]
+    Exec {
+        /// The job (`NAME` or `job/NAME`).
+        job: String,
+        #[command(flatten)]
+        change: Change,
+    },
     /// Ask a running transition to stop.
+    #[command(after_help = "Example:\n  drover cancel 0190d5e4-… --reason \"wrong build\" --wait")]
     Cancel {
         run: String,
         #[command(flatten)]
@@ -255,6 +268,7 @@ async fn main() -> ExitCode {
             }
             Err(e) => Err(e),
         },
+        Command::Exec { job, change } => cli::short_form(g, &job, Some("job"), "run", &[], &change).await,
         Command::Cancel { run, change } => cli::cancel(g, &run, &change).await,
         Command::Plan { files } => cli::plan::plan(g, &files).await,
         Command::Apply { files, yes, reason } => cli::plan::apply(g, &files, yes, reason.as_deref()).await,

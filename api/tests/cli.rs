@@ -245,6 +245,16 @@ async fn the_cli_reads_acts_and_waits_through_a_context() {
     assert!(out.contains("scale of cluster/c1") && out.contains("succeeded"), "{out}");
     assert_eq!(get(&server, "/v1/clusters/c1").await["spec"]["count"], 2);
 
+    // A job's run, by its short form.
+    post(
+        &server,
+        "/v1/jobs",
+        json!({"name": "hello", "spec": {"cluster": "c1", "command": "echo hello from $DROVER_MACHINE"}}),
+    )
+    .await;
+    let out = user.ok(&["exec", "hello", "--wait"]);
+    assert!(out.contains("run of job/hello") && out.contains("succeeded"), "{out}");
+
     // A failed run exits 1 with its error; a cancelled one 3.
     post(
         &server,

@@ -114,12 +114,16 @@ pub enum ContextCommand {
         protected: bool,
     },
     /// Make a context the current one.
+    #[command(after_help = "Example:\n  drover context use prod")]
     Use { name: String },
     /// List the contexts (the current one starred).
+    #[command(after_help = "Example:\n  drover context list")]
     List,
     /// Print the current context's name.
+    #[command(after_help = "Example:\n  drover context current")]
     Current,
-    /// Forget a context.
+    /// Forget a context (its token file stays).
+    #[command(after_help = "Example:\n  drover context remove old-qa")]
     Remove { name: String },
 }
 
@@ -181,6 +185,12 @@ pub struct Runs {
     /// Asked for at or after (RFC 3339).
     #[arg(long)]
     pub since: Option<String>,
+    /// Asked for before (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only the runs that retry or follow this one (an initialize's children).
+    #[arg(long)]
+    pub parent: Option<String>,
     /// At most this many (1-500).
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
@@ -598,6 +608,8 @@ pub async fn runs(global: &Global, r: &Runs) -> Result<ExitCode, CliError> {
         ("environment", &r.environment),
         ("actor", &r.actor),
         ("since", &r.since),
+        ("until", &r.until),
+        ("parent", &r.parent),
     ] {
         if let Some(v) = v {
             query.push(format!("{key}={}", encode(v)));
