@@ -404,7 +404,12 @@ async fn plan_and_apply_converge_and_never_overwrite_a_change_made_in_between() 
     assert_eq!(r.code, 2);
     assert!(r.stdout.contains("~ cluster c1: update spec v1 -> v2"), "{}", r.stdout);
     assert!(r.stdout.contains("    -  \"count\": 1,\n    +  \"count\": 2,"), "{}", r.stdout);
-    assert!(r.stdout.contains("the change stays pending until one of") && r.stdout.contains("scale"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("the change stays pending until an action applies it; allowed now: ")
+            && r.stdout.contains("scale"),
+        "{}",
+        r.stdout
+    );
 
     // A change made between the plan and the confirmation fails the apply.
     let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
@@ -443,4 +448,9 @@ async fn plan_and_apply_converge_and_never_overwrite_a_change_made_in_between() 
         "{stderr}"
     );
     assert_eq!(get(&server, "/v1/clusters/c1").await["spec"]["count"], 3, "the change made in between stands");
+
+    // Planned again, it applies; on a running cluster the change is pending.
+    let out = user.ok(&["apply", "-f", f, "--yes"]);
+    assert!(out.contains("cluster c1: spec v3; pending: spec.count (applied by scale or add-instances)"), "{out}");
+    assert_eq!(get(&server, "/v1/clusters/c1").await["spec"]["count"], 2);
 }

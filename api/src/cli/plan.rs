@@ -394,7 +394,7 @@ fn print_plan(plan: &[Planned]) -> (usize, usize, usize) {
                 print!("{}", indent(&p.diff));
                 if !pending_by.is_empty() {
                     println!(
-                        "    (it runs: the change stays pending until one of {} applies it)",
+                        "    (it runs: the change stays pending until an action applies it; allowed now: {})",
                         pending_by.join(", ")
                     );
                 }
@@ -552,17 +552,38 @@ async fn run_step(
             }
             Ok(Some(format!("created, {action} succeeded")))
         }
-        Step::Update { version, patch, pending_by } => {
+        Step::Update { version, patch, .. } => {
             let mut body = json!({"spec": patch});
             if let Some(r) = reason {
                 body["reason"] = json!(r);
             }
             let r = client.send(Method::PATCH, &item, Some(&body), &[("if-match", format!("\"v{version}\""))]).await;
             match r {
-                Ok(_) => Ok(Some(match pending_by.is_empty() {
-                    true => format!("spec v{}", version + 1),
-                    false => format!("spec v{}, pending until one of {} applies it", version + 1, pending_by.join(", ")),
-                })),
+                Ok(r) => {
+                    // What the server says is pending now, and which of the
+                    // actions allowed now would apply each.
+                    let allowed: Vec<&str> =
+                        r.body["allowed_actions"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                    let pending: Vec<String> = r.body["pending_changes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| {
+                            let by: Vec<&str> = c["applied_by"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(Value::as_str)
+                                .filter(|a| allowed.contains(a))
+                                .collect();
+                            format!("{} (applied by {})", c["field"].as_str().unwrap_or("?"), by.join(" or "))
+                        })
+                        .collect();
+                    Ok(Some(match pending.is_empty() {
+                        true => format!("spec v{}", version + 1),
+                        false => format!("spec v{}; pending: {}", version + 1, pending.join(", ")),
+                    }))
+                }
                 Err(CliError::Api { status: 412, .. }) => Err(CliError::usage(format!(
                     "it changed since the plan (the plan saw spec v{version}): nothing of it was written; run plan again"
                 ))),
