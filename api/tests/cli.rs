@@ -75,7 +75,8 @@ impl User {
         self.config.path().join("drover").join("config.toml")
     }
 
-    fn drover(&self, args: &[&str]) -> Ran {
+    /// `drover ARGS` with this user's config and environment.
+    fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_drover"));
         cmd.args(args)
             .env("XDG_CONFIG_HOME", self.config.path())
@@ -87,7 +88,23 @@ impl User {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let Output { status, stdout, stderr } = cmd.output().expect("run drover");
+        cmd
+    }
+
+    /// Started, its stdout and stderr piped; reads stdout until a line
+    /// containing `until`.
+    fn start_until(&self, args: &[&str], stdin: Stdio, until: &str) -> (Child, String) {
+        let mut child = self.command(args).stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap());
+        let mut seen = String::new();
+        while !seen.contains(until) {
+            assert!(lines.read_line(&mut seen).unwrap() > 0, "waiting for {until:?}: {seen}");
+        }
+        (child, seen)
+    }
+
+    fn drover(&self, args: &[&str]) -> Ran {
+        let Output { status, stdout, stderr } = self.command(args).output().expect("run drover");
         let ran = Ran {
             code: status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -276,22 +293,8 @@ async fn the_cli_reads_acts_and_waits_through_a_context() {
     assert!(out.contains(&format!("drover events {id} --follow")), "{out}");
     // Ctrl-C while following, with no terminal to ask on: stop watching
     // (130); the run goes on.
-    let mut follow = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(["events", &id, "--follow"])
-        .env("XDG_CONFIG_HOME", user.config.path())
-        .env_remove("DROVER_CONTEXT")
-        .env_remove("DROVER_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Once it prints the run's events it is in its loop, listening for Ctrl-C.
-    let mut lines = BufReader::new(follow.stdout.take().unwrap());
-    let mut seen = String::new();
-    while !seen.contains("running the build command") {
-        assert!(lines.read_line(&mut seen).unwrap() > 0, "it follows the run: {seen}");
-    }
+    let (follow, _) = user.start_until(&["events", &id, "--follow"], Stdio::null(), "running the build command");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(follow.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let out = follow.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -412,24 +415,7 @@ async fn plan_and_apply_converge_and_never_overwrite_a_change_made_in_between() 
     );
 
     // A change made between the plan and the confirmation fails the apply.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(["apply", "-f", f])
-        .env("XDG_CONFIG_HOME", user.config.path())
-        .env_remove("DROVER_CONTEXT")
-        .env_remove("DROVER_URL")
-        .env("QA_DB_PASSWORD", "hunter2-is-secret")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut shown = String::new();
-    while !shown.contains("Plan: ") {
-        let mut line = String::new();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "the plan is shown first: {shown}");
-        shown.push_str(&line);
-    }
+    let (mut child, _) = user.start_until(&["apply", "-f", f], Stdio::piped(), "Plan: ");
     let r = reqwest::Client::new()
         .patch(format!("{}/v1/clusters/c1", server.url))
         .bearer_auth(TOKEN)
