@@ -39,7 +39,7 @@ fn ms(v: &Value) -> String {
 
 /// Columns aligned by two spaces, no borders: what `ps` and `kubectl get`
 /// print, easy to read and to `awk`.
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::NOTHING)
         .set_content_arrangement(comfy_table::ContentArrangement::Disabled)

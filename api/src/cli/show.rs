@@ -13,33 +13,9 @@ fn s(v: &Value) -> String {
     }
 }
 
-/// Columns padded to their widest cell; the last one unpadded.
+/// The server's text tables (comfy-table, no borders): the CLI's read the same.
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            if i < widths.len() {
-                widths[i] = widths[i].max(c.chars().count());
-            }
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let last = cells.len().saturating_sub(1);
-        let mut out = String::new();
-        for (i, c) in cells.into_iter().enumerate() {
-            if i == last {
-                out.push_str(&c);
-            } else {
-                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        out.trim_end().to_string() + "\n"
-    };
-    let mut out = line(header.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        out.push_str(&line(r));
-    }
-    out
+    crate::text::table(header, rows)
 }
 
 /// JSON or YAML of any answer.
@@ -149,12 +125,6 @@ pub fn stats(body: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn tables_align() {
-        let t = table(&["NAME", "STATE"], vec![vec!["web-qa".into(), "up".into()], vec!["a".into(), "down".into()]]);
-        assert_eq!(t, "NAME    STATE\nweb-qa  up\na       down\n");
-    }
 
     #[test]
     fn events_say_when_since_the_start() {
