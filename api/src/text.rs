@@ -15,7 +15,7 @@ pub fn wants_text(headers: &HeaderMap) -> bool {
     })
 }
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -24,7 +24,7 @@ fn s(v: &Value) -> String {
 }
 
 /// `2026-11-22T03:18:14.174501Z` → `2026-11-22 03:18:14`.
-fn time(v: &Value) -> String {
+pub(crate) fn time(v: &Value) -> String {
     v.as_str().map(|t| t.replace('T', " ").chars().take(19).collect()).unwrap_or_else(|| "-".into())
 }
 

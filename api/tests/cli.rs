@@ -93,14 +93,14 @@ impl User {
 
     /// Started, its stdout and stderr piped; reads stdout until a line
     /// containing `until`.
-    fn start_until(&self, args: &[&str], stdin: Stdio, until: &str) -> (Child, String) {
+    fn start_until(&self, args: &[&str], stdin: Stdio, until: &str) -> Child {
         let mut child = self.command(args).stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap());
         let mut seen = String::new();
         while !seen.contains(until) {
             assert!(lines.read_line(&mut seen).unwrap() > 0, "waiting for {until:?}: {seen}");
         }
-        (child, seen)
+        child
     }
 
     fn drover(&self, args: &[&str]) -> Ran {
@@ -292,9 +292,9 @@ async fn the_cli_reads_acts_and_waits_through_a_context() {
     let id = out.split_whitespace().nth(1).unwrap().trim_end_matches(':').to_string();
     assert!(out.contains(&format!("drover events {id} --follow")), "{out}");
     // Ctrl-C while following, with no terminal to ask on: stop watching
-    // (130); the run goes on.
-    // Once it prints the run's events it is in its loop, listening for Ctrl-C.
-    let (follow, _) = user.start_until(&["events", &id, "--follow"], Stdio::null(), "running the build command");
+    // (130); the run goes on. Once it prints the run's events it is in its
+    // loop, listening for Ctrl-C.
+    let follow = user.start_until(&["events", &id, "--follow"], Stdio::null(), "running the build command");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(follow.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let out = follow.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -415,7 +415,7 @@ async fn plan_and_apply_converge_and_never_overwrite_a_change_made_in_between() 
     );
 
     // A change made between the plan and the confirmation fails the apply.
-    let (mut child, _) = user.start_until(&["apply", "-f", f], Stdio::piped(), "Plan: ");
+    let mut child = user.start_until(&["apply", "-f", f], Stdio::piped(), "Plan: ");
     let r = reqwest::Client::new()
         .patch(format!("{}/v1/clusters/c1", server.url))
         .bearer_auth(TOKEN)

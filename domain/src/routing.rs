@@ -187,6 +187,13 @@ pub struct ServerHealth {
     pub check: String,
 }
 
+impl ServerHealth {
+    /// `name STATUS (check)`, as events and views say it.
+    pub fn said(&self) -> String {
+        format!("{} {} ({})", self.server, self.status, self.check)
+    }
+}
+
 /// Requests through a backend, and how many of them failed (5xx answers
 /// and broken responses; for TCP, failed connections and responses).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -523,11 +530,8 @@ impl Routing {
         // The balancer's own view: servers its checks do not find up, and
         // backends none of whose servers are (a swap's shadow aside).
         let live: Vec<&ServerHealth> = status.servers.iter().filter(|s| !router::is_shadow(&s.backend)).collect();
-        let down: Vec<String> = live
-            .iter()
-            .filter(|s| s.status != "UP")
-            .map(|s| format!("{}/{} {} ({})", s.backend, s.server, s.status, s.check))
-            .collect();
+        let down: Vec<String> =
+            live.iter().filter(|s| s.status != "UP").map(|s| format!("{}/{}", s.backend, s.said())).collect();
         let dark: Vec<&str> = spec
             .backends
             .iter()
@@ -735,7 +739,7 @@ impl Provider for RouterRuns {
         let result = match job.action.as_str() {
             "create" | "apply" | "start" => {
                 let by = job.run_id.to_string();
-                match self.routing.render(&job.resource, &spec, &by, true).await? {
+                let rendered = match self.routing.render(&job.resource, &spec, &by, true).await? {
                     Rendered::Applied(c) => {
                         let holds = c.holds.iter().map(|h| h.reason.as_str()).collect::<Vec<_>>().join("; ");
                         let servers: usize = c.table.servers.values().map(Vec::len).sum();
@@ -744,17 +748,20 @@ impl Provider for RouterRuns {
                             msg.push_str(&format!("; held: {holds}"));
                         }
                         ctx.event(NewEvent::info("config", msg).with_data(json!({ "version": c.version }))).await;
-                        let at = balancer.endpoint(&job.resource).await;
-                        Ok(keeping_swaps(outputs(&spec, Some(c.version), at.as_deref()), job))
+                        Ok(Some(c.version))
                     }
-                    Rendered::Unchanged => {
-                        let at = balancer.endpoint(&job.resource).await;
-                        Ok(keeping_swaps(outputs(&spec, None, at.as_deref()), job))
-                    }
+                    Rendered::Unchanged => Ok(None),
                     Rendered::Invalid(reason) => Err(ProviderError::fatal(
                         "invalid_config",
                         format!("the load balancer refused the configuration: {reason}"),
                     )),
+                };
+                match rendered {
+                    Ok(version) => {
+                        let at = balancer.endpoint(&job.resource).await;
+                        Ok(keeping_swaps(outputs(&spec, version, at.as_deref()), job))
+                    }
+                    Err(e) => Err(e),
                 }
             }
             "swap" | "swap-back" => self.swap(ctx, job, &spec, balancer.as_ref()).await,
@@ -865,7 +872,7 @@ impl RouterRuns {
                 // Passed a check of its own: a server that was just loaded
                 // shows UP before its first check.
                 .filter(|s| s.status != "UP" || !s.check.ends_with("OK"))
-                .map(|s| format!("{} {} ({})", s.server, s.status, s.check))
+                .map(|s| s.said())
                 .collect();
             if !shadow.is_empty() && down.is_empty() {
                 let msg =
@@ -944,11 +951,7 @@ impl RouterRuns {
                 None => {
                     let status = balancer.status(router).await;
                     let of: Vec<&ServerHealth> = status.servers.iter().filter(|s| s.backend == m.backend).collect();
-                    let down: Vec<String> = of
-                        .iter()
-                        .filter(|s| s.status != "UP")
-                        .map(|s| format!("{} {} ({})", s.server, s.status, s.check))
-                        .collect();
+                    let down: Vec<String> = of.iter().filter(|s| s.status != "UP").map(|s| s.said()).collect();
                     failing = (down.len(), of.len());
                     let rate = down.len() as f64 / of.len().max(1) as f64;
                     (!of.is_empty() && rate > m.max_error_rate).then(|| {

@@ -187,14 +187,11 @@ async fn aws_image_and_cluster_through_the_api() {
     assert!(waited, "{events}");
 
     // The 3 a.m. view lists the instances EC2 shows.
-    let mut seen = Value::Null;
-    for _ in 0..100 {
-        seen = app.get(&format!("/v1/clusters/{name}")).await.body;
-        if seen["observed"]["instances"].as_array().is_some_and(|i| i.len() == 2) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let seen = app
+        .get_until(&format!("/v1/clusters/{name}"), |v| {
+            v["observed"]["instances"].as_array().is_some_and(|i| i.len() == 2)
+        })
+        .await;
     let instances = seen["observed"]["instances"].as_array().expect("observed instances");
     assert_eq!(instances.len(), 2, "{seen}");
     for i in instances {
@@ -895,14 +892,11 @@ async fn aws_routers_are_application_load_balancers() {
     );
 
     // The view: moto's health checks, and the configuration as a version.
-    let mut view = Value::Null;
-    for _ in 0..100 {
-        view = app.get(&format!("/v1/routers/{name}")).await.body;
-        if view["observed"]["servers"].as_array().is_some_and(|s| s.len() == 3) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let view = app
+        .get_until(&format!("/v1/routers/{name}"), |v| {
+            v["observed"]["servers"].as_array().is_some_and(|s| s.len() == 3)
+        })
+        .await;
     assert_eq!(view["observed"]["status"], "serving", "{view}");
     assert_eq!(view["observed"]["healthy"], true, "{view}");
     assert!(view["observed"]["servers"].as_array().unwrap().iter().all(|s| s["status"] == "UP"), "{view}");

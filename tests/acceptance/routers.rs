@@ -95,15 +95,7 @@ async fn configs(app: &TestApp, router: &str) -> Vec<Value> {
 
 /// Polls the router's view until `pred` holds (or 10 s).
 async fn router_until(app: &TestApp, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let mut seen = Value::Null;
-    for _ in 0..200 {
-        seen = app.get(&format!("/v1/routers/{name}")).await.body;
-        if pred(&seen) {
-            return seen;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the router never got there: {seen}");
+    app.get_until(&format!("/v1/routers/{name}"), pred).await
 }
 
 /// The servers of `backend` in the newest applied configuration.

@@ -204,6 +204,20 @@ impl TestApp {
         Self::reply(self.client.get(self.url(path)).send().await.expect("GET")).await
     }
 
+    /// Polls `GET path` until `pred` holds of its body (every 50 ms, for at
+    /// most 10 s, then the test fails showing the last body).
+    pub async fn get_until(&self, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut seen = Value::Null;
+        for _ in 0..200 {
+            seen = self.get(path).await.body;
+            if pred(&seen) {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("GET {path} never got there: {seen}");
+    }
+
     /// `GET path` asking for `accept` (`text/plain`, `text/event-stream`):
     /// the body as text.
     pub async fn get_text(&self, path: &str, accept: &str) -> String {

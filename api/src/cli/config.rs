@@ -51,6 +51,15 @@ pub fn path() -> Result<PathBuf, CliError> {
 }
 
 impl ConfigFile {
+    /// The error for a context it does not have, naming those it has.
+    pub fn unknown(&self, name: &str) -> CliError {
+        let known: Vec<&str> = self.contexts.keys().map(String::as_str).collect();
+        CliError::usage(format!(
+            "no context named {name:?} (contexts: {})",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        ))
+    }
+
     /// The file at `path`; an empty configuration when there is none.
     pub fn load(path: &Path) -> Result<ConfigFile, CliError> {
         match std::fs::read_to_string(path) {
@@ -111,13 +120,7 @@ pub fn resolve(file: &ConfigFile, named: Option<&str>) -> Result<Target, CliErro
              or set DROVER_URL (and DROVER_TOKEN)",
         ));
     };
-    let Some(c) = file.contexts.get(&name) else {
-        let known: Vec<&str> = file.contexts.keys().map(String::as_str).collect();
-        return Err(CliError::usage(format!(
-            "no context named {name:?} (contexts: {})",
-            if known.is_empty() { "none".to_string() } else { known.join(", ") }
-        )));
-    };
+    let Some(c) = file.contexts.get(&name) else { return Err(file.unknown(&name)) };
     let token = match (&c.token_file, &c.token_env) {
         (Some(f), _) => Some(
             std::fs::read_to_string(f)

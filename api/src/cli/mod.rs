@@ -226,7 +226,7 @@ pub fn context(cmd: ContextCommand) -> Result<ExitCode, CliError> {
         }
         ContextCommand::Use { name } => {
             if !file.contexts.contains_key(&name) {
-                return Err(unknown_context(&file, &name));
+                return Err(file.unknown(&name));
             }
             file.current = Some(name.clone());
             file.save(&path)?;
@@ -260,7 +260,7 @@ pub fn context(cmd: ContextCommand) -> Result<ExitCode, CliError> {
         },
         ContextCommand::Remove { name } => {
             if file.contexts.remove(&name).is_none() {
-                return Err(unknown_context(&file, &name));
+                return Err(file.unknown(&name));
             }
             if file.current.as_deref() == Some(name.as_str()) {
                 file.current = None;
@@ -274,14 +274,6 @@ pub fn context(cmd: ContextCommand) -> Result<ExitCode, CliError> {
 
 fn valid_context_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-fn unknown_context(file: &ConfigFile, name: &str) -> CliError {
-    let known: Vec<&str> = file.contexts.keys().map(String::as_str).collect();
-    CliError::usage(format!(
-        "no context named {name:?} (contexts: {})",
-        if known.is_empty() { "none".to_string() } else { known.join(", ") }
-    ))
 }
 
 /// The client for `global`'s installation.
@@ -298,6 +290,10 @@ pub struct KindInfo {
     pub plural: String,
     /// Each action's params schema (`None`: it takes none).
     pub actions: BTreeMap<String, Option<Value>>,
+    /// What a new resource of the kind does first: the first action from
+    /// its initial state that is not a destroy or a retry (`create`, an
+    /// image's `build`), if any.
+    pub first_action: Option<String>,
 }
 
 /// The server's kinds.
@@ -321,6 +317,15 @@ pub async fn kinds(client: &Client) -> Result<Vec<KindInfo>, CliError> {
                     )
                 })
                 .collect(),
+            first_action: k["initial_state"].as_str().and_then(|init| {
+                k["transitions"]
+                    .as_array()?
+                    .iter()
+                    .filter(|t| t["from"] == init)
+                    .filter_map(|t| t["action"].as_str())
+                    .find(|a| !matches!(*a, "destroy" | "delete" | "retry"))
+                    .map(str::to_string)
+            }),
         })
         .collect())
 }
@@ -333,12 +338,17 @@ pub fn find_kind<'a>(kinds: &'a [KindInfo], word: &str) -> Result<&'a KindInfo, 
         return Ok(k);
     }
     let names: Vec<&str> = kinds.iter().map(|k| k.name.as_str()).collect();
-    let closest = kinds.iter().flat_map(|k| [&k.name, &k.plural]).min_by_key(|n| distance(n, &w));
-    let hint = match closest {
-        Some(c) if distance(c, &w) <= 3 => format!("did you mean {c}? "),
-        _ => String::new(),
-    };
+    let hint = did_you_mean(kinds.iter().flat_map(|k| [k.name.as_str(), k.plural.as_str()]), &w);
     Err(CliError::usage(format!("no kind named {word:?}: {hint}(kinds: {})", names.join(", "))))
+}
+
+/// `did you mean X? ` for the candidate closest to `word`, when it is close
+/// (at most 3 edits); else nothing.
+fn did_you_mean<'a>(candidates: impl IntoIterator<Item = &'a str>, word: &str) -> String {
+    match candidates.into_iter().min_by_key(|c| distance(c, word)) {
+        Some(c) if distance(c, word) <= 3 => format!("did you mean {c}? "),
+        _ => String::new(),
+    }
 }
 
 /// Levenshtein distance, for suggestions.
@@ -370,11 +380,10 @@ pub fn split_target(target: &str) -> Result<(&str, &str), CliError> {
 pub fn typed_params(kind: &KindInfo, action: &str, pairs: &[String]) -> Result<Value, CliError> {
     let Some(schema) = kind.actions.get(action) else {
         let known: Vec<&str> = kind.actions.keys().map(String::as_str).collect();
-        let closest = known.iter().min_by_key(|a| distance(a, action)).filter(|a| distance(a, action) <= 3);
         return Err(CliError::usage(format!(
             "{} has no action {action:?}: {}(actions: {})",
             kind.name,
-            closest.map(|c| format!("did you mean {c}? ")).unwrap_or_default(),
+            did_you_mean(known.iter().copied(), action),
             known.join(", ")
         )));
     };
@@ -672,6 +681,7 @@ mod tests {
         KindInfo {
             name: "cluster".into(),
             plural: "clusters".into(),
+            first_action: Some("create".into()),
             actions: BTreeMap::from([
                 ("create".to_string(), None),
                 (

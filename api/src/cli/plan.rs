@@ -244,7 +244,6 @@ async fn plan_all(client: &Client, files: &[PathBuf]) -> Result<Vec<Planned>, Cl
         }
     }
     let kinds = kinds(client).await?;
-    let table = client.get("/v1/kinds").await?;
     let mut out = Vec::new();
     for w in wanted {
         if w.kind == "setting" {
@@ -252,16 +251,6 @@ async fn plan_all(client: &Client, files: &[PathBuf]) -> Result<Vec<Planned>, Cl
             continue;
         }
         let kind = find_kind(&kinds, &w.kind).map_err(|e| CliError::usage(format!("{}: {e}", w.from)))?.clone();
-        let initial = table["items"].as_array().into_iter().flatten().find(|k| k["name"] == kind.name).and_then(|k| {
-            let init = k["initial_state"].as_str()?;
-            k["transitions"]
-                .as_array()?
-                .iter()
-                .filter(|t| t["from"] == init)
-                .filter_map(|t| t["action"].as_str())
-                .find(|a| !matches!(*a, "destroy" | "delete" | "retry"))
-                .map(str::to_string)
-        });
         let path = format!("/v1/{}/{}", kind.plural, encode(&w.name));
         let current = match client.send(Method::GET, &path, None, &[]).await {
             Ok(r) => Some(r.body),
@@ -272,7 +261,7 @@ async fn plan_all(client: &Client, files: &[PathBuf]) -> Result<Vec<Planned>, Cl
         let (step, diff) = match current {
             None => {
                 let text = serde_json::to_string_pretty(&w.spec).unwrap_or_default();
-                (Step::Create { first: initial }, text.lines().map(|l| format!("+{l}\n")).collect())
+                (Step::Create { first: kind.first_action.clone() }, text.lines().map(|l| format!("+{l}\n")).collect())
             }
             Some(cur) => {
                 let p = patch(&cur["spec"], &w.spec);
@@ -355,7 +344,8 @@ async fn plan_setting(client: &Client, w: Wanted) -> Result<Planned, CliError> {
             )
         }
     };
-    let kind = KindInfo { name: "setting".into(), plural: "settings".into(), actions: BTreeMap::new() };
+    let kind =
+        KindInfo { name: "setting".into(), plural: "settings".into(), actions: BTreeMap::new(), first_action: None };
     let want = Wanted { name: label, ..w };
     if same {
         return Ok(Planned { want, kind, step: Step::Unchanged, diff: String::new() });

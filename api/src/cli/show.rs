@@ -4,14 +4,7 @@
 use serde_json::Value;
 
 use super::{CliError, Output};
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
+use crate::text::{s, time};
 
 /// The server's text tables (comfy-table, no borders): the CLI's read the same.
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
@@ -49,11 +42,7 @@ pub fn resources(items: &[Value], output: Output) -> Result<(), CliError> {
             let rows = items
                 .iter()
                 .map(|r| {
-                    let mut row = vec![
-                        s(&r["name"]),
-                        s(&r["state"]),
-                        s(&r["updated_at"]).chars().take(19).collect::<String>().replace('T', " "),
-                    ];
+                    let mut row = vec![s(&r["name"]), s(&r["state"]), time(&r["updated_at"])];
                     if wide {
                         row.push(r["spec"]["provider"].as_str().unwrap_or("-").to_string());
                         row.push(r["spec"]["environment"].as_str().unwrap_or("-").to_string());

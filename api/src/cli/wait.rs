@@ -133,10 +133,6 @@ pub async fn follow(client: &Client, id: &str, just_asked: bool) -> Result<ExitC
 
 fn failure_hint(run: &Value) -> Option<String> {
     let state = run["failure_state"].as_str()?;
-    let resource = format!("{}/{}", run["resource"]["kind"].as_str()?, run["resource"]["name"].as_str()?);
-    Some(format!(
-        "{resource} is now {state}: see `drover describe {} {}`",
-        run["resource"]["kind"].as_str()?,
-        run["resource"]["name"].as_str()?
-    ))
+    let (kind, name) = (run["resource"]["kind"].as_str()?, run["resource"]["name"].as_str()?);
+    Some(format!("{kind}/{name} is now {state}: see `drover describe {kind} {name}`"))
 }

@@ -365,15 +365,6 @@ fn action_key(actions: &[Action], arn_of: &HashMap<String, String>) -> Vec<Strin
     out
 }
 
-fn want_key(forward: &[Forward]) -> Vec<String> {
-    let mut out: Vec<String> = match forward.is_empty() {
-        true => vec!["fixed 503".to_string()],
-        false => forward.iter().map(|f| format!("forward {} {}", f.group, f.weight)).collect(),
-    };
-    out.sort();
-    out
-}
-
 fn condition_key(conditions: &[RuleCondition]) -> Vec<String> {
     let mut out = Vec::new();
     for c in conditions {
@@ -393,22 +384,6 @@ fn condition_key(conditions: &[RuleCondition]) -> Vec<String> {
     out
 }
 
-fn rule_want_key(r: &Rule) -> Vec<String> {
-    let mut out = Vec::new();
-    if !r.hosts.is_empty() {
-        let mut v = r.hosts.clone();
-        v.sort();
-        out.push(format!("host-header {}", v.join(" ")));
-    }
-    if !r.paths.is_empty() {
-        let mut v = r.paths.clone();
-        v.sort();
-        out.push(format!("path-pattern {}", v.join(" ")));
-    }
-    out.sort();
-    out
-}
-
 impl AwsRouters {
     pub fn new(clients: Arc<Clients>, poll: Backoff) -> AwsRouters {
         AwsRouters { clients, poll, applied: Mutex::new(HashMap::new()) }
@@ -418,20 +393,21 @@ impl AwsRouters {
         self.clients.elb().await
     }
 
-    /// The load balancer's `(arn, dns name, state)`, `None` when it does not exist.
-    async fn find_balancer(&self, name: &str) -> Result<Option<(String, String, String)>, AwsError> {
+    /// The load balancer named `name` as AWS describes it, `None` when it
+    /// does not exist.
+    async fn find_balancer(&self, name: &str) -> Result<Option<elb::types::LoadBalancer>, AwsError> {
         let c = self.elb().await;
         match call!("DescribeLoadBalancers", c.describe_load_balancers().names(name).send()) {
-            Ok(out) => Ok(out.load_balancers().first().map(|lb| {
-                (
-                    lb.load_balancer_arn().unwrap_or_default().to_string(),
-                    lb.dns_name().unwrap_or_default().to_string(),
-                    lb.state().and_then(|s| s.code()).map(|c| c.as_str().to_string()).unwrap_or_default(),
-                )
-            })),
+            Ok(out) => Ok(out.load_balancers().first().cloned()),
             Err(e) if e.is("LoadBalancerNotFound") => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The arn of the router's load balancer, `None` when there is none.
+    async fn balancer_arn(&self, router: &Resource) -> Result<Option<String>, BalancerError> {
+        let lb = self.find_balancer(&balancer_name(router)).await.map_err(failed)?;
+        Ok(lb.and_then(|lb| lb.load_balancer_arn().map(str::to_string)))
     }
 
     /// The router's target groups: `name → (arn, port, health check path)`.
@@ -500,10 +476,8 @@ impl AwsRouters {
     /// Step 1: the load balancer, adopted or made. Returns its arn.
     async fn ensure_balancer(&self, router: &Resource, want: &LoadBalancer) -> Result<String, BalancerError> {
         let c = self.elb().await;
-        if let Some((arn, _, _)) = self.find_balancer(&want.name).await.map_err(failed)? {
-            let out = call!("DescribeLoadBalancers", c.describe_load_balancers().load_balancer_arns(&arn).send())
-                .map_err(failed)?;
-            let Some(lb) = out.load_balancers().first() else { return Ok(arn) };
+        if let Some(lb) = self.find_balancer(&want.name).await.map_err(failed)? {
+            let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
             if lb.scheme().map(|s| s.as_str()) != Some(want.scheme.as_str()) {
                 return Err(BalancerError::Invalid(format!(
                     "the load balancer {} is {}: a scheme cannot change (destroy the router and create it again)",
@@ -699,7 +673,8 @@ impl AwsRouters {
             let default = Self::actions(&l.default, arns);
             let arn = match have.remove(&port) {
                 Some((arn, key)) => {
-                    if key != want_key(&l.default) {
+                    // Compared as what would be sent, read the way AWS's answer is.
+                    if key != action_key(&default, &names) {
                         call!(
                             "ModifyListener",
                             c.modify_listener().listener_arn(&arn).set_default_actions(Some(default)).send()
@@ -755,7 +730,7 @@ impl AwsRouters {
             let conditions = Self::conditions(r);
             let actions = Self::actions(&r.forward, arns);
             match have.remove(&r.priority) {
-                Some((_, cond, act)) if cond == rule_want_key(r) && act == want_key(&r.forward) => {}
+                Some((_, cond, act)) if cond == condition_key(&conditions) && act == action_key(&actions, names) => {}
                 Some((arn, _, _)) => {
                     call!(
                         "ModifyRule",
@@ -905,7 +880,10 @@ impl Balancer for AwsRouters {
         let name = balancer_name(router);
         let down = |problem: String| BalancerStatus { running: false, problem: Some(problem), servers: Vec::new() };
         let (arn, state) = match self.find_balancer(&name).await {
-            Ok(Some((arn, _, state))) => (arn, state),
+            Ok(Some(lb)) => (
+                lb.load_balancer_arn().unwrap_or_default().to_string(),
+                lb.state().and_then(|s| s.code()).map(|c| c.as_str().to_string()).unwrap_or_default(),
+            ),
             Ok(None) => return down(format!("load balancer {name} does not exist")),
             Err(e) => return down(format!("could not look at load balancer {name}: {e}")),
         };
@@ -975,9 +953,7 @@ impl Balancer for AwsRouters {
     /// Deletes the listeners: nothing is served; the load balancer, its
     /// name and address, and its target groups stay for `start`.
     async fn stop(&self, router: &Resource) -> Result<(), BalancerError> {
-        let Some((arn, _, _)) = self.find_balancer(&balancer_name(router)).await.map_err(failed)? else {
-            return Ok(());
-        };
+        let Some(arn) = self.balancer_arn(router).await? else { return Ok(()) };
         let c = self.elb().await;
         let out = call!("DescribeListeners", c.describe_listeners().load_balancer_arn(&arn).send()).map_err(failed)?;
         for l in out.listeners() {
@@ -995,7 +971,7 @@ impl Balancer for AwsRouters {
     /// Deletes the load balancer and every target group of the router.
     async fn remove(&self, router: &Resource) -> Result<(), BalancerError> {
         let c = self.elb().await;
-        if let Some((arn, _, _)) = self.find_balancer(&balancer_name(router)).await.map_err(failed)? {
+        if let Some(arn) = self.balancer_arn(router).await? {
             match call!("DeleteLoadBalancer", c.delete_load_balancer().load_balancer_arn(&arn).send()) {
                 Ok(_) => {}
                 Err(e) if e.is("LoadBalancerNotFound") => {}
@@ -1032,10 +1008,8 @@ impl Balancer for AwsRouters {
     }
 
     async fn endpoint(&self, router: &Resource) -> Option<String> {
-        match self.find_balancer(&balancer_name(router)).await {
-            Ok(Some((_, dns, _))) if !dns.is_empty() => Some(dns),
-            _ => None,
-        }
+        let lb = self.find_balancer(&balancer_name(router)).await.ok()??;
+        lb.dns_name().filter(|d| !d.is_empty()).map(str::to_string)
     }
 
     fn look_every(&self) -> Duration {
