@@ -83,9 +83,24 @@ fn io(what: &'static str) -> impl Fn(std::io::Error) -> BalancerError {
 /// the last lines.
 fn tidy(out: &[u8], dir: &Path) -> String {
     let text = String::from_utf8_lossy(out).replace(&format!("{}/", dir.display()), "");
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(without_pid).collect();
     let start = lines.len().saturating_sub(8);
     lines[start..].join("\n")
+}
+
+/// `[ALERT]    (11893) : config : …` → `[ALERT] config : …`: the checking
+/// process's id differs on every check, and a refusal is recorded once for
+/// as long as its reason stays the same.
+fn without_pid(line: &str) -> String {
+    let Some(rest) = line.strip_prefix('[') else { return line.to_string() };
+    let Some((level, after)) = rest.split_once(']') else { return line.to_string() };
+    let after = after.trim_start();
+    let pid =
+        after.strip_prefix('(').and_then(|a| a.split_once(')')).filter(|(p, _)| p.chars().all(|c| c.is_ascii_digit()));
+    match pid {
+        Some((_, tail)) => format!("[{level}] {}", tail.trim_start().trim_start_matches(':').trim_start()),
+        None => line.to_string(),
+    }
 }
 
 /// The tail of HAProxy's own log (its start-up messages).
@@ -460,6 +475,20 @@ fn parse_counters(csv: &str, backend: &str) -> Option<Counters> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_reads_the_same_on_every_check() {
+        let dir = Path::new("/var/lib/drover/routers/edge");
+        let one = b"[NOTICE]   (11893) : haproxy version is 2.6.12\n[ALERT]    (11893) : config : [/var/lib/drover/routers/edge/haproxy.cfg.new:4] : 'server x/a' : could not resolve address 'h.invalid'.\n";
+        let two = b"[NOTICE]   (11895) : haproxy version is 2.6.12\n[ALERT]    (11895) : config : [/var/lib/drover/routers/edge/haproxy.cfg.new:4] : 'server x/a' : could not resolve address 'h.invalid'.\n";
+        assert_eq!(tidy(one, dir), tidy(two, dir));
+        assert_eq!(
+            tidy(one, dir).lines().last().unwrap(),
+            "[ALERT] config : [haproxy.cfg.new:4] : 'server x/a' : could not resolve address 'h.invalid'."
+        );
+        assert_eq!(without_pid("   | a continuation"), "   | a continuation");
+        assert_eq!(without_pid("[x] (abc) : y"), "[x] (abc) : y");
+    }
 
     #[test]
     fn stats_name_each_servers_health() {
