@@ -128,6 +128,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
         .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", doc))
+        .merge(crate::ui::router(state.clone()))
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), crate::idempotency::layer))
         .layer(middleware::from_fn_with_state(state, crate::auth::layer))

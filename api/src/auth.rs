@@ -19,8 +19,10 @@ use crate::routes::AppState;
 /// Paths anyone may call.
 pub const PUBLIC: [&str; 3] = ["/healthz", "/readyz", "/openapi.json"];
 
-fn is_public(path: &str) -> bool {
-    PUBLIC.contains(&path) || path == "/docs" || path.starts_with("/docs/")
+/// The public paths, and the dashboard's, which checks its own sessions
+/// (`crate::ui`): a browser never sends a bearer token.
+pub(crate) fn is_public(path: &str) -> bool {
+    PUBLIC.contains(&path) || path == "/docs" || path.starts_with("/docs/") || path == "/ui" || path.starts_with("/ui/")
 }
 
 pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {

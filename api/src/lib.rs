@@ -21,5 +21,6 @@ mod openapi;
 pub mod problem;
 pub mod routes;
 pub mod text;
+pub mod ui;
 
 pub use app::{openapi, start, Config, Server};

@@ -6,53 +6,11 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
-const TOKEN: &str = "cli-test-token-0123456789abcdef0123456789";
-
-struct Server {
-    child: Child,
-    url: String,
-    data: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        drover_ops::local::testing::kill_everything_under(self.data.path());
-    }
-}
-
-fn serve() -> Server {
-    let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(data.path())
-        .env("DROVER_BOOTSTRAP_TOKEN", TOKEN)
-        .env("DROVER_LOG", "warn")
-        .env_remove("DATABASE_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start drover serve");
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("drover listening on http://") {
-                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("drover serve started");
-    Server { child, url: format!("http://{addr}"), data }
-}
+mod common;
+use common::{get, post, serve, TOKEN};
 
 /// A user of the CLI: a config directory of their own.
 struct User {
@@ -120,23 +78,6 @@ impl User {
         assert_eq!(r.code, 0, "drover {args:?} failed: {}{}", r.stdout, r.stderr);
         r.stdout
     }
-}
-
-async fn post(server: &Server, path: &str, body: Value) -> Value {
-    let r = reqwest::Client::new()
-        .post(format!("{}{path}", server.url))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{path}: {}", r.status());
-    r.json().await.unwrap()
-}
-
-async fn get(server: &Server, path: &str) -> Value {
-    let r = reqwest::Client::new().get(format!("{}{path}", server.url)).bearer_auth(TOKEN).send().await.unwrap();
-    r.json().await.unwrap()
 }
 
 fn token_file(dir: &Path) -> PathBuf {

@@ -13,6 +13,7 @@
 //!   request, and on the others within two seconds.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,18 +93,23 @@ impl Auth {
     /// within [`RECENT_FOR`], else [`Auth::authenticate`]. Three queries
     /// fewer for most of a dashboard's requests.
     pub async fn authenticate_read(&self, bearer: &str) -> Result<Principal> {
-        let hash = hash_token(bearer);
-        if let Some((p, at)) = self.recent.lock().expect("not poisoned").get(&hash) {
+        self.remembered(hash_token(bearer), self.authenticate(bearer)).await
+    }
+
+    /// The principal remembered under `key` within [`RECENT_FOR`], else
+    /// what `read` says (remembered when it is one).
+    async fn remembered(&self, key: String, read: impl Future<Output = Result<Principal>>) -> Result<Principal> {
+        if let Some((p, at)) = self.recent.lock().expect("not poisoned").get(&key) {
             if at.elapsed() < RECENT_FOR {
                 return Ok(p.clone());
             }
         }
-        let p = self.authenticate(bearer).await?;
+        let p = read.await?;
         let mut recent = self.recent.lock().expect("not poisoned");
         if recent.len() >= RECENT_MAX {
             recent.clear();
         }
-        recent.insert(hash, (p.clone(), Instant::now()));
+        recent.insert(key, (p.clone(), Instant::now()));
         Ok(p)
     }
 
@@ -119,6 +125,11 @@ impl Auth {
             .token_by_hash(&hash_token(bearer))
             .await?
             .ok_or_else(|| Error::Unauthenticated("unknown token".into()))?;
+        self.principal_of(token).await
+    }
+
+    /// Who a token stands for, if it may be used now.
+    async fn principal_of(&self, token: Token) -> Result<Principal> {
         let now = Utc::now();
         if token.revoked_at.is_some() {
             return Err(Error::Unauthenticated("token revoked".into()));
@@ -278,6 +289,79 @@ impl Auth {
             .revoke_token(user.id, id, actor, Utc::now())
             .await?
             .ok_or_else(|| Error::NotFound { kind: "token", key: id.to_string() })
+    }
+}
+
+/// How long a dashboard session lasts at most (its token's expiry may end
+/// it sooner).
+pub const SESSION_FOR: chrono::Duration = chrono::Duration::hours(12);
+
+/// Dashboard sessions: a browser signs in with an API token and holds a
+/// cookie secret instead. A session is its token: it ends when the token
+/// is revoked or expires, or its user is disabled, and it has the token's
+/// permissions, read the same way.
+impl Auth {
+    /// Signs in with an API token: a new session's cookie secret, and who.
+    pub async fn sign_in(&self, bearer: &str) -> Result<(String, Principal, Session)> {
+        let token = self
+            .tokens
+            .token_by_hash(&hash_token(bearer))
+            .await?
+            .ok_or_else(|| Error::Unauthenticated("unknown token".into()))?;
+        let expires = token.expires_at;
+        let principal = self.principal_of(token).await?;
+        let secret = format!("drs_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+        let now = Utc::now();
+        let session = Session {
+            hash: hash_token(&secret),
+            token_id: principal.token_id,
+            created_at: now,
+            expires_at: expires.map_or(now + SESSION_FOR, |t| t.min(now + SESSION_FOR)),
+            last_seen_at: now,
+            ended_at: None,
+        };
+        self.tokens.insert_session(&session).await?;
+        // Ended and expired sessions are kept a day (for the record), then go.
+        self.tokens.sweep_sessions(now - chrono::Duration::days(1)).await?;
+        Ok((secret, principal, session))
+    }
+
+    /// The principal of a session's cookie secret. `reads_only`: a read may
+    /// use what was read of it in the last [`RECENT_FOR`].
+    pub async fn session(&self, secret: &str, reads_only: bool) -> Result<Principal> {
+        let hash = hash_token(secret);
+        match reads_only {
+            true => self.remembered(format!("session:{hash}"), self.read_session(&hash)).await,
+            false => self.read_session(&hash).await,
+        }
+    }
+
+    async fn read_session(&self, hash: &str) -> Result<Principal> {
+        let s =
+            self.tokens.session_by_hash(hash).await?.ok_or_else(|| Error::Unauthenticated("unknown session".into()))?;
+        let now = Utc::now();
+        if s.ended_at.is_some() {
+            return Err(Error::Unauthenticated("signed out".into()));
+        }
+        if s.expires_at <= now {
+            return Err(Error::Unauthenticated("session expired".into()));
+        }
+        let token = self
+            .tokens
+            .token_by_id(s.token_id)
+            .await?
+            .ok_or_else(|| Error::Unauthenticated("the session's token no longer exists".into()))?;
+        let principal = self.principal_of(token).await?;
+        if now - s.last_seen_at > chrono::Duration::seconds(60) {
+            self.tokens.touch_session(hash, now).await?;
+        }
+        Ok(principal)
+    }
+
+    /// Ends a session (signing out twice is signing out once).
+    pub async fn sign_out(&self, secret: &str) -> Result<()> {
+        self.forget_recent();
+        self.tokens.end_session(&hash_token(secret), Utc::now()).await
     }
 }
 

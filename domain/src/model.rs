@@ -416,6 +416,18 @@ pub struct NewToken {
     pub now: Time,
 }
 
+/// A dashboard session: a browser signed in with an API token. Acts as
+/// that token; only the SHA-256 of its cookie secret is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    pub hash: String,
+    pub token_id: Uuid,
+    pub created_at: Time,
+    pub expires_at: Time,
+    pub last_seen_at: Time,
+    pub ended_at: Option<Time>,
+}
+
 /// One immutable version of a setting.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SettingVersion {

@@ -161,6 +161,14 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Revokes a token of `user`; `None` if it has no such token.
     async fn revoke_token(&self, user: Uuid, id: Uuid, actor: &str, now: Time) -> Result<Option<Token>>;
     async fn touch_token(&self, id: Uuid, now: Time) -> Result<()>;
+    async fn token_by_id(&self, id: Uuid) -> Result<Option<Token>>;
+    /// Dashboard sessions (see [`Session`]); ending one keeps its row.
+    async fn insert_session(&self, s: &Session) -> Result<()>;
+    async fn session_by_hash(&self, hash: &str) -> Result<Option<Session>>;
+    async fn end_session(&self, hash: &str, now: Time) -> Result<()>;
+    async fn touch_session(&self, hash: &str, now: Time) -> Result<()>;
+    /// Deletes sessions that expired or ended before `before`; how many.
+    async fn sweep_sessions(&self, before: Time) -> Result<u64>;
 }
 
 /// Setting versions: append-only.

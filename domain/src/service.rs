@@ -604,9 +604,7 @@ impl Service {
         check_reason(req.reason.as_deref())?;
         // A service takes its cluster's settings and environment.
         let lives_on = self.parent_of(kind, &resource).await?;
-        let environment = kind
-            .environment_of(&resource.spec)
-            .or_else(|| lives_on.as_ref().and_then(|p| p.kind.environment_of(&p.spec)));
+        let environment = environment_of(&resource, lives_on.as_ref());
         self.guard_protected(environment.as_deref(), &req).await?;
         let (action, params, working, ok, err, parent) = match kind.next(&resource.state, &req.action)? {
             Step::Go { working, ok, err } => {
@@ -698,6 +696,17 @@ impl Service {
             now: Utc::now(),
         };
         self.store.insert_run(&run).await
+    }
+
+    /// The environment a resource is in (a service: its cluster's), and
+    /// whether that environment is protected.
+    pub async fn environment(&self, resource: &Resource) -> Result<Option<(String, bool)>> {
+        let lives_on = self.parent_of(resource.kind, resource).await?;
+        let Some(env) = environment_of(resource, lives_on.as_ref()) else {
+            return Ok(None);
+        };
+        let found = self.store.get_resource(environment::KIND, &ResourceKey::Name(env.clone())).await?;
+        Ok(Some((env, found.is_some_and(|e| environment::is_protected(&e.spec)))))
     }
 
     /// A resource in a protected environment changes only with a reason
@@ -887,6 +896,11 @@ pub fn pending_changes(kind: Kind, r: &Resource) -> Vec<PendingChange> {
             wanted: c.to,
         })
         .collect()
+}
+
+/// The environment a resource names, else the one of what it lives on.
+fn environment_of(resource: &Resource, lives_on: Option<&Resource>) -> Option<String> {
+    resource.kind.environment_of(&resource.spec).or_else(|| lives_on.and_then(|p| p.kind.environment_of(&p.spec)))
 }
 
 /// Explains, in one sentence, why a resource is failed or stuck.

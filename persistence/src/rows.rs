@@ -264,6 +264,29 @@ impl From<TokenRow> for Token {
 }
 
 #[derive(sqlx::FromRow)]
+pub(crate) struct SessionRow {
+    hash: String,
+    token_id: Uuid,
+    created_at: Ts,
+    expires_at: Ts,
+    last_seen_at: Ts,
+    ended_at: Option<Ts>,
+}
+
+impl From<SessionRow> for Session {
+    fn from(s: SessionRow) -> Session {
+        Session {
+            hash: s.hash,
+            token_id: s.token_id,
+            created_at: s.created_at.0,
+            expires_at: s.expires_at.0,
+            last_seen_at: s.last_seen_at.0,
+            ended_at: s.ended_at.map(|x| x.0),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
 pub(crate) struct SettingRow {
     id: Uuid,
     scope: String,

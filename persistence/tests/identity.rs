@@ -13,7 +13,9 @@ both_backends!(
     tokens_are_found_by_hash_and_revoked_once,
     setting_versions_are_append_only_and_fenced,
     reads_use_a_recent_principal_for_a_second_at_most,
-    built_in_roles_of_an_earlier_version_are_brought_up_to_date
+    built_in_roles_of_an_earlier_version_are_brought_up_to_date,
+    dashboard_sessions_end_once_and_are_swept,
+    a_dashboard_session_is_its_token
 );
 
 fn token(user: Uuid, hash: &str) -> NewToken {
@@ -148,4 +150,75 @@ async fn built_in_roles_of_an_earlier_version_are_brought_up_to_date(s: Stores) 
         .unwrap()
         .unwrap();
     assert_eq!(again.version, 2);
+}
+
+/// A dashboard session is found by its hash and names its token; ending it
+/// twice keeps the first end; the sweep removes only what expired or ended
+/// before its cut-off.
+async fn dashboard_sessions_end_once_and_are_swept(stores: Stores) {
+    use chrono::SubsecRound;
+    let tokens = stores.tokens.clone();
+    let owner = cluster(&stores.store, "session-owner").await;
+    let now = Utc::now().trunc_subsecs(3);
+    let token = tokens.insert_token(&token(owner.id, "browser")).await.unwrap();
+    assert_eq!(tokens.token_by_id(token.id).await.unwrap().map(|t| t.id), Some(token.id));
+    assert!(tokens.token_by_id(Uuid::now_v7()).await.unwrap().is_none());
+    let hour = chrono::Duration::hours(1);
+    let session = |hash: &str, expires_at| Session {
+        hash: hash.into(),
+        token_id: token.id,
+        created_at: now,
+        expires_at,
+        last_seen_at: now,
+        ended_at: None,
+    };
+    tokens.insert_session(&session("live", now + hour)).await.unwrap();
+    tokens.insert_session(&session("old", now - hour * 25)).await.unwrap();
+    assert_eq!(tokens.session_by_hash("live").await.unwrap(), Some(session("live", now + hour)));
+    assert!(tokens.session_by_hash("nothing").await.unwrap().is_none());
+    tokens.touch_session("live", now + chrono::Duration::minutes(5)).await.unwrap();
+    tokens.end_session("live", now + chrono::Duration::minutes(10)).await.unwrap();
+    tokens.end_session("live", now + chrono::Duration::minutes(20)).await.unwrap();
+    let live = tokens.session_by_hash("live").await.unwrap().unwrap();
+    assert_eq!(live.last_seen_at, now + chrono::Duration::minutes(5));
+    assert_eq!(live.ended_at, Some(now + chrono::Duration::minutes(10)), "the first end stands");
+    assert_eq!(tokens.sweep_sessions(now - hour * 24).await.unwrap(), 1, "only the one that expired a day ago");
+    assert!(tokens.session_by_hash("old").await.unwrap().is_none());
+    assert!(tokens.session_by_hash("live").await.unwrap().is_some());
+}
+
+/// A session acts as the token it was signed in with: same user and
+/// permissions, never outliving the token's expiry, ended by revoking the
+/// token or by signing out.
+async fn a_dashboard_session_is_its_token(s: Stores) {
+    use drover_domain::auth::{Auth, SESSION_FOR};
+    let auth = Auth::new(s.store.clone(), s.tokens.clone());
+    let token = auth.bootstrap(None).await.unwrap().expect("a new installation's token");
+    let me = auth.authenticate(&token).await.unwrap();
+    let (secret, principal, session) = auth.sign_in(&token).await.unwrap();
+    assert_eq!(principal, me);
+    assert!(secret.starts_with("drs_") && secret != token);
+    assert_ne!(session.hash, secret, "only the secret's hash is kept");
+    assert_eq!(session.expires_at - session.created_at, SESSION_FOR);
+    assert_eq!(auth.session(&secret, false).await.unwrap(), me);
+    assert_eq!(auth.session(&secret, true).await.unwrap(), me);
+    assert!(matches!(auth.session("drs_forged", false).await, Err(Error::Unauthenticated(_))));
+    assert!(matches!(auth.sign_in("drv_forged").await, Err(Error::Unauthenticated(_))));
+
+    // A token that expires in an hour gives a session of an hour.
+    let soon = Utc::now() + chrono::Duration::hours(1);
+    let (_, short) = auth.create_token("admin", "short", Some(soon), "admin").await.unwrap();
+    let (short_secret, _, short_session) = auth.sign_in(&short).await.unwrap();
+    assert!(short_session.expires_at <= soon);
+
+    // Revoking the token ends its sessions; signing out ends one.
+    let p = auth.authenticate(&short).await.unwrap();
+    auth.revoke_token("admin", p.token_id, "admin").await.unwrap();
+    assert!(matches!(auth.session(&short_secret, false).await, Err(Error::Unauthenticated(_))));
+    auth.sign_out(&secret).await.unwrap();
+    match auth.session(&secret, true).await {
+        Err(Error::Unauthenticated(why)) => assert_eq!(why, "signed out"),
+        other => panic!("a session signed out of still works: {other:?}"),
+    }
+    assert!(auth.authenticate(&token).await.is_ok(), "signing out leaves the token alone");
 }

@@ -431,7 +431,7 @@ pub fn typed_params(kind: &KindInfo, action: &str, pairs: &[String]) -> Result<V
 }
 
 /// A parameter's text as the JSON type its schema says.
-fn coerce(prop: &Value, raw: &str) -> Result<Value, String> {
+pub(crate) fn coerce(prop: &Value, raw: &str) -> Result<Value, String> {
     let types: Vec<&str> = match &prop["type"] {
         Value::String(t) => vec![t.as_str()],
         Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),

@@ -226,45 +226,70 @@ async fn transition_events(
 /// Polls the log and pushes what is new; ends with an `end` event carrying
 /// the final transition.
 fn stream_events(s: AppState, id: Uuid, after: i64) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+    let event = |e: Event| Ok(SseEvent::default().event("event").json_data(e).expect("event serialises"));
+    let end = |t: Transition| Ok(SseEvent::default().event("end").json_data(t).expect("serialises"));
+    event_stream(s, id, after, event, end)
+}
+
+/// A run's log as a live stream: each new event as `event` makes it, and
+/// when the run has ended and nothing is left to read, `end` of the run.
+/// Every event carries its `seq` as its id, so a client resumes with
+/// `Last-Event-ID`. Shared by the API and the dashboard, which say their
+/// events differently.
+pub(crate) fn event_stream(
+    s: AppState,
+    id: Uuid,
+    after: i64,
+    event: impl Fn(Event) -> Result<SseEvent, Infallible> + Send + Sync + 'static,
+    end: impl Fn(Transition) -> Result<SseEvent, Infallible> + Send + Sync + 'static,
+) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
     struct Cursor {
         s: AppState,
         after: i64,
         done: bool,
     }
-    let events = stream::unfold(Cursor { s, after, done: false }, move |mut c| async move {
-        if c.done {
-            return None;
-        }
-        loop {
-            let (run, events) = match c.s.service.events(id, c.after, 500, Duration::from_secs(15)).await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "event stream read failed");
-                    c.done = true;
-                    return Some((vec![SseEvent::default().event("error").data("the event log could not be read")], c));
-                }
-            };
-            let mut out: Vec<SseEvent> = events
-                .into_iter()
-                .map(|e| {
-                    c.after = e.seq;
-                    let seq = e.seq.to_string();
-                    SseEvent::default().id(seq).event("event").json_data(Event::from(e)).expect("event serialises")
-                })
-                .collect();
-            if run.status.is_terminal() {
-                // Read once more so nothing written with the completion is missed.
-                if out.is_empty() {
-                    c.done = true;
-                    out.push(SseEvent::default().event("end").json_data(Transition::from(run)).expect("serialises"));
-                }
-                return Some((out, c));
+    let event = std::sync::Arc::new(event);
+    let end = std::sync::Arc::new(end);
+    let events = stream::unfold(Cursor { s, after, done: false }, move |mut c| {
+        let (event, end) = (event.clone(), end.clone());
+        async move {
+            if c.done {
+                return None;
             }
-            if !out.is_empty() {
-                return Some((out, c));
+            loop {
+                let (run, events) = match c.s.service.events(id, c.after, 500, Duration::from_secs(15)).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event stream read failed");
+                        c.done = true;
+                        return Some((
+                            vec![Ok(SseEvent::default().event("error").data("the event log could not be read"))],
+                            c,
+                        ));
+                    }
+                };
+                let mut out: Vec<Result<SseEvent, Infallible>> = events
+                    .into_iter()
+                    .map(|e| {
+                        c.after = e.seq;
+                        let seq = e.seq.to_string();
+                        event(Event::from(e)).map(|ev| ev.id(seq))
+                    })
+                    .collect();
+                if run.status.is_terminal() {
+                    // Read once more so nothing written with the completion is missed.
+                    if out.is_empty() {
+                        c.done = true;
+                        out.push(end(Transition::from(run)));
+                    }
+                    return Some((out, c));
+                }
+                if !out.is_empty() {
+                    return Some((out, c));
+                }
             }
         }
     })
-    .flat_map(|batch| stream::iter(batch.into_iter().map(Ok)));
+    .flat_map(stream::iter);
     Sse::new(events).keep_alive(KeepAlive::default())
 }
