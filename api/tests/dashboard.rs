@@ -16,7 +16,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
 mod common;
-use common::{get, post, serve, Server};
+use common::{get, post, serve, Server, TOKEN};
 
 const PHONE: (u32, u32) = (390, 844);
 const DESKTOP: (u32, u32) = (1280, 900);
@@ -172,6 +172,18 @@ async fn session_cookie(c: &Client) -> String {
     format!("drover_session={}", cookie.value())
 }
 
+async fn put(server: &Server, path: &str, body: Value) -> Value {
+    let r = reqwest::Client::new()
+        .put(format!("{}{path}", server.url))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+    r.json().await.unwrap()
+}
+
 fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
@@ -185,7 +197,7 @@ async fn the_dashboard_in_a_real_browser() {
 
     // ---- On a phone: sign in, see the cluster, scale it with a reason.
     let phone = browser(&d, PHONE).await;
-    sign_in(&phone, &server, common::TOKEN).await;
+    sign_in(&phone, &server, TOKEN).await;
     let width: i64 = phone.execute("return window.innerWidth", vec![]).await.unwrap().as_i64().unwrap();
     assert!(width <= 420, "a phone-sized window: {width}");
     assert_eq!(text(&phone, "#attention h1").await, "All quiet");
@@ -256,7 +268,7 @@ async fn the_dashboard_in_a_real_browser() {
 
     // ---- On a desktop: cancel a run live.
     let desk = browser(&d, DESKTOP).await;
-    sign_in(&desk, &server, common::TOKEN).await;
+    sign_in(&desk, &server, TOKEN).await;
     post(
         &server,
         "/v1/images",
@@ -281,6 +293,51 @@ async fn the_dashboard_in_a_real_browser() {
     let t = get(&server, &format!("/v1/transitions/{id}")).await;
     assert_eq!(t["status"], "cancelled");
     assert_eq!(t["cancel_requested_by"], "admin");
+
+    // ---- History: the ledger's filters; the cancelled build is found.
+    desk.goto(&format!("{}/ui/history", server.url)).await.unwrap();
+    desk.find(Locator::Css("#filter-box summary")).await.unwrap().click().await.unwrap();
+    desk.find(Locator::Css("#f-status")).await.unwrap().select_by_value("cancelled").await.unwrap();
+    desk.find(Locator::Css("#filters button[type=submit]")).await.unwrap().click().await.unwrap();
+    until("the filtered history", || async {
+        desk.current_url().await.unwrap().query().is_some_and(|q| q.contains("status=cancelled"))
+    })
+    .await;
+    let found = text(&desk, "#history").await;
+    assert!(found.contains("image slow") && found.contains("cancelled"), "{found}");
+    assert!(!found.contains("cluster c1"), "only cancelled runs: {found}");
+    screenshot(&desk, "desktop-history").await;
+
+    // ---- Stats: durations and failure rate drawn on the server.
+    desk.goto(&format!("{}/ui/stats?days=1&action=", server.url)).await.unwrap();
+    assert!(exists(&desk, "#durations svg path.series").await, "a duration line");
+    assert!(exists(&desk, "#failures svg rect.bar").await, "failure-rate bars");
+    screenshot(&desk, "desktop-stats").await;
+    phone.goto(&format!("{}/ui/stats?days=1&action=", server.url)).await.unwrap();
+    screenshot(&phone, "phone-stats").await;
+
+    // ---- Settings: secrets masked; a rollback is a new version, recorded.
+    for (key, body) in [
+        ("DB_URL", json!({"value": "postgres://db-1/app"})),
+        ("DB_URL", json!({"value": "postgres://db-2/app", "reason": "new database"})),
+        ("DB_PASSWORD", json!({"value": "hunter2-in-the-page", "secret": true})),
+    ] {
+        put(&server, &format!("/v1/settings/global/{key}"), body).await;
+    }
+    desk.goto(&format!("{}/ui/settings", server.url)).await.unwrap();
+    assert!(!desk.source().await.unwrap().contains("hunter2-in-the-page"), "a secret never reaches the page");
+    let global = text(&desk, "#scope-global").await;
+    assert!(global.contains("••••••") && global.contains("postgres://db-2/app"), "{global}");
+    desk.goto(&format!("{}/ui/settings/global/DB_URL", server.url)).await.unwrap();
+    assert!(text(&desk, "#diff").await.contains("postgres://db-1/app"));
+    desk.find(Locator::Css("#v1 input[name=reason]")).await.unwrap().send_keys("db-2 is not ready").await.unwrap();
+    desk.find(Locator::Css("#v1 button")).await.unwrap().click().await.unwrap();
+    until("version 3", || async { exists(&desk, "#v3").await }).await;
+    screenshot(&desk, "desktop-setting").await;
+    let now = get(&server, "/v1/settings/global/DB_URL").await;
+    assert_eq!((now["version"].as_i64(), now["value"].as_str()), (Some(3), Some("postgres://db-1/app")));
+    assert_eq!((now["actor"].as_str(), now["reason"].as_str()), (Some("admin"), Some("db-2 is not ready")));
+
     desk.goto(&format!("{}/ui/", server.url)).await.unwrap();
     screenshot(&desk, "desktop-overview").await;
     desk.goto(&format!("{}/ui/clusters/c1", server.url)).await.unwrap();
@@ -295,6 +352,8 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(!exists(&v, "details.action").await);
     v.goto(&format!("{}/ui/runs/{run_id}", server.url)).await.unwrap();
     assert!(!exists(&v, "#cancel").await);
+    v.goto(&format!("{}/ui/settings/global/DB_URL", server.url)).await.unwrap();
+    assert!(exists(&v, "#versions").await && !exists(&v, "form.rollback").await, "a viewer cannot roll back");
     let csrf = v.find(Locator::Css("nav input[name=csrf]")).await.unwrap().attr("value").await.unwrap().unwrap();
     let cookie = session_cookie(&v).await;
     let r = no_redirects()

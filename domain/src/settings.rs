@@ -266,7 +266,13 @@ impl Settings {
 
     /// The current settings of one scope.
     pub async fn list(&self, scope: &Scope, reveal: bool) -> Result<Vec<Setting>> {
-        let current = self.settings.current_settings(&[scope.key()]).await?;
+        self.list_scopes(std::slice::from_ref(scope), reveal).await
+    }
+
+    /// The current settings of several scopes, in one read.
+    pub async fn list_scopes(&self, scopes: &[Scope], reveal: bool) -> Result<Vec<Setting>> {
+        let keys: Vec<String> = scopes.iter().map(Scope::key).collect();
+        let current = self.settings.current_settings(&keys).await?;
         current.into_iter().filter(|v| !v.deleted).map(|v| self.shown(v, reveal)).collect()
     }
 

@@ -28,35 +28,6 @@ use uuid::Uuid;
 const DAYS: i64 = 90;
 const RESOURCES: i64 = 1000;
 
-/// Inserts `n` finished runs, `from` being the first index, with their
-/// outcome rows and rollup notes, as the store writes them when runs end.
-const LOAD: &str = "
-WITH src AS (
-    SELECT g,
-        now() - (((g * 7919) % ($3 * 86400))::text || ' seconds')::interval AS created,
-        (ARRAY['create','scale','stop','start','destroy'])[1 + (g % 5)] AS action,
-        (ARRAY['qa','staging','prod','dev'])[1 + (g / 7 % 4)] AS env,
-        'user-' || (g % 20) AS actor,
-        CASE WHEN g % 10 = 0 THEN 'failed' WHEN g % 37 = 0 THEN 'cancelled' ELSE 'succeeded' END AS status,
-        (50 + (g * 104729 % 5000) * (1 + g % 3))::bigint AS ms
-    FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) g
-), ins AS (
-INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state, working_state, ok_state,
-    err_state, status, attempt, max_attempts, actor, provider, timeout_secs, created_at, run_after, started_at,
-    finished_at, environment, settings, outcome)
-SELECT (lpad(to_hex((extract(epoch FROM created) * 1000)::bigint), 12, '0') || substr(md5(g::text), 1, 20))::uuid,
-    md5('bench-' || (g % $4))::uuid, 'cluster', 'bench-' || (g % $4), action, '{}', 'up', 'working', 'up', 'failed',
-    status, 1, 3, actor, 'bench', 600, created, created,
-    CASE WHEN status = 'cancelled' THEN NULL ELSE created + interval '10 milliseconds' END,
-    created + interval '10 milliseconds' + ms * interval '1 millisecond', env, '[]', status
-FROM src
-RETURNING id, status, action, kind, environment, actor
-), outcomes AS (
-    INSERT INTO run_outcomes (outcome, run_id, action, kind, environment, actor)
-    SELECT status, id, action, kind, environment, actor FROM ins
-)
-INSERT INTO rollup_pending (run_id) SELECT id FROM ins";
-
 struct Noop;
 
 #[async_trait]
@@ -131,29 +102,14 @@ async fn main() {
         Arc::new(Settings::new(store.clone(), stores.settings.clone(), SecretKey::from_hex(&"00".repeat(32)).unwrap()));
     let service = Arc::new(Service::new(store.clone(), settings));
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query(
-        "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by, updated_by)
-         SELECT md5('bench-' || g)::uuid, 'cluster', 'bench-' || g, 'up', '{}', 1, '{}', now(), now(), 'bench', 'bench'
-         FROM generate_series(0, $1 - 1) g ON CONFLICT DO NOTHING",
-    )
-    .bind(RESOURCES)
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    drover_persistence::testing::synthetic_resources(&url, RESOURCES).await;
 
     let base_rate = engine_throughput(&store, 2000, "idle").await;
     println!("engine alone, empty history: {base_rate:.0} transitions/s (2000 no-op, 64 slots)");
 
-    let mut loaded: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM runs WHERE provider = 'bench'").fetch_one(&mut conn).await.unwrap();
     for target in sizes {
         let t = Instant::now();
-        let chunk = 1_000_000;
-        while loaded < target {
-            let n = chunk.min(target - loaded);
-            sqlx::query(LOAD).bind(loaded).bind(n).bind(DAYS).bind(RESOURCES).execute(&mut conn).await.unwrap();
-            loaded += n;
-        }
+        let loaded = drover_persistence::testing::synthetic_history(&url, target, DAYS, RESOURCES).await;
         let load_secs = t.elapsed().as_secs_f64();
         // Fold them into the rollups as the engine's folder would.
         let t = Instant::now();

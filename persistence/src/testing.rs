@@ -336,6 +336,81 @@ pub async fn view_plans(url: &str) -> Vec<(&'static str, String)> {
     plans
 }
 
+// ---------------------------------------------------------------- synthetic history, for benches
+
+/// Inserts `n` finished runs, `from` being the first index, with their
+/// outcome rows and rollup notes, as the store writes them when runs end.
+const SYNTHETIC_RUNS: &str = "
+WITH src AS (
+    SELECT g,
+        now() - (((g * 7919) % ($3 * 86400))::text || ' seconds')::interval AS created,
+        (ARRAY['create','scale','stop','start','destroy'])[1 + (g % 5)] AS action,
+        (ARRAY['qa','staging','prod','dev'])[1 + (g / 7 % 4)] AS env,
+        'user-' || (g % 20) AS actor,
+        CASE WHEN g % 10 = 0 THEN 'failed' WHEN g % 37 = 0 THEN 'cancelled' ELSE 'succeeded' END AS status,
+        (50 + (g * 104729 % 5000) * (1 + g % 3))::bigint AS ms
+    FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) g
+), ins AS (
+INSERT INTO runs (id, resource_id, kind, resource_name, action, params, from_state, working_state, ok_state,
+    err_state, status, attempt, max_attempts, actor, provider, timeout_secs, created_at, run_after, started_at,
+    finished_at, environment, settings, outcome)
+SELECT (lpad(to_hex((extract(epoch FROM created) * 1000)::bigint), 12, '0') || substr(md5(g::text), 1, 20))::uuid,
+    md5('bench-' || (g % $4))::uuid, 'cluster', 'bench-' || (g % $4), action, '{}', 'up', 'working', 'up', 'failed',
+    status, 1, 3, actor, 'bench', 600, created, created,
+    CASE WHEN status = 'cancelled' THEN NULL ELSE created + interval '10 milliseconds' END,
+    created + interval '10 milliseconds' + ms * interval '1 millisecond', env, '[]', status
+FROM src
+RETURNING id, status, action, kind, environment, actor
+), outcomes AS (
+    INSERT INTO run_outcomes (outcome, run_id, action, kind, environment, actor)
+    SELECT status, id, action, kind, environment, actor FROM ins
+)
+INSERT INTO rollup_pending (run_id) SELECT id FROM ins";
+
+/// `n` clusters `bench-0` … `bench-{n-1}`, `up`, for synthetic runs to
+/// belong to (Postgres only).
+pub async fn synthetic_resources(url: &str, n: i64) {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::query(
+        "INSERT INTO resources (id, kind, name, state, spec, version, outputs, created_at, updated_at, created_by, updated_by)
+         SELECT md5('bench-' || g)::uuid, 'cluster', 'bench-' || g, 'up', '{}', 1, '{}', now(), now(), 'bench', 'bench'
+         FROM generate_series(0, $1 - 1) g ON CONFLICT DO NOTHING",
+    )
+    .bind(n)
+    .execute(&mut conn)
+    .await
+    .expect("insert the synthetic resources");
+}
+
+/// Tops the history up to `total` synthetic finished runs over the last
+/// `days` days, spread over `resources` of [`synthetic_resources`]: 5
+/// actions (create, scale, stop, start, destroy), 4 environments (qa,
+/// staging, prod, dev), 20 actors, 10% failed, 2.7% cancelled, durations
+/// 50 ms to 15 s; with their outcome rows and rollup notes, as the store
+/// writes them when runs end (fold them with
+/// [`drover_domain::ports::fold_pending`]). Returns how many there are.
+/// Postgres only.
+pub async fn synthetic_history(url: &str, total: i64, days: i64, resources: i64) -> i64 {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    let mut loaded: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE provider = 'bench'")
+        .fetch_one(&mut conn)
+        .await
+        .expect("count the synthetic runs");
+    while loaded < total {
+        let n = (total - loaded).min(1_000_000);
+        sqlx::query(SYNTHETIC_RUNS)
+            .bind(loaded)
+            .bind(n)
+            .bind(days)
+            .bind(resources)
+            .execute(&mut conn)
+            .await
+            .expect("load synthetic runs");
+        loaded += n;
+    }
+    loaded
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

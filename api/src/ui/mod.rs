@@ -18,7 +18,10 @@
 //! Nothing under `/ui/` is part of the API: the bearer-token layer lets it
 //! through ([`crate::auth::is_public`]) and [`require_session`] guards it.
 
+mod chart;
+mod ledger;
 mod pages;
+mod settings;
 
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -63,6 +66,11 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/runs/{id}/events", get(pages::run_events))
         .route("/ui/runs/{id}/cancel", post(pages::cancel))
         .route("/ui/sign-out", post(sign_out))
+        .route("/ui/history", get(ledger::history))
+        .route("/ui/stats", get(ledger::stats))
+        .route("/ui/settings", get(settings::settings))
+        .route("/ui/settings/{scope}/{key}", get(settings::setting))
+        .route("/ui/settings/{scope}/{key}/rollback", post(settings::rollback))
         .route("/ui/{plural}", get(pages::kind))
         .route("/ui/{plural}/{name}", get(pages::resource))
         .route("/ui/{plural}/{name}/versions/{version}", get(pages::version))

@@ -34,6 +34,13 @@ pub struct UiError {
     pub message: String,
 }
 
+impl UiError {
+    /// A 422: what was asked for cannot be read.
+    pub fn invalid(message: impl Into<String>) -> UiError {
+        UiError { status: StatusCode::UNPROCESSABLE_ENTITY, message: message.into() }
+    }
+}
+
 impl From<Problem> for UiError {
     fn from(p: Problem) -> UiError {
         let mut message = p.detail.clone().unwrap_or_else(|| p.title.clone());
@@ -141,11 +148,11 @@ fn status_badge(status: &str) -> &'static str {
 }
 
 /// `2026-12-04T03:18:14.17Z` → `2026-12-04 03:18:14`.
-fn when(t: &DateTime<Utc>) -> String {
+pub fn when(t: &DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S").to_string()
 }
 
-fn took(ms: Option<i64>) -> String {
+pub fn took(ms: Option<i64>) -> String {
     match ms {
         None => "-".into(),
         Some(m) if m < 1000 => format!("{m}ms"),
@@ -169,7 +176,7 @@ fn kind_of(plural: &str) -> Result<Kind> {
     })
 }
 
-fn require(viewer: &Viewer, permission: &str) -> Result<()> {
+pub fn require(viewer: &Viewer, permission: &str) -> Result<()> {
     viewer.principal.require(permission).map_err(UiError::from)
 }
 
@@ -221,8 +228,12 @@ struct Home {
     numbers: Numbers,
     environments: Vec<EnvCard>,
     elsewhere: Vec<Row>,
+    more_elsewhere: usize,
     kinds: Vec<(&'static str, &'static str)>,
 }
+
+/// How many resources outside any environment the overview lists.
+const ELSEWHERE_SHOWN: usize = 30;
 
 /// The kinds a person operates (users and roles are on their own pages).
 fn operated() -> impl Iterator<Item = Kind> {
@@ -338,7 +349,10 @@ pub async fn home(State(s): State<AppState>, Extension(viewer): Extension<Viewer
         }
     }
     let kinds = operated().map(|k| (k.plural(), k.as_str())).collect();
-    Ok(render(&Home { nav: Nav::from(&viewer), attention, numbers, environments, elsewhere, kinds }))
+    // The rest is on the kinds' pages: the overview stays short.
+    let more_elsewhere = elsewhere.len().saturating_sub(ELSEWHERE_SHOWN);
+    elsewhere.truncate(ELSEWHERE_SHOWN);
+    Ok(render(&Home { nav: Nav::from(&viewer), attention, numbers, environments, elsewhere, more_elsewhere, kinds }))
 }
 
 /// The last 24 hours from the rollups: never a count over the ledger.
