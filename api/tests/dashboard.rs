@@ -294,6 +294,28 @@ async fn the_dashboard_in_a_real_browser() {
     assert_eq!(t["status"], "cancelled");
     assert_eq!(t["cancel_requested_by"], "admin");
 
+    // ---- Something broke: the overview says so, why, and links the run.
+    post(
+        &server,
+        "/v1/images",
+        json!({"name": "broken", "spec": {"build_command": "echo no compiler >&2; exit 3",
+        "start_command": "exec sleep 1000"}}),
+    )
+    .await;
+    let build = post(&server, "/v1/images/broken/transitions", json!({"action": "build"})).await;
+    assert_eq!(wait_run(&server, build["id"].as_str().unwrap()).await["status"], "failed");
+    desk.goto(&format!("{}/ui/", server.url)).await.unwrap();
+    // The build cancelled above left its image failed too.
+    assert_eq!(text(&desk, "#attention h1").await, "2 need a look");
+    let wrong = text(&desk, "#attention").await;
+    assert!(wrong.contains("image broken") && wrong.contains("build failed"), "{wrong}");
+    assert!(wrong.contains("image slow") && wrong.contains("cancel"), "{wrong}");
+    let failed = text(&desk, "#failures").await;
+    assert!(failed.contains("image broken") && failed.contains("build"), "{failed}");
+    screenshot(&desk, "desktop-overview-failed").await;
+    phone.goto(&format!("{}/ui/", server.url)).await.unwrap();
+    screenshot(&phone, "phone-overview-failed").await;
+
     // ---- History: the ledger's filters; the cancelled build is found.
     desk.goto(&format!("{}/ui/history", server.url)).await.unwrap();
     desk.find(Locator::Css("#filter-box summary")).await.unwrap().click().await.unwrap();

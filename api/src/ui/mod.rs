@@ -183,14 +183,11 @@ fn to_sign_in(req: &Request, why: Option<String>) -> Response {
         to = format!("{to}?{}", query.join("&"));
     }
     let mut r = Redirect::to(&to).into_response();
-    if why_cookie_stale(req) {
+    if cookie(req.headers(), SESSION).is_some() {
+        // A session that no longer works: the browser forgets it.
         r.headers_mut().append(header::SET_COOKIE, set_cookie(req.headers(), SESSION, "", 0, "/ui/"));
     }
     r
-}
-
-fn why_cookie_stale(req: &Request) -> bool {
-    cookie(req.headers(), SESSION).is_some()
 }
 
 pub(crate) fn urlencode(s: &str) -> String {

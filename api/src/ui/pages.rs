@@ -198,6 +198,8 @@ pub struct Attention {
     pub row: Row,
     pub why: String,
     pub run: Option<String>,
+    /// Failed, stuck or unhealthy; else only busy.
+    pub serious: bool,
 }
 
 pub struct Numbers {
@@ -225,6 +227,10 @@ pub struct ClusterCard {
 struct Home {
     nav: Nav,
     attention: Vec<Attention>,
+    /// How many of `attention` are serious.
+    wrong: usize,
+    /// The newest failed runs of the last 24 hours.
+    failures: Vec<RunRow>,
     numbers: Numbers,
     environments: Vec<EnvCard>,
     elsewhere: Vec<Row>,
@@ -286,12 +292,26 @@ pub async fn home(State(s): State<AppState>, Extension(viewer): Extension<Viewer
             (None, None) => r.state.clone(),
         };
         let run_link = o.problem.as_ref().and_then(|p| p.run).or(run.map(|r| r.id)).map(|id| format!("/ui/runs/{id}"));
-        // What is wrong before what is only busy.
-        let serious = o.problem.is_some() as u8;
-        attention.push((serious, Attention { row: row(r, String::new()), why, run: run_link }));
+        let serious = o.problem.is_some() || r.state == "failed" || unhealthy;
+        attention.push(Attention { row: row(r, String::new()), why, run: run_link, serious });
     }
-    attention.sort_by_key(|(serious, a)| (std::cmp::Reverse(*serious), a.row.kind, a.row.name.clone()));
-    let attention = attention.into_iter().map(|(_, a)| a).collect();
+    // What is wrong before what is only busy.
+    attention.sort_by_key(|a| (!a.serious, a.row.kind, a.row.name.clone()));
+    let wrong = attention.iter().filter(|a| a.serious).count();
+    // Failures of the last day, whatever state they left behind (a failed
+    // deploy that put the old build back leaves its service running).
+    let failures = match viewer.can("transitions:read") {
+        true => {
+            let filter = RunFilter {
+                status: Some(RunStatus::Failed),
+                since: Some(now - Duration::hours(24)),
+                ..RunFilter::default()
+            };
+            let page = s.service.runs(&filter, PageRequest { after: None, limit: 5 }).await?;
+            page.items.into_iter().map(|r| RunRow::from(&Transition::from(r))).collect()
+        }
+        false => Vec::new(),
+    };
 
     let numbers = match viewer.can("transitions:read") {
         true => last_day(&s, now).await?,
@@ -352,7 +372,17 @@ pub async fn home(State(s): State<AppState>, Extension(viewer): Extension<Viewer
     // The rest is on the kinds' pages: the overview stays short.
     let more_elsewhere = elsewhere.len().saturating_sub(ELSEWHERE_SHOWN);
     elsewhere.truncate(ELSEWHERE_SHOWN);
-    Ok(render(&Home { nav: Nav::from(&viewer), attention, numbers, environments, elsewhere, more_elsewhere, kinds }))
+    Ok(render(&Home {
+        nav: Nav::from(&viewer),
+        attention,
+        wrong,
+        failures,
+        numbers,
+        environments,
+        elsewhere,
+        more_elsewhere,
+        kinds,
+    }))
 }
 
 /// The last 24 hours from the rollups: never a count over the ledger.
