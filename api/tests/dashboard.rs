@@ -16,7 +16,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
 mod common;
-use common::{get, post, serve, Server, TOKEN};
+use common::{get, post, put, serve, Server, TOKEN};
 
 const PHONE: (u32, u32) = (390, 844);
 const DESKTOP: (u32, u32) = (1280, 900);
@@ -170,18 +170,6 @@ async fn viewer(server: &Server) -> String {
 async fn session_cookie(c: &Client) -> String {
     let cookie = c.get_named_cookie("drover_session").await.expect("a session cookie");
     format!("drover_session={}", cookie.value())
-}
-
-async fn put(server: &Server, path: &str, body: Value) -> Value {
-    let r = reqwest::Client::new()
-        .put(format!("{}{path}", server.url))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{path}: {}", r.status());
-    r.json().await.unwrap()
 }
 
 fn no_redirects() -> reqwest::Client {

@@ -54,16 +54,25 @@ pub fn serve() -> Server {
     Server { child, url: format!("http://{addr}"), data }
 }
 
-pub async fn post(server: &Server, path: &str, body: Value) -> Value {
+/// A call with a JSON body as the first admin; panics unless it succeeds.
+pub async fn send(server: &Server, method: reqwest::Method, path: &str, body: Value) -> Value {
     let r = reqwest::Client::new()
-        .post(format!("{}{path}", server.url))
+        .request(method.clone(), format!("{}{path}", server.url))
         .bearer_auth(TOKEN)
         .json(&body)
         .send()
         .await
         .unwrap();
-    assert!(r.status().is_success(), "{path}: {}", r.status());
+    assert!(r.status().is_success(), "{method} {path}: {}", r.status());
     r.json().await.unwrap()
+}
+
+pub async fn post(server: &Server, path: &str, body: Value) -> Value {
+    send(server, reqwest::Method::POST, path, body).await
+}
+
+pub async fn put(server: &Server, path: &str, body: Value) -> Value {
+    send(server, reqwest::Method::PUT, path, body).await
 }
 
 pub async fn get(server: &Server, path: &str) -> Value {
