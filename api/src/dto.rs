@@ -551,6 +551,13 @@ pub struct ResourceView {
     /// What drover last saw of the real thing (e.g. instance health).
     #[schema(value_type = Option<Object>)]
     pub observed: Option<Value>,
+    /// What the last `refresh` found, compared with the record: `status`
+    /// (`in_sync` only when every attribute was checked, `drifted`,
+    /// `unknown`), `checked_at`, the refresh `run`, a `summary`, the
+    /// `differences` (`path`, `recorded`, `actual`) and what it could not
+    /// check (`unchecked`: `path`, `why`). Absent until a refresh ran.
+    #[schema(value_type = Option<Object>)]
+    pub drift: Option<Value>,
     pub created_by: String,
     pub updated_by: String,
     pub created_at: DateTime<Utc>,
@@ -630,6 +637,7 @@ impl ResourceView {
                 .collect(),
             outputs: r.outputs,
             observed: r.observed,
+            drift: r.drift,
             created_by: r.created_by,
             updated_by: r.updated_by,
             created_at: r.created_at,

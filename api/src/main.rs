@@ -194,6 +194,12 @@ struct Serve {
     /// replica that serves them. Default: every provider.
     #[arg(long, env = "DROVER_PROVIDERS", value_delimiter = ',')]
     providers: Vec<String>,
+    /// How often each resource of a kind is refreshed (its drift checked)
+    /// without being asked: `cluster=5m,image=1h` (the default); `off` for
+    /// a kind refreshes it only on request. Kinds not named keep their
+    /// default.
+    #[arg(long, env = "DROVER_REFRESH_EVERY", value_parser = refresh_every)]
+    refresh_every: Option<RefreshEvery>,
     /// The first admin's token, used on an empty database instead of a new
     /// one (at least 32 characters).
     #[arg(long, env = "DROVER_BOOTSTRAP_TOKEN", hide_env_values = true)]
@@ -297,6 +303,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         lease,
         heartbeat: lease / 3,
         providers: (!s.providers.is_empty()).then(|| s.providers.clone()),
+        refresh_every: refresh_intervals(s.refresh_every.clone().map(|r| r.0).unwrap_or_default()),
         ..EngineConfig::default()
     };
     let cfg = Config {
@@ -347,4 +354,24 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "drover".into())
+}
+
+/// `--refresh-every`'s value.
+#[derive(Debug, Clone)]
+struct RefreshEvery(Vec<(drover_domain::kinds::Kind, Duration)>);
+
+fn refresh_every(s: &str) -> Result<RefreshEvery, String> {
+    drover_domain::engine::parse_refresh_every(s).map(RefreshEvery)
+}
+
+/// The default intervals, with those given in their place.
+fn refresh_intervals(
+    given: Vec<(drover_domain::kinds::Kind, Duration)>,
+) -> Vec<(drover_domain::kinds::Kind, Duration)> {
+    let mut out: Vec<_> = drover_domain::engine::default_refresh_every()
+        .into_iter()
+        .filter(|(k, _)| !given.iter().any(|(g, _)| g == k))
+        .collect();
+    out.extend(given);
+    out
 }

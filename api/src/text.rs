@@ -115,6 +115,9 @@ pub fn resource(v: &Value) -> String {
     if let Some(summary) = v["observed"]["summary"].as_str() {
         out.push_str(&format!("observed   {summary}\n"));
     }
+    if let Some(summary) = v["drift"]["summary"].as_str() {
+        out.push_str(&format!("drift      {summary} (checked {})\n", time(&v["drift"]["checked_at"])));
+    }
     match &v["active_transition"] {
         Value::Null => out.push_str("active     -\n"),
         a => {

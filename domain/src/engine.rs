@@ -56,6 +56,37 @@ pub struct EngineConfig {
     /// registered provider. Runs of the others stay queued for a replica
     /// that serves them.
     pub providers: Option<Vec<String>>,
+    /// How often the observer asks for a `refresh` of each resource of a
+    /// kind (one that has the action, in a state that allows it, with no
+    /// run active): kinds not listed are refreshed only on request.
+    pub refresh_every: Vec<(Kind, Duration)>,
+}
+
+/// The default refresh intervals: clusters every 5 minutes, images every
+/// hour.
+pub fn default_refresh_every() -> Vec<(Kind, Duration)> {
+    vec![
+        (crate::kinds::cluster::KIND, Duration::from_secs(300)),
+        (crate::kinds::image::KIND, Duration::from_secs(3600)),
+    ]
+}
+
+/// Reads `cluster=5m,image=1h` (`off` or `0` for a kind: never).
+pub fn parse_refresh_every(s: &str) -> std::result::Result<Vec<(Kind, Duration)>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (kind, every) = part.split_once('=').ok_or_else(|| format!("{part:?}: expected KIND=INTERVAL"))?;
+        let kind = Kind::parse(kind.trim()).ok_or_else(|| format!("{part:?}: no kind {kind:?}"))?;
+        if !kind.actions().contains(&"refresh") {
+            return Err(format!("{part:?}: a {kind} has no refresh"));
+        }
+        let every = match every.trim() {
+            "off" | "0" => Duration::ZERO,
+            e => humantime::parse_duration(e).map_err(|err| format!("{part:?}: {err}"))?,
+        };
+        out.push((kind, every));
+    }
+    Ok(out)
 }
 
 impl Default for EngineConfig {
@@ -72,6 +103,7 @@ impl Default for EngineConfig {
             backoff_base: Duration::from_secs(2),
             backoff_max: Duration::from_secs(120),
             providers: None,
+            refresh_every: default_refresh_every(),
         }
     }
 }
@@ -430,7 +462,8 @@ impl Engine {
     /// Asks each provider what it sees of settled resources and records it.
     pub async fn observe_all(&self) {
         for kind in Kind::all() {
-            if !self.providers.observes(kind) {
+            let refreshed = self.cfg.refresh_every.iter().any(|(k, every)| *k == kind && !every.is_zero());
+            if !self.providers.observes(kind) && !refreshed {
                 continue;
             }
             let mut after = None;
@@ -485,6 +518,7 @@ impl Engine {
                 self.ask_to_place(r, &why).await;
             }
         }
+        self.refresh_if_due(r, provider.as_ref()).await;
         if let Some(seen) = seen {
             if r.observed.as_ref() != Some(&seen) {
                 if seen.get("healthy") == Some(&Value::Bool(false)) {
@@ -544,9 +578,45 @@ impl Engine {
     /// run of it is active, nor when its kind has no such action. A request
     /// refused (its cluster busy scaling, not up) is asked again next round.
     async fn ask_to_place(&self, r: &Resource, why: &str) {
-        const PLACE: &str = "place";
+        self.ask(r, "place", why).await;
+    }
+
+    /// Asks for a refresh of `r` when its kind's interval has passed since
+    /// the last one checked it (or since it last changed, if none did), and
+    /// its provider can refresh.
+    async fn refresh_if_due(&self, r: &Resource, provider: &dyn Provider) {
+        let Some(every) = self.cfg.refresh_every.iter().find(|(k, _)| *k == r.kind).map(|(_, e)| *e) else {
+            return;
+        };
+        if every.is_zero() || !provider.refreshes() {
+            return;
+        }
+        // Since the last refresh, or (never refreshed) since it last
+        // changed: a new installation or an upgrade does not refresh
+        // everything at once.
+        let last = r
+            .drift
+            .as_ref()
+            .and_then(|d| d["checked_at"].as_str())
+            .and_then(|t| t.parse::<crate::model::Time>().ok())
+            .unwrap_or(r.updated_at);
+        let every = chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX);
+        if Utc::now() - last < every {
+            return;
+        }
+        self.ask(
+            r,
+            "refresh",
+            &format!("periodic refresh (every {})", humantime::format_duration(every.to_std().unwrap_or_default())),
+        )
+        .await;
+    }
+
+    /// Asks for `action` of `r` as the observer, when its state allows it
+    /// and no run of it is active.
+    async fn ask(&self, r: &Resource, action: &str, why: &str) {
         let Some(requester) = self.requester.get() else { return };
-        if !matches!(r.kind.next(&r.state, PLACE), Ok(crate::kinds::Step::Go { .. })) {
+        if !matches!(r.kind.next(&r.state, action), Ok(crate::kinds::Step::Go { .. })) {
             return;
         }
         match self.store.active_run(r.id).await {
@@ -558,7 +628,7 @@ impl Engine {
             }
         }
         let req = crate::service::TransitionRequest {
-            action: PLACE.into(),
+            action: action.into(),
             params: json!({}),
             reason: Some(why.to_string()),
             actor: OBSERVER_ACTOR.into(),
@@ -568,9 +638,9 @@ impl Engine {
         };
         match requester.request(r.kind, &r.id.to_string(), req).await {
             Ok(run) => {
-                info!(run = %run.id, kind = %r.kind, name = %r.name, why = %why, "asked to place instances again")
+                info!(run = %run.id, kind = %r.kind, name = %r.name, action, why = %why, "asked by the observer")
             }
-            Err(e) => info!(kind = %r.kind, name = %r.name, error = %e, "could not ask to place instances yet"),
+            Err(e) => info!(kind = %r.kind, name = %r.name, action, error = %e, "the observer could not ask yet"),
         }
     }
 
@@ -715,6 +785,21 @@ impl Engine {
         Ok((provider, job))
     }
 
+    /// Records what a refresh found as its resource's drift; its summary.
+    async fn keep_drift(&self, run: &Run, report: Value) -> Result<String, RunError> {
+        let failed =
+            |code: &str, message: String| RunError { code: code.into(), message, retryable: false, detail: None };
+        let report: crate::drift::Report = serde_json::from_value(report)
+            .map_err(|e| failed("invalid_report", format!("the provider's refresh report does not read: {e}")))?;
+        let drift = crate::drift::Drift::of(report, run.id, Utc::now());
+        let value = serde_json::to_value(&drift).expect("a drift serialises");
+        self.store
+            .set_drift(run.resource_id, &value)
+            .await
+            .map_err(|e| failed("drift_unrecorded", format!("the drift could not be recorded: {e}")))?;
+        Ok(drift.summary)
+    }
+
     /// Writes the outcome of one attempt, fenced on the lease.
     async fn record(
         &self,
@@ -760,6 +845,15 @@ impl Engine {
                 warn!("lease lost while working; abandoning this attempt to the reclaiming worker");
                 return;
             }
+            // A refresh's findings are the resource's drift, not its outputs.
+            Outcome::Done(Ok(report)) if run.kind.refreshes(&run.action) => match self.keep_drift(run, report).await {
+                Ok(summary) => {
+                    let mut c = finish(RunStatus::Succeeded, None, None);
+                    c.event = NewEvent::info("finish", format!("succeeded; {summary}"));
+                    c
+                }
+                Err(error) => finish(RunStatus::Failed, Some(error), None),
+            },
             Outcome::Done(Ok(outputs)) => finish(RunStatus::Succeeded, None, Some(outputs)),
             Outcome::Done(Err(ProviderError::Cancelled)) => {
                 let error = RunError {

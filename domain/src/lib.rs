@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod discovery;
+pub mod drift;
 pub mod engine;
 pub mod error;
 pub mod fanout;

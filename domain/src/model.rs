@@ -33,6 +33,9 @@ pub struct Resource {
     pub outputs: Value,
     /// What the observer last saw of the real thing, if anything.
     pub observed: Option<Value>,
+    /// What the last refresh found ([`crate::drift::Drift`]); `None`
+    /// until one ran (and in a resource handed to a provider).
+    pub drift: Option<Value>,
     pub created_by: String,
     pub updated_by: String,
     pub created_at: Time,

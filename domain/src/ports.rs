@@ -47,6 +47,9 @@ pub trait Store: Send + Sync + 'static {
     /// queued or running; its runs stay.
     async fn delete_resource(&self, id: Uuid, state: &str, now: Time) -> Result<()>;
     async fn set_observed(&self, id: Uuid, observed: &Value) -> Result<()>;
+    /// Records a resource's drift as a refresh found it
+    /// ([`crate::drift::Drift`]); nothing else of the resource changes.
+    async fn set_drift(&self, id: Uuid, drift: &Value) -> Result<()>;
     /// Takes or renews `observer`'s lease on observing a resource until
     /// `until`: true when it holds it (nobody did, the last holder's lease
     /// had lapsed by `now`, or it was this observer's), false while another
@@ -363,6 +366,12 @@ pub trait Provider: Send + Sync + 'static {
     /// look for both).
     async fn observe_presence(&self, resource: &Resource) -> (Option<Value>, Option<Presence>) {
         (self.observe(resource).await, None)
+    }
+
+    /// Whether `apply` carries out `refresh` for this provider's
+    /// resources: the observer asks for periodic refreshes only of those.
+    fn refreshes(&self) -> bool {
+        false
     }
 
     /// What `apply` would send for this job, without sending it (for `aws`

@@ -599,7 +599,10 @@ impl Service {
             return Err(Error::Locked { why });
         }
         if let Some(run) = self.store.active_run(resource.id).await? {
-            return Err(Error::Busy { kind: kind.as_str(), resource: resource.id, run: run.id });
+            let run = self.make_way(run, &req).await?;
+            if let Some(run) = run {
+                return Err(Error::Busy { kind: kind.as_str(), resource: resource.id, run: run.id });
+            }
         }
         check_reason(req.reason.as_deref())?;
         // A service takes its cluster's settings and environment.
@@ -696,6 +699,27 @@ impl Service {
             now: Utc::now(),
         };
         self.store.insert_run(&run).await
+    }
+
+    /// A refresh only reads, so it gives way to any other request: queued,
+    /// it is cancelled at once; running, it is waited for (it is short) up
+    /// to [`REFRESH_GIVES_WAY`]. The run still active after that, if any.
+    async fn make_way(&self, active: Run, req: &TransitionRequest) -> Result<Option<Run>> {
+        if !active.kind.refreshes(&active.action) || req.action == active.action {
+            return Ok(Some(active));
+        }
+        if active.status == RunStatus::Queued {
+            let why = format!("gave way to {} asked by {}", req.action, req.actor);
+            match self.store.request_cancel(active.id, &req.actor, Some(&why), Utc::now()).await {
+                Ok(_) | Err(Error::AlreadyEnded { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let run = self.wait_run(active.id, REFRESH_GIVES_WAY).await?;
+        if !run.status.is_terminal() {
+            return Ok(Some(run));
+        }
+        self.store.active_run(active.resource_id).await
     }
 
     /// The environment a resource is in (a service: its cluster's), and
@@ -897,6 +921,9 @@ pub fn pending_changes(kind: Kind, r: &Resource) -> Vec<PendingChange> {
         })
         .collect()
 }
+
+/// How long a request waits for a running refresh of its resource to end.
+pub const REFRESH_GIVES_WAY: Duration = Duration::from_secs(10);
 
 /// The environment a resource names, else the one of what it lives on.
 fn environment_of(resource: &Resource, lives_on: Option<&Resource>) -> Option<String> {

@@ -24,6 +24,9 @@ pub(crate) struct ResourceRow {
     applied_spec: Option<Json<Value>>,
     outputs: Json<Value>,
     observed: Option<Json<Value>>,
+    /// Absent from the claim's prefixed columns: providers do not read it.
+    #[sqlx(default)]
+    drift: Option<Json<Value>>,
     created_by: String,
     updated_by: String,
     created_at: Ts,
@@ -50,6 +53,7 @@ impl ResourceRow {
             applied_spec: row.try_get("r_applied_spec")?,
             outputs: row.try_get("r_outputs")?,
             observed: row.try_get("r_observed")?,
+            drift: None,
             created_by: row.try_get("r_created_by")?,
             updated_by: row.try_get("r_updated_by")?,
             created_at: row.try_get("r_created_at")?,
@@ -77,6 +81,7 @@ impl TryFrom<ResourceRow> for Resource {
             applied_spec: r.applied_spec.map(|j| j.0),
             outputs: r.outputs.0,
             observed: r.observed.map(|j| j.0),
+            drift: r.drift.map(|j| j.0),
             created_by: r.created_by,
             updated_by: r.updated_by,
             created_at: r.created_at.0,

@@ -94,6 +94,7 @@ fn config(worker: &str) -> EngineConfig {
         backoff_base: Duration::from_millis(10),
         backoff_max: Duration::from_millis(50),
         providers: None,
+        refresh_every: Vec::new(),
     }
 }
 
@@ -584,6 +585,9 @@ impl Store for SlowClaims {
     }
     async fn set_observed(&self, id: Uuid, observed: &Value) -> drover_domain::Result<()> {
         self.0.set_observed(id, observed).await
+    }
+    async fn set_drift(&self, id: Uuid, drift: &Value) -> drover_domain::Result<()> {
+        self.0.set_drift(id, drift).await
     }
     async fn lease_observation(
         &self,

@@ -4,6 +4,7 @@
 mod aws;
 mod builds;
 mod discovery;
+mod drift;
 
 use std::time::Duration;
 
@@ -408,7 +409,10 @@ async fn the_api_describes_itself() {
     let request = &served["components"]["schemas"]["ClusterTransitionRequest"]["oneOf"];
     let actions: Vec<_> =
         request.as_array().unwrap().iter().map(|b| b["properties"]["action"]["const"].clone()).collect();
-    assert_eq!(actions, ["create", "scale", "add-instances", "initialize", "stop", "start", "destroy", "retry"]);
+    assert_eq!(
+        actions,
+        ["create", "scale", "add-instances", "initialize", "stop", "start", "destroy", "retry", "refresh", "repair"]
+    );
     assert_eq!(request[1]["properties"]["params"]["properties"]["count"]["minimum"], 1);
     assert_eq!(
         served["paths"]["/v1/environments/{id}/transitions"]["post"]["security"][0]["bearer"][0],

@@ -30,8 +30,9 @@ pub struct TestApp {
     database_url: String,
     aws: drover_ops::aws::Settings,
     workers: bool,
-    /// The observer's round, when a test wants its own (see [`TestApp::set_observe_every`]).
-    observe_every: Option<Duration>,
+    /// The engine's settings, when a test wants its own (see
+    /// [`TestApp::set_observe_every`], [`TestApp::set_refresh_every`]).
+    engine: EngineConfig,
     server: Option<Server>,
 }
 
@@ -54,6 +55,9 @@ fn engine_config() -> EngineConfig {
         backoff_base: Duration::from_millis(100),
         backoff_max: Duration::from_secs(1),
         providers: None,
+        // Only tests of the periodic refresh want it (it holds a resource
+        // for a moment now and then).
+        refresh_every: Vec::new(),
     }
 }
 
@@ -111,7 +115,7 @@ async fn spawn_app_with(backend: Backend, aws: drover_ops::aws::Settings) -> Tes
         Backend::Sqlite => format!("sqlite://{}", data_dir.path().join("drover.db").display()),
         Backend::Postgres => drover_persistence::testing::fresh_postgres_database().await,
     };
-    let server = start(data_dir.path(), &database_url, &aws, true, None).await;
+    let server = start(data_dir.path(), &database_url, &aws, true, &engine_config()).await;
     TestApp {
         addr: server.addr,
         client: client_with(Some(ADMIN_TOKEN)),
@@ -120,7 +124,7 @@ async fn spawn_app_with(backend: Backend, aws: drover_ops::aws::Settings) -> Tes
         database_url,
         aws,
         workers: true,
-        observe_every: None,
+        engine: engine_config(),
         server: Some(server),
     }
 }
@@ -153,12 +157,10 @@ async fn start(
     database_url: &str,
     aws: &drover_ops::aws::Settings,
     workers: bool,
-    observe_every: Option<Duration>,
+    engine: &EngineConfig,
 ) -> Server {
     let mut cfg = test_config(data_dir, database_url, aws, workers);
-    if let Some(every) = observe_every {
-        cfg.engine.observe_every = every;
-    }
+    cfg.engine = engine.clone();
     drover_api::start(cfg).await.expect("server starts")
 }
 
@@ -176,7 +178,15 @@ impl TestApp {
     /// that writes the registry behind the observer's back slows it down
     /// (the observer would put the registry right within a round).
     pub async fn set_observe_every(&mut self, every: Duration) {
-        self.observe_every = Some(every);
+        self.engine.observe_every = every;
+        self.restart().await;
+    }
+
+    /// Restarts the server with the observer asking for a refresh of each
+    /// resource of `kind` every `every`.
+    pub async fn set_refresh_every(&mut self, kind: drover_domain::kinds::Kind, every: Duration) {
+        self.engine.refresh_every.retain(|(k, _)| *k != kind);
+        self.engine.refresh_every.push((kind, every));
         self.restart().await;
     }
 
@@ -186,7 +196,7 @@ impl TestApp {
         if let Some(s) = self.server.take() {
             s.stop().await;
         }
-        let server = start(self.data_dir.path(), &self.database_url, &self.aws, self.workers, self.observe_every).await;
+        let server = start(self.data_dir.path(), &self.database_url, &self.aws, self.workers, &self.engine).await;
         self.addr = server.addr;
         self.server = Some(server);
     }

@@ -609,6 +609,14 @@ pub async fn resource(
         let note = if *protected { " (protected: every action needs a reason)" } else { "" };
         facts.insert(0, Line { label: "environment".into(), value: format!("{env}{note}") });
     }
+    if let Some(drift) = &view.drift {
+        let at =
+            drift["checked_at"].as_str().unwrap_or_default().replace('T', " ").chars().take(19).collect::<String>();
+        facts.push(Line {
+            label: "drift".into(),
+            value: format!("{} (checked {at})", drift["summary"].as_str().unwrap_or_default()),
+        });
+    }
     if let Some(instances) = view.outputs.get("instances").and_then(Value::as_array) {
         let each: Vec<String> = instances.iter().map(instance).collect();
         facts.push(Line { label: format!("instances ({})", each.len()), value: each.join("\n") });

@@ -47,6 +47,7 @@ named_enum!(State {
     Failed => "failed",
     Destroying => "destroying",
     Destroyed => "destroyed",
+    Repairing => "repairing",
 });
 
 named_enum!(Action {
@@ -58,6 +59,8 @@ named_enum!(Action {
     Start => "start",
     Destroy => "destroy",
     Retry => "retry",
+    Refresh => "refresh",
+    Repair => "repair",
 });
 
 impl Declaration for Cluster {
@@ -100,6 +103,19 @@ impl Declaration for Cluster {
             }
             Action::Destroy => ActionDecl::new("Stops the instances and removes what the cluster made.", 300),
             Action::Retry => ActionDecl::new("Repeats the action that failed.", 300),
+            Action::Refresh => ActionDecl::new(
+                "Compares what runs with the record (instances alive, from their recorded build, answering \
+                 their health check; on aws the stack and its group) and records the differences as the \
+                 cluster's drift. Changes nothing.",
+                120,
+            )
+            .refreshing(),
+            Action::Repair => ActionDecl::new(
+                "Makes what runs match the record: instances that died are started again from the build they \
+                 ran, on the port they had.",
+                600,
+            )
+            .with_settings(),
         }
     }
 
@@ -184,13 +200,28 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
         (S::Down, A::Start) => go(S::Starting, S::Up),
         (S::Pending | S::Up | S::Down | S::Failed, A::Destroy) => go(S::Destroying, S::Destroyed),
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
+        // Reads only: the cluster stays as it is, whatever it finds.
+        (S::Up | S::Down, A::Refresh) => Ok(TypedStep::Go { working: state, ok: state, err: state }),
+        (S::Up, A::Repair) => go(S::Repairing, S::Up),
         (S::Pending, A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
+        (S::Pending | S::Failed, A::Refresh | A::Repair) => Err(NotAllowed),
         (S::Up, A::Create | A::Start | A::Retry) => Err(NotAllowed),
-        (S::Down, A::Create | A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Down, A::Create | A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Retry | A::Repair) => {
+            Err(NotAllowed)
+        }
         (S::Failed, A::Create | A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Start) => Err(NotAllowed),
         (
-            S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying | S::Destroyed,
-            A::Create | A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Start | A::Destroy | A::Retry,
+            S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying | S::Destroyed | S::Repairing,
+            A::Create
+            | A::Scale
+            | A::AddInstances
+            | A::Initialize
+            | A::Stop
+            | A::Start
+            | A::Destroy
+            | A::Retry
+            | A::Refresh
+            | A::Repair,
         ) => Err(NotAllowed),
     }
 }
@@ -472,7 +503,7 @@ impl Spec {
             Action::Scale => Some(n("count").unwrap_or(self.count)),
             Action::AddInstances => Some(self.count.saturating_add(n("n").unwrap_or(0))),
             Action::Stop => Some(0),
-            Action::Initialize | Action::Destroy | Action::Retry => None,
+            Action::Initialize | Action::Destroy | Action::Retry | Action::Refresh | Action::Repair => None,
         }
     }
 }
@@ -522,7 +553,14 @@ fn spec_after_success(spec: &Spec, action: Action, params: &Value) -> Option<Spe
     let count = spec.target_count(action.as_str(), params)?;
     match action {
         Action::Scale | Action::AddInstances => Some(Spec { count, ..spec.clone() }),
-        Action::Create | Action::Initialize | Action::Stop | Action::Start | Action::Destroy | Action::Retry => None,
+        Action::Create
+        | Action::Initialize
+        | Action::Stop
+        | Action::Start
+        | Action::Destroy
+        | Action::Retry
+        | Action::Refresh
+        | Action::Repair => None,
     }
 }
 
@@ -542,25 +580,50 @@ mod tests {
         let no = Err(NotAllowed);
         let destroy = go(S::Destroying, S::Destroyed);
         let init = Ok(TypedStep::Go { working: S::Up, ok: S::Up, err: S::Up });
-        // columns: create, scale, add-instances, initialize, stop, start, destroy, retry
+        let stay = |s: S| Ok(TypedStep::Go { working: s, ok: s, err: s });
+        // columns: create, scale, add-instances, initialize, stop, start,
+        // destroy, retry, refresh, repair
         let expected = [
-            (S::Pending, [go(S::Creating, S::Up), no, no, no, no, no, destroy, no]),
-            (S::Creating, [no; 8]),
+            (S::Pending, [go(S::Creating, S::Up), no, no, no, no, no, destroy, no, no, no]),
+            (S::Creating, [no; 10]),
             (
                 S::Up,
-                [no, go(S::Scaling, S::Up), go(S::Scaling, S::Up), init, go(S::Stopping, S::Down), no, destroy, no],
+                [
+                    no,
+                    go(S::Scaling, S::Up),
+                    go(S::Scaling, S::Up),
+                    init,
+                    go(S::Stopping, S::Down),
+                    no,
+                    destroy,
+                    no,
+                    stay(S::Up),
+                    go(S::Repairing, S::Up),
+                ],
             ),
-            (S::Scaling, [no; 8]),
-            (S::Stopping, [no; 8]),
-            (S::Down, [no, no, no, no, no, go(S::Starting, S::Up), destroy, no]),
-            (S::Starting, [no; 8]),
-            (S::Failed, [no, no, no, no, no, no, destroy, Ok(TypedStep::Retry)]),
-            (S::Destroying, [no; 8]),
-            (S::Destroyed, [no; 8]),
+            (S::Scaling, [no; 10]),
+            (S::Stopping, [no; 10]),
+            (S::Down, [no, no, no, no, no, go(S::Starting, S::Up), destroy, no, stay(S::Down), no]),
+            (S::Starting, [no; 10]),
+            (S::Failed, [no, no, no, no, no, no, destroy, Ok(TypedStep::Retry), no, no]),
+            (S::Destroying, [no; 10]),
+            (S::Destroyed, [no; 10]),
+            (S::Repairing, [no; 10]),
         ];
         assert_eq!(expected.len(), State::ALL.len());
-        assert_eq!(Action::ALL.len(), 8);
-        let actions = [A::Create, A::Scale, A::AddInstances, A::Initialize, A::Stop, A::Start, A::Destroy, A::Retry];
+        assert_eq!(Action::ALL.len(), 10);
+        let actions = [
+            A::Create,
+            A::Scale,
+            A::AddInstances,
+            A::Initialize,
+            A::Stop,
+            A::Start,
+            A::Destroy,
+            A::Retry,
+            A::Refresh,
+            A::Repair,
+        ];
         for (state, row) in expected {
             for (action, want) in actions.into_iter().zip(row) {
                 assert_eq!(next(state, action), want, "{state:?} --{action:?}-->");
@@ -573,7 +636,8 @@ mod tests {
         // Every state but `destroyed` has a way out that ends in `destroyed`.
         for &s in State::ALL {
             let exits: Vec<_> = Action::ALL.iter().filter(|&&a| next(s, a).is_ok()).collect();
-            let working = matches!(s, S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying);
+            let working =
+                matches!(s, S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying | S::Repairing);
             assert_eq!(exits.is_empty(), working || s == S::Destroyed, "{s:?}: {exits:?}");
         }
     }

@@ -33,6 +33,7 @@ named_enum!(Action {
     Build => "build",
     Destroy => "destroy",
     Retry => "retry",
+    Refresh => "refresh",
 });
 
 impl Declaration for Image {
@@ -57,6 +58,12 @@ impl Declaration for Image {
             }
             Action::Destroy => ActionDecl::new("Removes what the build made (directory, or AMI and snapshots).", 300),
             Action::Retry => ActionDecl::new("Repeats the action that failed.", 300),
+            Action::Refresh => ActionDecl::new(
+                "Compares the current build on record with what is there (its directory and marker; on aws its \
+                 AMI) and records the differences as the image's drift. Changes nothing.",
+                120,
+            )
+            .refreshing(),
         }
     }
 
@@ -98,6 +105,9 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
         (S::Failed, A::Build) => Err(NotAllowed), // a failed build is retried, so its lineage is kept
         (S::Pending | S::Built, A::Retry) => Err(NotAllowed),
         (S::Building | S::Destroying | S::Destroyed, A::Build | A::Destroy | A::Retry) => Err(NotAllowed),
+        // Looks at the builds on record; changes nothing.
+        (S::Built, A::Refresh) => Ok(TypedStep::Go { working: S::Built, ok: S::Built, err: S::Built }),
+        (S::Pending | S::Building | S::Failed | S::Destroying | S::Destroyed, A::Refresh) => Err(NotAllowed),
     }
 }
 

@@ -266,6 +266,9 @@ pub struct ActionDecl {
     /// Whether its success means the whole spec runs (a create, a build):
     /// see [`Kind::applies`].
     pub applies_spec: bool,
+    /// A refresh: it reads the real thing and changes nothing; its success
+    /// is the resource's drift ([`crate::drift`]), not its outputs.
+    pub refreshes: bool,
 }
 
 impl ActionDecl {
@@ -278,7 +281,14 @@ impl ActionDecl {
             takes_settings: false,
             sets: &[],
             applies_spec: false,
+            refreshes: false,
         }
+    }
+
+    /// A refresh (see [`ActionDecl::refreshes`]).
+    pub const fn refreshing(mut self) -> ActionDecl {
+        self.refreshes = true;
+        self
     }
 
     /// Its success changes these spec fields (and applies them).
@@ -677,6 +687,11 @@ impl Kind {
     /// `count`), or `None` when the action does not change it.
     pub fn spec_after_success(self, action: &str, params: &Value, spec: &Value) -> Option<Value> {
         self.0.spec_after(spec, action, params)
+    }
+
+    /// Whether `action` is a refresh (see [`ActionDecl::refreshes`]).
+    pub fn refreshes(self, action: &str) -> bool {
+        self.action(action).is_some_and(|a| a.refreshes)
     }
 
     /// Whether a run of `action` hands the resource's settings to its

@@ -333,6 +333,7 @@ mod tests {
             applied_spec: None,
             outputs: json!({}),
             observed: None,
+            drift: None,
             created_by: "test".into(),
             updated_by: "test".into(),
             created_at: chrono::Utc::now(),

@@ -212,6 +212,7 @@ pub fn resource(
         applied_spec: None,
         outputs,
         observed: None,
+        drift: None,
         created_by: "test".into(),
         updated_by: "test".into(),
         created_at: chrono::Utc::now(),

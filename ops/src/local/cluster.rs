@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use drover_domain::drift::{Difference, Report};
 use drover_domain::kinds::cluster::{HealthCheck, Spec, MAX_COUNT};
 use drover_domain::kinds::image;
 use drover_domain::model::{Level, NewEvent, Resource};
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::image::io;
-use super::process::{alive, check, free_port, spawn_group, stop_group, wait_healthy, Probe};
+use super::process::{alive, check, free_port, probe, spawn_group, stop_group, wait_healthy, Checked, Probe};
 use super::state;
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -133,7 +134,8 @@ impl LocalClusters {
             }
             ctx.check_cancel()?;
             let log = logs.join(format!("instance-{index}.log"));
-            let mut inst = spawn(&image_dir, &start, &role_metadata, r, index, &job.settings, &log)?;
+            let mut inst =
+                spawn(&image_dir, &start, &role_metadata, r, Slot { index, port: None }, &job.settings, &log)?;
             inst.build = build.clone();
             ctx.event(
                 NewEvent::info(
@@ -165,6 +167,139 @@ impl LocalClusters {
         Ok(outputs(&state))
     }
 
+    /// Compares what runs with the record: as many instances as the
+    /// cluster's state says (its count when up, none when down), each
+    /// process alive, running in its recorded build's directory (which
+    /// still exists), and answering its health check. Changes nothing.
+    async fn refresh(&self, ctx: &dyn RunContext, r: &Resource, spec: &Spec) -> Result<Value, ProviderError> {
+        let state = self.load(r)?;
+        let mut report = Report::default();
+        let expected = if r.state == "up" { spec.count as usize } else { 0 };
+        match state.instances.len() {
+            n if n == expected => report.same(),
+            n => report.differs(Difference::new("count", expected, n)),
+        }
+        let path = match &spec.health_check {
+            HealthCheck::Http { path } => Some(path.as_str()),
+            HealthCheck::Tcp => None,
+        };
+        for i in &state.instances {
+            ctx.check_cancel()?;
+            let at = format!("instances[{}]", i.index);
+            if !alive(i.pid, i.start_ticks) {
+                report.differs(Difference::new(format!("{at}.process"), format!("running (pid {})", i.pid), "gone"));
+                continue;
+            }
+            report.same();
+            match (&i.image_dir, std::fs::read_link(format!("/proc/{}/cwd", i.pid))) {
+                (Some(dir), Ok(cwd)) if &cwd == dir => report.same(),
+                (Some(dir), Ok(cwd)) => report.differs(Difference::new(
+                    format!("{at}.build"),
+                    dir.display().to_string(),
+                    cwd.display().to_string(),
+                )),
+                (Some(_), Err(e)) => {
+                    report.cannot_check(format!("{at}.build"), format!("its directory cannot be read: {e}"))
+                }
+                (None, _) => report.cannot_check(format!("{at}.build"), "it started before drover recorded builds"),
+            }
+            match probe(i.port, path).await {
+                Checked::Healthy => report.same(),
+                Checked::Failing(why) => report.differs(Difference::new(format!("{at}.health"), "answering", why)),
+                Checked::NoAnswer => report.cannot_check(
+                    format!("{at}.health"),
+                    format!("no answer within {}s", super::process::CHECK_TIMEOUT.as_secs()),
+                ),
+            }
+        }
+        for d in &report.differences {
+            let msg = format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual);
+            ctx.event(NewEvent::info("refresh", msg).with_level(Level::Warn)).await;
+        }
+        for u in &report.unchecked {
+            ctx.event(NewEvent::info("refresh", format!("{}: not checked: {}", u.path, u.why))).await;
+        }
+        Ok(serde_json::to_value(&report).expect("a report serialises"))
+    }
+
+    /// Starts again, from the build each ran and on its port, the
+    /// instances whose process is gone; the others are left as they run.
+    async fn repair(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
+        let r = &job.resource;
+        let start = job
+            .dependencies
+            .iter()
+            .find(|d| d.kind == image::KIND)
+            .and_then(|image| image.outputs.get("start_command").or_else(|| image.spec.get("start_command")))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let mut state = self.load(r)?;
+        let role_metadata = state.metadata.clone().unwrap_or_else(|| spec.machine_metadata(&r.name));
+        let logs = self.dir(r).join("logs");
+        std::fs::create_dir_all(&logs).map_err(io("create the log directory"))?;
+        let mut repaired = 0;
+        for slot in 0..state.instances.len() {
+            ctx.check_cancel()?;
+            let i = state.instances[slot].clone();
+            if alive(i.pid, i.start_ticks) {
+                continue;
+            }
+            let Some(dir) = i.image_dir.clone().filter(|d| d.is_dir()) else {
+                return Err(ProviderError::fatal(
+                    "build_gone",
+                    format!(
+                        "instance {} cannot be started again: the build it ran is gone (deploy or scale instead)",
+                        i.index
+                    ),
+                ));
+            };
+            let why = format!("its machine {}-{} died", r.name, i.index);
+            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index), &why).await;
+            let mut again = spawn(
+                &dir,
+                &start,
+                &role_metadata,
+                r,
+                Slot { index: i.index, port: Some(i.port) },
+                &job.settings,
+                &i.log,
+            )?;
+            again.build = i.build.clone();
+            ctx.event(NewEvent::info(
+                "repair",
+                format!(
+                    "instance {} (pid {}) was gone; started again: pid {}, port {}",
+                    i.index, i.pid, again.pid, again.port
+                ),
+            ))
+            .await;
+            state.instances[slot] = again;
+            self.save(r, &state)?;
+            repaired += 1;
+        }
+        let path = match &spec.health_check {
+            HealthCheck::Http { path } => Some(path.as_str()),
+            HealthCheck::Tcp => None,
+        };
+        for i in &state.instances {
+            let probe = Probe {
+                what: format!("instance {}", i.index),
+                pid: i.pid,
+                start_ticks: i.start_ticks,
+                port: i.port,
+                log: &i.log,
+            };
+            wait_healthy(ctx, &probe, path, Duration::from_secs(spec.start_timeout_secs)).await?;
+        }
+        let msg = match repaired {
+            0 => "nothing to repair: every instance runs".to_string(),
+            n => format!("{n} instance(s) started again; all healthy"),
+        };
+        ctx.event(NewEvent::info("repair", msg)).await;
+        Ok(outputs(&state))
+    }
+
     async fn stop_all(&self, ctx: &dyn RunContext, r: &Resource) -> Result<(), ProviderError> {
         let mut state = self.load(r)?;
         while let Some(i) = state.instances.pop() {
@@ -179,6 +314,12 @@ impl LocalClusters {
     }
 }
 
+/// Where an instance goes: its index, and its port (`None`: a free one).
+struct Slot {
+    index: u32,
+    port: Option<u16>,
+}
+
 /// Starts one instance. The cluster's settings become its environment
 /// (before drover's own variables, which they cannot override).
 fn spawn(
@@ -186,11 +327,14 @@ fn spawn(
     start: &str,
     role_metadata: &str,
     r: &Resource,
-    index: u32,
+    Slot { index, port }: Slot,
     settings: &BTreeMap<String, String>,
     log: &Path,
 ) -> Result<Instance, ProviderError> {
-    let port = free_port().map_err(io("find a free port"))?;
+    let port = match port {
+        Some(p) => p,
+        None => free_port().map_err(io("find a free port"))?,
+    };
     let mut env: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     env.extend([
         ("PORT".to_string(), port.to_string()),
@@ -406,6 +550,8 @@ impl Provider for LocalClusters {
                 self.stop_all(ctx, &job.resource).await?;
                 Ok(json!({ "count": 0, "instances": [] }))
             }
+            "refresh" => self.refresh(ctx, &job.resource, &spec).await,
+            "repair" => self.repair(ctx, job, &spec).await,
             "destroy" => {
                 self.stop_all(ctx, &job.resource).await?;
                 state::remove(&self.dir(&job.resource), "remove the cluster directory")?;
@@ -417,6 +563,10 @@ impl Provider for LocalClusters {
     }
 
     fn observes(&self) -> bool {
+        true
+    }
+
+    fn refreshes(&self) -> bool {
         true
     }
 

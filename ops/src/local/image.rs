@@ -161,11 +161,16 @@ pub(super) fn io(what: &'static str) -> impl Fn(std::io::Error) -> ProviderError
 
 #[async_trait]
 impl Provider for LocalImages {
+    fn refreshes(&self) -> bool {
+        true
+    }
+
     async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
         let spec = Spec::from_value(&job.resource.spec)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}")))?;
         match job.action.as_str() {
             "build" => self.build(ctx, job, &spec).await,
+            "refresh" => Ok(refresh(ctx, &job.resource).await),
             "destroy" => {
                 let dir = self.dir_of(job);
                 // Never from under running instances, whichever build they run.
@@ -200,4 +205,44 @@ impl Provider for LocalImages {
             other => Err(ProviderError::fatal("unsupported_action", format!("local images cannot {other}"))),
         }
     }
+}
+
+/// Compares the current build on record with the disk: its directory is
+/// there, and its finished-build marker names it. Changes nothing.
+async fn refresh(ctx: &dyn RunContext, r: &drover_domain::model::Resource) -> Value {
+    use drover_domain::drift::{Difference, Report};
+    let mut report = Report::default();
+    let current = image::current_build(&r.outputs).map(str::to_string);
+    match (current, r.outputs.get("path").and_then(Value::as_str)) {
+        (Some(id), Some(path)) => {
+            let dir = Path::new(path);
+            match std::fs::read(dir.join(MARKER)) {
+                Ok(bytes) => {
+                    let found =
+                        serde_json::from_slice::<Value>(&bytes).ok().and_then(|m| m["id"].as_str().map(str::to_string));
+                    match found {
+                        Some(f) if f == id => report.same(),
+                        other => report.differs(Difference::new(
+                            format!("builds[{id}].marker"),
+                            id.clone(),
+                            other.unwrap_or_else(|| "unreadable".into()),
+                        )),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.is_dir() => {
+                    report.differs(Difference::new(format!("builds[{id}].directory"), path, "missing"))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    report.differs(Difference::new(format!("builds[{id}].marker"), "finished", "missing"))
+                }
+                Err(e) => report.cannot_check(format!("builds[{id}]"), format!("{}: {e}", dir.display())),
+            }
+        }
+        _ => report.cannot_check("build", "no build on record"),
+    }
+    for d in &report.differences {
+        let msg = format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual);
+        ctx.event(NewEvent::info("refresh", msg).with_level(Level::Warn)).await;
+    }
+    serde_json::to_value(&report).expect("a report serialises")
 }

@@ -101,8 +101,9 @@ fn ephemeral_start() -> u32 {
         .unwrap_or(32_768)
 }
 
-/// `None` when healthy, else why not.
-pub async fn check(port: u16, http_path: Option<&str>) -> Option<String> {
+/// Checks the instance on `port`: a GET of `http_path` answered 2xx/3xx,
+/// or without a path, a TCP connection taken.
+pub async fn probe(port: u16, http_path: Option<&str>) -> Checked {
     let attempt = async {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
         let Some(path) = http_path else { return Ok(()) };
@@ -125,10 +126,32 @@ pub async fn check(port: u16, http_path: Option<&str>) -> Option<String> {
             Err(format!("GET {path} answered {code}"))
         }
     };
-    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
-        Err(_) => Some("no answer within 2s".into()),
+    match tokio::time::timeout(CHECK_TIMEOUT, attempt).await {
+        Ok(Ok(())) => Checked::Healthy,
+        Ok(Err(e)) => Checked::Failing(e),
+        Err(_) => Checked::NoAnswer,
+    }
+}
+
+/// How long a health check waits for an answer.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a health check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    Healthy,
+    /// It answered, or refused, and that was not healthy: why.
+    Failing(String),
+    /// No answer within [`CHECK_TIMEOUT`]: neither healthy nor known not to be.
+    NoAnswer,
+}
+
+/// [`probe`]'s finding as a reason it is not healthy, if it is not.
+pub async fn check(port: u16, http_path: Option<&str>) -> Option<String> {
+    match probe(port, http_path).await {
+        Checked::Healthy => None,
+        Checked::Failing(why) => Some(why),
+        Checked::NoAnswer => Some(format!("no answer within {}s", CHECK_TIMEOUT.as_secs())),
     }
 }
 

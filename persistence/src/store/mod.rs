@@ -175,6 +175,10 @@ impl<B: Backend> Store for SqlStore<B> {
         resources::set_observed(self, id, observed).await
     }
 
+    async fn set_drift(&self, id: Uuid, drift: &Value) -> Result<()> {
+        resources::set_drift(self, id, drift).await
+    }
+
     async fn lease_observation(&self, resource: Uuid, observer: &str, now: Time, until: Time) -> Result<bool> {
         resources::lease_observation(self, resource, observer, now, until).await
     }

@@ -216,6 +216,12 @@ pub(super) async fn set_observed<B: Backend>(s: &SqlStore<B>, id: Uuid, observed
     Ok(())
 }
 
+pub(super) async fn set_drift<B: Backend>(s: &SqlStore<B>, id: Uuid, drift: &Value) -> Result<()> {
+    let sql = Sql::new("UPDATE resources SET drift = $2 WHERE id = $1").bind(id).bind(drift);
+    s.execute("record drift", sql).await?;
+    Ok(())
+}
+
 pub(super) async fn kind_of<B: Backend>(s: &SqlStore<B>, id: Uuid) -> Result<Kind> {
     let sql = Sql::new("SELECT kind FROM resources WHERE id = $1").bind(id);
     let (kind,) = s.fetch_one::<(String,)>("get kind", sql).await?;

@@ -1,0 +1,168 @@
+//! Drift: what really runs, compared with what the record says.
+//!
+//! A provider's `refresh` looks at the real thing and reports a
+//! [`Report`]: each attribute it checked that differs from the record (a
+//! [`Difference`], named by its path), and each it could not check, and
+//! why. The engine turns the report of a successful refresh into the
+//! resource's [`Drift`], kept beside it (not in its outputs: a refresh
+//! changes neither the resource's state nor what its last transition
+//! produced).
+//!
+//! **Invariant:** `in_sync` only when every attribute was checked. A probe
+//! that could not check something (a timeout, an API that does not answer)
+//! makes the drift `unknown` and says why, never `in_sync`; a difference
+//! found makes it `drifted` whatever else could not be checked.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::model::Time;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    InSync,
+    Drifted,
+    Unknown,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::InSync => "in_sync",
+            Status::Drifted => "drifted",
+            Status::Unknown => "unknown",
+        }
+    }
+}
+
+/// One attribute whose reality differs from the record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Difference {
+    /// What differs, as a path into the resource: `instances[1].process`,
+    /// `builds[01a2…].directory`, `count`.
+    pub path: String,
+    pub recorded: Value,
+    pub actual: Value,
+}
+
+impl Difference {
+    pub fn new(path: impl Into<String>, recorded: impl Into<Value>, actual: impl Into<Value>) -> Difference {
+        Difference { path: path.into(), recorded: recorded.into(), actual: actual.into() }
+    }
+}
+
+/// An attribute a refresh could not check, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unchecked {
+    pub path: String,
+    pub why: String,
+}
+
+/// What a provider's refresh found (a successful refresh run's outputs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// How many attributes it compared (checked or not).
+    pub checked: usize,
+    #[serde(default)]
+    pub differences: Vec<Difference>,
+    #[serde(default)]
+    pub unchecked: Vec<Unchecked>,
+}
+
+impl Report {
+    /// Counts an attribute that matches the record.
+    pub fn same(&mut self) {
+        self.checked += 1;
+    }
+
+    pub fn differs(&mut self, d: Difference) {
+        self.checked += 1;
+        self.differences.push(d);
+    }
+
+    pub fn cannot_check(&mut self, path: impl Into<String>, why: impl Into<String>) {
+        self.checked += 1;
+        self.unchecked.push(Unchecked { path: path.into(), why: why.into() });
+    }
+
+    pub fn status(&self) -> Status {
+        match (self.differences.is_empty(), self.unchecked.is_empty()) {
+            (false, _) => Status::Drifted,
+            (true, false) => Status::Unknown,
+            (true, true) => Status::InSync,
+        }
+    }
+
+    /// One line for the run's log and the view.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        for d in &self.differences {
+            parts.push(format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual));
+        }
+        for u in &self.unchecked {
+            parts.push(format!("{}: not checked ({})", u.path, u.why));
+        }
+        match self.status() {
+            Status::InSync => format!("in sync ({} attributes checked)", self.checked),
+            s => format!("{}: {}", s.as_str(), parts.join("; ")),
+        }
+    }
+}
+
+/// A resource's drift as last refreshed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Drift {
+    pub status: Status,
+    pub checked_at: Time,
+    /// The refresh run that found it.
+    pub run: Uuid,
+    pub summary: String,
+    pub differences: Vec<Difference>,
+    pub unchecked: Vec<Unchecked>,
+}
+
+impl Drift {
+    pub fn of(report: Report, run: Uuid, at: Time) -> Drift {
+        Drift {
+            status: report.status(),
+            checked_at: at,
+            run,
+            summary: report.summary(),
+            differences: report.differences,
+            unchecked: report.unchecked,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_sync_only_when_everything_was_checked() {
+        let mut r = Report::default();
+        r.same();
+        r.same();
+        assert_eq!(r.status(), Status::InSync);
+        assert_eq!(r.summary(), "in sync (2 attributes checked)");
+        r.cannot_check("instances[0].health", "the probe timed out after 2s");
+        assert_eq!(r.status(), Status::Unknown, "a probe that could not check is never in sync");
+        r.differs(Difference::new("instances[1].process", "alive (pid 7)", "gone"));
+        assert_eq!(r.status(), Status::Drifted, "a difference found stands whatever else was not checked");
+        let s = r.summary();
+        assert!(s.starts_with("drifted: instances[1].process: recorded \"alive (pid 7)\", actually \"gone\""), "{s}");
+        assert!(s.contains("instances[0].health: not checked (the probe timed out after 2s)"), "{s}");
+    }
+
+    #[test]
+    fn a_report_reads_back() {
+        let mut r = Report::default();
+        r.differs(Difference::new("count", 3, 2));
+        let back: Report = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let d = Drift::of(back, Uuid::nil(), chrono::Utc::now());
+        assert_eq!(serde_json::to_value(&d).unwrap()["status"], "drifted");
+    }
+}

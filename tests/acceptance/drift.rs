@@ -1,0 +1,164 @@
+//! Drift: a refresh compares what runs with the record and changes
+//! nothing; `repair` makes reality match the record again.
+
+use drover_tests::{alive, spawn_app, Backend, TestApp};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use super::{create_image, pids};
+
+async fn refresh(app: &TestApp, kind: &str, name: &str) -> Value {
+    let run = app.run(kind, name, json!({"action": "refresh", "reason": "a look"})).await;
+    assert_eq!(run["status"], "succeeded", "a refresh succeeds whatever it finds: {run}");
+    let plural = format!("{kind}s");
+    let view = app.get(&format!("/v1/{plural}/{name}")).await.body;
+    assert_eq!(view["drift"]["run"], run["id"], "the view shows this refresh's finding: {view}");
+    view
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_is_drift_and_repair_starts_it_again() {
+    let app = spawn_app(Backend::Sqlite).await;
+    create_image(&app, "web", "echo drift > index.html").await;
+    assert_eq!(app.run("image", "web", json!({"action": "build"})).await["status"], "succeeded");
+    let r = app.post("/v1/clusters", json!({"name": "web-qa", "spec": {"image": "web", "count": 2}})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(app.run("cluster", "web-qa", json!({"action": "create"})).await["status"], "succeeded");
+    let before = app.get("/v1/clusters/web-qa").await.body;
+    assert!(before["drift"].is_null(), "no drift before a refresh");
+
+    // In sync: every attribute checked and as recorded; nothing changed.
+    let view = refresh(&app, "cluster", "web-qa").await;
+    assert_eq!(view["drift"]["status"], "in_sync", "{view}");
+    assert_eq!(view["drift"]["differences"], json!([]));
+    assert_eq!(view["state"], "up");
+    assert_eq!(view["outputs"], before["outputs"], "a refresh leaves the outputs alone");
+    assert_eq!(view["spec_version"], before["spec_version"]);
+
+    // An instance killed by hand is found, named by its path.
+    let gone = pids(&before)[1];
+    // Its whole process group, as `kill -9 -PGID` by hand would.
+    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
+    assert!(killed.success());
+    while alive(gone) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let view = refresh(&app, "cluster", "web-qa").await;
+    assert_eq!(view["drift"]["status"], "drifted", "{view}");
+    assert_eq!(
+        view["drift"]["differences"],
+        json!([{"path": "instances[1].process", "recorded": format!("running (pid {gone})"), "actual": "gone"}])
+    );
+    assert_eq!(view["state"], "up", "a refresh does not change the state");
+    let text = app.get_text("/v1/clusters/web-qa", "text/plain").await;
+    assert!(text.contains("drift      drifted: instances[1].process: recorded"), "{text}");
+
+    // Repair starts it again from the build it ran, on its port.
+    let run = app.run("cluster", "web-qa", json!({"action": "repair", "reason": "instance 1 died"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let after = app.get("/v1/clusters/web-qa").await.body;
+    let (old, new) = (&before["outputs"]["instances"][1], &after["outputs"]["instances"][1]);
+    assert_ne!(new["pid"], old["pid"]);
+    assert_eq!((&new["port"], &new["build"]), (&old["port"], &old["build"]));
+    assert_eq!(after["outputs"]["instances"][0]["pid"], before["outputs"]["instances"][0]["pid"], "left as it ran");
+    let view = refresh(&app, "cluster", "web-qa").await;
+    assert_eq!(view["drift"]["status"], "in_sync", "{view}");
+
+    // Every refresh is a run in the ledger, and nothing else ran.
+    let runs = app.get("/v1/transitions?kind=cluster&action=refresh").await.body;
+    assert_eq!(runs["items"].as_array().unwrap().len(), 3);
+}
+
+/// A probe that cannot tell (no answer in time) makes the drift unknown,
+/// and says why: never in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_gets_no_answer_is_unknown_never_in_sync() {
+    let app = spawn_app(Backend::Sqlite).await;
+    // Takes connections and never answers them.
+    let mute = "exec python3 -c \"import os, socket, time; s = socket.socket(); \
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \
+        s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen(64); time.sleep(3600)\"";
+    let r =
+        app.post("/v1/images", json!({"name": "mute", "spec": {"build_command": "true", "start_command": mute}})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(app.run("image", "mute", json!({"action": "build"})).await["status"], "succeeded");
+    let spec = json!({"image": "mute", "count": 1, "health_check": {"type": "tcp"}});
+    assert_eq!(app.post("/v1/clusters", json!({"name": "quiet", "spec": spec})).await.status, StatusCode::CREATED);
+    assert_eq!(app.run("cluster", "quiet", json!({"action": "create"})).await["status"], "succeeded");
+    assert_eq!(refresh(&app, "cluster", "quiet").await["drift"]["status"], "in_sync", "a TCP check it passes");
+    // Checked over HTTP, it never answers.
+    let r =
+        app.patch("/v1/clusters/quiet", json!({"spec": {"health_check": {"type": "http", "path": "/"}}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let view = refresh(&app, "cluster", "quiet").await;
+    assert_eq!(view["drift"]["status"], "unknown", "{view}");
+    assert_eq!(view["drift"]["differences"], json!([]));
+    assert_eq!(view["drift"]["unchecked"], json!([{"path": "instances[0].health", "why": "no answer within 2s"}]));
+
+    // A refresh gives way: asked for while one runs (this one takes 2 s,
+    // waiting for that answer), a stop is not refused as busy.
+    let refresh = app.transition("cluster", "quiet", json!({"action": "refresh"})).await;
+    let stop = app.post("/v1/clusters/quiet/transitions", json!({"action": "stop", "reason": "done"})).await;
+    assert_eq!(stop.status, StatusCode::ACCEPTED, "{}", stop.body);
+    let ended = app.wait(&refresh).await;
+    assert!(matches!(ended["status"].as_str(), Some("succeeded" | "cancelled")), "{ended}");
+    assert_eq!(app.wait(stop.body["id"].as_str().unwrap()).await["status"], "succeeded");
+}
+
+/// The observer asks for a refresh of each cluster every interval: a
+/// killed instance shows as drift within one, recorded as the observer's
+/// runs, counted in the stats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_are_refreshed_on_an_interval() {
+    let mut app = spawn_app(Backend::Sqlite).await;
+    create_image(&app, "web", "echo tick > index.html").await;
+    assert_eq!(app.run("image", "web", json!({"action": "build"})).await["status"], "succeeded");
+    let r = app.post("/v1/clusters", json!({"name": "ticking", "spec": {"image": "web", "count": 1}})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(app.run("cluster", "ticking", json!({"action": "create"})).await["status"], "succeeded");
+    app.set_refresh_every(drover_domain::kinds::cluster::KIND, std::time::Duration::from_secs(1)).await;
+    app.get_until("/v1/clusters/ticking", |v| v["drift"]["status"] == "in_sync").await;
+
+    let gone = pids(&app.get("/v1/clusters/ticking").await.body)[0];
+    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
+    assert!(killed.success());
+    let view = app.get_until("/v1/clusters/ticking", |v| v["drift"]["status"] == "drifted").await;
+    assert_eq!(view["drift"]["differences"][0]["path"], "instances[0].process", "{view}");
+    assert_eq!(view["state"], "up");
+
+    let runs = app.get("/v1/transitions?kind=cluster&action=refresh").await.body;
+    let items = runs["items"].as_array().unwrap();
+    assert!(items.len() >= 2, "{runs}");
+    assert!(items.iter().all(|t| t["actor"] == "observer" && t["reason"] == "periodic refresh (every 1s)"), "{runs}");
+    let stats = app
+        .get_until("/v1/stats/transitions?group_by=action&kind=cluster", |s| {
+            s["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| g["key"]["action"] == "refresh" && g["total"].as_i64() >= Some(2))
+        })
+        .await;
+    assert!(stats["groups"].as_array().unwrap().iter().any(|g| g["key"]["action"] == "refresh"));
+}
+
+/// An image whose build directory was removed behind drover's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_build_is_drift() {
+    let app = spawn_app(Backend::Postgres).await;
+    create_image(&app, "lone", "echo lone > index.html").await;
+    let build = app.run("image", "lone", json!({"action": "build"})).await;
+    assert_eq!(build["status"], "succeeded");
+    assert_eq!(refresh(&app, "image", "lone").await["drift"]["status"], "in_sync");
+    let image = app.get("/v1/images/lone").await.body;
+    let dir = image["outputs"]["path"].as_str().unwrap().to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let view = refresh(&app, "image", "lone").await;
+    assert_eq!(view["drift"]["status"], "drifted");
+    let id = build["id"].as_str().unwrap();
+    assert_eq!(
+        view["drift"]["differences"],
+        json!([{"path": format!("builds[{id}].directory"), "recorded": dir, "actual": "missing"}])
+    );
+    assert_eq!(view["state"], "built");
+}
