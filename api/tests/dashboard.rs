@@ -350,7 +350,12 @@ async fn the_dashboard_in_a_real_browser() {
 
     desk.goto(&format!("{}/ui/", server.url)).await.unwrap();
     screenshot(&desk, "desktop-overview").await;
+    // The cluster's drift, as its last refresh found it.
+    let refresh = post(&server, "/v1/clusters/c1/transitions", json!({"action": "refresh"})).await;
+    assert_eq!(wait_run(&server, refresh["id"].as_str().unwrap()).await["status"], "succeeded");
     desk.goto(&format!("{}/ui/clusters/c1", server.url)).await.unwrap();
+    let summary = text(&desk, "#summary").await;
+    assert!(summary.contains("in sync"), "{summary}");
     screenshot(&desk, "desktop-cluster").await;
 
     // ---- A viewer sees no action buttons, and the POST is refused anyway.
