@@ -149,20 +149,7 @@ impl LocalClusters {
             state.instances.sort_by_key(|i| i.index);
             self.save(r, &state)?;
         }
-        let path = match &spec.health_check {
-            HealthCheck::Http { path } => Some(path.as_str()),
-            HealthCheck::Tcp => None,
-        };
-        for i in &state.instances {
-            let probe = Probe {
-                what: format!("instance {}", i.index),
-                pid: i.pid,
-                start_ticks: i.start_ticks,
-                port: i.port,
-                log: &i.log,
-            };
-            wait_healthy(ctx, &probe, path, Duration::from_secs(spec.start_timeout_secs)).await?;
-        }
+        all_healthy(ctx, &state, spec).await?;
         ctx.event(NewEvent::info("instances", format!("{count} instance(s) healthy"))).await;
         Ok(outputs(&state))
     }
@@ -179,10 +166,7 @@ impl LocalClusters {
             n if n == expected => report.same(),
             n => report.differs(Difference::new("count", expected, n)),
         }
-        let path = match &spec.health_check {
-            HealthCheck::Http { path } => Some(path.as_str()),
-            HealthCheck::Tcp => None,
-        };
+        let path = health_path(spec);
         for i in &state.instances {
             ctx.check_cancel()?;
             let at = format!("instances[{}]", i.index);
@@ -278,20 +262,7 @@ impl LocalClusters {
             self.save(r, &state)?;
             repaired += 1;
         }
-        let path = match &spec.health_check {
-            HealthCheck::Http { path } => Some(path.as_str()),
-            HealthCheck::Tcp => None,
-        };
-        for i in &state.instances {
-            let probe = Probe {
-                what: format!("instance {}", i.index),
-                pid: i.pid,
-                start_ticks: i.start_ticks,
-                port: i.port,
-                log: &i.log,
-            };
-            wait_healthy(ctx, &probe, path, Duration::from_secs(spec.start_timeout_secs)).await?;
-        }
+        all_healthy(ctx, &state, spec).await?;
         let msg = match repaired {
             0 => "nothing to repair: every instance runs".to_string(),
             n => format!("{n} instance(s) started again; all healthy"),
@@ -312,6 +283,30 @@ impl LocalClusters {
         }
         Ok(())
     }
+}
+
+/// The path a cluster's HTTP health check asks for; `None`: TCP.
+fn health_path(spec: &Spec) -> Option<&str> {
+    match &spec.health_check {
+        HealthCheck::Http { path } => Some(path.as_str()),
+        HealthCheck::Tcp => None,
+    }
+}
+
+/// Waits until every instance answers its health check, or fails the run
+/// with the first that does not in time.
+async fn all_healthy(ctx: &dyn RunContext, state: &State, spec: &Spec) -> Result<(), ProviderError> {
+    for i in &state.instances {
+        let probe = Probe {
+            what: format!("instance {}", i.index),
+            pid: i.pid,
+            start_ticks: i.start_ticks,
+            port: i.port,
+            log: &i.log,
+        };
+        wait_healthy(ctx, &probe, health_path(spec), Duration::from_secs(spec.start_timeout_secs)).await?;
+    }
+    Ok(())
 }
 
 /// Where an instance goes: its index, and its port (`None`: a free one).
@@ -576,16 +571,13 @@ impl Provider for LocalClusters {
             return None;
         }
         let spec = Spec::from_value(&r.spec).ok()?;
-        let path = match &spec.health_check {
-            HealthCheck::Http { path } => Some(path.clone()),
-            HealthCheck::Tcp => None,
-        };
+        let path = health_path(&spec);
         let state = self.load(r).ok()?;
         let mut instances = Vec::new();
         let mut problems = Vec::new();
         for i in &state.instances {
             let running = alive(i.pid, i.start_ticks);
-            let failing = if running { check(i.port, path.as_deref()).await } else { Some("process is gone".into()) };
+            let failing = if running { check(i.port, path).await } else { Some("process is gone".into()) };
             if let Some(why) = &failing {
                 problems.push(format!("instance {} (pid {}, port {}): {why}", i.index, i.pid, i.port));
             }
