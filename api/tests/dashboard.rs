@@ -357,6 +357,16 @@ async fn the_dashboard_in_a_real_browser() {
     let summary = text(&desk, "#summary").await;
     assert!(summary.contains("in sync"), "{summary}");
     screenshot(&desk, "desktop-cluster").await;
+    // An instance killed behind drover's back: once a refresh finds it,
+    // the overview says so.
+    let pid = get(&server, "/v1/clusters/c1").await["outputs"]["instances"][0]["pid"].as_i64().unwrap();
+    assert!(std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status().unwrap().success());
+    let refresh = post(&server, "/v1/clusters/c1/transitions", json!({"action": "refresh"})).await;
+    assert_eq!(wait_run(&server, refresh["id"].as_str().unwrap()).await["status"], "succeeded");
+    desk.goto(&format!("{}/ui/", server.url)).await.unwrap();
+    assert_eq!(text(&desk, "#attention h1").await, "3 need a look");
+    let wrong = text(&desk, "#attention").await;
+    assert!(wrong.contains("cluster c1") && wrong.contains("instances[0].process"), "{wrong}");
 
     // ---- A viewer sees no action buttons, and the POST is refused anyway.
     let v = browser(&d, PHONE).await;

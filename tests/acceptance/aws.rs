@@ -1003,3 +1003,68 @@ async fn aws_routers_are_application_load_balancers() {
     assert!(alb_of(&aws, &id).await.is_none());
     assert!(groups_of(&aws, &id).await.is_empty());
 }
+
+/// Drift on aws: a refresh names what was changed behind drover's back —
+/// the cluster's auto-scaling group resized through the API, an image's
+/// AMI deregistered — and changes nothing. moto has no CloudFormation
+/// drift detection: the refresh says so (`stack.drift` unchecked), so a
+/// cluster on moto is never `in_sync`, only `unknown` or `drifted`.
+#[tokio::test]
+async fn aws_refresh_names_what_changed_behind_drovers_back() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let aws = aws().await;
+    let (image_name, image) = built_image(&app, &aws).await;
+    let refresh = |kind: &'static str, name: String| {
+        let app = &app;
+        async move {
+            let run = app.run(kind, &name, json!({"action": "refresh"})).await;
+            assert_eq!(run["status"], "succeeded", "{run}");
+            let view = app.get(&format!("/v1/{kind}s/{name}")).await.body;
+            assert_eq!(view["drift"]["run"], run["id"]);
+            view
+        }
+    };
+    assert_eq!(refresh("image", image_name.clone()).await["drift"]["status"], "in_sync");
+
+    let name = unique("drifting");
+    create(&app, "cluster", &name, aws.cluster_spec(&image_name, 1)).await;
+    assert_eq!(app.run("cluster", &name, json!({"action": "create"})).await["status"], "succeeded");
+    let view = refresh("cluster", name.clone()).await;
+    assert_eq!(view["drift"]["status"], "unknown", "{view}");
+    assert_eq!(view["drift"]["differences"], json!([]));
+    let unchecked = view["drift"]["unchecked"].as_array().unwrap();
+    assert_eq!(unchecked.len(), 1, "{view}");
+    assert_eq!(unchecked[0]["path"], "stack.drift");
+    assert!(unchecked[0]["why"].as_str().unwrap().contains("drift detection did not run"), "{view}");
+
+    // The group resized behind drover's back.
+    let group = view["outputs"]["stack_outputs"]["AutoScalingGroupName"].as_str().unwrap().to_string();
+    aws.clients
+        .autoscaling()
+        .await
+        .update_auto_scaling_group()
+        .auto_scaling_group_name(&group)
+        .max_size(2)
+        .desired_capacity(2)
+        .send()
+        .await
+        .unwrap();
+    let view = refresh("cluster", name.clone()).await;
+    assert_eq!(view["drift"]["status"], "drifted", "{view}");
+    let differences = view["drift"]["differences"].as_array().unwrap();
+    assert!(differences.contains(&json!({"path": "group.desired_capacity", "recorded": 1, "actual": 2})), "{view}");
+    assert_eq!(view["state"], "up");
+    assert_eq!(view["spec"]["count"], 1, "a refresh adopts nothing");
+
+    // The image's AMI deregistered by someone's clean-up script.
+    let ami = image["outputs"]["ami_id"].as_str().unwrap().to_string();
+    let build = image["outputs"]["build"].as_str().unwrap().to_string();
+    aws.clients.ec2().await.deregister_image().image_id(&ami).send().await.unwrap();
+    let view = refresh("image", image_name).await;
+    assert_eq!(view["drift"]["status"], "drifted", "{view}");
+    assert_eq!(
+        view["drift"]["differences"],
+        json!([{"path": format!("builds[{build}].ami"), "recorded": ami, "actual": "deregistered"}])
+    );
+    assert_eq!(view["state"], "built");
+}

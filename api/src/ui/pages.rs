@@ -280,19 +280,21 @@ pub async fn home(State(s): State<AppState>, Extension(viewer): Extension<Viewer
     let mut attention = Vec::new();
     for r in &all {
         let unhealthy = r.observed.as_ref().and_then(|o| o.get("healthy")) == Some(&Value::Bool(false));
+        let drifted = r.drift.as_ref().filter(|d| d["status"] == "drifted").and_then(|d| d["summary"].as_str());
         let run = active.get(&r.id);
-        if r.state != "failed" && !unhealthy && run.is_none() {
+        if r.state != "failed" && !unhealthy && drifted.is_none() && run.is_none() {
             continue;
         }
         // The same diagnosis the resource's view gives.
         let o = s.service.overview(r.kind, &r.id.to_string()).await?;
-        let why = match (&o.problem, run) {
-            (Some(p), _) => p.summary.clone(),
-            (None, Some(run)) => format!("{} {} by {}", run.action, run.status.as_str(), run.actor),
-            (None, None) => r.state.clone(),
+        let why = match (&o.problem, drifted, run) {
+            (Some(p), _, _) => p.summary.clone(),
+            (None, Some(drift), _) => drift.to_string(),
+            (None, None, Some(run)) => format!("{} {} by {}", run.action, run.status.as_str(), run.actor),
+            (None, None, None) => r.state.clone(),
         };
         let run_link = o.problem.as_ref().and_then(|p| p.run).or(run.map(|r| r.id)).map(|id| format!("/ui/runs/{id}"));
-        let serious = o.problem.is_some() || r.state == "failed" || unhealthy;
+        let serious = o.problem.is_some() || r.state == "failed" || unhealthy || drifted.is_some();
         attention.push(Attention { row: row(r, String::new()), why, run: run_link, serious });
     }
     // What is wrong before what is only busy.

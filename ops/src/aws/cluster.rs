@@ -557,6 +557,102 @@ impl AwsClusters {
         }
     }
 
+    /// Compares the stack and its group with the record: the stack there
+    /// and settled, its `Count` and `ImageId` as the last run left them,
+    /// the group's desired capacity and instances in service at that count,
+    /// and CloudFormation's own drift detection of the stack's resources
+    /// (where the endpoint has it). Changes nothing.
+    async fn refresh(&self, ctx: &dyn RunContext, r: &Resource) -> Value {
+        use drover_domain::drift::{Difference, Report};
+        let mut report = Report::default();
+        let done = |report: Report| serde_json::to_value(&report).expect("a report serialises");
+        let Some(name) = r.outputs["stack_name"].as_str() else {
+            report.cannot_check("stack", "no stack on record");
+            return done(report);
+        };
+        let info = match self.api.describe(name).await {
+            Ok(Some(info)) => info,
+            Ok(None) => {
+                report.differs(Difference::new("stack", name, "missing"));
+                return done(report);
+            }
+            Err(e) => {
+                report.cannot_check("stack", e.to_string());
+                return done(report);
+            }
+        };
+        let settled = info.status.ends_with("_COMPLETE") && !info.status.contains("ROLLBACK");
+        match settled {
+            true => report.same(),
+            false => report.differs(Difference::new(
+                "stack.status",
+                r.outputs["stack_status"].as_str().unwrap_or("CREATE_COMPLETE"),
+                info.status.clone(),
+            )),
+        }
+        let count = r.outputs["count"].as_u64().unwrap_or(0);
+        for (param, recorded) in
+            [("Count", Some(count.to_string())), ("ImageId", r.outputs["ami_id"].as_str().map(str::to_string))]
+        {
+            let Some(recorded) = recorded else { continue };
+            match info.parameters.get(param) {
+                Some(actual) if *actual == recorded => report.same(),
+                actual => report.differs(Difference::new(
+                    format!("stack.parameters.{param}"),
+                    recorded,
+                    actual.cloned().unwrap_or_else(|| "absent".into()),
+                )),
+            }
+        }
+        match info.outputs.get("AutoScalingGroupName") {
+            None => report.cannot_check("group", "the stack names no auto-scaling group"),
+            Some(group) => match self.api.group_health(group).await {
+                Ok(Some(h)) => {
+                    match u64::from(h.desired) == count {
+                        true => report.same(),
+                        false => report.differs(Difference::new("group.desired_capacity", count, h.desired)),
+                    }
+                    match h.instances.len() as u64 == count {
+                        true => report.same(),
+                        false => report.differs(Difference::new("group.instances", count, h.instances.len())),
+                    }
+                }
+                Ok(None) => report.differs(Difference::new("group", group.clone(), "missing")),
+                Err(e) => report.cannot_check("group", e.to_string()),
+            },
+        }
+        match self.api.detect_drift(name).await {
+            Ok(drifts) if drifts.is_empty() => report.same(),
+            Ok(drifts) => {
+                for d in drifts {
+                    if d.properties.is_empty() {
+                        report.differs(Difference::new(
+                            format!("stack.resources.{}", d.logical_id),
+                            "as deployed",
+                            d.status,
+                        ));
+                    }
+                    for (path, expected, actual) in d.properties {
+                        report.differs(Difference::new(
+                            format!("stack.resources.{}{path}", d.logical_id).replace("//", "/"),
+                            expected,
+                            actual,
+                        ));
+                    }
+                }
+            }
+            Err(e) => report.cannot_check("stack.drift", format!("CloudFormation's drift detection did not run: {e}")),
+        }
+        for d in &report.differences {
+            let msg = format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual);
+            ctx.event(NewEvent::info("refresh", msg).with_level(Level::Warn)).await;
+        }
+        for u in &report.unchecked {
+            ctx.event(NewEvent::info("refresh", format!("{}: not checked: {}", u.path, u.why))).await;
+        }
+        done(report)
+    }
+
     async fn instances(&self, r: &Resource) -> Result<Vec<InstanceInfo>, AwsError> {
         self.api.instances(TAG_RESOURCE, &r.id.to_string()).await
     }
@@ -582,6 +678,9 @@ impl Provider for AwsClusters {
         if job.action == "destroy" {
             return self.destroy(ctx, job, &spec).await;
         }
+        if job.action == "refresh" {
+            return Ok(self.refresh(ctx, &job.resource).await);
+        }
         let Some(count) = spec.target_count(&job.action, &job.params) else {
             return Err(ProviderError::fatal("unsupported_action", format!("aws clusters cannot {}", job.action)));
         };
@@ -601,6 +700,10 @@ impl Provider for AwsClusters {
     }
 
     fn observes(&self) -> bool {
+        true
+    }
+
+    fn refreshes(&self) -> bool {
         true
     }
 

@@ -353,6 +353,62 @@ impl AwsImages {
         Ok(drover_domain::kinds::image::outputs_with_build(&job.resource.outputs, build, |_| true))
     }
 
+    /// Compares every build on record with EC2: its AMI registered and
+    /// available, and each of its snapshots there. Changes nothing; an API
+    /// error leaves what it was asking about unchecked.
+    async fn refresh(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+        use drover_domain::drift::{Difference, Report};
+        let mut report = Report::default();
+        let builds = job.resource.outputs["builds"].as_array().cloned().unwrap_or_default();
+        if builds.is_empty() {
+            report.cannot_check("builds", "no build on record");
+        }
+        let ec2 = self.clients.ec2().await;
+        for b in &builds {
+            ctx.check_cancel()?;
+            let (Some(id), Some(ami)) = (b["id"].as_str(), b["ami_id"].as_str()) else { continue };
+            let at = format!("builds[{id}]");
+            match self.image(ami).await {
+                Ok(None) => {
+                    report.differs(Difference::new(format!("{at}.ami"), ami, "deregistered"));
+                    continue;
+                }
+                Ok(Some(img)) => match img.state().map(|s| s.as_str()) {
+                    Some("available") => report.same(),
+                    other => report.differs(Difference::new(
+                        format!("{at}.ami"),
+                        format!("{ami} available"),
+                        format!("{ami} {}", other.unwrap_or("in no state")),
+                    )),
+                },
+                Err(e) => {
+                    report.cannot_check(format!("{at}.ami"), e.to_string());
+                    continue;
+                }
+            }
+            for snap in b["snapshots"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                match ec2.describe_snapshots().snapshot_ids(snap).send().await {
+                    Ok(out) if !out.snapshots().is_empty() => report.same(),
+                    Ok(_) => report.differs(Difference::new(format!("{at}.snapshots[{snap}]"), "present", "missing")),
+                    Err(e) => {
+                        let e = AwsError::from_sdk("DescribeSnapshots", &e);
+                        match e.code.starts_with("InvalidSnapshot") {
+                            true => {
+                                report.differs(Difference::new(format!("{at}.snapshots[{snap}]"), "present", "missing"))
+                            }
+                            false => report.cannot_check(format!("{at}.snapshots[{snap}]"), e.to_string()),
+                        }
+                    }
+                }
+            }
+        }
+        for d in &report.differences {
+            let msg = format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual);
+            ctx.event(NewEvent::info("refresh", msg).with_level(Level::Warn)).await;
+        }
+        Ok(serde_json::to_value(&report).expect("a report serialises"))
+    }
+
     async fn destroy(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
         let mut ids: Vec<String> =
             job.resource.outputs.get("ami_id").and_then(Value::as_str).map(|s| vec![s.to_string()]).unwrap_or_default();
@@ -414,12 +470,17 @@ impl AwsImages {
 
 #[async_trait]
 impl Provider for AwsImages {
+    fn refreshes(&self) -> bool {
+        true
+    }
+
     async fn apply(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
         let spec = Spec::from_value(&job.resource.spec)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}")))?;
         match job.action.as_str() {
             "build" => self.build(ctx, job, &spec).await,
             "destroy" => self.destroy(ctx, job).await,
+            "refresh" => self.refresh(ctx, job).await,
             other => Err(ProviderError::fatal("unsupported_action", format!("aws images cannot {other}"))),
         }
     }

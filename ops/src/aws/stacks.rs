@@ -107,6 +107,23 @@ pub trait StackApi: Send + Sync + 'static {
     async fn group_health(&self, _group: &str) -> Result<Option<GroupHealth>, AwsError> {
         Ok(None)
     }
+    /// CloudFormation's own drift detection of the stack: each resource it
+    /// finds modified or deleted, with its property differences. An error
+    /// when the detection could not run (an endpoint without it, as moto).
+    /// The default: no resource drifted (the scripted fake).
+    async fn detect_drift(&self, _name: &str) -> Result<Vec<ResourceDrift>, AwsError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A stack resource CloudFormation's drift detection found changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceDrift {
+    pub logical_id: String,
+    /// `MODIFIED` or `DELETED`.
+    pub status: String,
+    /// `(property path, expected, actual)`.
+    pub properties: Vec<(String, String, String)>,
 }
 
 /// [`StackApi`] on the AWS SDK.
@@ -298,6 +315,71 @@ impl StackApi for SdkStacks {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    async fn detect_drift(&self, name: &str) -> Result<Vec<ResourceDrift>, AwsError> {
+        use aws_sdk_cloudformation::types::{StackDriftDetectionStatus, StackResourceDriftStatus};
+        let cfn = self.clients.cloudformation().await;
+        let started = cfn
+            .detect_stack_drift()
+            .stack_name(name)
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("DetectStackDrift", &e))?;
+        let id = started.stack_drift_detection_id().unwrap_or_default().to_string();
+        // A detection takes seconds to a minute; the refresh's timeout
+        // bounds the wait.
+        let mut wait = std::time::Duration::from_millis(500);
+        loop {
+            let status = cfn
+                .describe_stack_drift_detection_status()
+                .stack_drift_detection_id(&id)
+                .send()
+                .await
+                .map_err(|e| AwsError::from_sdk("DescribeStackDriftDetectionStatus", &e))?;
+            match status.detection_status() {
+                Some(StackDriftDetectionStatus::DetectionComplete) => break,
+                Some(StackDriftDetectionStatus::DetectionFailed) => {
+                    return Err(AwsError {
+                        op: "DescribeStackDriftDetectionStatus",
+                        code: "DetectionFailed".into(),
+                        message: status.detection_status_reason().unwrap_or("drift detection failed").to_string(),
+                        retryable: false,
+                    })
+                }
+                _ => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        }
+        let out = cfn
+            .describe_stack_resource_drifts()
+            .stack_name(name)
+            .stack_resource_drift_status_filters(StackResourceDriftStatus::Modified)
+            .stack_resource_drift_status_filters(StackResourceDriftStatus::Deleted)
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("DescribeStackResourceDrifts", &e))?;
+        Ok(out
+            .stack_resource_drifts()
+            .iter()
+            .map(|d| ResourceDrift {
+                logical_id: d.logical_resource_id().unwrap_or_default().to_string(),
+                status: d.stack_resource_drift_status().map(|s| s.as_str().to_string()).unwrap_or_default(),
+                properties: d
+                    .property_differences()
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.property_path().unwrap_or_default().to_string(),
+                            p.expected_value().unwrap_or_default().to_string(),
+                            p.actual_value().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect())
     }
 
     async fn group_health(&self, group: &str) -> Result<Option<GroupHealth>, AwsError> {
