@@ -62,11 +62,12 @@ pub struct EngineConfig {
     pub refresh_every: Vec<(Kind, Duration)>,
 }
 
-/// The default refresh intervals: clusters every 5 minutes, images every
-/// hour.
+/// The default refresh intervals: clusters and routers every 5 minutes,
+/// images every hour.
 pub fn default_refresh_every() -> Vec<(Kind, Duration)> {
     vec![
         (crate::kinds::cluster::KIND, Duration::from_secs(300)),
+        (crate::kinds::router::KIND, Duration::from_secs(300)),
         (crate::kinds::image::KIND, Duration::from_secs(3600)),
     ]
 }

@@ -245,6 +245,13 @@ pub trait Balancer: Send + Sync + 'static {
     fn look_every(&self) -> Duration {
         Duration::from_millis(100)
     }
+
+    /// The configuration the balancer serves now, as it would render it
+    /// (for a refresh to compare with the last applied version); `None`
+    /// when it cannot show it.
+    async fn serving(&self, _router: &Resource) -> Result<Option<String>, BalancerError> {
+        Ok(None)
+    }
 }
 
 /// What [`Routing::render`] did.
@@ -737,7 +744,8 @@ impl Provider for RouterRuns {
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e}")))?;
         let balancer = self.routing.balancer(&spec.provider)?.clone();
         let result = match job.action.as_str() {
-            "create" | "apply" | "start" => {
+            "refresh" => return Ok(self.refresh(ctx, &job.resource, balancer.as_ref()).await),
+            "create" | "apply" | "start" | "repair" => {
                 let by = job.run_id.to_string();
                 let rendered = match self.routing.render(&job.resource, &spec, &by, true).await? {
                     Rendered::Applied(c) => {
@@ -785,8 +793,59 @@ impl Provider for RouterRuns {
         true
     }
 
+    fn refreshes(&self) -> bool {
+        true
+    }
+
     async fn observe(&self, resource: &Resource) -> Option<Value> {
         Some(self.routing.observation(resource).await)
+    }
+}
+
+impl RouterRuns {
+    /// Compares the balancer with the record: running when the router is
+    /// up and not when it is stopped, and (running) serving the last
+    /// applied configuration version. Changes nothing.
+    async fn refresh(&self, ctx: &dyn RunContext, router: &Resource, balancer: &dyn Balancer) -> Value {
+        use crate::drift::{Difference, Report};
+        let mut report = Report::default();
+        let status = balancer.status(router).await;
+        let should_run = router.state == router::State::Up.as_str();
+        match (should_run, status.running) {
+            (true, true) | (false, false) => report.same(),
+            (true, false) => report.differs(Difference::new(
+                "balancer",
+                "running",
+                format!("not running: {}", status.problem.clone().unwrap_or_default()),
+            )),
+            (false, true) => report.differs(Difference::new("balancer", "stopped", "running")),
+        }
+        if should_run && status.running {
+            let applied = self.routing.configs.last_router_configs(router.id).await.map(|(_, applied)| applied);
+            match (applied, balancer.serving(router).await) {
+                (Ok(Some(applied)), Ok(Some(text))) if text == applied.config => report.same(),
+                (Ok(Some(applied)), Ok(Some(text))) => {
+                    let changed = text_diff(&applied.config, &text)
+                        .lines()
+                        .filter(|l| l.starts_with(['+', '-']) && !l.starts_with("+++") && !l.starts_with("---"))
+                        .count();
+                    report.differs(Difference::new(
+                        "config",
+                        format!("version {}", applied.version),
+                        format!("changed on the machine ({changed} lines differ)"),
+                    ))
+                }
+                (Ok(None), _) => report.cannot_check("config", "no configuration version applied yet"),
+                (_, Ok(None)) => report.cannot_check("config", "the load balancer cannot show what it serves"),
+                (Err(e), _) => report.cannot_check("config", e.to_string()),
+                (_, Err(e)) => report.cannot_check("config", e.to_string()),
+            }
+        }
+        for d in &report.differences {
+            let msg = format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual);
+            ctx.event(NewEvent::info("refresh", msg).with_level(crate::model::Level::Warn)).await;
+        }
+        serde_json::to_value(&report).expect("a report serialises")
     }
 }
 

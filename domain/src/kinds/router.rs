@@ -71,6 +71,8 @@ named_enum!(Action {
     Start => "start",
     Destroy => "destroy",
     Retry => "retry",
+    Refresh => "refresh",
+    Repair => "repair",
 });
 
 /// Providers routers run on: `local`, a real HAProxy on drover's host;
@@ -166,6 +168,18 @@ impl Declaration for Router {
                 600,
             ),
             Action::Retry => ActionDecl::new("Repeats the action that failed.", 120),
+            Action::Refresh => ActionDecl::new(
+                "Compares the load balancer with the record: running when the router is up (stopped when \
+                 stopped), serving the last applied configuration version as recorded. Records the \
+                 differences as the router's drift; changes nothing.",
+                60,
+            )
+            .refreshing(),
+            Action::Repair => ActionDecl::new(
+                "Puts the recorded configuration back in place (rendered from the spec and the registry, \
+                 validated, loaded without dropping connections) over whatever was changed on the machine.",
+                120,
+            ),
         }
     }
 
@@ -334,9 +348,13 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
         (S::Stopped, A::Start) => go(S::Starting, S::Up),
         (S::Pending | S::Up | S::Stopped | S::Failed, A::Destroy) => go(S::Destroying, S::Destroyed),
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
+        // Reads only: the router stays as it is, whatever it finds.
+        (S::Up | S::Stopped, A::Refresh) => Ok(TypedStep::Go { working: state, ok: state, err: state }),
+        (S::Up, A::Repair) => go(S::Applying, S::Up),
         (S::Pending, A::Apply | A::Swap | A::SwapBack | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
+        (S::Pending | S::Failed, A::Refresh | A::Repair) => Err(NotAllowed),
         (S::Up, A::Create | A::Start | A::Retry) => Err(NotAllowed),
-        (S::Stopped, A::Create | A::Apply | A::Swap | A::SwapBack | A::Stop | A::Retry) => Err(NotAllowed),
+        (S::Stopped, A::Create | A::Apply | A::Swap | A::SwapBack | A::Stop | A::Retry | A::Repair) => Err(NotAllowed),
         (S::Failed, A::Create | A::Apply | A::Swap | A::SwapBack | A::Stop | A::Start) => Err(NotAllowed),
         (
             S::Creating
@@ -347,7 +365,16 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
             | S::Starting
             | S::Destroying
             | S::Destroyed,
-            A::Create | A::Apply | A::Swap | A::SwapBack | A::Stop | A::Start | A::Destroy | A::Retry,
+            A::Create
+            | A::Apply
+            | A::Swap
+            | A::SwapBack
+            | A::Stop
+            | A::Start
+            | A::Destroy
+            | A::Retry
+            | A::Refresh
+            | A::Repair,
         ) => Err(NotAllowed),
     }
 }

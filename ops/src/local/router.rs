@@ -264,6 +264,15 @@ impl Balancer for LocalHaproxy {
         c
     }
 
+    /// The configuration file HAProxy was last (re)loaded from.
+    async fn serving(&self, router: &Resource) -> Result<Option<String>, BalancerError> {
+        match std::fs::read_to_string(self.dir(router).join(CONFIG)) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(String::new())),
+            Err(e) => Err(io("read the configuration in place")(e)),
+        }
+    }
+
     async fn apply(&self, router: &Resource, config: &str) -> Result<(), BalancerError> {
         let _one = self.locks.lock(router.id).await;
         let binary = haproxy_binary()?;
