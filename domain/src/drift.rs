@@ -51,6 +51,11 @@ impl Difference {
     pub fn new(path: impl Into<String>, recorded: impl Into<Value>, actual: impl Into<Value>) -> Difference {
         Difference { path: path.into(), recorded: recorded.into(), actual: actual.into() }
     }
+
+    /// `instances[1].process: recorded "running (pid 7)", actually "gone"`.
+    pub fn said(&self) -> String {
+        format!("{}: recorded {}, actually {}", self.path, self.recorded, self.actual)
+    }
 }
 
 /// An attribute a refresh could not check, and why.
@@ -95,12 +100,22 @@ impl Report {
         }
     }
 
+    /// Says each difference (a warning) and each attribute not checked in
+    /// the run's log; the report as a refresh's outputs.
+    pub async fn told(self, ctx: &dyn crate::ports::RunContext) -> Value {
+        use crate::model::{Level, NewEvent};
+        for d in &self.differences {
+            ctx.event(NewEvent::info("refresh", d.said()).with_level(Level::Warn)).await;
+        }
+        for u in &self.unchecked {
+            ctx.event(NewEvent::info("refresh", format!("{}: not checked: {}", u.path, u.why))).await;
+        }
+        serde_json::to_value(&self).expect("a report serialises")
+    }
+
     /// One line for the run's log and the view.
     pub fn summary(&self) -> String {
-        let mut parts = Vec::new();
-        for d in &self.differences {
-            parts.push(format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual));
-        }
+        let mut parts: Vec<String> = self.differences.iter().map(Difference::said).collect();
         for u in &self.unchecked {
             parts.push(format!("{}: not checked ({})", u.path, u.why));
         }

@@ -841,11 +841,7 @@ impl RouterRuns {
                 (_, Err(e)) => report.cannot_check("config", e.to_string()),
             }
         }
-        for d in &report.differences {
-            let msg = format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual);
-            ctx.event(NewEvent::info("refresh", msg).with_level(crate::model::Level::Warn)).await;
-        }
-        serde_json::to_value(&report).expect("a report serialises")
+        report.told(ctx).await
     }
 }
 

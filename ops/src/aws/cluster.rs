@@ -565,20 +565,19 @@ impl AwsClusters {
     async fn refresh(&self, ctx: &dyn RunContext, r: &Resource) -> Value {
         use drover_domain::drift::{Difference, Report};
         let mut report = Report::default();
-        let done = |report: Report| serde_json::to_value(&report).expect("a report serialises");
         let Some(name) = r.outputs["stack_name"].as_str() else {
             report.cannot_check("stack", "no stack on record");
-            return done(report);
+            return report.told(ctx).await;
         };
         let info = match self.api.describe(name).await {
             Ok(Some(info)) => info,
             Ok(None) => {
                 report.differs(Difference::new("stack", name, "missing"));
-                return done(report);
+                return report.told(ctx).await;
             }
             Err(e) => {
                 report.cannot_check("stack", e.to_string());
-                return done(report);
+                return report.told(ctx).await;
             }
         };
         let settled = info.status.ends_with("_COMPLETE") && !info.status.contains("ROLLBACK");
@@ -643,14 +642,7 @@ impl AwsClusters {
             }
             Err(e) => report.cannot_check("stack.drift", format!("CloudFormation's drift detection did not run: {e}")),
         }
-        for d in &report.differences {
-            let msg = format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual);
-            ctx.event(NewEvent::info("refresh", msg).with_level(Level::Warn)).await;
-        }
-        for u in &report.unchecked {
-            ctx.event(NewEvent::info("refresh", format!("{}: not checked: {}", u.path, u.why))).await;
-        }
-        done(report)
+        report.told(ctx).await
     }
 
     async fn instances(&self, r: &Resource) -> Result<Vec<InstanceInfo>, AwsError> {

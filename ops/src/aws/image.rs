@@ -402,11 +402,7 @@ impl AwsImages {
                 }
             }
         }
-        for d in &report.differences {
-            let msg = format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual);
-            ctx.event(NewEvent::info("refresh", msg).with_level(Level::Warn)).await;
-        }
-        Ok(serde_json::to_value(&report).expect("a report serialises"))
+        Ok(report.told(ctx).await)
     }
 
     async fn destroy(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {

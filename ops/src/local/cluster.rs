@@ -196,14 +196,7 @@ impl LocalClusters {
                 ),
             }
         }
-        for d in &report.differences {
-            let msg = format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual);
-            ctx.event(NewEvent::info("refresh", msg).with_level(Level::Warn)).await;
-        }
-        for u in &report.unchecked {
-            ctx.event(NewEvent::info("refresh", format!("{}: not checked: {}", u.path, u.why))).await;
-        }
-        Ok(serde_json::to_value(&report).expect("a report serialises"))
+        Ok(report.told(ctx).await)
     }
 
     /// Starts again, from the build each ran and on its port, the

@@ -240,9 +240,5 @@ async fn refresh(ctx: &dyn RunContext, r: &drover_domain::model::Resource) -> Va
         }
         _ => report.cannot_check("build", "no build on record"),
     }
-    for d in &report.differences {
-        let msg = format!("{}: recorded {}, actually {}", d.path, d.recorded, d.actual);
-        ctx.event(NewEvent::info("refresh", msg).with_level(Level::Warn)).await;
-    }
-    serde_json::to_value(&report).expect("a report serialises")
+    report.told(ctx).await
 }
