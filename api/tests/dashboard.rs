@@ -103,6 +103,12 @@ async fn text(c: &Client, css: &str) -> String {
     c.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}")).text().await.unwrap()
 }
 
+/// The element's text, if it is there now: the run's page reloads itself
+/// when the run ends, so an element found may be gone a moment later.
+async fn read(c: &Client, css: &str) -> Option<String> {
+    c.find(Locator::Css(css)).await.ok()?.text().await.ok()
+}
+
 async fn exists(c: &Client, css: &str) -> bool {
     !c.find_all(Locator::Css(css)).await.unwrap().is_empty()
 }
@@ -226,7 +232,7 @@ async fn the_dashboard_in_a_real_browser() {
     until("the run's page", || async { phone.current_url().await.unwrap().path().starts_with("/ui/runs/") }).await;
     let run_id = phone.current_url().await.unwrap().path().trim_start_matches("/ui/runs/").to_string();
     until("the scale to succeed on the page", || async {
-        phone.find(Locator::Css("#status")).await.ok().is_some() && text(&phone, "#status").await == "succeeded"
+        read(&phone, "#status").await.as_deref() == Some("succeeded")
     })
     .await;
     let steps = text(&phone, "#events").await;
@@ -268,16 +274,13 @@ async fn the_dashboard_in_a_real_browser() {
     desk.goto(&format!("{}/ui/runs/{id}", server.url)).await.unwrap();
     until("the build to run", || async {
         desk.refresh().await.unwrap();
-        text(&desk, "#status").await == "running"
+        read(&desk, "#status").await.as_deref() == Some("running")
     })
     .await;
     screenshot(&desk, "desktop-run").await;
     desk.find(Locator::Css("#cancel-reason")).await.unwrap().send_keys("wrong script").await.unwrap();
     desk.find(Locator::Css("#cancel-button")).await.unwrap().click().await.unwrap();
-    until("the cancel to show", || async {
-        desk.find(Locator::Css("#status")).await.ok().is_some() && text(&desk, "#status").await == "cancelled"
-    })
-    .await;
+    until("the cancel to show", || async { read(&desk, "#status").await.as_deref() == Some("cancelled") }).await;
     let t = get(&server, &format!("/v1/transitions/{id}")).await;
     assert_eq!(t["status"], "cancelled");
     assert_eq!(t["cancel_requested_by"], "admin");
