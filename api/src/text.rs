@@ -29,7 +29,12 @@ pub(crate) fn time(v: &Value) -> String {
 }
 
 fn ms(v: &Value) -> String {
-    match v.as_i64() {
+    took(v.as_i64())
+}
+
+/// A duration in milliseconds as people read it: `250ms`, `1.5s`, `1m05s`.
+pub(crate) fn took(ms: Option<i64>) -> String {
+    match ms {
         None => "-".into(),
         Some(m) if m < 1000 => format!("{m}ms"),
         Some(m) if m < 60_000 => format!("{:.1}s", m as f64 / 1000.0),

@@ -516,7 +516,7 @@ impl Engine {
             let misplaced = presence.misplaced.clone();
             self.keep_presence(r, presence).await;
             if let Some(why) = misplaced {
-                self.ask_to_place(r, &why).await;
+                self.ask(r, "place", &why).await;
             }
         }
         self.refresh_if_due(r, provider.as_ref()).await;
@@ -574,14 +574,6 @@ impl Engine {
         }
     }
 
-    /// Asks for a `place` run of a running resource whose provider sees
-    /// instances to place again, as the observer (with why); not while a
-    /// run of it is active, nor when its kind has no such action. A request
-    /// refused (its cluster busy scaling, not up) is asked again next round.
-    async fn ask_to_place(&self, r: &Resource, why: &str) {
-        self.ask(r, "place", why).await;
-    }
-
     /// Asks for a refresh of `r` when its kind's interval has passed since
     /// the last one checked it (or since it last changed, if none did), and
     /// its provider can refresh.
@@ -613,8 +605,10 @@ impl Engine {
         .await;
     }
 
-    /// Asks for `action` of `r` as the observer, when its state allows it
-    /// and no run of it is active.
+    /// Asks for `action` of `r` as the observer (with why), when its state
+    /// allows it and no run of it is active: a `place` when its provider
+    /// sees instances to place again, a periodic `refresh`. A request
+    /// refused (busy, not up) is asked again next round.
     async fn ask(&self, r: &Resource, action: &str, why: &str) {
         let Some(requester) = self.requester.get() else { return };
         if !matches!(r.kind.next(&r.state, action), Ok(crate::kinds::Step::Go { .. })) {

@@ -275,12 +275,7 @@ async fn transition(
     headers: &HeaderMap,
     body: TransitionRequest,
 ) -> ApiResult<(StatusCode, HeaderMap, Json<Transition>)> {
-    caller.require(&kind.permission(&body.action))?;
-    if body.action == "retry" {
-        if let Some(repeated) = state.service.retry_action(kind, key).await? {
-            caller.require(&kind.permission(&repeated))?;
-        }
-    }
+    may_ask(state, &caller.0, kind, key, &body.action).await?;
     let run = state
         .service
         .request(
@@ -301,6 +296,25 @@ async fn transition(
     let location = format!("/v1/transitions/{}", run.id);
     out.insert(header::LOCATION, HeaderValue::from_str(&location).expect("ascii"));
     Ok((StatusCode::ACCEPTED, out, Json(run.into())))
+}
+
+/// Whether `who` may ask for `action` of a resource: the action's
+/// permission, and a `retry`'s also that of the action it repeats. The
+/// API's and the dashboard's one check.
+pub async fn may_ask(
+    state: &AppState,
+    who: &drover_domain::auth::Principal,
+    kind: Kind,
+    key: &str,
+    action: &str,
+) -> ApiResult<()> {
+    who.require(&kind.permission(action)).map_err(Problem::from)?;
+    if action == "retry" {
+        if let Some(repeated) = state.service.retry_action(kind, key).await? {
+            who.require(&kind.permission(&repeated)).map_err(Problem::from)?;
+        }
+    }
+    Ok(())
 }
 
 /// `30s`, `500ms`, `2m` or plain seconds; at most a minute.

@@ -13,9 +13,11 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::chart::{self, Series};
-use super::pages::{render, require, took, Nav, Result, RunRow, UiError};
-use super::{urlencode, Viewer};
+use super::pages::{render, require, Nav, Result, RunRow, UiError};
+use super::Viewer;
+use crate::cli::encode;
 use crate::dto::Transition;
+use crate::text::took;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct HistoryQuery {
@@ -51,7 +53,7 @@ impl HistoryQuery {
         ]
         .iter()
         .filter(|(_, v)| !v.is_empty())
-        .map(|(k, v)| format!("{k}={}", urlencode(v)))
+        .map(|(k, v)| format!("{k}={}", encode(v)))
         .collect::<Vec<_>>()
         .join("&")
     }

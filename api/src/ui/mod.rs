@@ -31,6 +31,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use drover_domain::auth::Principal;
 
+use crate::cli::encode;
 use crate::problem::Problem;
 use crate::routes::AppState;
 
@@ -174,10 +175,10 @@ fn to_sign_in(req: &Request, why: Option<String>) -> Response {
     let mut query = Vec::new();
     if req.method() == Method::GET {
         let here = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/ui/");
-        query.push(format!("next={}", urlencode(here)));
+        query.push(format!("next={}", encode(here)));
     }
     if let Some(why) = why {
-        query.push(format!("why={}", urlencode(&why)));
+        query.push(format!("why={}", encode(&why)));
     }
     if !query.is_empty() {
         to = format!("{to}?{}", query.join("&"));
@@ -188,17 +189,6 @@ fn to_sign_in(req: &Request, why: Option<String>) -> Response {
         r.headers_mut().append(header::SET_COOKIE, set_cookie(req.headers(), SESSION, "", 0, "/ui/"));
     }
     r
-}
-
-pub(crate) fn urlencode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => out.push(b as char),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 /// Only paths of this dashboard are followed after signing in.

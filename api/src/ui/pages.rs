@@ -20,10 +20,12 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{urlencode, Viewer};
+use super::Viewer;
+use crate::cli::encode;
 use crate::dto::{Event, ResourceView, Transition};
 use crate::problem::Problem;
 use crate::routes::AppState;
+use crate::text::took;
 
 pub type Result<T> = std::result::Result<T, UiError>;
 
@@ -152,18 +154,8 @@ pub fn when(t: &DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S").to_string()
 }
 
-pub fn took(ms: Option<i64>) -> String {
-    match ms {
-        None => "-".into(),
-        Some(m) if m < 1000 => format!("{m}ms"),
-        Some(m) if m < 60_000 => format!("{:.1}s", m as f64 / 1000.0),
-        Some(m) if m < 3_600_000 => format!("{}m{:02}s", m / 60_000, m % 60_000 / 1000),
-        Some(m) => format!("{}h{:02}m", m / 3_600_000, m % 3_600_000 / 60_000),
-    }
-}
-
 fn href(kind: Kind, name: &str) -> String {
-    format!("/ui/{}/{}", kind.plural(), urlencode(name))
+    format!("/ui/{}/{}", kind.plural(), encode(name))
 }
 
 fn kind_of(plural: &str) -> Result<Kind> {
@@ -698,7 +690,7 @@ pub async fn resource(
         versions,
         runs: view.recent_transitions.iter().map(RunRow::from).collect(),
         members,
-        history: format!("/v1/transitions?kind={}&resource={}", kind.as_str(), urlencode(&view.name)),
+        history: format!("/v1/transitions?kind={}&resource={}", kind.as_str(), encode(&view.name)),
         state: view.state,
         name: view.name,
     }))
@@ -824,14 +816,7 @@ pub async fn act(
     let field = |k: &str| form.iter().find(|(f, _)| f == k).map(|(_, v)| v.trim().to_string());
     check_csrf(&viewer, &field("csrf").unwrap_or_default())?;
     let kind = kind_of(&plural)?;
-    require(&viewer, &kind.permission(&action))?;
-    if action == "retry" {
-        if let Some(repeated) = s.service.retry_action(kind, &name).await? {
-            require(&viewer, &kind.permission(&repeated))?;
-        }
-    }
-    let resource = s.service.get(kind, &name).await?;
-    let protected = s.service.environment(&resource).await?.is_some_and(|(_, p)| p);
+    crate::routes::resources::may_ask(&s, &viewer.principal, kind, &name, &action).await?;
     let mut params = serde_json::Map::new();
     let mut shown = Vec::new();
     for f in fields(kind, &action) {
@@ -849,8 +834,11 @@ pub async fn act(
         params.insert(f.name, value);
     }
     let reason = field("reason").unwrap_or_default();
-    let post = format!("{}/actions/{}", href(kind, &name), urlencode(&action));
+    let post = format!("{}/actions/{}", href(kind, &name), encode(&action));
     if field("confirm").as_deref() != Some("yes") {
+        // What the confirmation says; the request itself checks again.
+        let resource = s.service.get(kind, &name).await?;
+        let protected = s.service.environment(&resource).await?.is_some_and(|(_, p)| p);
         return Ok(render(&Confirm {
             nav: Nav::from(&viewer),
             kind: kind.as_str(),

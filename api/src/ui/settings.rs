@@ -12,7 +12,8 @@ use drover_domain::settings::{same_value, Scope, Setting};
 use serde::Deserialize;
 
 use super::pages::{check_csrf, render, require, when, Nav, Result, UiError};
-use super::{urlencode, Viewer};
+use super::Viewer;
+use crate::cli::encode;
 use crate::routes::AppState;
 
 /// What a masked secret shows.
@@ -43,7 +44,7 @@ fn shown(s: &Setting) -> String {
 }
 
 fn setting_href(scope: &str, key: &str) -> String {
-    format!("/ui/settings/{}/{}", urlencode(scope), urlencode(key))
+    format!("/ui/settings/{}/{}", encode(scope), encode(key))
 }
 
 #[derive(Template)]

@@ -387,18 +387,18 @@ impl AwsImages {
                 }
             }
             for snap in b["snapshots"].as_array().into_iter().flatten().filter_map(Value::as_str) {
-                match ec2.describe_snapshots().snapshot_ids(snap).send().await {
-                    Ok(out) if !out.snapshots().is_empty() => report.same(),
-                    Ok(_) => report.differs(Difference::new(format!("{at}.snapshots[{snap}]"), "present", "missing")),
-                    Err(e) => {
-                        let e = AwsError::from_sdk("DescribeSnapshots", &e);
-                        match e.code.starts_with("InvalidSnapshot") {
-                            true => {
-                                report.differs(Difference::new(format!("{at}.snapshots[{snap}]"), "present", "missing"))
-                            }
-                            false => report.cannot_check(format!("{at}.snapshots[{snap}]"), e.to_string()),
-                        }
-                    }
+                let present = match ec2.describe_snapshots().snapshot_ids(snap).send().await {
+                    Ok(out) => Ok(!out.snapshots().is_empty()),
+                    Err(e) => match AwsError::from_sdk("DescribeSnapshots", &e) {
+                        e if e.code.starts_with("InvalidSnapshot") => Ok(false),
+                        e => Err(e),
+                    },
+                };
+                let path = format!("{at}.snapshots[{snap}]");
+                match present {
+                    Ok(true) => report.same(),
+                    Ok(false) => report.differs(Difference::new(path, "present", "missing")),
+                    Err(e) => report.cannot_check(path, e.to_string()),
                 }
             }
         }
