@@ -60,6 +60,8 @@ pub struct EngineConfig {
     /// kind (one that has the action, in a state that allows it, with no
     /// run active): kinds not listed are refreshed only on request.
     pub refresh_every: Vec<(Kind, Duration)>,
+    /// How the observer repairs resources that opted into `auto_repair`.
+    pub auto_repair: crate::repair::RepairPolicy,
 }
 
 /// The default refresh intervals: clusters and routers every 5 minutes,
@@ -105,6 +107,7 @@ impl Default for EngineConfig {
             backoff_max: Duration::from_secs(120),
             providers: None,
             refresh_every: default_refresh_every(),
+            auto_repair: crate::repair::RepairPolicy::default(),
         }
     }
 }
@@ -520,6 +523,10 @@ impl Engine {
             }
         }
         self.refresh_if_due(r, provider.as_ref()).await;
+        let seen = match seen {
+            Some(seen) => Some(self.auto_repair(r, seen).await),
+            None => None,
+        };
         if let Some(seen) = seen {
             if r.observed.as_ref() != Some(&seen) {
                 if seen.get("healthy") == Some(&Value::Bool(false)) {
@@ -603,6 +610,53 @@ impl Engine {
             &format!("periodic refresh (every {})", humantime::format_duration(every.to_std().unwrap_or_default())),
         )
         .await;
+    }
+
+    /// For a resource that opted into `auto_repair` and whose provider saw
+    /// something a repair would fix (`needs_repair` in what it saw): asks
+    /// for a repair when [`RepairPolicy::decide`](crate::repair::RepairPolicy::decide)
+    /// says so, and returns what was seen with the decision in it
+    /// (`auto_repair`, and a backoff or a crash loop said first in the
+    /// summary).
+    async fn auto_repair(&self, r: &Resource, mut seen: Value) -> Value {
+        use crate::repair::Decision;
+        let Some(why) = seen.get("needs_repair").and_then(Value::as_str).map(str::to_string) else {
+            return seen;
+        };
+        if r.spec.get("auto_repair") != Some(&Value::Bool(true)) {
+            return seen;
+        }
+        let filter = RunFilter { resource: Some(r.id), ..Default::default() };
+        let runs = match self.store.list_runs(&filter, PageRequest { after: None, limit: 50 }).await {
+            Ok(runs) => runs,
+            Err(e) => {
+                warn!(error = %e, resource = %r.id, "could not read the runs for auto-repair");
+                return seen;
+            }
+        };
+        if runs.first().is_some_and(|run| matches!(run.status, RunStatus::Queued | RunStatus::Running)) {
+            return seen;
+        }
+        let policy = &self.cfg.auto_repair;
+        let decision = policy.decide(&runs, Utc::now());
+        match &decision {
+            Decision::Repair { attempt } => {
+                let why = format!("auto-repair (attempt {attempt} of {}): {why}", policy.crash_loop_after);
+                self.ask(r, "repair", &why).await;
+            }
+            Decision::CrashLoop { attempts, .. }
+                if r.observed.as_ref().map(|o| &o["auto_repair"]["status"]) != Some(&json!("crash_loop")) =>
+            {
+                warn!(kind = %r.kind, name = %r.name, attempts, "crash loop: auto-repair stops");
+            }
+            _ => {}
+        }
+        if !matches!(decision, Decision::Repair { .. }) {
+            let summary = seen["summary"].as_str().unwrap_or_default().to_string();
+            seen["summary"] = json!(format!("{}; {summary}", decision.said()));
+        }
+        seen["auto_repair"] = serde_json::to_value(&decision).expect("a decision serialises");
+        seen
     }
 
     /// Asks for `action` of `r` as the observer (with why), when its state

@@ -16,6 +16,7 @@ pub mod kinds;
 pub mod merge;
 pub mod model;
 pub mod ports;
+pub mod repair;
 pub mod routing;
 pub mod service;
 pub mod settings;

@@ -984,12 +984,12 @@ pub fn diagnose(
             _ => return None,
         }
     }
-    let observed_problem = resource
-        .observed
-        .as_ref()
-        .filter(|o| o.get("healthy") == Some(&Value::Bool(false)))
-        .and_then(|o| o.get("summary").and_then(Value::as_str))
-        .map(|s| Problem { summary: s.to_string(), run: None, error: None });
+    let observed_problem =
+        resource.observed.as_ref().filter(|o| o.get("healthy") == Some(&Value::Bool(false))).and_then(|o| {
+            // A crash loop or a backoff links the last repair that did not hold.
+            let run = o["auto_repair"]["last_run"].as_str().and_then(|id| id.parse().ok());
+            o.get("summary").and_then(Value::as_str).map(|s| Problem { summary: s.to_string(), run, error: None })
+        });
     if resource.state == "failed" {
         let failed = recent.iter().find(|r| matches!(r.status, RunStatus::Failed | RunStatus::Cancelled));
         return Some(match failed {

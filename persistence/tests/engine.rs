@@ -95,6 +95,7 @@ fn config(worker: &str) -> EngineConfig {
         backoff_max: Duration::from_millis(50),
         providers: None,
         refresh_every: Vec::new(),
+        auto_repair: Default::default(),
     }
 }
 

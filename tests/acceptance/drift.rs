@@ -162,3 +162,86 @@ async fn a_removed_build_is_drift() {
     );
     assert_eq!(view["state"], "built");
 }
+
+/// A cluster that opted into `auto_repair` has an instance that died
+/// started again by the observer within a round; when repairs do not hold
+/// it backs off, then stops at a crash loop the view shows, until a person
+/// acts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_repair_heals_and_stops_at_a_crash_loop() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let flag = std::env::temp_dir().join(format!("drover-crash-{}", uuid::Uuid::new_v4()));
+    // Serves, unless the flag file says to crash at once.
+    let start = format!("test -e {} && exit 3; exec python3 -m http.server $PORT --bind 127.0.0.1", flag.display());
+    let r = app
+        .post("/v1/images", json!({"name": "flaky", "spec": {"build_command": "true", "start_command": start}}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(app.run("image", "flaky", json!({"action": "build"})).await["status"], "succeeded");
+    let spec = json!({"image": "flaky", "count": 2, "auto_repair": true, "health_check": {"type": "tcp"}});
+    let r = app.post("/v1/clusters", json!({"name": "healing", "spec": spec})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(app.run("cluster", "healing", json!({"action": "create"})).await["status"], "succeeded");
+    let before = app.get("/v1/clusters/healing").await.body;
+    let repairs = || async {
+        let runs = app.get("/v1/transitions?kind=cluster&action=repair").await.body;
+        runs["items"].as_array().unwrap().clone()
+    };
+
+    // Killed by hand: the observer repairs it, as itself, saying why.
+    let gone = pids(&before)[1];
+    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
+    assert!(killed.success());
+    let view = app
+        .get_until("/v1/clusters/healing", |v| {
+            v["outputs"]["instances"][1]["pid"] != json!(gone) && v["observed"]["healthy"] == true
+        })
+        .await;
+    let (old, new) = (&before["outputs"]["instances"][1], &view["outputs"]["instances"][1]);
+    assert_eq!((&new["port"], &new["build"]), (&old["port"], &old["build"]));
+    assert!(alive(new["pid"].as_u64().unwrap()));
+    let runs = repairs().await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!((&runs[0]["actor"], &runs[0]["status"]), (&json!("observer"), &json!("succeeded")));
+    assert_eq!(
+        runs[0]["reason"],
+        format!("auto-repair (attempt 1 of 3): process gone: instance 1 (pid {gone})"),
+        "{runs:?}"
+    );
+
+    // Now every start crashes: repairs fail, back off, and stop at a
+    // crash loop (the first repair above, a few seconds ago, did not hold
+    // either: it is the streak's first).
+    std::fs::write(&flag, "").unwrap();
+    let gone = view["outputs"]["instances"][1]["pid"].as_u64().unwrap();
+    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
+    assert!(killed.success());
+    let view = app.get_until("/v1/clusters/healing", |v| v["observed"]["auto_repair"]["status"] == "crash_loop").await;
+    assert_eq!(view["state"], "up", "a repair that fails leaves the cluster up: {view}");
+    assert_eq!(view["observed"]["auto_repair"]["attempts"], 3, "{view}");
+    let problem = view["problem"]["summary"].as_str().unwrap_or_default();
+    assert!(problem.starts_with("crash loop: it died again after each of 3 automatic repairs"), "{view}");
+    let runs = repairs().await;
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert!(runs[..2].iter().all(|r| r["status"] == "failed" && r["actor"] == "observer"), "{runs:?}");
+    assert_eq!(runs[0]["error"]["code"], "instance_exited", "{runs:?}");
+    assert_eq!(runs[1]["reason"].as_str().unwrap().split(':').next(), Some("auto-repair (attempt 2 of 3)"));
+    // The backoff between the failed two: at least the policy's 500 ms.
+    let t = |r: &Value, f: &str| r[f].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    assert!(t(&runs[0], "created_at") - t(&runs[1], "finished_at") >= chrono::Duration::milliseconds(900), "{runs:?}");
+    // It stays stopped: longer than the longest backoff, no new repair.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(repairs().await.len(), 3);
+
+    // A person fixes the cause and repairs: a new start.
+    std::fs::remove_file(&flag).unwrap();
+    let run = app.run("cluster", "healing", json!({"action": "repair", "reason": "fixed the crash"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let view = app
+        .get_until("/v1/clusters/healing", |v| {
+            v["observed"]["healthy"] == true && v["observed"]["auto_repair"].is_null()
+        })
+        .await;
+    assert!(view["problem"].is_null(), "{view}");
+    assert!(alive(view["outputs"]["instances"][1]["pid"].as_u64().unwrap()));
+}

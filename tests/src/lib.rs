@@ -58,6 +58,13 @@ fn engine_config() -> EngineConfig {
         // Only tests of the periodic refresh want it (it holds a resource
         // for a moment now and then).
         refresh_every: Vec::new(),
+        // Quick, so that a test sees a backoff and a crash loop in seconds.
+        auto_repair: drover_domain::repair::RepairPolicy {
+            backoff: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(2),
+            crash_loop_after: 3,
+            forgive_after: Duration::from_secs(60),
+        },
     }
 }
 

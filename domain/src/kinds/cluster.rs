@@ -7,6 +7,8 @@
 //! up --initialize--> up (starting its services) --ok--> up --err--> up
 //! up --stop--> stopping --ok--> down        --err--> failed
 //! down --start--> starting --ok--> up       --err--> failed
+//! up|down --refresh--> (stays) --ok--> (stays) --err--> (stays)
+//! up --repair--> repairing --ok--> up     --err--> up
 //! pending|up|down|failed --destroy--> destroying --ok--> destroyed --err--> failed
 //! failed --retry--> the working state of the action that failed
 //! ```
@@ -202,7 +204,9 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
         // Reads only: the cluster stays as it is, whatever it finds.
         (S::Up | S::Down, A::Refresh) => Ok(TypedStep::Go { working: state, ok: state, err: state }),
-        (S::Up, A::Repair) => go(S::Repairing, S::Up),
+        // A repair that cannot bring an instance back leaves the cluster
+        // up, as it was (its other instances run): the failed run says why.
+        (S::Up, A::Repair) => Ok(TypedStep::Go { working: S::Repairing, ok: S::Up, err: S::Up }),
         (S::Pending, A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
         (S::Pending | S::Failed, A::Refresh | A::Repair) => Err(NotAllowed),
         (S::Up, A::Create | A::Start | A::Retry) => Err(NotAllowed),
@@ -304,6 +308,12 @@ pub struct Spec {
     /// protection).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub termination_protection: bool,
+    /// local: when an instance's process dies, drover's observer repairs
+    /// the cluster (starts it again) within one observation round, backing
+    /// off when repairs do not hold, and stops at a crash loop (shown in
+    /// the view). On aws the auto-scaling group replaces instances itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_repair: bool,
 }
 
 /// What [`Spec::check`] asks of each provider, said in the schema: one
@@ -334,7 +344,7 @@ fn provider_rules(schema: &mut schemars::Schema) {
                 "tags": {"type": "object", "maxProperties": 40,
                     "propertyNames": {"minLength": 1, "maxLength": 127, "pattern": "^(?![dD][rR][oO][vV][eE][rR]:|[aA][wW][sS]:)"},
                     "additionalProperties": {"type": "string", "maxLength": 255}},
-                "role_metadata": metadata}},
+                "role_metadata": metadata, "auto_repair": {"const": false}}},
         ]),
     );
 }
@@ -454,6 +464,12 @@ impl ActionParams for ScaleParams {
 
 impl Spec {
     fn check_aws(&self, errors: &mut Vec<FieldError>) {
+        if self.auto_repair {
+            errors.push(FieldError::new(
+                "spec.auto_repair",
+                "not used by provider aws: the auto-scaling group replaces its instances itself",
+            ));
+        }
         let word = |s: &str| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic() && b != b',');
         if !self.instance_type.as_deref().is_some_and(word) {
             errors.push(FieldError::new(
@@ -598,7 +614,7 @@ mod tests {
                     destroy,
                     no,
                     stay(S::Up),
-                    go(S::Repairing, S::Up),
+                    Ok(TypedStep::Go { working: S::Repairing, ok: S::Up, err: S::Up }),
                 ],
             ),
             (S::Scaling, [no; 10]),
@@ -712,6 +728,14 @@ mod tests {
         // aws fields on a local cluster are refused, so local specs stay as they were.
         let e = Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "key_name": "x"})).unwrap_err();
         assert!(matches!(e, Error::Invalid(f) if f[0].field == "spec.key_name"));
+        // auto_repair is the local provider's: an auto-scaling group replaces its own.
+        let mut repaired = aws_spec();
+        repaired["auto_repair"] = true.into();
+        let e = Spec::from_value(&repaired).unwrap_err();
+        assert!(
+            matches!(e, Error::Invalid(f) if f[0].field == "spec.auto_repair" && f[0].message.contains("replaces"))
+        );
+        assert!(Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "auto_repair": true})).is_ok());
         // A local worker group joins a local leader.
         assert!(Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "join": "x"})).is_ok());
         let local = Spec::from_value(&serde_json::json!({"image": "web", "count": 1})).unwrap();

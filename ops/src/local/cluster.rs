@@ -586,6 +586,18 @@ impl Provider for LocalClusters {
         } else {
             format!("{} of {} instance(s) unhealthy: {}", problems.len(), spec.count, problems.join("; "))
         };
-        Some(json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances }))
+        let mut seen = json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances });
+        // What a repair would fix: processes gone (not an instance that
+        // runs and fails its check — starting it again would not help).
+        let gone: Vec<String> = state
+            .instances
+            .iter()
+            .filter(|i| !alive(i.pid, i.start_ticks))
+            .map(|i| format!("instance {} (pid {})", i.index, i.pid))
+            .collect();
+        if !gone.is_empty() {
+            seen["needs_repair"] = json!(format!("process gone: {}", gone.join(", ")));
+        }
+        Some(seen)
     }
 }
