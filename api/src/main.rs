@@ -195,7 +195,7 @@ struct Serve {
     #[arg(long, env = "DROVER_PROVIDERS", value_delimiter = ',')]
     providers: Vec<String>,
     /// How often each resource of a kind is refreshed (its drift checked)
-    /// without being asked: `cluster=5m,router=5m,image=1h` (the default); `off` for
+    /// without being asked: `cluster=5m,service=5m,router=5m,image=1h` (the default); `off` for
     /// a kind refreshes it only on request. Kinds not named keep their
     /// default.
     #[arg(long, env = "DROVER_REFRESH_EVERY", value_parser = refresh_every)]

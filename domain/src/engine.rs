@@ -64,12 +64,13 @@ pub struct EngineConfig {
     pub auto_repair: crate::repair::RepairPolicy,
 }
 
-/// The default refresh intervals: clusters and routers every 5 minutes,
-/// images every hour.
+/// The default refresh intervals: clusters, services and routers every 5
+/// minutes, images every hour.
 pub fn default_refresh_every() -> Vec<(Kind, Duration)> {
     vec![
         (crate::kinds::cluster::KIND, Duration::from_secs(300)),
         (crate::kinds::router::KIND, Duration::from_secs(300)),
+        (crate::kinds::service::KIND, Duration::from_secs(300)),
         (crate::kinds::image::KIND, Duration::from_secs(3600)),
     ]
 }
@@ -623,7 +624,7 @@ impl Engine {
         let Some(why) = seen.get("needs_repair").and_then(Value::as_str).map(str::to_string) else {
             return seen;
         };
-        if r.spec.get("auto_repair") != Some(&Value::Bool(true)) {
+        if r.spec.get(crate::repair::SPEC_FIELD) != Some(&Value::Bool(true)) {
             return seen;
         }
         let filter = RunFilter { resource: Some(r.id), ..Default::default() };
@@ -1151,6 +1152,14 @@ impl RunContext for Ctx {
             self.event(NewEvent::info("discovery", msg).with_data(data)).await;
         }
         Ok(())
+    }
+
+    async fn discovery_listed(&self, service_id: Uuid) -> Result<Option<Vec<String>>, ProviderError> {
+        let Some(registry) = &self.discovery else { return Ok(None) };
+        let snapshot = registry.discovery_snapshot(Some(service_id)).await.map_err(|e| {
+            ProviderError::retryable("discovery_unavailable", format!("could not read the registry: {e}"))
+        })?;
+        Ok(Some(snapshot.entries.into_iter().map(|e| e.entry.instance).collect()))
     }
 
     async fn discovery_leave(

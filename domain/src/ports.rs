@@ -328,6 +328,12 @@ pub trait RunContext: Send + Sync {
         Ok(())
     }
 
+    /// The instances of a service listed in the discovery registry now;
+    /// `None` when this drover keeps no registry.
+    async fn discovery_listed(&self, _service_id: Uuid) -> Result<Option<Vec<String>>, ProviderError> {
+        Ok(None)
+    }
+
     /// Takes an instance out of the registry (before it is stopped).
     async fn discovery_leave(
         &self,

@@ -23,6 +23,10 @@ use uuid::Uuid;
 use crate::engine::OBSERVER_ACTOR;
 use crate::model::{Run, Time};
 
+/// The spec field a resource opts in with. The observer reads it as it is
+/// written: it is never a pending change.
+pub const SPEC_FIELD: &str = "auto_repair";
+
 /// How the observer repairs resources that opted in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RepairPolicy {

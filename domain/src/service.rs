@@ -913,6 +913,8 @@ pub fn pending_changes(kind: Kind, r: &Resource) -> Vec<PendingChange> {
     let (changes, _) = crate::merge::field_changes(applied, &r.spec);
     changes
         .into_iter()
+        // The observer reads it as written: no run applies it.
+        .filter(|c| c.field != crate::repair::SPEC_FIELD)
         .map(|c| PendingChange {
             applied_by: kind.applied_by(&r.spec, &c.field),
             field: format!("spec.{}", c.field),

@@ -245,3 +245,62 @@ async fn auto_repair_heals_and_stops_at_a_crash_loop() {
     assert!(view["problem"].is_null(), "{view}");
     assert!(alive(view["outputs"]["instances"][1]["pid"].as_u64().unwrap()));
 }
+
+/// A service's refresh checks each instance (machine, process, directory,
+/// build, health, registry entry); `repair` starts a dead one again on its
+/// machine from the build the service runs; with `auto_repair` the
+/// observer does it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_dead_instance_is_drift_and_repair_brings_it_back() {
+    use super::services::{cluster_of_two, ok, service};
+    let app = spawn_app(Backend::Sqlite).await;
+    cluster_of_two(&app).await;
+    service(&app, "app", json!({"cluster": "c1", "image": "web", "count": 2})).await;
+    let before = ok(&app, "app", json!({"action": "start"})).await;
+    let view = refresh(&app, "service", "app").await;
+    assert_eq!(view["drift"]["status"], "in_sync", "{view}");
+
+    let gone = pids(&before)[1];
+    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
+    assert!(killed.success());
+    while alive(gone) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let view = refresh(&app, "service", "app").await;
+    assert_eq!(view["drift"]["status"], "drifted", "{view}");
+    assert_eq!(
+        view["drift"]["differences"],
+        json!([{"path": "instances[1].process", "recorded": format!("running (pid {gone})"), "actual": "gone"}])
+    );
+    assert_eq!(view["state"], "running");
+
+    let after = ok(&app, "app", json!({"action": "repair", "reason": "instance 1 died"})).await;
+    let (old, new) = (&before["outputs"]["instances"][1], &after["outputs"]["instances"][1]);
+    assert_ne!(new["pid"], old["pid"]);
+    assert_eq!((&new["machine_name"], &new["build"]), (&old["machine_name"], &old["build"]), "on its machine");
+    assert_eq!(after["outputs"]["instances"][0]["pid"], before["outputs"]["instances"][0]["pid"], "left as it ran");
+    let listed = app.get("/v1/discovery/app").await.body;
+    let ports: Vec<&Value> = listed["entries"].as_array().unwrap().iter().map(|e| &e["port"]).collect();
+    assert!(ports.contains(&&new["port"]), "the new instance is in the registry: {listed}");
+    assert_eq!(refresh(&app, "service", "app").await["drift"]["status"], "in_sync");
+
+    // Opted into auto-repair (read as written: not a pending change), the
+    // observer starts a dead instance again by itself.
+    let r = app.patch("/v1/services/app", json!({"spec": {"auto_repair": true}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["pending_changes"], json!([]), "{}", r.body);
+    let gone = pids(&after)[0];
+    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
+    assert!(killed.success());
+    let view = app
+        .get_until("/v1/services/app", |v| {
+            v["state"] == "running"
+                && v["outputs"]["instances"][0]["pid"] != json!(gone)
+                && v["observed"]["healthy"] == true
+        })
+        .await;
+    assert!(alive(view["outputs"]["instances"][0]["pid"].as_u64().unwrap()));
+    let runs = app.get("/v1/transitions?kind=service&action=repair").await.body;
+    assert_eq!(runs["items"][0]["actor"], "observer", "{runs}");
+    assert_eq!(runs["items"][0]["status"], "succeeded", "{runs}");
+}

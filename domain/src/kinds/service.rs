@@ -10,6 +10,8 @@
 //! stopped --start--> starting --ok--> running  --err--> failed
 //! pending|running|stopped|failed --destroy--> destroying --ok--> destroyed --err--> failed
 //! failed --retry--> the working state of the action that failed
+//! running|stopped --refresh--> (stays) --ok--> (stays) --err--> (stays)
+//! running --repair--> repairing --ok--> running --err--> running
 //! ```
 //!
 //! A service lives on a cluster (its *parent*: it takes the cluster's
@@ -63,6 +65,7 @@ named_enum!(State {
     Failed => "failed",
     Destroying => "destroying",
     Destroyed => "destroyed",
+    Repairing => "repairing",
 });
 
 named_enum!(Action {
@@ -75,6 +78,8 @@ named_enum!(Action {
     Stop => "stop",
     Destroy => "destroy",
     Retry => "retry",
+    Refresh => "refresh",
+    Repair => "repair",
 });
 
 /// Providers services run on: for now the local one (an aws cluster's
@@ -148,6 +153,21 @@ impl Declaration for Service {
             Action::Stop => ActionDecl::new("Stops every instance; the service stays, `stopped`.", 300),
             Action::Destroy => ActionDecl::new("Stops the instances and removes their files.", 300),
             Action::Retry => ActionDecl::new("Repeats the action that failed.", 600),
+            Action::Refresh => ActionDecl::new(
+                "Compares what runs with the record (as many instances as recorded, each on a machine that is \
+                 still there, its process alive in its own directory, on the service's build, answering its \
+                 health check and listed in the discovery registry) and records the differences as the \
+                 service's drift. Changes nothing.",
+                120,
+            )
+            .refreshing(),
+            Action::Repair => ActionDecl::new(
+                "Makes what runs match the record: instances whose process died, or whose machine went away, \
+                 start again from the build the service runs (without applying a changed spec). A repair that \
+                 cannot leaves the service running as it was, and fails saying why.",
+                600,
+            )
+            .with_settings(),
         }
     }
 
@@ -244,7 +264,14 @@ impl Declaration for Service {
                 build: params["build"].as_str().map(str::to_string),
                 ..spec.clone()
             }),
-            Action::Start | Action::Place | Action::Restart | Action::Stop | Action::Destroy | Action::Retry => None,
+            Action::Start
+            | Action::Place
+            | Action::Restart
+            | Action::Stop
+            | Action::Destroy
+            | Action::Retry
+            | Action::Refresh
+            | Action::Repair => None,
         }
     }
 
@@ -275,14 +302,19 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
         (S::Running, A::Stop) => go(S::Stopping, S::Stopped),
         (S::Pending | S::Running | S::Stopped | S::Failed, A::Destroy) => go(S::Destroying, S::Destroyed),
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
-        (S::Pending, A::Scale | A::Place | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Retry) => {
-            Err(NotAllowed)
-        }
+        // Reads only: the service stays as it is, whatever it finds.
+        (S::Running | S::Stopped, A::Refresh) => Ok(TypedStep::Go { working: state, ok: state, err: state }),
+        // A repair that cannot leaves the service running as it was.
+        (S::Running, A::Repair) => Ok(TypedStep::Go { working: S::Repairing, ok: S::Running, err: S::Running }),
+        (
+            S::Pending,
+            A::Scale | A::Place | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Retry | A::Refresh | A::Repair,
+        ) => Err(NotAllowed),
         (S::Running, A::Start | A::Retry) => Err(NotAllowed),
-        (S::Stopped, A::Scale | A::Place | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Retry) => {
+        (S::Stopped, A::Scale | A::Place | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Retry | A::Repair) => {
             Err(NotAllowed)
         }
-        (S::Failed, A::Start | A::Scale | A::Place | A::Restart | A::Stop) => Err(NotAllowed),
+        (S::Failed, A::Start | A::Scale | A::Place | A::Restart | A::Stop | A::Refresh | A::Repair) => Err(NotAllowed),
         (
             S::Starting
             | S::Scaling
@@ -292,8 +324,19 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
             | S::Restarting
             | S::Stopping
             | S::Destroying
-            | S::Destroyed,
-            A::Start | A::Scale | A::Place | A::Deploy | A::Rollback | A::Restart | A::Stop | A::Destroy | A::Retry,
+            | S::Destroyed
+            | S::Repairing,
+            A::Start
+            | A::Scale
+            | A::Place
+            | A::Deploy
+            | A::Rollback
+            | A::Restart
+            | A::Stop
+            | A::Destroy
+            | A::Retry
+            | A::Refresh
+            | A::Repair,
         ) => Err(NotAllowed),
     }
 }
@@ -364,6 +407,12 @@ pub struct Spec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 64))]
     pub max_unavailable: u32,
+    /// When an instance's process dies, drover's observer repairs the
+    /// service (starts it again) within one observation round, backing off
+    /// when repairs do not hold, and stops at a crash loop (shown in the
+    /// view).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_repair: bool,
 }
 
 /// What [`Spec::check`] asks across fields, said in the schema: `count`
@@ -689,10 +738,13 @@ mod tests {
         let start = go(S::Starting, S::Running);
         let deploy = go(S::Deploying, S::Running);
         let rollback = go(S::RollingBack, S::Running);
-        // columns: start, scale, place, deploy, rollback, restart, stop, destroy, retry
+        let stay = |s: S| Ok(TypedStep::Go { working: s, ok: s, err: s });
+        let repair = Ok(TypedStep::Go { working: S::Repairing, ok: S::Running, err: S::Running });
+        // columns: start, scale, place, deploy, rollback, restart, stop,
+        // destroy, retry, refresh, repair
         let expected = [
-            (S::Pending, [start, no, no, no, no, no, no, destroy, no]),
-            (S::Starting, [no; 9]),
+            (S::Pending, [start, no, no, no, no, no, no, destroy, no, no, no]),
+            (S::Starting, [no; 11]),
             (
                 S::Running,
                 [
@@ -705,22 +757,37 @@ mod tests {
                     go(S::Stopping, S::Stopped),
                     destroy,
                     no,
+                    stay(S::Running),
+                    repair,
                 ],
             ),
-            (S::Scaling, [no; 9]),
-            (S::Placing, [no; 9]),
-            (S::Deploying, [no; 9]),
-            (S::RollingBack, [no; 9]),
-            (S::Restarting, [no; 9]),
-            (S::Stopping, [no; 9]),
-            (S::Stopped, [start, no, no, no, no, no, no, destroy, no]),
-            (S::Failed, [no, no, no, deploy, rollback, no, no, destroy, Ok(TypedStep::Retry)]),
-            (S::Destroying, [no; 9]),
-            (S::Destroyed, [no; 9]),
+            (S::Scaling, [no; 11]),
+            (S::Placing, [no; 11]),
+            (S::Deploying, [no; 11]),
+            (S::RollingBack, [no; 11]),
+            (S::Restarting, [no; 11]),
+            (S::Stopping, [no; 11]),
+            (S::Stopped, [start, no, no, no, no, no, no, destroy, no, stay(S::Stopped), no]),
+            (S::Failed, [no, no, no, deploy, rollback, no, no, destroy, Ok(TypedStep::Retry), no, no]),
+            (S::Destroying, [no; 11]),
+            (S::Destroyed, [no; 11]),
+            (S::Repairing, [no; 11]),
         ];
         assert_eq!(expected.len(), State::ALL.len());
-        assert_eq!(Action::ALL.len(), 9);
-        let actions = [A::Start, A::Scale, A::Place, A::Deploy, A::Rollback, A::Restart, A::Stop, A::Destroy, A::Retry];
+        assert_eq!(Action::ALL.len(), 11);
+        let actions = [
+            A::Start,
+            A::Scale,
+            A::Place,
+            A::Deploy,
+            A::Rollback,
+            A::Restart,
+            A::Stop,
+            A::Destroy,
+            A::Retry,
+            A::Refresh,
+            A::Repair,
+        ];
         for (state, row) in expected {
             for (action, want) in actions.into_iter().zip(row) {
                 assert_eq!(next(state, action), want, "{state:?} --{action:?}-->");

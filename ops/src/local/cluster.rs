@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::image::io;
-use super::process::{alive, check, free_port, probe, spawn_group, stop_group, wait_healthy, Checked, Probe};
+use super::process::{alive, check, free_port, look_at, spawn_group, stop_group, wait_healthy, Probe};
 use super::state;
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -175,26 +175,7 @@ impl LocalClusters {
                 continue;
             }
             report.same();
-            match (&i.image_dir, std::fs::read_link(format!("/proc/{}/cwd", i.pid))) {
-                (Some(dir), Ok(cwd)) if &cwd == dir => report.same(),
-                (Some(dir), Ok(cwd)) => report.differs(Difference::new(
-                    format!("{at}.build"),
-                    dir.display().to_string(),
-                    cwd.display().to_string(),
-                )),
-                (Some(_), Err(e)) => {
-                    report.cannot_check(format!("{at}.build"), format!("its directory cannot be read: {e}"))
-                }
-                (None, _) => report.cannot_check(format!("{at}.build"), "it started before drover recorded builds"),
-            }
-            match probe(i.port, path).await {
-                Checked::Healthy => report.same(),
-                Checked::Failing(why) => report.differs(Difference::new(format!("{at}.health"), "answering", why)),
-                Checked::NoAnswer => report.cannot_check(
-                    format!("{at}.health"),
-                    format!("no answer within {}s", super::process::CHECK_TIMEOUT.as_secs()),
-                ),
-            }
+            look_at(&mut report, &at, i.pid, i.image_dir.as_deref(), "build", i.port, path).await;
         }
         Ok(report.told(ctx).await)
     }

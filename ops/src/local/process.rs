@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
 
+use drover_domain::drift::{Difference, Report};
 use drover_domain::ports::{ProviderError, RunContext};
 
 use super::image::io;
@@ -152,6 +153,47 @@ pub async fn check(port: u16, http_path: Option<&str>) -> Option<String> {
         Checked::Healthy => None,
         Checked::Failing(why) => Some(why),
         Checked::NoAnswer => Some(format!("no answer within {}s", CHECK_TIMEOUT.as_secs())),
+    }
+}
+
+/// A refresh's look at a live process: that it runs in `dir` (reported as
+/// `{at}.{dir_path}`; `None`: not on record, so not checked) and answers
+/// its health check (`{at}.health`: an answer that is not healthy is a
+/// difference, no answer in time is not checked). Whether it answered.
+pub async fn look_at(
+    report: &mut Report,
+    at: &str,
+    pid: u32,
+    dir: Option<&Path>,
+    dir_path: &str,
+    port: u16,
+    http_path: Option<&str>,
+) -> bool {
+    match (dir, std::fs::read_link(format!("/proc/{pid}/cwd"))) {
+        (Some(dir), Ok(cwd)) if cwd == dir => report.same(),
+        (Some(dir), Ok(cwd)) => report.differs(Difference::new(
+            format!("{at}.{dir_path}"),
+            dir.display().to_string(),
+            cwd.display().to_string(),
+        )),
+        (Some(_), Err(e)) => {
+            report.cannot_check(format!("{at}.{dir_path}"), format!("its directory cannot be read: {e}"))
+        }
+        (None, _) => report.cannot_check(format!("{at}.{dir_path}"), "it started before drover recorded builds"),
+    }
+    match probe(port, http_path).await {
+        Checked::Healthy => {
+            report.same();
+            true
+        }
+        Checked::Failing(why) => {
+            report.differs(Difference::new(format!("{at}.health"), "answering", why));
+            false
+        }
+        Checked::NoAnswer => {
+            report.cannot_check(format!("{at}.health"), format!("no answer within {}s", CHECK_TIMEOUT.as_secs()));
+            false
+        }
     }
 }
 

@@ -35,6 +35,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use drover_domain::discovery::{NewEntry, Presence, Scheme};
+use drover_domain::drift::{Difference, Report};
 use drover_domain::kinds::cluster::{self, HealthCheck};
 use drover_domain::kinds::image;
 use drover_domain::kinds::service::{matches, Spec};
@@ -46,7 +47,7 @@ use uuid::Uuid;
 
 use super::cluster::{machine_dir, machines, Machine, PROCESS};
 use super::image::io;
-use super::process::{alive, check, free_port, spawn_group, stop_group, wait_healthy, Probe};
+use super::process::{alive, check, free_port, look_at, spawn_group, stop_group, wait_healthy, Probe};
 use super::state;
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -343,6 +344,8 @@ impl LocalServices {
         let mut site = self.site(job, spec)?;
         let mut state = self.load(r)?;
         state.site = Some(site.at.clone());
+        // What ran, dead or alive (a repair starts that again).
+        let ran = state.instances.iter().filter(|i| i.alive()).chain(&state.instances).find_map(Instance::source);
         let wanted = Self::wanted(spec, &mut site, &state, count);
         let moved = self.prune(ctx, r, &mut state, &site, &wanted, spec.global).await?;
         for i in &state.instances {
@@ -361,6 +364,8 @@ impl LocalServices {
         // the spec); a newer build of the image waits for a deploy.
         let running = match job.action.as_str() {
             "scale" => state.instances.iter().find(|i| i.alive()).and_then(Instance::source),
+            // Nor does a repair: what ran starts again.
+            "repair" => ran,
             _ => None,
         };
         let last = job.resource.outputs["build"].as_str().filter(|_| {
@@ -417,12 +422,16 @@ impl LocalServices {
         let machine = match (spec.global, old) {
             (true, _) => site.assigned.get(&index),
             (false, Some(old)) => site.eligible.iter().find(|m| old.on(m)),
-            (false, None) => site
-                .eligible
-                .iter()
-                .enumerate()
-                .min_by_key(|(n, m)| (state.instances.iter().filter(|i| i.on(m) && i.alive()).count(), *n))
-                .map(|(_, m)| m),
+            // One whose process died goes back on its machine if it is there.
+            (false, None) => {
+                moved.and_then(|(from, _)| site.eligible.iter().find(|m| &m.name() == from)).or_else(|| {
+                    site.eligible
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(n, m)| (state.instances.iter().filter(|i| i.on(m) && i.alive()).count(), *n))
+                        .map(|(_, m)| m)
+                })
+            }
         }
         .cloned()
         .ok_or_else(|| ProviderError::fatal("no_machine", format!("no machine for instance {index}")))?;
@@ -751,6 +760,57 @@ impl LocalServices {
         Ok(())
     }
 
+    /// Compares what runs with the record: as many instances as the
+    /// service's state says (the count it last reached when running, none
+    /// when stopped), each on a machine that is still there, its process
+    /// alive in its own directory, on the service's build (unless a rolling
+    /// plan is under way), answering its health check and, when healthy,
+    /// listed in the discovery registry. Changes nothing.
+    async fn refresh(&self, ctx: &dyn RunContext, r: &Resource, spec: &Spec) -> Result<Value, ProviderError> {
+        let state = self.load(r)?;
+        let mut report = Report::default();
+        let running = r.state == "running";
+        let expected = if running { r.outputs["count"].as_u64().unwrap_or(0) as usize } else { 0 };
+        match state.instances.len() {
+            n if n == expected => report.same(),
+            n => report.differs(Difference::new("count", expected, n)),
+        }
+        let listed = if running { ctx.discovery_listed(r.id).await? } else { None };
+        let build = r.outputs["build"].as_str().filter(|_| state.plan.is_none());
+        for i in &state.instances {
+            ctx.check_cancel()?;
+            let at = format!("instances[{}]", i.index);
+            if !alive(i.machine_pid, i.machine_ticks) {
+                let machine = format!("machine {} running", i.machine_label());
+                report.differs(Difference::new(format!("{at}.machine"), machine, "gone"));
+                continue;
+            }
+            report.same();
+            if !i.alive() {
+                report.differs(Difference::new(format!("{at}.process"), format!("running (pid {})", i.pid), "gone"));
+                continue;
+            }
+            report.same();
+            if let Some(build) = build {
+                match i.build.as_deref() {
+                    Some(b) if b == build => report.same(),
+                    other => report.differs(Difference::new(format!("{at}.build"), build, other.unwrap_or("unknown"))),
+                }
+            }
+            let healthy = look_at(&mut report, &at, i.pid, Some(&i.dir), "directory", i.port, health_path(spec)).await;
+            match &listed {
+                Some(listed) if healthy && listed.contains(&i.id()) => report.same(),
+                Some(_) if healthy => report.differs(Difference::new(
+                    format!("{at}.registry"),
+                    format!("listed as {}", i.id()),
+                    "not listed",
+                )),
+                _ => {}
+            }
+        }
+        Ok(report.told(ctx).await)
+    }
+
     /// Takes an instance out of the discovery registry, then stops it and
     /// removes its directory.
     async fn stop_instance(
@@ -943,6 +1003,12 @@ impl Provider for LocalServices {
                 self.ensure(ctx, job, &spec, count.or(spec.count)).await
             }
             "deploy" | "rollback" | "restart" => self.roll(ctx, job, &spec).await,
+            "refresh" => self.refresh(ctx, &job.resource, &spec).await,
+            // As many as it last had (a changed count waits for a scale).
+            "repair" => {
+                let count = job.resource.outputs["count"].as_u64().map(|c| c as u32);
+                self.ensure(ctx, job, &spec, count.or(spec.count)).await
+            }
             "stop" => {
                 self.stop_all(ctx, &job.resource, "the service is stopping").await?;
                 // What ran stays on record: the next start runs it again.
@@ -961,6 +1027,10 @@ impl Provider for LocalServices {
     }
 
     fn observes(&self) -> bool {
+        true
+    }
+
+    fn refreshes(&self) -> bool {
         true
     }
 
@@ -1008,7 +1078,18 @@ impl Provider for LocalServices {
             true => format!("{} instance(s) healthy", instances.len()),
             false => format!("{} problem(s): {}", problems.len(), problems.join("; ")),
         };
-        let seen = json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances });
+        let mut seen = json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances });
+        // What a repair would fix: a process gone on a machine still there
+        // (a machine gone is placement's, asked for above).
+        let gone: Vec<String> = state
+            .instances
+            .iter()
+            .filter(|i| !i.alive() && alive(i.machine_pid, i.machine_ticks))
+            .map(|i| format!("instance {} (pid {})", i.index, i.pid))
+            .collect();
+        if !gone.is_empty() {
+            seen["needs_repair"] = json!(format!("process gone: {}", gone.join(", ")));
+        }
         (Some(seen), Some(presence))
     }
 }
