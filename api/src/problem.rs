@@ -186,6 +186,9 @@ impl From<Error> for Problem {
             e @ Error::NothingToRetry { .. } => {
                 Problem::new(S::CONFLICT, "nothing-to-retry", "Nothing to retry", e.to_string())
             }
+            e @ Error::NothingToAdopt { .. } => {
+                Problem::new(S::CONFLICT, "nothing-to-adopt", "Nothing to adopt", e.to_string())
+            }
             e @ Error::AlreadyEnded { .. } => {
                 Problem::new(S::CONFLICT, "transition-ended", "The transition already ended", e.to_string())
             }

@@ -45,11 +45,23 @@ pub struct Difference {
     pub path: String,
     pub recorded: Value,
     pub actual: Value,
+    /// How the record would take this reality in, if it can: a merge
+    /// patch of the spec (`{"count": 2}`), what `adopt` applies. Absent
+    /// where the record cannot say it (a process gone is not a value of
+    /// a spec; `repair` is the way out there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt: Option<Value>,
 }
 
 impl Difference {
     pub fn new(path: impl Into<String>, recorded: impl Into<Value>, actual: impl Into<Value>) -> Difference {
-        Difference { path: path.into(), recorded: recorded.into(), actual: actual.into() }
+        Difference { path: path.into(), recorded: recorded.into(), actual: actual.into(), adopt: None }
+    }
+
+    /// This difference can be adopted by merging `patch` into the spec.
+    pub fn adoptable(mut self, patch: Value) -> Difference {
+        self.adopt = Some(patch);
+        self
     }
 
     /// `instances[1].process: recorded "running (pid 7)", actually "gone"`.
@@ -126,6 +138,43 @@ impl Report {
     }
 }
 
+/// How long after its refresh a drift may be adopted: reality is looked at
+/// again by the provider when it adopts, but a finding this old is no
+/// ground for a new spec version.
+pub const ADOPT_WITHIN: chrono::Duration = chrono::Duration::hours(1);
+
+/// What `adopt` takes into the record, from the resource's last drift: the
+/// run's parameters, `{"spec": PATCH, "refresh": RUN, "differences":
+/// [PATH…]}` (the merged patches of every difference, recorded in the
+/// ledger with the run). Refused, naming why, when there is nothing to
+/// adopt, the finding is too old, or a difference cannot be adopted
+/// (then `repair`, or a change of the spec, is the way).
+pub fn adoption(drift: Option<&Value>, now: Time) -> Result<Value, String> {
+    let Some(drift) = drift else {
+        return Err("nothing to adopt: no refresh has looked at it yet (refresh first)".into());
+    };
+    let drift: Drift = serde_json::from_value(drift.clone()).map_err(|e| format!("its drift cannot be read: {e}"))?;
+    if drift.status != Status::Drifted {
+        return Err(format!("nothing to adopt: the last refresh found it {}", drift.status.as_str()));
+    }
+    if now - drift.checked_at > ADOPT_WITHIN {
+        return Err(format!("the last refresh is older than an hour ({}): refresh again first", drift.checked_at));
+    }
+    let refused: Vec<String> = drift.differences.iter().filter(|d| d.adopt.is_none()).map(|d| d.path.clone()).collect();
+    if !refused.is_empty() {
+        return Err(format!(
+            "{} cannot be taken into the record (no spec field says it): repair instead",
+            refused.join(", ")
+        ));
+    }
+    let mut patch = serde_json::json!({});
+    for d in &drift.differences {
+        crate::merge::apply(&mut patch, d.adopt.as_ref().expect("checked above"));
+    }
+    let paths: Vec<&str> = drift.differences.iter().map(|d| d.path.as_str()).collect();
+    Ok(serde_json::json!({ "spec": patch, "refresh": drift.run, "differences": paths }))
+}
+
 /// A resource's drift as last refreshed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Drift {
@@ -169,6 +218,26 @@ mod tests {
         let s = r.summary();
         assert!(s.starts_with("drifted: instances[1].process: recorded \"alive (pid 7)\", actually \"gone\""), "{s}");
         assert!(s.contains("instances[0].health: not checked (the probe timed out after 2s)"), "{s}");
+    }
+
+    #[test]
+    fn only_what_a_spec_can_say_is_adopted() {
+        let now = chrono::Utc::now();
+        let drift = |r: Report| serde_json::to_value(Drift::of(r, Uuid::nil(), now)).unwrap();
+        assert!(adoption(None, now).unwrap_err().contains("refresh first"));
+        let mut r = Report::default();
+        r.same();
+        assert!(adoption(Some(&drift(r.clone())), now).unwrap_err().contains("found it in_sync"));
+        r.differs(Difference::new("group.desired_capacity", 1, 2).adoptable(serde_json::json!({"count": 2})));
+        r.differs(Difference::new("group.instances", 1, 2).adoptable(serde_json::json!({"count": 2})));
+        let p = adoption(Some(&drift(r.clone())), now).unwrap();
+        assert_eq!(p["spec"], serde_json::json!({"count": 2}));
+        assert_eq!(p["differences"], serde_json::json!(["group.desired_capacity", "group.instances"]));
+        let old = Drift::of(r.clone(), Uuid::nil(), now - chrono::Duration::hours(2));
+        assert!(adoption(Some(&serde_json::to_value(old).unwrap()), now).unwrap_err().contains("refresh again"));
+        r.differs(Difference::new("instances[0].health", "answering", "GET / answered 500"));
+        let e = adoption(Some(&drift(r)), now).unwrap_err();
+        assert_eq!(e, "instances[0].health cannot be taken into the record (no spec field says it): repair instead");
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub enum Error {
     #[error("{kind} {name} has no failed transition to retry")]
     NothingToRetry { kind: &'static str, name: String },
 
+    /// `adopt` found nothing it may take into the record: why.
+    #[error("cannot adopt what {kind} {name} runs: {why}")]
+    NothingToAdopt { kind: &'static str, name: String, why: String },
+
     #[error("transition {run} already ended {status}")]
     AlreadyEnded { run: Uuid, status: &'static str },
 

@@ -612,7 +612,10 @@ impl Service {
         let (action, params, working, ok, err, parent) = match kind.next(&resource.state, &req.action)? {
             Step::Go { working, ok, err } => {
                 let params = kind.validate_params(&req.action, &req.params)?;
-                let params = kind.complete_params(&resource.spec, &resource.outputs, &req.action, params)?;
+                let params = match kind.adopts(&req.action) {
+                    true => adoption(kind, &resource)?,
+                    false => kind.complete_params(&resource.spec, &resource.outputs, &req.action, params)?,
+                };
                 (req.action.clone(), params, working.to_string(), ok.to_string(), err.to_string(), req.parent)
             }
             Step::Retry => {
@@ -898,6 +901,20 @@ fn check_reason(reason: Option<&str>) -> Result<()> {
         Some(r) if r.chars().count() > 2000 => Err(Error::invalid("reason", "at most 2000 characters")),
         _ => Ok(()),
     }
+}
+
+/// What an `adopt` takes into the record ([`crate::drift::adoption`]),
+/// as long as the spec it leaves is one a request could write.
+fn adoption(kind: Kind, resource: &Resource) -> Result<Value> {
+    let refused = |why: String| Error::NothingToAdopt { kind: kind.as_str(), name: resource.name.clone(), why };
+    let params = crate::drift::adoption(resource.drift.as_ref(), Utc::now()).map_err(refused)?;
+    let mut after = resource.spec.clone();
+    crate::merge::apply(&mut after, &params["spec"]);
+    if let Err(Error::Invalid(fields)) = kind.validate_spec(&after) {
+        let said: Vec<String> = fields.iter().map(|f| format!("{} {}", f.field, f.message)).collect();
+        return Err(refused(format!("the spec would not be valid ({}): repair instead", said.join("; "))));
+    }
+    Ok(params)
 }
 
 /// The fields whose spec differs from what runs, on a live resource that

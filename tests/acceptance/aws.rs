@@ -1052,9 +1052,52 @@ async fn aws_refresh_names_what_changed_behind_drovers_back() {
     let view = refresh("cluster", name.clone()).await;
     assert_eq!(view["drift"]["status"], "drifted", "{view}");
     let differences = view["drift"]["differences"].as_array().unwrap();
-    assert!(differences.contains(&json!({"path": "group.desired_capacity", "recorded": 1, "actual": 2})), "{view}");
+    let resized = json!({"path": "group.desired_capacity", "recorded": 1, "actual": 2, "adopt": {"count": 2}});
+    assert!(differences.contains(&resized), "{view}");
     assert_eq!(view["state"], "up");
     assert_eq!(view["spec"]["count"], 1, "a refresh adopts nothing");
+
+    // Adopted: the record says two, as a new spec version, and the stack's
+    // parameters too.
+    let run = app.run("cluster", &name, json!({"action": "adopt", "reason": "two it is"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["params"]["spec"], json!({"count": 2}), "{run}");
+    let view = refresh("cluster", name.clone()).await;
+    assert_eq!((&view["spec"]["count"], &view["outputs"]["count"]), (&json!(2), &json!(2)), "{view}");
+    assert_eq!(view["pending_changes"], json!([]), "{view}");
+    assert_eq!(view["drift"]["differences"], json!([]), "{view}");
+    let stack = view["outputs"]["stack_name"].as_str().unwrap();
+    let described = aws.clients.cloudformation().await.describe_stacks().stack_name(stack).send().await.unwrap();
+    let count = described.stacks()[0].parameters().iter().find(|p| p.parameter_key() == Some("Count")).cloned();
+    assert_eq!(count.and_then(|p| p.parameter_value().map(str::to_string)).as_deref(), Some("2"));
+
+    // Shrunk by hand: a repair puts the recorded capacity back. (moto
+    // makes a new group on a stack update: ask the stack for its name.)
+    let group = view["outputs"]["stack_outputs"]["AutoScalingGroupName"].as_str().unwrap().to_string();
+    aws.clients
+        .autoscaling()
+        .await
+        .update_auto_scaling_group()
+        .auto_scaling_group_name(&group)
+        .min_size(1)
+        .desired_capacity(1)
+        .send()
+        .await
+        .unwrap();
+    let view = refresh("cluster", name.clone()).await;
+    let differences = view["drift"]["differences"].as_array().unwrap();
+    assert!(
+        differences.contains(&json!({"path": "group.desired_capacity", "recorded": 2, "actual": 1,
+        "adopt": {"count": 1}})),
+        "{view}"
+    );
+    let run = app.run("cluster", &name, json!({"action": "repair", "reason": "put it back"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let view = refresh("cluster", name.clone()).await;
+    assert_eq!(view["drift"]["differences"], json!([]), "{view}");
+    assert_eq!(view["spec"]["count"], 2);
+    let events = app.get(&format!("/v1/transitions/{}/events", run["id"].as_str().unwrap())).await.body;
+    assert!(events.to_string().contains("desired capacity 1 set to 2"), "{events}");
 
     // The image's AMI deregistered by someone's clean-up script.
     let ami = image["outputs"]["ami_id"].as_str().unwrap().to_string();

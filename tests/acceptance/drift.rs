@@ -47,7 +47,8 @@ async fn a_killed_instance_is_drift_and_repair_starts_it_again() {
     assert_eq!(view["drift"]["status"], "drifted", "{view}");
     assert_eq!(
         view["drift"]["differences"],
-        json!([{"path": "instances[1].process", "recorded": format!("running (pid {gone})"), "actual": "gone"}])
+        json!([{"path": "instances[1].process", "recorded": format!("running (pid {gone})"), "actual": "gone",
+            "adopt": {"count": 1}}])
     );
     assert_eq!(view["state"], "up", "a refresh does not change the state");
     let text = app.get_text("/v1/clusters/web-qa", "text/plain").await;
@@ -303,4 +304,79 @@ async fn a_services_dead_instance_is_drift_and_repair_brings_it_back() {
     let runs = app.get("/v1/transitions?kind=service&action=repair").await.body;
     assert_eq!(runs["items"][0]["actor"], "observer", "{runs}");
     assert_eq!(runs["items"][0]["status"], "succeeded", "{runs}");
+}
+
+/// `adopt` takes what the refresh found into the record as a new spec
+/// version: a local cluster whose instance died by hand (on purpose) has
+/// the instances that run; what no spec field can say is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopt_takes_reality_into_the_record() {
+    let app = spawn_app(Backend::Sqlite).await;
+    create_image(&app, "web", "echo adopt > index.html").await;
+    assert_eq!(app.run("image", "web", json!({"action": "build"})).await["status"], "succeeded");
+    let r = app.post("/v1/clusters", json!({"name": "three", "spec": {"image": "web", "count": 3}})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(app.run("cluster", "three", json!({"action": "create"})).await["status"], "succeeded");
+    let before = app.get("/v1/clusters/three").await.body;
+
+    // Nothing to adopt before a refresh, nor when in sync.
+    let adopt = json!({"action": "adopt", "reason": "we run two now"});
+    let r = app.post("/v1/clusters/three/transitions", adopt.clone()).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("refresh first"), "{}", r.body);
+    assert_eq!(refresh(&app, "cluster", "three").await["drift"]["status"], "in_sync");
+    let r = app.post("/v1/clusters/three/transitions", adopt.clone()).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("found it in_sync"), "{}", r.body);
+
+    let gone = pids(&before)[1];
+    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
+    assert!(killed.success());
+    while alive(gone) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let view = refresh(&app, "cluster", "three").await;
+    assert_eq!(view["drift"]["differences"][0]["adopt"], json!({"count": 2}), "{view}");
+
+    let run = app.run("cluster", "three", adopt.clone()).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["params"]["spec"], json!({"count": 2}), "the ledger says what was adopted: {run}");
+    assert_eq!(run["params"]["refresh"], view["drift"]["run"]);
+    assert_eq!(run["params"]["differences"], json!(["instances[1].process"]));
+    let after = app.get("/v1/clusters/three").await.body;
+    assert_eq!(after["spec"]["count"], 2);
+    assert_eq!(after["spec_version"], before["spec_version"].as_i64().unwrap() + 1, "a new spec version");
+    assert_eq!(after["pending_changes"], json!([]), "{after}");
+    let indexes: Vec<&Value> = after["outputs"]["instances"].as_array().unwrap().iter().map(|i| &i["index"]).collect();
+    assert_eq!(indexes, [&json!(0), &json!(2)], "the others run on as they were");
+    assert_eq!(pids(&after), [pids(&before)[0], pids(&before)[2]]);
+    assert_eq!(refresh(&app, "cluster", "three").await["drift"]["status"], "in_sync");
+
+    // A later scale fills the gap and leaves the others alone.
+    let run = app.run("cluster", "three", json!({"action": "scale", "params": {"count": 3}})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let scaled = app.get("/v1/clusters/three").await.body;
+    let indexes: Vec<u64> =
+        scaled["outputs"]["instances"].as_array().unwrap().iter().map(|i| i["index"].as_u64().unwrap()).collect();
+    assert_eq!(indexes, [0, 1, 2]);
+    assert_eq!((pids(&scaled)[0], pids(&scaled)[2]), (pids(&before)[0], pids(&before)[2]));
+
+    // Reality that moved since the refresh is not adopted.
+    let gone = pids(&scaled)[2];
+    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
+    assert!(killed.success());
+    while alive(gone) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    refresh(&app, "cluster", "three").await;
+    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{}", pids(&scaled)[1])]).status();
+    assert!(killed.unwrap().success());
+    while alive(pids(&scaled)[1]) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let run = app.run("cluster", "three", adopt).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["error"]["code"], "reality_moved", "{run}");
+    let view = app.get("/v1/clusters/three").await.body;
+    assert_eq!((&view["state"], &view["spec"]["count"]), (&json!("up"), &json!(3)), "nothing changed: {view}");
 }

@@ -411,7 +411,19 @@ async fn the_api_describes_itself() {
         request.as_array().unwrap().iter().map(|b| b["properties"]["action"]["const"].clone()).collect();
     assert_eq!(
         actions,
-        ["create", "scale", "add-instances", "initialize", "stop", "start", "destroy", "retry", "refresh", "repair"]
+        [
+            "create",
+            "scale",
+            "add-instances",
+            "initialize",
+            "stop",
+            "start",
+            "destroy",
+            "retry",
+            "refresh",
+            "repair",
+            "adopt"
+        ]
     );
     assert_eq!(request[1]["properties"]["params"]["properties"]["count"]["minimum"], 1);
     assert_eq!(

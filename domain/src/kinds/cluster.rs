@@ -50,6 +50,7 @@ named_enum!(State {
     Destroying => "destroying",
     Destroyed => "destroyed",
     Repairing => "repairing",
+    Adopting => "adopting",
 });
 
 named_enum!(Action {
@@ -63,6 +64,7 @@ named_enum!(Action {
     Retry => "retry",
     Refresh => "refresh",
     Repair => "repair",
+    Adopt => "adopt",
 });
 
 impl Declaration for Cluster {
@@ -113,11 +115,23 @@ impl Declaration for Cluster {
             )
             .refreshing(),
             Action::Repair => ActionDecl::new(
-                "Makes what runs match the record: instances that died are started again from the build they \
-                 ran, on the port they had.",
+                "Makes what runs match the record: local instances that died are started again from the build \
+                 they ran, on the port they had; on aws the stack is sent again as it last ran (its applied \
+                 spec, AMI and count) and the group's desired capacity set back if it was changed by hand.",
                 600,
             )
             .with_settings(),
+            Action::Adopt => ActionDecl::new(
+                "Takes what the last refresh found into the record, as a new spec version: the count the \
+                 cluster really has (an auto-scaling group resized by hand; local instances that died, \
+                 forgotten). Refused (409) when the refresh found nothing, is over an hour old, or found \
+                 something no spec field can say (then repair). Reality is looked at again first: if it moved \
+                 since the refresh, the adopt fails and changes nothing.",
+                600,
+            )
+            .with_settings()
+            .changing_spec(&["count"])
+            .adopting(),
         }
     }
 
@@ -165,9 +179,10 @@ impl Declaration for Cluster {
     }
 
     /// Locally, a scale starts or stops instances and leaves the others as
-    /// they run; on `aws` it sends the whole rendered stack.
-    fn applies_whole(spec: &Spec, _action: Action) -> bool {
-        spec.provider == "aws"
+    /// they run; on `aws` it sends the whole rendered stack — but an adopt
+    /// sends the stack as it last ran, with only the count changed.
+    fn applies_whole(spec: &Spec, action: Action) -> bool {
+        spec.provider == "aws" && action != Action::Adopt
     }
 
     fn environment(spec: &Spec) -> Option<String> {
@@ -207,15 +222,25 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
         // A repair that cannot bring an instance back leaves the cluster
         // up, as it was (its other instances run): the failed run says why.
         (S::Up, A::Repair) => Ok(TypedStep::Go { working: S::Repairing, ok: S::Up, err: S::Up }),
+        // An adopt that finds reality moved changes nothing.
+        (S::Up, A::Adopt) => Ok(TypedStep::Go { working: S::Adopting, ok: S::Up, err: S::Up }),
         (S::Pending, A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Start | A::Retry) => Err(NotAllowed),
-        (S::Pending | S::Failed, A::Refresh | A::Repair) => Err(NotAllowed),
+        (S::Pending | S::Failed, A::Refresh | A::Repair | A::Adopt) => Err(NotAllowed),
         (S::Up, A::Create | A::Start | A::Retry) => Err(NotAllowed),
-        (S::Down, A::Create | A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Retry | A::Repair) => {
-            Err(NotAllowed)
-        }
+        (
+            S::Down,
+            A::Create | A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Retry | A::Repair | A::Adopt,
+        ) => Err(NotAllowed),
         (S::Failed, A::Create | A::Scale | A::AddInstances | A::Initialize | A::Stop | A::Start) => Err(NotAllowed),
         (
-            S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying | S::Destroyed | S::Repairing,
+            S::Creating
+            | S::Scaling
+            | S::Stopping
+            | S::Starting
+            | S::Destroying
+            | S::Destroyed
+            | S::Repairing
+            | S::Adopting,
             A::Create
             | A::Scale
             | A::AddInstances
@@ -225,7 +250,8 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
             | A::Destroy
             | A::Retry
             | A::Refresh
-            | A::Repair,
+            | A::Repair
+            | A::Adopt,
         ) => Err(NotAllowed),
     }
 }
@@ -519,6 +545,8 @@ impl Spec {
             Action::Scale => Some(n("count").unwrap_or(self.count)),
             Action::AddInstances => Some(self.count.saturating_add(n("n").unwrap_or(0))),
             Action::Stop => Some(0),
+            // What the refresh found, taken into the record.
+            Action::Adopt => Some(params["spec"]["count"].as_u64().map(|c| c as u32).unwrap_or(self.count)),
             Action::Initialize | Action::Destroy | Action::Retry | Action::Refresh | Action::Repair => None,
         }
     }
@@ -568,7 +596,8 @@ fn dependencies(spec: &Spec, action: Action) -> Vec<Dependency> {
 fn spec_after_success(spec: &Spec, action: Action, params: &Value) -> Option<Spec> {
     let count = spec.target_count(action.as_str(), params)?;
     match action {
-        Action::Scale | Action::AddInstances => Some(Spec { count, ..spec.clone() }),
+        // (An adopt's spec is the generic merge of its patch: never here.)
+        Action::Scale | Action::AddInstances | Action::Adopt => Some(Spec { count, ..spec.clone() }),
         Action::Create
         | Action::Initialize
         | Action::Stop
@@ -597,11 +626,12 @@ mod tests {
         let destroy = go(S::Destroying, S::Destroyed);
         let init = Ok(TypedStep::Go { working: S::Up, ok: S::Up, err: S::Up });
         let stay = |s: S| Ok(TypedStep::Go { working: s, ok: s, err: s });
+        let up = |w: S| Ok(TypedStep::Go { working: w, ok: S::Up, err: S::Up });
         // columns: create, scale, add-instances, initialize, stop, start,
-        // destroy, retry, refresh, repair
+        // destroy, retry, refresh, repair, adopt
         let expected = [
-            (S::Pending, [go(S::Creating, S::Up), no, no, no, no, no, destroy, no, no, no]),
-            (S::Creating, [no; 10]),
+            (S::Pending, [go(S::Creating, S::Up), no, no, no, no, no, destroy, no, no, no, no]),
+            (S::Creating, [no; 11]),
             (
                 S::Up,
                 [
@@ -614,20 +644,22 @@ mod tests {
                     destroy,
                     no,
                     stay(S::Up),
-                    Ok(TypedStep::Go { working: S::Repairing, ok: S::Up, err: S::Up }),
+                    up(S::Repairing),
+                    up(S::Adopting),
                 ],
             ),
-            (S::Scaling, [no; 10]),
-            (S::Stopping, [no; 10]),
-            (S::Down, [no, no, no, no, no, go(S::Starting, S::Up), destroy, no, stay(S::Down), no]),
-            (S::Starting, [no; 10]),
-            (S::Failed, [no, no, no, no, no, no, destroy, Ok(TypedStep::Retry), no, no]),
-            (S::Destroying, [no; 10]),
-            (S::Destroyed, [no; 10]),
-            (S::Repairing, [no; 10]),
+            (S::Scaling, [no; 11]),
+            (S::Stopping, [no; 11]),
+            (S::Down, [no, no, no, no, no, go(S::Starting, S::Up), destroy, no, stay(S::Down), no, no]),
+            (S::Starting, [no; 11]),
+            (S::Failed, [no, no, no, no, no, no, destroy, Ok(TypedStep::Retry), no, no, no]),
+            (S::Destroying, [no; 11]),
+            (S::Destroyed, [no; 11]),
+            (S::Repairing, [no; 11]),
+            (S::Adopting, [no; 11]),
         ];
         assert_eq!(expected.len(), State::ALL.len());
-        assert_eq!(Action::ALL.len(), 10);
+        assert_eq!(Action::ALL.len(), 11);
         let actions = [
             A::Create,
             A::Scale,
@@ -639,6 +671,7 @@ mod tests {
             A::Retry,
             A::Refresh,
             A::Repair,
+            A::Adopt,
         ];
         for (state, row) in expected {
             for (action, want) in actions.into_iter().zip(row) {
@@ -652,8 +685,10 @@ mod tests {
         // Every state but `destroyed` has a way out that ends in `destroyed`.
         for &s in State::ALL {
             let exits: Vec<_> = Action::ALL.iter().filter(|&&a| next(s, a).is_ok()).collect();
-            let working =
-                matches!(s, S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying | S::Repairing);
+            let working = matches!(
+                s,
+                S::Creating | S::Scaling | S::Stopping | S::Starting | S::Destroying | S::Repairing | S::Adopting
+            );
             assert_eq!(exits.is_empty(), working || s == S::Destroyed, "{s:?}: {exits:?}");
         }
     }

@@ -269,6 +269,10 @@ pub struct ActionDecl {
     /// A refresh: it reads the real thing and changes nothing; its success
     /// is the resource's drift ([`crate::drift`]), not its outputs.
     pub refreshes: bool,
+    /// An adopt: it takes what the last refresh found into the record; its
+    /// parameters are the spec patch ([`crate::drift::adoption`]), merged
+    /// into the spec on success as a new spec version.
+    pub adopts: bool,
 }
 
 impl ActionDecl {
@@ -282,7 +286,14 @@ impl ActionDecl {
             sets: &[],
             applies_spec: false,
             refreshes: false,
+            adopts: false,
         }
+    }
+
+    /// An adopt (see [`ActionDecl::adopts`]).
+    pub const fn adopting(mut self) -> ActionDecl {
+        self.adopts = true;
+        self
     }
 
     /// A refresh (see [`ActionDecl::refreshes`]).
@@ -689,6 +700,11 @@ impl Kind {
         self.0.spec_after(spec, action, params)
     }
 
+    /// Whether `action` is an adopt (see [`ActionDecl::adopts`]).
+    pub fn adopts(self, action: &str) -> bool {
+        self.action(action).is_some_and(|a| a.adopts)
+    }
+
     /// Whether `action` is a refresh (see [`ActionDecl::refreshes`]).
     pub fn refreshes(self, action: &str) -> bool {
         self.action(action).is_some_and(|a| a.refreshes)
@@ -931,7 +947,13 @@ impl<D: Declaration> Erased for Decl<D> {
         stored::<D>(spec).map(|s| D::requires(&s, a)).unwrap_or_default()
     }
     fn spec_after(&self, spec: &Value, action: &str, params: &Value) -> Option<Value> {
-        let after = D::spec_after(&stored::<D>(spec)?, D::Action::parse(action)?, params)?;
+        let a = D::Action::parse(action)?;
+        if D::action(a).adopts {
+            let mut after = spec.clone();
+            crate::merge::apply(&mut after, params.get("spec")?);
+            return Some(after);
+        }
+        let after = D::spec_after(&stored::<D>(spec)?, a, params)?;
         serde_json::to_value(after).ok()
     }
     fn applies_whole(&self, spec: &Value, action: &str) -> bool {

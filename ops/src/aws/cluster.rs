@@ -557,6 +557,50 @@ impl AwsClusters {
         }
     }
 
+    /// `repair` and `adopt`: sends the stack as the record says it runs —
+    /// the applied spec (a change not yet applied stays pending), the AMI
+    /// the last run started, and the count it left (a repair) or the count
+    /// the refresh found (an adopt) — then sets the group's desired
+    /// capacity to that count if it was changed by hand (the stack's
+    /// parameters may already say it, so CloudFormation would not), and
+    /// waits for the instances in service.
+    async fn restore(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+        let r = &job.resource;
+        let recorded = r.applied_spec.as_ref().unwrap_or(&r.spec);
+        let spec = Spec::from_value(recorded)
+            .map_err(|e| ProviderError::fatal("invalid_spec", format!("the applied spec is invalid: {e:?}")))?;
+        let count = match job.action.as_str() {
+            "adopt" => job.params["spec"]["count"].as_u64(),
+            _ => r.outputs["count"].as_u64(),
+        }
+        .map(|c| c as u32)
+        .unwrap_or(spec.count);
+        let ami = match r.outputs["ami_id"].as_str() {
+            Some(ami) => ami.to_string(),
+            None => Self::ami(job, &spec)?,
+        };
+        let leader = self.leader(job, &spec).await?;
+        let (delivery, _) = delivery(job);
+        let rendered = template::render(r, &spec, &ami, count, leader.as_ref(), &delivery);
+        self.put_secrets(ctx, job).await?;
+        let info = self.update(ctx, job, &rendered).await?;
+        if let Some(group) = info.outputs.get("AutoScalingGroupName") {
+            if let Some(health) = self.api.group_health(group).await? {
+                if health.desired != count {
+                    self.api.set_desired_capacity(group, count).await?;
+                    let msg = format!("auto-scaling group {group}: desired capacity {} set to {count}", health.desired);
+                    ctx.event(NewEvent::info(job.action.as_str(), msg)).await;
+                }
+            }
+        }
+        self.wait_in_service(ctx, &spec, &info, count).await?;
+        let instances = self.instances(r).await.unwrap_or_else(|e| {
+            warn!(error = %e, "could not list instances");
+            Vec::new()
+        });
+        Ok(Self::outputs(&rendered, &info, &instances))
+    }
+
     /// Compares the stack and its group with the record: the stack there
     /// and settled, its `Count` and `ImageId` as the last run left them,
     /// the group's desired capacity and instances in service at that count,
@@ -596,24 +640,41 @@ impl AwsClusters {
             let Some(recorded) = recorded else { continue };
             match info.parameters.get(param) {
                 Some(actual) if *actual == recorded => report.same(),
-                actual => report.differs(Difference::new(
-                    format!("stack.parameters.{param}"),
-                    recorded,
-                    actual.cloned().unwrap_or_else(|| "absent".into()),
-                )),
+                actual => {
+                    let d = Difference::new(
+                        format!("stack.parameters.{param}"),
+                        recorded,
+                        actual.cloned().unwrap_or_else(|| "absent".into()),
+                    );
+                    // A count set on the stack by hand is a count the spec can say.
+                    let n = actual.filter(|_| param == "Count").and_then(|a| a.parse::<u64>().ok());
+                    report.differs(match n {
+                        Some(n) => d.adoptable(json!({ "count": n })),
+                        None => d,
+                    });
+                }
             }
         }
         match info.outputs.get("AutoScalingGroupName") {
             None => report.cannot_check("group", "the stack names no auto-scaling group"),
             Some(group) => match self.api.group_health(group).await {
                 Ok(Some(h)) => {
+                    let adopt = json!({ "count": h.desired });
                     match u64::from(h.desired) == count {
                         true => report.same(),
-                        false => report.differs(Difference::new("group.desired_capacity", count, h.desired)),
+                        false => report.differs(
+                            Difference::new("group.desired_capacity", count, h.desired).adoptable(adopt.clone()),
+                        ),
                     }
-                    match h.instances.len() as u64 == count {
+                    // Instances at the desired capacity can be adopted with
+                    // it; a group still on its way there cannot yet.
+                    let n = h.instances.len();
+                    match n as u64 == count {
                         true => report.same(),
-                        false => report.differs(Difference::new("group.instances", count, h.instances.len())),
+                        false if n == h.desired as usize => {
+                            report.differs(Difference::new("group.instances", count, n).adoptable(adopt))
+                        }
+                        false => report.differs(Difference::new("group.instances", count, n)),
                     }
                 }
                 Ok(None) => report.differs(Difference::new("group", group.clone(), "missing")),
@@ -672,6 +733,9 @@ impl Provider for AwsClusters {
         }
         if job.action == "refresh" {
             return Ok(self.refresh(ctx, &job.resource).await);
+        }
+        if job.action == "repair" || job.action == "adopt" {
+            return self.restore(ctx, job).await;
         }
         let Some(count) = spec.target_count(&job.action, &job.params) else {
             return Err(ProviderError::fatal("unsupported_action", format!("aws clusters cannot {}", job.action)));

@@ -107,6 +107,13 @@ pub trait StackApi: Send + Sync + 'static {
     async fn group_health(&self, _group: &str) -> Result<Option<GroupHealth>, AwsError> {
         Ok(None)
     }
+    /// Sets the auto-scaling group's desired capacity (what a repair puts
+    /// back when someone resized the group by hand: the stack's parameters
+    /// already say the count, so an update would not touch it). The
+    /// default does nothing (the scripted fake).
+    async fn set_desired_capacity(&self, _group: &str, _count: u32) -> Result<(), AwsError> {
+        Ok(())
+    }
     /// CloudFormation's own drift detection of the stack: each resource it
     /// finds modified or deleted, with its property differences. An error
     /// when the detection could not run (an endpoint without it, as moto).
@@ -406,6 +413,19 @@ impl StackApi for SdkStacks {
                 })
                 .collect(),
         }))
+    }
+
+    async fn set_desired_capacity(&self, group: &str, count: u32) -> Result<(), AwsError> {
+        self.clients
+            .autoscaling()
+            .await
+            .set_desired_capacity()
+            .auto_scaling_group_name(group)
+            .desired_capacity(count as i32)
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("SetDesiredCapacity", &e))?;
+        Ok(())
     }
 
     async fn put_parameters(&self, path: &str, values: &BTreeMap<String, String>) -> Result<(), AwsError> {

@@ -107,16 +107,19 @@ impl LocalClusters {
             let why = format!("its machine {}-{} is gone", r.name, i.index);
             stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index), &why).await;
         }
-        for i in &live {
-            if i.index < count {
-                ctx.event(NewEvent::info(
-                    "instances",
-                    format!("adopting instance {} (pid {}, port {})", i.index, i.pid, i.port),
-                ))
-                .await;
-            }
+        // The `count` lowest indexes that run stay (an adopt may have left
+        // a gap); the others stop, the highest first.
+        let mut live = live;
+        live.sort_by_key(|i| i.index);
+        let extra: Vec<_> = live.split_off(live.len().min(count as usize)).into_iter().rev().collect();
+        let keep = live;
+        for i in &keep {
+            ctx.event(NewEvent::info(
+                "instances",
+                format!("adopting instance {} (pid {}, port {})", i.index, i.pid, i.port),
+            ))
+            .await;
         }
-        let (keep, extra): (Vec<_>, Vec<_>) = live.into_iter().partition(|i| i.index < count);
         state.instances = keep;
         self.save(r, &state)?;
         for i in extra {
@@ -128,7 +131,10 @@ impl LocalClusters {
         }
         let logs = self.dir(r).join("logs");
         std::fs::create_dir_all(&logs).map_err(io("create the log directory"))?;
-        for index in 0..count {
+        for index in 0.. {
+            if state.instances.len() >= count as usize {
+                break;
+            }
             if state.instances.iter().any(|i| i.index == index) {
                 continue;
             }
@@ -161,17 +167,26 @@ impl LocalClusters {
     async fn refresh(&self, ctx: &dyn RunContext, r: &Resource, spec: &Spec) -> Result<Value, ProviderError> {
         let state = self.load(r)?;
         let mut report = Report::default();
-        let expected = if r.state == "up" { spec.count as usize } else { 0 };
+        // What the last run left running (a count changed since, not yet
+        // scaled to, is a pending change, not drift).
+        let expected = match r.state.as_str() {
+            "up" => r.outputs["count"].as_u64().map(|c| c as usize).unwrap_or(spec.count as usize),
+            _ => 0,
+        };
+        // Taking reality in: the cluster has the instances that run.
+        let live = state.instances.iter().filter(|i| alive(i.pid, i.start_ticks)).count();
+        let adopt = json!({ "count": live });
         match state.instances.len() {
             n if n == expected => report.same(),
-            n => report.differs(Difference::new("count", expected, n)),
+            n => report.differs(Difference::new("count", expected, n).adoptable(adopt.clone())),
         }
         let path = health_path(spec);
         for i in &state.instances {
             ctx.check_cancel()?;
             let at = format!("instances[{}]", i.index);
             if !alive(i.pid, i.start_ticks) {
-                report.differs(Difference::new(format!("{at}.process"), format!("running (pid {})", i.pid), "gone"));
+                let gone = Difference::new(format!("{at}.process"), format!("running (pid {})", i.pid), "gone");
+                report.differs(gone.adoptable(adopt.clone()));
                 continue;
             }
             report.same();
@@ -242,6 +257,32 @@ impl LocalClusters {
             n => format!("{n} instance(s) started again; all healthy"),
         };
         ctx.event(NewEvent::info("repair", msg)).await;
+        Ok(outputs(&state))
+    }
+
+    /// Takes the instances that died into the record: they are forgotten
+    /// (what their machines ran stopped), the others run on as they are, and
+    /// the count is what runs — as long as that is what the refresh found.
+    async fn adopt(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+        let r = &job.resource;
+        let found = job.params["spec"]["count"].as_u64().unwrap_or(0) as usize;
+        let mut state = self.load(r)?;
+        let (live, gone): (Vec<_>, Vec<_>) = state.instances.drain(..).partition(|i| alive(i.pid, i.start_ticks));
+        if live.len() != found {
+            return Err(ProviderError::fatal(
+                "reality_moved",
+                format!("{} instance(s) run now, the refresh found {found}: refresh again, then adopt", live.len()),
+            ));
+        }
+        for i in &gone {
+            let why = format!("its machine {}-{} died and is forgotten", r.name, i.index);
+            stop_machine_services(ctx, &machine_dir(&self.root, r.id, i.index), &why).await;
+            let msg = format!("forgot instance {} (pid {}, port {}): its process is gone", i.index, i.pid, i.port);
+            ctx.event(NewEvent::info("adopt", msg)).await;
+        }
+        state.instances = live;
+        self.save(r, &state)?;
+        ctx.event(NewEvent::info("adopt", format!("the cluster has the {found} instance(s) that run"))).await;
         Ok(outputs(&state))
     }
 
@@ -521,6 +562,7 @@ impl Provider for LocalClusters {
             }
             "refresh" => self.refresh(ctx, &job.resource, &spec).await,
             "repair" => self.repair(ctx, job, &spec).await,
+            "adopt" => self.adopt(ctx, job).await,
             "destroy" => {
                 self.stop_all(ctx, &job.resource).await?;
                 state::remove(&self.dir(&job.resource), "remove the cluster directory")?;
