@@ -1099,6 +1099,19 @@ async fn aws_refresh_names_what_changed_behind_drovers_back() {
     let events = app.get(&format!("/v1/transitions/{}/events", run["id"].as_str().unwrap())).await.body;
     assert!(events.to_string().contains("desired capacity 1 set to 2"), "{events}");
 
+    // A tag taken off an instance by hand is named, and cannot be adopted.
+    let instance = view["outputs"]["instances"][0]["id"].as_str().unwrap().to_string();
+    drover_ops::aws::testing::untag(&aws.clients, &instance, "team").await;
+    let view = refresh("cluster", name.clone()).await;
+    assert_eq!(
+        view["drift"]["differences"],
+        json!([{"path": format!("instances[{instance}].tags.team"), "recorded": "acceptance", "actual": "absent"}]),
+        "{view}"
+    );
+    let r = app.post(&format!("/v1/clusters/{name}/transitions"), json!({"action": "adopt"})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.body["type"].as_str().unwrap().rsplit('/').next(), Some("nothing-to-adopt"), "{}", r.body);
+
     // The image's AMI deregistered by someone's clean-up script.
     let ami = image["outputs"]["ami_id"].as_str().unwrap().to_string();
     let build = image["outputs"]["build"].as_str().unwrap().to_string();

@@ -676,10 +676,51 @@ impl AwsClusters {
                         }
                         false => report.differs(Difference::new("group.instances", count, n)),
                     }
+                    // Every instance launched from the version the group launches.
+                    match &h.launch_template_version {
+                        None => report.cannot_check("group.launch_template", "the group names no template version"),
+                        Some(want) => {
+                            for (id, version) in &h.instance_templates {
+                                match version {
+                                    Some(v) if v == want => report.same(),
+                                    Some(v) => report.differs(Difference::new(
+                                        format!("group.instances[{id}].launch_template_version"),
+                                        want.clone(),
+                                        v.clone(),
+                                    )),
+                                    None => report.cannot_check(
+                                        format!("group.instances[{id}].launch_template_version"),
+                                        "the group does not say which version launched it",
+                                    ),
+                                }
+                            }
+                        }
+                    }
                 }
                 Ok(None) => report.differs(Difference::new("group", group.clone(), "missing")),
                 Err(e) => report.cannot_check("group", e.to_string()),
             },
+        }
+        // Every instance carries the tags the stack gives it.
+        let recorded = r.applied_spec.as_ref().unwrap_or(&r.spec);
+        match (Spec::from_value(recorded), self.instances(r).await) {
+            (Ok(spec), Ok(instances)) => {
+                let want = template::stack_tags(r, &spec);
+                for i in instances.iter().filter(|i| i.state == "running" || i.state == "pending") {
+                    for (k, v) in &want {
+                        match i.tags.get(k) {
+                            Some(actual) if actual == v => report.same(),
+                            actual => report.differs(Difference::new(
+                                format!("instances[{}].tags.{k}", i.id),
+                                v.clone(),
+                                actual.cloned().map(Value::from).unwrap_or_else(|| "absent".into()),
+                            )),
+                        }
+                    }
+                }
+            }
+            (Err(e), _) => report.cannot_check("instances.tags", format!("the applied spec cannot be read: {e:?}")),
+            (_, Err(e)) => report.cannot_check("instances.tags", e.to_string()),
         }
         match self.api.detect_drift(name).await {
             Ok(drifts) if drifts.is_empty() => report.same(),
@@ -1049,6 +1090,8 @@ mod scripted {
             desired: 2,
             health_check_type: Some("EC2".into()),
             grace_period_secs: Some(30),
+            launch_template_version: None,
+            instance_templates: Vec::new(),
             instances: vec![
                 ("i-1".into(), "InService".into(), "Healthy".into()),
                 ("i-2".into(), second.into(), "Healthy".into()),

@@ -61,6 +61,9 @@ pub struct InstanceInfo {
     pub private_ip: Option<String>,
     pub state: String,
     pub instance_type: Option<String>,
+    /// Its tags (what a refresh compares; not in the cluster's outputs).
+    #[serde(skip)]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// What an auto-scaling group reports of its instances.
@@ -71,6 +74,10 @@ pub struct GroupHealth {
     pub grace_period_secs: Option<i32>,
     /// `(instance id, lifecycle state, health status)`.
     pub instances: Vec<(String, String, String)>,
+    /// The launch template version the group launches, and each
+    /// instance's (by id), where the endpoint says them.
+    pub launch_template_version: Option<String>,
+    pub instance_templates: Vec<(String, Option<String>)>,
 }
 
 impl GroupHealth {
@@ -316,6 +323,11 @@ impl StackApi for SdkStacks {
                         private_ip: i.private_ip_address().map(str::to_string),
                         state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
                         instance_type: i.instance_type().map(|t| t.as_str().to_string()),
+                        tags: i
+                            .tags()
+                            .iter()
+                            .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+                            .collect(),
                     });
                 }
             }
@@ -401,6 +413,15 @@ impl StackApi for SdkStacks {
             desired: g.desired_capacity().unwrap_or(0).max(0) as u32,
             health_check_type: g.health_check_type().map(str::to_string),
             grace_period_secs: g.health_check_grace_period(),
+            launch_template_version: g.launch_template().and_then(|t| t.version()).map(str::to_string),
+            instance_templates: g
+                .instances()
+                .iter()
+                .map(|i| {
+                    let version = i.launch_template().and_then(|t| t.version()).map(str::to_string);
+                    (i.instance_id().unwrap_or_default().to_string(), version)
+                })
+                .collect(),
             instances: g
                 .instances()
                 .iter()

@@ -135,6 +135,12 @@ pub async fn default_network(clients: &Clients) -> (String, String) {
     (subnet, sg)
 }
 
+/// Takes a tag off an EC2 resource, as someone's hand in the console would.
+pub async fn untag(clients: &Clients, resource: &str, key: &str) {
+    let tag = aws_sdk_ec2::types::Tag::builder().key(key).build();
+    clients.ec2().await.delete_tags().resources(resource).tags(tag).send().await.expect("DeleteTags");
+}
+
 /// A run context that records events and can be told to cancel.
 #[derive(Default)]
 pub struct RecordingCtx {
