@@ -566,6 +566,28 @@ impl AwsClusters {
     /// waits for the instances in service.
     async fn restore(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
         let r = &job.resource;
+        // CloudFormation updates what the template changes: a resource
+        // deleted behind its back stays deleted through an update that
+        // sends the same template. Say so rather than pretend.
+        let deleted: Vec<&str> = r
+            .drift
+            .as_ref()
+            .map_or(&[][..], |d| d["differences"].as_array().map_or(&[][..], Vec::as_slice))
+            .iter()
+            .filter(|d| d["actual"] == "DELETED")
+            .filter_map(|d| d["path"].as_str()?.strip_prefix("stack.resources."))
+            .collect();
+        if job.action == "repair" && !deleted.is_empty() {
+            return Err(ProviderError::fatal(
+                "resource_deleted",
+                format!(
+                    "stack resource(s) {} were deleted outside CloudFormation, which does not recreate them on an \
+                     update of the same template: destroy the cluster and create it again (or import them into \
+                     the stack by hand)",
+                    deleted.join(", ")
+                ),
+            ));
+        }
         let recorded = r.applied_spec.as_ref().unwrap_or(&r.spec);
         let spec = Spec::from_value(recorded)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("the applied spec is invalid: {e:?}")))?;
@@ -1238,6 +1260,35 @@ mod scripted {
             other => panic!("{other:?}"),
         }
         assert_eq!(fake.calls(), ["update Count=5"]);
+    }
+
+    /// Real AWS: CloudFormation updates what the template changes, so a
+    /// resource deleted outside it (drift detection says DELETED) is not
+    /// recreated by an update of the same template: a repair says so and
+    /// sends nothing; one with only a count to put back sends the stack as
+    /// it last ran.
+    #[tokio::test]
+    async fn a_repair_does_not_pretend_to_restore_a_deleted_resource() {
+        let fake = Fake::new(&[], &[("UPDATE_COMPLETE", None)]).with_stack("CREATE_COMPLETE", 2);
+        let p = provider(fake.clone());
+        let mut job = cluster_job("repair", json!({}));
+        job.resource.outputs = json!({"count": 2, "ami_id": "ami-0123abcd"});
+        job.resource.drift = Some(json!({"differences": [
+            {"path": "stack.resources.LaunchTemplate", "recorded": "as deployed", "actual": "DELETED"}]}));
+        let ctx = RecordingCtx::new(job.run_id);
+        match p.apply(&ctx, &job).await {
+            Err(ProviderError::Failed { code, message, .. }) => {
+                assert_eq!(code, "resource_deleted");
+                assert!(message.contains("LaunchTemplate were deleted outside CloudFormation"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(fake.calls().is_empty(), "nothing sent: {:?}", fake.calls());
+        job.resource.drift = None;
+        job.resource.spec["count"] = 5.into(); // a pending change stays pending
+        job.resource.applied_spec = Some(cluster_job("repair", json!({})).resource.spec);
+        p.apply(&ctx, &job).await.expect("repair");
+        assert_eq!(fake.calls(), ["update Count=2"]);
     }
 
     /// Real AWS: DeleteStack on a protected stack fails; drover refuses
