@@ -690,6 +690,8 @@ impl Kind {
     pub fn applied_by(self, spec: &Value, field: &str) -> Vec<&'static str> {
         self.actions()
             .into_iter()
+            // An adopt writes what runs into the spec: it applies nothing.
+            .filter(|a| !self.adopts(a))
             .filter(|a| self.applies(spec, a) || self.action(a).is_some_and(|d| d.sets.contains(&field)))
             .collect()
     }
