@@ -613,7 +613,16 @@ impl Service {
             Step::Go { working, ok, err } => {
                 let params = kind.validate_params(&req.action, &req.params)?;
                 let params = match kind.adopts(&req.action) {
-                    true => adoption(kind, &resource)?,
+                    true => {
+                        // It rewrites the record from what runs: say why that is right.
+                        if req.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+                            return Err(Error::invalid(
+                                "reason",
+                                "an adopt needs a reason: why what runs is right and the record wrong",
+                            ));
+                        }
+                        adoption(kind, &resource)?
+                    }
                     false => kind.complete_params(&resource.spec, &resource.outputs, &req.action, params)?,
                 };
                 (req.action.clone(), params, working.to_string(), ok.to_string(), err.to_string(), req.parent)

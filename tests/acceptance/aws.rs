@@ -1109,6 +1109,10 @@ async fn aws_refresh_names_what_changed_behind_drovers_back() {
         "{view}"
     );
     let r = app.post(&format!("/v1/clusters/{name}/transitions"), json!({"action": "adopt"})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "an adopt says why: {}", r.body);
+    assert_eq!(r.body["errors"][0]["field"], "reason", "{}", r.body);
+    let adopt = json!({"action": "adopt", "reason": "the tag is gone for good"});
+    let r = app.post(&format!("/v1/clusters/{name}/transitions"), adopt).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     assert_eq!(r.body["type"].as_str().unwrap().rsplit('/').next(), Some("nothing-to-adopt"), "{}", r.body);
 
