@@ -43,7 +43,7 @@ enum Command {
         after_help = "Examples:\n  drover get clusters\n  drover get cluster web-qa -o yaml\n  drover get routers -o wide"
     )]
     Get {
-        /// The kind, singular or plural (`cluster`, `clusters`).
+        /// The kind, singular or plural (`cluster`, `clusters`), or `KIND/NAME`.
         kind: String,
         name: Option<String>,
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -52,7 +52,11 @@ enum Command {
     /// What a resource is doing and why it is stuck: state, active run and
     /// its current step, last transitions, pending changes.
     #[command(after_help = "Example:\n  drover describe cluster web-qa")]
-    Describe { kind: String, name: String },
+    Describe {
+        /// The kind, or `KIND/NAME` (as the other commands take it).
+        kind: String,
+        name: Option<String>,
+    },
     /// Transitions, newest first, with the ledger's filters.
     #[command(
         after_help = "Examples:\n  drover runs --status failed --environment prod\n  drover runs --kind cluster --resource web-qa -o json"
@@ -249,8 +253,21 @@ async fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Context(c) => cli::context(c),
-        Command::Get { kind, name, output } => cli::get(g, &kind, name.as_deref(), output).await,
-        Command::Describe { kind, name } => cli::describe(g, &kind, &name).await,
+        Command::Get { kind, name, output } => {
+            // `cluster web-qa` or `cluster/web-qa`.
+            let (kind, name) = match (kind.split_once('/'), name) {
+                (Some((k, n)), None) if !n.is_empty() => (k.to_string(), Some(n.to_string())),
+                (_, name) => (kind, name),
+            };
+            cli::get(g, &kind, name.as_deref(), output).await
+        }
+        Command::Describe { kind, name } => match name {
+            Some(name) => cli::describe(g, &kind, &name).await,
+            None => match cli::split_target(&kind) {
+                Ok((k, n)) => cli::describe(g, k, n).await,
+                Err(e) => Err(e),
+            },
+        },
         Command::Runs(r) => cli::runs(g, &r).await,
         Command::Events { run, follow } => cli::events(g, &run, follow).await,
         Command::Do(d) => cli::do_action(g, &d).await,

@@ -161,6 +161,10 @@ async fn the_cli_reads_acts_and_waits_through_a_context() {
     assert!(wide.starts_with("NAME  STATE  UPDATED") && wide.contains("PROVIDER") && wide.contains("local"), "{wide}");
     let out = user.ok(&["describe", "cluster", "c1"]);
     assert!(out.starts_with("cluster c1  (") && out.contains("state      up"), "{out}");
+    // KIND/NAME, as `do` and the short forms take it, works here too.
+    assert_eq!(user.ok(&["describe", "cluster/c1"]), out);
+    let again: Value = serde_json::from_str(&user.ok(&["get", "cluster/c1", "-o", "json"])).unwrap();
+    assert_eq!(again["name"], "c1");
 
     // Unknown names suggest; bad params are refused before anything is sent.
     let r = user.drover(&["get", "clustr"]);

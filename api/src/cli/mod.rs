@@ -69,7 +69,11 @@ impl fmt::Display for CliError {
                     write!(f, ": {d}")?;
                 }
                 for (field, msg) in fields {
-                    write!(f, "; {field}: {msg}")?;
+                    let said = format!("{field}: {msg}");
+                    // The server's detail of a 422 says each field already.
+                    if !detail.as_deref().is_some_and(|d| d.contains(&said)) {
+                        write!(f, "; {said}")?;
+                    }
                 }
                 Ok(())
             }
@@ -725,5 +729,10 @@ mod tests {
             "detail": "the spec is invalid", "errors": [{"field": "spec.count", "message": "at least 1"}]});
         let e = CliError::from_problem(reqwest::StatusCode::UNPROCESSABLE_ENTITY, &body);
         assert_eq!(e.to_string(), "Invalid request (422): the spec is invalid; spec.count: at least 1");
+        // A detail that says the fields already is not repeated.
+        let body = json!({"title": "Invalid request", "detail": "reason: needed",
+            "errors": [{"field": "reason", "message": "needed"}]});
+        let e = CliError::from_problem(reqwest::StatusCode::UNPROCESSABLE_ENTITY, &body);
+        assert_eq!(e.to_string(), "Invalid request (422): reason: needed");
     }
 }
