@@ -68,6 +68,17 @@ async fn a_killed_instance_is_drift_and_repair_starts_it_again() {
     // Every refresh is a run in the ledger, and nothing else ran.
     let runs = app.get("/v1/transitions?kind=cluster&action=refresh").await.body;
     assert_eq!(runs["items"].as_array().unwrap().len(), 3);
+
+    // A count asked for and not yet scaled to is pending, not missing.
+    let r = app.patch("/v1/clusters/web-qa", json!({"spec": {"count": 3}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["pending_changes"][0]["field"], "spec.count", "{}", r.body);
+    // Rounds of the observer (every 300 ms here) after the change.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let view = app.get_until("/v1/clusters/web-qa", |v| !v["observed"].is_null()).await;
+    assert_eq!(view["observed"]["healthy"], true, "{view}");
+    assert_eq!(view["observed"]["summary"], "2 of 2 instance(s) healthy", "{view}");
+    assert_eq!(refresh(&app, "cluster", "web-qa").await["drift"]["status"], "in_sync");
 }
 
 /// A probe that cannot tell (no answer in time) makes the drift unknown,

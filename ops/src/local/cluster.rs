@@ -600,14 +600,16 @@ impl Provider for LocalClusters {
             instances.push(json!({ "index": i.index, "pid": i.pid, "port": i.port, "build": i.build,
                 "running": running, "healthy": failing.is_none() }));
         }
-        let missing = (spec.count as usize).saturating_sub(state.instances.len());
+        // What the last run left (a count changed since is pending, not missing).
+        let count = r.outputs["count"].as_u64().map(|c| c as usize).unwrap_or(spec.count as usize);
+        let missing = count.saturating_sub(state.instances.len());
         if missing > 0 {
             problems.push(format!("{missing} instance(s) not on record"));
         }
         let summary = if problems.is_empty() {
-            format!("{} of {} instance(s) healthy", instances.len(), spec.count)
+            format!("{} of {count} instance(s) healthy", instances.len())
         } else {
-            format!("{} of {} instance(s) unhealthy: {}", problems.len(), spec.count, problems.join("; "))
+            format!("{} of {count} instance(s) unhealthy: {}", problems.len(), problems.join("; "))
         };
         let mut seen = json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances });
         // What a repair would fix: processes gone (not an instance that
