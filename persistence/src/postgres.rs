@@ -119,7 +119,11 @@ const COMPLETE: &str = "
             applied_spec = CASE WHEN d.applies THEN COALESCE(d.spec, r.spec) ELSE COALESCE(d.applied, r.applied_spec) END,
             applied_version = CASE WHEN d.applies THEN r.spec_version + (d.spec IS NOT NULL)::int
                 ELSE r.applied_version END,
-            outputs = COALESCE(d.outputs, r.outputs), observed = NULL, version = r.version + 1, updated_at = d.at
+            outputs = COALESCE(d.outputs, r.outputs),
+            -- What the observer saw stands while nothing it looks at changed
+            -- (a refresh: the same state, no new outputs).
+            observed = CASE WHEN d.outputs IS NULL AND d.state = r.state THEN r.observed END,
+            version = r.version + 1, updated_at = d.at
         FROM done d WHERE r.id = d.resource_id AND r.state = d.working_state
         RETURNING r.id, r.spec_version
     ), versions AS (

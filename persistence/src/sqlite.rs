@@ -299,7 +299,8 @@ impl Backend for SqliteBackend {
                     ELSE COALESCE(v.column8, resources.applied_spec) END,
                 applied_version = CASE WHEN v.column7 THEN resources.spec_version + (v.column4 IS NOT NULL)
                     ELSE resources.applied_version END,
-                outputs = COALESCE(v.column5, resources.outputs), observed = NULL,
+                outputs = COALESCE(v.column5, resources.outputs),
+                observed = CASE WHEN v.column5 IS NULL AND v.column3 = resources.state THEN resources.observed END,
                 version = resources.version + 1, updated_at = v.column6 FROM (",
         );
         q.push_values(&finished, |mut b, ((_, c), (resource, working, _))| {

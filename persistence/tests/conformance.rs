@@ -200,6 +200,20 @@ async fn completions_apply_the_spec_and_version_its_changes(store: Arc<dyn Store
     store.complete_run(run.lease().unwrap(), &started).await.unwrap();
     let whole = store.get_resource_by_id(r.id).await.unwrap().unwrap();
     assert_eq!((whole.applied_version, whole.applied_spec.as_ref()), (Some(3), Some(&whole.spec)));
+
+    // What the observer saw stands through a run that changes nothing it
+    // looks at (a refresh: same state, no outputs), and goes with one that does.
+    let seen = json!({"healthy": true, "summary": "3 of 3 instance(s) healthy"});
+    store.set_observed(r.id, &seen).await.unwrap();
+    store.insert_run(&new_run(&whole, "refresh", "up", "up", "up")).await.unwrap();
+    let run = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+    let refreshed = Completion { outputs: None, ..done(RunStatus::Succeeded, "up") };
+    store.complete_run(run.lease().unwrap(), &refreshed).await.unwrap();
+    assert_eq!(store.get_resource_by_id(r.id).await.unwrap().unwrap().observed, Some(seen));
+    store.insert_run(&new_run(&whole, "scale", "up", "scaling", "up")).await.unwrap();
+    let run = store.claim_runs("w1", LEASE, 1, Utc::now()).await.unwrap().remove(0);
+    store.complete_run(run.lease().unwrap(), &done(RunStatus::Succeeded, "up")).await.unwrap();
+    assert_eq!(store.get_resource_by_id(r.id).await.unwrap().unwrap().observed, None, "a scale changes what runs");
 }
 
 async fn one_active_run_per_resource(store: Arc<dyn Store>) {
