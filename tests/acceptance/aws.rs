@@ -1008,6 +1008,22 @@ async fn aws_routers_are_application_load_balancers() {
 /// the cluster's auto-scaling group resized through the API, an image's
 /// AMI deregistered — and changes nothing. moto has no CloudFormation
 /// drift detection: the refresh says so (`stack.drift` unchecked), so a
+
+/// Resizes an auto-scaling group by hand, as someone in the console would
+/// (with its bounds: a stack's group has min = max = count).
+async fn resize(aws: &Aws, group: &str, (min, max): (i32, i32), desired: i32) {
+    aws.clients
+        .autoscaling()
+        .await
+        .update_auto_scaling_group()
+        .auto_scaling_group_name(group)
+        .min_size(min)
+        .max_size(max)
+        .desired_capacity(desired)
+        .send()
+        .await
+        .unwrap();
+}
 /// cluster on moto is never `in_sync`, only `unknown` or `drifted`.
 #[tokio::test]
 async fn aws_refresh_names_what_changed_behind_drovers_back() {
@@ -1039,16 +1055,7 @@ async fn aws_refresh_names_what_changed_behind_drovers_back() {
 
     // The group resized behind drover's back.
     let group = view["outputs"]["stack_outputs"]["AutoScalingGroupName"].as_str().unwrap().to_string();
-    aws.clients
-        .autoscaling()
-        .await
-        .update_auto_scaling_group()
-        .auto_scaling_group_name(&group)
-        .max_size(2)
-        .desired_capacity(2)
-        .send()
-        .await
-        .unwrap();
+    resize(&aws, &group, (1, 2), 2).await;
     let view = refresh("cluster", name.clone()).await;
     assert_eq!(view["drift"]["status"], "drifted", "{view}");
     let differences = view["drift"]["differences"].as_array().unwrap();
@@ -1074,16 +1081,7 @@ async fn aws_refresh_names_what_changed_behind_drovers_back() {
     // Shrunk by hand: a repair puts the recorded capacity back. (moto
     // makes a new group on a stack update: ask the stack for its name.)
     let group = view["outputs"]["stack_outputs"]["AutoScalingGroupName"].as_str().unwrap().to_string();
-    aws.clients
-        .autoscaling()
-        .await
-        .update_auto_scaling_group()
-        .auto_scaling_group_name(&group)
-        .min_size(1)
-        .desired_capacity(1)
-        .send()
-        .await
-        .unwrap();
+    resize(&aws, &group, (1, 2), 1).await;
     let view = refresh("cluster", name.clone()).await;
     let differences = view["drift"]["differences"].as_array().unwrap();
     assert!(

@@ -16,6 +16,16 @@ async fn refresh(app: &TestApp, kind: &str, name: &str) -> Value {
     view
 }
 
+/// Kills a process group by hand, as `kill -9 -PGID` would, and waits
+/// until its leader is gone.
+async fn kill_group(pid: u64) {
+    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status().unwrap();
+    assert!(killed.success());
+    while alive(pid) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_is_drift_and_repair_starts_it_again() {
     let app = spawn_app(Backend::Sqlite).await;
@@ -38,11 +48,7 @@ async fn a_killed_instance_is_drift_and_repair_starts_it_again() {
     // An instance killed by hand is found, named by its path.
     let gone = pids(&before)[1];
     // Its whole process group, as `kill -9 -PGID` by hand would.
-    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
-    assert!(killed.success());
-    while alive(gone) {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    kill_group(gone).await;
     let view = refresh(&app, "cluster", "web-qa").await;
     assert_eq!(view["drift"]["status"], "drifted", "{view}");
     assert_eq!(
@@ -135,8 +141,7 @@ async fn clusters_are_refreshed_on_an_interval() {
     app.get_until("/v1/clusters/ticking", |v| v["drift"]["status"] == "in_sync").await;
 
     let gone = pids(&app.get("/v1/clusters/ticking").await.body)[0];
-    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
-    assert!(killed.success());
+    kill_group(gone).await;
     let view = app.get_until("/v1/clusters/ticking", |v| v["drift"]["status"] == "drifted").await;
     assert_eq!(view["drift"]["differences"][0]["path"], "instances[0].process", "{view}");
     assert_eq!(view["state"], "up");
@@ -205,8 +210,7 @@ async fn auto_repair_heals_and_stops_at_a_crash_loop() {
 
     // Killed by hand: the observer repairs it, as itself, saying why.
     let gone = pids(&before)[1];
-    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
-    assert!(killed.success());
+    kill_group(gone).await;
     let view = app
         .get_until("/v1/clusters/healing", |v| {
             v["outputs"]["instances"][1]["pid"] != json!(gone) && v["observed"]["healthy"] == true
@@ -229,8 +233,7 @@ async fn auto_repair_heals_and_stops_at_a_crash_loop() {
     // either: it is the streak's first).
     std::fs::write(&flag, "").unwrap();
     let gone = view["outputs"]["instances"][1]["pid"].as_u64().unwrap();
-    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
-    assert!(killed.success());
+    kill_group(gone).await;
     let view = app.get_until("/v1/clusters/healing", |v| v["observed"]["auto_repair"]["status"] == "crash_loop").await;
     assert_eq!(view["state"], "up", "a repair that fails leaves the cluster up: {view}");
     assert_eq!(view["observed"]["auto_repair"]["attempts"], 3, "{view}");
@@ -276,11 +279,7 @@ async fn a_services_dead_instance_is_drift_and_repair_brings_it_back() {
     assert_eq!(view["drift"]["status"], "in_sync", "{view}");
 
     let gone = pids(&before)[1];
-    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
-    assert!(killed.success());
-    while alive(gone) {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    kill_group(gone).await;
     let view = refresh(&app, "service", "app").await;
     assert_eq!(view["drift"]["status"], "drifted", "{view}");
     assert_eq!(
@@ -305,8 +304,7 @@ async fn a_services_dead_instance_is_drift_and_repair_brings_it_back() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["pending_changes"], json!([]), "{}", r.body);
     let gone = pids(&after)[0];
-    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
-    assert!(killed.success());
+    kill_group(gone).await;
     let view = app
         .get_until("/v1/services/app", |v| {
             v["state"] == "running"
@@ -344,11 +342,7 @@ async fn adopt_takes_reality_into_the_record() {
     assert!(r.body["detail"].as_str().unwrap().contains("found it in_sync"), "{}", r.body);
 
     let gone = pids(&before)[1];
-    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
-    assert!(killed.success());
-    while alive(gone) {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    kill_group(gone).await;
     let view = refresh(&app, "cluster", "three").await;
     assert_eq!(view["drift"]["differences"][0]["adopt"], json!({"count": 2}), "{view}");
 
@@ -377,17 +371,9 @@ async fn adopt_takes_reality_into_the_record() {
 
     // Reality that moved since the refresh is not adopted.
     let gone = pids(&scaled)[2];
-    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{gone}")]).status().unwrap();
-    assert!(killed.success());
-    while alive(gone) {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    kill_group(gone).await;
     refresh(&app, "cluster", "three").await;
-    let killed = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{}", pids(&scaled)[1])]).status();
-    assert!(killed.unwrap().success());
-    while alive(pids(&scaled)[1]) {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    kill_group(pids(&scaled)[1]).await;
     let run = app.run("cluster", "three", adopt).await;
     assert_eq!(run["status"], "failed", "{run}");
     assert_eq!(run["error"]["code"], "reality_moved", "{run}");
