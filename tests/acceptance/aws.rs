@@ -1004,11 +1004,6 @@ async fn aws_routers_are_application_load_balancers() {
     assert!(groups_of(&aws, &id).await.is_empty());
 }
 
-/// Drift on aws: a refresh names what was changed behind drover's back —
-/// the cluster's auto-scaling group resized through the API, an image's
-/// AMI deregistered — and changes nothing. moto has no CloudFormation
-/// drift detection: the refresh says so (`stack.drift` unchecked), so a
-
 /// Resizes an auto-scaling group by hand, as someone in the console would
 /// (with its bounds: a stack's group has min = max = count).
 async fn resize(aws: &Aws, group: &str, (min, max): (i32, i32), desired: i32) {
@@ -1024,6 +1019,12 @@ async fn resize(aws: &Aws, group: &str, (min, max): (i32, i32), desired: i32) {
         .await
         .unwrap();
 }
+
+/// Drift on aws: a refresh names what was changed behind drover's back —
+/// the cluster's auto-scaling group resized through the API (then adopted;
+/// then shrunk and repaired), an instance's tag removed, an image's AMI
+/// deregistered — and changes nothing. moto has no CloudFormation
+/// drift detection: the refresh says so (`stack.drift` unchecked), so a
 /// cluster on moto is never `in_sync`, only `unknown` or `drifted`.
 #[tokio::test]
 async fn aws_refresh_names_what_changed_behind_drovers_back() {
