@@ -1018,6 +1018,20 @@ pub fn diagnose(
             let run = o["auto_repair"]["last_run"].as_str().and_then(|id| id.parse().ok());
             o.get("summary").and_then(Value::as_str).map(|s| Problem { summary: s.to_string(), run, error: None })
         });
+    // The newest run failed and left the resource as it was (a rebuild of
+    // a built image, a repair): not stuck, but someone should know.
+    let last_failed = || {
+        recent.first().filter(|r| r.status == RunStatus::Failed && resource.state != "failed").map(|run| Problem {
+            summary: format!(
+                "the last {} failed ({}); it stays {}",
+                run.action,
+                run.error.as_ref().map(|e| e.message.as_str()).unwrap_or("no error recorded"),
+                resource.state
+            ),
+            run: Some(run.id),
+            error: run.error.clone(),
+        })
+    };
     if resource.state == "failed" {
         let failed = recent.iter().find(|r| matches!(r.status, RunStatus::Failed | RunStatus::Cancelled));
         return Some(match failed {
@@ -1037,7 +1051,7 @@ pub fn diagnose(
             },
         });
     }
-    observed_problem
+    observed_problem.or_else(last_failed)
 }
 
 #[cfg(test)]

@@ -101,3 +101,54 @@ async fn a_rebuild_never_touches_running_instances() {
     let builds_dir = std::path::Path::new(&dir1).parent().unwrap().to_path_buf();
     assert!(!builds_dir.exists(), "{} is left", builds_dir.display());
 }
+
+/// A rebuild that fails, or is cancelled, leaves the image built on its
+/// current build: clusters go on scaling from it, and the view says what
+/// failed. A rebuild under way does not hold them up either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rebuild_keeps_the_current_build() {
+    let app = spawn_app(Backend::Sqlite).await;
+    create_image(&app, "web", "echo $DROVER_RUN_ID > index.html").await;
+    let (b1, _) = build(&app).await;
+    let r = app.post("/v1/clusters", json!({"name": "web-qa", "spec": {"image": "web", "count": 1}})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(app.run("cluster", "web-qa", json!({"action": "create"})).await["status"], "succeeded");
+
+    // A broken commit: the rebuild fails; the image stays built on b1.
+    let r = app.patch("/v1/images/web", json!({"spec": {"build_command": "echo 'fatal: broken' >&2; exit 2"}}), None);
+    assert_eq!(r.await.status, StatusCode::OK);
+    let failed = app.run("image", "web", json!({"action": "build", "reason": "the broken commit"})).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let image = app.get("/v1/images/web").await.body;
+    assert_eq!((&image["state"], &image["outputs"]["build"]), (&json!("built"), &json!(b1)), "{image}");
+    let summary = image["problem"]["summary"].as_str().unwrap_or_default();
+    assert!(summary.starts_with("the last build failed (") && summary.ends_with("it stays built"), "{image}");
+    assert!(summary.contains("broken"), "{image}");
+    assert_eq!(image["problem"]["transition"], failed["id"]);
+
+    // Scaling at 3 a.m. still works, from the build that is current.
+    let scale = app.run("cluster", "web-qa", json!({"action": "scale", "params": {"count": 2}})).await;
+    assert_eq!(scale["status"], "succeeded", "{scale}");
+    assert_eq!(instance_builds(&app.get("/v1/clusters/web-qa").await.body), [b1.clone(), b1.clone()]);
+
+    // While a (slow) rebuild runs, the image is usable too; cancelled, it
+    // stays built.
+    let r = app.patch("/v1/images/web", json!({"spec": {"build_command": "sleep 30"}}), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let slow = app.transition("image", "web", json!({"action": "build"})).await;
+    app.get_until(&format!("/v1/transitions/{slow}"), |t| t["status"] == "running").await;
+    let scale = app.run("cluster", "web-qa", json!({"action": "scale", "params": {"count": 1}})).await;
+    assert_eq!(scale["status"], "succeeded", "a rebuild under way does not hold the cluster up: {scale}");
+    let r = app.post(&format!("/v1/transitions/{slow}/cancel"), json!({"reason": "wrong branch"})).await;
+    assert!(r.status.is_success(), "{}", r.body);
+    assert_eq!(app.wait(&slow).await["status"], "cancelled");
+    let image = app.get("/v1/images/web").await.body;
+    assert_eq!((&image["state"], &image["outputs"]["build"]), (&json!("built"), &json!(b1)), "{image}");
+
+    // Fixed, it builds again, as a new build.
+    let r = app.patch("/v1/images/web", json!({"spec": {"build_command": "echo $DROVER_RUN_ID > index.html"}}), None);
+    assert_eq!(r.await.status, StatusCode::OK);
+    let (b3, _) = build(&app).await;
+    let image = app.get("/v1/images/web").await.body;
+    assert_eq!((&image["outputs"]["build"], &image["problem"]), (&json!(b3), &Value::Null), "{image}");
+}

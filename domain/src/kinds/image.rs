@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! pending --build--> building --ok--> built   --err--> failed
-//! built --build--> building (rebuild from the current spec)
+//! built --build--> built (a rebuild from the current spec: the current
+//!                   build stays current, and usable, until a new one succeeds)
 //! pending|built|failed --destroy--> destroying --ok--> destroyed --err--> failed
 //! failed --retry--> the working state of the action that failed
 //! ```
@@ -97,9 +98,14 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
     use Action as A;
     use State as S;
     let build = TypedStep::Go { working: S::Building, ok: S::Built, err: S::Failed };
+    // A rebuild never takes the current build away: the image stays built
+    // (clusters and services go on scaling, starting and repairing from
+    // it) while it runs, and after it fails or is cancelled.
+    let rebuild = TypedStep::Go { working: S::Built, ok: S::Built, err: S::Built };
     let destroy = TypedStep::Go { working: S::Destroying, ok: S::Destroyed, err: S::Failed };
     match (state, action) {
-        (S::Pending, A::Build) | (S::Built, A::Build) => Ok(build),
+        (S::Pending, A::Build) => Ok(build),
+        (S::Built, A::Build) => Ok(rebuild),
         (S::Pending | S::Built | S::Failed, A::Destroy) => Ok(destroy),
         (S::Failed, A::Retry) => Ok(TypedStep::Retry),
         (S::Failed, A::Build) => Err(NotAllowed), // a failed build is retried, so its lineage is kept
@@ -314,7 +320,7 @@ mod tests {
         let expected = [
             (S::Pending, [build, destroy, no]),
             (S::Building, [no, no, no]),
-            (S::Built, [build, destroy, no]),
+            (S::Built, [go(S::Built, S::Built, S::Built), destroy, no]),
             (S::Failed, [no, destroy, Ok(TypedStep::Retry)]),
             (S::Destroying, [no, no, no]),
             (S::Destroyed, [no, no, no]),
