@@ -593,7 +593,14 @@ impl Provider for LocalClusters {
         let mut problems = Vec::new();
         for i in &state.instances {
             let running = alive(i.pid, i.start_ticks);
-            let failing = if running { check(i.port, path).await } else { Some("process is gone".into()) };
+            let failing = match running {
+                // Died during the check: that is why it failed.
+                true => check(i.port, path).await.map(|why| match alive(i.pid, i.start_ticks) {
+                    true => why,
+                    false => "process is gone".into(),
+                }),
+                false => Some("process is gone".into()),
+            };
             if let Some(why) = &failing {
                 problems.push(format!("instance {} (pid {}, port {}): {why}", i.index, i.pid, i.port));
             }

@@ -1053,7 +1053,12 @@ impl Provider for LocalServices {
             let failing = match (running, alive(i.machine_pid, i.machine_ticks)) {
                 (_, false) => Some(format!("machine {} is gone", i.machine_label())),
                 (false, true) => Some("process is gone".to_string()),
-                (true, true) => check(i.port, health_path(&spec)).await,
+                // A check that fails because the process died meanwhile
+                // (a kill -9 lands between the two looks) says so.
+                (true, true) => match check(i.port, health_path(&spec)).await {
+                    Some(_) if !i.alive() => Some("process is gone".to_string()),
+                    other => other,
+                },
             };
             match &failing {
                 Some(why) => {
