@@ -264,6 +264,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     engine.set_metrics(metrics.clone());
     let service = Arc::new(Service::new(store, settings.clone()).with_providers(providers));
     engine.set_requester(service.clone());
+    service.set_running(engine.running());
     engine.set_discovery(stores.discovery.clone());
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = if cfg.workers { engine.spawn(stop_rx.clone()) } else { Vec::new() };

@@ -171,6 +171,37 @@ pub struct Engine {
     /// A claim is under way: runs it took may be running in the store and
     /// not yet in `in_flight` (a shutdown waits for it).
     claiming: AtomicBool,
+    /// The cancel flags of the runs this engine is executing.
+    running: Running,
+}
+
+/// The runs an engine is executing, each with the flag its provider polls
+/// between steps: a cancel asked through the same process reaches its run
+/// at once ([`Running::cancel`]), instead of at the next heartbeat (which
+/// still carries a cancel asked through another replica).
+#[derive(Clone, Default)]
+pub struct Running(Arc<std::sync::Mutex<HashMap<Uuid, Arc<AtomicBool>>>>);
+
+impl Running {
+    /// Raises the cancel flag of `run` if this engine executes it; whether it did.
+    pub fn cancel(&self, run: Uuid) -> bool {
+        match self.0.lock().expect("not poisoned").get(&run) {
+            Some(flag) => {
+                flag.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Takes a run off the running list however its execution ends.
+struct Registered(Running, Uuid);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0 .0.lock().expect("not poisoned").remove(&self.1);
+    }
 }
 
 /// Takes a run off the in-flight list however its execution ends.
@@ -245,6 +276,7 @@ impl Engine {
             slots,
             completions: Default::default(),
             in_flight: Default::default(),
+            running: Running::default(),
             claiming: AtomicBool::new(false),
         })
     }
@@ -252,6 +284,11 @@ impl Engine {
     /// Lets fan-out actions (a cluster's `initialize`) ask for child runs.
     pub fn set_requester(&self, requester: Arc<dyn crate::fanout::Requester>) {
         let _ = self.requester.set(requester);
+    }
+
+    /// The runs this engine executes, for a cancel to reach them at once.
+    pub fn running(&self) -> Running {
+        self.running.clone()
     }
 
     /// The discovery registry runs write to and the observer keeps (see
@@ -736,8 +773,10 @@ impl Engine {
             ttl: self.discovery_ttl(),
             lease,
             attempt: run.attempt,
-            cancel: AtomicBool::new(run.cancel_requested_at.is_some()),
+            cancel: Arc::new(AtomicBool::new(run.cancel_requested_at.is_some())),
         });
+        self.running.0.lock().expect("not poisoned").insert(run.id, ctx.cancel.clone());
+        let _running = Registered(self.running.clone(), run.id);
         // The claim recorded the attempt's start in the run's events.
         if let (Some(m), Some(started)) = (self.metrics.get(), run.heartbeat_at) {
             m.run_started(run.kind, &run.action, (started - run.run_after).to_std().unwrap_or_default());
@@ -1113,7 +1152,7 @@ struct Ctx {
     ttl: chrono::Duration,
     lease: Lease,
     attempt: i32,
-    cancel: AtomicBool,
+    cancel: Arc<AtomicBool>,
 }
 
 #[async_trait]

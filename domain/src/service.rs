@@ -84,6 +84,9 @@ pub struct Service {
     max_attempts: i32,
     /// How long a queued, due run may wait before it is reported as stuck.
     stuck_after: chrono::Duration,
+    /// The runs this process's engine executes: a cancel raises their flag
+    /// at once.
+    running: std::sync::OnceLock<crate::engine::Running>,
 }
 
 impl Service {
@@ -94,7 +97,13 @@ impl Service {
             providers: Providers::default(),
             max_attempts: 3,
             stuck_after: chrono::Duration::seconds(30),
+            running: Default::default(),
         }
+    }
+
+    /// Lets a cancel reach the runs this process's engine executes at once.
+    pub fn set_running(&self, running: crate::engine::Running) {
+        let _ = self.running.set(running);
     }
 
     /// Lets the service ask providers for previews (`preview`).
@@ -795,7 +804,13 @@ impl Service {
         if current.status.is_terminal() {
             return Err(Error::AlreadyEnded { run, status: current.status.as_str() });
         }
-        self.store.request_cancel(run, actor, reason, Utc::now()).await
+        let asked = self.store.request_cancel(run, actor, reason, Utc::now()).await?;
+        // Recorded first; then, if this process runs it, its provider
+        // sees it at its next step rather than at the next heartbeat.
+        if let Some(running) = self.running.get() {
+            running.cancel(run);
+        }
+        Ok(asked)
     }
 
     pub async fn run(&self, id: Uuid) -> Result<Run> {

@@ -132,6 +132,7 @@ both_backends!(
     racing_workers_run_each_transition_once,
     a_stalled_worker_is_fenced_out_and_the_run_finishes_once,
     cancel_stops_a_running_transition,
+    a_cancel_through_this_process_reaches_its_run_at_once,
     timeouts_fail_the_run,
     retryable_errors_are_retried_with_backoff,
     retries_end_when_attempts_run_out,
@@ -250,6 +251,34 @@ async fn cancel_stops_a_running_transition(store: Arc<dyn Store>) {
     // Partial work may exist: the resource goes to its failure state, whose
     // exits are retry and destroy.
     assert_eq!(state_of(&store, &run).await, "failed");
+}
+
+/// A cancel asked through the process that runs the run raises its flag
+/// at once: here no heartbeat comes within the test (an hour apart), so
+/// only that path can stop the provider before its 10 s of work end.
+async fn a_cancel_through_this_process_reaches_its_run_at_once(s: Stores) {
+    use drover_domain::service::Service;
+    use drover_domain::settings::{SecretKey, Settings};
+    let store = s.store.clone();
+    let p = Arc::new(Scripted::default());
+    let run = queue(&store, "slow-at-once", 60).await;
+    let cfg = EngineConfig { heartbeat: Duration::from_secs(3600), lease: Duration::from_secs(7200), ..config("a") };
+    let e = engine(&store, &p, cfg);
+    let key = SecretKey::from_hex(&"00".repeat(32)).unwrap();
+    let service = Service::new(store.clone(), Arc::new(Settings::new(store.clone(), s.settings.clone(), key)));
+    service.set_running(e.running());
+    let worker = tokio::spawn({
+        let e = e.clone();
+        async move { e.run_one().await.unwrap() }
+    });
+    while store.get_run(run.id).await.unwrap().unwrap().status != RunStatus::Running {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    service.cancel(run.id, "carol", Some("at once")).await.unwrap();
+    worker.await.unwrap();
+    let fin = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(fin.status, RunStatus::Cancelled, "{fin:?}");
+    assert_eq!(p.done(run.id), 0, "the provider stopped at its next step");
 }
 
 async fn timeouts_fail_the_run(store: Arc<dyn Store>) {
