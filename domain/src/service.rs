@@ -630,7 +630,7 @@ impl Service {
                                 "an adopt needs a reason: why what runs is right and the record wrong",
                             ));
                         }
-                        adoption(kind, &resource)?
+                        adoption(kind, &req.action, &resource)?
                     }
                     false => kind.complete_params(&resource.spec, &resource.outputs, &req.action, params)?,
                 };
@@ -929,11 +929,10 @@ fn check_reason(reason: Option<&str>) -> Result<()> {
 
 /// What an `adopt` takes into the record ([`crate::drift::adoption`]),
 /// as long as the spec it leaves is one a request could write.
-fn adoption(kind: Kind, resource: &Resource) -> Result<Value> {
+fn adoption(kind: Kind, action: &str, resource: &Resource) -> Result<Value> {
     let refused = |why: String| Error::NothingToAdopt { kind: kind.as_str(), name: resource.name.clone(), why };
     let params = crate::drift::adoption(resource.drift.as_ref(), Utc::now()).map_err(refused)?;
-    let mut after = resource.spec.clone();
-    crate::merge::apply(&mut after, &params["spec"]);
+    let after = kind.spec_after_success(action, &params, &resource.spec).unwrap_or_else(|| resource.spec.clone());
     if let Err(Error::Invalid(fields)) = kind.validate_spec(&after) {
         let said: Vec<String> = fields.iter().map(|f| format!("{} {}", f.field, f.message)).collect();
         return Err(refused(format!("the spec would not be valid ({}): repair instead", said.join("; "))));

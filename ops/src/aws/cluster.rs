@@ -62,6 +62,13 @@ fn spec_of(r: &Resource) -> Result<Spec, ProviderError> {
         .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}")))
 }
 
+/// The spec the cluster last ran whole (its applied spec; the spec when
+/// none is recorded): what a repair sends and a refresh compares with.
+fn applied_spec_of(r: &Resource) -> Result<Spec, ProviderError> {
+    Spec::from_value(r.applied_spec.as_ref().unwrap_or(&r.spec))
+        .map_err(|e| ProviderError::fatal("invalid_spec", format!("the applied spec is invalid: {e:?}")))
+}
+
 impl AwsClusters {
     pub fn new(api: Arc<dyn StackApi>, poll: Backoff) -> AwsClusters {
         AwsClusters { api, poll }
@@ -588,14 +595,11 @@ impl AwsClusters {
                 ),
             ));
         }
-        let recorded = r.applied_spec.as_ref().unwrap_or(&r.spec);
-        let spec = Spec::from_value(recorded)
-            .map_err(|e| ProviderError::fatal("invalid_spec", format!("the applied spec is invalid: {e:?}")))?;
+        let spec = applied_spec_of(r)?;
         let count = match job.action.as_str() {
-            "adopt" => job.params["spec"]["count"].as_u64(),
-            _ => r.outputs["count"].as_u64(),
+            "adopt" => spec.target_count(&job.action, &job.params),
+            _ => r.outputs["count"].as_u64().map(|c| c as u32),
         }
-        .map(|c| c as u32)
         .unwrap_or(spec.count);
         let ami = match r.outputs["ami_id"].as_str() {
             Some(ami) => ami.to_string(),
@@ -724,8 +728,7 @@ impl AwsClusters {
             },
         }
         // Every instance carries the tags the stack gives it.
-        let recorded = r.applied_spec.as_ref().unwrap_or(&r.spec);
-        match (Spec::from_value(recorded), self.instances(r).await) {
+        match (applied_spec_of(r), self.instances(r).await) {
             (Ok(spec), Ok(instances)) => {
                 let want = template::stack_tags(r, &spec);
                 for i in instances.iter().filter(|i| i.state == "running" || i.state == "pending") {
@@ -741,7 +744,7 @@ impl AwsClusters {
                     }
                 }
             }
-            (Err(e), _) => report.cannot_check("instances.tags", format!("the applied spec cannot be read: {e:?}")),
+            (Err(e), _) => report.cannot_check("instances.tags", e.to_string()),
             (_, Err(e)) => report.cannot_check("instances.tags", e.to_string()),
         }
         match self.api.detect_drift(name).await {

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::image::io;
-use super::process::{alive, check, free_port, look_at, spawn_group, stop_group, wait_healthy, Probe};
+use super::process::{
+    alive, check_running, free_port, look_at, mark_needs_repair, spawn_group, stop_group, wait_healthy, Probe, GONE,
+};
 use super::state;
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -170,7 +172,7 @@ impl LocalClusters {
         // What the last run left running (a count changed since, not yet
         // scaled to, is a pending change, not drift).
         let expected = match r.state.as_str() {
-            "up" => r.outputs["count"].as_u64().map(|c| c as usize).unwrap_or(spec.count as usize),
+            "up" => recorded_count(r, spec),
             _ => 0,
         };
         // Taking reality in: the cluster has the instances that run.
@@ -263,9 +265,9 @@ impl LocalClusters {
     /// Takes the instances that died into the record: they are forgotten
     /// (what their machines ran stopped), the others run on as they are, and
     /// the count is what runs — as long as that is what the refresh found.
-    async fn adopt(&self, ctx: &dyn RunContext, job: &Job) -> Result<Value, ProviderError> {
+    async fn adopt(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
         let r = &job.resource;
-        let found = job.params["spec"]["count"].as_u64().unwrap_or(0) as usize;
+        let found = spec.target_count(&job.action, &job.params).unwrap_or(spec.count) as usize;
         let mut state = self.load(r)?;
         let (live, gone): (Vec<_>, Vec<_>) = state.instances.drain(..).partition(|i| alive(i.pid, i.start_ticks));
         if live.len() != found {
@@ -298,6 +300,12 @@ impl LocalClusters {
         }
         Ok(())
     }
+}
+
+/// The instances the last run left (a count changed since, not yet scaled
+/// to, is a pending change: neither drift nor missing).
+fn recorded_count(r: &Resource, spec: &Spec) -> usize {
+    r.outputs["count"].as_u64().map(|c| c as usize).unwrap_or(spec.count as usize)
 }
 
 /// The path a cluster's HTTP health check asks for; `None`: TCP.
@@ -562,7 +570,7 @@ impl Provider for LocalClusters {
             }
             "refresh" => self.refresh(ctx, &job.resource, &spec).await,
             "repair" => self.repair(ctx, job, &spec).await,
-            "adopt" => self.adopt(ctx, job).await,
+            "adopt" => self.adopt(ctx, job, &spec).await,
             "destroy" => {
                 self.stop_all(ctx, &job.resource).await?;
                 state::remove(&self.dir(&job.resource), "remove the cluster directory")?;
@@ -591,24 +599,22 @@ impl Provider for LocalClusters {
         let state = self.load(r).ok()?;
         let mut instances = Vec::new();
         let mut problems = Vec::new();
+        // What a repair would fix: processes gone (not an instance that
+        // runs and fails its check — starting it again would not help).
+        let mut gone = Vec::new();
         for i in &state.instances {
             let running = alive(i.pid, i.start_ticks);
-            let failing = match running {
-                // Died during the check: that is why it failed.
-                true => check(i.port, path).await.map(|why| match alive(i.pid, i.start_ticks) {
-                    true => why,
-                    false => "process is gone".into(),
-                }),
-                false => Some("process is gone".into()),
-            };
+            let failing = check_running(i.pid, i.start_ticks, i.port, path).await;
             if let Some(why) = &failing {
                 problems.push(format!("instance {} (pid {}, port {}): {why}", i.index, i.pid, i.port));
+                if why == GONE {
+                    gone.push(format!("instance {} (pid {})", i.index, i.pid));
+                }
             }
             instances.push(json!({ "index": i.index, "pid": i.pid, "port": i.port, "build": i.build,
                 "running": running, "healthy": failing.is_none() }));
         }
-        // What the last run left (a count changed since is pending, not missing).
-        let count = r.outputs["count"].as_u64().map(|c| c as usize).unwrap_or(spec.count as usize);
+        let count = recorded_count(r, &spec);
         let missing = count.saturating_sub(state.instances.len());
         if missing > 0 {
             problems.push(format!("{missing} instance(s) not on record"));
@@ -619,17 +625,7 @@ impl Provider for LocalClusters {
             format!("{} of {count} instance(s) unhealthy: {}", problems.len(), problems.join("; "))
         };
         let mut seen = json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances });
-        // What a repair would fix: processes gone (not an instance that
-        // runs and fails its check — starting it again would not help).
-        let gone: Vec<String> = state
-            .instances
-            .iter()
-            .filter(|i| !alive(i.pid, i.start_ticks))
-            .map(|i| format!("instance {} (pid {})", i.index, i.pid))
-            .collect();
-        if !gone.is_empty() {
-            seen["needs_repair"] = json!(format!("process gone: {}", gone.join(", ")));
-        }
+        mark_needs_repair(&mut seen, &gone);
         Some(seen)
     }
 }

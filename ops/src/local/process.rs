@@ -156,6 +156,29 @@ pub async fn check(port: u16, http_path: Option<&str>) -> Option<String> {
     }
 }
 
+/// What the observer says of an instance whose process is not there.
+pub const GONE: &str = "process is gone";
+
+/// Why the process `pid` (started at `ticks`) is not healthy, if it is
+/// not: gone, or failing its check on `port`. A check that fails because
+/// the process died meanwhile (a kill -9 between the two looks) says it is
+/// gone, not what the dying process answered.
+pub async fn check_running(pid: u32, ticks: u64, port: u16, http_path: Option<&str>) -> Option<String> {
+    if !alive(pid, ticks) {
+        return Some(GONE.into());
+    }
+    let why = check(port, http_path).await?;
+    Some(if alive(pid, ticks) { why } else { GONE.into() })
+}
+
+/// Marks what the observer saw with what a repair would fix: the
+/// instances whose process is gone, if any.
+pub fn mark_needs_repair(seen: &mut serde_json::Value, gone: &[String]) {
+    if !gone.is_empty() {
+        seen["needs_repair"] = json!(format!("process gone: {}", gone.join(", ")));
+    }
+}
+
 /// A refresh's look at a live process: that it runs in `dir` (reported as
 /// `{at}.{dir_path}`; `None`: not on record, so not checked) and answers
 /// its health check (`{at}.health`: an answer that is not healthy is a

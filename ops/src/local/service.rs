@@ -47,7 +47,9 @@ use uuid::Uuid;
 
 use super::cluster::{machine_dir, machines, Machine, PROCESS};
 use super::image::io;
-use super::process::{alive, check, free_port, look_at, spawn_group, stop_group, wait_healthy, Probe};
+use super::process::{
+    alive, check_running, free_port, look_at, mark_needs_repair, spawn_group, stop_group, wait_healthy, Probe, GONE,
+};
 use super::state;
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -344,8 +346,11 @@ impl LocalServices {
         let mut site = self.site(job, spec)?;
         let mut state = self.load(r)?;
         state.site = Some(site.at.clone());
-        // What ran, dead or alive (a repair starts that again).
-        let ran = state.instances.iter().filter(|i| i.alive()).chain(&state.instances).find_map(Instance::source);
+        // What ran, dead or alive, read before placement forgets the dead
+        // (a repair starts that again).
+        let ran = (job.action == "repair")
+            .then(|| state.instances.iter().filter(|i| i.alive()).chain(&state.instances).find_map(Instance::source))
+            .flatten();
         let wanted = Self::wanted(spec, &mut site, &state, count);
         let moved = self.prune(ctx, r, &mut state, &site, &wanted, spec.global).await?;
         for i in &state.instances {
@@ -1048,18 +1053,18 @@ impl Provider for LocalServices {
         let mut instances = Vec::new();
         let mut problems = Vec::new();
         let mut presence = Presence::default();
+        // What a repair would fix: a process gone on a machine still there
+        // (a machine gone is placement's, asked for below).
+        let mut gone = Vec::new();
         for i in &state.instances {
             let running = i.alive();
-            let failing = match (running, alive(i.machine_pid, i.machine_ticks)) {
-                (_, false) => Some(format!("machine {} is gone", i.machine_label())),
-                (false, true) => Some("process is gone".to_string()),
-                // A check that fails because the process died meanwhile
-                // (a kill -9 lands between the two looks) says so.
-                (true, true) => match check(i.port, health_path(&spec)).await {
-                    Some(_) if !i.alive() => Some("process is gone".to_string()),
-                    other => other,
-                },
+            let failing = match alive(i.machine_pid, i.machine_ticks) {
+                false => Some(format!("machine {} is gone", i.machine_label())),
+                true => check_running(i.pid, i.start_ticks, i.port, health_path(&spec)).await,
             };
+            if failing.as_deref() == Some(GONE) {
+                gone.push(format!("instance {} (pid {})", i.index, i.pid));
+            }
             match &failing {
                 Some(why) => {
                     problems.push(format!("instance {} (pid {}, port {}): {why}", i.index, i.pid, i.port));
@@ -1084,17 +1089,7 @@ impl Provider for LocalServices {
             false => format!("{} problem(s): {}", problems.len(), problems.join("; ")),
         };
         let mut seen = json!({ "healthy": problems.is_empty(), "summary": summary, "instances": instances });
-        // What a repair would fix: a process gone on a machine still there
-        // (a machine gone is placement's, asked for above).
-        let gone: Vec<String> = state
-            .instances
-            .iter()
-            .filter(|i| !i.alive() && alive(i.machine_pid, i.machine_ticks))
-            .map(|i| format!("instance {} (pid {})", i.index, i.pid))
-            .collect();
-        if !gone.is_empty() {
-            seen["needs_repair"] = json!(format!("process gone: {}", gone.join(", ")));
-        }
+        mark_needs_repair(&mut seen, &gone);
         (Some(seen), Some(presence))
     }
 }
