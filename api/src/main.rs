@@ -219,6 +219,11 @@ struct Serve {
     /// AWS region; default: the standard chain (`AWS_REGION`, profile, …).
     #[arg(long, env = "DROVER_AWS_REGION")]
     aws_region: Option<String>,
+    /// The S3 bucket aws bakes pack their build into (an artifact per
+    /// build, which services' instances unpack). Without it aws builds are
+    /// AMIs only and cannot run as services.
+    #[arg(long, env = "DROVER_AWS_ARTIFACT_BUCKET")]
+    aws_artifact_bucket: Option<String>,
     /// Log format.
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -334,6 +339,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         aws: drover_ops::aws::Settings {
             endpoint_url: s.aws_endpoint_url.clone(),
             region: s.aws_region.clone(),
+            artifact_bucket: s.aws_artifact_bucket.clone(),
             ..drover_ops::aws::Settings::from_env()
         },
     };

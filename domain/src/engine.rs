@@ -1175,6 +1175,25 @@ impl RunContext for Ctx {
         self.cancel.load(Ordering::Relaxed)
     }
 
+    async fn recall(&self, step: &str) -> Option<Value> {
+        let mut after = 0;
+        let mut found = None;
+        loop {
+            let page = match self.store.list_events(self.lease.run, after, 1000).await {
+                Ok(page) => page,
+                Err(e) => {
+                    warn!(error = %e, run = %self.lease.run, "could not read the run's events");
+                    return None;
+                }
+            };
+            let Some(last) = page.last() else { return found };
+            after = last.seq;
+            if let Some(e) = page.iter().rev().find(|e| e.step == step && e.data.is_some()) {
+                found = e.data.clone();
+            }
+        }
+    }
+
     async fn discovery_enter(&self, entry: &NewEntry, reason: &str) -> Result<(), ProviderError> {
         let Some(registry) = &self.discovery else { return Ok(()) };
         let now = Utc::now();

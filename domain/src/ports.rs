@@ -322,6 +322,14 @@ pub trait RunContext: Send + Sync {
         }
     }
 
+    /// The data of this run's newest event of `step` that carries data, from
+    /// this attempt or an earlier one: where a provider finds what it
+    /// decided before a crash (a rolling plan) to carry out the same.
+    /// `None` when there is none (the default: a context that keeps no log).
+    async fn recall(&self, _step: &str) -> Option<Value> {
+        None
+    }
+
     /// Puts a healthy instance in the discovery registry, or renews its
     /// entry; recorded in the run's events when it changed the registry.
     async fn discovery_enter(&self, _entry: &NewEntry, _reason: &str) -> Result<(), ProviderError> {

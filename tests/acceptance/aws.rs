@@ -1127,3 +1127,306 @@ async fn aws_refresh_names_what_changed_behind_drovers_back() {
     );
     assert_eq!(view["state"], "built");
 }
+
+/// An aws image baked with an artifact bucket: the test plays the builder's
+/// part moto cannot (the wrapper's tags: the build ended well, the
+/// artifact's checksum) and returns the build's id.
+async fn bake_with_artifact(app: &TestApp, aws: &Aws, name: &str, sha256: &str) -> String {
+    let image = app.get(&format!("/v1/images/{name}")).await.body;
+    let image_id = image["id"].as_str().unwrap().to_string();
+    let run = app.transition("image", name, json!({"action": "build"})).await;
+    let ec2 = aws.clients.ec2().await;
+    let builder = loop {
+        let out = ec2
+            .describe_instances()
+            .filters(ec2::types::Filter::builder().name("tag:drover:run").values(&run).build())
+            .send()
+            .await
+            .unwrap();
+        if let Some(i) = out.reservations().iter().flat_map(|r| r.instances()).next() {
+            break i.instance_id().unwrap().to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let attr = ec2
+        .describe_instance_attribute()
+        .instance_id(&builder)
+        .attribute(ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    use base64::Engine as _;
+    let user_data =
+        base64::engine::general_purpose::STANDARD.decode(attr.user_data().and_then(|u| u.value()).unwrap()).unwrap();
+    let user_data = String::from_utf8(user_data).unwrap();
+    let key = format!("drover/images/{image_id}/{run}.tar.gz");
+    assert!(user_data.contains(&format!("'s3://drover-artifacts/{key}'")), "{user_data}");
+    assert!(user_data.contains("echo baked > /etc/motd"), "the build script runs inside: {user_data}");
+    for (k, v) in [("drover:artifact-sha256", sha256), ("drover:build", "ok")] {
+        ec2.create_tags()
+            .resources(&builder)
+            .tags(ec2::types::Tag::builder().key(k).value(v).build())
+            .send()
+            .await
+            .unwrap();
+    }
+    let done = app.wait(&run).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let build = &done["outputs"]["builds"][0];
+    assert_eq!(build["artifact"], json!({"bucket": "drover-artifacts", "key": key, "sha256": sha256}), "{done}");
+    run
+}
+
+/// The service's instance tags on the cluster's machines: unit → (machine, value).
+async fn service_tags(
+    aws: &Aws,
+    cluster_id: &str,
+    service_id: &str,
+) -> std::collections::BTreeMap<String, (String, String)> {
+    let prefix = format!("drover:svc/{service_id}/");
+    let mut out = std::collections::BTreeMap::new();
+    for i in aws.running_instances(cluster_id).await {
+        for t in i.tags() {
+            if let Some(unit) = t.key().and_then(|k| k.strip_prefix(&prefix)) {
+                out.insert(unit.to_string(), (i.instance_id().unwrap().to_string(), t.value().unwrap().to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// The commands a run sent, with the script each carried: (comment, instance, script).
+async fn scripts_of(aws: &Aws, run: &str) -> Vec<(String, String, String)> {
+    let prefix = format!("drover run {run} ");
+    let mut all = Vec::new();
+    let mut pages = aws.clients.ssm().await.list_commands().into_paginator().send();
+    while let Some(page) = pages.next().await {
+        all.extend(
+            page.unwrap().commands().iter().filter(|c| c.comment().is_some_and(|t| t.starts_with(&prefix))).cloned(),
+        );
+    }
+    all.iter()
+        .map(|c| {
+            let script = c.parameters().unwrap()["commands"].join("\n");
+            let comment = c.comment().unwrap_or_default().to_string();
+            // moto lists every instance it has; the comment names the unit,
+            // the run's events the machine.
+            (comment, c.instance_ids().first().cloned().unwrap_or_default(), script)
+        })
+        .collect()
+}
+
+/// Services on an aws cluster: units over SSM Run Command from the build's
+/// S3 artifact, recorded as tags on the machines, placed, scaled, deployed
+/// by a plan that a second attempt resumes, stopped and destroyed. moto
+/// runs nothing: no unit starts, so the run's own events and the commands
+/// sent are what is checked (see `ops/src/aws/service.rs`).
+#[tokio::test]
+async fn aws_services_are_units_started_over_ssm_from_the_builds_artifact() {
+    let mut settings = drover_ops::aws::testing::moto_settings();
+    settings.artifact_bucket = Some("drover-artifacts".into());
+    let app = drover_tests::spawn_app_with(Backend::Sqlite, settings).await;
+    let aws = aws().await;
+
+    let image = unique("web");
+    let mut spec = aws.image_spec();
+    spec["start_command"] = json!("./serve --port $PORT");
+    create(&app, "image", &image, spec).await;
+    let first = bake_with_artifact(&app, &aws, &image, &"a".repeat(64)).await;
+
+    let cluster = unique("svc");
+    let c = create(&app, "cluster", &cluster, aws.cluster_spec(&image, 2)).await;
+    let cluster_id = c["id"].as_str().unwrap().to_string();
+    assert_eq!(app.run("cluster", &cluster, json!({"action": "create"})).await["status"], "succeeded");
+    let machines: Vec<(String, String)> = aws
+        .running_instances(&cluster_id)
+        .await
+        .iter()
+        .map(|i| (i.instance_id().unwrap().to_string(), i.private_ip_address().unwrap_or_default().to_string()))
+        .collect();
+    assert_eq!(machines.len(), 2);
+    for (key, body) in
+        [("LOG_LEVEL", json!({"value": "debug"})), ("API_KEY", json!({"value": "s3cr3t-svc", "secret": true}))]
+    {
+        let r = app.send(&app.client, "PUT", &format!("/v1/settings/cluster:{cluster}/{key}"), Some(body)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+
+    // Bad input, named: no port on aws; a local image.
+    let name = unique("app");
+    let bad = app
+        .post(
+            "/v1/services",
+            json!({"name": name, "spec": {"provider": "aws", "cluster": cluster, "image": image, "count": 3}}),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    assert_eq!(bad.body["errors"][0]["field"], "spec.port", "{}", bad.body);
+    let local = unique("loc");
+    create(&app, "image", &local, json!({"build_command": "true", "start_command": "true"})).await;
+    let bad = app
+        .post("/v1/services", json!({"name": name, "spec": {"provider": "aws", "cluster": cluster, "image": local, "count": 1, "port": 8080}}))
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    assert_eq!(bad.body["errors"][0]["field"], "spec.image", "{}", bad.body);
+
+    let svc = create(
+        &app,
+        "service",
+        &name,
+        json!({"provider": "aws", "cluster": cluster, "image": image, "count": 3, "port": 8080,
+               "health_check": {"type": "http", "path": "/health"}, "env": {"MODE": "blue"}, "start_timeout_secs": 20}),
+    )
+    .await;
+    let service_id = svc["id"].as_str().unwrap().to_string();
+    let run = app.run("service", &name, json!({"action": "start"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let run_id = run["id"].as_str().unwrap().to_string();
+
+    // Three instances spread over the two machines (2 + 1), each a tag on
+    // its machine naming the build and its port (8080 + index).
+    let tags = service_tags(&aws, &cluster_id, &service_id).await;
+    assert_eq!(tags.len(), 3, "{tags:?}");
+    let mut per_machine = std::collections::BTreeMap::<String, usize>::new();
+    for (unit, (machine, value)) in &tags {
+        *per_machine.entry(machine.clone()).or_default() += 1;
+        let index: u16 = unit.split('-').next().unwrap().parse().unwrap();
+        assert!(value.contains(&format!("build={first}")), "{value}");
+        assert!(value.contains(&format!("port={}", 8080 + index)), "{value}");
+    }
+    let mut counts: Vec<usize> = per_machine.values().copied().collect();
+    counts.sort();
+    assert_eq!(counts, vec![1, 2], "spread over the machines: {tags:?}");
+    let out = &run["outputs"];
+    assert_eq!(out["count"], 3);
+    assert_eq!(out["build"], first);
+    for i in out["instances"].as_array().unwrap() {
+        let m = machines.iter().find(|(id, _)| i["machine"] == id.as_str()).expect("on a machine of the cluster");
+        assert_eq!(i["address"], m.1.as_str(), "{i}");
+    }
+
+    // The start scripts: the unit, the artifact and its checksum, the env
+    // file with the settings and drover's variables, and no secret.
+    let sent = scripts_of(&aws, &run_id).await;
+    let starts: Vec<&(String, String, String)> = sent.iter().filter(|(c, _, _)| c.contains(" start ")).collect();
+    assert_eq!(starts.len(), 3, "{sent:?}");
+    let script = &starts[0].2;
+    let key = format!(
+        "drover/images/{}/{first}.tar.gz",
+        app.get(&format!("/v1/images/{image}")).await.body["id"].as_str().unwrap()
+    );
+    assert!(script.contains(&format!("'s3://drover-artifacts/{key}'")), "{script}");
+    assert!(script.contains(&format!("'{}  /var/lib/drover/services/{name}/", "a".repeat(64))), "{script}");
+    assert!(script.contains(&format!("drover-{name}@")) && script.contains("systemctl start"), "{script}");
+    assert!(script.contains("LOG_LEVEL=\"debug\"") && script.contains("MODE=\"blue\""), "{script}");
+    assert!(script.contains("DROVER_SERVICE=\"") && script.contains("PORT=\"808"), "{script}");
+    assert!(script.contains("./serve --port $PORT"), "{script}");
+    assert!(script.contains("curl -fsS -o /dev/null --max-time 2 'http://127.0.0.1:808"), "{script}");
+    assert!(script.contains("EnvironmentFile=-/etc/drover/secrets.env"), "{script}");
+    assert!(!sent.iter().any(|(_, _, s)| s.contains("s3cr3t-svc") || s.contains("API_KEY")), "no secret through SSM");
+
+    // Each healthy instance entered the registry at its machine's private address.
+    let changes = app.get(&format!("/v1/discovery-changes?service={name}&after=0")).await.body;
+    let entered: Vec<&Value> = changes["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["change"] == "enter" && c["by"] == run_id.as_str())
+        .collect();
+    assert_eq!(entered.len(), 3, "{changes}");
+    for c in &entered {
+        assert!(machines.iter().any(|(id, ip)| c["address"] == ip.as_str() && c["machine"] == id.as_str()), "{c}");
+    }
+
+    // Scale to 1: the highest indexes go (stop commands, tags removed).
+    let run = app.run("service", &name, json!({"action": "scale", "params": {"count": 1}})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let tags = service_tags(&aws, &cluster_id, &service_id).await;
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    assert!(tags.keys().next().unwrap().starts_with("0-"), "{tags:?}");
+    let stops = scripts_of(&aws, run["id"].as_str().unwrap()).await;
+    assert_eq!(
+        stops.iter().filter(|(c, _, s)| c.contains(" stop ") && s.contains("systemctl stop")).count(),
+        2,
+        "{stops:?}"
+    );
+
+    // A deploy of a second build: a plan, the instance replaced surge-first
+    // (the new one beside the old on port 8080 + 64 when on its machine).
+    let run = app.run("service", &name, json!({"action": "scale", "params": {"count": 2}})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let second = bake_with_artifact(&app, &aws, &image, &"b".repeat(64)).await;
+    let run = app.run("service", &name, json!({"action": "deploy"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["outputs"]["build"], second);
+    assert_eq!(run["outputs"]["previous"]["build"], first);
+    let tags = service_tags(&aws, &cluster_id, &service_id).await;
+    assert_eq!(tags.len(), 2, "{tags:?}");
+    assert!(tags.values().all(|(_, v)| v.contains(&format!("build={second}"))), "{tags:?}");
+    // Each new instance started beside its predecessor (on its machine):
+    // port + 64 + index, so the two never share a port.
+    let mut ports: Vec<&str> =
+        tags.values().map(|(_, v)| v.split(' ').find(|f| f.starts_with("port=")).unwrap()).collect();
+    ports.sort();
+    assert_eq!(ports, vec!["port=8144", "port=8145"], "{tags:?}");
+    let events = app.get(&format!("/v1/transitions/{}/events", run["id"].as_str().unwrap())).await.body;
+    let plan = events["events"].as_array().unwrap().iter().find(|e| e["step"] == "plan").expect("a plan event");
+    assert_eq!(plan["data"]["plan"]["indexes"], json!([0, 1]), "{plan}");
+    assert_eq!(plan["data"]["plan"]["surge"], 1, "{plan}");
+
+    // The same deploy tried again after drover died mid-plan: the second
+    // attempt reads the plan back and carries out the same one.
+    let services = drover_ops::aws::AwsServices::new(
+        aws.clients.clone(),
+        Arc::new(drover_ops::aws::SdkStacks::new(aws.clients.clone())),
+        moto_settings().poll,
+    );
+    let svc_r = app.get(&format!("/v1/services/{name}")).await.body;
+    let cluster_r = app.get(&format!("/v1/clusters/{cluster}")).await.body;
+    let image_r = app.get(&format!("/v1/images/{image}")).await.body;
+    let as_resource = |kind, v: &Value| {
+        let mut r = drover_ops::aws::testing::resource(
+            kind,
+            v["name"].as_str().unwrap(),
+            v["spec"].clone(),
+            v["state"].as_str().unwrap(),
+            v["outputs"].clone(),
+        );
+        r.id = v["id"].as_str().unwrap().parse().unwrap();
+        r
+    };
+    let mut job = drover_ops::aws::testing::job(
+        drover_domain::kinds::service::KIND,
+        &name,
+        svc_r["spec"].clone(),
+        "deploy",
+        json!({"build": first}),
+        vec![
+            as_resource(drover_domain::kinds::cluster::KIND, &cluster_r),
+            as_resource(drover_domain::kinds::image::KIND, &image_r),
+        ],
+    );
+    job.resource = as_resource(drover_domain::kinds::service::KIND, &svc_r);
+    // The first attempt makes its plan and is stopped before its first
+    // batch (as drover dying would); the second resumes that plan.
+    let ctx = drover_ops::aws::testing::RecordingCtx::new(job.run_id);
+    ctx.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(matches!(services.apply(&ctx, &job).await, Err(ProviderError::Cancelled)));
+    assert_eq!(service_tags(&aws, &cluster_id, &service_id).await.len(), 2, "nothing changed yet");
+    ctx.cancel.store(false, std::sync::atomic::Ordering::Relaxed);
+    let again = services.apply(&ctx, &job).await.expect("second attempt");
+    assert_eq!(again["build"], first);
+    let said = ctx.messages();
+    assert!(said.iter().any(|m| m.starts_with("resume: resuming the plan of this run: 2")), "{said:?}");
+    assert_eq!(said.iter().filter(|m| m.starts_with("plan: plan: replace")).count(), 1, "one plan: {said:?}");
+    assert!(said.iter().any(|m| m.starts_with("plan: plan carried out")), "{said:?}");
+    let tags = service_tags(&aws, &cluster_id, &service_id).await;
+    assert_eq!(tags.len(), 2, "{tags:?}");
+    assert!(tags.values().all(|(_, v)| v.contains(&format!("build={first}"))), "{tags:?}");
+
+    // Stop, then destroy: no tag left.
+    assert_eq!(app.run("service", &name, json!({"action": "stop"})).await["status"], "succeeded");
+    assert!(service_tags(&aws, &cluster_id, &service_id).await.is_empty());
+    assert_eq!(app.run("service", &name, json!({"action": "destroy"})).await["status"], "succeeded");
+    assert_eq!(app.run("cluster", &cluster, json!({"action": "destroy"})).await["status"], "succeeded");
+}

@@ -115,7 +115,7 @@ pub async fn spawn_app_on_moto_without_workers(backend: Backend) -> TestApp {
     app
 }
 
-async fn spawn_app_with(backend: Backend, aws: drover_ops::aws::Settings) -> TestApp {
+pub async fn spawn_app_with(backend: Backend, aws: drover_ops::aws::Settings) -> TestApp {
     capture_logs();
     let data_dir = tempfile::tempdir().expect("temp dir");
     let database_url = match backend {

@@ -309,6 +309,11 @@ pub struct Spec {
     /// aws: the EC2 key pair to log in with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_name: Option<String>,
+    /// aws: the instances' IAM instance profile (name): what lets them read
+    /// their secret settings from Parameter Store, take SSM Run Command
+    /// (jobs, services) and fetch services' artifacts from S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_profile: Option<String>,
     /// aws: subnets of the auto-scaling group (at least one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subnets: Vec<String>,
@@ -353,7 +358,8 @@ fn provider_rules(schema: &mut schemars::Schema) {
     // Refused on local, unless empty (as validation has it).
     let local = json!({
         "provider": {"const": "local"},
-        "instance_type": {"type": "null"}, "key_name": {"type": "null"}, "role_metadata": metadata,
+        "instance_type": {"type": "null"}, "key_name": {"type": "null"}, "instance_profile": {"type": "null"},
+        "role_metadata": metadata,
         "subnets": {"maxItems": 0}, "security_groups": {"maxItems": 0},
         "tags": {"maxProperties": 0}, "termination_protection": {"const": false},
     });
@@ -365,6 +371,7 @@ fn provider_rules(schema: &mut schemars::Schema) {
                 "provider": {"const": "aws"},
                 "instance_type": word,
                 "key_name": {"type": ["string", "null"], "pattern": "^[!-+\\--~]{1,255}$"},
+                "instance_profile": {"type": ["string", "null"], "pattern": "^[\\w+=,.@-]{1,128}$"},
                 "subnets": {"type": "array", "minItems": 1, "items": id("subnet-")},
                 "security_groups": {"type": "array", "items": id("sg-")},
                 "tags": {"type": "object", "maxProperties": 40,
@@ -425,6 +432,7 @@ impl Spec {
                 let aws_only = [
                     ("instance_type", spec.instance_type.is_some()),
                     ("key_name", spec.key_name.is_some()),
+                    ("instance_profile", spec.instance_profile.is_some()),
                     ("subnets", !spec.subnets.is_empty()),
                     ("security_groups", !spec.security_groups.is_empty()),
                     ("tags", !spec.tags.is_empty()),
@@ -505,6 +513,10 @@ impl Spec {
         }
         if self.key_name.as_deref().is_some_and(|k| !word(k)) {
             errors.push(FieldError::new("spec.key_name", "must be a key pair name without spaces or commas"));
+        }
+        let profile = |c: char| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c);
+        if self.instance_profile.as_ref().is_some_and(|p| p.is_empty() || p.len() > 128 || !p.chars().all(profile)) {
+            errors.push(FieldError::new("spec.instance_profile", "must be an IAM instance profile name"));
         }
         if self.subnets.is_empty() {
             errors.push(FieldError::new("spec.subnets", "at least one subnet id (required by provider aws)"));

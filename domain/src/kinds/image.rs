@@ -131,7 +131,10 @@ pub struct Spec {
     /// local: shell command run in a fresh directory; the directory is the image.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub build_command: String,
-    /// local: shell command that starts one instance of the image; `PORT` is set.
+    /// Shell command that starts one instance of the image (as a service's
+    /// instance); `PORT` is set. local: required. aws: optional, run in the
+    /// unpacked artifact by the instance's systemd unit (a service's
+    /// `command` overrides it).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub start_command: String,
     /// aws: the AMI the builder instance starts from.
@@ -153,6 +156,13 @@ pub struct Spec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
     pub build_timeout_secs: Option<u64>,
+    /// aws: the builder's IAM instance profile (name). With an artifact
+    /// bucket the bake uploads the build with it: it must allow
+    /// `s3:PutObject` on the bucket's `drover/images/` prefix and
+    /// `ec2:CreateTags` on the builder itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[\w+=,.@-]{1,128}$"))]
+    pub instance_profile: Option<String>,
 }
 
 /// What [`Spec::check`] asks of each provider, said in the schema: one
@@ -166,11 +176,11 @@ fn provider_rules(schema: &mut schemars::Schema) {
             {"title": "local", "required": ["build_command", "start_command"], "properties": {
                 "provider": {"const": "local"}, "build_command": text, "start_command": text,
                 "base_ami": {"type": "null"}, "instance_type": {"type": "null"}, "build_script": {"type": "null"},
-                "builder_shutdown": {"type": "null"}}},
+                "builder_shutdown": {"type": "null"}, "instance_profile": {"type": "null"}}},
             {"title": "aws", "required": ["provider", "base_ami", "instance_type", "build_script"], "properties": {
                 "provider": {"const": "aws"}, "base_ami": {"type": "string"}, "instance_type": text,
                 "build_script": {"type": "string", "pattern": "\\S", "maxLength": 12 * 1024},
-                "build_command": {"const": ""}, "start_command": {"const": ""}}},
+                "build_command": {"const": ""}, "start_command": {"type": "string", "maxLength": 4096}}},
         ]),
     );
 }
@@ -213,6 +223,7 @@ impl Spec {
                 forbidden(&mut errors, "instance_type", spec.instance_type.is_some());
                 forbidden(&mut errors, "build_script", spec.build_script.is_some());
                 forbidden(&mut errors, "builder_shutdown", spec.builder_shutdown.is_some());
+                forbidden(&mut errors, "instance_profile", spec.instance_profile.is_some());
             }
             "aws" => {
                 let ami = spec.base_ami.as_deref().unwrap_or("");
@@ -231,7 +242,17 @@ impl Spec {
                     ));
                 }
                 forbidden(&mut errors, "build_command", !spec.build_command.is_empty());
-                forbidden(&mut errors, "start_command", !spec.start_command.is_empty());
+                if spec.start_command.chars().count() > 4096 {
+                    errors.push(FieldError::new("spec.start_command", "at most 4096 characters"));
+                }
+                let profile = |c: char| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c);
+                if spec
+                    .instance_profile
+                    .as_ref()
+                    .is_some_and(|p| p.is_empty() || p.len() > 128 || !p.chars().all(profile))
+                {
+                    errors.push(FieldError::new("spec.instance_profile", "must be an IAM instance profile name"));
+                }
             }
             _ => errors
                 .push(FieldError::new("spec.provider", format!("unknown provider; known: {}", PROVIDERS.join(", ")))),

@@ -82,9 +82,9 @@ named_enum!(Action {
     Repair => "repair",
 });
 
-/// Providers services run on: for now the local one (an aws cluster's
-/// services need SSM Run Command, still to come).
-pub const PROVIDERS: &[&str] = &["local"];
+/// Providers services run on: the cluster's. On aws an instance is a
+/// systemd unit started over SSM Run Command from the build's S3 artifact.
+pub const PROVIDERS: &[&str] = &["local", "aws"];
 
 impl Declaration for Service {
     const NAME: &'static str = "service";
@@ -346,7 +346,7 @@ pub fn next(state: State, action: Action) -> Result<TypedStep<State>, NotAllowed
 #[serde(deny_unknown_fields)]
 #[schemars(transform = count_or_global)]
 pub struct Spec {
-    /// Provider: the cluster's (`local`; services on aws clusters are still to come).
+    /// Provider: the cluster's (`local` or `aws`).
     #[serde(default = "default_provider")]
     #[schemars(extend("enum" = PROVIDERS))]
     pub provider: String,
@@ -366,9 +366,11 @@ pub struct Spec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096), regex(pattern = r"\S"))]
     pub command: Option<String>,
-    /// The port instances listen on. Locally the machines share one host,
-    /// so instance `i` gets `port + i` (in `PORT`); without it each instance
-    /// gets a free port.
+    /// The port instances listen on: instance `i` gets `port + i` (in
+    /// `PORT`). Locally, without it, each instance gets a free port; on aws
+    /// it is required (drover cannot see a machine's free ports), and a
+    /// deploy's new instance beside its predecessor on one machine takes
+    /// `port + 64 + i`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 65535))]
     pub port: Option<u16>,
@@ -430,6 +432,14 @@ fn count_or_global(schema: &mut schemars::Schema) {
     schema.insert(
         "not".into(),
         json!({"required": ["max_surge"], "properties": {"max_surge": {"const": 0}, "max_unavailable": {"const": 0}}}),
+    );
+    // On aws: a port (instances take port + index, or port + 64 + index
+    // beside a predecessor), and no auto-repair yet.
+    schema.insert("if".into(), json!({"required": ["provider"], "properties": {"provider": {"const": "aws"}}}));
+    schema.insert(
+        "then".into(),
+        json!({"required": ["port"], "properties": {"port": {"type": "integer", "maximum": 65535 - 2 * MAX_COUNT},
+            "auto_repair": {"const": false}}}),
     );
 }
 
@@ -577,7 +587,21 @@ impl Spec {
         let mut errors = Vec::new();
         let mut bad = |field: &str, why: &str| errors.push(FieldError::new(format!("spec.{field}"), why));
         if !PROVIDERS.contains(&self.provider.as_str()) {
-            bad("provider", "services run on provider local (aws clusters' services are still to come)");
+            bad("provider", "services run on provider local or aws (the cluster's)");
+        }
+        if self.provider == "aws" {
+            if self.port.is_none() {
+                bad("port", "required on aws: drover cannot see which ports are free on a machine");
+            }
+            if self.port.is_some_and(|p| u32::from(p) + 2 * MAX_COUNT > 65535) {
+                bad(
+                    "port",
+                    "on aws at most 65407: instances take port + index, and port + 64 + index beside a predecessor",
+                );
+            }
+            if self.auto_repair {
+                bad("auto_repair", "not on aws services yet: drover does not yet see a unit die on an EC2 machine");
+            }
         }
         if self.cluster.trim().is_empty() {
             bad("cluster", "must name a cluster");
@@ -642,6 +666,18 @@ impl Spec {
     fn check_with(&self, named: &[Referenced]) -> Vec<FieldError> {
         let mut errors = Vec::new();
         check_cluster_provider(&self.provider, PROVIDERS, named, &mut errors);
+        for r in named.iter().filter(|r| r.reference.kind == image::KIND) {
+            let built_by = r.spec["provider"].as_str().unwrap_or("local");
+            if built_by != self.provider {
+                errors.push(FieldError::new(
+                    r.reference.field.clone(),
+                    format!(
+                        "image {} is built by provider {built_by}; a {} service runs a {} image's builds",
+                        r.name, self.provider, self.provider
+                    ),
+                ));
+            }
+        }
         for r in named.iter().filter(|r| r.reference.kind == KIND) {
             let same = r.spec["cluster"].as_str().is_some_and(|c| {
                 named.iter().any(|n| n.reference.kind == cluster::KIND && (c == n.name || c == n.id.to_string()))
@@ -662,6 +698,24 @@ impl Spec {
     fn check_run(&self, action: Action, deps: &[Referenced]) -> Vec<FieldError> {
         let mut errors = Vec::new();
         check_machines(self.constraints.as_deref(), deps, &mut errors);
+        for r in deps.iter().filter(|r| r.reference.kind == image::KIND && self.provider == "aws") {
+            // An aws instance unpacks its build's artifact: a build without
+            // one (baked with no artifact bucket) cannot run as a service.
+            let build = self.build.as_deref().or_else(|| image::current_build(r.outputs));
+            let entry =
+                r.outputs["builds"].as_array().into_iter().flatten().find(|b| build.is_some_and(|id| b["id"] == id));
+            if entry.is_some_and(|b| !b["artifact"].is_object()) && !matches!(action, Action::Stop | Action::Destroy) {
+                errors.push(FieldError::new(
+                    "spec.image",
+                    format!(
+                        "build {} of image {} has no artifact to unpack: an aws build carries one when drover has an \
+                         artifact bucket (DROVER_AWS_ARTIFACT_BUCKET); rebuild the image",
+                        build.unwrap_or_default(),
+                        r.name
+                    ),
+                ));
+            }
+        }
         for r in deps.iter().filter(|r| r.reference.kind == image::KIND) {
             if let Some(build) = &self.build {
                 let kept = r.outputs["builds"].as_array().into_iter().flatten().any(|b| b["id"] == build.as_str());
@@ -826,11 +880,45 @@ mod tests {
             (json!({"cluster": "c", "image": "i", "count": 1, "env": {"1X": "y"}}), "spec.env.1X"),
             (json!({"cluster": "c", "image": "i", "count": 3, "port": 80}), "spec.port"),
             (json!({"cluster": "c", "image": "i", "count": 1, "after": ["Bad"]}), "spec.after[0]"),
-            (json!({"cluster": "c", "image": "i", "count": 1, "provider": "aws"}), "spec.provider"),
+            (json!({"cluster": "c", "image": "i", "count": 1, "provider": "aws"}), "spec.port"),
+            (json!({"cluster": "c", "image": "i", "count": 1, "provider": "aws", "port": 65500}), "spec.port"),
+            (
+                json!({"cluster": "c", "image": "i", "count": 1, "provider": "aws", "port": 8080, "auto_repair": true}),
+                "spec.auto_repair",
+            ),
+            (json!({"cluster": "c", "image": "i", "count": 1, "provider": "gcp"}), "spec.provider"),
         ] {
             let e = Spec::from_value(&bad).unwrap_err();
             assert!(matches!(&e, Error::Invalid(f) if f[0].field == field), "{bad}: {e:?}");
         }
+    }
+
+    #[test]
+    fn an_aws_service_runs_an_aws_builds_artifact() {
+        let spec =
+            Spec::from_value(&json!({"provider": "aws", "cluster": "c", "image": "web", "count": 1, "port": 8080}))
+                .expect("valid");
+        let reference = Reference::new(image::KIND, "web", "spec.image");
+        let id = uuid::Uuid::nil();
+        let check = |image_spec: &Value, outputs: &Value| {
+            let named =
+                [Referenced { reference: &reference, id, name: "web", state: "built", spec: image_spec, outputs }];
+            (spec.check_with(&named), spec.check_run(Action::Start, &named))
+        };
+        let aws = json!({"provider": "aws"});
+        let with =
+            json!({"build": "b1", "builds": [{"id": "b1", "artifact": {"bucket": "x", "key": "k", "sha256": "s"}}]});
+        assert_eq!(check(&aws, &with), (vec![], vec![]));
+        let without = json!({"build": "b1", "builds": [{"id": "b1", "ami_id": "ami-1"}]});
+        let (_, run) = check(&aws, &without);
+        assert_eq!(run.len(), 1, "{run:?}");
+        assert!(
+            run[0].message.contains("no artifact") && run[0].message.contains("DROVER_AWS_ARTIFACT_BUCKET"),
+            "{run:?}"
+        );
+        let (with_errors, _) = check(&json!({"provider": "local"}), &with);
+        assert_eq!(with_errors[0].field, "spec.image");
+        assert!(with_errors[0].message.contains("built by provider local"), "{with_errors:?}");
     }
 
     #[test]

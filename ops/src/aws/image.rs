@@ -15,10 +15,25 @@
 //!   them). `destroy` deregisters every image tagged with the resource and
 //!   deletes their snapshots; what is already gone counts as done.
 //!
+//! - With an artifact bucket (`Settings::artifact_bucket`), the builder's
+//!   user-data is drover's wrapper around the build script: it runs the
+//!   script, packs `/opt/drover/build` as
+//!   `s3://BUCKET/drover/images/IMAGE-ID/BUILD-ID.tar.gz`, tags the builder
+//!   with the outcome (`drover:build` = `ok` or `failed:CODE`) and the
+//!   artifact's SHA-256, and powers it off (with `builder_shutdown`). Drover
+//!   waits for that tag: a failed script fails the bake with its exit code
+//!   (no image is taken of a half-built machine). The checksum goes onto
+//!   the AMI's tags too, so an attempt that adopts the image finds it, and
+//!   into the build's outputs as `artifact: {bucket, key, sha256}`.
+//!
 //! # Assumptions
-//! - With `builder_shutdown` (the default), the build script powers the
-//!   builder off when it is done; otherwise the image is taken as soon as
-//!   the builder runs.
+//! - With `builder_shutdown` (the default), the build script (or, with an
+//!   artifact bucket, drover's wrapper) powers the builder off when it is
+//!   done; otherwise the image is taken as soon as the builder runs (with
+//!   an artifact bucket: as soon as it says the build is packed).
+//! - With an artifact bucket, the base AMI has the AWS CLI (or docker, to
+//!   run `amazon/aws-cli`), and the image's `instance_profile` lets the
+//!   builder put the artifact and tag itself.
 
 use std::sync::Arc;
 
@@ -35,6 +50,65 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
 use super::{AwsError, Clients, TAG_IMAGE, TAG_RESOURCE, TAG_ROLE, TAG_RUN};
+
+/// The tags a bake's wrapper puts on its builder: how the build script
+/// ended, and the artifact's checksum (also put on the AMI).
+pub const TAG_BUILD: &str = "drover:build";
+pub const TAG_ARTIFACT_SHA256: &str = "drover:artifact-sha256";
+
+/// Where a build's artifact goes in the bucket.
+pub fn artifact_key(image_id: uuid::Uuid, build: uuid::Uuid) -> String {
+    format!("drover/images/{image_id}/{build}.tar.gz")
+}
+
+/// The builder's user-data with an artifact bucket: the build script,
+/// then the pack, the upload and the tags that tell drover how it went.
+pub fn bake_script(build_script: &str, bucket: &str, key: &str, shutdown: bool) -> String {
+    // A heredoc delimiter the script cannot contain by accident.
+    let mut end = String::from("DROVER_BUILD_SCRIPT");
+    while build_script.contains(&end) {
+        end.push('_');
+    }
+    let power_off = if shutdown { "poweroff" } else { ":" };
+    format!(
+        r#"#!/bin/bash
+# drover bake: runs the image's build script, packs /opt/drover/build into
+# s3://{bucket}/{key} and tags this builder with the outcome.
+set -u
+exec >>/var/log/drover-bake.log 2>&1
+imds() {{
+  t=$(curl -sf -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)
+  curl -sf -H "X-aws-ec2-metadata-token: $t" "http://169.254.169.254/latest/$1"
+}}
+awscli() {{
+  if command -v aws >/dev/null; then aws "$@"
+  else docker run --rm --network host -v /var/lib/drover:/var/lib/drover amazon/aws-cli "$@"; fi
+}}
+self=$(imds meta-data/instance-id)
+export AWS_DEFAULT_REGION=$(imds meta-data/placement/region)
+tag() {{ awscli ec2 create-tags --resources "$self" --tags "Key=$1,Value=$2"; }}
+mkdir -p /opt/drover/build /var/lib/drover
+cat > /var/lib/drover/build-script <<'{end}'
+{build_script}
+{end}
+chmod 0700 /var/lib/drover/build-script
+if head -c2 /var/lib/drover/build-script | grep -q '#!'; then
+  (cd /opt/drover/build && /var/lib/drover/build-script)
+else
+  (cd /opt/drover/build && sh /var/lib/drover/build-script)
+fi
+code=$?
+if [ "$code" -ne 0 ]; then tag {TAG_BUILD} "failed:$code"; {power_off}; exit "$code"; fi
+tar -czf /var/lib/drover/build.tar.gz -C /opt/drover/build . || {{ tag {TAG_BUILD} failed:pack; {power_off}; exit 1; }}
+sum=$(sha256sum /var/lib/drover/build.tar.gz | cut -d' ' -f1)
+awscli s3 cp /var/lib/drover/build.tar.gz 's3://{bucket}/{key}' --only-show-errors || {{ tag {TAG_BUILD} failed:upload; {power_off}; exit 1; }}
+rm -f /var/lib/drover/build.tar.gz /var/lib/drover/build-script
+tag {TAG_ARTIFACT_SHA256} "$sum"
+tag {TAG_BUILD} ok
+{power_off}
+"#
+    )
+}
 
 pub struct AwsImages {
     clients: Arc<Clients>,
@@ -179,13 +253,28 @@ impl AwsImages {
         let ec2 = self.clients.ec2().await;
         let base = spec.base_ami.clone().unwrap_or_default();
         let itype = spec.instance_type.clone().unwrap_or_default();
+        let script = spec.build_script.as_deref().unwrap_or("");
+        let user_data = match &self.clients.settings().artifact_bucket {
+            Some(bucket) => bake_script(
+                script,
+                bucket,
+                &artifact_key(job.resource.id, job.run_id),
+                spec.builder_shutdown.unwrap_or(true),
+            ),
+            None => script.to_string(),
+        };
+        let profile = spec
+            .instance_profile
+            .as_ref()
+            .map(|p| aws_sdk_ec2::types::IamInstanceProfileSpecification::builder().name(p).build());
         let out = ec2
             .run_instances()
             .image_id(&base)
             .instance_type(InstanceType::from(itype.as_str()))
             .min_count(1)
             .max_count(1)
-            .user_data(STANDARD.encode(spec.build_script.as_deref().unwrap_or("")))
+            .set_iam_instance_profile(profile)
+            .user_data(STANDARD.encode(user_data))
             .client_token(format!("drover-{}", job.run_id))
             .instance_initiated_shutdown_behavior(ShutdownBehavior::Stop)
             .tag_specifications(
@@ -239,7 +328,67 @@ impl AwsImages {
         }
     }
 
-    async fn create_image(&self, ctx: &dyn RunContext, job: &Job, builder: &str) -> Result<String, ProviderError> {
+    /// With an artifact bucket: waits until the wrapper says how the build
+    /// ended (and, with `shutdown`, the builder stopped); the artifact's
+    /// checksum.
+    async fn wait_packed(&self, ctx: &dyn RunContext, id: &str, shutdown: bool) -> Result<String, ProviderError> {
+        let mut delays = self.clients.settings().poll.delays();
+        let mut last = String::new();
+        loop {
+            ctx.check_cancel()?;
+            let found = self.instances(vec![filter("instance-id", &[id])]).await?;
+            let state = found.first().map(instance_state).unwrap_or("missing").to_string();
+            let tag = |k: &str| {
+                found.first().and_then(|i| i.tags().iter().find(|t| t.key() == Some(k))).and_then(|t| t.value())
+            };
+            let outcome = tag(TAG_BUILD).unwrap_or("").to_string();
+            let seen = format!("{state} {outcome}");
+            if seen != last {
+                let what = match outcome.as_str() {
+                    "" => "the build is under way".to_string(),
+                    o => format!("the build says {o}"),
+                };
+                ctx.event(NewEvent::info("builder", format!("builder {id} is {state}; {what}"))).await;
+                last = seen;
+            }
+            if let Some(code) = outcome.strip_prefix("failed:") {
+                return Err(ProviderError::fatal(
+                    "build_failed",
+                    format!(
+                        "the build on builder {id} failed ({}); its log is /var/log/drover-bake.log on the builder \
+                         (see its console output)",
+                        match code {
+                            "pack" => "packing /opt/drover/build".to_string(),
+                            "upload" => "uploading the artifact to S3".to_string(),
+                            c => format!("the build script exited with {c}"),
+                        }
+                    ),
+                ));
+            }
+            match state.as_str() {
+                "terminated" | "shutting-down" | "missing" => {
+                    return Err(ProviderError::fatal(
+                        "builder_lost",
+                        format!("builder {id} is {state} before its build was packed"),
+                    ))
+                }
+                s if outcome == "ok" && (s == "stopped" || !shutdown) => {
+                    return tag(TAG_ARTIFACT_SHA256).map(str::to_string).ok_or_else(|| {
+                        ProviderError::fatal("build_failed", format!("builder {id} says ok but tags no checksum"))
+                    });
+                }
+                _ => tokio::time::sleep(delays.next().expect("endless")).await,
+            }
+        }
+    }
+
+    async fn create_image(
+        &self,
+        ctx: &dyn RunContext,
+        job: &Job,
+        builder: &str,
+        sha256: Option<&str>,
+    ) -> Result<String, ProviderError> {
         let name = image_name(job);
         if let Some(found) = self.images(vec![filter("name", &[&name])]).await?.first() {
             let id = found.image_id().unwrap_or_default().to_string();
@@ -256,7 +405,13 @@ impl AwsImages {
             .tag_specifications(
                 TagSpecification::builder()
                     .resource_type(ResourceType::Image)
-                    .set_tags(Some(tags(job, "image")))
+                    .set_tags(Some({
+                        let mut t = tags(job, "image");
+                        if let Some(sum) = sha256 {
+                            t.push(Tag::builder().key(TAG_ARTIFACT_SHA256).value(sum).build());
+                        }
+                        t
+                    }))
                     .build(),
             )
             .send()
@@ -310,19 +465,32 @@ impl AwsImages {
         let name = image_name(job);
         // A finished image of this run needs no builder: adopt it first.
         let existing = self.images(vec![filter("name", &[&name])]).await?;
-        let image_id = match existing.first().and_then(|i| i.image_id()) {
-            Some(id) => {
+        let bucket = self.clients.settings().artifact_bucket.clone();
+        let shutdown = spec.builder_shutdown.unwrap_or(true);
+        let (image_id, mut sha256) = match existing.first() {
+            Some(found) => {
+                let id = found.image_id().unwrap_or_default();
                 ctx.event(NewEvent::info("image", format!("adopting image {id} ({name}) made by an earlier attempt")))
                     .await;
-                id.to_string()
+                let sum = found.tags().iter().find(|t| t.key() == Some(TAG_ARTIFACT_SHA256)).and_then(|t| t.value());
+                (id.to_string(), sum.map(str::to_string))
             }
             None => {
                 let builder = self.launch_builder(ctx, job, spec).await?;
-                self.wait_builder(ctx, &builder, spec.builder_shutdown.unwrap_or(true)).await?;
+                let sum = match &bucket {
+                    Some(_) => Some(self.wait_packed(ctx, &builder, shutdown).await?),
+                    None => {
+                        self.wait_builder(ctx, &builder, shutdown).await?;
+                        None
+                    }
+                };
                 ctx.check_cancel()?;
-                self.create_image(ctx, job, &builder).await?
+                (self.create_image(ctx, job, &builder, sum.as_deref()).await?, sum)
             }
         };
+        if bucket.is_none() {
+            sha256 = None;
+        }
         let image = self.wait_image(ctx, &image_id).await?;
         let snaps = snapshots(&image);
         if !snaps.is_empty() {
@@ -340,7 +508,7 @@ impl AwsImages {
             ctx.event(NewEvent::info("builder", format!("terminated builder {b}"))).await;
         }
         ctx.event(NewEvent::info("image", format!("image {image_id} is available"))).await;
-        let build = json!({
+        let mut build = json!({
             "id": job.run_id,
             "ami_id": image_id,
             "image_name": name,
@@ -348,6 +516,15 @@ impl AwsImages {
             "region": self.clients.ec2().await.config().region().map(|r| r.to_string()),
             "built_at": chrono::Utc::now(),
         });
+        if let (Some(bucket), Some(sum)) = (&bucket, &sha256) {
+            let key = artifact_key(job.resource.id, job.run_id);
+            let msg = format!("artifact s3://{bucket}/{key} (sha256 {sum})");
+            ctx.event(NewEvent::info("artifact", msg)).await;
+            build["artifact"] = json!({ "bucket": bucket, "key": key, "sha256": sum });
+        }
+        if let Some(cmd) = Some(spec.start_command.as_str()).filter(|c| !c.is_empty()) {
+            build["start_command"] = json!(cmd);
+        }
         // Every AMI stays until the image is destroyed: launch templates
         // of running stacks name them.
         Ok(drover_domain::kinds::image::outputs_with_build(&job.resource.outputs, build, |_| true))

@@ -295,12 +295,12 @@ fn script(job: &Job, spec: &Spec, cluster: &str) -> String {
 }
 
 /// Single-quotes a value for `sh`.
-fn quote(v: &str) -> String {
+pub(super) fn quote(v: &str) -> String {
     format!("'{}'", v.replace('\'', r"'\''"))
 }
 
 /// An ISO 8601 duration as SSM writes one (`PT1.5S`, `PT5M`, `PT1H2M3S`).
-fn iso_duration(s: &str) -> Option<Duration> {
+pub(super) fn iso_duration(s: &str) -> Option<Duration> {
     let rest = s.strip_prefix("PT")?;
     let mut total = 0f64;
     let mut number = String::new();

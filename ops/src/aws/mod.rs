@@ -1,6 +1,8 @@
 //! The `aws` provider: images baked on EC2, clusters as CloudFormation
 //! stacks that drover renders from the cluster spec, jobs through SSM Run
-//! Command on a cluster's instances, routers as Application Load Balancers.
+//! Command on a cluster's instances, services as systemd units started over
+//! SSM Run Command from their build's S3 artifact, routers as Application
+//! Load Balancers.
 //!
 //! # Guarantees
 //! - Every step tolerates running twice. AWS idempotency tokens
@@ -26,6 +28,7 @@ mod cluster;
 mod image;
 mod job;
 pub mod router;
+mod service;
 mod stacks;
 pub mod template;
 #[cfg(any(test, feature = "test-support"))]
@@ -50,6 +53,7 @@ pub use cluster::AwsClusters;
 pub use image::AwsImages;
 pub use job::AwsJobs;
 pub use router::AwsRouters;
+pub use service::AwsServices;
 pub use stacks::{SdkStacks, StackApi, StackEvent, StackInfo, StackRequest};
 
 pub const NAME: &str = "aws";
@@ -76,6 +80,10 @@ pub struct Settings {
     pub static_credentials: Option<(String, String)>,
     /// How often to look at a builder, an image or a stack while waiting.
     pub poll: Backoff,
+    /// The S3 bucket a bake packs its build into (`drover/images/IMAGE-ID/
+    /// BUILD-ID.tar.gz`), which services' instances unpack. `None`: builds
+    /// are AMIs only, and cannot run as services.
+    pub artifact_bucket: Option<String>,
 }
 
 impl fmt::Debug for Settings {
@@ -87,13 +95,15 @@ impl fmt::Debug for Settings {
             .field("max_attempts", &self.max_attempts)
             .field("static_credentials", &self.static_credentials.as_ref().map(|_| "***"))
             .field("poll", &self.poll)
+            .field("artifact_bucket", &self.artifact_bucket)
             .finish()
     }
 }
 
 impl Settings {
     /// From drover's own environment variables (`DROVER_AWS_ENDPOINT_URL`,
-    /// `DROVER_AWS_REGION`, `DROVER_AWS_MAX_ATTEMPTS`); the SDK reads the
+    /// `DROVER_AWS_REGION`, `DROVER_AWS_MAX_ATTEMPTS`,
+    /// `DROVER_AWS_ARTIFACT_BUCKET`); the SDK reads the
     /// standard ones (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_PROFILE`, …).
     pub fn from_env() -> Settings {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
@@ -103,6 +113,7 @@ impl Settings {
             max_attempts: var("DROVER_AWS_MAX_ATTEMPTS").and_then(|v| v.parse().ok()),
             static_credentials: None,
             poll: Backoff::default(),
+            artifact_bucket: var("DROVER_AWS_ARTIFACT_BUCKET"),
         }
     }
 }
@@ -219,6 +230,7 @@ pub fn register(providers: &mut Providers, settings: Settings) {
     providers.register(NAME, kinds::image::KIND, Arc::new(AwsImages::new(clients.clone())));
     let stacks = Arc::new(SdkStacks::new(clients.clone()));
     providers.register(NAME, kinds::cluster::KIND, Arc::new(AwsClusters::new(stacks.clone(), poll)));
+    providers.register(NAME, kinds::service::KIND, Arc::new(AwsServices::new(clients.clone(), stacks.clone(), poll)));
     providers.register(NAME, kinds::job::KIND, Arc::new(AwsJobs::new(clients, stacks, poll)));
 }
 

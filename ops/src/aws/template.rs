@@ -219,6 +219,9 @@ pub fn render(
     if let Some(key) = &spec.key_name {
         add("KeyName", "AWS::EC2::KeyPair::KeyName", "EC2 key pair", key.clone());
     }
+    if let Some(profile) = &spec.instance_profile {
+        add("InstanceProfile", "String", "IAM instance profile of the instances", profile.clone());
+    }
     if !spec.security_groups.is_empty() {
         add(
             "SecurityGroups",
@@ -244,6 +247,9 @@ pub fn render(
     }
     if !spec.security_groups.is_empty() {
         lt_data.insert("SecurityGroupIds".into(), json!({"Ref": "SecurityGroups"}));
+    }
+    if spec.instance_profile.is_some() {
+        lt_data.insert("IamInstanceProfile".into(), json!({"Name": {"Ref": "InstanceProfile"}}));
     }
     // `Fn::Base64` of `Fn::Sub`: the other nesting upsets some
     // implementations (moto answers 500).
@@ -345,7 +351,8 @@ mod tests {
     fn spec() -> Value {
         json!({"provider": "aws", "image": "base", "count": 3, "instance_type": "r3.large",
             "subnets": ["subnet-0123abcd", "subnet-4567ef01"], "security_groups": ["sg-0123abcd"],
-            "key_name": "ops", "tags": {"team": "web"}, "role_metadata": "role=worker,instancetype=r3"})
+            "key_name": "ops", "tags": {"team": "web"}, "role_metadata": "role=worker,instancetype=r3",
+            "instance_profile": "drover-node"})
     }
 
     #[test]
@@ -373,6 +380,8 @@ mod tests {
         let lt = &out.template["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"];
         assert_eq!(lt["KeyName"], json!({"Ref": "KeyName"}));
         assert_eq!(lt["SecurityGroupIds"], json!({"Ref": "SecurityGroups"}));
+        assert_eq!(lt["IamInstanceProfile"], json!({"Name": {"Ref": "InstanceProfile"}}));
+        assert_eq!(p["InstanceProfile"], "drover-node");
     }
 
     /// CloudFormation checks that an AMI, a key pair, subnets and security

@@ -107,6 +107,7 @@ pub fn moto_settings() -> Settings {
         max_attempts: Some(1),
         static_credentials: Some(("testing".into(), "testing".into())),
         poll: Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) },
+        artifact_bucket: None,
     }
 }
 
@@ -172,6 +173,15 @@ impl RunContext for RecordingCtx {
     }
     fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+    async fn recall(&self, step: &str) -> Option<serde_json::Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|e| e.step == step && e.data.is_some())
+            .and_then(|e| e.data.clone())
     }
 }
 

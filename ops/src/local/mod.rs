@@ -25,7 +25,7 @@
 mod cluster;
 mod image;
 mod job;
-mod process;
+pub(crate) mod process;
 mod router;
 mod service;
 mod state;

@@ -105,10 +105,15 @@ fn ephemeral_start() -> u32 {
 /// Checks the instance on `port`: a GET of `http_path` answered 2xx/3xx,
 /// or without a path, a TCP connection taken.
 pub async fn probe(port: u16, http_path: Option<&str>) -> Checked {
+    probe_at("127.0.0.1", port, http_path).await
+}
+
+/// [`probe`] of `host:port` (an aws machine's private address).
+pub async fn probe_at(host: &str, port: u16, http_path: Option<&str>) -> Checked {
     let attempt = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
+        let mut s = TcpStream::connect((host, port)).await.map_err(|e| format!("connect: {e}"))?;
         let Some(path) = http_path else { return Ok(()) };
-        let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: drover-health\r\n\r\n");
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: drover-health\r\n\r\n");
         s.write_all(req.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
         let mut buf = [0u8; 64];
         let mut n = 0;
