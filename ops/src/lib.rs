@@ -8,3 +8,4 @@
 pub mod aws;
 pub mod builtin;
 pub mod local;
+mod rolling;

@@ -1371,8 +1371,8 @@ async fn aws_services_are_units_started_over_ssm_from_the_builds_artifact() {
     assert_eq!(ports, vec!["port=8144", "port=8145"], "{tags:?}");
     let events = app.get(&format!("/v1/transitions/{}/events", run["id"].as_str().unwrap())).await.body;
     let plan = events["events"].as_array().unwrap().iter().find(|e| e["step"] == "plan").expect("a plan event");
-    assert_eq!(plan["data"]["plan"]["indexes"], json!([0, 1]), "{plan}");
-    assert_eq!(plan["data"]["plan"]["surge"], 1, "{plan}");
+    assert_eq!(plan["data"]["indexes"], json!([0, 1]), "{plan}");
+    assert_eq!(plan["data"]["max_surge"], 1, "{plan}");
 
     // The same deploy tried again after drover died mid-plan: the second
     // attempt reads the plan back and carries out the same one.
@@ -1423,6 +1423,18 @@ async fn aws_services_are_units_started_over_ssm_from_the_builds_artifact() {
     let tags = service_tags(&aws, &cluster_id, &service_id).await;
     assert_eq!(tags.len(), 2, "{tags:?}");
     assert!(tags.values().all(|(_, v)| v.contains(&format!("build={first}"))), "{tags:?}");
+
+    // A repair sends each instance its (idempotent) start script again:
+    // a unit that died starts again, one that runs has its health checked.
+    let run = app.run("service", &name, json!({"action": "repair", "reason": "a unit died"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let sent = scripts_of(&aws, run["id"].as_str().unwrap()).await;
+    assert_eq!(
+        sent.iter().filter(|(c, _, s)| c.contains(" start ") && s.contains("systemctl is-active")).count(),
+        2,
+        "{sent:?}"
+    );
+    assert_eq!(service_tags(&aws, &cluster_id, &service_id).await.len(), 2, "the same instances");
 
     // Stop, then destroy: no tag left.
     assert_eq!(app.run("service", &name, json!({"action": "stop"})).await["status"], "succeeded");

@@ -31,16 +31,14 @@
 //! As on the local provider: `count` instances with indexes `0..count` on
 //! the matching machines with fewest (the machine a dead one was on first),
 //! or `global`, one per matching machine. A rolling replacement (`deploy`,
-//! `rollback`, `restart`) is a plan fixed when the run starts — indexes,
-//! target build, `max_surge` and `max_unavailable` as numbers — kept in the
-//! run's own log (its `plan` event), which an attempt after a crash of
-//! drover reads back ([`RunContext::recall`]) to carry out the same plan:
-//! an instance tagged with the plan is its new one (its health is checked
-//! again by sending its idempotent start script), an old one it replaced is
-//! stopped. Per batch: stop at most `unavailable` old ones, start the new
-//! ones, wait until each is healthy and enter it in the registry at its
-//! machine's private address, then stop the old. A new instance that fails
-//! halts the plan; a deploy then puts back what it replaced.
+//! `rollback`, `restart`) follows the rules of `crate::rolling`, shared
+//! with the local provider; its plan is kept in the run's own log (the
+//! `plan` event's data), which an attempt after a crash of drover reads
+//! back ([`RunContext::recall`]) to carry out the same plan: an instance
+//! tagged with the plan is its new one (its health is checked again by
+//! sending its idempotent start script), any other at its index an old
+//! one. A healthy instance enters the registry at its machine's private
+//! address.
 //! Drover's observer probes each instance at `PRIVATE_IP:PORT` itself (it
 //! runs in the VPC, as the ALBs' target groups assume), renewing its
 //! registry entry or taking it out.
@@ -76,6 +74,7 @@ use super::job::quote;
 use super::stacks::{InstanceInfo, StackApi};
 use super::{AwsError, Backoff, Clients, TAG_RESOURCE};
 use crate::local::process::{probe_at, Checked};
+use crate::rolling;
 
 const DOCUMENT: &str = "AWS-RunShellScript";
 /// How long a start script may take beyond the health check's own timeout
@@ -133,20 +132,16 @@ struct Source {
     command: String,
 }
 
-/// A rolling replacement, fixed when its run starts (kept in the run's log).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Plan {
-    id: Uuid,
-    run: Uuid,
-    to: Source,
-    indexes: Vec<u32>,
-    surge: u32,
-    unavailable: u32,
-    #[serde(default)]
-    halted: Option<String>,
-    #[serde(default)]
-    from: Option<Source>,
+impl rolling::Source for Source {
+    fn image(&self) -> &str {
+        &self.image
+    }
+    fn build(&self) -> Option<&str> {
+        Some(&self.build)
+    }
 }
+
+type Plan = rolling::Plan<Source>;
 
 /// The cluster's machines as a run sees them, and the service's instances on them.
 struct Site {
@@ -611,6 +606,23 @@ impl AwsServices {
             site.instances.push(inst.clone());
             started.push((inst, command));
         }
+        // A repair sends every other instance its start script again: it
+        // starts a unit that is not active (its process died) and checks
+        // the health of one that is.
+        if job.action == "repair" {
+            let others: Vec<Instance> =
+                site.instances.iter().filter(|i| !started.iter().any(|(s, _)| s.unit == i.unit)).cloned().collect();
+            for i in &others {
+                let ran = self::source(job, spec, Some(&i.build))?;
+                let command = self.send_start(job, spec, &site, &ran, i).await?;
+                let msg = format!(
+                    "instance {} on machine {}: start script sent again (starts its unit if it is not active): command {command}",
+                    i.index, i.machine
+                );
+                ctx.event(NewEvent::info("repair", msg)).await;
+                started.push((i.clone(), command));
+            }
+        }
         for (i, command) in &started {
             if let Err(why) = self.healthy(ctx, job, spec, i, command).await? {
                 return Err(ProviderError::fatal("unhealthy", why));
@@ -629,7 +641,8 @@ impl AwsServices {
         Ok(outputs(&site, &source, &job.resource.outputs["previous"]))
     }
 
-    /// deploy, rollback, restart.
+    /// deploy, rollback, restart: by a plan (see `rolling`), kept in the
+    /// run's log and read back by a later attempt.
     async fn roll(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
         let cluster_r = dependency(job, cluster::KIND)?;
         let mut site = self.site(&job.resource, cluster_r, spec).await?;
@@ -637,8 +650,7 @@ impl AwsServices {
             return Err(Self::no_machine(&site, spec));
         }
         let wanted = Self::wanted(spec, &site, None);
-        let recalled = ctx.recall("plan").await.and_then(|d| serde_json::from_value::<Plan>(d["plan"].clone()).ok());
-        let plan = match recalled.filter(|p| p.run == job.run_id) {
+        let plan = match Plan::recalled(ctx.recall("plan").await, job.run_id) {
             Some(p) => {
                 let msg = format!("resuming the plan of this run: {} instance(s) to replace", p.indexes.len());
                 ctx.event(NewEvent::info("resume", msg)).await;
@@ -652,186 +664,20 @@ impl AwsServices {
                     ("restart", None) => source(job, spec, spec.build.as_deref())?,
                     _ => source(job, spec, job.params["build"].as_str())?,
                 };
-                let indexes: Vec<u32> = wanted
-                    .keys()
-                    .copied()
-                    .filter(|&ix| {
-                        let current = site.instances.iter().find(|i| i.index == ix);
-                        job.action == "restart" || current.is_none_or(|i| i.build != to.build)
-                    })
-                    .collect();
-                let n = wanted.len() as u32;
-                let plan = Plan {
-                    id: Uuid::now_v7(),
-                    run: job.run_id,
-                    surge: spec.max_surge.min(n),
-                    unavailable: spec.max_unavailable.min(n),
-                    to,
-                    indexes,
-                    halted: None,
-                    from,
-                };
-                self.announce(ctx, &plan, wanted.len()).await;
+                let indexes: Vec<u32> = wanted.keys().copied().collect();
+                let running = |ix: u32| site.instances.iter().find(|i| i.index == ix).map(|i| Some(i.build.clone()));
+                let plan = Plan::new(job, spec, &indexes, running, to, from);
+                // The run's log is where the plan is kept: this event.
+                ctx.event(plan.announced(wanted.len())).await;
                 plan
             }
         };
-        let outcome = self.execute(ctx, job, spec, &mut site, &wanted, &plan).await;
-        let deploy = matches!(job.action.as_str(), "deploy" | "rollback");
-        match (outcome, plan.halted.clone()) {
-            (Ok(()), None) => {
-                plan_done(ctx, plan.id).await;
-                let previous = match (&plan.from, deploy) {
-                    (Some(f), true) if f.build != plan.to.build || f.image != plan.to.image => {
-                        json!({ "image": f.image, "build": f.build })
-                    }
-                    _ => job.resource.outputs["previous"].clone(),
-                };
-                let n = site.instances.len();
-                ctx.event(NewEvent::info("instances", format!("{n} instance(s) healthy on the new build"))).await;
-                Ok(outputs(&site, &plan.to, &previous))
-            }
-            (Ok(()), Some(why)) => {
-                plan_done(ctx, plan.id).await;
-                Err(ProviderError::fatal("deploy_halted", format!("{why}; the instances it replaced were put back")))
-            }
-            (Err(e), Some(why)) => Err(ProviderError::fatal(
-                "rollback_failed",
-                format!("{why}; putting the replaced instances back failed too: {e}"),
-            )),
-            (Err(ProviderError::Cancelled), None) => Err(ProviderError::Cancelled),
-            (Err(e), None) => {
-                let why = match &e {
-                    ProviderError::Failed { message, .. } => message.clone(),
-                    ProviderError::Cancelled => "cancelled".into(),
-                };
-                let back = plan.from.clone().filter(|_| job.action == "deploy" && rollback_on_failure(job));
-                let Some(from) = back else {
-                    plan_done(ctx, plan.id).await;
-                    return Err(e);
-                };
-                let indexes: Vec<u32> = plan
-                    .indexes
-                    .iter()
-                    .copied()
-                    .filter(|&ix| !site.instances.iter().any(|i| i.index == ix && i.plan != Some(plan.id)))
-                    .collect();
-                let back = Plan {
-                    id: Uuid::now_v7(),
-                    run: job.run_id,
-                    to: from,
-                    indexes,
-                    surge: plan.surge,
-                    unavailable: plan.unavailable,
-                    halted: Some(format!("deploy halted: {why}")),
-                    from: None,
-                };
-                let msg = format!(
-                    "deploy halted ({why}); putting {} instance(s) back on build {}",
-                    back.indexes.len(),
-                    back.to.build
-                );
-                let data = json!({ "plan": back });
-                ctx.event(NewEvent::info("plan", msg).with_level(Level::Warn).with_data(data)).await;
-                match self.execute(ctx, job, spec, &mut site, &wanted, &back).await {
-                    Ok(()) => {
-                        plan_done(ctx, back.id).await;
-                        Err(ProviderError::fatal(
-                            "deploy_halted",
-                            format!("deploy halted: {why}; the instances it replaced were put back"),
-                        ))
-                    }
-                    Err(e2) => Err(ProviderError::fatal(
-                        "rollback_failed",
-                        format!("deploy halted: {why}; putting the replaced instances back failed too: {e2}"),
-                    )),
-                }
-            }
-        }
-    }
-
-    /// Records a new plan in the run's log (before anything changes).
-    async fn announce(&self, ctx: &dyn RunContext, plan: &Plan, of: usize) {
-        let skipped = of - plan.indexes.len();
-        let msg = format!(
-            "plan: replace {} of {of} instance(s) with build {} in batches of {} (max_surge {}, max_unavailable {}){}",
-            plan.indexes.len(),
-            plan.to.build,
-            (plan.surge + plan.unavailable).max(1),
-            plan.surge,
-            plan.unavailable,
-            match skipped {
-                0 => String::new(),
-                k => format!("; {k} already run it"),
-            }
-        );
-        ctx.event(NewEvent::info("plan", msg).with_data(json!({ "plan": plan }))).await;
-    }
-
-    /// Carries out a plan from wherever it stands, batch by batch.
-    async fn execute(
-        &self,
-        ctx: &dyn RunContext,
-        job: &Job,
-        spec: &Spec,
-        site: &mut Site,
-        wanted: &BTreeMap<u32, Option<InstanceInfo>>,
-        plan: &Plan,
-    ) -> Result<(), ProviderError> {
-        let batch = (plan.surge + plan.unavailable).max(1) as usize;
-        let replaced = format!("replaced by build {}", plan.to.build);
-        for chunk in plan.indexes.chunks(batch) {
-            ctx.check_cancel()?;
-            let is_new = |i: &Instance| i.plan == Some(plan.id);
-            let mut down = chunk.iter().filter(|&&ix| !site.instances.iter().any(|i| i.index == ix)).count();
-            for &ix in chunk {
-                if site.instances.iter().any(|i| i.index == ix && is_new(i)) || down >= plan.unavailable as usize {
-                    continue;
-                }
-                if let Some(old) = site.instances.iter().find(|i| i.index == ix).cloned() {
-                    self.stop(ctx, job, &old, &replaced, true).await?;
-                    site.instances.retain(|i| i.unit != old.unit);
-                    down += 1;
-                }
-            }
-            let mut waiting = Vec::new();
-            for &ix in chunk {
-                ctx.check_cancel()?;
-                if let Some(new) = site.instances.iter().find(|i| i.index == ix && is_new(i)).cloned() {
-                    // Started by an attempt before a crash: its health is
-                    // checked again by its (idempotent) start script.
-                    let command = self.send_start(job, spec, site, &plan.to, &new).await?;
-                    ctx.event(NewEvent::info(
-                        "resume",
-                        format!("checking instance {ix} started before: command {command}"),
-                    ))
-                    .await;
-                    waiting.push((new, command));
-                    continue;
-                }
-                let old_machine = site.instances.iter().find(|i| i.index == ix).map(|i| i.machine.clone());
-                let m = Self::machine_for(site, wanted, ix, old_machine.as_deref())
-                    .ok_or_else(|| Self::no_machine(site, spec))?
-                    .clone();
-                let (inst, command) = self.start(ctx, job, spec, site, &plan.to, ix, &m, Some(plan.id), None).await?;
-                site.instances.push(inst.clone());
-                waiting.push((inst, command));
-            }
-            for (new, command) in &waiting {
-                if let Err(why) = self.healthy(ctx, job, spec, new, command).await? {
-                    self.stop(ctx, job, new, "it failed its health check", true).await?;
-                    site.instances.retain(|i| i.unit != new.unit);
-                    return Err(ProviderError::fatal("unhealthy", why));
-                }
-            }
-            let old: Vec<Instance> =
-                site.instances.iter().filter(|i| chunk.contains(&i.index) && !is_new(i)).cloned().collect();
-            for o in old {
-                self.stop(ctx, job, &o, &replaced, true).await?;
-                site.instances.retain(|i| i.unit != o.unit);
-            }
-        }
+        let mut fleet = Fleet { services: self, job, spec, site: &mut site, wanted: &wanted, started: BTreeMap::new() };
+        let previous = rolling::carry_out(ctx, job, &mut fleet, &plan).await?;
         site.instances.sort_by_key(|i| i.index);
-        Ok(())
+        let n = site.instances.len();
+        ctx.event(NewEvent::info("instances", format!("{n} instance(s) healthy on the new build"))).await;
+        Ok(outputs(&site, &plan.to, &previous))
     }
 
     async fn stop_all(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec, reason: &str) -> Result<(), ProviderError> {
@@ -881,21 +727,11 @@ impl AwsServices {
     }
 }
 
-/// Says in the run's log that a plan is carried out: an attempt after a
-/// crash then starts no plan of it again.
-async fn plan_done(ctx: &dyn RunContext, id: Uuid) {
-    ctx.event(NewEvent::info("plan", "plan carried out").with_data(json!({ "plan": null, "done": id }))).await
-}
-
 fn dependency(job: &Job, kind: drover_domain::kinds::Kind) -> Result<&Resource, ProviderError> {
     job.dependencies
         .iter()
         .find(|d| d.kind == kind)
         .ok_or_else(|| ProviderError::fatal("dependency_missing", format!("the service's {kind} was not resolved")))
-}
-
-fn rollback_on_failure(job: &Job) -> bool {
-    job.params["rollback_on_failure"].as_bool().unwrap_or(true)
 }
 
 /// What new instances run: `build` (else the image's current one) with its
@@ -1109,6 +945,83 @@ fn outputs(site: &Site, source: &Source, previous: &Value) -> Value {
         out["previous"] = previous.clone();
     }
     out
+}
+
+/// An aws service's instances as a rolling plan moves them.
+struct Fleet<'a> {
+    services: &'a AwsServices,
+    job: &'a Job,
+    spec: &'a Spec,
+    site: &'a mut Site,
+    wanted: &'a BTreeMap<u32, Option<InstanceInfo>>,
+    /// The new instances whose start command is under way, by index.
+    started: BTreeMap<u32, (Instance, String)>,
+}
+
+#[async_trait]
+impl rolling::Fleet for Fleet<'_> {
+    type Source = Source;
+
+    fn has_new(&self, plan: Uuid, ix: u32) -> bool {
+        self.site.instances.iter().any(|i| i.index == ix && i.plan == Some(plan))
+    }
+
+    fn has_old(&self, plan: Uuid, ix: u32) -> bool {
+        self.site.instances.iter().any(|i| i.index == ix && i.plan != Some(plan))
+    }
+
+    async fn stop_old(&mut self, ctx: &dyn RunContext, plan: &Plan, ix: u32) -> Result<(), ProviderError> {
+        let old: Vec<Instance> =
+            self.site.instances.iter().filter(|i| i.index == ix && i.plan != Some(plan.id)).cloned().collect();
+        for o in old {
+            self.services.stop(ctx, self.job, &o, &plan.replaced(), true).await?;
+            self.site.instances.retain(|i| i.unit != o.unit);
+        }
+        Ok(())
+    }
+
+    async fn start_new(&mut self, ctx: &dyn RunContext, plan: &Plan, ix: u32) -> Result<(), ProviderError> {
+        let (job, spec) = (self.job, self.spec);
+        if let Some(new) = self.site.instances.iter().find(|i| i.index == ix && i.plan == Some(plan.id)).cloned() {
+            // Started by an attempt before a crash: its (idempotent) start
+            // script checks its health again.
+            let command = self.services.send_start(job, spec, self.site, &plan.to, &new).await?;
+            let msg = format!("checking instance {ix}, started before: command {command}");
+            ctx.event(NewEvent::info("resume", msg)).await;
+            self.started.insert(ix, (new, command));
+            return Ok(());
+        }
+        let old_machine = self.site.instances.iter().find(|i| i.index == ix).map(|i| i.machine.clone());
+        let m = AwsServices::machine_for(self.site, self.wanted, ix, old_machine.as_deref())
+            .ok_or_else(|| AwsServices::no_machine(self.site, spec))?
+            .clone();
+        let (inst, command) =
+            self.services.start(ctx, job, spec, self.site, &plan.to, ix, &m, Some(plan.id), None).await?;
+        self.site.instances.push(inst.clone());
+        self.started.insert(ix, (inst, command));
+        Ok(())
+    }
+
+    async fn wait_new(&mut self, ctx: &dyn RunContext, _plan: &Plan, ix: u32) -> Result<(), ProviderError> {
+        let Some((new, command)) = self.started.remove(&ix) else { return Ok(()) };
+        if let Err(why) = self.services.healthy(ctx, self.job, self.spec, &new, &command).await? {
+            // The failed instance goes; whatever it was to replace stays.
+            self.services.stop(ctx, self.job, &new, "it failed its health check", true).await?;
+            self.site.instances.retain(|i| i.unit != new.unit);
+            return Err(ProviderError::fatal("unhealthy", why));
+        }
+        Ok(())
+    }
+
+    /// The run's log keeps the plan: a new one is the data of the `plan`
+    /// event the rules write as they make it (`Plan::announced`, or the
+    /// put-back's), so only its end is written here.
+    async fn save_plan(&mut self, ctx: &dyn RunContext, plan: Option<&Plan>) -> Result<(), ProviderError> {
+        if plan.is_none() {
+            ctx.event(NewEvent::info("plan", "plan carried out").with_data(json!({ "plan": null }))).await;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]

@@ -16,17 +16,12 @@
 //! instance whose machine went away, or whose process is gone, is placed
 //! again, and the move is an event on the run.
 //!
-//! Rolling replacement (`deploy`, `rollback`, `restart`): a [`Plan`] fixes,
-//! when the run starts, the indexes to replace, the build to start and the
-//! batch bounds (`max_surge`, `max_unavailable` as absolute numbers), and is
+//! Rolling replacement (`deploy`, `rollback`, `restart`) follows the rules
+//! of `crate::rolling` (shared with the aws provider); here the plan is
 //! saved in the state file before anything changes, so that the same run
 //! tried again after a crash of drover carries out the same plan: an
 //! instance of the plan that runs is kept, an old one it replaced is
-//! stopped. Per batch: stop at most `unavailable` old instances, start the
-//! new ones (the old still serving), wait until each is healthy, then stop
-//! the old ones. A new instance that fails halts the plan; a deploy then
-//! puts the indexes it replaced back on the build they ran, with a second
-//! plan under the same gates, and fails.
+//! stopped.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,6 +46,7 @@ use super::process::{
     alive, check_running, free_port, look_at, mark_needs_repair, spawn_group, stop_group, wait_healthy, Probe, GONE,
 };
 use super::state;
+use crate::rolling;
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -130,27 +126,16 @@ struct Source {
     command: String,
 }
 
-/// A rolling replacement, fixed when its run starts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Plan {
-    id: Uuid,
-    run: Uuid,
-    /// What replaces the old instances.
-    to: Source,
-    /// The indexes to replace, in order.
-    indexes: Vec<u32>,
-    /// New instances at a time beyond the count, and old ones that may be
-    /// down at a time.
-    surge: u32,
-    unavailable: u32,
-    /// Set on the plan that puts a halted deploy back: why it halted.
-    #[serde(default)]
-    halted: Option<String>,
-    /// What the instances ran before (for the deploy's rollback, and the
-    /// service's `previous`).
-    #[serde(default)]
-    from: Option<Source>,
+impl rolling::Source for Source {
+    fn image(&self) -> &str {
+        &self.image
+    }
+    fn build(&self) -> Option<&str> {
+        self.build.as_deref()
+    }
 }
+
+type Plan = rolling::Plan<Source>;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
@@ -536,8 +521,7 @@ impl LocalServices {
     }
 
     /// `deploy`, `rollback` and `restart`: replaces instances by a plan
-    /// (resumed when this run made one already), and for a deploy that
-    /// halts, puts the replaced ones back.
+    /// (resumed when this run made one already; see `rolling`).
     async fn roll(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
         let r = &job.resource;
         let mut site = self.site(job, spec)?;
@@ -547,7 +531,7 @@ impl LocalServices {
         let plan = match state.plan.clone().filter(|p| p.run == job.run_id) {
             Some(p) => {
                 let msg = format!("resuming the plan of this run: {} instance(s) to replace", p.indexes.len());
-                ctx.event(NewEvent::info("plan", msg).with_data(json!({ "plan": p.id }))).await;
+                ctx.event(NewEvent::info("resume", msg).with_data(json!({ "plan": p.id }))).await;
                 p
             }
             None => {
@@ -562,207 +546,20 @@ impl LocalServices {
                     ("restart", None) => source(job, spec, spec.build.as_deref())?,
                     _ => source(job, spec, job.params["build"].as_str())?,
                 };
-                // Instances already on the target build stay (unless restarted).
-                let indexes: Vec<u32> = wanted
-                    .iter()
-                    .copied()
-                    .filter(|&ix| {
-                        let current = state.instances.iter().find(|i| i.index == ix);
-                        job.action == "restart" || current.is_none_or(|i| i.build != to.build || i.build.is_none())
-                    })
-                    .collect();
-                let n = wanted.len() as u32;
-                let plan = Plan {
-                    id: Uuid::now_v7(),
-                    run: job.run_id,
-                    surge: spec.max_surge.min(n),
-                    unavailable: spec.max_unavailable.min(n),
-                    to,
-                    indexes,
-                    halted: None,
-                    from,
-                };
+                let running = |ix: u32| state.instances.iter().find(|i| i.index == ix).map(|i| i.build.clone());
+                let plan = Plan::new(job, spec, &wanted, running, to, from);
                 state.plan = Some(plan.clone());
                 state.keep = plan.from.iter().map(|f| f.dir.clone()).collect();
                 self.save(r, &state)?;
-                let skipped = wanted.len() - plan.indexes.len();
-                let msg = format!(
-                    "plan: replace {} of {} instance(s) with build {} in batches of {} (max_surge {}, max_unavailable {}){}",
-                    plan.indexes.len(),
-                    wanted.len(),
-                    plan.to.build.as_deref().unwrap_or("?"),
-                    (plan.surge + plan.unavailable).max(1),
-                    plan.surge,
-                    plan.unavailable,
-                    match skipped {
-                        0 => String::new(),
-                        k => format!("; {k} already run it"),
-                    }
-                );
-                let data = json!({ "plan": plan.id, "indexes": plan.indexes, "max_surge": plan.surge,
-                    "max_unavailable": plan.unavailable, "build": plan.to.build, "image": plan.to.image,
-                    "from_build": plan.from.as_ref().and_then(|f| f.build.clone()) });
-                ctx.event(NewEvent::info("plan", msg).with_data(data)).await;
+                ctx.event(plan.announced(wanted.len())).await;
                 plan
             }
         };
-        let outcome = self.execute(ctx, job, spec, &site, &mut state, &plan).await;
-        let deploy = matches!(job.action.as_str(), "deploy" | "rollback");
-        match (outcome, plan.halted.clone()) {
-            (Ok(()), None) => {
-                state.plan = None;
-                self.save(r, &state)?;
-                let previous = match (&plan.from, deploy) {
-                    (Some(f), true) if f.build != plan.to.build || f.image != plan.to.image => {
-                        json!({ "image": f.image, "build": f.build })
-                    }
-                    _ => job.resource.outputs["previous"].clone(),
-                };
-                let n = state.instances.len();
-                ctx.event(NewEvent::info("instances", format!("{n} instance(s) healthy on the new build"))).await;
-                Ok(outputs(&state, &site.cluster, &plan.to, &previous))
-            }
-            // The plan that put a halted deploy back is done: the deploy failed.
-            (Ok(()), Some(why)) => {
-                state.plan = None;
-                self.save(r, &state)?;
-                Err(ProviderError::fatal("deploy_halted", format!("{why}; the instances it replaced were put back")))
-            }
-            (Err(e), Some(why)) => Err(ProviderError::fatal(
-                "rollback_failed",
-                format!("{why}; putting the replaced instances back failed too: {e}"),
-            )),
-            (Err(ProviderError::Cancelled), None) => Err(ProviderError::Cancelled),
-            (Err(e), None) => {
-                let why = match &e {
-                    ProviderError::Failed { message, .. } => message.clone(),
-                    ProviderError::Cancelled => "cancelled".into(),
-                };
-                let back = plan.from.clone().filter(|_| job.action == "deploy" && rollback_on_failure(job));
-                let Some(from) = back else {
-                    state.plan = None;
-                    self.save(r, &state)?;
-                    return Err(e);
-                };
-                // Every index now on the new build, or with nothing
-                // running, goes back to the old build.
-                let indexes: Vec<u32> = plan
-                    .indexes
-                    .iter()
-                    .copied()
-                    .filter(|&ix| {
-                        !state.instances.iter().any(|i| i.index == ix && i.alive() && i.plan != Some(plan.id))
-                    })
-                    .collect();
-                let back = Plan {
-                    id: Uuid::now_v7(),
-                    run: job.run_id,
-                    to: from,
-                    indexes,
-                    surge: plan.surge,
-                    unavailable: plan.unavailable,
-                    halted: Some(format!("deploy halted: {why}")),
-                    from: None,
-                };
-                state.plan = Some(back.clone());
-                self.save(r, &state)?;
-                let msg = format!(
-                    "deploy halted ({why}); putting {} instance(s) back on build {}",
-                    back.indexes.len(),
-                    back.to.build.as_deref().unwrap_or("?")
-                );
-                let data = json!({ "plan": back.id, "indexes": back.indexes, "build": back.to.build });
-                ctx.event(NewEvent::info("plan", msg).with_level(Level::Warn).with_data(data)).await;
-                match self.execute(ctx, job, spec, &site, &mut state, &back).await {
-                    Ok(()) => {
-                        state.plan = None;
-                        self.save(r, &state)?;
-                        Err(ProviderError::fatal(
-                            "deploy_halted",
-                            format!("deploy halted: {why}; the instances it replaced were put back"),
-                        ))
-                    }
-                    Err(e2) => Err(ProviderError::fatal(
-                        "rollback_failed",
-                        format!("deploy halted: {why}; putting the replaced instances back failed too: {e2}"),
-                    )),
-                }
-            }
-        }
-    }
-
-    /// Carries out a plan from wherever it stands, batch by batch.
-    async fn execute(
-        &self,
-        ctx: &dyn RunContext,
-        job: &Job,
-        spec: &Spec,
-        site: &Site,
-        state: &mut State,
-        plan: &Plan,
-    ) -> Result<(), ProviderError> {
-        let r = &job.resource;
-        let batch = (plan.surge + plan.unavailable).max(1) as usize;
-        let limit = Duration::from_secs(spec.start_timeout_secs);
-        for chunk in plan.indexes.chunks(batch) {
-            ctx.check_cancel()?;
-            let is_new = |i: &Instance| i.plan == Some(plan.id) && i.alive();
-            // Down already: indexes of the batch with nothing running.
-            let mut down =
-                chunk.iter().filter(|&&ix| !state.instances.iter().any(|i| i.index == ix && i.alive())).count();
-            // First the old instances that may be down, then the new ones
-            // beside the others.
-            for &ix in chunk {
-                if state.instances.iter().any(|i| i.index == ix && is_new(i)) || down >= plan.unavailable as usize {
-                    continue;
-                }
-                if let Some(old) = state.instances.iter().find(|i| i.index == ix && i.alive()).cloned() {
-                    self.stop_instance(ctx, r, &old, &replaced(plan)).await?;
-                    state.instances.retain(|i| i.pid != old.pid);
-                    self.save(r, state)?;
-                    down += 1;
-                }
-            }
-            for &ix in chunk {
-                if state.instances.iter().any(|i| i.index == ix && is_new(i)) {
-                    continue;
-                }
-                ctx.check_cancel()?;
-                let inst = self.place(ctx, job, spec, site, state, &plan.to, ix, Some(plan.id), None).await?;
-                state.instances.push(inst);
-                state.instances.sort_by_key(|i| i.index);
-                self.save(r, state)?;
-            }
-            for &ix in chunk {
-                let Some(new) = state.instances.iter().find(|i| i.index == ix && i.plan == Some(plan.id)).cloned()
-                else {
-                    continue;
-                };
-                if let Err(e) = wait_healthy(ctx, &probe(&new), health_path(spec), limit).await {
-                    // The failed instance goes; whatever it was to replace stays.
-                    self.stop_instance(ctx, r, &new, "it failed its health check").await?;
-                    state.instances.retain(|i| i.pid != new.pid);
-                    self.save(r, state)?;
-                    return Err(e);
-                }
-                let msg = format!("instance {ix} healthy on build {}", plan.to.build.as_deref().unwrap_or("?"));
-                ctx.event(NewEvent::info("instances", msg).with_data(json!({ "index": ix, "pid": new.pid }))).await;
-                ctx.discovery_enter(&entry(r, spec, &new), "healthy").await?;
-            }
-            // Now the old ones of the batch go.
-            let old: Vec<Instance> = state
-                .instances
-                .iter()
-                .filter(|i| chunk.contains(&i.index) && i.plan != Some(plan.id))
-                .cloned()
-                .collect();
-            for o in old {
-                self.stop_instance(ctx, r, &o, &replaced(plan)).await?;
-                state.instances.retain(|i| i.pid != o.pid);
-                self.save(r, state)?;
-            }
-        }
-        Ok(())
+        let mut fleet = Fleet { services: self, job, spec, site: &site, state: &mut state };
+        let previous = rolling::carry_out(ctx, job, &mut fleet, &plan).await?;
+        let n = state.instances.len();
+        ctx.event(NewEvent::info("instances", format!("{n} instance(s) healthy on the new build"))).await;
+        Ok(outputs(&state, &site.cluster, &plan.to, &previous))
     }
 
     /// Compares what runs with the record: as many instances as the
@@ -854,10 +651,6 @@ fn dependency(job: &Job, kind: drover_domain::kinds::Kind) -> Result<&Resource, 
         .ok_or_else(|| ProviderError::fatal("dependency_missing", format!("the service's {kind} was not resolved")))
 }
 
-fn rollback_on_failure(job: &Job) -> bool {
-    job.params["rollback_on_failure"].as_bool().unwrap_or(true)
-}
-
 /// The build new instances start from: `build` (pinned in the spec, or a
 /// deploy's), else the image's current build.
 fn source(job: &Job, spec: &Spec, build: Option<&str>) -> Result<Source, ProviderError> {
@@ -920,11 +713,6 @@ impl LocalServices {
             .collect();
         (!astray.is_empty()).then(|| format!("{} no longer on a matching machine", astray.join(", ")))
     }
-}
-
-/// Why instances of a plan's batch go: they are replaced.
-fn replaced(plan: &Plan) -> String {
-    format!("replaced by build {}", plan.to.build.as_deref().unwrap_or("?"))
 }
 
 /// An instance's entry in the discovery registry. Locally every machine
@@ -994,6 +782,84 @@ fn outputs(state: &State, cluster: &str, source: &Source, previous: &Value) -> V
         out["previous"] = previous.clone();
     }
     out
+}
+
+/// A local service's instances as a rolling plan moves them.
+struct Fleet<'a> {
+    services: &'a LocalServices,
+    job: &'a Job,
+    spec: &'a Spec,
+    site: &'a Site,
+    state: &'a mut State,
+}
+
+impl Fleet<'_> {
+    /// Stops an instance and forgets it.
+    async fn retire(&mut self, ctx: &dyn RunContext, i: &Instance, reason: &str) -> Result<(), ProviderError> {
+        let r = &self.job.resource;
+        self.services.stop_instance(ctx, r, i, reason).await?;
+        self.state.instances.retain(|k| k.pid != i.pid);
+        self.services.save(r, self.state)
+    }
+}
+
+#[async_trait]
+impl rolling::Fleet for Fleet<'_> {
+    type Source = Source;
+
+    fn has_new(&self, plan: Uuid, ix: u32) -> bool {
+        self.state.instances.iter().any(|i| i.index == ix && i.plan == Some(plan) && i.alive())
+    }
+
+    fn has_old(&self, plan: Uuid, ix: u32) -> bool {
+        self.state.instances.iter().any(|i| i.index == ix && i.plan != Some(plan) && i.alive())
+    }
+
+    async fn stop_old(&mut self, ctx: &dyn RunContext, plan: &Plan, ix: u32) -> Result<(), ProviderError> {
+        let old: Vec<Instance> =
+            self.state.instances.iter().filter(|i| i.index == ix && i.plan != Some(plan.id)).cloned().collect();
+        for o in old {
+            self.retire(ctx, &o, &plan.replaced()).await?;
+        }
+        Ok(())
+    }
+
+    async fn start_new(&mut self, ctx: &dyn RunContext, plan: &Plan, ix: u32) -> Result<(), ProviderError> {
+        if rolling::Fleet::has_new(self, plan.id, ix) {
+            return Ok(());
+        }
+        // One the plan started before a crash whose process died goes first.
+        let dead: Vec<Instance> =
+            self.state.instances.iter().filter(|i| i.index == ix && i.plan == Some(plan.id)).cloned().collect();
+        for d in dead {
+            self.retire(ctx, &d, "its process is gone").await?;
+        }
+        let (job, spec, site) = (self.job, self.spec, self.site);
+        let inst = self.services.place(ctx, job, spec, site, self.state, &plan.to, ix, Some(plan.id), None).await?;
+        self.state.instances.push(inst);
+        self.state.instances.sort_by_key(|i| i.index);
+        self.services.save(&job.resource, self.state)
+    }
+
+    async fn wait_new(&mut self, ctx: &dyn RunContext, plan: &Plan, ix: u32) -> Result<(), ProviderError> {
+        let Some(new) = self.state.instances.iter().find(|i| i.index == ix && i.plan == Some(plan.id)).cloned() else {
+            return Ok(());
+        };
+        let limit = Duration::from_secs(self.spec.start_timeout_secs);
+        if let Err(e) = wait_healthy(ctx, &probe(&new), health_path(self.spec), limit).await {
+            // The failed instance goes; whatever it was to replace stays.
+            self.retire(ctx, &new, "it failed its health check").await?;
+            return Err(e);
+        }
+        let msg = format!("instance {ix} healthy on build {}", plan.to.build.as_deref().unwrap_or("?"));
+        ctx.event(NewEvent::info("instances", msg).with_data(json!({ "index": ix, "pid": new.pid }))).await;
+        ctx.discovery_enter(&entry(&self.job.resource, self.spec, &new), "healthy").await
+    }
+
+    async fn save_plan(&mut self, _ctx: &dyn RunContext, plan: Option<&Plan>) -> Result<(), ProviderError> {
+        self.state.plan = plan.cloned();
+        self.services.save(&self.job.resource, self.state)
+    }
 }
 
 #[async_trait]
