@@ -301,37 +301,16 @@ impl AwsImages {
     }
 
     /// Waits for the builder to be done: `stopped` when the build script
-    /// powers it off, else `running`.
-    async fn wait_builder(&self, ctx: &dyn RunContext, id: &str, shutdown: bool) -> Result<(), ProviderError> {
-        let want = if shutdown { "stopped" } else { "running" };
-        let mut delays = self.clients.settings().poll.delays();
-        let mut last = String::new();
-        loop {
-            ctx.check_cancel()?;
-            let found = self.instances(vec![filter("instance-id", &[id])]).await?;
-            let state = found.first().map(instance_state).unwrap_or("missing").to_string();
-            if state != last {
-                ctx.event(NewEvent::info("builder", format!("builder {id} is {state}"))).await;
-                last = state.clone();
-            }
-            match state.as_str() {
-                s if s == want => return Ok(()),
-                "stopped" if !shutdown => return Ok(()),
-                "terminated" | "shutting-down" | "missing" => {
-                    return Err(ProviderError::fatal(
-                        "builder_lost",
-                        format!("builder {id} is {state} before its image was taken"),
-                    ))
-                }
-                _ => tokio::time::sleep(delays.next().expect("endless")).await,
-            }
-        }
-    }
-
-    /// With an artifact bucket: waits until the wrapper says how the build
-    /// ended (and, with `shutdown`, the builder stopped); the artifact's
-    /// checksum.
-    async fn wait_packed(&self, ctx: &dyn RunContext, id: &str, shutdown: bool) -> Result<String, ProviderError> {
+    /// (or the wrapper) powers it off, else `running`. With `packed` (an
+    /// artifact bucket) also until the wrapper says how the build ended: a
+    /// failed build is an error; a good one gives the artifact's checksum.
+    async fn wait_builder(
+        &self,
+        ctx: &dyn RunContext,
+        id: &str,
+        shutdown: bool,
+        packed: bool,
+    ) -> Result<Option<String>, ProviderError> {
         let mut delays = self.clients.settings().poll.delays();
         let mut last = String::new();
         loop {
@@ -341,14 +320,15 @@ impl AwsImages {
             let tag = |k: &str| {
                 found.first().and_then(|i| i.tags().iter().find(|t| t.key() == Some(k))).and_then(|t| t.value())
             };
-            let outcome = tag(TAG_BUILD).unwrap_or("").to_string();
+            let outcome = tag(TAG_BUILD).filter(|_| packed).unwrap_or("").to_string();
             let seen = format!("{state} {outcome}");
             if seen != last {
-                let what = match outcome.as_str() {
-                    "" => "the build is under way".to_string(),
-                    o => format!("the build says {o}"),
+                let what = match (packed, outcome.as_str()) {
+                    (false, _) => String::new(),
+                    (true, "") => "; the build is under way".to_string(),
+                    (true, o) => format!("; the build says {o}"),
                 };
-                ctx.event(NewEvent::info("builder", format!("builder {id} is {state}; {what}"))).await;
+                ctx.event(NewEvent::info("builder", format!("builder {id} is {state}{what}"))).await;
                 last = seen;
             }
             if let Some(code) = outcome.strip_prefix("failed:") {
@@ -365,15 +345,17 @@ impl AwsImages {
                     ),
                 ));
             }
+            let done = (state == "stopped" || (state == "running" && !shutdown)) && (!packed || outcome == "ok");
             match state.as_str() {
                 "terminated" | "shutting-down" | "missing" => {
                     return Err(ProviderError::fatal(
                         "builder_lost",
-                        format!("builder {id} is {state} before its build was packed"),
+                        format!("builder {id} is {state} before its image was taken"),
                     ))
                 }
-                s if outcome == "ok" && (s == "stopped" || !shutdown) => {
-                    return tag(TAG_ARTIFACT_SHA256).map(str::to_string).ok_or_else(|| {
+                _ if done && !packed => return Ok(None),
+                _ if done => {
+                    return tag(TAG_ARTIFACT_SHA256).map(|s| Some(s.to_string())).ok_or_else(|| {
                         ProviderError::fatal("build_failed", format!("builder {id} says ok but tags no checksum"))
                     });
                 }
@@ -477,13 +459,7 @@ impl AwsImages {
             }
             None => {
                 let builder = self.launch_builder(ctx, job, spec).await?;
-                let sum = match &bucket {
-                    Some(_) => Some(self.wait_packed(ctx, &builder, shutdown).await?),
-                    None => {
-                        self.wait_builder(ctx, &builder, shutdown).await?;
-                        None
-                    }
-                };
+                let sum = self.wait_builder(ctx, &builder, shutdown, bucket.is_some()).await?;
                 ctx.check_cancel()?;
                 (self.create_image(ctx, job, &builder, sum.as_deref()).await?, sum)
             }
@@ -742,6 +718,65 @@ mod moto_tests {
         p.clean_up(&ctx, &job).await.expect("clean up again");
         let (p, _, other) = setup().await;
         p.clean_up(&ctx, &other).await.expect("nothing to clean");
+    }
+
+    /// With an artifact bucket the builder runs drover's wrapper; a build
+    /// script that fails (the wrapper's tag, played here: moto runs
+    /// nothing) fails the bake with its exit code, and no image is taken.
+    #[tokio::test]
+    async fn a_failed_build_script_fails_the_bake_before_any_image() {
+        let (_, _, job) = setup().await;
+        let clients = Clients::new(crate::aws::Settings { artifact_bucket: Some("arts".into()), ..moto_settings() });
+        let p = AwsImages::new(clients.clone());
+        let ctx = RecordingCtx::new(job.run_id);
+        let bake = tokio::spawn({
+            let job = job.clone();
+            async move {
+                let ctx = RecordingCtx::new(job.run_id);
+                p.apply(&ctx, &job).await
+            }
+        });
+        let builder = loop {
+            if let Some(b) = builders(&clients, &job).await.first() {
+                break b.instance_id().unwrap().to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let ec2 = clients.ec2().await;
+        let attr = ec2
+            .describe_instance_attribute()
+            .instance_id(&builder)
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+            .send()
+            .await
+            .unwrap();
+        let sent =
+            String::from_utf8(STANDARD.decode(attr.user_data().and_then(|u| u.value()).unwrap()).unwrap()).unwrap();
+        let key = artifact_key(job.resource.id, job.run_id);
+        assert!(sent.contains(&format!("s3 cp /var/lib/drover/build.tar.gz 's3://arts/{key}'")), "{sent}");
+        assert!(
+            sent.contains("<<'DROVER_BUILD_SCRIPT'\n#!/bin/sh\necho baked > /etc/motd\nDROVER_BUILD_SCRIPT\n"),
+            "{sent}"
+        );
+        ec2.create_tags()
+            .resources(&builder)
+            .tags(Tag::builder().key(TAG_BUILD).value("failed:2").build())
+            .send()
+            .await
+            .unwrap();
+        let err = bake.await.unwrap().expect_err("the build failed");
+        assert!(
+            matches!(&err, ProviderError::Failed { code, message, .. } if code == "build_failed" && message.contains("exited with 2")),
+            "{err:?}"
+        );
+        assert!(images_named(&clients, &image_name(&job)).await.is_empty(), "no image of a failed build");
+        cleaned_up(&clients, &ctx, &job).await;
+    }
+
+    async fn cleaned_up(clients: &Arc<Clients>, ctx: &RecordingCtx, job: &Job) {
+        AwsImages::new(clients.clone()).clean_up(ctx, job).await.expect("clean up");
+        let left = builders(clients, job).await;
+        assert!(left.iter().all(|i| !matches!(instance_state(i), "pending" | "running")), "{left:?}");
     }
 
     #[tokio::test]
