@@ -29,6 +29,16 @@ pub enum Scheme {
     Tcp,
 }
 
+impl From<&crate::kinds::cluster::HealthCheck> for Scheme {
+    /// `http` when the instance's health check speaks HTTP.
+    fn from(check: &crate::kinds::cluster::HealthCheck) -> Scheme {
+        match check.http_path() {
+            Some(_) => Scheme::Http,
+            None => Scheme::Tcp,
+        }
+    }
+}
+
 /// Where one instance of a service can be reached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEntry {

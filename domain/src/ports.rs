@@ -267,6 +267,13 @@ pub struct Job {
 }
 
 impl Job {
+    /// The resolved dependency of `kind` (a service's cluster and image).
+    pub fn dependency(&self, kind: Kind) -> Result<&Resource, ProviderError> {
+        self.dependencies.iter().find(|d| d.kind == kind).ok_or_else(|| {
+            ProviderError::fatal("dependency_missing", format!("the {}'s {kind} was not resolved", self.kind))
+        })
+    }
+
     /// The run's settings split in two: the non-secret ones and the secret
     /// ones (a setting is secret when its value is among [`Job::secrets`]).
     pub fn split_settings(&self) -> (BTreeMap<String, String>, BTreeMap<String, String>) {

@@ -270,6 +270,16 @@ pub enum HealthCheck {
     Tcp,
 }
 
+impl HealthCheck {
+    /// The path an HTTP check asks for; `None`: a TCP check.
+    pub fn http_path(&self) -> Option<&str> {
+        match self {
+            HealthCheck::Http { path } => Some(path.as_str()),
+            HealthCheck::Tcp => None,
+        }
+    }
+}
+
 impl Default for HealthCheck {
     fn default() -> Self {
         HealthCheck::Http { path: "/".to_string() }

@@ -565,7 +565,7 @@ impl AwsServices {
         spec: &Spec,
         count: Option<u32>,
     ) -> Result<Value, ProviderError> {
-        let cluster_r = dependency(job, cluster::KIND)?;
+        let cluster_r = job.dependency(cluster::KIND)?;
         let mut site = self.site(&job.resource, cluster_r, spec).await?;
         if site.eligible.is_empty() {
             return Err(Self::no_machine(&site, spec));
@@ -582,7 +582,7 @@ impl AwsServices {
         let running = site.instances.first().map(|i| i.build.clone());
         let last = job.resource.outputs["build"].as_str().filter(|_| {
             spec.build.is_none()
-                && dependency(job, image::KIND).is_ok_and(|i| job.resource.outputs["image"] == i.name.as_str())
+                && job.dependency(image::KIND).is_ok_and(|i| job.resource.outputs["image"] == i.name.as_str())
         });
         let build = match job.action.as_str() {
             "scale" | "repair" | "place" => running.or(last.map(str::to_string)),
@@ -644,7 +644,7 @@ impl AwsServices {
     /// deploy, rollback, restart: by a plan (see `rolling`), kept in the
     /// run's log and read back by a later attempt.
     async fn roll(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
-        let cluster_r = dependency(job, cluster::KIND)?;
+        let cluster_r = job.dependency(cluster::KIND)?;
         let mut site = self.site(&job.resource, cluster_r, spec).await?;
         if site.eligible.is_empty() {
             return Err(Self::no_machine(&site, spec));
@@ -697,7 +697,7 @@ impl AwsServices {
     /// machine, on the service's build unless a plan is under way.
     async fn refresh(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
         let r = &job.resource;
-        let cluster_r = dependency(job, cluster::KIND)?;
+        let cluster_r = job.dependency(cluster::KIND)?;
         let site = self.site(r, cluster_r, spec).await?;
         let mut report = Report::default();
         let running = r.state == "running";
@@ -727,17 +727,10 @@ impl AwsServices {
     }
 }
 
-fn dependency(job: &Job, kind: drover_domain::kinds::Kind) -> Result<&Resource, ProviderError> {
-    job.dependencies
-        .iter()
-        .find(|d| d.kind == kind)
-        .ok_or_else(|| ProviderError::fatal("dependency_missing", format!("the service's {kind} was not resolved")))
-}
-
 /// What new instances run: `build` (else the image's current one) with its
 /// artifact, and the command (the spec's, else the image's).
 fn source(job: &Job, spec: &Spec, build: Option<&str>) -> Result<Source, ProviderError> {
-    let image_r = dependency(job, image::KIND)?;
+    let image_r = job.dependency(image::KIND)?;
     let wanted = build
         .or_else(|| image::current_build(&image_r.outputs))
         .ok_or_else(|| ProviderError::fatal("image_not_built", format!("image {} has no build", image_r.name)))?;
@@ -920,10 +913,7 @@ fn entry(r: &Resource, spec: &Spec, i: &Instance) -> NewEntry {
         address: i.address.clone().unwrap_or_default(),
         port: i.port,
         build: Some(i.build.clone()),
-        scheme: match spec.health_check {
-            HealthCheck::Http { .. } => Scheme::Http,
-            HealthCheck::Tcp => Scheme::Tcp,
-        },
+        scheme: Scheme::from(&spec.health_check),
         host_port: None,
     }
 }
@@ -1080,10 +1070,7 @@ impl Provider for AwsServices {
         let mut problems = Vec::new();
         let mut seen_units = BTreeSet::new();
         let mut instances = Vec::new();
-        let path = match &spec.health_check {
-            HealthCheck::Http { path } => Some(path.as_str()),
-            HealthCheck::Tcp => None,
-        };
+        let path = spec.health_check.http_path();
         for m in &machines {
             for (k, v) in &m.tags {
                 let Some(i) = k.strip_prefix(&prefix).and_then(|u| Instance::parse(u, v, m)) else { continue };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use drover_domain::drift::{Difference, Report};
-use drover_domain::kinds::cluster::{HealthCheck, Spec, MAX_COUNT};
+use drover_domain::kinds::cluster::{Spec, MAX_COUNT};
 use drover_domain::kinds::image;
 use drover_domain::model::{Level, NewEvent, Resource};
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
@@ -310,10 +310,7 @@ fn recorded_count(r: &Resource, spec: &Spec) -> usize {
 
 /// The path a cluster's HTTP health check asks for; `None`: TCP.
 fn health_path(spec: &Spec) -> Option<&str> {
-    match &spec.health_check {
-        HealthCheck::Http { path } => Some(path.as_str()),
-        HealthCheck::Tcp => None,
-    }
+    spec.health_check.http_path()
 }
 
 /// Waits until every instance answers its health check, or fails the run

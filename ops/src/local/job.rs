@@ -48,7 +48,7 @@ impl LocalJobs {
     }
 
     async fn run(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
-        let c = dependency(job, cluster::KIND)?;
+        let c = job.dependency(cluster::KIND)?;
         let cluster_spec = cluster::Spec::from_value(&c.spec)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("cluster {}: {e:?}", c.name)))?;
         let metadata = cluster_spec.machine_metadata(&c.name);
@@ -261,13 +261,6 @@ impl LocalJobs {
             }
         }
     }
-}
-
-fn dependency(job: &Job, kind: drover_domain::kinds::Kind) -> Result<&Resource, ProviderError> {
-    job.dependencies
-        .iter()
-        .find(|d| d.kind == kind)
-        .ok_or_else(|| ProviderError::fatal("dependency_missing", format!("the job's {kind} was not resolved")))
 }
 
 #[async_trait]

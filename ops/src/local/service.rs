@@ -31,7 +31,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use drover_domain::discovery::{NewEntry, Presence, Scheme};
 use drover_domain::drift::{Difference, Report};
-use drover_domain::kinds::cluster::{self, HealthCheck};
+use drover_domain::kinds::cluster;
 use drover_domain::kinds::image;
 use drover_domain::kinds::service::{matches, Spec};
 use drover_domain::model::{Level, NewEvent, Resource};
@@ -196,7 +196,7 @@ impl LocalServices {
     }
 
     fn site(&self, job: &Job, spec: &Spec) -> Result<Site, ProviderError> {
-        let c = dependency(job, cluster::KIND)?;
+        let c = job.dependency(cluster::KIND)?;
         let cluster_spec = cluster::Spec::from_value(&c.spec)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("cluster {}: {e:?}", c.name)))?;
         let at = SiteRef { cluster: c.id, name: c.name.clone(), metadata: cluster_spec.machine_metadata(&c.name) };
@@ -360,7 +360,7 @@ impl LocalServices {
         };
         let last = job.resource.outputs["build"].as_str().filter(|_| {
             spec.build.is_none()
-                && dependency(job, image::KIND).is_ok_and(|i| job.resource.outputs["image"] == i.name.as_str())
+                && job.dependency(image::KIND).is_ok_and(|i| job.resource.outputs["image"] == i.name.as_str())
         });
         let source = match (running, last) {
             (Some(s), _) => s,
@@ -644,17 +644,10 @@ impl LocalServices {
     }
 }
 
-fn dependency(job: &Job, kind: drover_domain::kinds::Kind) -> Result<&Resource, ProviderError> {
-    job.dependencies
-        .iter()
-        .find(|d| d.kind == kind)
-        .ok_or_else(|| ProviderError::fatal("dependency_missing", format!("the service's {kind} was not resolved")))
-}
-
 /// The build new instances start from: `build` (pinned in the spec, or a
 /// deploy's), else the image's current build.
 fn source(job: &Job, spec: &Spec, build: Option<&str>) -> Result<Source, ProviderError> {
-    let image_r = dependency(job, image::KIND)?;
+    let image_r = job.dependency(image::KIND)?;
     let wanted = build.map(str::to_string).or_else(|| image::current_build(&image_r.outputs).map(str::to_string));
     let entry = match &wanted {
         Some(id) => image_r.outputs["builds"]
@@ -728,19 +721,13 @@ fn entry(r: &Resource, spec: &Spec, i: &Instance) -> NewEntry {
         address: "127.0.0.1".into(),
         port: i.port,
         build: i.build.clone(),
-        scheme: match spec.health_check {
-            HealthCheck::Http { .. } => Scheme::Http,
-            HealthCheck::Tcp => Scheme::Tcp,
-        },
+        scheme: Scheme::from(&spec.health_check),
         host_port: None,
     }
 }
 
 fn health_path(spec: &Spec) -> Option<&str> {
-    match &spec.health_check {
-        HealthCheck::Http { path } => Some(path.as_str()),
-        HealthCheck::Tcp => None,
-    }
+    spec.health_check.http_path()
 }
 
 fn probe(i: &Instance) -> Probe<'_> {
