@@ -100,12 +100,19 @@ pub fn resource(v: &Value) -> String {
         out.push_str(&format!("builds     {}, current {}\n", builds.len(), s(&v["outputs"]["build"])));
     }
     if let Some(instances) = v["outputs"]["instances"].as_array() {
-        // A service's instances say which machine each runs on.
+        // A service's instances say which machine each runs on, and there
+        // its process (locally) or its address (an aws unit).
         let list: Vec<String> = instances
             .iter()
-            .map(|i| match i["machine_name"].as_str() {
-                Some(m) => format!("{}@{m}={}:{}", s(&i["index"]), s(&i["pid"]), s(&i["port"])),
-                None => format!("{}:{}", s(&i["pid"]), s(&i["port"])),
+            .map(|i| {
+                let at = match i["address"].as_str() {
+                    Some(a) => a.to_string(),
+                    None => s(&i["pid"]),
+                };
+                match i["machine_name"].as_str() {
+                    Some(m) => format!("{}@{m}={at}:{}", s(&i["index"]), s(&i["port"])),
+                    None => format!("{at}:{}", s(&i["port"])),
+                }
             })
             .collect();
         out.push_str(&format!("instances  {} ({})\n", instances.len(), list.join(" ")));
@@ -246,6 +253,9 @@ mod tests {
         let service = json!({"kind": "service", "name": "app", "id": "03", "state": "running",
             "outputs": {"instances": [{"index": 0, "machine_name": "web-qa-1", "pid": 7, "port": 90, "build": "b1"}]}});
         assert!(resource(&service).contains("instances  1 (0@web-qa-1=7:90)"), "{}", resource(&service));
+        let on_aws = json!({"kind": "service", "name": "api", "state": "running",
+            "outputs": {"instances": [{"index": 2, "machine_name": "i-0abc", "address": "10.0.0.7", "port": 8082, "build": "b1"}]}});
+        assert!(resource(&on_aws).contains("instances  1 (2@i-0abc=10.0.0.7:8082)"), "{}", resource(&on_aws));
     }
 
     #[test]

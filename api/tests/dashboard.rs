@@ -68,9 +68,7 @@ async fn driver() -> Driver {
 async fn browser(d: &Driver, (w, h): (u32, u32)) -> Client {
     let profile = tempfile::tempdir_in(d.profiles.path()).unwrap().keep();
     let chromium = which("DROVER_CHROMIUM", "/usr/bin/chromium");
-    // The AWS SDK and reqwest bring two TLS back ends; WebDriver speaks
-    // plain HTTP on loopback, but its client wants one chosen.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // WebDriver speaks plain HTTP on loopback: no TLS.
     let caps = json!({
         "goog:chromeOptions": {
             "binary": chromium,
@@ -81,7 +79,11 @@ async fn browser(d: &Driver, (w, h): (u32, u32)) -> Client {
         }
     });
     let caps = caps.as_object().unwrap().clone().into_iter().collect();
-    let c = ClientBuilder::rustls().unwrap().capabilities(caps).connect(&d.url).await.expect("a Chromium session");
+    let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&d.url)
+        .await
+        .expect("a Chromium session");
     c.set_window_size(w, h).await.unwrap();
     c
 }

@@ -165,7 +165,13 @@ impl Clients {
         self.cell
             .get_or_init(|| async {
                 let s = &self.settings;
-                let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
+                // rustls on ring (see ops/Cargo.toml), the platform's roots.
+                let https = aws_smithy_http_client::Builder::new()
+                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                    ))
+                    .build_https();
+                let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(https).timeout_config(
                     TimeoutConfig::builder()
                         .connect_timeout(Duration::from_secs(5))
                         .operation_attempt_timeout(Duration::from_secs(60))
