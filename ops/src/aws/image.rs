@@ -345,6 +345,18 @@ impl AwsImages {
                     ),
                 ));
             }
+            if packed && state == "stopped" && outcome.is_empty() {
+                // The wrapper tags before it powers off: a builder stopped
+                // without the tag was stopped by something else (a build
+                // script that still calls poweroff).
+                return Err(ProviderError::fatal(
+                    "build_failed",
+                    format!(
+                        "builder {id} stopped before the build was packed: with an artifact bucket drover's \
+                         wrapper powers the builder off after packing; the build script must not"
+                    ),
+                ));
+            }
             let done = (state == "stopped" || (state == "running" && !shutdown)) && (!packed || outcome == "ok");
             match state.as_str() {
                 "terminated" | "shutting-down" | "missing" => {
@@ -770,6 +782,29 @@ mod moto_tests {
             "{err:?}"
         );
         assert!(images_named(&clients, &image_name(&job)).await.is_empty(), "no image of a failed build");
+        cleaned_up(&clients, &ctx, &job).await;
+
+        // A builder stopped without the wrapper's tag (a build script that
+        // powers it off itself) fails at once, saying so.
+        let (_, _, job) = setup().await;
+        let p = AwsImages::new(clients.clone());
+        let bake = tokio::spawn({
+            let job = job.clone();
+            async move { p.apply(&RecordingCtx::new(job.run_id), &job).await }
+        });
+        let builder = loop {
+            if let Some(b) = builders(&clients, &job).await.first() {
+                break b.instance_id().unwrap().to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        clients.ec2().await.stop_instances().instance_ids(&builder).send().await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(30), bake).await.expect("no wait for a timeout").unwrap();
+        let err = err.expect_err("stopped before packing");
+        assert!(
+            matches!(&err, ProviderError::Failed { code, message, .. } if code == "build_failed" && message.contains("must not")),
+            "{err:?}"
+        );
         cleaned_up(&clients, &ctx, &job).await;
     }
 
