@@ -222,19 +222,9 @@ impl AwsJobs {
                     Err(e) => return Err(AwsError::from_sdk("GetCommandInvocation", &e).into_provider()),
                 };
                 let ssm_status = inv.status().map(|s| s.as_str().to_string()).unwrap_or_default();
-                let status = match ssm_status.as_str() {
-                    "Success" => "succeeded",
-                    "Failed" => "failed",
-                    "TimedOut" => "timed_out",
-                    "Cancelled" => "cancelled",
-                    "Undeliverable" | "Terminated" => "failed",
-                    _ => continue, // Pending, InProgress, Delayed, Cancelling
-                };
-                let lines = |text: Option<&str>| -> Vec<String> {
-                    let all: Vec<&str> = text.unwrap_or_default().lines().collect();
-                    let skip = all.len().saturating_sub(OUTPUT_TAIL);
-                    all[skip..].iter().map(|l| masked(l, &job.secrets)).collect()
-                };
+                // Pending, InProgress, Delayed, Cancelling: not ended yet.
+                let Some(status) = ended(&ssm_status) else { continue };
+                let lines = |text: Option<&str>| tail(text, &job.secrets);
                 let code = inv.response_code();
                 let duration_ms = inv
                     .execution_elapsed_time()
@@ -271,6 +261,25 @@ impl AwsJobs {
             tokio::time::sleep(delays.next().unwrap_or(self.poll.max)).await;
         }
     }
+}
+
+/// Drover's word for how an SSM command invocation ended (`Success` →
+/// `succeeded`, …); `None` while it has not.
+pub(super) fn ended(ssm_status: &str) -> Option<&'static str> {
+    match ssm_status {
+        "Success" => Some("succeeded"),
+        "Failed" | "Undeliverable" | "Terminated" => Some("failed"),
+        "TimedOut" => Some("timed_out"),
+        "Cancelled" => Some("cancelled"),
+        _ => None,
+    }
+}
+
+/// The last [`OUTPUT_TAIL`] lines of a command's output, secret values masked.
+pub(super) fn tail(text: Option<&str>, secrets: &[String]) -> Vec<String> {
+    let all: Vec<&str> = text.unwrap_or_default().lines().collect();
+    let skip = all.len().saturating_sub(OUTPUT_TAIL);
+    all[skip..].iter().map(|l| masked(l, secrets)).collect()
 }
 
 /// The shell script a target runs: the environment (non-secret settings,

@@ -51,7 +51,7 @@
 //! the tags, the plan's bookkeeping and its resume, and the registry's
 //! entries as the runs made them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,6 @@ use drover_domain::discovery::{NewEntry, Presence, Scheme};
 use drover_domain::drift::{Difference, Report};
 use drover_domain::kinds::cluster::{self, HealthCheck};
 use drover_domain::kinds::image;
-use drover_domain::kinds::job::{masked, OUTPUT_TAIL};
 use drover_domain::kinds::service::{matches, Spec, MAX_COUNT};
 use drover_domain::model::{Level, NewEvent, Resource};
 use drover_domain::ports::{Job, Provider, ProviderError, RunContext};
@@ -70,16 +69,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::job::quote;
+use super::job::{ended, quote, tail};
 use super::stacks::{InstanceInfo, StackApi};
+use super::template::systemd_value;
 use super::{AwsError, Backoff, Clients, TAG_RESOURCE};
-use crate::local::process::{probe_at, Checked};
+use crate::local::process::check_at;
 use crate::rolling;
 
 const DOCUMENT: &str = "AWS-RunShellScript";
 /// How long a start script may take beyond the health check's own timeout
 /// (fetching and unpacking the artifact).
 const FETCH_MARGIN: Duration = Duration::from_secs(300);
+
+/// How long an instance's start script may run: its health check's
+/// timeout and the fetch.
+fn start_limit(spec: &Spec) -> Duration {
+    Duration::from_secs(spec.start_timeout_secs) + FETCH_MARGIN
+}
 
 /// The tag key prefix of a service's instances on its machines.
 fn tag_prefix(service: Uuid) -> String {
@@ -100,6 +106,12 @@ struct Instance {
 }
 
 impl Instance {
+    /// The instances of the service `prefix` names ([`tag_prefix`]) that
+    /// machine `m`'s tags record.
+    fn tagged<'a>(prefix: &'a str, m: &'a InstanceInfo) -> impl Iterator<Item = Instance> + 'a {
+        m.tags.iter().filter_map(move |(k, v)| Instance::parse(k.strip_prefix(prefix)?, v, m))
+    }
+
     fn tag_value(&self) -> String {
         let plan = self.plan.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         format!("build={} port={} plan={plan} at={}", self.build, self.port, self.at)
@@ -197,13 +209,9 @@ impl AwsServices {
         let mut instances = Vec::new();
         let mut stranded = Vec::new();
         for m in &all {
-            for (k, v) in &m.tags {
-                let Some(unit) = k.strip_prefix(&prefix) else { continue };
-                let Some(i) = Instance::parse(unit, v, m) else { continue };
-                match m.state.as_str() {
-                    "running" | "pending" => instances.push(i),
-                    _ => stranded.push(i),
-                }
+            match m.state.as_str() {
+                "running" | "pending" => instances.extend(Instance::tagged(&prefix, m)),
+                _ => stranded.extend(Instance::tagged(&prefix, m)),
             }
         }
         instances.sort_by(|a, b| (a.index, &a.at).cmp(&(b.index, &b.at)));
@@ -299,27 +307,19 @@ impl AwsServices {
             match ssm.get_command_invocation().command_id(command).instance_id(machine).send().await {
                 Ok(inv) => {
                     let status = inv.status().map(|s| s.as_str().to_string()).unwrap_or_default();
-                    match status.as_str() {
-                        "Success" => return Ok(Ok(())),
-                        "Failed" | "TimedOut" | "Cancelled" | "Undeliverable" | "Terminated" => {
-                            let tail = |text: Option<&str>| {
-                                let all: Vec<&str> = text.unwrap_or_default().lines().collect();
-                                let skip = all.len().saturating_sub(OUTPUT_TAIL);
-                                all[skip..].iter().map(|l| masked(l, &job.secrets)).collect::<Vec<_>>().join(" | ")
-                            };
-                            let out = [tail(inv.standard_output_content()), tail(inv.standard_error_content())]
-                                .into_iter()
-                                .filter(|t| !t.is_empty())
-                                .collect::<Vec<_>>()
-                                .join(" | ");
+                    match ended(&status) {
+                        Some("succeeded") => return Ok(Ok(())),
+                        Some(_) => {
+                            let mut out = tail(inv.standard_output_content(), &job.secrets);
+                            out.extend(tail(inv.standard_error_content(), &job.secrets));
                             let code = inv.response_code();
                             let mut why = format!("command {command} on {machine}: {status} (exit code {code})");
                             if !out.is_empty() {
-                                why.push_str(&format!(": {out}"));
+                                why.push_str(&format!(": {}", out.join(" | ")));
                             }
                             return Ok(Err(why));
                         }
-                        _ => {}
+                        None => {}
                     }
                 }
                 Err(e) => {
@@ -397,8 +397,7 @@ impl AwsServices {
         i: &Instance,
     ) -> Result<String, ProviderError> {
         let script = start_script(job, spec, &site.cluster, &site.metadata, source, i);
-        let timeout = Duration::from_secs(spec.start_timeout_secs) + FETCH_MARGIN;
-        self.send(job, &i.machine, &format!("start {}", i.unit), script, timeout).await
+        self.send(job, &i.machine, &format!("start {}", i.unit), script, start_limit(spec)).await
     }
 
     /// Waits until a started instance is healthy (its start script ended
@@ -411,8 +410,7 @@ impl AwsServices {
         i: &Instance,
         command: &str,
     ) -> Result<Result<(), String>, ProviderError> {
-        let timeout = Duration::from_secs(spec.start_timeout_secs) + FETCH_MARGIN;
-        if let Err(why) = self.wait(ctx, job, command, &i.machine, timeout).await? {
+        if let Err(why) = self.wait(ctx, job, command, &i.machine, start_limit(spec)).await? {
             return Ok(Err(format!("instance {} did not become healthy: {why}", i.index)));
         }
         let msg = format!("instance {} healthy on machine {} (build {})", i.index, i.machine, i.build);
@@ -764,22 +762,6 @@ fn source(job: &Job, spec: &Spec, build: Option<&str>) -> Result<Source, Provide
     Ok(Source { image: image_r.name.clone(), build: wanted.to_string(), bucket, key, sha256, command })
 }
 
-/// A value for a systemd `EnvironmentFile=`: double-quoted, escaped.
-fn env_value(v: &str) -> String {
-    let mut out = String::with_capacity(v.len() + 2);
-    out.push('"');
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 /// The instance's environment, in order: the non-secret settings, the
 /// spec's `env`, then drover's own (which the others cannot override).
 fn environment(
@@ -818,7 +800,7 @@ fn start_script(job: &Job, spec: &Spec, cluster: &str, metadata: &str, source: &
     let dir = format!("/var/lib/drover/services/{name}/{}", i.unit);
     let mut env = String::new();
     for (k, v) in environment(job, spec, cluster, metadata, source, i) {
-        env.push_str(&format!("{k}={}\n", env_value(&v)));
+        env.push_str(&format!("{k}={}\n", systemd_value(&v)));
     }
     let mut end = String::from("DROVER_ENV");
     while env.contains(&end) || source.command.contains(&end) {
@@ -1066,34 +1048,31 @@ impl Provider for AwsServices {
         let Some(cluster_id) = r.outputs["cluster_id"].as_str() else { return (None, None) };
         let Ok(machines) = self.stacks.instances(TAG_RESOURCE, cluster_id).await else { return (None, None) };
         let prefix = tag_prefix(r.id);
-        let mut presence = Presence::default();
-        let mut problems = Vec::new();
-        let mut seen_units = BTreeSet::new();
-        let mut instances = Vec::new();
         let path = spec.health_check.http_path();
-        for m in &machines {
-            for (k, v) in &m.tags {
-                let Some(i) = k.strip_prefix(&prefix).and_then(|u| Instance::parse(u, v, m)) else { continue };
-                seen_units.insert(i.index);
+        // Every instance probed at once: an unreachable address costs its
+        // two seconds once per round, not once per instance.
+        let looks =
+            machines.iter().flat_map(|m| Instance::tagged(&prefix, m).map(move |i| (m, i))).map(|(m, i)| async move {
                 let failing = match (m.state.as_str(), &i.address) {
-                    ("running", Some(a)) => match probe_at(a, i.port, path).await {
-                        Checked::Healthy => None,
-                        Checked::Failing(why) => Some(why),
-                        Checked::NoAnswer => Some("no answer within 2s".to_string()),
-                    },
+                    ("running", Some(a)) => check_at(a, i.port, path).await,
                     ("running", None) => Some("its machine has no private address".into()),
                     (state, _) => Some(format!("machine {} is {state}", m.id)),
                 };
-                match &failing {
-                    Some(why) => {
-                        problems.push(format!("instance {} on {}: {why}", i.index, i.machine));
-                        presence.failing.push((i.unit.clone(), format!("instance {}: {why}", i.index)));
-                    }
-                    None => presence.healthy.push(entry(r, &spec, &i)),
+                (i, failing)
+            });
+        let mut presence = Presence::default();
+        let mut problems = Vec::new();
+        let mut instances = Vec::new();
+        for (i, failing) in futures::future::join_all(looks).await {
+            match &failing {
+                Some(why) => {
+                    problems.push(format!("instance {} on {}: {why}", i.index, i.machine));
+                    presence.failing.push((i.unit.clone(), format!("instance {}: {why}", i.index)));
                 }
-                instances.push(json!({ "index": i.index, "machine": i.machine, "port": i.port, "build": i.build,
-                    "healthy": failing.is_none() }));
+                None => presence.healthy.push(entry(r, &spec, &i)),
             }
+            instances.push(json!({ "index": i.index, "machine": i.machine, "port": i.port, "build": i.build,
+                "healthy": failing.is_none() }));
         }
         let lost: Vec<String> = r.outputs["instances"]
             .as_array()
@@ -1155,7 +1134,7 @@ mod tests {
 
     #[test]
     fn env_values_are_quoted_for_systemd() {
-        assert_eq!(env_value(r#"a "b" \c"#), r#""a \"b\" \\c""#);
-        assert_eq!(env_value("x\ny"), r#""x\ny""#);
+        assert_eq!(systemd_value(r#"a "b" \c"#), r#""a \"b\" \\c""#);
+        assert_eq!(systemd_value("x\ny"), r#""x\ny""#);
     }
 }

@@ -45,11 +45,12 @@ pub fn parameter_path(cluster: &Resource) -> String {
     format!("/drover/clusters/{}/", cluster.id)
 }
 
-/// A value as one line of a systemd environment file, double-quoted, with
-/// `\`, `"` and newlines escaped (systemd reads them back, and expands no
-/// `$` in an environment file), and `${` escaped for `Fn::Sub`.
-fn env_line(key: &str, value: &str) -> String {
+/// A value for a systemd environment file (`EnvironmentFile=`):
+/// double-quoted, with `\`, `"` and newlines escaped (systemd reads them
+/// back, and expands no `$` in an environment file).
+pub(super) fn systemd_value(value: &str) -> String {
     let mut v = String::with_capacity(value.len() + 2);
+    v.push('"');
     for ch in value.chars() {
         match ch {
             '\\' => v.push_str("\\\\"),
@@ -59,8 +60,15 @@ fn env_line(key: &str, value: &str) -> String {
             c => v.push(c),
         }
     }
+    v.push('"');
+    v
+}
+
+/// A value as one line of a systemd environment file ([`systemd_value`]),
+/// with `${` escaped for `Fn::Sub`.
+fn env_line(key: &str, value: &str) -> String {
     // `Fn::Sub` reads `${…}`; `${!` is its literal `${`.
-    format!("{key}=\"{}\"", v.replace("${", "${!"))
+    format!("{key}={}", systemd_value(value).replace("${", "${!"))
 }
 
 /// A stack as drover would send it.

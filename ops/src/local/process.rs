@@ -154,7 +154,12 @@ pub enum Checked {
 
 /// [`probe`]'s finding as a reason it is not healthy, if it is not.
 pub async fn check(port: u16, http_path: Option<&str>) -> Option<String> {
-    match probe(port, http_path).await {
+    check_at("127.0.0.1", port, http_path).await
+}
+
+/// [`check`] of `host:port` (an aws machine's private address).
+pub async fn check_at(host: &str, port: u16, http_path: Option<&str>) -> Option<String> {
+    match probe_at(host, port, http_path).await {
         Checked::Healthy => None,
         Checked::Failing(why) => Some(why),
         Checked::NoAnswer => Some(format!("no answer within {}s", CHECK_TIMEOUT.as_secs())),
