@@ -1338,6 +1338,14 @@ async fn aws_services_are_units_started_over_ssm_from_the_builds_artifact() {
         assert!(machines.iter().any(|(id, ip)| c["address"] == ip.as_str() && c["machine"] == id.as_str()), "{c}");
     }
 
+    // A refresh (which resolves no cluster: it finds the machines through
+    // the cluster the last run recorded) finds the record and the tags alike.
+    let run = app.run("service", &name, json!({"action": "refresh", "reason": "a look"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let view = app.get(&format!("/v1/services/{name}")).await.body;
+    assert_eq!(view["drift"]["run"], run["id"], "{view}");
+    assert_eq!(view["drift"]["status"], "in_sync", "{view}");
+
     // Scale to 1: the highest indexes go (stop commands, tags removed).
     let run = app.run("service", &name, json!({"action": "scale", "params": {"count": 1}})).await;
     assert_eq!(run["status"], "succeeded", "{run}");

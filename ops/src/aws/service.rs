@@ -187,8 +187,8 @@ impl AwsServices {
         self.site_of(r, cluster_r.id, &cluster_r.name, metadata, spec).await
     }
 
-    /// The site of the cluster the last run placed on (`stop` and
-    /// `destroy` resolve no cluster); `None` when no run placed any.
+    /// The site of the cluster the last run placed on (`stop`, `destroy`
+    /// and `refresh` resolve no cluster); `None` when no run placed any.
     async fn recorded_site(&self, r: &Resource, spec: &Spec) -> Result<Option<Site>, ProviderError> {
         let Some(id) = r.outputs["cluster_id"].as_str().and_then(|c| c.parse().ok()) else { return Ok(None) };
         let name = r.outputs["cluster"].as_str().unwrap_or_default().to_string();
@@ -695,8 +695,9 @@ impl AwsServices {
     /// machine, on the service's build unless a plan is under way.
     async fn refresh(&self, ctx: &dyn RunContext, job: &Job, spec: &Spec) -> Result<Value, ProviderError> {
         let r = &job.resource;
-        let cluster_r = job.dependency(cluster::KIND)?;
-        let site = self.site(r, cluster_r, spec).await?;
+        // A refresh resolves no cluster: the machines are those of the
+        // cluster the last run recorded (none yet: nothing to compare).
+        let Some(site) = self.recorded_site(r, spec).await? else { return Ok(Report::default().told(ctx).await) };
         let mut report = Report::default();
         let running = r.state == "running";
         let expected = if running { r.outputs["count"].as_u64().unwrap_or(0) as usize } else { 0 };
