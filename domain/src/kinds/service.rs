@@ -574,6 +574,19 @@ impl Spec {
         super::read_spec::<Service>(v)
     }
 
+    /// The count a placing action (`start`, `place`, `scale`, `repair`)
+    /// brings the service to: a scale's `count`, a repair's the count the
+    /// service last had (a changed count waits for a scale), else the
+    /// spec's. `None` for a global service without a count.
+    pub fn count_for(&self, action: &str, params: &Value, outputs: &Value) -> Option<u32> {
+        let asked = match action {
+            "scale" => params.get("count").and_then(Value::as_u64),
+            "repair" => outputs["count"].as_u64(),
+            _ => None,
+        };
+        asked.map(|c| c as u32).or(self.count)
+    }
+
     /// The instances it wants on `machines` matching machines: its count,
     /// or one per machine when global.
     pub fn wanted(&self, machines: usize) -> u32 {

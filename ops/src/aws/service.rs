@@ -1003,14 +1003,9 @@ impl Provider for AwsServices {
         let spec = Spec::from_value(&job.resource.spec)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}")))?;
         match job.action.as_str() {
-            "start" | "place" => self.ensure(ctx, job, &spec, spec.count).await,
-            "scale" => {
-                let count = job.params.get("count").and_then(Value::as_u64).map(|c| c as u32);
-                self.ensure(ctx, job, &spec, count.or(spec.count)).await
-            }
-            "repair" => {
-                let count = job.resource.outputs["count"].as_u64().map(|c| c as u32);
-                self.ensure(ctx, job, &spec, count.or(spec.count)).await
+            "start" | "place" | "scale" | "repair" => {
+                let count = spec.count_for(&job.action, &job.params, &job.resource.outputs);
+                self.ensure(ctx, job, &spec, count).await
             }
             "deploy" | "rollback" | "restart" => self.roll(ctx, job, &spec).await,
             "refresh" => self.refresh(ctx, job, &spec).await,

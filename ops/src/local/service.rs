@@ -855,18 +855,12 @@ impl Provider for LocalServices {
         let spec = Spec::from_value(&job.resource.spec)
             .map_err(|e| ProviderError::fatal("invalid_spec", format!("stored spec is invalid: {e:?}")))?;
         match job.action.as_str() {
-            "start" | "place" => self.ensure(ctx, job, &spec, spec.count).await,
-            "scale" => {
-                let count = job.params.get("count").and_then(Value::as_u64).map(|c| c as u32);
-                self.ensure(ctx, job, &spec, count.or(spec.count)).await
+            "start" | "place" | "scale" | "repair" => {
+                let count = spec.count_for(&job.action, &job.params, &job.resource.outputs);
+                self.ensure(ctx, job, &spec, count).await
             }
             "deploy" | "rollback" | "restart" => self.roll(ctx, job, &spec).await,
             "refresh" => self.refresh(ctx, &job.resource, &spec).await,
-            // As many as it last had (a changed count waits for a scale).
-            "repair" => {
-                let count = job.resource.outputs["count"].as_u64().map(|c| c as u32);
-                self.ensure(ctx, job, &spec, count.or(spec.count)).await
-            }
             "stop" => {
                 self.stop_all(ctx, &job.resource, "the service is stopping").await?;
                 // What ran stays on record: the next start runs it again.
