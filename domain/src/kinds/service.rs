@@ -711,28 +711,12 @@ impl Spec {
     fn check_run(&self, action: Action, deps: &[Referenced]) -> Vec<FieldError> {
         let mut errors = Vec::new();
         check_machines(self.constraints.as_deref(), deps, &mut errors);
-        for r in deps.iter().filter(|r| r.reference.kind == image::KIND && self.provider == "aws") {
-            // An aws instance unpacks its build's artifact: a build without
-            // one (baked with no artifact bucket) cannot run as a service.
+        for r in deps.iter().filter(|r| r.reference.kind == image::KIND) {
             let build = self.build.as_deref().or_else(|| image::current_build(r.outputs));
             let entry =
                 r.outputs["builds"].as_array().into_iter().flatten().find(|b| build.is_some_and(|id| b["id"] == id));
-            if entry.is_some_and(|b| !b["artifact"].is_object()) && !matches!(action, Action::Stop | Action::Destroy) {
-                errors.push(FieldError::new(
-                    "spec.image",
-                    format!(
-                        "build {} of image {} has no artifact to unpack: an aws build carries one when drover has an \
-                         artifact bucket (DROVER_AWS_ARTIFACT_BUCKET); rebuild the image",
-                        build.unwrap_or_default(),
-                        r.name
-                    ),
-                ));
-            }
-        }
-        for r in deps.iter().filter(|r| r.reference.kind == image::KIND) {
-            if let Some(build) = &self.build {
-                let kept = r.outputs["builds"].as_array().into_iter().flatten().any(|b| b["id"] == build.as_str());
-                if !kept {
+            match (entry, &self.build) {
+                (None, Some(build)) => {
                     let field = match action {
                         Action::Deploy => "params.build",
                         _ => "spec.build",
@@ -742,6 +726,20 @@ impl Spec {
                         format!("image {} has no build {build} (see its builds)", r.name),
                     ));
                 }
+                // An aws instance unpacks its build's artifact: a build
+                // without one (baked with no artifact bucket) cannot run.
+                (Some(b), _) if self.provider == "aws" && !b["artifact"].is_object() => {
+                    errors.push(FieldError::new(
+                        "spec.image",
+                        format!(
+                            "build {} of image {} has no artifact to unpack: an aws build carries one when drover has \
+                             an artifact bucket (DROVER_AWS_ARTIFACT_BUCKET); rebuild the image",
+                            build.unwrap_or_default(),
+                            r.name
+                        ),
+                    ));
+                }
+                _ => {}
             }
         }
         errors
