@@ -56,6 +56,14 @@ use super::{AwsError, Clients, TAG_IMAGE, TAG_RESOURCE, TAG_ROLE, TAG_RUN};
 pub const TAG_BUILD: &str = "drover:build";
 pub const TAG_ARTIFACT_SHA256: &str = "drover:artifact-sha256";
 
+/// A shell function `awscli` for drover's scripts on a machine: the AWS
+/// CLI, or its container where the machine has none (CoreOS).
+pub(super) const AWS_CLI: &str = r#"awscli() {
+  if command -v aws >/dev/null; then aws "$@"
+  else docker run --rm --network host -v /var/lib/drover:/var/lib/drover amazon/aws-cli "$@"; fi
+}
+"#;
+
 /// Where a build's artifact goes in the bucket.
 pub fn artifact_key(image_id: uuid::Uuid, build: uuid::Uuid) -> String {
     format!("drover/images/{image_id}/{build}.tar.gz")
@@ -80,11 +88,7 @@ imds() {{
   t=$(curl -sf -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)
   curl -sf -H "X-aws-ec2-metadata-token: $t" "http://169.254.169.254/latest/$1"
 }}
-awscli() {{
-  if command -v aws >/dev/null; then aws "$@"
-  else docker run --rm --network host -v /var/lib/drover:/var/lib/drover amazon/aws-cli "$@"; fi
-}}
-self=$(imds meta-data/instance-id)
+{AWS_CLI}self=$(imds meta-data/instance-id)
 export AWS_DEFAULT_REGION=$(imds meta-data/placement/region)
 tag() {{ awscli ec2 create-tags --resources "$self" --tags "Key=$1,Value=$2"; }}
 mkdir -p /opt/drover/build /var/lib/drover

@@ -69,6 +69,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::image::AWS_CLI;
 use super::job::{ended, quote, tail};
 use super::stacks::{InstanceInfo, StackApi};
 use super::template::systemd_value;
@@ -787,14 +788,6 @@ fn environment(
     env.into_iter().collect()
 }
 
-/// Shell helpers every script starts with.
-const PRELUDE: &str = r#"set -u
-awscli() {
-  if command -v aws >/dev/null; then aws "$@"
-  else docker run --rm --network host -v /var/lib/drover:/var/lib/drover amazon/aws-cli "$@"; fi
-}
-"#;
-
 /// The start script of one instance (see the module's docs). Idempotent.
 fn start_script(job: &Job, spec: &Spec, cluster: &str, metadata: &str, source: &Source, i: &Instance) -> String {
     let name = &job.resource.name;
@@ -815,7 +808,8 @@ fn start_script(job: &Job, spec: &Spec, cluster: &str, metadata: &str, source: &
     };
     let unit = format!("drover-{name}@{}", i.unit);
     format!(
-        r#"{PRELUDE}unit={unit_q}
+        r#"set -u
+{AWS_CLI}unit={unit_q}
 dir={dir_q}
 if ! systemctl is-active --quiet "$unit"; then
   set -e
@@ -879,7 +873,7 @@ echo "instance {index} healthy on port {port}"
 fn stop_script(service: &str, unit: &str) -> String {
     let dir = format!("/var/lib/drover/services/{service}/{unit}");
     format!(
-        "{PRELUDE}systemctl stop {} || true\nrm -rf {}\necho stopped\n",
+        "set -u\nsystemctl stop {} || true\nrm -rf {}\necho stopped\n",
         quote(&format!("drover-{service}@{unit}")),
         quote(&dir)
     )
