@@ -1450,3 +1450,113 @@ async fn aws_services_are_units_started_over_ssm_from_the_builds_artifact() {
     assert_eq!(app.run("service", &name, json!({"action": "destroy"})).await["status"], "succeeded");
     assert_eq!(app.run("cluster", &cluster, json!({"action": "destroy"})).await["status"], "succeeded");
 }
+
+/// A cluster with a `port`: its auto-scaling group has no load balancer to
+/// check its instances, so drover asks each instance's private address
+/// itself. moto's instances in a `127.0.0.0/16` VPC have loopback
+/// addresses, where this test serves the health endpoint: a create waits
+/// for every instance's answer (and fails naming each that does not), the
+/// view shows each instance's answer and, once they stop answering, names
+/// them as what a repair fixes; a repair marks them Unhealthy in the group
+/// (which real AWS replaces; moto launches nothing, so the repair waiting
+/// for the replacements is cancelled here).
+#[tokio::test]
+async fn aws_cluster_instances_answer_its_health_check() {
+    let app = spawn_app_on_moto(Backend::Sqlite).await;
+    let aws = aws().await;
+    let (image, _) = built_image(&app, &aws).await;
+    let ec2 = aws.clients.ec2().await;
+    let vpc = ec2.create_vpc().cidr_block("127.0.0.0/16").send().await.unwrap();
+    let vpc = vpc.vpc().and_then(|v| v.vpc_id()).unwrap().to_string();
+    let subnet = ec2.create_subnet().vpc_id(&vpc).cidr_block("127.0.1.0/24").send().await.unwrap();
+    let subnet = subnet.subnet().and_then(|s| s.subnet_id()).unwrap().to_string();
+    let (port, endpoint) = drover_ops::aws::testing::health_endpoint("0.0.0.0").await;
+    let spec = |path: &str| {
+        json!({"provider": "aws", "image": image, "count": 2, "instance_type": "t2.micro", "subnets": [subnet],
+               "port": port, "health_check": {"type": "http", "path": path}, "start_timeout_secs": 1})
+    };
+
+    // auto_repair on aws needs a check drover can ask.
+    let mut unchecked = spec("/health");
+    unchecked.as_object_mut().unwrap().remove("port");
+    unchecked["auto_repair"] = true.into();
+    let r = app.post("/v1/clusters", json!({"name": unique("hc"), "spec": unchecked})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert!(r.body.to_string().contains("spec.auto_repair"), "{}", r.body);
+
+    // A check the instances fail: the create fails, naming each and why.
+    let failing = unique("hc");
+    create(&app, "cluster", &failing, spec("/missing")).await;
+    let run = app.run("cluster", &failing, json!({"action": "create"})).await;
+    assert_eq!(
+        (run["status"].as_str(), run["error"]["code"].as_str()),
+        (Some("failed"), Some("instances_not_healthy"))
+    );
+    let message = run["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "0 of 2 instance(s) of cluster {failing} answer its health check (GET /missing on port {port})"
+        )),
+        "{message}"
+    );
+    assert_eq!(message.matches(": GET /missing answered 404").count(), 2, "{message}");
+    assert!(message.contains(" at 127.0.1."), "{message}");
+    let run = app.run("cluster", &failing, json!({"action": "destroy"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    // A check they pass: up, each instance answering at its private address.
+    let name = unique("hc");
+    let id = create(&app, "cluster", &name, spec("/health")).await["id"].as_str().unwrap().to_string();
+    let run = app.run("cluster", &name, json!({"action": "create"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let events = app.get(&format!("/v1/transitions/{}/events", run["id"].as_str().unwrap())).await.body;
+    let said = format!("2 of 2 instance(s) answer their health check (GET /health on port {port})");
+    assert!(events["events"].as_array().unwrap().iter().any(|e| e["message"] == said.as_str()), "{events}");
+    let seen = app.get_until(&format!("/v1/clusters/{name}"), |v| v["observed"]["healthy"] == true).await;
+    let instances = seen["observed"]["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 2, "{seen}");
+    for i in instances {
+        let ip = i["private_ip"].as_str().unwrap();
+        assert_eq!((i["address"].clone(), i["healthy"].clone()), (json!(format!("{ip}:{port}")), json!(true)));
+    }
+
+    // The endpoint stops: the view names both instances as what a repair fixes.
+    endpoint.abort();
+    let seen = app.get_until(&format!("/v1/clusters/{name}"), |v| v["observed"]["needs_repair"].is_string()).await;
+    assert_eq!(seen["observed"]["healthy"], false, "{seen}");
+    let why = seen["observed"]["needs_repair"].as_str().unwrap();
+    assert!(why.starts_with("failing the health check: i-") && why.matches("connect").count() == 2, "{why}");
+
+    // A repair marks them Unhealthy in the group, for it to replace them.
+    let run = app.transition("cluster", &name, json!({"action": "repair", "reason": "not answering"})).await;
+    let group = app.get(&format!("/v1/clusters/{name}")).await.body["outputs"]["stack_outputs"]["AutoScalingGroupName"]
+        .as_str()
+        .expect("the group")
+        .to_string();
+    let asg = aws.clients.autoscaling().await;
+    let mut marked = 0;
+    for _ in 0..100 {
+        let g = asg.describe_auto_scaling_groups().auto_scaling_group_names(&group).send().await.unwrap();
+        let g = g.auto_scaling_groups().first().cloned().expect("the group");
+        marked = g.instances().iter().filter(|i| i.health_status() == Some("Unhealthy")).count();
+        if marked == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(marked, 2, "both instances marked Unhealthy");
+    let r = app.post(&format!("/v1/transitions/{run}/cancel"), json!({"reason": "moto replaces nothing"})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let ended = app.wait(&run).await;
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    let events = app.get(&format!("/v1/transitions/{run}/events")).await.body;
+    let marks = events["events"].as_array().unwrap().iter().filter(|e| {
+        e["level"] == "warn"
+            && e["message"].as_str().unwrap().ends_with("marked Unhealthy, for its auto-scaling group to replace")
+    });
+    assert_eq!(marks.count(), 2, "{events}");
+
+    let run = app.run("cluster", &name, json!({"action": "destroy"})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(aws.running_instances(&id).await.is_empty());
+}

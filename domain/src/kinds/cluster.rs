@@ -197,7 +197,8 @@ impl Declaration for Cluster {
             json!({"provider": "aws", "image": "base", "count": 2, "instance_type": "t3.micro",
                 "subnets": ["subnet-0123abcd"], "security_groups": ["sg-0123abcd"], "key_name": "ops",
                 "tags": {"team": "web"}, "role_metadata": "role=worker,instancetype=r3", "join": "leader",
-                "termination_protection": true}),
+                "termination_protection": true, "port": 8080, "health_check": {"type": "http", "path": "/health"},
+                "auto_repair": true}),
         ]
     }
 }
@@ -313,6 +314,15 @@ pub struct Spec {
     #[serde(default = "default_start_timeout")]
     #[schemars(range(min = 1, max = 3600))]
     pub start_timeout_secs: u64,
+    /// aws: the port the instances serve on, which `health_check` asks at
+    /// each instance's private address. With it, create, scale, start and
+    /// repair wait until every instance answers, the view names those that
+    /// do not, and a repair (or `auto_repair`) has the auto-scaling group
+    /// replace them; without it, the group's EC2 status checks are the only
+    /// check. (A local instance is given its port by drover, as `PORT`.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
     /// aws: the instances' type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_type: Option<String>,
@@ -349,10 +359,13 @@ pub struct Spec {
     /// protection).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub termination_protection: bool,
-    /// local: when an instance's process dies, drover's observer repairs
-    /// the cluster (starts it again) within one observation round, backing
-    /// off when repairs do not hold, and stops at a crash loop (shown in
-    /// the view). On aws the auto-scaling group replaces instances itself.
+    /// When an instance dies (local: its process; aws, with `port`: it
+    /// stops answering its health check), drover's observer repairs the
+    /// cluster within one observation round (local: starts it again; aws:
+    /// the group replaces it), backing off when repairs do not hold, and
+    /// stops at a crash loop (shown in the view). An aws cluster without
+    /// `port` has nothing for drover to see: the group's own EC2 checks
+    /// replace its instances.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub auto_repair: bool,
 }
@@ -369,6 +382,7 @@ fn provider_rules(schema: &mut schemars::Schema) {
     let local = json!({
         "provider": {"const": "local"},
         "instance_type": {"type": "null"}, "key_name": {"type": "null"}, "instance_profile": {"type": "null"},
+        "port": {"type": "null"},
         "role_metadata": metadata,
         "subnets": {"maxItems": 0}, "security_groups": {"maxItems": 0},
         "tags": {"maxProperties": 0}, "termination_protection": {"const": false},
@@ -377,7 +391,10 @@ fn provider_rules(schema: &mut schemars::Schema) {
         "oneOf".into(),
         json!([
             {"title": "local", "properties": local},
-            {"title": "aws", "required": ["provider", "instance_type", "subnets"], "properties": {
+            {"title": "aws", "required": ["provider", "instance_type", "subnets"],
+             "if": {"properties": {"auto_repair": {"const": true}}, "required": ["auto_repair"]},
+             "then": {"required": ["port"], "properties": {"port": {"type": "integer"}}},
+             "properties": {
                 "provider": {"const": "aws"},
                 "instance_type": word,
                 "key_name": {"type": ["string", "null"], "pattern": "^[!-+\\--~]{1,255}$"},
@@ -387,7 +404,7 @@ fn provider_rules(schema: &mut schemars::Schema) {
                 "tags": {"type": "object", "maxProperties": 40,
                     "propertyNames": {"minLength": 1, "maxLength": 127, "pattern": "^(?![dD][rR][oO][vV][eE][rR]:|[aA][wW][sS]:)"},
                     "additionalProperties": {"type": "string", "maxLength": 255}},
-                "role_metadata": metadata, "auto_repair": {"const": false}}},
+                "role_metadata": metadata}},
         ]),
     );
 }
@@ -453,6 +470,12 @@ impl Spec {
                         errors.push(FieldError::new(format!("spec.{field}"), "not used by provider local"));
                     }
                 }
+                if spec.port.is_some() {
+                    errors.push(FieldError::new(
+                        "spec.port",
+                        "not used by provider local: drover gives each instance its own port (PORT)",
+                    ));
+                }
             }
             "aws" => spec.check_aws(&mut errors),
             _ => errors
@@ -508,11 +531,15 @@ impl ActionParams for ScaleParams {
 
 impl Spec {
     fn check_aws(&self, errors: &mut Vec<FieldError>) {
-        if self.auto_repair {
+        if self.auto_repair && self.port.is_none() {
             errors.push(FieldError::new(
                 "spec.auto_repair",
-                "not used by provider aws: the auto-scaling group replaces its instances itself",
+                "needs spec.port on provider aws: without a health check drover can ask, the auto-scaling \
+                 group's own EC2 checks replace its instances",
             ));
+        }
+        if self.port == Some(0) {
+            errors.push(FieldError::new("spec.port", "must be between 1 and 65535"));
         }
         let word = |s: &str| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic() && b != b',');
         if !self.instance_type.as_deref().is_some_and(word) {
@@ -785,13 +812,18 @@ mod tests {
         // aws fields on a local cluster are refused, so local specs stay as they were.
         let e = Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "key_name": "x"})).unwrap_err();
         assert!(matches!(e, Error::Invalid(f) if f[0].field == "spec.key_name"));
-        // auto_repair is the local provider's: an auto-scaling group replaces its own.
+        // auto_repair on aws needs a port to check: else the group's own checks replace instances.
         let mut repaired = aws_spec();
         repaired["auto_repair"] = true.into();
         let e = Spec::from_value(&repaired).unwrap_err();
         assert!(
-            matches!(e, Error::Invalid(f) if f[0].field == "spec.auto_repair" && f[0].message.contains("replaces"))
+            matches!(e, Error::Invalid(f) if f[0].field == "spec.auto_repair" && f[0].message.contains("spec.port"))
         );
+        repaired["port"] = 8080.into();
+        assert_eq!(Spec::from_value(&repaired).unwrap().port, Some(8080));
+        // A port is an aws field: a local instance is given its own.
+        let e = Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "port": 8080})).unwrap_err();
+        assert!(matches!(e, Error::Invalid(f) if f[0].field == "spec.port" && f[0].message.contains("PORT")));
         assert!(Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "auto_repair": true})).is_ok());
         // A local worker group joins a local leader.
         assert!(Spec::from_value(&serde_json::json!({"image": "web", "count": 1, "join": "x"})).is_ok());

@@ -32,6 +32,7 @@ use tracing::warn;
 use super::stacks::{InstanceInfo, StackApi, StackInfo, StackRequest};
 use super::template::{self, Delivery, Leader, Rendered};
 use super::{AwsError, Backoff, TAG_RESOURCE};
+use crate::local::process::check_at;
 
 pub struct AwsClusters {
     api: Arc<dyn StackApi>,
@@ -564,6 +565,85 @@ impl AwsClusters {
         }
     }
 
+    /// With a `port` in the spec, waits until `count` running instances
+    /// answer the cluster's health check at their private addresses (drover
+    /// runs in the VPC, as a load balancer's checks would): what an
+    /// auto-scaling group without a load balancer cannot check itself.
+    /// Bounded by `start_timeout_secs` from when the group reported them in
+    /// service; fails `instances_not_healthy` naming each instance that
+    /// does not answer and why.
+    async fn wait_answering(
+        &self,
+        ctx: &dyn RunContext,
+        r: &Resource,
+        spec: &Spec,
+        count: u32,
+    ) -> Result<(), ProviderError> {
+        let Some(check) = check_of(spec).filter(|_| count > 0) else {
+            return Ok(());
+        };
+        let limit = std::time::Duration::from_secs(spec.start_timeout_secs);
+        let started = tokio::time::Instant::now();
+        let mut delays = self.poll.delays();
+        let mut last = String::new();
+        loop {
+            ctx.check_cancel()?;
+            let instances = self.instances(r).await?;
+            let answers = ask(&instances, check).await;
+            let healthy = answers.iter().filter(|a| a.failing.is_none()).count();
+            let summary = format!("{healthy} of {count} instance(s) answer their health check ({})", check_said(check));
+            if summary != last {
+                ctx.event(NewEvent::info("health", summary.clone()).with_data(json!({
+                    "instances": answers.iter().map(|a| json!({
+                        "id": a.instance.id, "address": a.address, "failing": a.failing })).collect::<Vec<_>>(),
+                })))
+                .await;
+                last = summary;
+            }
+            if healthy >= count as usize {
+                return Ok(());
+            }
+            if started.elapsed() > limit {
+                let failing: Vec<String> = answers.iter().filter(|a| a.failing.is_some()).map(Answer::said).collect();
+                return Err(ProviderError::fatal(
+                    "instances_not_healthy",
+                    format!(
+                        "{healthy} of {count} instance(s) of cluster {} answer its health check ({}) after {}s{}",
+                        r.name,
+                        check_said(check),
+                        limit.as_secs(),
+                        match failing.is_empty() {
+                            true => String::new(),
+                            false => format!(": {}", failing.join("; ")),
+                        }
+                    ),
+                ));
+            }
+            tokio::time::sleep(delays.next().unwrap_or(self.poll.max)).await;
+        }
+    }
+
+    /// A repair's first step with a `port`: tells the group which of its
+    /// instances fail the cluster's health check (past their grace), so
+    /// that it replaces them; the repair then waits for the replacements.
+    async fn mark_failing(&self, ctx: &dyn RunContext, r: &Resource, spec: &Spec) -> Result<(), ProviderError> {
+        let Some(check) = check_of(spec) else {
+            return Ok(());
+        };
+        let instances = self.instances(r).await?;
+        for a in ask(&instances, check).await {
+            if a.failing.is_none() || !a.past_grace(spec) {
+                continue;
+            }
+            self.api.set_unhealthy(&a.instance.id).await?;
+            let msg = format!("{}: marked Unhealthy, for its auto-scaling group to replace", a.said());
+            ctx.event(NewEvent::info("repair", msg).with_level(Level::Warn).with_data(json!({
+                "instance": a.instance.id, "address": a.address, "failing": a.failing })))
+                .await;
+        }
+        Ok(())
+    }
+
     /// `repair` and `adopt`: sends the stack as the record says it runs —
     /// the applied spec (a change not yet applied stays pending), the AMI
     /// the last run started, and the count it left (a repair) or the count
@@ -608,6 +688,9 @@ impl AwsClusters {
         let leader = self.leader(job, &spec).await?;
         let (delivery, _) = delivery(job);
         let rendered = template::render(r, &spec, &ami, count, leader.as_ref(), &delivery);
+        if job.action == "repair" {
+            self.mark_failing(ctx, r, &spec).await?;
+        }
         self.put_secrets(ctx, job).await?;
         let info = self.update(ctx, job, &rendered).await?;
         if let Some(group) = info.outputs.get("AutoScalingGroupName") {
@@ -620,6 +703,7 @@ impl AwsClusters {
             }
         }
         self.wait_in_service(ctx, &spec, &info, count).await?;
+        self.wait_answering(ctx, r, &spec, count).await?;
         let instances = self.instances(r).await.unwrap_or_else(|e| {
             warn!(error = %e, "could not list instances");
             Vec::new()
@@ -814,6 +898,7 @@ impl Provider for AwsClusters {
             self.update(ctx, job, &rendered).await?
         };
         self.wait_in_service(ctx, &spec, &info, count).await?;
+        self.wait_answering(ctx, &job.resource, &spec, count).await?;
         let instances = self.instances(&job.resource).await.unwrap_or_else(|e| {
             warn!(error = %e, "could not list instances");
             Vec::new()
@@ -843,11 +928,38 @@ impl Provider for AwsClusters {
             }
         };
         let running = instances.iter().filter(|i| i.state == "running").count();
-        Some(json!({
-            "healthy": running == want,
-            "summary": format!("{running} of {want} instances running"),
-            "instances": instances,
-        }))
+        // The check the cluster last ran with (a changed one is pending).
+        let spec = applied_spec_of(r).ok();
+        let Some((spec, check)) = spec.as_ref().and_then(|s| Some((s, check_of(s)?))) else {
+            return Some(json!({
+                "healthy": running == want,
+                "summary": format!("{running} of {want} instances running"),
+                "instances": instances,
+            }));
+        };
+        // With a port: each running instance's answer to the health check.
+        let answers = ask(&instances, check).await;
+        let answering = answers.iter().filter(|a| a.failing.is_none()).count();
+        let mut listed = serde_json::to_value(&instances).unwrap_or_default();
+        for (i, v) in instances.iter().zip(listed.as_array_mut().into_iter().flatten()) {
+            if let Some(a) = answers.iter().find(|a| a.instance.id == i.id) {
+                v["address"] = a.address.clone().into();
+                v["healthy"] = a.failing.is_none().into();
+                v["reason"] = a.failing.clone().into();
+            }
+        }
+        let mut seen = json!({
+            "healthy": running == want && answering == running,
+            "summary": format!("{running} of {want} instances running, {answering} answering {}", check_said(check)),
+            "instances": listed,
+        });
+        // What a repair would have the group replace: those failing past their grace.
+        let failing: Vec<String> =
+            answers.iter().filter(|a| a.failing.is_some() && a.past_grace(spec)).map(Answer::said).collect();
+        if !failing.is_empty() {
+            seen["needs_repair"] = json!(format!("failing the health check: {}", failing.join("; ")));
+        }
+        Some(seen)
     }
 
     async fn preview(&self, job: &Job) -> Option<Result<Value, ProviderError>> {
@@ -870,6 +982,56 @@ impl Provider for AwsClusters {
 /// Beyond `start_timeout_secs`, how long an instance may take to launch and
 /// boot before a run stops waiting for its group to report it in service.
 const LAUNCH_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The check drover asks of an aws cluster's instances: its `port`, and
+/// the path an HTTP check gets (`None`: a TCP connection). `None` without a
+/// port: the group's EC2 status checks are then the only check.
+fn check_of(spec: &Spec) -> Option<(u16, Option<&str>)> {
+    spec.port.map(|port| (port, spec.health_check.http_path()))
+}
+
+/// The check in words, as the run log and errors say it.
+fn check_said((port, path): (u16, Option<&str>)) -> String {
+    match path {
+        Some(path) => format!("GET {path} on port {port}"),
+        None => format!("TCP on port {port}"),
+    }
+}
+
+/// An instance as drover's health check found it.
+struct Answer<'a> {
+    instance: &'a InstanceInfo,
+    address: String,
+    /// Why it is not healthy; `None`: it answered.
+    failing: Option<String>,
+}
+
+impl Answer<'_> {
+    /// Whether it has been up longer than the grace the cluster gives a new
+    /// instance (`start_timeout_secs`, the group's grace period), so that
+    /// failing its check means it is unhealthy, not still starting.
+    fn past_grace(&self, spec: &Spec) -> bool {
+        let grace = std::time::Duration::from_secs(spec.start_timeout_secs);
+        self.instance.launched_at.is_none_or(|t| t.elapsed().is_ok_and(|age| age >= grace))
+    }
+
+    fn said(&self) -> String {
+        format!("{} at {}: {}", self.instance.id, self.address, self.failing.as_deref().unwrap_or("healthy"))
+    }
+}
+
+/// Asks every running instance's private address at once (an address
+/// that does not answer costs its timeout once, not once per instance).
+async fn ask<'a>(instances: &'a [InstanceInfo], (port, path): (u16, Option<&str>)) -> Vec<Answer<'a>> {
+    let looks = instances.iter().filter(|i| i.state == "running").map(|i| async move {
+        let (address, failing) = match &i.private_ip {
+            Some(ip) => (format!("{ip}:{port}"), check_at(ip, port, path).await),
+            None => ("(no private address)".to_string(), Some("EC2 shows no private address".to_string())),
+        };
+        Answer { instance: i, address, failing }
+    });
+    futures::future::join_all(looks).await
+}
 
 /// What a run's settings give its instances: the non-secret ones for the
 /// cloud-config, and the secret ones (key → value) for Parameter Store.
@@ -916,6 +1078,11 @@ mod scripted {
         /// What the stack's auto-scaling group reports, when set (the
         /// stack then has the group as its output).
         group: Option<crate::aws::stacks::GroupHealth>,
+        /// The cluster's instances EC2 shows.
+        machines: Vec<InstanceInfo>,
+        /// What a group does with an instance marked unhealthy: the
+        /// instance it launches in its place.
+        replacements: VecDeque<InstanceInfo>,
     }
 
     const GONE: &str = "GONE";
@@ -1052,7 +1219,16 @@ mod scripted {
             Ok(s.events.iter().rev().cloned().collect())
         }
         async fn instances(&self, _k: &str, _v: &str) -> Result<Vec<InstanceInfo>, AwsError> {
-            Ok(Vec::new())
+            Ok(self.st.lock().unwrap().machines.clone())
+        }
+        /// As a group does once the replacement is in service.
+        async fn set_unhealthy(&self, instance: &str) -> Result<(), AwsError> {
+            let mut s = self.st.lock().unwrap();
+            s.calls.push(format!("unhealthy {instance}"));
+            let new = s.replacements.pop_front().expect("a replacement");
+            s.machines.retain(|m| m.id != instance);
+            s.machines.push(new);
+            Ok(())
         }
     }
 
@@ -1139,6 +1315,89 @@ mod scripted {
         let ctx = RecordingCtx::new(job.run_id);
         p.apply(&ctx, &job).await.expect("create");
         assert!(ctx.messages().iter().any(|m| m.ends_with("2 of 2 instance(s) InService and Healthy")));
+    }
+
+    /// Real AWS without a load balancer: a group checks only EC2's status,
+    /// so an instance whose service does not answer stays `Healthy` to it.
+    /// With a `port`, drover asks each instance's private address itself: a
+    /// create waits for the answers and names each instance that does not
+    /// answer; the observation names it (past its grace) as what a repair
+    /// fixes; a repair marks it Unhealthy, for the group to replace, and
+    /// waits for the replacement's answer. A new instance within its grace
+    /// is left alone. The instances' addresses are loopback ones, where a
+    /// real endpoint answers (127.0.0.1) or nothing listens (127.0.0.2).
+    #[tokio::test]
+    async fn instances_answer_the_clusters_health_check_or_are_replaced() {
+        use crate::aws::testing::health_endpoint;
+        let (port, endpoint) = health_endpoint("127.0.0.1").await;
+        let machine = |id: &str, ip: &str, launched: std::time::SystemTime| InstanceInfo {
+            id: id.into(),
+            private_ip: Some(ip.into()),
+            state: "running".into(),
+            launched_at: Some(launched),
+            ..Default::default()
+        };
+        let long_ago = std::time::UNIX_EPOCH;
+        let fake = Fake::new(&[("CREATE_COMPLETE", None)], &[("UPDATE_COMPLETE", None)]);
+        fake.st.lock().unwrap().machines =
+            vec![machine("i-1", "127.0.0.1", long_ago), machine("i-2", "127.0.0.2", long_ago)];
+        let p = provider(fake.clone());
+        let mut job = cluster_job("create", json!({}));
+        let spec = &mut job.resource.spec;
+        spec["port"] = port.into();
+        spec["health_check"] = json!({"type": "http", "path": "/health"});
+        spec["start_timeout_secs"] = 1.into();
+        let ctx = RecordingCtx::new(job.run_id);
+        match p.apply(&ctx, &job).await {
+            Err(ProviderError::Failed { code, message, .. }) => {
+                assert_eq!(code, "instances_not_healthy");
+                assert!(message.contains(&format!("1 of 2 instance(s) of cluster web answer its health check (GET /health on port {port}) after 1s: i-2 at 127.0.0.2:{port}: connect")), "{message}");
+                assert!(!message.contains("i-1"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(ctx
+            .messages()
+            .contains(&format!("health: 1 of 2 instance(s) answer their health check (GET /health on port {port})")));
+
+        // Up: the observer names the one not answering, as a repair's to fix.
+        job.resource.state = "up".into();
+        job.resource.applied_spec = Some(job.resource.spec.clone());
+        job.resource.outputs = json!({"count": 2, "ami_id": "ami-0123abcd"});
+        let seen = p.observe(&job.resource).await.expect("observed");
+        assert_eq!(seen["healthy"], false, "{seen}");
+        assert_eq!(seen["instances"][0]["healthy"], true, "{seen}");
+        assert_eq!(seen["instances"][1]["address"], format!("127.0.0.2:{port}"), "{seen}");
+        let why = seen["needs_repair"].as_str().expect("something to repair");
+        assert!(why.starts_with("failing the health check: i-2 at 127.0.0.2") && !why.contains("i-1"), "{why}");
+
+        // A repair has the group replace it (and not a new instance still in
+        // its grace, nor one that answers), then waits for the replacement.
+        {
+            let mut s = fake.st.lock().unwrap();
+            s.stack =
+                Some(StackInfo { id: "arn:stack/1".into(), status: "CREATE_COMPLETE".into(), ..Default::default() });
+            s.machines.push(machine("i-4", "127.0.0.3", std::time::SystemTime::now()));
+            s.replacements.push_back(machine("i-3", "127.0.0.1", std::time::SystemTime::now()));
+        }
+        let seen = p.observe(&job.resource).await.expect("observed");
+        assert!(!seen["needs_repair"].as_str().unwrap().contains("i-4"), "in its grace: {seen}");
+        job.action = "repair".into();
+        let ctx = RecordingCtx::new(job.run_id);
+        p.apply(&ctx, &job).await.expect("repair");
+        assert_eq!(fake.calls()[1..], ["unhealthy i-2", "update Count=2"]);
+        assert!(ctx.messages().iter().any(|m| m.starts_with("repair: i-2 at 127.0.0.2")
+            && m.ends_with("marked Unhealthy, for its auto-scaling group to replace")));
+        assert!(ctx
+            .messages()
+            .contains(&format!("health: 2 of 2 instance(s) answer their health check (GET /health on port {port})")));
+
+        // Without a port, nothing is asked: the group's own checks stand.
+        job.resource.spec.as_object_mut().unwrap().remove("port");
+        job.resource.applied_spec = Some(job.resource.spec.clone());
+        let seen = p.observe(&job.resource).await.expect("observed");
+        assert!(seen.get("needs_repair").is_none() && seen["summary"] == "3 of 2 instances running", "{seen}");
+        endpoint.abort();
     }
 
     /// Real AWS: a failed create rolls back to ROLLBACK_COMPLETE and the

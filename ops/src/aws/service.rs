@@ -1097,8 +1097,7 @@ mod tests {
             id: "i-0abc".into(),
             private_ip: Some("10.0.0.7".into()),
             state: "running".into(),
-            instance_type: None,
-            tags: BTreeMap::new(),
+            ..Default::default()
         }
     }
 

@@ -55,7 +55,7 @@ pub struct StackRequest {
 }
 
 /// A running instance of a cluster, as EC2 shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct InstanceInfo {
     pub id: String,
     pub private_ip: Option<String>,
@@ -64,6 +64,9 @@ pub struct InstanceInfo {
     /// Its tags (what a refresh compares; not in the cluster's outputs).
     #[serde(skip)]
     pub tags: BTreeMap<String, String>,
+    /// When EC2 launched it (not in the cluster's outputs).
+    #[serde(skip)]
+    pub launched_at: Option<std::time::SystemTime>,
 }
 
 /// What an auto-scaling group reports of its instances.
@@ -119,6 +122,14 @@ pub trait StackApi: Send + Sync + 'static {
     /// already say the count, so an update would not touch it). The
     /// default does nothing (the scripted fake).
     async fn set_desired_capacity(&self, _group: &str, _count: u32) -> Result<(), AwsError> {
+        Ok(())
+    }
+    /// Tells the instance's auto-scaling group that it is unhealthy, so
+    /// that the group replaces it (`SetInstanceHealth`, respecting the
+    /// group's grace period): how drover's own health check of a cluster's
+    /// instances reaches a group that has no load balancer to check them.
+    /// The default does nothing (the scripted fake).
+    async fn set_unhealthy(&self, _instance: &str) -> Result<(), AwsError> {
         Ok(())
     }
     /// CloudFormation's own drift detection of the stack: each resource it
@@ -328,6 +339,7 @@ impl StackApi for SdkStacks {
                             .iter()
                             .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
                             .collect(),
+                        launched_at: i.launch_time().and_then(|t| std::time::SystemTime::try_from(*t).ok()),
                     });
                 }
             }
@@ -446,6 +458,20 @@ impl StackApi for SdkStacks {
             .send()
             .await
             .map_err(|e| AwsError::from_sdk("SetDesiredCapacity", &e))?;
+        Ok(())
+    }
+
+    async fn set_unhealthy(&self, instance: &str) -> Result<(), AwsError> {
+        self.clients
+            .autoscaling()
+            .await
+            .set_instance_health()
+            .instance_id(instance)
+            .health_status("Unhealthy")
+            .should_respect_grace_period(true)
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("SetInstanceHealth", &e))?;
         Ok(())
     }
 

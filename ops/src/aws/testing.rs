@@ -240,3 +240,29 @@ pub fn resource(
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &Uuid::new_v4().simple().to_string()[..10])
 }
+
+/// A health endpoint on `ip` (port chosen by the system) that answers
+/// `GET /health` `200 OK`, and any other request `404`, until the handle is
+/// aborted: what an instance of a
+/// cluster with a `port` serves, for drover's health check to ask. On
+/// `0.0.0.0`, it answers at every loopback address — moto's instances in a
+/// `127.0.0.0/16` VPC have such private addresses.
+pub async fn health_endpoint(ip: &str) -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind a health endpoint");
+    let port = listener.local_addr().expect("its address").port();
+    let serve = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let answer: &[u8] = match buf[..n].starts_with(b"GET /health ") {
+                    true => b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    false => b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+                };
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    (port, serve)
+}
