@@ -1457,9 +1457,10 @@ async fn aws_services_are_units_started_over_ssm_from_the_builds_artifact() {
 /// addresses, where this test serves the health endpoint: a create waits
 /// for every instance's answer (and fails naming each that does not), the
 /// view shows each instance's answer and, once they stop answering, names
-/// them as what a repair fixes; a repair marks them Unhealthy in the group
-/// (which real AWS replaces; moto launches nothing, so the repair waiting
-/// for the replacements is cancelled here).
+/// them as what a repair fixes; with `auto_repair` the observer asks for
+/// that repair, which marks them Unhealthy in the group (which real AWS
+/// replaces; moto launches nothing, so the repair waiting for the
+/// replacements is cancelled here).
 #[tokio::test]
 async fn aws_cluster_instances_answer_its_health_check() {
     let app = spawn_app_on_moto(Backend::Sqlite).await;
@@ -1506,7 +1507,9 @@ async fn aws_cluster_instances_answer_its_health_check() {
 
     // A check they pass: up, each instance answering at its private address.
     let name = unique("hc");
-    let id = create(&app, "cluster", &name, spec("/health")).await["id"].as_str().unwrap().to_string();
+    let mut healing = spec("/health");
+    healing["auto_repair"] = true.into();
+    let id = create(&app, "cluster", &name, healing).await["id"].as_str().unwrap().to_string();
     let run = app.run("cluster", &name, json!({"action": "create"})).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     let events = app.get(&format!("/v1/transitions/{}/events", run["id"].as_str().unwrap())).await.body;
@@ -1527,8 +1530,17 @@ async fn aws_cluster_instances_answer_its_health_check() {
     let why = seen["observed"]["needs_repair"].as_str().unwrap();
     assert!(why.starts_with("failing the health check: i-") && why.matches("connect").count() == 2, "{why}");
 
-    // A repair marks them Unhealthy in the group, for it to replace them.
-    let run = app.transition("cluster", &name, json!({"action": "repair", "reason": "not answering"})).await;
+    // With auto_repair, the observer asks for the repair itself, which
+    // marks them Unhealthy in the group, for it to replace them.
+    let repair = app
+        .get_until(&format!("/v1/transitions?kind=cluster&action=repair&resource={id}"), |v| {
+            v["items"].as_array().is_some_and(|i| !i.is_empty())
+        })
+        .await["items"][0]
+        .clone();
+    assert_eq!(repair["actor"], "observer", "{repair}");
+    assert!(repair["reason"].as_str().unwrap().starts_with("auto-repair (attempt 1 of "), "{repair}");
+    let run = repair["id"].as_str().unwrap().to_string();
     let group = app.get(&format!("/v1/clusters/{name}")).await.body["outputs"]["stack_outputs"]["AutoScalingGroupName"]
         .as_str()
         .expect("the group")
@@ -1555,6 +1567,8 @@ async fn aws_cluster_instances_answer_its_health_check() {
             && e["message"].as_str().unwrap().ends_with("marked Unhealthy, for its auto-scaling group to replace")
     });
     assert_eq!(marks.count(), 2, "{events}");
+    let r = app.patch(&format!("/v1/clusters/{name}"), json!({"spec": {"auto_repair": false}}), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 
     let run = app.run("cluster", &name, json!({"action": "destroy"})).await;
     assert_eq!(run["status"], "succeeded", "{run}");
