@@ -71,6 +71,7 @@ async fn main() {
         bootstrap_token: Some(common::TOKEN.to_string()),
         secret_key: None,
         aws: Default::default(),
+        view_max_age: drover_domain::service::VIEW_MAX_AGE,
     })
     .await
     .expect("drover starts");

@@ -409,17 +409,18 @@ fn wrk(url: &str) -> (f64, f64, f64) {
     (rps, field("50%").map(|v| ms(&v)).unwrap_or(f64::NAN), field("99%").map(|v| ms(&v)).unwrap_or(f64::NAN))
 }
 
-async fn api(pg: &OwnPostgres, runs: i64) -> Vec<(String, (f64, f64, f64))> {
-    // The drained database: a cluster and a transition per run.
-    let url = pg.url("drain_1");
+/// `drover serve --no-workers` on `url`, its views kept for `view_max_age`;
+/// its base URL once it is ready.
+async fn serve_api(url: &str, view_max_age: &str) -> (KillOnDrop, String, tempfile::TempDir) {
     let port = free_port();
     let data = tempfile::tempdir().unwrap();
     let server = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_drover"))
             .args(["serve", "--no-workers", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--view-max-age", view_max_age])
             .arg("--data-dir")
             .arg(data.path())
-            .env("DATABASE_URL", &url)
+            .env("DATABASE_URL", url)
             .env("DROVER_BOOTSTRAP_TOKEN", TOKEN)
             .env("DROVER_SECRET_KEY", "11".repeat(32))
             .env("DROVER_LOG", "warn")
@@ -434,15 +435,33 @@ async fn api(pg: &OwnPostgres, runs: i64) -> Vec<(String, (f64, f64, f64))> {
         assert!(Instant::now() < deadline, "drover serve did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // One of the drained clusters (named d-1 to d-<runs>).
+    (server, base, data)
+}
+
+async fn api(pg: &OwnPostgres, runs: i64) -> Vec<(String, (f64, f64, f64))> {
+    // The drained database: a cluster and a transition per run. One of the
+    // drained clusters (named d-1 to d-<runs>).
+    let url = pg.url("drain_1");
     let cluster = format!("/v1/clusters/d-{}", runs / 2 + 1);
     let mut out = Vec::new();
-    for (name, path) in
-        [("GET /v1/clusters/{name}", cluster.as_str()), ("GET /v1/transitions?limit=50", "/v1/transitions?limit=50")]
-    {
-        out.push((name.to_string(), wrk(&format!("{base}{path}"))));
+    // As installed (views kept for a second), then every view read from
+    // the database (`--view-max-age 0s`).
+    for (max_age, paths) in [
+        (
+            "1s",
+            &[
+                ("GET /v1/clusters/{name}", cluster.as_str()),
+                ("GET /v1/transitions?limit=50", "/v1/transitions?limit=50"),
+            ][..],
+        ),
+        ("0s", &[("GET /v1/clusters/{name}, views not kept (--view-max-age 0s)", cluster.as_str())][..]),
+    ] {
+        let (server, base, _data) = serve_api(&url, max_age).await;
+        for (name, path) in paths {
+            out.push((name.to_string(), wrk(&format!("{base}{path}"))));
+        }
+        drop(server);
     }
-    drop(server);
     // The ceiling: Postgres alone answering primary-key selects.
     new_database(pg, "pgbench").await;
     let pgbench = pg.bindir().join("pgbench");

@@ -42,6 +42,9 @@ pub struct Config {
     pub secret_key: Option<String>,
     /// How the `aws` provider reaches AWS (loaded lazily, at its first run).
     pub aws: drover_ops::aws::Settings,
+    /// How long a resource's view may be served from what this process read
+    /// for it, while it writes nothing (zero: every view reads the store).
+    pub view_max_age: Duration,
 }
 
 struct BearerAuth;
@@ -262,7 +265,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     engine.set_settings(settings.clone());
     let metrics = Arc::new(crate::metrics::Registry::default());
     engine.set_metrics(metrics.clone());
-    let service = Arc::new(Service::new(store, settings.clone()).with_providers(providers));
+    let service =
+        Arc::new(Service::new(store, settings.clone()).with_providers(providers).with_view_max_age(cfg.view_max_age));
     engine.set_requester(service.clone());
     service.set_running(engine.running());
     engine.set_discovery(stores.discovery.clone());

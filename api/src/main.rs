@@ -224,6 +224,12 @@ struct Serve {
     /// AMIs only and cannot run as services.
     #[arg(long, env = "DROVER_AWS_ARTIFACT_BUCKET")]
     aws_artifact_bucket: Option<String>,
+    /// How long a resource's view may be served from what this replica read
+    /// for it: a change made through another replica shows within this
+    /// (one made through this replica, at once). `0s`: every view reads the
+    /// database.
+    #[arg(long, env = "DROVER_VIEW_MAX_AGE", default_value = "1s", value_parser = humantime::parse_duration)]
+    view_max_age: Duration,
     /// Log format.
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -342,6 +348,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
             artifact_bucket: s.aws_artifact_bucket.clone(),
             ..drover_ops::aws::Settings::from_env()
         },
+        view_max_age: s.view_max_age,
     };
     let server = drover_api::start(cfg).await?;
     let store =

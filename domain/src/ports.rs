@@ -27,6 +27,14 @@ use crate::model::*;
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
+    /// How many writes this process has made to its stores so far, each
+    /// counted once it is committed; `None` (the default): not counted, so
+    /// nothing read from this store may be served again from a cache. What
+    /// the views' cache compares (see `Service::overview`): a read made
+    /// before a write of this process is never served after it.
+    fn writes(&self) -> Option<u64> {
+        None
+    }
     async fn ping(&self) -> Result<()>;
 
     // Resources.

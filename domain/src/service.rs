@@ -87,6 +87,64 @@ pub struct Service {
     /// The runs this process's engine executes: a cancel raises their flag
     /// at once.
     running: std::sync::OnceLock<crate::engine::Running>,
+    /// What views read lately (see [`Service::overview`]).
+    views: ViewCache,
+}
+
+/// What a resource's view reads from the store: kept for the next views of
+/// it while this process writes nothing and for at most
+/// [`ViewCache::max_age`]. What the view derives from these (its problem,
+/// whose staleness depends on the clock, its allowed actions, its pending
+/// spec changes) is derived again for every view.
+struct ViewReads {
+    resource: Resource,
+    recent_runs: Vec<Run>,
+    active_run: Option<Run>,
+    active_events: Vec<RunEvent>,
+    members: Option<Vec<(Resource, Option<Run>)>>,
+    pending_settings: Vec<PendingChange>,
+}
+
+/// Views' reads by kind and key (name or id, as asked), each with the
+/// store's write count before it was read and when. An entry serves while
+/// the count is unchanged — no write of this process since, so a change
+/// made here shows at once — and for at most `max_age`, the bound on how
+/// long a change made through another replica can take to show.
+struct ViewCache {
+    max_age: std::time::Duration,
+    reads: std::sync::Mutex<std::collections::HashMap<(&'static str, String), Kept>>,
+}
+
+/// A view's reads, the store's write count before they were made, and when.
+type Kept = (Arc<ViewReads>, u64, std::time::Instant);
+
+/// How long a view may be served from its reads: a change made through
+/// another replica shows within this (one made through this replica, at
+/// once).
+pub const VIEW_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Past this many remembered views, forget the aged ones, and all of them
+/// if none has aged (they live a second: this many views of different
+/// resources within a second is past what the cache is for).
+const VIEWS_MAX: usize = 1_000;
+
+impl ViewCache {
+    fn get(&self, kind: Kind, key: &str, writes: u64) -> Option<Arc<ViewReads>> {
+        let reads = self.reads.lock().expect("not poisoned");
+        let (r, at_writes, at) = reads.get(&(kind.as_str(), key.to_string()))?;
+        (*at_writes == writes && at.elapsed() < self.max_age).then(|| r.clone())
+    }
+
+    fn put(&self, kind: Kind, key: &str, writes: u64, r: Arc<ViewReads>) {
+        let mut reads = self.reads.lock().expect("not poisoned");
+        if reads.len() >= VIEWS_MAX {
+            reads.retain(|_, (_, _, at)| at.elapsed() < self.max_age);
+        }
+        if reads.len() >= VIEWS_MAX {
+            reads.clear();
+        }
+        reads.insert((kind.as_str(), key.to_string()), (r, writes, std::time::Instant::now()));
+    }
 }
 
 impl Service {
@@ -98,7 +156,15 @@ impl Service {
             max_attempts: 3,
             stuck_after: chrono::Duration::seconds(30),
             running: Default::default(),
+            views: ViewCache { max_age: VIEW_MAX_AGE, reads: Default::default() },
         }
+    }
+
+    /// Serves views from their reads for at most `max_age` (default
+    /// [`VIEW_MAX_AGE`]; zero: every view reads the store).
+    pub fn with_view_max_age(mut self, max_age: std::time::Duration) -> Service {
+        self.views.max_age = max_age;
+        self
     }
 
     /// Lets a cancel reach the runs this process's engine executes at once.
@@ -265,7 +331,44 @@ impl Service {
             .ok_or_else(|| Error::NotFound { kind: kind.as_str(), key: key.to_string() })
     }
 
+    /// A resource's view: what it is, its runs, why it is in trouble, what
+    /// may be asked of it. Its reads come from the views' cache while this
+    /// process has written nothing since they were made, for at most
+    /// [`VIEW_MAX_AGE`] (see [`ViewCache`]); what depends on the clock is
+    /// derived again each time.
     pub async fn overview(&self, kind: Kind, key: &str) -> Result<Overview> {
+        let reads = self.view_reads(kind, key).await?;
+        let r = &*reads;
+        let problem = diagnose(
+            &r.resource,
+            r.active_run.as_ref(),
+            r.active_events.last(),
+            &r.recent_runs,
+            self.stuck_after,
+            Utc::now(),
+        );
+        let mut pending_changes = pending_changes(kind, &r.resource);
+        pending_changes.extend(r.pending_settings.iter().cloned());
+        Ok(Overview {
+            members: r.members.clone(),
+            pending_changes,
+            allowed_actions: kind.allowed_actions(&r.resource.state),
+            resource: r.resource.clone(),
+            active_run: r.active_run.clone(),
+            active_events: r.active_events.clone(),
+            recent_runs: r.recent_runs.clone(),
+            problem,
+        })
+    }
+
+    /// What [`Service::overview`] reads: remembered, or read now (the
+    /// store's write count taken first, so that a write racing with the
+    /// reads leaves them stale in the cache's eyes, never the other way).
+    async fn view_reads(&self, kind: Kind, key: &str) -> Result<Arc<ViewReads>> {
+        let writes = self.store.writes().filter(|_| !self.views.max_age.is_zero());
+        if let Some(hit) = writes.and_then(|w| self.views.get(kind, key, w)) {
+            return Ok(hit);
+        }
         // Two statements, three while a run is active.
         let resource = self.get(kind, key).await?;
         let (recent_runs, active_run) = self.store.recent_runs(resource.id, 5).await?;
@@ -273,8 +376,6 @@ impl Service {
             Some(run) => self.store.last_events(run.id, 5).await?,
             None => Vec::new(),
         };
-        let problem =
-            diagnose(&resource, active_run.as_ref(), active_events.last(), &recent_runs, self.stuck_after, Utc::now());
         let members = match kind.holds_resources() {
             true => {
                 let mut out = Vec::new();
@@ -286,20 +387,15 @@ impl Service {
             }
             false => None,
         };
-        let mut pending_changes = pending_changes(kind, &resource);
-        if kind == crate::kinds::cluster::KIND && resource.state != kind.final_state() {
-            pending_changes.extend(self.pending_settings(kind, &resource, &recent_runs).await?);
+        let pending_settings = match kind == crate::kinds::cluster::KIND && resource.state != kind.final_state() {
+            true => self.pending_settings(kind, &resource, &recent_runs).await?,
+            false => Vec::new(),
+        };
+        let reads = Arc::new(ViewReads { resource, recent_runs, active_run, active_events, members, pending_settings });
+        if let Some(w) = writes {
+            self.views.put(kind, key, w, reads.clone());
         }
-        Ok(Overview {
-            members,
-            pending_changes,
-            allowed_actions: kind.allowed_actions(&resource.state),
-            resource,
-            active_run,
-            active_events,
-            recent_runs,
-            problem,
-        })
+        Ok(reads)
     }
 
     pub async fn list(&self, kind: Kind, filter: &ResourceFilter, page: PageRequest) -> Result<Page<Resource>> {

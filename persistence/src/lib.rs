@@ -25,6 +25,28 @@ pub use postgres::{PgBackend, PgStore, IDLE_IN_TRANSACTION};
 pub use sqlite::{SqliteBackend, SqliteStore};
 pub use store::SqlStore;
 
+/// Each database's write count in this process (see [`store::SqlStore`]'s
+/// `writes`), by its URL: the stores of one database in one process (the
+/// replicas of a test) count together, so that a cache of reads from one
+/// of them is never served after a write through another.
+fn write_counter(url: &str) -> Arc<std::sync::atomic::AtomicU64> {
+    static COUNTERS: std::sync::Mutex<Vec<(String, Arc<std::sync::atomic::AtomicU64>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut counters = COUNTERS.lock().expect("not poisoned");
+    if let Some((_, c)) = counters.iter().find(|(u, _)| u == url) {
+        return c.clone();
+    }
+    let c = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    counters.push((url.to_string(), c.clone()));
+    c
+}
+
+/// Whether a statement only reads: it starts with `SELECT` (a `WITH` may
+/// write, so it counts as a write).
+pub(crate) fn only_reads(text: &str) -> bool {
+    text.trim_start().get(..6).is_some_and(|w| w.eq_ignore_ascii_case("select"))
+}
+
 /// Opens the store a URL names (`postgres://…` or `sqlite://…`) and runs
 /// its migrations.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {

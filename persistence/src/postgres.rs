@@ -353,6 +353,6 @@ impl SqlStore<PgBackend> {
             }
             Err(e) => tracing::warn!(error = %e, "could not start LISTEN; relying on polling"),
         }
-        Ok(SqlStore::new(PgBackend { pool }, wakeup, discovery))
+        Ok(SqlStore::new(PgBackend { pool }, wakeup, discovery, url))
     }
 }

@@ -77,7 +77,8 @@ impl SqlStore<SqliteBackend> {
             .await
             .map_err(db("open SQLite"))?;
         sqlx::migrate!("../migrations/sqlite").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
-        Ok(SqlStore::new(SqliteBackend { pool }, Arc::new(Notify::new()), Arc::new(tokio::sync::watch::channel(0).0)))
+        let discovery = Arc::new(tokio::sync::watch::channel(0).0);
+        Ok(SqlStore::new(SqliteBackend { pool }, Arc::new(Notify::new()), discovery, url))
     }
 }
 

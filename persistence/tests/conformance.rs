@@ -53,7 +53,54 @@ both_backends_with_url!(
     a_claim_fails_a_run_whose_resource_moved,
     a_completion_batch_leaves_a_misplaced_resource_alone,
     a_queue_row_out_of_step_with_its_run_is_repaired,
+    a_view_serves_its_reads_until_a_write_here_or_its_age,
 );
+
+/// A resource's view is served from its reads while nothing was written
+/// through this process's stores of the database since: a change made
+/// behind them (as another replica's would be) is not seen until the
+/// reads are older than the service's max age, while a write through a
+/// store of the database — this one or a second opened on it, as a second
+/// replica in one process — is seen at the next view.
+async fn a_view_serves_its_reads_until_a_write_here_or_its_age(s: Stores, url: &str) {
+    use drover_domain::kinds::cluster::KIND;
+    use drover_domain::service::Service;
+    use drover_domain::settings::{SecretKey, Settings};
+    let store = s.store.clone();
+    let key = SecretKey::from_hex(&"00".repeat(32)).unwrap();
+    let settings = Arc::new(Settings::new(store.clone(), s.settings.clone(), key));
+    let service = Service::new(store.clone(), settings.clone()).with_view_max_age(Duration::from_secs(3600));
+    let state = |v: drover_domain::service::Overview| v.resource.state;
+    for name in ["a", "b"] {
+        cluster(&store, name).await;
+    }
+    assert_eq!(state(service.overview(KIND, "a").await.unwrap()), "pending");
+    backdoor(url, "UPDATE resources SET state = 'elsewhere' WHERE name = 'a'").await;
+    assert_eq!(state(service.overview(KIND, "a").await.unwrap()), "pending", "served from its reads");
+    // A write through another store of the database in this process.
+    let replica = drover_persistence::open(url).await.unwrap().store;
+    cluster(&replica, "c").await;
+    assert_eq!(state(service.overview(KIND, "a").await.unwrap()), "elsewhere", "read again after a write");
+    backdoor(url, "UPDATE resources SET state = 'further' WHERE name = 'a'").await;
+    cluster(&store, "d").await;
+    assert_eq!(state(service.overview(KIND, "a").await.unwrap()), "further", "read again after a write");
+
+    // Reads older than the max age are read again.
+    let young = Service::new(store.clone(), settings).with_view_max_age(Duration::from_millis(50));
+    assert_eq!(state(young.overview(KIND, "b").await.unwrap()), "pending");
+    backdoor(url, "UPDATE resources SET state = 'elsewhere' WHERE name = 'b'").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(state(young.overview(KIND, "b").await.unwrap()), "elsewhere", "read again once aged");
+    // And a service that keeps nothing reads every time.
+    let none = Service::new(
+        store.clone(),
+        Arc::new(Settings::new(store.clone(), s.settings.clone(), SecretKey::from_hex(&"00".repeat(32)).unwrap())),
+    )
+    .with_view_max_age(Duration::ZERO);
+    assert_eq!(state(none.overview(KIND, "b").await.unwrap()), "elsewhere");
+    backdoor(url, "UPDATE resources SET state = 'pending' WHERE name = 'b'").await;
+    assert_eq!(state(none.overview(KIND, "b").await.unwrap()), "pending");
+}
 
 async fn resources_are_unique_by_kind_and_name(store: Arc<dyn Store>) {
     let a = cluster(&store, "web").await;

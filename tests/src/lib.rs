@@ -156,6 +156,7 @@ pub fn test_config(data_dir: &Path, database_url: &str, aws: &drover_ops::aws::S
         bootstrap_token: Some(ADMIN_TOKEN.to_string()),
         secret_key: None,
         aws: aws.clone(),
+        view_max_age: drover_domain::service::VIEW_MAX_AGE,
     }
 }
 

@@ -70,6 +70,7 @@ pub async fn serve(dir: &Path) -> (drover_api::app::Server, Api) {
         bootstrap_token: Some(TOKEN.to_string()),
         secret_key: None,
         aws: Default::default(),
+        view_max_age: drover_domain::service::VIEW_MAX_AGE,
     })
     .await
     .expect("drover starts");

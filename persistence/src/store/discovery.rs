@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{commit, db, SqlStore};
+use super::{db, SqlStore};
 use crate::sql::{Backend, Exec, Sql};
 use crate::time::Ts;
 
@@ -153,7 +153,7 @@ impl<B: Backend> DiscoveryStore for SqlStore<B> {
         .bind(Ts(until));
         tx.execute(sql).await.map_err(db("write a discovery entry"))?;
         log::<B>(&mut tx, idx, ChangeKind::Enter, e, reason, by, now).await?;
-        commit::<B>(tx, "enter the discovery registry").await?;
+        self.commit(tx, "enter the discovery registry").await?;
         self.discovery_changed(idx);
         Ok(Some(idx))
     }
@@ -195,7 +195,7 @@ impl<B: Backend> DiscoveryStore for SqlStore<B> {
             return Ok(None); // rolled back: the index is not used
         };
         log::<B>(&mut tx, idx, ChangeKind::Leave, &parse(entry.0)?, reason, by, now).await?;
-        commit::<B>(tx, "leave the discovery registry").await?;
+        self.commit(tx, "leave the discovery registry").await?;
         self.discovery_changed(idx);
         Ok(Some(idx))
     }

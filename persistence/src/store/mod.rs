@@ -58,6 +58,12 @@ pub struct SqlStore<B> {
     /// Ticks after each change of the discovery registry (see
     /// [`drover_domain::ports::DiscoveryStore::discovery_watch`]).
     discovery: Arc<tokio::sync::watch::Sender<i64>>,
+    /// Statements of this process that may have written to the database,
+    /// each counted once it ended (a transaction's at its commit; a plain
+    /// `SELECT` is not counted): what a cache of reads compares
+    /// ([`Store::writes`]). Shared by the stores of one database in this
+    /// process; writes by other processes are not counted.
+    writes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 // `Backend` is the crate's seam, not an interface: users name `PgStore`
@@ -67,8 +73,18 @@ impl<B: Backend> SqlStore<B> {
     /// A store on `db`; `wakeup` is notified when work may be waiting, and
     /// `discovery` ticks when the registry changed (a Postgres listener does
     /// both for other replicas).
-    pub(crate) fn new(db: B, wakeup: Arc<Notify>, discovery: Arc<tokio::sync::watch::Sender<i64>>) -> SqlStore<B> {
-        SqlStore { db, wakeup, cursor: ClaimCursor::default(), discovery }
+    pub(crate) fn new(
+        db: B,
+        wakeup: Arc<Notify>,
+        discovery: Arc<tokio::sync::watch::Sender<i64>>,
+        url: &str,
+    ) -> SqlStore<B> {
+        SqlStore { db, wakeup, cursor: ClaimCursor::default(), discovery, writes: crate::write_counter(url) }
+    }
+
+    /// Counts a write (see `writes`), after it ended.
+    fn wrote(&self) {
+        self.writes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Tells this replica's watchers that the registry reached `idx`.
@@ -85,22 +101,41 @@ impl<B: Backend> SqlStore<B> {
     /// errors. The connection goes back before this returns, so that the
     /// caller can ask for another (SQLite has one).
     async fn execute(&self, op: &'static str, sql: Sql<'_>) -> Result<u64> {
-        self.conn().await?.execute(sql).await.map_err(db(op))
+        let done = self.conn().await?.execute(sql).await;
+        self.wrote();
+        done.map_err(db(op))
     }
 
     /// See [`SqlStore::execute`].
     async fn fetch_optional<R: Record>(&self, op: &'static str, sql: Sql<'_>) -> Result<Option<R>> {
-        self.conn().await?.fetch_optional(sql).await.map_err(db(op))
+        let writes = !crate::only_reads(&sql.text);
+        let row = self.conn().await?.fetch_optional(sql).await;
+        if writes {
+            self.wrote();
+        }
+        row.map_err(db(op))
     }
 
     /// See [`SqlStore::execute`].
     async fn fetch_all<R: Record>(&self, op: &'static str, sql: Sql<'_>) -> Result<Vec<R>> {
-        self.conn().await?.fetch_all(sql).await.map_err(db(op))
+        let writes = !crate::only_reads(&sql.text);
+        let rows = self.conn().await?.fetch_all(sql).await;
+        if writes {
+            self.wrote();
+        }
+        rows.map_err(db(op))
     }
 
     /// See [`SqlStore::execute`].
     async fn fetch_one<R: Record>(&self, op: &'static str, sql: Sql<'_>) -> Result<R> {
-        self.conn().await?.fetch_one(sql).await.map_err(db(op))
+        self.fetch_optional(op, sql).await?.ok_or_else(|| db(op)(sqlx::Error::RowNotFound))
+    }
+
+    /// Commits `tx`; `op` names what it did.
+    async fn commit(&self, tx: B::Tx, op: &'static str) -> Result<()> {
+        let done = B::commit(tx).await;
+        self.wrote();
+        done.map_err(db(op))
     }
 
     async fn begin(&self) -> Result<B::Tx> {
@@ -123,15 +158,14 @@ pub(crate) fn discovery_heard(tx: &tokio::sync::watch::Sender<i64>, idx: i64) {
     });
 }
 
-/// Commits `tx`; `op` names what it did.
-async fn commit<B: Backend>(tx: B::Tx, op: &'static str) -> Result<()> {
-    B::commit(tx).await.map_err(db(op))
-}
-
 #[async_trait::async_trait]
 impl<B: Backend> Store for SqlStore<B> {
     fn backend(&self) -> &'static str {
         B::NAME
+    }
+
+    fn writes(&self) -> Option<u64> {
+        Some(self.writes.load(std::sync::atomic::Ordering::Acquire))
     }
 
     async fn ping(&self) -> Result<()> {
@@ -224,11 +258,15 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn append_event(&self, lease: Lease, event: &NewEvent) -> Result<()> {
         let mut conn = self.conn().await?;
-        queue::insert_event_fenced::<B>(&mut conn, lease, event).await
+        let done = queue::insert_event_fenced::<B>(&mut conn, lease, event).await;
+        self.wrote();
+        done
     }
 
     async fn complete_run(&self, lease: Lease, completion: &Completion) -> Result<()> {
-        self.db.complete_together(&[(lease, completion)]).await?.remove(0)
+        let done = self.db.complete_together(&[(lease, completion)]).await;
+        self.wrote();
+        done?.remove(0)
     }
 
     async fn complete_runs(&self, batch: &[(Lease, Completion)]) -> Vec<Result<()>> {

@@ -7,7 +7,7 @@ use drover_domain::model::*;
 use drover_domain::{Error, Result};
 use uuid::Uuid;
 
-use super::{commit, db, lease_len, ClaimTerms, SqlStore};
+use super::{db, lease_len, ClaimTerms, SqlStore};
 use crate::rows::RunRow;
 use crate::sql::{Backend, Exec, Sql};
 use crate::time::Ts;
@@ -36,6 +36,9 @@ pub(super) async fn claim<B: Backend>(
         s.cursor.scanned_from_start();
     }
     s.cursor.advance(claimed.iter().map(|c| c.due).max());
+    if !claimed.is_empty() {
+        s.wrote();
+    }
     let mut out = Vec::with_capacity(claimed.len());
     for c in claimed {
         match c.resource {
@@ -81,13 +84,19 @@ pub(super) async fn heartbeat<B: Backend>(
     tx.execute(Sql::new("UPDATE run_queue SET lease_expires_at = $2 WHERE run_id = $1").bind(lease.run).bind(expires))
         .await
         .map_err(db("extend the lease in the queue"))?;
-    commit::<B>(tx, "commit heartbeat").await?;
+    s.commit(tx, "commit heartbeat").await?;
     Ok(Some(cancel.is_some()))
 }
 
 /// Completes a batch together, and one by one if that fails, so that each
 /// completion gets its own answer, errors included.
 pub(super) async fn complete<B: Backend>(s: &SqlStore<B>, batch: &[(Lease, Completion)]) -> Vec<Result<()>> {
+    let done = complete_each(s, batch).await;
+    s.wrote();
+    done
+}
+
+async fn complete_each<B: Backend>(s: &SqlStore<B>, batch: &[(Lease, Completion)]) -> Vec<Result<()>> {
     let items: Vec<(Lease, &Completion)> = batch.iter().map(|(l, c)| (*l, c)).collect();
     if items.len() > 1 {
         match s.db.complete_together(&items).await {
@@ -131,7 +140,7 @@ pub(super) async fn retry_later<B: Backend>(
         return Err(Error::StaleLease { run: lease.run });
     }
     requeue::<B>(&mut tx, lease.run, run_after).await?;
-    commit::<B>(tx, "commit requeue").await?;
+    s.commit(tx, "commit requeue").await?;
     s.wake();
     Ok(())
 }
@@ -173,7 +182,7 @@ async fn reap<B: Backend>(s: &SqlStore<B>, run: &Run, now: Time) -> Result<bool>
             RunStatus::Queued => requeue::<B>(&mut tx, run.id, run.run_after).await?,
             _ => dequeue::<B>(&mut tx, run.id).await?,
         }
-        commit::<B>(tx, "commit queue repair").await?;
+        s.commit(tx, "commit queue repair").await?;
         return Ok(false);
     }
     let out_of_attempts = run.attempt >= run.max_attempts;
@@ -213,7 +222,7 @@ async fn reap<B: Backend>(s: &SqlStore<B>, run: &Run, now: Time) -> Result<bool>
         requeue::<B>(&mut tx, run.id, now).await?;
     }
     insert_event_unfenced::<B>(&mut tx, run.id, &NewEvent::info("reaper", message).with_level(Level::Warn)).await?;
-    commit::<B>(tx, "commit reap").await?;
+    s.commit(tx, "commit reap").await?;
     Ok(true)
 }
 
@@ -248,7 +257,7 @@ async fn fail_unclaimable<B: Backend>(s: &SqlStore<B>, run: &Run, now: Time) -> 
     record_finished::<B>(&mut tx, &[run.id]).await?;
     insert_event_unfenced::<B>(&mut tx, run.id, &NewEvent::info("claim", error.message).with_level(Level::Error))
         .await?;
-    commit::<B>(tx, "commit unclaimable run").await
+    s.commit(tx, "commit unclaimable run").await
 }
 
 /// An event written by the worker holding the run's lease, fenced on it.

@@ -6,7 +6,7 @@ use drover_domain::{Error, Result};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{commit, db, is_unique, SqlStore};
+use super::{db, is_unique, SqlStore};
 use crate::rows::{ResourceRow, SpecVersionRow};
 use crate::sql::{Backend, Exec, Sql};
 use crate::time::Ts;
@@ -39,7 +39,7 @@ pub(super) async fn insert<B: Backend>(s: &SqlStore<B>, r: &NewResource) -> Resu
         })?;
     let version = NewVersion { resource: r.id, version: 1, actor: &r.actor, reason: r.reason.as_deref() };
     insert_version::<B>(&mut tx, version, &r.spec, &r.spec, r.now).await?;
-    commit::<B>(tx, "commit").await?;
+    s.commit(tx, "commit").await?;
     row.try_into()
 }
 
@@ -124,7 +124,7 @@ pub(super) async fn update_spec<B: Backend>(s: &SqlStore<B>, c: &SpecChange) -> 
                 reason: c.reason.as_deref(),
             };
             insert_version::<B>(&mut tx, version, &c.patch, &c.spec, c.now).await?;
-            commit::<B>(tx, "commit").await?;
+            s.commit(tx, "commit").await?;
             row.try_into()
         }
         (None, None) => {

@@ -5,7 +5,7 @@ use drover_domain::{Error, Result};
 use uuid::Uuid;
 
 use super::queue::{insert_event_unfenced, leave_working_state, record_finished};
-use super::{commit, db, is_unique, SqlStore};
+use super::{db, is_unique, SqlStore};
 use crate::rows::{runs, EventRow, RunRow};
 use crate::sql::{Backend, Exec, Sql};
 use crate::time::Ts;
@@ -89,7 +89,7 @@ pub(super) async fn insert<B: Backend>(s: &SqlStore<B>, run: &NewRun) -> Result<
     if let Some(notify) = B::NOTIFY {
         tx.execute(Sql::new(notify)).await.map_err(db("notify"))?;
     }
-    commit::<B>(tx, "commit").await?;
+    s.commit(tx, "commit").await?;
     s.wake();
     row.try_into()
 }
@@ -302,6 +302,6 @@ pub(super) async fn request_cancel<B: Backend>(
         None => message,
     };
     insert_event_unfenced::<B>(&mut tx, id, &NewEvent::info("cancel", message).with_level(Level::Warn)).await?;
-    commit::<B>(tx, "commit cancel").await?;
+    s.commit(tx, "commit cancel").await?;
     get(s, id).await?.ok_or_else(|| Error::NotFound { kind: "transition", key: id.to_string() })
 }

@@ -31,6 +31,7 @@ impl<B: Backend> SettingsStore for SqlStore<B> {
         // The connection goes back before `setting` takes one (SQLite has
         // one).
         let inserted = self.conn().await?.fetch_one::<SettingRow>(sql).await;
+        self.wrote();
         match inserted {
             Ok(row) => Ok(row.into()),
             // Another writer took this version number first.

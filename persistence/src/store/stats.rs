@@ -6,7 +6,7 @@ use drover_domain::stats::{self, FinishedRun, Grain, Rollup, RollupFilter, ALL_A
 use drover_domain::Result;
 use uuid::Uuid;
 
-use super::{commit, db, SqlStore};
+use super::{db, SqlStore};
 use crate::rows::{FinishedRunRow, RollupRow, ROLLUP_COLUMNS};
 use crate::sql::{Backend, Exec, Sql};
 use crate::time::Ts;
@@ -124,6 +124,6 @@ pub(super) async fn fold<B: Backend>(s: &SqlStore<B>, limit: u32) -> Result<usiz
         B::push_in(&mut sql, "run_id", chunk);
         tx.execute(sql).await.map_err(db("clear folded runs"))?;
     }
-    commit::<B>(tx, "commit rollups").await?;
+    s.commit(tx, "commit rollups").await?;
     Ok(ids.len())
 }

@@ -79,7 +79,7 @@ impl FromStores for Stores {
     }
 }
 
-/// Instantiates an async test body `fn(Arc<dyn Store>, url)` once per
+/// Instantiates an async test body `fn(Arc<dyn Store> or Stores, url)` once per
 /// backend, the URL for [`backdoor`].
 #[macro_export]
 macro_rules! both_backends_with_url {
@@ -91,7 +91,7 @@ macro_rules! both_backends_with_url {
                     let dir = tempfile::tempdir().unwrap();
                     let url = format!("sqlite://{}", dir.path().join("drover.db").display());
                     let stores = drover_persistence::open(&url).await.unwrap();
-                    super::$name(stores.store, &url).await;
+                    super::$name($crate::common::FromStores::from_stores(stores), &url).await;
                 }
             )+
         }
@@ -101,7 +101,7 @@ macro_rules! both_backends_with_url {
                 async fn $name() {
                     let url = drover_persistence::testing::fresh_postgres_database().await;
                     let stores = drover_persistence::open(&url).await.unwrap();
-                    super::$name(stores.store, &url).await;
+                    super::$name($crate::common::FromStores::from_stores(stores), &url).await;
                 }
             )+
         }
