@@ -454,7 +454,7 @@ async fn api(pg: &OwnPostgres, runs: i64) -> Vec<(String, (f64, f64, f64))> {
                 ("GET /v1/transitions?limit=50", "/v1/transitions?limit=50"),
             ][..],
         ),
-        ("0s", &[("GET /v1/clusters/{name}, views not kept (--view-max-age 0s)", cluster.as_str())][..]),
+        ("0s", &[("GET /v1/clusters/{name}, --view-max-age 0s", cluster.as_str())][..]),
     ] {
         let (server, base, _data) = serve_api(&url, max_age).await;
         for (name, path) in paths {
@@ -574,7 +574,7 @@ fn main() {
         if wanted("api") {
             println!("\n== API under wrk, 32 connections, 10 s ({runs} clusters in the database)");
             for (name, (rps, p50, p99)) in api(&pg, runs).await {
-                println!("{name:<36} {rps:>8.0} req/s  p50 {p50:>6.2} ms  p99 {p99:>6.2} ms");
+                println!("{name:<44} {rps:>8.0} req/s  p50 {p50:>6.2} ms  p99 {p99:>6.2} ms");
             }
         }
 
