@@ -90,6 +90,7 @@ fn spawn_replica(pg: &OwnPostgres, url: &str, dir: &std::path::Path, n: usize) -
         .arg("--data-dir")
         .arg(&data)
         .args(["--lease-secs", &LEASE_SECS.to_string()])
+        .args(["--view-max-age", "1s"])
         .env("DATABASE_URL", url)
         .env("DROVER_BOOTSTRAP_TOKEN", TOKEN)
         .env("DROVER_SECRET_KEY", "11".repeat(32))
@@ -361,6 +362,29 @@ async fn a_killed_replica_loses_nothing() {
     .await
     .unwrap();
     assert_eq!(retried, held.len() as i64);
+}
+
+/// Each replica keeps a view for at most a second (`--view-max-age 1s`,
+/// given to every replica here) while it writes nothing itself: a change
+/// made through one replica shows in its own view at once, and in
+/// another's once that second is up (the conformance suite checks the
+/// bound itself; here, that separate processes do get there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_shows_at_once_on_its_replica_and_soon_on_the_others() {
+    let fleet = Fleet::start().await;
+    let (http, a, b) = (&fleet.http, &fleet.replicas[0].base, &fleet.replicas[1].base);
+    let command = |v: &Value| v["spec"]["build_command"].as_str().unwrap_or_default().to_string();
+    let spec = json!({"build_command": "echo one", "start_command": "true"});
+    call(http, a, "POST", "/v1/images", Some(json!({"name": "seen", "spec": spec}))).await;
+    assert_eq!(command(&call(http, b, "GET", "/v1/images/seen", None).await), "echo one");
+    call(http, a, "PATCH", "/v1/images/seen", Some(json!({"spec": {"build_command": "echo two"}}))).await;
+    assert_eq!(command(&call(http, a, "GET", "/v1/images/seen", None).await), "echo two", "at once where written");
+    let patched = Instant::now();
+    while command(&call(http, b, "GET", "/v1/images/seen", None).await) != "echo two" {
+        assert!(patched.elapsed() < Duration::from_secs(10), "the other replica's view never changed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("the other replica's view changed {:?} after the PATCH", patched.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

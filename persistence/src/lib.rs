@@ -5,6 +5,7 @@
 //! column or a `sqlx::Error`; constraint violations come out as typed domain
 //! errors (`AlreadyExists`, `Busy`, `StaleLease`).
 
+mod migrations;
 mod postgres;
 mod rows;
 mod sql;

@@ -323,7 +323,10 @@ impl SqlStore<PgBackend> {
             .connect_with(options)
             .await
             .map_err(db("connect to Postgres"))?;
-        sqlx::migrate!("../migrations/postgres").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
+        crate::migrations::migrator(crate::migrations::POSTGRES)
+            .run(&pool)
+            .await
+            .map_err(|e| Error::store("run migrations", e))?;
         let wakeup = Arc::new(Notify::new());
         let discovery = Arc::new(tokio::sync::watch::channel(0).0);
         // The listener reconnects by itself; if it cannot start at all,

@@ -1,6 +1,7 @@
 //! Database rows and their mapping to domain records. Rows are private to
 //! this crate: nothing outside sees a column.
 
+use crate::sql::from_row;
 use drover_domain::kinds::Kind;
 use drover_domain::model::*;
 use drover_domain::stats::{FinishedRun, Grain, Hist, OutcomeTotals, Rollup, RollupKey, Totals};
@@ -11,7 +12,6 @@ use uuid::Uuid;
 
 use crate::time::Ts;
 
-#[derive(sqlx::FromRow)]
 pub(crate) struct ResourceRow {
     id: Uuid,
     kind: String,
@@ -25,13 +25,14 @@ pub(crate) struct ResourceRow {
     outputs: Json<Value>,
     observed: Option<Json<Value>>,
     /// Absent from the claim's prefixed columns: providers do not read it.
-    #[sqlx(default)]
     drift: Option<Json<Value>>,
     created_by: String,
     updated_by: String,
     created_at: Ts,
     updated_at: Ts,
 }
+
+from_row!(ResourceRow { id, kind, name, state, spec, version, spec_version, applied_version, applied_spec, outputs, observed, created_by, updated_by, created_at, updated_at ; absent_is_default: drift });
 
 impl ResourceRow {
     /// A resource returned beside a run, its columns named `r_…` (the
@@ -90,7 +91,6 @@ impl TryFrom<ResourceRow> for Resource {
     }
 }
 
-#[derive(sqlx::FromRow)]
 pub(crate) struct RunRow {
     pub(crate) id: Uuid,
     pub(crate) resource_id: Uuid,
@@ -127,6 +127,43 @@ pub(crate) struct RunRow {
     environment: Option<String>,
     spec_version: Option<i64>,
 }
+
+from_row!(RunRow {
+    id,
+    resource_id,
+    kind,
+    resource_name,
+    action,
+    params,
+    from_state,
+    working_state,
+    ok_state,
+    err_state,
+    status,
+    attempt,
+    max_attempts,
+    actor,
+    reason,
+    idempotency_key,
+    parent_run,
+    provider,
+    timeout_secs,
+    created_at,
+    run_after,
+    started_at,
+    finished_at,
+    worker,
+    lease_token,
+    lease_expires_at,
+    heartbeat_at,
+    outputs,
+    error,
+    cancel_requested_at,
+    cancel_requested_by,
+    settings,
+    environment,
+    spec_version
+});
 
 impl TryFrom<RunRow> for Run {
     type Error = Error;
@@ -171,7 +208,6 @@ impl TryFrom<RunRow> for Run {
     }
 }
 
-#[derive(sqlx::FromRow)]
 pub(crate) struct SpecVersionRow {
     resource_id: Uuid,
     version: i64,
@@ -181,6 +217,8 @@ pub(crate) struct SpecVersionRow {
     spec: Json<Value>,
     created_at: Ts,
 }
+
+from_row!(SpecVersionRow { resource_id, version, actor, reason, patch, spec, created_at });
 
 impl From<SpecVersionRow> for SpecVersion {
     fn from(v: SpecVersionRow) -> SpecVersion {
@@ -196,7 +234,6 @@ impl From<SpecVersionRow> for SpecVersion {
     }
 }
 
-#[derive(sqlx::FromRow)]
 pub(crate) struct EventRow {
     seq: i64,
     run_id: Uuid,
@@ -207,6 +244,8 @@ pub(crate) struct EventRow {
     message: String,
     data: Option<Json<Value>>,
 }
+
+from_row!(EventRow { seq, run_id, at, attempt, level, step, message, data });
 
 impl From<EventRow> for RunEvent {
     fn from(e: EventRow) -> RunEvent {
@@ -223,7 +262,6 @@ impl From<EventRow> for RunEvent {
     }
 }
 
-#[derive(sqlx::FromRow)]
 pub(crate) struct IdempotencyRow {
     pub(crate) fingerprint: String,
     pub(crate) state: String,
@@ -233,11 +271,12 @@ pub(crate) struct IdempotencyRow {
     pub(crate) updated_at: Ts,
 }
 
+from_row!(IdempotencyRow { fingerprint, state, response_status, location, body, updated_at });
+
 pub(crate) fn runs(rows: Vec<RunRow>) -> Result<Vec<Run>> {
     rows.into_iter().map(Run::try_from).collect()
 }
 
-#[derive(sqlx::FromRow)]
 pub(crate) struct TokenRow {
     id: Uuid,
     user_id: Uuid,
@@ -250,6 +289,19 @@ pub(crate) struct TokenRow {
     revoked_by: Option<String>,
     last_used_at: Option<Ts>,
 }
+
+from_row!(TokenRow {
+    id,
+    user_id,
+    name,
+    prefix,
+    expires_at,
+    created_at,
+    created_by,
+    revoked_at,
+    revoked_by,
+    last_used_at
+});
 
 impl From<TokenRow> for Token {
     fn from(t: TokenRow) -> Token {
@@ -268,7 +320,6 @@ impl From<TokenRow> for Token {
     }
 }
 
-#[derive(sqlx::FromRow)]
 pub(crate) struct SessionRow {
     hash: String,
     token_id: Uuid,
@@ -277,6 +328,8 @@ pub(crate) struct SessionRow {
     last_seen_at: Ts,
     ended_at: Option<Ts>,
 }
+
+from_row!(SessionRow { hash, token_id, created_at, expires_at, last_seen_at, ended_at });
 
 impl From<SessionRow> for Session {
     fn from(s: SessionRow) -> Session {
@@ -291,7 +344,6 @@ impl From<SessionRow> for Session {
     }
 }
 
-#[derive(sqlx::FromRow)]
 pub(crate) struct SettingRow {
     id: Uuid,
     scope: String,
@@ -305,6 +357,8 @@ pub(crate) struct SettingRow {
     reason: Option<String>,
     created_at: Ts,
 }
+
+from_row!(SettingRow { id, scope, key, version, value, sealed, secret, deleted, actor, reason, created_at });
 
 impl From<SettingRow> for SettingVersion {
     fn from(s: SettingRow) -> SettingVersion {
@@ -410,7 +464,6 @@ impl TryFrom<RollupRow> for Rollup {
 }
 
 /// A finished run as the rollup folder reads it.
-#[derive(sqlx::FromRow)]
 pub(crate) struct FinishedRunRow {
     pub(crate) id: Uuid,
     kind: String,
@@ -422,6 +475,8 @@ pub(crate) struct FinishedRunRow {
     started_at: Option<Ts>,
     finished_at: Option<Ts>,
 }
+
+from_row!(FinishedRunRow { id, kind, action, environment, actor, status, created_at, started_at, finished_at });
 
 impl TryFrom<FinishedRunRow> for FinishedRun {
     type Error = Error;

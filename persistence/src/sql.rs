@@ -4,7 +4,7 @@
 //! code over a [`Backend`]: it builds statements as [`Sql`] (text with `$n`
 //! placeholders, which sqlx gives both Postgres and SQLite, and drover's own
 //! [`Param`] values), runs them through [`Exec`], and reads rows into types
-//! that derive `FromRow` for both databases ([`Record`]). Each backend binds
+//! that read from a row of either database ([`Record`], by [`from_row!`]). Each backend binds
 //! a [`Param`] to its driver's type in one `match`, and supplies what must
 //! differ: its claim and batched completion, how a list of ids is bound,
 //! and how rollup folders take turns.
@@ -209,6 +209,34 @@ impl<'a> ToParam<'a> for &'a [Uuid] {
         Param::Uuids(Cow::Borrowed(self))
     }
 }
+
+/// Reads a row struct from a row of either database, a column per field
+/// of the same name (a field left out does not compile); fields after
+/// `absent_is_default` take their default when the statement has no such
+/// column. Written by hand, not derived: sqlx's derive brings its
+/// proc-macro crate, which builds both database drivers a second time for
+/// the compiler (half a minute of every clean build).
+macro_rules! from_row {
+    ($name:ident { $($field:ident),+ $(,)? $(; absent_is_default: $($absent:ident),+)? }) => {
+        $crate::sql::from_row!(@for sqlx::postgres::PgRow, $name { $($field),+ $(; $($absent),+)? });
+        $crate::sql::from_row!(@for sqlx::sqlite::SqliteRow, $name { $($field),+ $(; $($absent),+)? });
+    };
+    (@for $row:ty, $name:ident { $($field:ident),+ $(; $($absent:ident),+)? }) => {
+        impl<'r> sqlx::FromRow<'r, $row> for $name {
+            fn from_row(row: &'r $row) -> sqlx::Result<Self> {
+                Ok($name {
+                    $($field: sqlx::Row::try_get(row, stringify!($field))?,)+
+                    $($($absent: match sqlx::Row::try_get(row, stringify!($absent)) {
+                        Ok(v) => v,
+                        Err(sqlx::Error::ColumnNotFound(_)) => Default::default(),
+                        Err(e) => return Err(e),
+                    },)+)?
+                })
+            }
+        }
+    };
+}
+pub(crate) use from_row;
 
 /// A row type that either database can produce.
 pub(crate) trait Record:

@@ -76,7 +76,10 @@ impl SqlStore<SqliteBackend> {
             .connect_with(options)
             .await
             .map_err(db("open SQLite"))?;
-        sqlx::migrate!("../migrations/sqlite").run(&pool).await.map_err(|e| Error::store("run migrations", e))?;
+        crate::migrations::migrator(crate::migrations::SQLITE)
+            .run(&pool)
+            .await
+            .map_err(|e| Error::store("run migrations", e))?;
         let discovery = Arc::new(tokio::sync::watch::channel(0).0);
         Ok(SqlStore::new(SqliteBackend { pool }, Arc::new(Notify::new()), discovery, url))
     }

@@ -1,6 +1,7 @@
 //! The discovery registry ([`DiscoveryStore`]): entries, their changes and
 //! the index that orders them.
 
+use crate::sql::from_row;
 use drover_domain::discovery::{Change, ChangeKind, Entry, NewEntry, Snapshot};
 use drover_domain::model::Time;
 use drover_domain::ports::DiscoveryStore;
@@ -13,13 +14,14 @@ use super::{db, SqlStore};
 use crate::sql::{Backend, Exec, Sql};
 use crate::time::Ts;
 
-#[derive(sqlx::FromRow)]
 struct EntryRow {
     entry: Json<Value>,
     registered_at: Ts,
     renewed_at: Ts,
     expires_at: Ts,
 }
+
+from_row!(EntryRow { entry, registered_at, renewed_at, expires_at });
 
 impl TryFrom<EntryRow> for Entry {
     type Error = Error;
@@ -33,7 +35,6 @@ impl TryFrom<EntryRow> for Entry {
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct ChangeRow {
     idx: i64,
     change: String,
@@ -45,6 +46,8 @@ struct ChangeRow {
     entry: Json<Value>,
     at: Ts,
 }
+
+from_row!(ChangeRow { idx, change, service_id, service, instance, reason, by_whom, entry, at });
 
 impl TryFrom<ChangeRow> for Change {
     type Error = Error;

@@ -1,5 +1,6 @@
 //! Router configuration versions ([`RouterConfigStore`]).
 
+use crate::sql::from_row;
 use drover_domain::model::Time;
 use drover_domain::routing::{Hold, NewRouterConfig, Outcome, RouteTable, RouterConfig, RouterConfigStore};
 use drover_domain::{Error, Result};
@@ -10,7 +11,6 @@ use super::SqlStore;
 use crate::sql::{Backend, Sql};
 use crate::time::Ts;
 
-#[derive(sqlx::FromRow)]
 struct Row {
     router_id: Uuid,
     version: i64,
@@ -23,6 +23,8 @@ struct Row {
     holds: Json<Vec<Hold>>,
     at: Ts,
 }
+
+from_row!(Row { router_id, version, outcome, by_whom, config, route_table, diff, reason, holds, at });
 
 impl TryFrom<Row> for RouterConfig {
     type Error = Error;
