@@ -669,8 +669,11 @@ impl From<RenderError> for ProviderError {
 
 /// A cluster's instances: a local cluster's from its outputs (each says
 /// its port); an aws cluster's running ones as the observer last saw them
-/// (or its last run left them), on `port` (default 80).
+/// (or its last run left them), on the backend's `port`, else the
+/// cluster's own (the port its instances serve on and its health check
+/// asks), else 80.
 fn cluster_servers(r: &Resource, port: Option<u16>) -> Vec<Server> {
+    let port = port.or_else(|| r.spec["port"].as_u64().and_then(|p| u16::try_from(p).ok())).unwrap_or(80);
     let local = r.outputs["instances"].as_array().into_iter().flatten().filter_map(|i| {
         let index = i["index"].as_u64()?;
         let port = u16::try_from(i["port"].as_u64()?).ok()?;
@@ -688,7 +691,7 @@ fn cluster_servers(r: &Resource, port: Option<u16>) -> Vec<Server> {
         .filter(|i| i["state"] == "running")
         .filter_map(|i| {
             let address = i["private_ip"].as_str()?.to_string();
-            Some(Server { name: i["id"].as_str()?.to_string(), address, port: port.unwrap_or(80) })
+            Some(Server { name: i["id"].as_str()?.to_string(), address, port })
         })
         .collect()
 }
@@ -1134,6 +1137,40 @@ mod tests {
         let mut moved = table(&[("site", 0), ("api", 1)]);
         moved.spec.backends[0].target = Target::Service("app-green".into());
         assert!(hold(Some(&applied), &mut moved, &BTreeMap::new()).is_empty());
+    }
+
+    /// An aws cluster's instances say no port: the backend's, else the
+    /// cluster's own, else 80; only running ones are servers.
+    #[test]
+    fn an_aws_clusters_servers_are_on_the_backends_port_else_the_clusters() {
+        let now = chrono::Utc::now();
+        let mut r = Resource {
+            id: uuid::Uuid::now_v7(),
+            kind: crate::kinds::cluster::KIND,
+            name: "web".into(),
+            state: "up".into(),
+            spec: json!({"provider": "aws", "image": "base", "count": 2, "instance_type": "t3.micro",
+                         "subnets": ["subnet-0123abcd"]}),
+            version: 1,
+            spec_version: 1,
+            applied_version: None,
+            applied_spec: None,
+            outputs: json!({"instances": [
+                {"id": "i-1", "private_ip": "10.0.0.1", "state": "running"},
+                {"id": "i-2", "private_ip": "10.0.0.2", "state": "stopped"}]}),
+            observed: None,
+            drift: None,
+            created_by: "t".into(),
+            updated_by: "t".into(),
+            created_at: now,
+            updated_at: now,
+        };
+        let ports =
+            |r: &Resource, p| cluster_servers(r, p).iter().map(|s| (s.address.clone(), s.port)).collect::<Vec<_>>();
+        assert_eq!(ports(&r, None), [("10.0.0.1".to_string(), 80)]);
+        r.spec["port"] = 8080.into();
+        assert_eq!(ports(&r, None), [("10.0.0.1".to_string(), 8080)]);
+        assert_eq!(ports(&r, Some(9000)), [("10.0.0.1".to_string(), 9000)]);
     }
 
     #[test]

@@ -531,8 +531,8 @@ pub struct Backend {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Check>,
     /// The port a cluster target's instances serve on, for clusters whose
-    /// instances do not say (`aws`; default 80). A service's instances
-    /// and a local cluster's say their own.
+    /// instances do not say (`aws`; default: the cluster's own `port`, else
+    /// 80). A service's instances and a local cluster's say their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<u16>,
