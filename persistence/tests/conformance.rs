@@ -86,17 +86,13 @@ async fn a_view_serves_its_reads_until_a_write_here_or_its_age(s: Stores, url: &
     assert_eq!(state(service.overview(KIND, "a").await.unwrap()), "further", "read again after a write");
 
     // Reads older than the max age are read again.
-    let young = Service::new(store.clone(), settings).with_view_max_age(Duration::from_millis(50));
+    let young = Service::new(store.clone(), settings.clone()).with_view_max_age(Duration::from_millis(50));
     assert_eq!(state(young.overview(KIND, "b").await.unwrap()), "pending");
     backdoor(url, "UPDATE resources SET state = 'elsewhere' WHERE name = 'b'").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(state(young.overview(KIND, "b").await.unwrap()), "elsewhere", "read again once aged");
     // And a service that keeps nothing reads every time.
-    let none = Service::new(
-        store.clone(),
-        Arc::new(Settings::new(store.clone(), s.settings.clone(), SecretKey::from_hex(&"00".repeat(32)).unwrap())),
-    )
-    .with_view_max_age(Duration::ZERO);
+    let none = Service::new(store.clone(), settings).with_view_max_age(Duration::ZERO);
     assert_eq!(state(none.overview(KIND, "b").await.unwrap()), "elsewhere");
     backdoor(url, "UPDATE resources SET state = 'pending' WHERE name = 'b'").await;
     assert_eq!(state(none.overview(KIND, "b").await.unwrap()), "pending");
