@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ use crate::discovery::{NewEntry, Presence};
 use crate::error::{Error, Result};
 use crate::kinds::Kind;
 use crate::model::*;
-use crate::ports::{DiscoveryStore, Job, Metrics, Provider, ProviderError, RunContext, Store};
+use crate::ports::{DiscoveryStore, Job, Lane, Metrics, Provider, ProviderError, RunContext, Store};
 use crate::settings::Settings;
 
 #[derive(Debug, Clone)]
@@ -161,16 +161,17 @@ pub struct Engine {
     providers: Providers,
     cfg: EngineConfig,
     slots: Arc<Semaphore>,
-    /// The completion writer, once [`Engine::spawn`] started it. Bounded
-    /// at `concurrency`: a run gives its slot back once its completion is
-    /// in here, so runs wait for the writer without holding slots, and a
+    /// The completion writers, one per lane, once [`Engine::spawn`] started
+    /// them; a run's end goes to its lane's. Bounded at `concurrency`
+    /// together: a run gives its slot back once its completion is in
+    /// here, so runs wait for the writer without holding slots, and a
     /// writer that falls behind stops the claims.
-    completions: std::sync::OnceLock<mpsc::Sender<Finished>>,
+    completions: std::sync::OnceLock<Vec<mpsc::Sender<Finished>>>,
     /// Leases of the runs this engine is executing.
     in_flight: Arc<std::sync::Mutex<HashMap<Uuid, Lease>>>,
-    /// A claim is under way: runs it took may be running in the store and
-    /// not yet in `in_flight` (a shutdown waits for it).
-    claiming: AtomicBool,
+    /// How many claims are under way: runs they took may be running in the
+    /// store and not yet in `in_flight` (a shutdown waits for them).
+    claiming: AtomicUsize,
     /// The cancel flags of the runs this engine is executing.
     running: Running,
 }
@@ -277,7 +278,7 @@ impl Engine {
             completions: Default::default(),
             in_flight: Default::default(),
             running: Running::default(),
-            claiming: AtomicBool::new(false),
+            claiming: AtomicUsize::new(0),
         })
     }
 
@@ -321,12 +322,23 @@ impl Engine {
     /// in flight are left to their leases ([`Engine::release_in_flight`]
     /// hands them back).
     pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
-        let (tx, rx) = mpsc::channel(self.cfg.concurrency.max(1));
-        let writer = self.completions.set(tx).is_ok().then(|| tokio::spawn(write_completions(self.store.clone(), rx)));
-        let claimer = {
-            let (engine, mut stop) = (self.clone(), shutdown.clone());
-            tokio::spawn(async move { engine.claim_loop(&mut stop).await })
+        // One completion writer per lane as well: a run's end goes to the
+        // writer of its lane.
+        let of = self.store.claim_lanes().max(1);
+        let (txs, rxs): (Vec<_>, Vec<_>) =
+            (0..of).map(|_| mpsc::channel(self.cfg.concurrency.div_ceil(usize::from(of)).max(1))).unzip();
+        let writers: Vec<_> = if self.completions.set(txs).is_ok() {
+            rxs.into_iter().map(|rx| tokio::spawn(write_completions(self.store.clone(), rx))).collect()
+        } else {
+            Vec::new()
         };
+        // One claim loop per lane of the queue: each keeps its claim in
+        // flight beside the others'.
+        let claimers = (0..of).map(|index| {
+            let (engine, mut stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move { engine.claim_loop(Lane { index, of }, &mut stop).await })
+        });
+        let claimers: Vec<_> = claimers.collect();
         let reaper = {
             let (engine, mut stop) = (self.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -365,10 +377,10 @@ impl Engine {
                 }
             })
         };
-        [claimer, reaper, folder, observer].into_iter().chain(writer).collect()
+        claimers.into_iter().chain([reaper, folder, observer]).chain(writers).collect()
     }
 
-    async fn claim_loop(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) {
+    async fn claim_loop(self: &Arc<Self>, lane: Lane, stop: &mut watch::Receiver<bool>) {
         // Whether the last claim found as many runs as it asked for: then
         // more are probably waiting.
         let mut backlog = false;
@@ -396,16 +408,24 @@ impl Engine {
                     }
                 }
             }
-            let want = (permits.len() + self.slots.available_permits()).min(CLAIM_BATCH) as u32;
-            self.claiming.store(true, Ordering::SeqCst);
-            let claimed = self.claim(want).await;
+            // Take every free slot now (up to a batch), so that a claim
+            // beside this one cannot count them too.
+            while permits.len() < CLAIM_BATCH {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let want = permits.len() as u32;
+            self.claiming.fetch_add(1, Ordering::SeqCst);
+            let claimed = self.claim(want, lane).await;
             if let Ok(claimed) = &claimed {
                 // In flight from the moment the claim returns, before any
                 // task starts: a shutdown now finds them to put back.
                 let mut in_flight = self.in_flight.lock().expect("not poisoned");
                 in_flight.extend(claimed.iter().filter_map(|(run, _)| Some((run.id, run.lease()?))));
             }
-            self.claiming.store(false, Ordering::SeqCst);
+            self.claiming.fetch_sub(1, Ordering::SeqCst);
             let claimed = match claimed {
                 Ok(runs) => runs,
                 Err(e) => {
@@ -445,7 +465,8 @@ impl Engine {
     /// Returns how many it put back.
     pub async fn release_in_flight(&self, grace: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + grace;
-        let busy = || self.claiming.load(Ordering::SeqCst) || !self.in_flight.lock().expect("not poisoned").is_empty();
+        let busy =
+            || self.claiming.load(Ordering::SeqCst) > 0 || !self.in_flight.lock().expect("not poisoned").is_empty();
         while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -470,15 +491,15 @@ impl Engine {
     }
 
     /// Claims up to `limit` due runs of the providers this engine serves.
-    async fn claim(&self, limit: u32) -> Result<Vec<(Run, Resource)>> {
+    async fn claim(&self, limit: u32, lane: Lane) -> Result<Vec<(Run, Resource)>> {
         let only = self.cfg.providers.as_deref();
-        self.store.claim_jobs(&self.cfg.worker_id, self.cfg.lease, limit, Utc::now(), only).await
+        self.store.claim_jobs(&self.cfg.worker_id, self.cfg.lease, limit, Utc::now(), only, lane).await
     }
 
     /// Claims one due run and executes it to the end; `None` when the queue
     /// had nothing due. Lets tests drive the engine step by step.
     pub async fn run_one(&self) -> Result<Option<Uuid>> {
-        let mut runs = self.claim(1).await?;
+        let mut runs = self.claim(1, Lane::ALL).await?;
         match runs.pop() {
             Some((run, resource)) => {
                 let id = run.id;
@@ -1013,7 +1034,8 @@ impl Engine {
             clean_up(provider, ctx, job).await;
         }
         let (status, now) = (completion.status, completion.now);
-        let written = match self.completions.get() {
+        let writer = self.completions.get().map(|w| &w[usize::from(lease.run.as_bytes()[15]) % w.len()]);
+        let written = match writer {
             Some(writer) => {
                 let (reply, result) = oneshot::channel();
                 match writer.send((lease, completion, reply)).await {

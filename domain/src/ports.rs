@@ -15,6 +15,26 @@ use crate::error::Result;
 use crate::kinds::Kind;
 use crate::model::*;
 
+/// One share of the queue: the runs whose id falls in lane `index` of
+/// `of` (by the id's last byte, random in a UUIDv7). Claims in different
+/// lanes never contend for the same rows, so one engine can keep several
+/// in flight ([`Store::claim_lanes`]); every run is in exactly one lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lane {
+    pub index: u8,
+    pub of: u8,
+}
+
+impl Lane {
+    /// The whole queue.
+    pub const ALL: Lane = Lane { index: 0, of: 1 };
+
+    /// Whether `run` is in this lane.
+    pub fn holds(&self, run: Uuid) -> bool {
+        run.as_bytes()[15] % self.of.max(1) == self.index
+    }
+}
+
 /// Durable storage of resources, runs, events and idempotency records.
 ///
 /// Guarantees every implementation gives (checked by the conformance suite):
@@ -91,11 +111,17 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         now: Time,
         only: Option<&[String]>,
+        lane: Lane,
     ) -> Result<Vec<(Run, Resource)>>;
     /// [`Store::claim_jobs`] of any provider, without the resources, as
     /// they are after the claim.
     async fn claim_runs(&self, worker: &str, lease: Duration, limit: u32, now: Time) -> Result<Vec<Run>> {
-        Ok(self.claim_jobs(worker, lease, limit, now, None).await?.into_iter().map(|(run, _)| run).collect())
+        Ok(self.claim_jobs(worker, lease, limit, now, None, Lane::ALL).await?.into_iter().map(|(run, _)| run).collect())
+    }
+    /// How many claims of one process this store serves side by side, each
+    /// in its own [`Lane`]: 1 where writes take turns anyway (SQLite).
+    fn claim_lanes(&self) -> u8 {
+        1
     }
     /// Extends a lease; `None` when it is lost, else whether a cancel was asked.
     async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>>;

@@ -47,14 +47,16 @@ pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
 /// start, and return each run beside its resource (columns `r_…`; none when
 /// the resource had left the run's `from_state`) and its queue row's due
 /// time. Parameters: `$1` now, `$2` limit, `$3` lease expiry, `$4` worker,
-/// `$5` lease token, then the cursor's `$6` due time and `$7` run id, then
-/// the providers claimed (`$6` or `$8`), when the claim names them.
+/// `$5` lease token, the lane's `$6` count and `$7` index, then the
+/// cursor's `$8` due time and `$9` run id, then the providers claimed (`$8`
+/// or `$10`), when the claim names them.
 macro_rules! claim {
     ($extra:literal) => {
         concat!(
             "WITH due AS (
                 SELECT run_id FROM run_queue
-                WHERE lease_expires_at IS NULL AND run_after <= $1",
+                WHERE lease_expires_at IS NULL AND run_after <= $1
+                    AND get_byte(uuid_send(run_id), 15) % $6::int = $7::int",
             $extra,
             "
                 ORDER BY run_after, run_id
@@ -146,9 +148,9 @@ const COMPLETE: &str = "
 
 impl PgBackend {
     const CLAIM: &'static str = claim!("");
-    const CLAIM_AFTER: &'static str = claim!(" AND (run_after, run_id) > ($6, $7)");
-    const CLAIM_ONLY: &'static str = claim!(" AND provider = ANY($6)");
-    const CLAIM_AFTER_ONLY: &'static str = claim!(" AND (run_after, run_id) > ($6, $7) AND provider = ANY($8)");
+    const CLAIM_AFTER: &'static str = claim!(" AND (run_after, run_id) > ($8, $9)");
+    const CLAIM_ONLY: &'static str = claim!(" AND provider = ANY($8)");
+    const CLAIM_AFTER_ONLY: &'static str = claim!(" AND (run_after, run_id) > ($8, $9) AND provider = ANY($10)");
 }
 
 /// Binds drover's parameters to a Postgres statement.
@@ -199,6 +201,7 @@ impl Exec for PgConnection {
 #[async_trait::async_trait]
 impl Backend for PgBackend {
     const NAME: &'static str = "postgres";
+    const CLAIM_LANES: u8 = 2;
     const NOTIFY: Option<&'static str> = Some("SELECT pg_notify('drover_runs', '')");
     const NOTIFY_DISCOVERY: Option<&'static str> = Some("SELECT pg_notify('drover_discovery', $1)");
     /// A transaction-scoped advisory lock, the key being "drover rollups"
@@ -235,7 +238,14 @@ impl Backend for PgBackend {
             (false, true) => Self::CLAIM_ONLY,
             (true, true) => Self::CLAIM_AFTER_ONLY,
         });
-        let mut claim = claim.bind(Ts(t.now)).bind(i64::from(limit)).bind(Ts(t.expires)).bind(t.worker).bind(t.token);
+        let mut claim = claim
+            .bind(Ts(t.now))
+            .bind(i64::from(limit))
+            .bind(Ts(t.expires))
+            .bind(t.worker)
+            .bind(t.token)
+            .bind(i32::from(t.lane.of.max(1)))
+            .bind(i32::from(t.lane.index));
         if let Some((due, id)) = after {
             claim = claim.bind(Ts(due)).bind(id);
         }
@@ -345,7 +355,7 @@ impl SqlStore<PgBackend> {
                             Ok(n) if n.channel() == "drover_discovery" => {
                                 crate::store::discovery_heard(&heard, n.payload().parse().unwrap_or(0));
                             }
-                            Ok(_) => wake.notify_one(),
+                            Ok(_) => crate::store::wake_lanes::<PgBackend>(&wake),
                             Err(e) => {
                                 tracing::warn!(error = %e, "notification listener lost; reconnecting");
                                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -265,6 +265,9 @@ pub(crate) trait Exec: Send {
 pub(crate) trait Backend: Send + Sync + Sized + 'static {
     /// `postgres` or `sqlite`.
     const NAME: &'static str;
+    /// How many claims of one process run side by side
+    /// ([`drover_domain::ports::Store::claim_lanes`]).
+    const CLAIM_LANES: u8;
     /// Run in the transaction that queues a run, to wake other replicas.
     const NOTIFY: Option<&'static str>;
     /// Run in the transaction of a discovery change, its index bound as

@@ -150,6 +150,7 @@ fn push_ids_in(q: &mut QueryBuilder<'_, Sqlite>, column: &str, ids: &[Uuid]) {
 #[async_trait::async_trait]
 impl Backend for SqliteBackend {
     const NAME: &'static str = "sqlite";
+    const CLAIM_LANES: u8 = 1;
     const NOTIFY: Option<&'static str> = None;
     const NOTIFY_DISCOVERY: Option<&'static str> = None;
     /// Transactions on the one connection are serial already.
@@ -180,7 +181,7 @@ impl Backend for SqliteBackend {
     /// start their runs, move their resources to the working states, and
     /// record each attempt's start.
     async fn claim_batch(&self, t: &ClaimTerms<'_>, limit: u32, after: Option<(Time, Uuid)>) -> Result<Vec<Claimed>> {
-        let ClaimTerms { worker, token, expires, now, only } = *t;
+        let ClaimTerms { worker, token, expires, now, only, lane: _ } = *t;
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         let statement = match (after.is_some(), only.is_some()) {
             (false, false) => CLAIM,

@@ -11,7 +11,7 @@ use chrono::Utc;
 use common::*;
 use drover_domain::discovery::{NewEntry, Scheme};
 use drover_domain::model::*;
-use drover_domain::ports::Store;
+use drover_domain::ports::{Lane, Store};
 use drover_domain::Error;
 use serde_json::json;
 use uuid::Uuid;
@@ -26,6 +26,7 @@ both_backends!(
     one_active_run_per_resource,
     a_run_needs_the_resource_in_its_from_state,
     claim_moves_the_resource_and_hands_out_a_lease,
+    claims_in_lanes_share_the_queue_out,
     racing_claims_never_share_a_run,
     writes_are_fenced_on_the_lease,
     completions_in_a_batch_are_fenced_one_by_one,
@@ -279,10 +280,36 @@ async fn a_run_needs_the_resource_in_its_from_state(store: Arc<dyn Store>) {
     assert!(store.active_run(r.id).await.unwrap().is_none());
 }
 
+/// Claims in the store's lanes (two on Postgres, one on SQLite) each take
+/// only runs of their lane, and together every run, once.
+async fn claims_in_lanes_share_the_queue_out(store: Arc<dyn Store>) {
+    let mut queued = std::collections::BTreeSet::new();
+    for i in 0..24 {
+        let r = cluster(&store, &format!("lane-{i}")).await;
+        queued.insert(store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap().id);
+    }
+    let of = store.claim_lanes();
+    let mut claimed = std::collections::BTreeSet::new();
+    for index in 0..of {
+        let lane = Lane { index, of };
+        for (run, _) in store.claim_jobs("w1", LEASE, 100, Utc::now(), None, lane).await.unwrap() {
+            assert!(lane.holds(run.id), "lane {index} of {of} claimed {}, of another lane", run.id);
+            assert!(claimed.insert(run.id), "{} claimed twice", run.id);
+        }
+    }
+    assert_eq!(claimed, queued, "the lanes together claimed every run");
+    if of > 1 {
+        // Which lane a run is in comes from its id alone.
+        let lanes: std::collections::BTreeSet<u8> =
+            queued.iter().map(|id| (0..of).find(|&index| Lane { index, of }.holds(*id)).unwrap()).collect();
+        assert!(lanes.len() > 1, "24 random ids all in one lane");
+    }
+}
+
 async fn claim_moves_the_resource_and_hands_out_a_lease(store: Arc<dyn Store>) {
     let r = cluster(&store, "web").await;
     let run = store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap();
-    let claimed = store.claim_jobs("w1", LEASE, 10, Utc::now(), None).await.unwrap();
+    let claimed = store.claim_jobs("w1", LEASE, 10, Utc::now(), None, Lane::ALL).await.unwrap();
     assert_eq!(claimed.len(), 1);
     let (c, with) = &claimed[0];
     assert_eq!((c.id, c.status, c.attempt), (run.id, RunStatus::Running, 1));
@@ -850,7 +877,7 @@ async fn a_claim_naming_providers_takes_only_their_runs(store: Arc<dyn Store>) {
         let store = store.clone();
         async move {
             let only: Vec<String> = only.iter().map(|p| p.to_string()).collect();
-            let claimed = store.claim_jobs("w1", LEASE, limit, Utc::now(), Some(&only)).await.unwrap();
+            let claimed = store.claim_jobs("w1", LEASE, limit, Utc::now(), Some(&only), Lane::ALL).await.unwrap();
             claimed.into_iter().map(|(run, _)| run.id).collect::<Vec<_>>()
         }
     };
@@ -1009,9 +1036,9 @@ async fn upgrading_moves_the_active_runs_into_the_queue() {
     assert_eq!(store.reap_expired(Utc::now()).await.unwrap(), vec![run(2)]);
     // Queued before the queue knew providers (0010), they have their run's.
     let only = |p: &str| vec![p.to_string()];
-    assert!(store.claim_jobs("w1", LEASE, 10, Utc::now(), Some(&only("aws"))).await.unwrap().is_empty());
+    assert!(store.claim_jobs("w1", LEASE, 10, Utc::now(), Some(&only("aws")), Lane::ALL).await.unwrap().is_empty());
     let mut claimed: Vec<_> = store
-        .claim_jobs("w1", LEASE, 10, Utc::now(), Some(&only("local")))
+        .claim_jobs("w1", LEASE, 10, Utc::now(), Some(&only("local")), Lane::ALL)
         .await
         .unwrap()
         .into_iter()

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use common::*;
 use drover_domain::engine::{Engine, EngineConfig, Providers};
 use drover_domain::model::*;
-use drover_domain::ports::{Job, Provider, ProviderError, RunContext, Store};
+use drover_domain::ports::{Job, Lane, Provider, ProviderError, RunContext, Store};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -650,12 +650,16 @@ impl Store for SlowClaims {
         limit: u32,
         now: Time,
         only: Option<&[String]>,
+        lane: Lane,
     ) -> drover_domain::Result<Vec<(Run, Resource)>> {
-        let claimed = self.0.claim_jobs(worker, lease, limit, now, only).await;
+        let claimed = self.0.claim_jobs(worker, lease, limit, now, only, lane).await;
         if claimed.as_ref().is_ok_and(|c| !c.is_empty()) {
             tokio::time::sleep(self.1).await;
         }
         claimed
+    }
+    fn claim_lanes(&self) -> u8 {
+        self.0.claim_lanes()
     }
     async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> drover_domain::Result<Option<bool>> {
         self.0.heartbeat(lease, lease_for, now).await

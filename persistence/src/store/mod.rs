@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use drover_domain::kinds::Kind;
 use drover_domain::model::*;
-use drover_domain::ports::Store;
+use drover_domain::ports::{Lane, Store};
 use drover_domain::stats::{Grain, Rollup, RollupFilter};
 use drover_domain::{Error, Result};
 use serde_json::Value;
@@ -143,7 +143,7 @@ impl<B: Backend> SqlStore<B> {
     }
 
     fn wake(&self) {
-        self.wakeup.notify_one();
+        wake_lanes::<B>(&self.wakeup);
     }
 }
 
@@ -248,8 +248,13 @@ impl<B: Backend> Store for SqlStore<B> {
         limit: u32,
         now: Time,
         only: Option<&[String]>,
+        lane: Lane,
     ) -> Result<Vec<(Run, Resource)>> {
-        queue::claim(self, worker, lease, limit, now, only).await
+        queue::claim(self, worker, lease, limit, now, only, lane).await
+    }
+
+    fn claim_lanes(&self) -> u8 {
+        B::CLAIM_LANES
     }
 
     async fn heartbeat(&self, lease: Lease, lease_for: Duration, now: Time) -> Result<Option<bool>> {
@@ -332,6 +337,7 @@ pub(crate) struct ClaimTerms<'a> {
     pub(crate) now: drover_domain::model::Time,
     /// Only runs of these providers; `None`: any.
     pub(crate) only: Option<&'a [String]>,
+    pub(crate) lane: Lane,
 }
 
 /// A run one claim statement started: its resource as the claim left it
@@ -353,8 +359,10 @@ pub(crate) struct Claimed {
 /// last did: a run due earlier than the cursor that appears later (another
 /// replica's clock behind, or a run id sorting lower within the same
 /// microsecond) waits at most that second longer.
+/// Each lane has its own ([`Lane`]): claims in different lanes run side
+/// by side.
 #[derive(Default)]
-pub(crate) struct ClaimCursor(std::sync::Mutex<CursorState>);
+pub(crate) struct ClaimCursor(std::sync::Mutex<std::collections::HashMap<Lane, CursorState>>);
 
 #[derive(Default)]
 struct CursorState {
@@ -363,9 +371,10 @@ struct CursorState {
 }
 
 impl ClaimCursor {
-    /// Where to start: past the cursor, or `None` for the front.
-    pub(crate) fn start(&self) -> Option<(drover_domain::model::Time, uuid::Uuid)> {
-        let state = self.0.lock().expect("not poisoned");
+    /// Where to start in `lane`: past the cursor, or `None` for the front.
+    pub(crate) fn start(&self, lane: Lane) -> Option<(drover_domain::model::Time, uuid::Uuid)> {
+        let lanes = self.0.lock().expect("not poisoned");
+        let state = lanes.get(&lane)?;
         let fresh = state.from_start.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1));
         if fresh {
             state.after
@@ -374,14 +383,23 @@ impl ClaimCursor {
         }
     }
 
-    pub(crate) fn scanned_from_start(&self) {
-        self.0.lock().expect("not poisoned").from_start = Some(std::time::Instant::now());
+    pub(crate) fn scanned_from_start(&self, lane: Lane) {
+        self.0.lock().expect("not poisoned").entry(lane).or_default().from_start = Some(std::time::Instant::now());
     }
 
-    /// Moves past the last row claimed; a claim that took nothing forgets
-    /// the cursor.
-    pub(crate) fn advance(&self, last: Option<(drover_domain::model::Time, uuid::Uuid)>) {
-        self.0.lock().expect("not poisoned").after = last;
+    /// Moves past the last row claimed in `lane`; a claim that took
+    /// nothing forgets the cursor.
+    pub(crate) fn advance(&self, lane: Lane, last: Option<(drover_domain::model::Time, uuid::Uuid)>) {
+        self.0.lock().expect("not poisoned").entry(lane).or_default().after = last;
+    }
+}
+
+/// Wakes a claim loop of each lane ([`Backend::CLAIM_LANES`]): each
+/// `notify_one` wakes one waiting loop, or lets the next wait return at
+/// once (a loop between its claim and its wait misses nothing).
+pub(crate) fn wake_lanes<B: Backend>(wakeup: &Notify) {
+    for _ in 0..B::CLAIM_LANES {
+        wakeup.notify_one();
     }
 }
 

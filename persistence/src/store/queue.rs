@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use drover_domain::model::*;
+use drover_domain::ports::Lane;
 use drover_domain::{Error, Result};
 use uuid::Uuid;
 
@@ -22,10 +23,12 @@ pub(super) async fn claim<B: Backend>(
     limit: u32,
     now: Time,
     only: Option<&[String]>,
+    lane: Lane,
 ) -> Result<Vec<(Run, Resource)>> {
-    let terms = ClaimTerms { worker, token: Uuid::new_v4(), expires: now + lease_len(lease), now, only };
+    let terms = ClaimTerms { worker, token: Uuid::new_v4(), expires: now + lease_len(lease), now, only, lane };
+    let cursor = &s.cursor;
     let mut claimed = Vec::new();
-    if let Some(after) = s.cursor.start() {
+    if let Some(after) = cursor.start(lane) {
         claimed = s.db.claim_batch(&terms, limit, Some(after)).await?;
     }
     if claimed.len() < limit as usize {
@@ -33,9 +36,9 @@ pub(super) async fn claim<B: Backend>(
         // (runs due earlier that came later).
         let rest = limit - claimed.len() as u32;
         claimed.extend(s.db.claim_batch(&terms, rest, None).await?);
-        s.cursor.scanned_from_start();
+        cursor.scanned_from_start(lane);
     }
-    s.cursor.advance(claimed.iter().map(|c| c.due).max());
+    cursor.advance(lane, claimed.iter().map(|c| c.due).max());
     if !claimed.is_empty() {
         s.wrote();
     }
