@@ -334,11 +334,12 @@ impl Engine {
         };
         // One claim loop per lane of the queue: each keeps its claim in
         // flight beside the others'.
-        let claimers = (0..of).map(|index| {
-            let (engine, mut stop) = (self.clone(), shutdown.clone());
-            tokio::spawn(async move { engine.claim_loop(Lane { index, of }, &mut stop).await })
-        });
-        let claimers: Vec<_> = claimers.collect();
+        let claimers: Vec<_> = (0..of)
+            .map(|index| {
+                let (engine, mut stop) = (self.clone(), shutdown.clone());
+                tokio::spawn(async move { engine.claim_loop(Lane { index, of }, &mut stop).await })
+            })
+            .collect();
         let reaper = {
             let (engine, mut stop) = (self.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -1034,7 +1035,8 @@ impl Engine {
             clean_up(provider, ctx, job).await;
         }
         let (status, now) = (completion.status, completion.now);
-        let writer = self.completions.get().map(|w| &w[usize::from(lease.run.as_bytes()[15]) % w.len()]);
+        let lane = Lane::containing(lease.run, self.store.claim_lanes());
+        let writer = self.completions.get().map(|w| &w[usize::from(lane.index)]);
         let written = match writer {
             Some(writer) => {
                 let (reply, result) = oneshot::channel();

@@ -29,9 +29,15 @@ impl Lane {
     /// The whole queue.
     pub const ALL: Lane = Lane { index: 0, of: 1 };
 
+    /// The lane of `of` that `run` is in.
+    pub fn containing(run: Uuid, of: u8) -> Lane {
+        let of = of.max(1);
+        Lane { index: run.as_bytes()[15] % of, of }
+    }
+
     /// Whether `run` is in this lane.
     pub fn holds(&self, run: Uuid) -> bool {
-        run.as_bytes()[15] % self.of.max(1) == self.index
+        Lane::containing(run, self.of) == *self
     }
 }
 

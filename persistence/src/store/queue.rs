@@ -26,9 +26,8 @@ pub(super) async fn claim<B: Backend>(
     lane: Lane,
 ) -> Result<Vec<(Run, Resource)>> {
     let terms = ClaimTerms { worker, token: Uuid::new_v4(), expires: now + lease_len(lease), now, only, lane };
-    let cursor = &s.cursor;
     let mut claimed = Vec::new();
-    if let Some(after) = cursor.start(lane) {
+    if let Some(after) = s.cursor.start(lane) {
         claimed = s.db.claim_batch(&terms, limit, Some(after)).await?;
     }
     if claimed.len() < limit as usize {
@@ -36,9 +35,9 @@ pub(super) async fn claim<B: Backend>(
         // (runs due earlier that came later).
         let rest = limit - claimed.len() as u32;
         claimed.extend(s.db.claim_batch(&terms, rest, None).await?);
-        cursor.scanned_from_start(lane);
+        s.cursor.scanned_from_start(lane);
     }
-    cursor.advance(lane, claimed.iter().map(|c| c.due).max());
+    s.cursor.advance(lane, claimed.iter().map(|c| c.due).max());
     if !claimed.is_empty() {
         s.wrote();
     }
