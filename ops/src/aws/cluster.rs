@@ -702,13 +702,7 @@ impl AwsClusters {
                 }
             }
         }
-        self.wait_in_service(ctx, &spec, &info, count).await?;
-        self.wait_answering(ctx, r, &spec, count).await?;
-        let instances = self.instances(r).await.unwrap_or_else(|e| {
-            warn!(error = %e, "could not list instances");
-            Vec::new()
-        });
-        Ok(Self::outputs(&rendered, &info, &instances))
+        self.settled(ctx, r, &spec, &rendered, &info, count).await
     }
 
     /// Compares the stack and its group with the record: the stack there
@@ -860,6 +854,27 @@ impl AwsClusters {
         self.api.instances(TAG_RESOURCE, &r.id.to_string()).await
     }
 
+    /// How a run that sent the stack ends: it waits for `count` instances
+    /// in service and answering the cluster's health check, then gives the
+    /// run's outputs.
+    async fn settled(
+        &self,
+        ctx: &dyn RunContext,
+        r: &Resource,
+        spec: &Spec,
+        rendered: &Rendered,
+        info: &StackInfo,
+        count: u32,
+    ) -> Result<Value, ProviderError> {
+        self.wait_in_service(ctx, spec, info, count).await?;
+        self.wait_answering(ctx, r, spec, count).await?;
+        let instances = self.instances(r).await.unwrap_or_else(|e| {
+            warn!(error = %e, "could not list instances");
+            Vec::new()
+        });
+        Ok(Self::outputs(rendered, info, &instances))
+    }
+
     fn outputs(r: &Rendered, info: &StackInfo, instances: &[InstanceInfo]) -> Value {
         json!({
             "stack_name": r.stack_name,
@@ -897,13 +912,7 @@ impl Provider for AwsClusters {
         } else {
             self.update(ctx, job, &rendered).await?
         };
-        self.wait_in_service(ctx, &spec, &info, count).await?;
-        self.wait_answering(ctx, &job.resource, &spec, count).await?;
-        let instances = self.instances(&job.resource).await.unwrap_or_else(|e| {
-            warn!(error = %e, "could not list instances");
-            Vec::new()
-        });
-        Ok(Self::outputs(&rendered, &info, &instances))
+        self.settled(ctx, &job.resource, &spec, &rendered, &info, count).await
     }
 
     fn observes(&self) -> bool {
