@@ -1,12 +1,13 @@
 //! The schema's migrations, embedded in the binary: one list per database,
-//! in order, each file as `NNNN_description.sql` under `migrations/`.
+//! in order, each file as `NNNN_description.sql` under `migrations/`
+//! (`postgres/` and `sqlite/` hold the same names).
 //!
 //! Listed by hand rather than by `sqlx::migrate!`, whose proc-macro crate
 //! builds both database drivers a second time for the compiler; a test
 //! checks that the lists are the directories and that the migrator is the
 //! one `sqlx::migrate!` makes (same versions, descriptions and checksums,
 //! so databases migrated by an earlier drover stay valid). A new migration
-//! is a new file and a new line here.
+//! is a new file in each directory and its name in `lists!` here.
 
 use std::borrow::Cow;
 
@@ -14,43 +15,37 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 type Files = &'static [(&'static str, &'static str)];
 
-pub(crate) const POSTGRES: Files = &[
-    ("0001_core", include_str!("../../migrations/postgres/0001_core.sql")),
-    ("0002_identity_settings", include_str!("../../migrations/postgres/0002_identity_settings.sql")),
-    ("0003_history", include_str!("../../migrations/postgres/0003_history.sql")),
-    ("0004_rollup_fold", include_str!("../../migrations/postgres/0004_rollup_fold.sql")),
-    ("0005_run_queue", include_str!("../../migrations/postgres/0005_run_queue.sql")),
-    ("0006_run_outcomes", include_str!("../../migrations/postgres/0006_run_outcomes.sql")),
-    ("0007_run_outcomes_filters", include_str!("../../migrations/postgres/0007_run_outcomes_filters.sql")),
-    ("0008_environments", include_str!("../../migrations/postgres/0008_environments.sql")),
-    ("0009_spec_versions", include_str!("../../migrations/postgres/0009_spec_versions.sql")),
-    ("0010_run_queue_provider", include_str!("../../migrations/postgres/0010_run_queue_provider.sql")),
-    ("0011_observer_leases", include_str!("../../migrations/postgres/0011_observer_leases.sql")),
-    ("0012_discovery", include_str!("../../migrations/postgres/0012_discovery.sql")),
-    ("0013_router_configs", include_str!("../../migrations/postgres/0013_router_configs.sql")),
-    ("0014_router_configs_at", include_str!("../../migrations/postgres/0014_router_configs_at.sql")),
-    ("0015_ui_sessions", include_str!("../../migrations/postgres/0015_ui_sessions.sql")),
-    ("0016_drift", include_str!("../../migrations/postgres/0016_drift.sql")),
-];
+/// Both databases' lists from one list of names: each migration is a file
+/// of the same name in each directory.
+macro_rules! lists {
+    ($($name:literal),+ $(,)?) => {
+        /// Postgres's migrations, in order.
+        pub(crate) const POSTGRES: Files =
+            &[$(($name, include_str!(concat!("../../migrations/postgres/", $name, ".sql")))),+];
+        /// SQLite's migrations, in order.
+        pub(crate) const SQLITE: Files =
+            &[$(($name, include_str!(concat!("../../migrations/sqlite/", $name, ".sql")))),+];
+    };
+}
 
-pub(crate) const SQLITE: Files = &[
-    ("0001_core", include_str!("../../migrations/sqlite/0001_core.sql")),
-    ("0002_identity_settings", include_str!("../../migrations/sqlite/0002_identity_settings.sql")),
-    ("0003_history", include_str!("../../migrations/sqlite/0003_history.sql")),
-    ("0004_rollup_fold", include_str!("../../migrations/sqlite/0004_rollup_fold.sql")),
-    ("0005_run_queue", include_str!("../../migrations/sqlite/0005_run_queue.sql")),
-    ("0006_run_outcomes", include_str!("../../migrations/sqlite/0006_run_outcomes.sql")),
-    ("0007_run_outcomes_filters", include_str!("../../migrations/sqlite/0007_run_outcomes_filters.sql")),
-    ("0008_environments", include_str!("../../migrations/sqlite/0008_environments.sql")),
-    ("0009_spec_versions", include_str!("../../migrations/sqlite/0009_spec_versions.sql")),
-    ("0010_run_queue_provider", include_str!("../../migrations/sqlite/0010_run_queue_provider.sql")),
-    ("0011_observer_leases", include_str!("../../migrations/sqlite/0011_observer_leases.sql")),
-    ("0012_discovery", include_str!("../../migrations/sqlite/0012_discovery.sql")),
-    ("0013_router_configs", include_str!("../../migrations/sqlite/0013_router_configs.sql")),
-    ("0014_router_configs_at", include_str!("../../migrations/sqlite/0014_router_configs_at.sql")),
-    ("0015_ui_sessions", include_str!("../../migrations/sqlite/0015_ui_sessions.sql")),
-    ("0016_drift", include_str!("../../migrations/sqlite/0016_drift.sql")),
-];
+lists!(
+    "0001_core",
+    "0002_identity_settings",
+    "0003_history",
+    "0004_rollup_fold",
+    "0005_run_queue",
+    "0006_run_outcomes",
+    "0007_run_outcomes_filters",
+    "0008_environments",
+    "0009_spec_versions",
+    "0010_run_queue_provider",
+    "0011_observer_leases",
+    "0012_discovery",
+    "0013_router_configs",
+    "0014_router_configs_at",
+    "0015_ui_sessions",
+    "0016_drift",
+);
 
 /// The migrator of a list: each file a simple (not reversible) migration,
 /// its version the number before the first `_`, its description the rest
