@@ -45,6 +45,7 @@ lists!(
     "0014_router_configs_at",
     "0015_ui_sessions",
     "0016_drift",
+    "0017_run_events_key",
 );
 
 /// The migrator of a list: each file a simple (not reversible) migration,

@@ -52,7 +52,7 @@ use crate::sql::{Backend, Exec, Record, Sql};
 /// Drover's store on one database: [`crate::PgStore`] or
 /// [`crate::SqliteStore`].
 pub struct SqlStore<B> {
-    db: B,
+    pub(crate) db: B,
     wakeup: Arc<Notify>,
     cursor: ClaimCursor,
     /// Ticks after each change of the discovery registry (see
