@@ -7,7 +7,9 @@
 //! after `npm ci` in `bench/graphile`, with `wrk` on the PATH.
 //!
 //! 1. Burn-down: `runs` queued no-op transitions drained by one and by two
-//!    engine processes (64 slots each), with the full audit (claim, events,
+//!    engine processes (64 slots each, `--worker-concurrency`'s default),
+//!    and by one engine of 96 slots (as many runs at once as
+//!    graphile-worker's 4 × 24), with the full audit (claim, events,
 //!    completion, resource state, rollups); CPU (the workers and their
 //!    Postgres backends), Postgres commits and WAL bytes per transition.
 //!    Then graphile-worker 0.17.3 draining as many no-op jobs with 4
@@ -34,6 +36,8 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 
 const TOKEN: &str = "drv_bench_0123456789abcdefghijklmnopqrstuvwxyz";
+/// Runs at once per drover engine: `--worker-concurrency`'s default.
+const SLOTS: usize = 64;
 const GRAPHILE_PROCESSES: usize = 4;
 const GRAPHILE_CONCURRENCY: usize = 24;
 const GRAPHILE_LOCAL_QUEUE: usize = 100;
@@ -181,8 +185,8 @@ async fn new_database(pg: &OwnPostgres, name: &str) -> String {
 
 /// Drains `n` queued no-op transitions with `replicas` engine processes;
 /// returns transitions per second, commits and WAL bytes per transition.
-async fn drover_drain(pg: &OwnPostgres, n: i64, replicas: usize) -> Drain {
-    let db = format!("drain_{replicas}");
+async fn drover_drain(pg: &OwnPostgres, n: i64, replicas: usize, slots: usize) -> Drain {
+    let db = if slots == SLOTS { format!("drain_{replicas}") } else { format!("drain_{replicas}_{slots}") };
     let url = new_database(pg, &db).await;
     drover_persistence::open(&url).await.unwrap();
     let mut conn = PgConnection::connect(&url).await.unwrap();
@@ -190,7 +194,7 @@ async fn drover_drain(pg: &OwnPostgres, n: i64, replicas: usize) -> Drain {
     let (commits0, wal0) = db_counters(&mut conn).await;
     let (children0, backends0) = (children_cpu(), backends_cpu(&db));
     let started = Instant::now();
-    let engines: Vec<Child> = (0..replicas).map(|_| spawn_engine(&url, "noop", 64)).collect();
+    let engines: Vec<Child> = (0..replicas).map(|_| spawn_engine(&url, "noop", slots)).collect();
     while open_count(&mut conn, "SELECT count(*) FROM (SELECT 1 FROM run_queue LIMIT 1) q").await > 0 {
         tokio::time::sleep(DRAIN_POLL).await;
     }
@@ -537,25 +541,31 @@ fn main() {
         let mut one_engine = None;
         if wanted("drain") || wanted("api") {
             println!("== burn-down of {runs} no-op transitions");
-            let one = drover_drain(&pg, runs, 1).await;
-            println!("{}", one.line("drover, 1 engine (64 slots)", "transition"));
+            let one = drover_drain(&pg, runs, 1, SLOTS).await;
+            println!("{}", one.line(&format!("drover, 1 engine ({SLOTS} slots)"), "transition"));
             one_engine = Some(one.per_sec);
             if wanted("drain") {
-                let two = drover_drain(&pg, runs, 2).await;
-                println!("{}", two.line("drover, 2 engines (64 slots each)", "transition"));
+                // As many runs at once as graphile-worker's processes together.
+                let wide = drover_drain(&pg, runs, 1, GRAPHILE_PROCESSES * GRAPHILE_CONCURRENCY).await;
+                let slots = GRAPHILE_PROCESSES * GRAPHILE_CONCURRENCY;
+                println!("{}", wide.line(&format!("drover, 1 engine ({slots} slots, as graphile-worker)"), "transition"));
+                let two = drover_drain(&pg, runs, 2, SLOTS).await;
+                println!("{}", two.line(&format!("drover, 2 engines ({SLOTS} slots each)"), "transition"));
                 let gw = graphile_drain(&pg, runs).await;
                 let name = format!(
                     "graphile-worker 0.17.3, {GRAPHILE_PROCESSES}×{GRAPHILE_CONCURRENCY}, local queue {GRAPHILE_LOCAL_QUEUE}"
                 );
                 println!("{}", gw.line(&name, "job"));
                 println!(
-                    "ratio drover/graphile-worker, throughput: 1 engine {:.2}×, 2 engines {:.2}×",
+                    "ratio drover/graphile-worker, throughput: 1 engine {:.2}× ({slots} slots {:.2}×), 2 engines {:.2}×",
                     one.per_sec / gw.per_sec,
+                    wide.per_sec / gw.per_sec,
                     two.per_sec / gw.per_sec
                 );
                 println!(
-                    "ratio drover/graphile-worker, work per CPU second: 1 engine {:.2}×, 2 engines {:.2}×",
+                    "ratio drover/graphile-worker, work per CPU second: 1 engine {:.2}× ({slots} slots {:.2}×), 2 engines {:.2}×",
                     gw.cpu_ms / one.cpu_ms,
+                    gw.cpu_ms / wide.cpu_ms,
                     gw.cpu_ms / two.cpu_ms
                 );
             }
