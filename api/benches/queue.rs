@@ -124,6 +124,24 @@ async fn open_count(conn: &mut PgConnection, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&mut *conn).await.unwrap()
 }
 
+/// Before a drain's clock starts: every database on the server vacuumed
+/// and analysed (the one just loaded, and those earlier drains left dead
+/// rows in, whose autovacuum would otherwise run during this drain), then
+/// a checkpoint, so that each system starts from the same quiet server.
+async fn settle(pg: &OwnPostgres) {
+    let mut admin = PgConnection::connect(&pg.url("postgres")).await.unwrap();
+    let names: Vec<(String,)> =
+        sqlx::query_as("SELECT datname FROM pg_database WHERE datallowconn AND datname <> 'template1'")
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+    for (name,) in names {
+        let mut conn = PgConnection::connect(&pg.url(&name)).await.unwrap();
+        sqlx::query("VACUUM (ANALYZE)").execute(&mut conn).await.unwrap();
+    }
+    sqlx::query("CHECKPOINT").execute(&mut admin).await.unwrap();
+}
+
 /// Commits and WAL bytes of the whole server so far.
 async fn db_counters(conn: &mut PgConnection) -> (i64, i64) {
     // Backends report their commits at most once a second.
@@ -191,6 +209,7 @@ async fn drover_drain(pg: &OwnPostgres, n: i64, replicas: usize, slots: usize) -
     drover_persistence::open(&url).await.unwrap();
     let mut conn = PgConnection::connect(&url).await.unwrap();
     load(&mut conn, n, "noop", "d").await;
+    settle(pg).await;
     let (commits0, wal0) = db_counters(&mut conn).await;
     let (children0, backends0) = (children_cpu(), backends_cpu(&db));
     let started = Instant::now();
@@ -288,7 +307,7 @@ async fn graphile_drain(pg: &OwnPostgres, n: i64) -> Drain {
     .execute(&mut conn)
     .await
     .unwrap();
-    sqlx::query("ANALYZE").execute(&mut conn).await.unwrap();
+    settle(pg).await;
     let (commits0, wal0) = db_counters(&mut conn).await;
     let (children0, backends0) = (children_cpu(), backends_cpu("graphile"));
     let started = Instant::now();
