@@ -565,8 +565,8 @@ fn main() {
             one_engine = Some(one.per_sec);
             if wanted("drain") {
                 // As many runs at once as graphile-worker's processes together.
-                let wide = drover_drain(&pg, runs, 1, GRAPHILE_PROCESSES * GRAPHILE_CONCURRENCY).await;
                 let slots = GRAPHILE_PROCESSES * GRAPHILE_CONCURRENCY;
+                let wide = drover_drain(&pg, runs, 1, slots).await;
                 println!("{}", wide.line(&format!("drover, 1 engine ({slots} slots, as graphile-worker)"), "transition"));
                 let two = drover_drain(&pg, runs, 2, SLOTS).await;
                 println!("{}", two.line(&format!("drover, 2 engines ({SLOTS} slots each)"), "transition"));
