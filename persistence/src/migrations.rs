@@ -46,6 +46,7 @@ lists!(
     "0015_ui_sessions",
     "0016_drift",
     "0017_run_events_key",
+    "0018_run_events_unreferenced",
 );
 
 /// The migrator of a list: each file a simple (not reversible) migration,

@@ -55,6 +55,7 @@ both_backends_with_url!(
     a_completion_batch_leaves_a_misplaced_resource_alone,
     a_queue_row_out_of_step_with_its_run_is_repaired,
     a_view_serves_its_reads_until_a_write_here_or_its_age,
+    every_event_belongs_to_a_run_that_stays,
 );
 
 /// A resource's view is served from its reads while nothing was written
@@ -688,6 +689,41 @@ async fn finished_runs_list_by_outcome_whichever_way_they_ended(store: Arc<dyn S
     // Each finished run reached the rollups once.
     assert_eq!(store.fold_rollups(100).await.unwrap(), 6);
     assert_eq!(store.fold_rollups(100).await.unwrap(), 0);
+}
+
+/// Events are written only for runs that exist, and a run is never
+/// deleted: the guarantees that let Postgres do without a foreign key from
+/// `run_events` to `runs` (migration 0018). Every way the store writes an
+/// event runs here, and then no event is without its run.
+async fn every_event_belongs_to_a_run_that_stays(store: Arc<dyn Store>, url: &str) {
+    let names = ["done", "retried", "cancelled", "reaped", "moved"];
+    let mut runs = Vec::new();
+    for name in names {
+        let r = cluster(&store, name).await;
+        runs.push(store.insert_run(&new_run(&r, "create", "pending", "creating", "up")).await.unwrap());
+    }
+    store.request_cancel(runs[2].id, "alice", None, Utc::now()).await.unwrap();
+    backdoor(url, "UPDATE resources SET state = 'elsewhere' WHERE name = 'moved'").await;
+    let t0 = Utc::now();
+    let claimed = store.claim_runs("w1", LEASE, 10, t0).await.unwrap();
+    let lease_of = |i: usize| claimed.iter().find(|c| c.id == runs[i].id).unwrap().lease().unwrap();
+    store.append_event(lease_of(0), &NewEvent::info("step", "working")).await.unwrap();
+    store.complete_run(lease_of(0), &done(RunStatus::Succeeded, "up")).await.unwrap();
+    let error = RunError { code: "later".into(), message: "try again".into(), retryable: true, detail: None };
+    store.retry_later(lease_of(1), t0, &error, &NewEvent::info("retry", "again")).await.unwrap();
+    store.reap_expired(t0 + LEASE + chrono::Duration::seconds(1)).await.unwrap();
+    // No run has this id: its event is refused and nothing is written.
+    let nobody = Lease { run: Uuid::now_v7(), token: Uuid::new_v4() };
+    assert!(matches!(store.append_event(nobody, &NewEvent::info("x", "y")).await, Err(Error::StaleLease { .. })));
+    assert!(store.list_events(nobody.run, 0, 10).await.unwrap().is_empty());
+    for (i, run) in runs.iter().enumerate() {
+        assert!(store.list_events(run.id, 0, 100).await.unwrap().len() >= 2, "{}: request and more", names[i]);
+    }
+    let refused = backdoor_try(url, "DELETE FROM runs").await.expect_err("a run cannot be deleted");
+    assert!(refused.contains("cannot"), "{refused}");
+    assert_eq!(backdoor_count(url, "SELECT count(*) FROM runs").await, names.len() as i64);
+    let orphans = "SELECT count(*) FROM run_events e WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = e.run_id)";
+    assert_eq!(backdoor_count(url, orphans).await, 0, "every event has its run");
 }
 
 /// A run whose resource left its `from_state` between the request and the

@@ -57,6 +57,32 @@ pub async fn backdoor(url: &str, sql: &str) {
     }
 }
 
+/// Runs `sql` straight on the database, bypassing the store; the error's
+/// text when it is refused.
+pub async fn backdoor_try(url: &str, sql: &str) -> Result<(), String> {
+    use sqlx::Connection;
+    let done = if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&mut conn).await.map(drop)
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&mut conn).await.map(drop)
+    };
+    done.map_err(|e| e.to_string())
+}
+
+/// A count read straight from the database.
+pub async fn backdoor_count(url: &str, sql: &str) -> i64 {
+    use sqlx::Connection;
+    if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+    }
+}
+
 pub async fn postgres() -> Stores {
     let url = drover_persistence::testing::fresh_postgres_database().await;
     drover_persistence::open(&url).await.unwrap()
