@@ -47,6 +47,7 @@ lists!(
     "0016_drift",
     "0017_run_events_key",
     "0018_run_events_unreferenced",
+    "0019_run_queue_in_place",
 );
 
 /// The migrator of a list: each file a simple (not reversible) migration,

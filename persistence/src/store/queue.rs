@@ -150,6 +150,9 @@ pub(super) async fn retry_later<B: Backend>(
 /// Takes back runs whose lease lapsed: queued again while attempts are
 /// left, failed (with their resource) when none are.
 pub(super) async fn reap_expired<B: Backend>(s: &SqlStore<B>, now: Time) -> Result<Vec<Uuid>> {
+    // On Postgres no index names the lease (the claim rewrites queue rows in
+    // place: migration 0019), so this reads the queue, which holds the
+    // active runs alone.
     let expired = s
         .fetch_all::<RunRow>(
             "find expired leases",
