@@ -1,7 +1,7 @@
 -- A run's events no longer carry a foreign key to their run. The key was
 -- checked at every event (two per transition), each check an index lookup of
--- the run and a share lock taken on its row: about a twentieth of the time
--- the claim and the completion spent in Postgres (#14 item 12; BENCHMARKS.md
+-- the run and a share lock taken on its row: about a fifth of the time the
+-- claim and the completion spent in Postgres (#14 item 12; BENCHMARKS.md
 -- run 12). What it guarded still holds without it:
 --   * every event is inserted by a statement that selects its run in the
 --     same statement (`INSERT INTO run_events ... SELECT ... FROM runs` or
