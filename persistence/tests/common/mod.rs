@@ -47,13 +47,8 @@ pub async fn sqlite_at_version(version: i64) -> (String, tempfile::TempDir) {
 /// Writes to a store's database behind the store's back, to break one of
 /// its invariants on purpose.
 pub async fn backdoor(url: &str, sql: &str) {
-    use sqlx::Connection;
-    if url.starts_with("sqlite:") {
-        let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
-        sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
-    } else {
-        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-        sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+    if let Err(e) = backdoor_try(url, sql).await {
+        panic!("{sql}: {e}");
     }
 }
 
